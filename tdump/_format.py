@@ -1,0 +1,499 @@
+"""The tdump store contract: layout, names, and the low-level writer and reader.
+
+This module is the single place that knows how a dump is laid out in Zarr (see
+``docs/FORMAT.md``). The capture hook writes through :class:`StoreWriter`; every
+reader (xarray backend, :class:`~tdump.analyze.Trial`, rankers, ``tdump ls``) reads
+through :class:`StoreReader`. Neither imports torch.
+
+Layout (format version 1)::
+
+    <root>/zarr.json                    group, attrs {"tdump": {"format": "tdump.store", "format_version": 1}}
+    <root>/rank<R>/zarr.json            group, attrs {"tdump": {rank, world_size, created, writer, config, modules, calls}}
+    <root>/rank<R>/<mode>/records/step        int64  (capacity,) chunks (RECORD_CHUNK,), fill -1   <- commit marker
+    <root>/rank<R>/<mode>/records/batch_size  int32  (capacity,) fill -1
+    <root>/rank<R>/<mode>/records/time        float64 (capacity,) fill NaN
+    <root>/rank<R>/<mode>/tensors/<name>      (capacity, *shape) chunks (1, *shape), dimension_names ("record", ...)
+
+A record is one saved step of one mode. Row ``i`` of every tensor array of a mode
+belongs to record ``i``; a record is committed once ``records/step[i] != -1``, which
+is written last, after all of its tensors. Rows at or past the committed count, and
+rows never written (a tensor not saved at that record), are not data.
+
+Examples
+--------
+>>> import numpy as np
+>>> w = StoreWriter.create("memory://doc/example.zarr")
+>>> w.write_tensor("train", 0, "fc.weight", np.ones((2, 3), "f4"), dims=("out_feature", "in_feature"),
+...                attrs={"collection": "weights", "kind": "parameter", "module": "fc"})
+>>> w.commit("train", 0, step=0, batch_size=8)
+>>> r = StoreReader("memory://doc/example.zarr")
+>>> r.modes(), r.steps("train").tolist(), r.array("train", "fc.weight")[0].sum()
+(['train'], [0], np.float32(6.0))
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from tdump._version import __version__
+from tdump.errors import (
+    ConfigError,
+    DumpNotFoundError,
+    FormatVersionError,
+    MissingTensorError,
+    NotADumpError,
+)
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MODES",
+    "RECORD_CHUNK",
+    "StoreReader",
+    "StoreWriter",
+    "grad_name",
+    "input_name",
+    "output_name",
+    "scalar_name",
+    "validate_name",
+]
+
+FORMAT_NAME = "tdump.store"
+FORMAT_VERSION = 1
+#: Modes in the order readers list them. A mode has its own step counter.
+MODES: tuple[str, ...] = ("train", "eval", "predict", "global")
+#: Rows per chunk of the small ``records/*`` arrays (each commit rewrites one chunk atomically).
+RECORD_CHUNK = 1024
+_INITIAL_CAPACITY = 64
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+# --------------------------------------------------------------------------- names
+def output_name(module: str, call: int) -> str:
+    """Name of the output of call ``call`` (0-based, per forward) of ``module``.
+
+    >>> output_name("layer1.0.relu", 1)
+    'layer1.0.relu.output_1'
+    """
+    return f"{module}.output_{call}"
+
+
+def input_name(module: str, call: int, arg: int) -> str:
+    """Name of positional input ``arg`` of call ``call`` of ``module`` (loss inputs).
+
+    >>> input_name("loss", 0, 1)
+    'loss.input_0.1'
+    """
+    return f"{module}.input_{call}.{arg}"
+
+
+def grad_name(name: str) -> str:
+    """Name of the gradient of the loss w.r.t. the tensor called ``name``.
+
+    >>> grad_name("layer1.0.conv1.weight")
+    'layer1.0.conv1.weight.grad'
+    """
+    return f"{name}.grad"
+
+
+def scalar_name(name: str) -> str:
+    """Name under which ``hook.save_scalar(name, value)`` is stored.
+
+    >>> scalar_name("lr")
+    'scalars.lr'
+    """
+    return f"scalars.{validate_name(name)}"
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is usable as a Zarr key, else raise :class:`ConfigError`."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(
+            f"tensor name {name!r} has characters a store key cannot hold; "
+            "use letters, digits, '_', '-' and single '.' only"
+        )
+    return name
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    return mode
+
+
+def _rank_group(rank: int) -> str:
+    return f"rank{rank}"
+
+
+# --------------------------------------------------------------------------- writer
+class StoreWriter:
+    """Append records to one rank's part of a dump. Not thread-safe: use from one thread.
+
+    Parameters
+    ----------
+    group
+        The opened root group.
+    rank
+        This process's rank; each rank writes only below ``rank<R>/``.
+    """
+
+    def __init__(self, group: zarr.Group, rank: int = 0) -> None:
+        self._root = group
+        self.rank = rank
+        self._rank = group.require_group(_rank_group(rank))
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._records: dict[str, dict[str, zarr.Array]] = {}
+        self._counts: dict[str, int] = {}
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        config: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> StoreWriter:
+        """Open ``path`` for appending, creating the store if needed.
+
+        An existing dump is appended to (new records follow the committed ones); an
+        existing directory that is not a dump is refused.
+        """
+        try:
+            root = zarr.open_group(
+                path, mode="a", zarr_format=3, storage_options=dict(storage_options or {}) or None
+            )
+        except (zarr.errors.ContainsArrayError, ValueError, TypeError) as exc:
+            raise NotADumpError(
+                f"{path} exists but is not a tdump store ({exc}); choose another --out path"
+            ) from exc
+        meta = root.attrs.get("tdump")
+        if meta is None:
+            if any(True for _ in root):
+                raise NotADumpError(
+                    f"{path} is a Zarr group that tdump did not write; choose another --out path"
+                )
+            root.attrs["tdump"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        else:
+            _check_format(path, meta)
+        writer = cls(root, rank)
+        info = _attr_dict(writer._rank.attrs.get("tdump"))
+        info.update(
+            rank=rank,
+            world_size=world_size,
+            writer=f"tdump {__version__}",
+            created=info.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        )
+        if config is not None:
+            info["config"] = dict(config)
+        writer._rank.attrs["tdump"] = info
+        return writer
+
+    # -- metadata
+    def update_meta(self, **fields: Any) -> None:
+        """Merge JSON-serialisable ``fields`` (e.g. ``modules=``, ``calls=``) into the rank's attrs."""
+        info = _attr_dict(self._rank.attrs.get("tdump"))
+        info.update(fields)
+        self._rank.attrs["tdump"] = info
+
+    # -- records
+    def _record_arrays(self, mode: str) -> dict[str, zarr.Array]:
+        if mode in self._records:
+            return self._records[mode]
+        grp = self._rank.require_group(f"{_check_mode(mode)}/records")
+        spec = {"step": ("int64", -1), "batch_size": ("int32", -1), "time": ("float64", np.nan)}
+        arrays: dict[str, zarr.Array] = {}
+        for key, (dtype, fill) in spec.items():
+            if key in grp:
+                arrays[key] = grp[key]  # type: ignore[assignment]
+            else:
+                arrays[key] = grp.create_array(
+                    key,
+                    shape=(RECORD_CHUNK,),
+                    chunks=(RECORD_CHUNK,),
+                    dtype=dtype,
+                    fill_value=fill,
+                    compressors=None,
+                    dimension_names=["record"],
+                )
+        self._records[mode] = arrays
+        self._counts[mode] = _committed_count(arrays["step"])
+        return arrays
+
+    def next_record(self, mode: str) -> int:
+        """Index the next record of ``mode`` will get (the number committed so far)."""
+        self._record_arrays(mode)
+        return self._counts[mode]
+
+    def commit(
+        self,
+        mode: str,
+        record: int,
+        *,
+        step: int,
+        batch_size: int = -1,
+        wall_time: float | None = None,
+    ) -> None:
+        """Make record ``record`` visible to readers. Call after all its tensors are written."""
+        arrays = self._record_arrays(mode)
+        if record != self._counts[mode]:
+            raise ValueError(
+                f"records must be committed in order: expected {self._counts[mode]}, got {record}"
+            )
+        for arr in arrays.values():
+            _ensure_rows(arr, record + 1)
+        arrays["batch_size"][record] = batch_size
+        arrays["time"][record] = time.time() if wall_time is None else wall_time
+        arrays["step"][record] = step  # written last: the commit marker
+        self._counts[mode] = record + 1
+
+    # -- tensors
+    def write_tensor(
+        self,
+        mode: str,
+        record: int,
+        name: str,
+        value: np.ndarray,
+        *,
+        dims: Sequence[str] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        compressors: Any = "auto",
+        dtype: Any = None,
+    ) -> None:
+        """Write ``value`` as row ``record`` of tensor ``name`` in ``mode``.
+
+        The array is created on first use with ``dims`` and ``attrs``; a later value
+        whose leading (batch) extent is larger grows the array; a smaller one is padded
+        with the fill value and ``records/batch_size`` says how much is data.
+        """
+        key = (mode, name)
+        arr = self._arrays.get(key)
+        if arr is None:
+            arr = self._create_tensor(mode, name, value, dims, attrs, compressors, dtype)
+            self._arrays[key] = arr
+        shape = tuple(arr.shape[1:])
+        if value.ndim != len(shape):
+            raise ValueError(f"{name}: got {value.ndim} dims, store has {len(shape)}")
+        if value.shape != shape:
+            grown = tuple(max(a, b) for a, b in zip(shape, value.shape, strict=True))
+            if grown != shape:
+                arr.resize((arr.shape[0], *grown))
+                shape = grown
+            padded = np.full(shape, arr.fill_value, dtype=arr.dtype)
+            padded[tuple(slice(0, n) for n in value.shape)] = value
+            value = padded
+        _ensure_rows(arr, record + 1)
+        arr[record] = value
+
+    def _create_tensor(
+        self,
+        mode: str,
+        name: str,
+        value: np.ndarray,
+        dims: Sequence[str] | None,
+        attrs: Mapping[str, Any] | None,
+        compressors: Any,
+        dtype: Any,
+    ) -> zarr.Array:
+        validate_name(name)
+        grp = self._rank.require_group(f"{_check_mode(mode)}/tensors")
+        store_dtype = np.dtype(dtype) if dtype is not None else value.dtype
+        dims = tuple(dims) if dims is not None else tuple(f"dim_{i}" for i in range(value.ndim))
+        if len(dims) != value.ndim:
+            raise ValueError(f"{name}: {len(dims)} dims named for a {value.ndim}-d tensor")
+        fill = np.nan if store_dtype.kind == "f" else 0
+        meta = {"name": name, "source_dtype": str(value.dtype), **dict(attrs or {})}
+        return grp.create_array(
+            name,
+            shape=(_INITIAL_CAPACITY, *value.shape),
+            chunks=(1, *value.shape),
+            dtype=store_dtype,
+            fill_value=fill,
+            compressors=compressors,
+            dimension_names=["record", *dims],
+            attributes={"tdump": meta},
+        )
+
+
+def _attr_dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _ensure_rows(arr: zarr.Array, rows: int) -> None:
+    """Grow axis 0 geometrically so appends cost one metadata write per doubling."""
+    if arr.shape[0] >= rows:
+        return
+    cap = arr.shape[0]
+    while cap < rows:
+        cap *= 2
+    arr.resize((cap, *arr.shape[1:]))
+
+
+def _committed_count(step: zarr.Array) -> int:
+    """Length of the leading run of committed rows (``step != -1``)."""
+    n = step.shape[0]
+    for start in range(0, n, RECORD_CHUNK):
+        block = np.asarray(step[start : min(n, start + RECORD_CHUNK)])
+        missing = np.flatnonzero(block == -1)
+        if missing.size:
+            return start + int(missing[0])
+    return n
+
+
+def _check_format(path: str, meta: Any) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise NotADumpError(
+            f"{path} is a Zarr group that tdump did not write; point at a dump made by `tdump record`"
+        )
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{path} has store format version {version}, this tdump reads up to {FORMAT_VERSION}; "
+            "upgrade tdump (pip install -U tdump)"
+        )
+
+
+# --------------------------------------------------------------------------- reader
+class StoreReader:
+    """Read a dump without the writer's process. Safe while a writer is still appending.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL (``file://``, ``memory://``, ``s3://`` ...).
+    storage_options
+        Passed to fsspec for URLs.
+    """
+
+    def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.path = str(path)
+        self._root = _open_existing(self.path, storage_options)
+        _check_format(self.path, self._root.attrs.get("tdump"))
+
+    @property
+    def root(self) -> zarr.Group:
+        """The root Zarr group (read-only)."""
+        return self._root
+
+    def ranks(self) -> list[int]:
+        """Ranks that wrote into this dump, ascending."""
+        found = [int(k[4:]) for k in self._root.group_keys() if re.fullmatch(r"rank\d+", k)]
+        return sorted(found)
+
+    def meta(self, rank: int = 0) -> dict[str, Any]:
+        """The rank's ``tdump`` attributes: config, modules, calls, writer, created."""
+        return _attr_dict(self._rank(rank).attrs.get("tdump"))
+
+    def modes(self, rank: int = 0) -> list[str]:
+        """Modes with at least one committed record, in :data:`MODES` order."""
+        grp = self._rank(rank)
+        present = set(grp.group_keys())
+        return [m for m in MODES if m in present and self.num_records(m, rank) > 0]
+
+    def num_records(self, mode: str, rank: int = 0) -> int:
+        """Number of committed records of ``mode`` (0 if the mode was never written)."""
+        grp = self._rank(rank)
+        try:
+            step = grp[f"{mode}/records/step"]
+        except KeyError:
+            return 0
+        return _committed_count(step)  # type: ignore[arg-type]
+
+    def records(self, mode: str, rank: int = 0) -> dict[str, np.ndarray]:
+        """Committed records of ``mode`` as arrays ``step``, ``batch_size``, ``time``."""
+        n = self.num_records(mode, rank)
+        if n == 0:
+            return {
+                k: np.empty(0, dt)
+                for k, dt in (("step", "i8"), ("batch_size", "i4"), ("time", "f8"))
+            }
+        grp = self._rank(rank)[f"{mode}/records"]
+        return {k: np.asarray(grp[k][:n]) for k in ("step", "batch_size", "time")}  # type: ignore[index]
+
+    def steps(self, mode: str, rank: int = 0) -> np.ndarray:
+        """Step numbers of the committed records of ``mode``."""
+        return self.records(mode, rank)["step"]
+
+    def tensor_names(self, mode: str, rank: int = 0) -> list[str]:
+        """Names of the tensors stored for ``mode``, sorted."""
+        try:
+            grp = self._rank(rank)[f"{mode}/tensors"]
+        except KeyError:
+            return []
+        return sorted(grp.array_keys())  # type: ignore[union-attr]
+
+    def array(self, mode: str, name: str, rank: int = 0) -> zarr.Array:
+        """The raw Zarr array of tensor ``name``. Only rows below ``num_records`` are data."""
+        try:
+            arr = self._rank(rank)[f"{mode}/tensors/{name}"]
+        except KeyError:
+            raise MissingTensorError(
+                f"no tensor {name!r} in mode {mode!r} of {self.path}; `tdump ls {self.path}` lists what is there"
+            ) from None
+        return arr  # type: ignore[return-value]
+
+    def tensor_attrs(self, mode: str, name: str, rank: int = 0) -> dict[str, Any]:
+        """The tensor's ``tdump`` attributes (collection, kind, module, call, dims ...)."""
+        arr = self.array(mode, name, rank)
+        attrs = _attr_dict(arr.attrs.get("tdump"))
+        attrs["dims"] = list(arr.metadata.dimension_names or ())[1:]  # type: ignore[union-attr]
+        return attrs
+
+    def saved_records(self, mode: str, name: str, rank: int = 0) -> np.ndarray:
+        """Indices of committed records at which ``name`` holds data (from the chunk listing)."""
+        arr = self.array(mode, name, rank)
+        n = self.num_records(mode, rank)
+        prefix = arr.path + "/c/"
+        rows: set[int] = set()
+        store = self._root.store
+        for key in zarr.core.sync.sync(_collect(store.list_prefix(prefix))):
+            head = key[len(prefix) :].split("/", 1)[0]
+            if head.isdigit() and not key.endswith(".partial"):
+                rows.add(int(head))
+        return np.array(sorted(r for r in rows if r < n), dtype=np.int64)
+
+    def _rank(self, rank: int) -> zarr.Group:
+        try:
+            return self._root[_rank_group(rank)]  # type: ignore[return-value]
+        except KeyError:
+            raise MissingTensorError(
+                f"{self.path} has no data for rank {rank}; ranks present: {self.ranks() or 'none'}"
+            ) from None
+
+
+async def _collect(it: Any) -> list[str]:
+    return [k async for k in it]
+
+
+def _open_existing(path: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    opts = dict(storage_options or {}) or None
+    if "://" not in path:
+        import os
+
+        if not os.path.exists(path):
+            raise DumpNotFoundError(
+                f"no dump at {path}; check the path (create one with `tdump record`)"
+            )
+        if not os.path.exists(os.path.join(path, "zarr.json")):
+            raise NotADumpError(
+                f"{path} is not a tdump store (no zarr.json); point at a dump made by `tdump record`"
+            )
+    try:
+        return zarr.open_group(path, mode="r", storage_options=opts)
+    except FileNotFoundError as exc:
+        raise DumpNotFoundError(
+            f"no dump at {path}; check the path (create one with `tdump record`)"
+        ) from exc
+    except (zarr.errors.ContainsArrayError, ValueError, KeyError) as exc:
+        raise NotADumpError(
+            f"{path} is not a tdump store ({exc}); point at a dump made by `tdump record`"
+        ) from exc

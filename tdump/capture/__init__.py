@@ -1,0 +1,3 @@
+"""Capture: the hook inside the training process that writes tensors to a Zarr store."""
+
+__all__: list[str] = []

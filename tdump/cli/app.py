@@ -1,0 +1,52 @@
+"""The typer application. Commands live in their own modules; heavy imports happen inside them."""
+
+from __future__ import annotations
+
+import typer
+
+from tdump._version import __version__
+from tdump.cli import cmd_ls, cmd_prune, cmd_rank, cmd_record
+from tdump.cli._console import abort, console
+from tdump.errors import TdumpError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="tdump",
+    help="Capture tensors from training into Zarr, rank conv filters with Dask, prune checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"tdump {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """tdump: record -> rank -> prune, each stage its own process."""
+
+
+cmd_record.register(app)
+cmd_ls.register(app)
+cmd_rank.register(app)
+cmd_prune.register(app)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning tdump errors into one-line messages."""
+    try:
+        app()
+    except TdumpError as exc:
+        abort(str(exc))
+    except KeyboardInterrupt:
+        abort("interrupted", code=130)

@@ -1,0 +1,71 @@
+"""One error tree for tdump.
+
+Every error tdump raises on purpose is a :class:`TdumpError`. Each subclass also
+inherits the builtin it refines (``FileNotFoundError``, ``ValueError``, ...), so
+callers that already catch builtins keep working. Messages are one line: what was
+found, then how to fix it.
+
+Examples
+--------
+>>> from tdump.errors import NotADumpError, TdumpError
+>>> issubclass(NotADumpError, ValueError) and issubclass(NotADumpError, TdumpError)
+True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DumpNotFoundError",
+    "FormatVersionError",
+    "MissingTensorError",
+    "NotADumpError",
+    "RanksError",
+    "SelectionError",
+    "TdumpError",
+    "UntraceableModelError",
+]
+
+
+class TdumpError(Exception):
+    """Base class of every error tdump raises deliberately."""
+
+
+class DumpNotFoundError(TdumpError, FileNotFoundError):
+    """A path or URL that should hold a dump (or checkpoint) does not exist."""
+
+
+class NotADumpError(TdumpError, ValueError):
+    """The path exists but is not a tdump store."""
+
+
+class FormatVersionError(TdumpError, ValueError):
+    """The file was written by a newer (or unknown) format version."""
+
+
+class SelectionError(TdumpError, ValueError):
+    """An include/exclude regex is invalid or selects nothing."""
+
+
+class ConfigError(TdumpError, ValueError):
+    """Invalid settings (hook configuration, CLI options, config files)."""
+
+
+class MissingTensorError(TdumpError, LookupError):
+    """A tensor, step or mode asked for is not in the dump."""
+
+    def __str__(self) -> str:  # LookupError subclasses would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RanksError(TdumpError, ValueError):
+    """A ranks table is malformed or does not match the model."""
+
+
+class CheckpointError(TdumpError, ValueError):
+    """A checkpoint cannot be loaded safely or does not match the architecture."""
+
+
+class UntraceableModelError(TdumpError, RuntimeError):
+    """torch.fx could not trace the model; the message names the module."""
