@@ -34,6 +34,7 @@ Examples
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -321,6 +322,9 @@ class StoreWriter:
             compressors=compressors,
             dimension_names=["record", *dims],
             attributes={"tdump": meta},
+            # a row equal to the fill value (an int scalar 0) must still be written:
+            # readers find saved records from the chunk listing (saved_records)
+            config={"write_empty_chunks": True},
         )
 
 
@@ -376,7 +380,9 @@ class StoreReader:
 
     def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.path = str(path)
-        self._root = _open_existing(self.path, storage_options)
+        # Dask workers may run in another working directory: hand them absolute paths.
+        self.location = self.path if "://" in self.path else os.path.abspath(self.path)
+        self._root = _open_existing(self.location, storage_options)
         _check_format(self.path, self._root.attrs.get("tdump"))
 
     @property
@@ -477,8 +483,6 @@ async def _collect(it: Any) -> list[str]:
 def _open_existing(path: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
     opts = dict(storage_options or {}) or None
     if "://" not in path:
-        import os
-
         if not os.path.exists(path):
             raise DumpNotFoundError(
                 f"no dump at {path}; check the path (create one with `tdump record`)"

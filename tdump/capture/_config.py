@@ -1,0 +1,369 @@
+"""Hook settings: :class:`HookConfig`, per-collection overrides, loading from files and env.
+
+Everything a :class:`~tdump.capture.Hook` does is decided by one frozen
+:class:`HookConfig`; it is stored verbatim (as JSON) in the dump's rank attributes,
+so a dump says how it was made.
+
+Examples
+--------
+>>> cfg = HookConfig(out="d.zarr", include_regex=".*relu|.*weight", save_interval=10)
+>>> cfg.collection("activations").should_save(20, cfg), cfg.collection("activations").should_save(21, cfg)
+(True, False)
+>>> HookConfig.from_dict(cfg.to_dict()) == cfg
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tdump.errors import ConfigError, SelectionError
+
+__all__ = [
+    "ALWAYS_ON",
+    "COLLECTIONS",
+    "DEFAULT_INCLUDE",
+    "ENV_VAR",
+    "REDUCTIONS",
+    "CollectionConfig",
+    "HookConfig",
+    "load_config",
+]
+
+#: The collections, named as in docs/FORMAT.md.
+COLLECTIONS: tuple[str, ...] = (
+    "weights",
+    "biases",
+    "gradients",
+    "activations",
+    "activation_gradients",
+    "running_stats",
+    "losses",
+    "loss_inputs",
+    "scalars",
+)
+#: Collections saved whole at every save step whatever ``include_regex`` says (they are tiny).
+ALWAYS_ON: frozenset[str] = frozenset({"losses", "loss_inputs", "scalars"})
+#: Reduce-at-source options for activations and their gradients (see docs/capture.md).
+REDUCTIONS: tuple[str, ...] = ("mean", "abs_mean", "l2", "taylor")
+COMPRESSIONS: tuple[str, ...] = ("zstd", "lz4", "zstd-plain", "none")
+STORAGE_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+#: The seed's selection, the default of ``tdump record`` and ``tdump.capture.auto``:
+#: ReLU outputs and their gradients, weights, biases, parameter gradients, BN stats.
+DEFAULT_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"
+#: Environment variable read by ``tdump.capture.auto``: a path to a JSON/YAML file, or inline JSON.
+ENV_VAR = "TDUMP_CONFIG"
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    """Overrides for one collection. ``None`` fields inherit the hook's setting.
+
+    Parameters
+    ----------
+    name
+        One of :data:`COLLECTIONS`.
+    enabled
+        ``False`` saves nothing of this collection.
+    include_regex
+        Extra selection for this collection (OR-ed with the hook's ``include_regex``).
+    save_all
+        Save every tensor of the collection, ignoring the regexes.
+    save_interval, save_steps
+        This collection's own schedule.
+
+    Examples
+    --------
+    >>> CollectionConfig("activations", save_interval=10).save_interval
+    10
+    """
+
+    name: str
+    enabled: bool = True
+    include_regex: str | None = None
+    save_all: bool | None = None
+    save_interval: int | None = None
+    save_steps: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in COLLECTIONS:
+            raise ConfigError(
+                f"unknown collection {self.name!r}; use one of {', '.join(COLLECTIONS)}"
+            )
+        if self.save_steps is not None:
+            object.__setattr__(self, "save_steps", tuple(int(s) for s in self.save_steps))
+        _check_interval(self.save_interval)
+        _compile(self.include_regex, f"include_regex of collection {self.name}")
+
+    def should_save(self, step: int, hook: HookConfig, mode: str = "train") -> bool:
+        """Whether this collection is saved at ``step`` of ``mode`` under ``hook``'s schedule."""
+        if not self.enabled:
+            return False
+        if hook.start_step is not None and step < hook.start_step:
+            return False
+        if hook.end_step is not None and step >= hook.end_step:
+            return False
+        steps = self.save_steps if self.save_steps is not None else hook.save_steps
+        if steps is not None and (self.save_steps is not None or self.save_interval is None):
+            return step in steps
+        interval = self.save_interval or hook.interval(mode)
+        start = hook.start_step or 0
+        return (step - start) % interval == 0
+
+
+def _check_interval(value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"save_interval must be a positive integer, got {value!r}")
+
+
+def _compile(regex: str | None, what: str) -> re.Pattern[str] | None:
+    if regex is None:
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise SelectionError(f"invalid {what} {regex!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """All settings of a :class:`~tdump.capture.Hook`.
+
+    Parameters
+    ----------
+    out
+        Store path or fsspec URL (``dump.zarr``); appended to if it already is a dump.
+    include_regex
+        ``re.search``-ed against tensor names (docs/FORMAT.md). ``None`` saves only the
+        always-on collections (losses, loss inputs, scalars) and collections with
+        ``save_all``.
+    exclude_regex
+        Names matching this are never saved.
+    save_interval
+        Save every N-th step of each mode (steps counted from 0, so step 0 is saved).
+    save_steps
+        Explicit steps to save instead of the interval.
+    start_step, end_step
+        Save only steps in ``[start_step, end_step)``.
+    collections
+        Per-collection overrides (:class:`CollectionConfig`).
+    compression
+        ``"zstd"`` (Blosc zstd level 1 + byte shuffle, default), ``"lz4"`` (Blosc
+        LZ4 + byte shuffle: faster, larger), ``"zstd-plain"`` (zstd codec),
+        ``"none"``; ``"zstd:3"`` sets a level.
+    storage_dtype
+        ``None`` keeps the training dtype; ``"float16"`` or ``"bfloat16"`` (float32
+        rounded to bfloat16 precision, whose zeroed low bytes the compressor drops).
+    reduction
+        Reduce activations and their gradients at the source (one of :data:`REDUCTIONS`).
+    strict
+        Re-raise errors inside the hook instead of logging once and switching off.
+    mode
+        Fixed mode (``train``/``eval``/``predict``); ``None`` follows ``model.training``.
+    mode_save_interval
+        Per-mode intervals overriding ``save_interval`` (e.g. ``{"eval": 1}``).
+    step_source
+        ``"forward"``: a step is one forward of the root module per mode;
+        ``"optimizer"``: the train step is the number of optimizer steps so far.
+    queue_size
+        Saved steps that may wait for the background writer before training blocks.
+    rank, world_size
+        Override the DDP rank (default: torch.distributed, else env ``RANK``).
+
+    Examples
+    --------
+    >>> HookConfig(include_regex=".*relu|.*weight|.*bias|.*running_mean|.*running_var",
+    ...            save_interval=100).save_interval
+    100
+    """
+
+    out: str = "tdump.zarr"
+    include_regex: str | None = None
+    exclude_regex: str | None = None
+    save_interval: int = 100
+    save_steps: tuple[int, ...] | None = None
+    start_step: int | None = None
+    end_step: int | None = None
+    collections: tuple[CollectionConfig, ...] = ()
+    compression: str = "zstd"
+    storage_dtype: str | None = None
+    reduction: str | None = None
+    strict: bool = False
+    mode: str | None = None
+    mode_save_interval: dict[str, int] | None = None
+    step_source: str = "forward"
+    queue_size: int = 2
+    rank: int | None = None
+    world_size: int | None = None
+    _by_name: dict[str, CollectionConfig] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        _check_interval(self.save_interval)
+        if self.save_steps is not None:
+            object.__setattr__(self, "save_steps", tuple(int(s) for s in self.save_steps))
+        _compile(self.include_regex, "include_regex")
+        _compile(self.exclude_regex, "exclude_regex")
+        codec = self.compression.split(":")[0]
+        if codec not in COMPRESSIONS:
+            raise ConfigError(
+                f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}"
+            )
+        if self.storage_dtype not in (None, *STORAGE_DTYPES):
+            raise ConfigError(
+                f"unknown storage_dtype {self.storage_dtype!r}; use float16, bfloat16 or none"
+            )
+        if self.reduction not in (None, *REDUCTIONS):
+            raise ConfigError(
+                f"unknown reduction {self.reduction!r}; use one of {', '.join(REDUCTIONS)}"
+            )
+        if self.mode not in (None, "train", "eval", "predict"):
+            raise ConfigError(f"unknown mode {self.mode!r}; use train, eval or predict")
+        for m, n in (self.mode_save_interval or {}).items():
+            if m not in ("train", "eval", "predict"):
+                raise ConfigError(
+                    f"mode_save_interval: unknown mode {m!r}; use train, eval or predict"
+                )
+            _check_interval(n)
+        if self.step_source not in ("forward", "optimizer"):
+            raise ConfigError(
+                f"step_source must be 'forward' or 'optimizer', not {self.step_source!r}"
+            )
+        if self.queue_size < 1:
+            raise ConfigError("queue_size must be >= 1")
+        colls = tuple(_as_collection(c) for c in self.collections)
+        object.__setattr__(self, "collections", colls)
+        by_name = {c: CollectionConfig(c) for c in COLLECTIONS}
+        by_name.update({c.name: c for c in colls})
+        self._by_name.update(by_name)
+
+    def collection(self, name: str) -> CollectionConfig:
+        """The effective :class:`CollectionConfig` of collection ``name``."""
+        return self._by_name[name]
+
+    def interval(self, mode: str) -> int:
+        """The save interval of ``mode`` (``mode_save_interval`` or ``save_interval``)."""
+        return (self.mode_save_interval or {}).get(mode, self.save_interval)
+
+    def saved_collections(self, step: int, mode: str = "train") -> frozenset[str]:
+        """Collections to save at ``step`` of ``mode`` (empty: the step is not saved)."""
+        return frozenset(c for c, cc in self._by_name.items() if cc.should_save(step, self, mode))
+
+    def selects(self, name: str, collection: str) -> bool:
+        """Whether tensor ``name`` of ``collection`` is selected (ignoring the schedule)."""
+        cc = self._by_name[collection]
+        if not cc.enabled:
+            return False
+        if self.exclude_regex and re.search(self.exclude_regex, name):
+            return False
+        if cc.save_all or (cc.save_all is None and collection in ALWAYS_ON):
+            return True
+        for rx in (self.include_regex, cc.include_regex):
+            if rx is not None and re.search(rx, name):
+                return True
+        return False
+
+    def replace(self, **changes: Any) -> HookConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (what the store's ``config`` attribute holds)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "collections":
+                value = [
+                    {k: v for k, v in dataclasses.asdict(c).items() if v is not None} for c in value
+                ]
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HookConfig:
+        """Build from a dict such as :meth:`to_dict` returns; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown hook setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        kwargs = dict(data)
+        if "collections" in kwargs:
+            kwargs["collections"] = tuple(_collections_arg(kwargs["collections"]))
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"invalid hook settings: {exc}") from None
+
+
+def _as_collection(value: Any) -> CollectionConfig:
+    if isinstance(value, CollectionConfig):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return CollectionConfig(**value)
+        except TypeError as exc:
+            raise ConfigError(f"invalid collection settings {dict(value)!r}: {exc}") from None
+    raise ConfigError(f"a collection override must be a CollectionConfig or a dict, not {value!r}")
+
+
+def _collections_arg(value: Any) -> Iterable[CollectionConfig]:
+    """Accept ``[{"name": ...}, ...]``, ``{"activations": {...}}`` or CollectionConfigs."""
+    if isinstance(value, Mapping):
+        return [_as_collection({"name": k, **dict(v or {})}) for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [_as_collection(v) for v in value]
+    raise ConfigError(f"collections must be a list or a mapping, not {type(value).__name__}")
+
+
+def load_config(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read hook settings from a JSON/YAML file path, or from inline JSON text.
+
+    Returns the raw dict (keys as in :class:`HookConfig`); validate with
+    :meth:`HookConfig.from_dict`.
+
+    Examples
+    --------
+    >>> load_config('{"save_interval": 5}')
+    {'save_interval': 5}
+    """
+    text = str(source).strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"inline hook config is not valid JSON: {exc}") from None
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"config file {text} not found; pass a JSON or YAML file")
+        raw = path.read_text()
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(raw)
+            else:
+                data = json.loads(raw)
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot parse config file {text}: {str(exc).splitlines()[0]}"
+            ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"hook config {text[:60]!r} must be a mapping of settings")
+    return data

@@ -1,0 +1,490 @@
+"""The training hook: :class:`Hook`.
+
+Cost model: at a step that is not saved the hook runs one forward pre-hook on the
+root module that bumps a counter and returns. At a saved step it attaches forward
+hooks to the modules whose outputs are selected (removed again when the forward
+ends), registers gradient hooks on those outputs and on the selected parameters,
+copies each selected tensor once (clone on the CPU, non-blocking copy into pinned
+memory on CUDA) and hands the record to a background writer thread.
+
+Examples
+--------
+>>> import torch, torchvision
+>>> model = torchvision.models.resnet18(num_classes=4)
+>>> with Hook("memory://doc/hook.zarr", include_regex=r"layer1\\.0\\.relu", save_interval=1,
+...           strict=True) as hook:
+...     hook.register_module(model)
+...     model(torch.randn(2, 3, 32, 32)).sum().backward()
+>>> from tdump._format import StoreReader
+>>> StoreReader("memory://doc/hook.zarr").tensor_names("train")
+['layer1.0.relu.output_0', 'layer1.0.relu.output_0.grad', 'layer1.0.relu.output_1', 'layer1.0.relu.output_1.grad']
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdump._format import StoreWriter, grad_name, output_name
+from tdump.capture._config import CollectionConfig, HookConfig
+from tdump.capture._model import (
+    first_tensor,
+    module_tree,
+    unwrap,
+)
+from tdump.capture._step import SavedStep
+from tdump.capture._writer import BackgroundWriter, PendingRecord
+from tdump.errors import ConfigError, NotADumpError, SelectionError, TdumpError
+
+__all__ = ["Hook", "active_hooks", "record_loss"]
+
+log = logging.getLogger("tdump.capture")
+_HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()
+_STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def active_hooks(*, explicit_only: bool = False) -> list[Hook]:
+    """Hooks that are registered on a module and not closed."""
+    return [
+        h
+        for h in list(_HOOKS)
+        if h._root is not None and not h._closed and not (explicit_only and h._auto)
+    ]
+
+
+def record_loss(loss: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """Record a functional loss and its inputs with every active hook (no-op without one).
+
+    The one line to add after ``loss = F.cross_entropy(logits, y)`` is
+    ``tdump.capture.record_loss(loss, logits, y)``.
+    """
+    for h in active_hooks():
+        h.record_loss(loss, *inputs)
+
+
+def _resolve_rank(cfg: HookConfig) -> tuple[int, int]:
+    if cfg.rank is not None:
+        return cfg.rank, cfg.world_size or max(cfg.rank + 1, 1)
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:  # pragma: no cover - broken installs
+        pass
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_out_path(path: str) -> None:
+    """Refuse a local ``path`` that exists but is not a dump (one-line error)."""
+    if "://" in path or not os.path.exists(path):
+        return
+    if os.path.isfile(path):
+        raise NotADumpError(f"{path} is a file, not a tdump store; choose another --out path")
+    if os.path.exists(os.path.join(path, "zarr.json")):
+        from tdump._format import StoreReader
+
+        StoreReader(path)  # raises NotADumpError / FormatVersionError
+    elif os.listdir(path):
+        raise NotADumpError(
+            f"{path} is a non-empty directory that is not a tdump store; choose another --out path"
+        )
+
+
+class Hook:
+    """Capture regex-selected tensors of a PyTorch model into a tdump store.
+
+    Parameters
+    ----------
+    out
+        Store path or fsspec URL.
+    include_regex, save_interval, save_steps, start_step, end_step, **settings
+        Any field of :class:`HookConfig` (``collections``, ``compression``,
+        ``storage_dtype``, ``reduction``, ``strict``, ``mode``, ...).
+
+    Examples
+    --------
+    >>> hook = Hook("run.zarr", include_regex=".*relu|.*weight|.*bias|.*running_mean|.*running_var",
+    ...             save_interval=100)  # doctest: +SKIP
+    >>> hook.register_module(model); hook.register_loss(criterion)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        out: str = "tdump.zarr",
+        include_regex: str | None = None,
+        save_interval: int = 100,
+        save_steps: Iterable[int] | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        *,
+        collections: Iterable[CollectionConfig | Mapping[str, Any]]
+        | Mapping[str, Mapping[str, Any]]
+        | None = None,
+        _auto: bool = False,
+        **settings: Any,
+    ) -> None:
+        data: dict[str, Any] = dict(settings)
+        data.update(
+            out=str(out),
+            include_regex=include_regex,
+            save_interval=save_interval,
+            save_steps=None if save_steps is None else tuple(save_steps),
+            start_step=start_step,
+            end_step=end_step,
+        )
+        if collections is not None:
+            data["collections"] = collections
+        self._init(HookConfig.from_dict(data), auto=_auto)
+
+    @classmethod
+    def from_config(cls, config: HookConfig, *, _auto: bool = False) -> Hook:
+        """A hook with the settings of ``config``."""
+        hook = cls.__new__(cls)
+        hook._init(config, auto=_auto)
+        return hook
+
+    def _init(self, config: HookConfig, *, auto: bool) -> None:
+        check_out_path(config.out)
+        self.config = config
+        self._auto = auto
+        self._root: nn.Module | None = None
+        self._paths: dict[int, str] = {}
+        self._candidates: list[tuple[str, nn.Module]] = []
+        self._loss: nn.Module | None = None
+        self._loss_path = "loss"
+        self._handles: list[Any] = []
+        self._mode: str | None = config.mode
+        self._next: dict[str, int] = {"train": 0, "eval": 0, "predict": 0}
+        self._opt_steps = 0
+        self._last_train_step = -1
+        self._cur: SavedStep | None = None
+        self._traced: set[str] = set()
+        self._calls: dict[str, list[dict[str, Any]]] = {}
+        self._enabled = True
+        self._closed = False
+        self._dtype = _STORE_DTYPES.get(config.storage_dtype or "")
+        self._sel: dict[tuple[str, str], bool] = {}
+        self._uniform = not config.collections and config.save_steps is None
+        self._all = config.saved_collections(config.start_step or 0) if self._uniform else None
+        self._writer = BackgroundWriter(
+            self._open_store,
+            compression=config.compression,
+            storage_dtype=config.storage_dtype,
+            queue_size=config.queue_size,
+        )
+        self._meta: dict[str, Any] = {}
+        #: Source of the records' ``time`` (unix seconds); replaceable for reproducible dumps.
+        self.clock: Callable[[], float] = time.time
+        _HOOKS.add(self)
+        atexit.register(_close_quietly, weakref.ref(self))
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def out(self) -> str:
+        """Where the store is written."""
+        return self.config.out
+
+    @property
+    def writer(self) -> BackgroundWriter:
+        """The background writer (its ``stats`` count records and bytes)."""
+        return self._writer
+
+    def steps(self) -> dict[str, int]:
+        """The next step number of each mode."""
+        return dict(self._next)
+
+    def register_module(self, module: nn.Module) -> Hook:
+        """Capture from ``module`` (wrappers are unwrapped; names are relative to it)."""
+        root = unwrap(module)
+        if self._root is root:
+            return self
+        if self._root is not None:
+            raise TdumpError(
+                "this hook is already registered on another module; use one hook per model"
+            )
+        self._root = root
+        self._paths = {id(m): p for p, m in root.named_modules()}
+        self._check_selection(root)
+        self._candidates = [
+            (p, m) for p, m in root.named_modules() if p and self._module_selected(p)
+        ]
+        self._handles.append(root.register_forward_pre_hook(self._guard(self._root_pre)))
+        self._meta["modules"] = module_tree(root)
+        return self
+
+    def register_loss(self, loss_module: nn.Module) -> Hook:
+        """Save the loss value (``losses``) and its inputs (``loss_inputs``) of ``loss_module``."""
+        if self._loss is loss_module:
+            return self
+        self._loss = loss_module
+        path = self._paths.get(id(loss_module))
+        self._loss_path = path if path else "loss"
+        self._handles.append(loss_module.register_forward_hook(self._guard(self._loss_post)))
+        return self
+
+    def register_optimizer(self, optimizer: torch.optim.Optimizer) -> Hook:
+        """Count train steps from ``optimizer.step()`` calls (``step_source="optimizer"``)."""
+        self._handles.append(
+            optimizer.register_step_post_hook(lambda *_: self.optimizer_step())  # type: ignore[arg-type]
+        )
+        if self.config.step_source != "optimizer":
+            self.config = self.config.replace(step_source="optimizer")
+        return self
+
+    def optimizer_step(self) -> None:
+        """Tell the hook an optimizer step finished (done for you by :meth:`register_optimizer`)."""
+        self._opt_steps += 1
+
+    def set_mode(self, mode: str | None) -> None:
+        """Fix the mode (``train``/``eval``/``predict``); ``None`` follows ``model.training``."""
+        if mode not in (None, "train", "eval", "predict"):
+            raise ConfigError(f"unknown mode {mode!r}; use train, eval, predict or None")
+        self._mode = mode
+
+    def save_scalar(self, name: str, value: float | torch.Tensor) -> None:
+        """Save a scalar as ``scalars.<name>`` in the record of the step in progress, if saved."""
+        if self._cur is not None:
+            self._guard(self._cur.scalar)(name, value)
+
+    def record_loss(self, loss: torch.Tensor, *inputs: torch.Tensor) -> None:
+        """Save a loss computed by a function (``F.cross_entropy``) and its inputs."""
+        self._guard(self._loss_post)(None, inputs, loss)
+
+    def _loss_post(self, module: nn.Module | None, args: tuple[Any, ...], output: Any) -> None:
+        if self._cur is not None:
+            self._cur.loss(self._loss_path, args, output)
+
+    def flush(self) -> None:
+        """Wait until every record handed to the writer so far is committed."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Finish the step in progress, write everything queued, detach all hooks."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._guard(self._finish)()
+        finally:
+            self._detach()
+            try:
+                self._writer.close()
+            except Exception as exc:
+                if self.config.strict:
+                    raise
+                log.error("tdump: writing the dump failed: %s: %s", type(exc).__name__, exc)
+
+    def __enter__(self) -> Hook:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ selection
+    def _selected(self, name: str, collection: str) -> bool:
+        key = (name, collection)
+        hit = self._sel.get(key)
+        if hit is None:
+            hit = self._sel[key] = self.config.selects(name, collection)
+        return hit
+
+    def _module_selected(self, path: str) -> bool:
+        red = self.config.reduction == "taylor"
+        for k in range(4):
+            name = output_name(path, k)
+            if self._selected(name, "activations") or self._selected(
+                grad_name(name), "activation_gradients"
+            ):
+                return True
+            if red and self._selected(name + ".taylor", "activation_gradients"):
+                return True
+        return False
+
+    def _check_selection(self, root: nn.Module) -> None:
+        cfg = self.config
+        if cfg.include_regex is None:
+            return
+        names = [n for n, _ in root.named_parameters()]
+        names += [grad_name(n) for n in names]
+        names += [n for n, _ in root.named_buffers()]
+        for p, _ in root.named_modules():
+            for k in range(4):
+                names += [output_name(p, k), grad_name(output_name(p, k))]
+        names += ["loss.output_0", "loss.input_0.0", "loss.input_0.1"]
+        import re
+
+        rx = re.compile(cfg.include_regex)
+        if not any(rx.search(n) for n in names):
+            example = ", ".join(names[:3])
+            raise SelectionError(
+                f"include_regex {cfg.include_regex!r} matches no tensor of {type(root).__name__} "
+                f"(names look like {example}); see docs/FORMAT.md 'Tensor names'"
+            )
+
+    # ------------------------------------------------------------------ errors
+    def _guard(self, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if not self._enabled:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                self._fail(exc)
+                return None
+
+        return wrapped
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.config.strict:
+            raise exc
+        if self._enabled:
+            log.error(
+                "tdump: capture switched off after an error in the hook (training goes on): %s: %s",
+                type(exc).__name__,
+                exc,
+            )
+        self._enabled = False
+        self._detach()
+        self._cur = None
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._cur is not None:
+            self._cur.close()
+
+    # ------------------------------------------------------------------ store
+    def _open_store(self) -> StoreWriter:
+        rank, world = _resolve_rank(self.config)
+        last: Exception | None = None
+        for _ in range(20):  # ranks racing to create the root group
+            try:
+                return StoreWriter.create(
+                    self.config.out, rank=rank, world_size=world, config=self.config.to_dict()
+                )
+            except NotADumpError as exc:
+                if world <= 1:
+                    raise
+                last = exc
+                threading.Event().wait(0.1)
+        assert last is not None
+        raise last
+
+    def _submit(self, rec: PendingRecord) -> None:
+        if self._meta:
+            meta, self._meta = self._meta, {}
+            self._writer.update_meta(**meta)
+        self._writer.submit(rec)
+
+    # ------------------------------------------------------------------ step lifecycle
+    def _current_mode(self, root: nn.Module) -> str:
+        return self._mode or ("train" if root.training else "eval")
+
+    def _collections_at(self, step: int, mode: str) -> frozenset[str]:
+        cfg = self.config
+        if self._uniform:
+            if (cfg.start_step is not None and step < cfg.start_step) or (
+                cfg.end_step is not None and step >= cfg.end_step
+            ):
+                return frozenset()
+            assert self._all is not None
+            hit = (step - (cfg.start_step or 0)) % cfg.interval(mode) == 0
+            return self._all if hit else frozenset()
+        return cfg.saved_collections(step, mode)
+
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._cur is not None:
+            self._finish()
+        mode = self._current_mode(module)
+        if mode == "train" and self.config.step_source == "optimizer":
+            step = self._opt_steps
+            if step == self._last_train_step:
+                return  # another forward within the same optimizer step
+            self._last_train_step = step
+            self._next["train"] = step + 1
+        else:
+            step = self._next[mode]
+            self._next[mode] = step + 1
+        colls = self._collections_at(step, mode)
+        if not colls:
+            return
+        self._begin(module, args, mode, step, colls)
+
+    def _begin(
+        self, root: nn.Module, args: tuple[Any, ...], mode: str, step: int, colls: frozenset[str]
+    ) -> None:
+        cur = SavedStep(
+            mode,
+            step,
+            colls,
+            trace=mode not in self._traced,
+            selected=self._selected,
+            guard=self._guard,
+            reduction=self.config.reduction,
+            dtype=self._dtype,
+        )
+        self._cur = cur
+        x = first_tensor(args)
+        if x is not None and x.dim() > 0:
+            cur.record.batch_size = int(x.shape[0])
+        if cur.trace:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    cur.producers[id(a)] = ("<input>", a)
+        cur.save_params(root)
+        want_outputs = colls & {"activations", "activation_gradients"}
+        modules = self._candidates if want_outputs else []
+        if cur.trace:
+            seen = {id(m) for _, m in modules}
+            leaves = [
+                (p, m)
+                for p, m in root.named_modules()
+                if p and id(m) not in seen and next(m.children(), None) is None
+            ]
+            modules = [*modules, *leaves]
+        for path, mod in modules:
+            cur.handles.append(mod.register_forward_hook(self._guard(cur.make_fwd(path))))
+        cur.handles.append(root.register_forward_hook(self._guard(self._root_post)))
+
+    def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        cur = self._cur
+        if cur is None:
+            return
+        for h in cur.handles:  # forward hooks go now; parameter gradient hooks at the step's end
+            h.remove()
+        cur.handles.clear()
+        if cur.trace:
+            self._traced.add(cur.mode)
+            self._calls[cur.mode] = cur.calls
+            self._meta["calls"] = dict(self._calls)
+            cur.producers.clear()
+
+    def _finish(self) -> None:
+        """End the saved step in progress: drop its hooks and hand its record to the writer."""
+        cur, self._cur = self._cur, None
+        if cur is None:
+            return
+        rec = cur.close()
+        rec.wall_time = self.clock()
+        if rec.entries or cur.trace:
+            self._submit(rec)
+
+
+def _close_quietly(ref: weakref.ReferenceType[Hook]) -> None:
+    hook = ref()
+    if hook is not None and not hook._closed:
+        try:
+            hook.close()
+        except Exception as exc:  # pragma: no cover - interpreter shutdown
+            log.error("tdump: closing the hook at exit failed: %s", exc)

@@ -1,0 +1,164 @@
+"""Model facts the hook needs: unwrapping, the module tree, tensor dimension names, snapshots.
+
+Examples
+--------
+>>> from torch import nn
+>>> tree = module_tree(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+>>> tree["0"]["type"], tree["0"]["params"]["weight"], tree["0"]["config"]["out_channels"]
+('torch.nn.modules.conv.Conv2d', [8, 3, 3, 3], 8)
+>>> output_dims(4), param_dims("weight", 4)
+(('batch', 'channel', 'y', 'x'), ('out_channel', 'in_channel', 'ky', 'kx'))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CONFIG_KEYS",
+    "first_tensor",
+    "module_tree",
+    "output_dims",
+    "param_dims",
+    "reduce_channels",
+    "snapshot",
+    "unwrap",
+]
+
+#: Constructor facts copied into ``modules[path]["config"]`` when a module has them.
+CONFIG_KEYS: tuple[str, ...] = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "num_features",
+    "in_features",
+    "out_features",
+    "eps",
+    "inplace",
+)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            module = inner
+            continue
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+            continue
+        return module
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def module_tree(root: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{path: {"type", "params", "buffers", "config"}}`` for every module (root is ``""``)."""
+    tree: dict[str, dict[str, Any]] = {}
+    for path, mod in root.named_modules(remove_duplicate=False):
+        cls = type(mod)
+        config = {k: _jsonable(getattr(mod, k)) for k in CONFIG_KEYS if hasattr(mod, k)}
+        tree[path] = {
+            "type": f"{cls.__module__}.{cls.__qualname__}",
+            "params": {n: list(p.shape) for n, p in mod.named_parameters(recurse=False)},
+            "buffers": {
+                n: list(b.shape) for n, b in mod.named_buffers(recurse=False) if b is not None
+            },
+            "config": config,
+        }
+    return tree
+
+
+def output_dims(ndim: int) -> tuple[str, ...]:
+    """Dimension names of a module output / activation with ``ndim`` dims."""
+    known = {
+        0: (),
+        1: ("batch",),
+        2: ("batch", "feature"),
+        3: ("batch", "channel", "x"),
+        4: ("batch", "channel", "y", "x"),
+        5: ("batch", "channel", "z", "y", "x"),
+    }
+    return known.get(ndim, ("batch", *(f"dim_{i}" for i in range(1, ndim))))
+
+
+def param_dims(name: str, ndim: int) -> tuple[str, ...]:
+    """Dimension names of a parameter or buffer (``name`` is its local name)."""
+    if ndim == 0:
+        return ()
+    if ndim == 1:
+        return ("channel",)
+    if ndim == 2:
+        return ("out_feature", "in_feature")
+    spatial = {3: ("kx",), 4: ("ky", "kx"), 5: ("kz", "ky", "kx")}.get(ndim)
+    if spatial is not None:
+        return ("out_channel", "in_channel", *spatial)
+    return tuple(f"dim_{i}" for i in range(ndim))
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a module returned (first tensor of a tuple/list/dict), or ``None``."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, torch.Tensor):
+                return v
+    if isinstance(value, dict):
+        for v in value.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    return None
+
+
+def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-example per-channel reduction over the spatial dims (dims >= 2).
+
+    ``mean``, ``abs_mean``, ``l2`` (root of the sum of squares). Tensors with fewer
+    than 3 dims are returned as they are (``abs`` for ``abs_mean``).
+    """
+    t = t.detach()
+    if how == "abs_mean":
+        t = t.abs()
+    dims = tuple(range(2, t.dim()))
+    if how == "l2":
+        return t.float().pow(2).sum(dims).sqrt() if dims else t.abs()
+    return t.float().mean(dims) if dims else t.clone()
+
+
+def snapshot(t: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Any]:
+    """A private host copy of ``t`` as it is now; ``(copy, cuda_event or None)``.
+
+    On CUDA the copy goes non-blocking into pinned memory (the returned event says
+    when it is complete); on the CPU it is a plain copy (values that in-place ops
+    overwrite later are kept).
+    """
+    t = t.detach()
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)  # a new tensor: serves as the copy, halves the transfer
+        fresh = True
+    else:
+        fresh = False
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+    if t.device.type != "cpu":
+        return t.to("cpu"), None
+    return (t if fresh else t.clone()), None

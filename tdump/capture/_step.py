@@ -1,0 +1,254 @@
+"""One saved step in progress: the tensors it copies and the calls it traces.
+
+:class:`SavedStep` lives from the root module's forward pre-hook of a saved step to
+the start of the next step (or ``Hook.close``). Its hooks close over it, so a late
+gradient hook of an old step never writes into a newer one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdump._format import grad_name, input_name, output_name, scalar_name
+from tdump.capture._model import first_tensor, output_dims, param_dims, reduce_channels, snapshot
+from tdump.capture._writer import PendingRecord
+
+__all__ = ["SavedStep"]
+
+
+class SavedStep:
+    """State and hook bodies of the saved step ``step`` of ``mode``.
+
+    Parameters
+    ----------
+    selected
+        ``(name, collection) -> bool``: the hook's (cached) selection.
+    guard
+        Wraps a hook body so that errors switch capture off (or re-raise if strict).
+    reduction, dtype
+        Reduce-at-source setting and storage dtype of the copies.
+    trace
+        Record the ``calls`` dataflow of this forward pass.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        step: int,
+        collections: frozenset[str],
+        *,
+        trace: bool,
+        selected: Callable[[str, str], bool],
+        guard: Callable[[Any], Any],
+        reduction: str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.mode = mode
+        self.step = step
+        self.collections = collections
+        self.trace = trace
+        self.selected = selected
+        self.guard = guard
+        self.reduction = reduction
+        self.dtype = dtype
+        self.open = True
+        self.record = PendingRecord(mode, step)
+        self.counts: dict[str, int] = {}
+        self.calls: list[dict[str, Any]] = []
+        self.producers: dict[int, tuple[str, torch.Tensor | None]] = {}
+        self.handles: list[Any] = []
+        self.grad_handles: list[Any] = []
+        self.lock = threading.Lock()
+
+    def close(self) -> PendingRecord:
+        """Remove every hook of this step and return its record."""
+        self.open = False
+        for h in (*self.handles, *self.grad_handles):
+            h.remove()
+        self.handles.clear()
+        self.grad_handles.clear()
+        self.producers.clear()
+        with self.lock:
+            return self.record
+
+    def save_params(self, root: nn.Module) -> None:
+        colls = self.collections
+        for name, p in root.named_parameters():
+            coll = "biases" if name.endswith("bias") else "weights"
+            local = name.rsplit(".", 1)[-1]
+            module = name.rsplit(".", 1)[0] if "." in name else ""
+            if coll in colls and self.selected(name, coll):
+                self.add(name, p, param_dims(local, p.dim()), coll, "parameter", module)
+            gname = grad_name(name)
+            if p.requires_grad and "gradients" in colls and self.selected(gname, "gradients"):
+                self.grad_handles.append(
+                    p.register_post_accumulate_grad_hook(
+                        self.guard(self._make_param_grad(gname, local, module))
+                    )
+                )
+        if "running_stats" in colls:
+            for name, b in root.named_buffers():
+                if b is not None and self.selected(name, "running_stats"):
+                    local = name.rsplit(".", 1)[-1]
+                    module = name.rsplit(".", 1)[0] if "." in name else ""
+                    self.add(name, b, param_dims(local, b.dim()), "running_stats", "buffer", module)
+
+    def add(
+        self,
+        name: str,
+        t: torch.Tensor,
+        dims: tuple[str, ...],
+        coll: str,
+        kind: str,
+        module: str,
+        extra: Mapping[str, Any] | None = None,
+        reduced: bool = False,
+    ) -> None:
+        dtype = self.dtype if not reduced else None
+        host, event = snapshot(t, dtype)
+        attrs = {
+            "collection": coll,
+            "kind": kind,
+            "module": module,
+            "source_dtype": str(t.dtype).replace("torch.", ""),
+            **(extra or {}),
+        }
+        with self.lock:
+            self.record.add(name, host, dims=dims, attrs=attrs, event=event)
+
+    def _make_param_grad(self, gname: str, local: str, module: str) -> Any:
+        def on_grad(p: torch.Tensor) -> None:
+            if p.grad is not None and self.open:
+                dims = param_dims(local, p.grad.dim())
+                self.add(gname, p.grad, dims, "gradients", "parameter_grad", module)
+
+        return on_grad
+
+    def make_fwd(self, path: str) -> Any:
+        def fwd(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self.open:
+                return
+            k = self.counts.get(path, 0)
+            self.counts[path] = k + 1
+            name = output_name(path, k)
+            out = first_tensor(output)
+            if self.trace:
+                inputs = []
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        prod = self.producers.get(id(a))
+                        inputs.append(prod[0] if prod is not None and prod[1] is a else None)
+                self.calls.append(
+                    {
+                        "name": name,
+                        "module": path,
+                        "call": k,
+                        "inputs": inputs,
+                        "shape": list(out.shape) if out is not None else None,
+                    }
+                )
+                if out is not None:
+                    self.producers[id(out)] = (name, out)
+            if out is None or not out.is_floating_point():
+                return
+            self._save_output(path, k, name, out)
+
+        return fwd
+
+    def _save_output(self, path: str, k: int, name: str, out: torch.Tensor) -> None:
+        red = self.reduction
+        colls = self.collections
+        extra: dict[str, Any] = {"call": k}
+        want_act = "activations" in colls and self.selected(name, "activations")
+        gname = grad_name(name)
+        want_grad = "activation_gradients" in colls and self.selected(gname, "activation_gradients")
+        if red == "taylor":
+            tname = name + ".taylor"
+            if (want_act or want_grad) and out.requires_grad:
+                act = out.detach().clone()
+                out.register_hook(self.guard(self._make_taylor(tname, path, act, extra)))
+            return
+        dims = output_dims(out.dim())
+        if red is not None:
+            dims = dims[:2]
+            extra = {**extra, "reduction": red}
+        if want_act:
+            value = reduce_channels(out, red) if red else out
+            self.add(name, value, dims, "activations", "output", path, extra, bool(red))
+        if want_grad and out.requires_grad:
+            out.register_hook(self.guard(self._make_out_grad(gname, path, dims, extra)))
+
+    def _make_out_grad(
+        self, gname: str, path: str, dims: tuple[str, ...], extra: dict[str, Any]
+    ) -> Any:
+        red = self.reduction
+
+        def on_grad(g: torch.Tensor) -> None:
+            if self.open:
+                value = reduce_channels(g, red) if red else g
+                self.add(
+                    gname,
+                    value,
+                    dims,
+                    "activation_gradients",
+                    "output_grad",
+                    path,
+                    extra,
+                    bool(red),
+                )
+
+        return on_grad
+
+    def _make_taylor(self, tname: str, path: str, act: torch.Tensor, extra: dict[str, Any]) -> Any:
+        def on_grad(g: torch.Tensor) -> None:
+            if self.open:
+                prod = act.float() * g.detach().float()
+                value = prod.mean(tuple(range(2, prod.dim()))) if prod.dim() > 2 else prod
+                dims = output_dims(act.dim())[:2]
+                attrs = {**extra, "reduction": "taylor"}
+                self.add(
+                    tname,
+                    value,
+                    dims,
+                    "activation_gradients",
+                    "output_taylor",
+                    path,
+                    attrs,
+                    True,
+                )
+
+        return on_grad
+
+    def loss(self, path: str, args: tuple[Any, ...], output: Any) -> None:
+        k = self.counts.get(path, 0)
+        self.counts[path] = k + 1
+        out = first_tensor(output)
+        name = output_name(path, k)
+        if out is not None and "losses" in self.collections and self.selected(name, "losses"):
+            self.add(name, out, output_dims(out.dim()), "losses", "loss", path, {"call": k})
+        if "loss_inputs" in self.collections:
+            for i, a in enumerate(args):
+                iname = input_name(path, k, i)
+                if isinstance(a, torch.Tensor) and self.selected(iname, "loss_inputs"):
+                    dims = output_dims(a.dim())
+                    self.add(iname, a, dims, "loss_inputs", "loss_input", path, {"call": k})
+
+    def scalar(self, name: str, value: float | torch.Tensor) -> None:
+        sname = scalar_name(name)
+        if (
+            not self.open
+            or "scalars" not in self.collections
+            or not self.selected(sname, "scalars")
+        ):
+            return
+        t = (
+            value.detach().reshape(())
+            if isinstance(value, torch.Tensor)
+            else torch.tensor(float(value))
+        )
+        self.add(sname, t, (), "scalars", "scalar", "")

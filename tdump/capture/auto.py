@@ -1,0 +1,74 @@
+"""Switch capture on from the environment, for launchers (torchrun, job schedulers).
+
+Set ``TDUMP_CONFIG`` to a JSON/YAML file path, to inline JSON, or to ``1`` (defaults),
+then either
+
+* ``python -m tdump.capture.auto train.py ARGS`` (also ``torchrun ... -m tdump.capture.auto train.py ARGS``), or
+* put ``import tdump.capture.auto`` at the top of the script (a no-op when the variable is unset).
+
+Unset keys default as for ``tdump record`` (``include_regex`` = the seed's selection).
+Each DDP rank writes ``rank<R>`` of the same store (rank from torch.distributed, else ``RANK``).
+
+Examples
+--------
+>>> import os
+>>> os.environ.pop("TDUMP_CONFIG", None) and None
+>>> install_from_env() is None
+True
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from tdump.capture._config import DEFAULT_INCLUDE, ENV_VAR, HookConfig, load_config
+from tdump.capture._record import AutoCapture, run_script
+
+__all__ = ["config_from_env", "install_from_env"]
+
+_INSTALLED: list[AutoCapture] = []
+
+
+def config_from_env() -> HookConfig | None:
+    """The :class:`HookConfig` that ``TDUMP_CONFIG`` describes, or ``None`` when unset."""
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw or raw.lower() in ("0", "false", "off"):
+        return None
+    data = {} if raw.lower() in ("1", "true", "on") else load_config(raw)
+    data.setdefault("include_regex", DEFAULT_INCLUDE)
+    return HookConfig.from_dict(data)
+
+
+def install_from_env() -> AutoCapture | None:
+    """Start auto capture if ``TDUMP_CONFIG`` is set (once per process); closed at exit."""
+    if _INSTALLED:
+        return _INSTALLED[0]
+    cfg = config_from_env()
+    if cfg is None:
+        return None
+    auto = AutoCapture(cfg)
+    _INSTALLED.append(auto)
+    atexit.register(auto.close)
+    return auto
+
+
+def _main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    cfg = config_from_env() or HookConfig(include_regex=DEFAULT_INCLUDE)
+    return run_script(argv[0], argv[1:], cfg)
+
+
+if __name__ == "__main__":
+    from tdump.errors import TdumpError
+
+    try:
+        sys.exit(_main(sys.argv[1:]))
+    except TdumpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+else:
+    install_from_env()
