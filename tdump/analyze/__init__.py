@@ -1,3 +1,23 @@
 """Analyze: read dumps (xarray, Trial) and rank filters with Dask, without training."""
 
-__all__: list[str] = []
+from tdump.analyze._criteria import Criterion, Plan, criteria, get_criterion, register_criterion
+from tdump.analyze._open import open_dump
+from tdump.analyze._rank import rank
+from tdump.analyze._ranks_io import read_ranks, write_ranks
+from tdump.analyze._trial import Trial, TrialTensor
+from tdump.analyze._xarray import TdumpBackendEntrypoint
+
+__all__: list[str] = [
+    "Criterion",
+    "Plan",
+    "TdumpBackendEntrypoint",
+    "Trial",
+    "TrialTensor",
+    "criteria",
+    "get_criterion",
+    "open_dump",
+    "rank",
+    "read_ranks",
+    "register_criterion",
+    "write_ranks",
+]

@@ -1,0 +1,402 @@
+"""Pluggable filter-importance criteria.
+
+A criterion is one small class registered by name with :func:`register_criterion`.
+It says, per conv layer, which stored tensors it needs (:meth:`Criterion.plan`),
+how one saved record of those tensors reduces to a per-channel partial sum
+(:meth:`Criterion.partial`, run in Dask workers, one call per stored chunk), and
+how the summed partials become the score (:meth:`Criterion.finish`). For every
+criterion a **higher score means a more important filter**. Formulas are in
+``docs/ranking.md``.
+
+Examples
+--------
+A new criterion (mean absolute activation) needs nothing but this:
+
+>>> import numpy as np
+>>> @register_criterion("mean-abs-act")
+... class MeanAbsActivation(Criterion):
+...     "Mean |activation| per channel."
+...     uses_batch = True
+...     def plan(self, layer, ctx):
+...         act = ctx.activation(layer)
+...         return None if act is None else Plan({"act": act})
+...     def partial(self, values, plan):
+...         a = values["act"]
+...         return _spatial_mean(np.abs(a)).sum(axis=0), a.shape[0]
+>>> "mean-abs-act" in criteria()
+True
+>>> _ = _REGISTRY.pop("mean-abs-act")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from tdump._format import grad_name
+from tdump.analyze._mapping import Dataflow
+from tdump.errors import ConfigError, MissingTensorError
+
+__all__ = [
+    "Criterion",
+    "Plan",
+    "PlanContext",
+    "criteria",
+    "get_criterion",
+    "register_criterion",
+]
+
+_REGISTRY: dict[str, type[Criterion]] = {}
+#: Suffix of the capture stage's reduce-at-source Taylor term (``Hook(reduction="taylor")``):
+#: ``<module>.output_<k>.taylor``, dims (batch, channel), the spatial mean of activation x gradient.
+TAYLOR_SUFFIX = ".taylor"
+#: Entry-point group through which installed packages publish criteria (for the CLI).
+ENTRY_POINT_GROUP = "tdump.criteria"
+_C = TypeVar("_C", bound="type[Criterion]")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a criterion reads for one layer.
+
+    Attributes
+    ----------
+    sources
+        ``{role: tensor name}``, e.g. ``{"act": "layer1.0.relu.output_0", "grad": "...grad"}``.
+    reductions
+        ``{role: reduction}`` for tensors the capture stage stored already reduced
+        (their ``reduction`` attribute); absent roles are full tensors.
+    """
+
+    sources: Mapping[str, str]
+    reductions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PlanContext:
+    """What a criterion may look at while planning: the dataflow and the dump's tensors."""
+
+    dataflow: Dataflow
+    names: frozenset[str]
+    mode: str
+    attrs: Callable[[str], Mapping[str, Any]]
+    _acts: dict[str, list[str]] | None = field(default=None, repr=False)
+    _calls: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    def activations(self, layer: str) -> list[str]:
+        """Stored module outputs carrying ``layer``'s channels, best first (ReLU after bn)."""
+        if self._acts is None:
+            outs = [n for n in self.names if n.rsplit(".", 1)[-1].startswith("output_")]
+            self._acts = self.dataflow.outputs_by_conv(sorted(outs))
+        return self._acts.get(layer, [])
+
+    def call_outputs(self, layer: str) -> list[str]:
+        """Every recorded module-call output carrying ``layer``'s channels, stored or not, best first."""
+        if self._calls is None:
+            self._calls = self.dataflow.outputs_by_conv(
+                [str(c["name"]) for c in self.dataflow.calls]
+            )
+        return self._calls.get(layer, [])
+
+    def activation(self, layer: str, *, activation_only: bool = False) -> str | None:
+        """The preferred stored output for ``layer`` (``None`` if none is stored)."""
+        for name in self.activations(layer):
+            if not activation_only or self.dataflow.is_activation_output(name):
+                return name
+        return None
+
+    def reduction(self, name: str) -> str | None:
+        """The stored ``reduction`` attribute of tensor ``name`` (``None`` for full tensors)."""
+        red = self.attrs(name).get("reduction")
+        return str(red) if red else None
+
+
+class Criterion:
+    """Base class of a criterion. Subclass, set the class attributes, register.
+
+    Attributes
+    ----------
+    name
+        Registered name (set by :func:`register_criterion`).
+    uses_batch
+        The score is built from per-example data; the ``examples`` column counts them.
+    all_records
+        Reduce over every selected record (``True``) or use only the last selected
+        record that holds the tensors (``False``: criteria on the final weights).
+    """
+
+    name: ClassVar[str] = ""
+    uses_batch: ClassVar[bool] = False
+    all_records: ClassVar[bool] = True
+
+    def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
+        """Tensors to read for ``layer``; ``None`` to skip the layer (nothing stored for it)."""
+        raise NotImplementedError
+
+    def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
+        """Reduce one record: ``values`` maps roles to arrays (batch rows already trimmed).
+
+        Returns a per-channel float64 sum and the count it sums over.
+        """
+        raise NotImplementedError
+
+    def finish(self, total: np.ndarray, count: int) -> np.ndarray:
+        """Turn the summed partials into the score (default: the mean)."""
+        return total / max(count, 1)
+
+    def missing(self, ctx: PlanContext) -> str:
+        """One-line message when no layer could be planned: what to capture instead."""
+        return f"dump has no tensors criterion {self.name!r} can use in mode {ctx.mode!r}"
+
+
+def register_criterion(name: str) -> Callable[[_C], _C]:
+    """Class decorator registering a :class:`Criterion` subclass under ``name``."""
+
+    def deco(cls: _C) -> _C:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def criteria() -> list[str]:
+    """Registered criterion names.
+
+    >>> criteria()[:3]
+    ['taylor', 'taylor-signed', 'l1']
+    """
+    return list(_REGISTRY)
+
+
+def get_criterion(name: str, *, signed: bool = False) -> Criterion:
+    """Instantiate criterion ``name``; ``signed=True`` turns ``taylor`` into ``taylor-signed``."""
+    if signed and name == "taylor":
+        name = "taylor-signed"
+    elif signed and not name.endswith("-signed"):
+        raise ConfigError(f"--signed applies to the taylor criterion only, not {name!r}")
+    if name not in _REGISTRY:
+        _load_plugins()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ConfigError(
+            f"unknown criterion {name!r}; choose one of {', '.join(criteria())}"
+        ) from None
+
+
+def _load_plugins() -> None:
+    """Import criteria published by installed packages (entry-point group ``tdump.criteria``)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()  # the module registers its classes with @register_criterion
+        except Exception as exc:  # a broken plug-in must not break the built-ins
+            import warnings
+
+            warnings.warn(
+                f"tdump criterion plug-in {ep.name!r} failed to load: {exc}", stacklevel=2
+            )
+
+
+# --------------------------------------------------------------------------- helpers
+def _spatial_mean(x: np.ndarray) -> np.ndarray:
+    """(batch, channel, *spatial) -> (batch, channel) float64 mean over spatial positions."""
+    if x.ndim <= 2:
+        return x.astype(np.float64)
+    return x.reshape(x.shape[0], x.shape[1], -1).mean(axis=-1, dtype=np.float64)
+
+
+def _spatial_dot_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(batch, channel, *spatial) x2 -> (batch, channel): mean over space of ``a * b``.
+
+    Computed in float64 (inputs cast in buffered blocks, no full-size copies), so
+    cancellation in signed sums costs no precision.
+    """
+    if a.ndim <= 2:
+        return np.multiply(a, b, dtype=np.float64)
+    a3 = a.reshape(a.shape[0], a.shape[1], -1)
+    b3 = b.reshape(b.shape[0], b.shape[1], -1)
+    return np.einsum("bcs,bcs->bc", a3, b3, dtype=np.float64) / a3.shape[-1]
+
+
+def _filter_dot(w: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(out_channel, ...) x2 -> (out_channel,): float64 sum over a filter's weights of ``w * g``."""
+    w2 = w.reshape(w.shape[0], -1)
+    return np.einsum("cs,cs->c", w2, g.reshape(w2.shape), dtype=np.float64)
+
+
+def _per_filter_sum(x: np.ndarray) -> np.ndarray:
+    """(out_channel, ...) -> (out_channel,) float64 sum over the filter's weights."""
+    return x.reshape(x.shape[0], -1).sum(axis=1, dtype=np.float64)
+
+
+def _need_grad(ctx: PlanContext, act: str) -> str:
+    g = grad_name(act)
+    if g not in ctx.names:
+        raise MissingTensorError(
+            f"dump has no gradients for {act!r}; record with include_regex matching it and "
+            f"activation gradients, e.g. --include '.*relu'"
+        )
+    return g
+
+
+# --------------------------------------------------------------------------- criteria
+@register_criterion("taylor")
+class Taylor(Criterion):
+    """Molchanov et al. 2017: mean over examples of |spatial mean of activation x gradient|."""
+
+    uses_batch = True
+    signed: ClassVar[bool] = False
+
+    def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
+        for cand in ctx.call_outputs(layer):
+            g = grad_name(cand)
+            if cand in ctx.names and g in ctx.names:
+                for role, name in (("activation", cand), ("gradient", g)):
+                    stored = ctx.reduction(name)
+                    if stored is not None:
+                        raise MissingTensorError(
+                            f"{name!r} is stored reduced ({stored!r}); the taylor criterion needs "
+                            f"the full {role} or reduction='taylor' at capture"
+                        )
+                return Plan({"act": cand, "grad": g})
+            term = cand + TAYLOR_SUFFIX
+            if term in ctx.names:  # reduce-at-source: per-example spatial mean of a*g
+                return Plan({"term": term}, {"term": "taylor"})
+        act = ctx.activation(layer)
+        if act is not None:
+            _need_grad(ctx, act)
+        return None
+
+    def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
+        if "term" in values:
+            t = values["term"].astype(np.float64)
+        else:
+            t = _spatial_dot_mean(values["act"], values["grad"])
+        if not self.signed:
+            t = np.abs(t)
+        return t.sum(axis=0), t.shape[0]
+
+    def missing(self, ctx: PlanContext) -> str:
+        return (
+            f"dump has no activations of conv layers (e.g. ReLU outputs) with gradients in mode "
+            f"{ctx.mode!r}; record with include_regex matching them and activation gradients, "
+            f"e.g. --include '.*relu'"
+        )
+
+
+@register_criterion("taylor-signed")
+class TaylorSigned(Taylor):
+    """The seed's signed variant: mean of activation x gradient over batch and space."""
+
+    signed = True
+
+
+@register_criterion("l1")
+class L1(Criterion):
+    """Li et al. 2017: L1 norm of each filter's weights (last selected saved step)."""
+
+    all_records = False
+
+    def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
+        w = f"{layer}.weight"
+        return Plan({"w": w}) if w in ctx.names else None
+
+    def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
+        return _per_filter_sum(np.abs(values["w"])), 1
+
+    def missing(self, ctx: PlanContext) -> str:
+        return (
+            f"dump has no conv weights in mode {ctx.mode!r}; record them with include_regex "
+            f"matching them, e.g. --include '.*weight'"
+        )
+
+
+@register_criterion("bn-gamma")
+class BNGamma(Criterion):
+    """Liu et al. 2017: |scale| of the BatchNorm that consumes the conv's output."""
+
+    all_records = False
+
+    def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
+        bn = ctx.dataflow.following_bn(layer)
+        if bn is None:
+            return None
+        w = f"{bn}.weight"
+        return Plan({"gamma": w}) if w in ctx.names else None
+
+    def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
+        return np.abs(values["gamma"].astype(np.float64)), 1
+
+    def missing(self, ctx: PlanContext) -> str:
+        return (
+            f"dump has no BatchNorm weights following a conv in mode {ctx.mode!r}; record them "
+            f"with include_regex matching them, e.g. --include '.*bn.*weight'"
+        )
+
+
+@register_criterion("apoz")
+class APoZ(Criterion):
+    """Hu et al. 2016, as importance: 1 - average percentage of zeros of the ReLU output."""
+
+    uses_batch = True
+
+    def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
+        act = ctx.activation(layer, activation_only=True)
+        if act is None:
+            return None
+        red = ctx.reduction(act)
+        if red is not None and red not in ("zero_fraction", "apoz"):
+            raise MissingTensorError(
+                f"{act!r} is stored reduced ({red!r}); apoz needs full activations or "
+                "reduction 'zero_fraction'"
+            )
+        return Plan({"act": act}, {"act": red} if red else {})
+
+    def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
+        a = values["act"]
+        z = a.astype(np.float64) if plan.reductions.get("act") else _spatial_mean(a == 0)
+        return z.sum(axis=0), z.shape[0]
+
+    def finish(self, total: np.ndarray, count: int) -> np.ndarray:
+        return 1.0 - total / max(count, 1)
+
+    def missing(self, ctx: PlanContext) -> str:
+        return (
+            f"dump has no ReLU outputs of conv layers in mode {ctx.mode!r}; record them with "
+            f"include_regex matching them, e.g. --include '.*relu'"
+        )
+
+
+@register_criterion("taylor-weight")
+class TaylorWeight(Criterion):
+    """Molchanov et al. 2019: (sum over a filter's weights of w x dL/dw)^2, mean over steps."""
+
+    uses_batch = True
+
+    def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
+        w = f"{layer}.weight"
+        if w not in ctx.names:
+            return None
+        g = grad_name(w)
+        if g not in ctx.names:
+            raise MissingTensorError(
+                f"dump has no gradient for {w!r}; record parameter gradients with include_regex "
+                f"matching them, e.g. --include '.*weight'"
+            )
+        return Plan({"w": w, "grad": g})
+
+    def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
+        s = _filter_dot(values["w"], values["grad"])
+        return s * s, 1
+
+    def missing(self, ctx: PlanContext) -> str:
+        return (
+            f"dump has no conv weights with gradients in mode {ctx.mode!r}; record them with "
+            f"include_regex matching them, e.g. --include '.*weight'"
+        )

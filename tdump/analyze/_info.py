@@ -1,0 +1,191 @@
+"""What a dump holds, as one JSON-ready dict: the data behind ``tdump ls``.
+
+The keys are stable (documented in ``docs/reading.md``); new keys may be added.
+
+Examples
+--------
+>>> import numpy as np
+>>> from tdump._format import StoreWriter
+>>> w = StoreWriter.create("memory://doc/info.zarr")
+>>> w.write_tensor("train", 0, "fc.weight", np.zeros((4, 4), "f4"), dims=("out_feature", "in_feature"),
+...                attrs={"collection": "weights", "kind": "parameter", "module": "fc"})
+>>> w.commit("train", 0, step=0, batch_size=2)
+>>> info = summarize("memory://doc/info.zarr")
+>>> info["modes"]["train"]["steps"], info["tensors"][0]["logical_bytes"]
+([0], 64)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr.core.sync
+
+from tdump._format import FORMAT_NAME, FORMAT_VERSION, StoreReader
+from tdump._version import __version__
+from tdump.analyze._open import open_reader
+from tdump.errors import MissingTensorError, SelectionError
+
+__all__ = ["SCHEMA_VERSION", "summarize"]
+
+#: Version of the ``tdump ls --json`` layout (bumped only when a key changes meaning or goes away).
+SCHEMA_VERSION = 1
+
+
+def _size_prefix(reader: StoreReader, prefix: str) -> int:
+    store = reader.root.store
+    return int(zarr.core.sync.sync(store.getsize_prefix(prefix)))
+
+
+def _ratio(logical: int, stored: int) -> float | None:
+    return round(logical / stored, 3) if stored else None
+
+
+def summarize(
+    path: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    mode: str | None = None,
+    regex: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Describe the dump at ``path``: ranks, modes and steps, tensors, sizes, collections.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL of the dump.
+    rank
+        Only this rank (default: every rank in the store).
+    mode
+        Only this mode (default: every mode with records).
+    regex
+        Only tensors whose name matches (``re.search``).
+    storage_options
+        Passed to fsspec for URLs.
+
+    Returns
+    -------
+    dict
+        See "tdump ls --json" in ``docs/reading.md``.
+
+    Raises
+    ------
+    SelectionError
+        ``regex`` is invalid or matches no tensor.
+    MissingTensorError
+        ``rank`` or ``mode`` is not in the dump.
+    """
+    reader = open_reader(path, storage_options)
+    pattern = None
+    if regex is not None:
+        try:
+            pattern = re.compile(regex)
+        except re.error as exc:
+            raise SelectionError(f"invalid regex {regex!r}: {exc}") from None
+    ranks = reader.ranks()
+    if rank is not None:
+        if rank not in ranks:
+            raise MissingTensorError(
+                f"{reader.path} has no data for rank {rank}; ranks present: {ranks or 'none'}"
+            )
+        ranks = [rank]
+    out_ranks: list[dict[str, Any]] = []
+    modes_out: dict[str, dict[str, Any]] = {}
+    tensors: list[dict[str, Any]] = []
+    all_names: set[str] = set()
+    for r in ranks:
+        meta = reader.meta(r)
+        present = reader.modes(r)
+        if mode is not None and mode not in present and len(ranks) == 1:
+            raise MissingTensorError(
+                f"no records for mode {mode!r} in {reader.path}; modes present: "
+                f"{', '.join(present) or 'none'}"
+            )
+        r_modes = [m for m in present if mode in (None, m)]
+        out_ranks.append(
+            {
+                "rank": r,
+                "world_size": meta.get("world_size"),
+                "writer": meta.get("writer"),
+                "created": meta.get("created"),
+                "modes": r_modes,
+            }
+        )
+        for m in r_modes:
+            rec = reader.records(m, r)
+            steps = [int(s) for s in rec["step"]]
+            entry = modes_out.setdefault(m, {"records": 0, "steps": [], "examples": 0})
+            entry["records"] += len(steps)
+            entry["steps"] = sorted(set(entry["steps"]) | set(steps))
+            entry["examples"] += int(np.clip(rec["batch_size"], 0, None).sum())
+            for name in reader.tensor_names(m, r):
+                all_names.add(name)
+                if pattern is not None and not pattern.search(name):
+                    continue
+                tensors.append(_tensor_info(reader, m, name, r))
+    if pattern is not None and not tensors:
+        raise SelectionError(
+            f"regex {regex!r} matches none of the {len(all_names)} tensors in {reader.path}"
+        )
+    for entry in modes_out.values():
+        steps = entry["steps"]
+        entry["first_step"] = steps[0] if steps else None
+        entry["last_step"] = steps[-1] if steps else None
+    collections: dict[str, list[str]] = {}
+    for t in tensors:
+        collections.setdefault(str(t["collection"]), []).append(t["name"])
+    stored = sum(t["stored_bytes"] for t in tensors)
+    logical = sum(t["logical_bytes"] for t in tensors)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "path": reader.path,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "reader": f"tdump {__version__}",
+        "ranks": out_ranks,
+        "modes": modes_out,
+        "tensors": tensors,
+        "collections": {k: sorted(set(v)) for k, v in sorted(collections.items())},
+        "totals": {
+            "tensors": len({t["name"] for t in tensors}),
+            "stored_bytes": stored,
+            "logical_bytes": logical,
+            "ratio": _ratio(logical, stored),
+            "store_bytes": _size_prefix(reader, ""),
+        },
+    }
+
+
+def _tensor_info(reader: StoreReader, mode: str, name: str, rank: int) -> dict[str, Any]:
+    arr = reader.array(mode, name, rank)
+    attrs = reader.tensor_attrs(mode, name, rank)
+    saved = reader.saved_records(mode, name, rank)
+    steps = reader.steps(mode, rank)[saved]
+    shape = [int(s) for s in arr.shape[1:]]
+    logical = int(len(saved) * math.prod(shape) * np.dtype(arr.dtype).itemsize)
+    stored = _size_prefix(reader, arr.path + "/c/")
+    return {
+        "name": name,
+        "mode": mode,
+        "rank": rank,
+        "collection": attrs.get("collection"),
+        "kind": attrs.get("kind"),
+        "module": attrs.get("module"),
+        "shape": shape,
+        "dims": list(attrs.get("dims", [])),
+        "dtype": str(arr.dtype),
+        "source_dtype": attrs.get("source_dtype"),
+        "reduction": attrs.get("reduction"),
+        "records": len(saved),
+        "first_step": int(steps[0]) if len(steps) else None,
+        "last_step": int(steps[-1]) if len(steps) else None,
+        "stored_bytes": stored,
+        "logical_bytes": logical,
+        "ratio": _ratio(logical, stored),
+    }

@@ -1,0 +1,174 @@
+"""Map activations to the conv layer whose output channels they carry.
+
+The store's rank-group attributes hold the module tree (``modules``) and the
+dataflow of one forward pass (``calls``, see ``docs/FORMAT.md``). Starting at a
+module call's output we follow the first tensor input back through modules that
+keep channels one-to-one (BatchNorm, activations, dropout, pooling, identity) until
+a convolution is reached. Names are never parsed for structure.
+
+Examples
+--------
+>>> calls = [
+...     {"name": "conv1.output_0", "module": "conv1", "call": 0, "inputs": ["<input>"]},
+...     {"name": "bn1.output_0", "module": "bn1", "call": 0, "inputs": ["conv1.output_0"]},
+...     {"name": "relu.output_0", "module": "relu", "call": 0, "inputs": ["bn1.output_0"]},
+... ]
+>>> modules = {
+...     "conv1": {"type": "torch.nn.modules.conv.Conv2d", "config": {"out_channels": 8}},
+...     "bn1": {"type": "torch.nn.modules.batchnorm.BatchNorm2d"},
+...     "relu": {"type": "torch.nn.modules.activation.ReLU"},
+... }
+>>> g = Dataflow(modules, calls)
+>>> g.producing_conv("relu.output_0")
+'conv1'
+>>> g.following_bn("conv1")
+'bn1'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Dataflow", "is_activation_type", "is_bn_type", "is_conv_type"]
+
+_CONV = re.compile(r"(^|\.)(Conv[123]d|LazyConv[123]d)$")
+_BN = re.compile(r"(^|\.)(BatchNorm[123]d|SyncBatchNorm|LazyBatchNorm[123]d)$")
+_ACT = re.compile(
+    r"(^|\.)(ReLU|ReLU6|LeakyReLU|PReLU|RReLU|ELU|SELU|CELU|GELU|SiLU|Mish|Sigmoid|Tanh|"
+    r"Hardswish|Hardsigmoid|Hardtanh|Softplus)$"
+)
+_PASS = re.compile(
+    r"(^|\.)(Identity|Dropout|Dropout[123]d|AlphaDropout|FeatureAlphaDropout|"
+    r"MaxPool[123]d|AvgPool[123]d|AdaptiveMaxPool[123]d|AdaptiveAvgPool[123]d|LPPool[12]d)$"
+)
+
+
+def is_conv_type(type_name: str) -> bool:
+    """True for (non-transposed) convolution classes, e.g. ``torch.nn.modules.conv.Conv2d``."""
+    return bool(_CONV.search(type_name))
+
+
+def is_bn_type(type_name: str) -> bool:
+    """True for BatchNorm classes."""
+    return bool(_BN.search(type_name))
+
+
+def is_activation_type(type_name: str) -> bool:
+    """True for element-wise activation classes (ReLU and friends)."""
+    return bool(_ACT.search(type_name))
+
+
+def _channel_preserving(type_name: str) -> bool:
+    return is_bn_type(type_name) or is_activation_type(type_name) or bool(_PASS.search(type_name))
+
+
+@dataclass
+class Dataflow:
+    """The module tree and call graph of one forward pass, as recorded in a store.
+
+    Parameters
+    ----------
+    modules
+        The rank group's ``modules`` attribute: ``{path: {"type": ..., "params": ..., "config": ...}}``.
+    calls
+        One mode's list from the ``calls`` attribute (execution order).
+    """
+
+    modules: Mapping[str, Mapping[str, Any]]
+    calls: Sequence[Mapping[str, Any]]
+    _by_name: dict[str, Mapping[str, Any]] = field(init=False, repr=False)
+    _consumers: dict[str, list[Mapping[str, Any]]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {str(c["name"]): c for c in self.calls}
+        self._consumers = {}
+        for c in self.calls:
+            for src in c.get("inputs") or ():
+                if src is not None:
+                    self._consumers.setdefault(str(src), []).append(c)
+
+    def module_type(self, path: str) -> str:
+        """Qualified class name of module ``path`` (``""`` if unknown)."""
+        return str((self.modules.get(path) or {}).get("type", ""))
+
+    def convs(self) -> list[str]:
+        """Conv module paths in execution order (first call), then any never called."""
+        seen: dict[str, None] = {}
+        for c in self.calls:
+            mod = str(c["module"])
+            if is_conv_type(self.module_type(mod)):
+                seen.setdefault(mod, None)
+        for path, info in self.modules.items():
+            if is_conv_type(str(info.get("type", ""))):
+                seen.setdefault(path, None)
+        return list(seen)
+
+    def out_channels(self, conv: str) -> int | None:
+        """``out_channels`` of ``conv`` from its recorded config or weight shape."""
+        info = self.modules.get(conv) or {}
+        cfg = info.get("config") or {}
+        if "out_channels" in cfg:
+            return int(cfg["out_channels"])
+        shape = (info.get("params") or {}).get("weight")
+        return int(shape[0]) if shape else None
+
+    def chain(self, output: str) -> list[str] | None:
+        """Module paths from ``output``'s module back to the producing conv (inclusive).
+
+        ``None`` when the chain leaves channel-preserving modules before a conv (a
+        linear layer, a concatenation, the model input, a non-module operation).
+        """
+        path: list[str] = []
+        name: str | None = output
+        for _ in range(len(self._by_name) + 1):
+            call = self._by_name.get(name) if name is not None else None
+            if call is None:
+                return None
+            mod = str(call["module"])
+            typ = self.module_type(mod)
+            path.append(mod)
+            if is_conv_type(typ):
+                return path
+            if not _channel_preserving(typ):
+                return None
+            inputs = call.get("inputs") or []
+            name = str(inputs[0]) if inputs and inputs[0] is not None else None
+        return None
+
+    def producing_conv(self, output: str) -> str | None:
+        """Conv whose output channels ``output`` (``<module>.output_<k>``) carries, or ``None``."""
+        chain = self.chain(output)
+        return chain[-1] if chain else None
+
+    def following_bn(self, conv: str) -> str | None:
+        """The BatchNorm module whose call consumes ``conv``'s output, or ``None``."""
+        for c in self.calls:
+            if str(c["module"]) != conv:
+                continue
+            for consumer in self._consumers.get(str(c["name"]), []):
+                mod = str(consumer["module"])
+                if is_bn_type(self.module_type(mod)):
+                    return mod
+        return None
+
+    def is_activation_output(self, output: str) -> bool:
+        """True if ``output`` is the output of an element-wise activation module call."""
+        call = self._by_name.get(output)
+        return call is not None and is_activation_type(self.module_type(str(call["module"])))
+
+    def outputs_by_conv(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """Group module-output tensor ``names`` by producing conv.
+
+        Returns ``{conv: [name, ...]}`` with activation outputs first (the ReLU after
+        conv -> bn), then by longest chain, then by name.
+        """
+        found: dict[str, list[tuple[int, int, str]]] = {}
+        for name in names:
+            chain = self.chain(name)
+            if chain:
+                rank = 0 if self.is_activation_output(name) else 1
+                found.setdefault(chain[-1], []).append((rank, -len(chain), name))
+        return {conv: [t[2] for t in sorted(items)] for conv, items in found.items()}

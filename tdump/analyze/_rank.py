@@ -1,0 +1,489 @@
+"""Rank conv filters from a dump with Dask: out of core, parallel, one task per stored chunk.
+
+The pipeline: plan (which tensors each conv layer's criterion needs, from the store's
+``modules``/``calls`` dataflow) -> one task per saved record that, layer after layer,
+reads that record's chunk of each source tensor (one chunk = one record of one tensor)
+and reduces it at once to a per-channel float64 vector -> tree-reduction of the
+per-record ``{layer: (sum, count)}`` partials -> scores -> a :class:`pandas.DataFrame`
+(``docs/FORMAT.md`` §2). Peak memory is about (one record of the largest tensor pair,
+plus its float64 product) x (workers), however big the dump is.
+
+Examples
+--------
+>>> import tdump.analyze as ta                                    # doctest: +SKIP
+>>> df = ta.rank("dump.zarr", criterion="taylor", steps="100:2000")  # doctest: +SKIP
+>>> df.nsmallest(10, "score_norm")                              # doctest: +SKIP
+>>> ta.write_ranks(df, "ranks.parquet")                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tdump._format import StoreReader
+from tdump._version import __version__
+from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
+from tdump.analyze._mapping import Dataflow
+from tdump.analyze._ranks_io import RANKS_FORMAT, RANKS_VERSION, normalize_scores
+from tdump.analyze._schedule import ProgressFn, execute
+from tdump.errors import ConfigError, MissingTensorError, SelectionError
+
+__all__ = ["parse_steps", "rank"]
+
+StepsArg = str | slice | int | Sequence[int] | None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One saved record of one writer rank."""
+
+    rank: int
+    index: int
+    step: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """The work for one conv layer: its plan and the records to reduce."""
+
+    layer: str
+    plan: Plan
+    records: tuple[Record, ...]
+    batched: Mapping[str, bool]
+
+
+# --------------------------------------------------------------------------- steps
+def parse_steps(steps: StepsArg) -> Callable[[np.ndarray], np.ndarray]:
+    """Turn a step selection into a mask function over saved step numbers.
+
+    ``"100:2000"`` keeps saved steps ``100 <= s < 2000`` (Python slice semantics,
+    either end may be omitted); ``"500"`` or ``500`` keeps step 500; a ``slice`` or
+    a list of step numbers works too.
+
+    >>> parse_steps("2:5")(np.arange(8)).nonzero()[0].tolist()
+    [2, 3, 4]
+    """
+    if steps is None:
+        return lambda s: np.ones(s.shape, bool)
+    if isinstance(steps, str):
+        text = steps.strip()
+        try:
+            if ":" in text:
+                parts = text.split(":")
+                if len(parts) > 3:
+                    raise ValueError(text)
+                vals = [int(p) if p.strip() else None for p in parts]
+                steps = slice(*vals)
+            else:
+                steps = int(text)
+        except ValueError:
+            raise SelectionError(
+                f"invalid step range {text!r}; use START:STOP (e.g. 100:2000), START:, :STOP or STEP"
+            ) from None
+    if isinstance(steps, slice):
+        lo, hi, every = steps.start, steps.stop, steps.step or 1
+        if every <= 0:
+            raise SelectionError(f"invalid step stride {every}; use a positive number")
+
+        def mask(s: np.ndarray) -> np.ndarray:
+            keep = np.ones(s.shape, bool)
+            if lo is not None:
+                keep &= s >= lo
+            if hi is not None:
+                keep &= s < hi
+            return keep & ((s - (lo or 0)) % every == 0)
+
+        return mask
+    if isinstance(steps, int | np.integer):
+        return lambda s: s == int(steps)  # type: ignore[arg-type]
+    wanted = np.asarray(list(steps), dtype=np.int64)
+    return lambda s: np.isin(s, wanted)
+
+
+def _describe_steps(steps: StepsArg) -> str:
+    if isinstance(steps, slice):
+        return f"{'' if steps.start is None else steps.start}:{'' if steps.stop is None else steps.stop}"
+    return str(steps)
+
+
+# --------------------------------------------------------------------------- chunk tasks
+_ARRAYS: dict[tuple[str, str, int, str, str], _RecordReader] = {}
+_ARRAYS_LOCK = threading.Lock()
+
+
+def _open_array(path: str, so_json: str, rank: int, mode: str, name: str) -> _RecordReader:
+    """A reader of ``name``'s records, opened once per worker process."""
+    key = (path, so_json, rank, mode, name)
+    with _ARRAYS_LOCK:
+        arr = _ARRAYS.get(key)
+    if arr is None:
+        reader = StoreReader(path, storage_options=json.loads(so_json) or None)
+        arr = _RecordReader(reader.array(mode, name, rank))
+        with _ARRAYS_LOCK:
+            _ARRAYS[key] = arr
+    return arr
+
+
+class _RecordReader:
+    """Read one record (row 0-axis) of a tensor array.
+
+    Fast path: when a record is exactly one chunk on a local disk and the codecs are
+    ``bytes`` (+ one Blosc or Zstd compressor), the chunk file is read and decoded
+    directly with numcodecs, skipping zarr's async machinery (about 2x faster per
+    chunk). Anything else (object stores, sharding, filters, a grown batch axis) goes
+    through zarr. A missing chunk reads as the fill value either way.
+    """
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+        self._dir: str | None = None
+        self._codec: Any = None
+        try:
+            self._setup()
+        except Exception:  # any surprise: stay on the zarr path
+            self._dir = None
+
+    def _setup(self) -> None:
+        import os
+
+        from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+        from zarr.storage import LocalStore
+
+        arr = self.arr
+        codecs = list(arr.metadata.codecs)
+        if not isinstance(arr.store, LocalStore) or tuple(arr.chunks) != (1, *arr.shape[1:]):
+            return
+        if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
+            return
+        endian = getattr(codecs[0].endian, "value", "little")
+        self._dtype = np.dtype(arr.dtype).newbyteorder("<" if endian == "little" else ">")
+        if len(codecs) == 2:
+            import numcodecs
+
+            if isinstance(codecs[1], BloscCodec):
+                self._codec = numcodecs.Blosc()
+            elif isinstance(codecs[1], ZstdCodec):
+                self._codec = numcodecs.Zstd()
+            else:
+                return
+        self._dir = os.path.join(str(arr.store.root), arr.path)
+
+    def read(self, index: int, rows: int | None = None) -> np.ndarray:
+        """Record ``index`` (its first ``rows`` batch rows if given)."""
+        if self._dir is None:
+            sel = self.arr[index] if rows is None else self.arr[index, :rows]
+            return np.asarray(sel)
+        import os
+
+        zeros = (0,) * (len(self.arr.shape) - 1)
+        key = self.arr.metadata.encode_chunk_key((index, *zeros))
+        try:
+            with open(os.path.join(self._dir, key), "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            value = np.full(self.arr.shape[1:], self.arr.fill_value, dtype=self.arr.dtype)
+        else:
+            buf = self._codec.decode(raw) if self._codec is not None else raw
+            value = np.frombuffer(buf, dtype=self._dtype).reshape(self.arr.shape[1:])
+        return value if rows is None else value[:rows]
+
+
+Partials = dict[int, tuple[np.ndarray, int]]
+
+
+def _record_task(
+    criterion: Criterion,
+    work: Sequence[tuple[int, Plan, Mapping[str, bool]]],
+    path: str,
+    so_json: str,
+    mode: str,
+    rank: int,
+    index: int,
+    batch_size: int,
+) -> Partials:
+    """Reduce one saved record: per layer job, read its chunk(s) and reduce them at once.
+
+    Only one layer's tensors are in memory at a time; the result is a per-channel
+    float64 vector and a count per job index.
+    """
+    out: Partials = {}
+    for job_index, plan, batched in work:
+        values: dict[str, np.ndarray] = {}
+        for role, name in plan.sources.items():
+            arr = _open_array(path, so_json, rank, mode, name)
+            rows = batch_size if batched.get(role) and batch_size > 0 else None
+            values[role] = arr.read(index, rows)
+        total, count = criterion.partial(values, plan)
+        del values
+        out[job_index] = (np.asarray(total, dtype=np.float64), int(count))
+    return out
+
+
+def _combine(*parts: Partials) -> Partials:
+    """Sum partials per job (the tree-reduction step)."""
+    out: Partials = {}
+    for part in parts:
+        for key, (vec, n) in part.items():
+            if key in out:
+                total, count = out[key]
+                out[key] = (total + vec, count + n)
+            else:
+                out[key] = (vec, n)
+    return out
+
+
+# --------------------------------------------------------------------------- planning
+def _dataflow(reader: StoreReader, mode: str) -> Dataflow:
+    meta = reader.meta(reader.ranks()[0] if reader.ranks() else 0)
+    modules = meta.get("modules")
+    calls_by_mode = meta.get("calls")
+    if not modules or not calls_by_mode:
+        raise MissingTensorError(
+            f"{reader.path} has no module tree/dataflow (rank attributes 'modules' and 'calls'); "
+            "record it with tdump.capture.Hook.register_module(model) or `tdump record`"
+        )
+    calls = calls_by_mode.get(mode) or next(iter(v for v in calls_by_mode.values() if v), None)
+    if not calls:
+        raise MissingTensorError(f"{reader.path} has an empty 'calls' dataflow for mode {mode!r}")
+    return Dataflow(modules, calls)
+
+
+def _select_records(reader: StoreReader, mode: str, steps: StepsArg) -> list[Record]:
+    ranks = reader.ranks()
+    if not any(reader.num_records(mode, r) for r in ranks):
+        present = sorted({m for r in ranks for m in reader.modes(r)})
+        raise MissingTensorError(
+            f"{reader.path} has no saved {mode!r} steps; modes present: {', '.join(present) or 'none'}"
+        )
+    mask = parse_steps(steps)
+    out: list[Record] = []
+    all_steps: list[int] = []
+    for r in ranks:
+        rec = reader.records(mode, r)
+        all_steps.extend(rec["step"].tolist())
+        for i in np.flatnonzero(mask(rec["step"])):
+            out.append(Record(r, int(i), int(rec["step"][i]), int(rec["batch_size"][i])))
+    if not out:
+        raise SelectionError(
+            f"no saved {mode!r} steps in {_describe_steps(steps)}; the dump has {len(all_steps)} "
+            f"saved {mode!r} steps from {min(all_steps)} to {max(all_steps)}"
+        )
+    return out
+
+
+def _select_layers(flow: Dataflow, layers: str | None) -> list[str]:
+    convs = flow.convs()
+    if layers is None:
+        return convs
+    try:
+        rx = re.compile(layers)
+    except re.error as exc:
+        raise SelectionError(f"invalid --layers regex {layers!r}: {exc}") from None
+    picked = [c for c in convs if rx.search(c)]
+    if not picked:
+        raise SelectionError(
+            f"--layers {layers!r} matches no conv layer; conv layers are e.g. {', '.join(convs[:4])}"
+        )
+    return picked
+
+
+def _plan_jobs(
+    reader: StoreReader,
+    crit: Criterion,
+    mode: str,
+    layers: list[str],
+    records: list[Record],
+    explicit_layers: bool,
+) -> list[LayerJob]:
+    rank0 = records[0].rank
+    names = frozenset(reader.tensor_names(mode, rank0))
+    attrs_cache: dict[str, Mapping[str, Any]] = {}
+
+    def attrs(name: str) -> Mapping[str, Any]:
+        if name not in attrs_cache:
+            attrs_cache[name] = reader.tensor_attrs(mode, name, rank0)
+        return attrs_cache[name]
+
+    ctx = PlanContext(_dataflow(reader, mode), names, mode, attrs)
+    planned: list[tuple[str, Plan]] = []
+    for layer in layers:
+        plan = crit.plan(layer, ctx)
+        if plan is not None:
+            planned.append((layer, plan))
+        elif explicit_layers:
+            raise MissingTensorError(f"layer {layer!r}: {crit.missing(ctx)}")
+    if not planned:
+        raise MissingTensorError(crit.missing(ctx))
+
+    saved: dict[tuple[int, str], set[int]] = {}
+    jobs: list[LayerJob] = []
+    for layer, plan in planned:
+        use: list[Record] = []
+        for rec in records:
+            ok = True
+            for name in plan.sources.values():
+                key = (rec.rank, name)
+                if key not in saved:
+                    saved[key] = set(reader.saved_records(mode, name, rec.rank).tolist())
+                ok = ok and rec.index in saved[key]
+            if ok:
+                use.append(rec)
+        if not use:
+            raise SelectionError(
+                f"layer {layer!r}: no selected {mode!r} step holds {', '.join(plan.sources.values())}"
+            )
+        if not crit.all_records:
+            use = [max(use, key=lambda r: (r.step, r.rank))]
+        batched = {
+            role: bool(attrs(name).get("dims")) and attrs(name)["dims"][0] == "batch"
+            for role, name in plan.sources.items()
+        }
+        jobs.append(LayerJob(layer, plan, tuple(use), batched))
+    return jobs
+
+
+# --------------------------------------------------------------------------- public API
+def rank(
+    dump: str,
+    criterion: str = "taylor",
+    mode: str = "train",
+    steps: StepsArg = None,
+    layers: str | None = None,
+    normalize: bool = True,
+    signed: bool = False,
+    scheduler: Any = "threads",
+    workers: int | None = None,
+    memory_limit: str | int | None = None,
+    progress: bool | ProgressFn = True,
+    storage_options: Mapping[str, Any] | None = None,
+    split_every: int = 8,
+) -> pd.DataFrame:
+    """Rank every conv filter of a dump by ``criterion``.
+
+    Parameters
+    ----------
+    dump
+        Path or fsspec URL of a ``tdump.store`` dump.
+    criterion
+        A registered criterion: ``taylor`` (default), ``taylor-signed``, ``l1``, ``bn-gamma``,
+        ``apoz``, ``taylor-weight`` (see ``docs/ranking.md``).
+    mode
+        Store mode whose saved steps are used.
+    steps
+        Saved steps to use: ``None`` (all), ``"100:2000"`` (``100 <= step < 2000``), a slice,
+        a step number or a list of them.
+    layers
+        Regex (``re.search``) on conv module paths; ``None`` ranks every conv with data.
+    normalize
+        Layer-wise L2 normalisation into ``score_norm``.
+    signed
+        With ``taylor``: the signed variant (``taylor-signed``).
+    scheduler
+        ``"threads"``, ``"processes"``, ``"sync"``, a ``tcp://`` scheduler address, or a
+        ``distributed.Client``.
+    workers
+        Worker threads/processes (default: the CPU count).
+    memory_limit
+        Per-worker memory limit (e.g. ``"2GB"``); with ``"processes"`` starts a
+        ``distributed.LocalCluster`` that enforces it.
+    progress
+        ``True`` for a progress bar on stderr, ``False`` for none, or ``f(done, total)``.
+    storage_options
+        fsspec options for URLs.
+    split_every
+        Fan-in of the tree reduction.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The ranks table of ``docs/FORMAT.md`` §2; ``df.attrs["tdump"]`` holds its metadata.
+
+    Examples
+    --------
+    >>> df = rank("dump.zarr", criterion="l1", progress=False)  # doctest: +SKIP
+    >>> df.groupby("layer")["score_norm"].describe()          # doctest: +SKIP
+    """
+    crit = get_criterion(criterion, signed=signed)
+    if split_every < 2:
+        raise ConfigError("split_every must be at least 2")
+    reader = StoreReader(dump, storage_options=storage_options)
+    records = _select_records(reader, mode, steps)
+    flow = _dataflow(reader, mode)
+    jobs = _plan_jobs(reader, crit, mode, _select_layers(flow, layers), records, layers is not None)
+    so_json = json.dumps(dict(storage_options or {}), sort_keys=True)
+    by_record: dict[Record, list[tuple[int, Plan, Mapping[str, bool]]]] = {}
+    for i, job in enumerate(jobs):
+        for rec in job.records:
+            by_record.setdefault(rec, []).append((i, job.plan, job.batched))
+    leaves = [
+        (_record_task, crit, work, reader.location, so_json, mode, r.rank, r.index, r.batch_size)
+        for r, work in sorted(by_record.items(), key=lambda kv: (kv[0].rank, kv[0].index))
+    ]
+    combined = execute(
+        leaves,
+        _combine,
+        scheduler=scheduler,
+        workers=workers,
+        memory_limit=memory_limit,
+        progress=progress,
+        split_every=split_every,
+        path=reader.path,
+    )
+    results = [combined[i] for i in range(len(jobs))]
+    frames = []
+    for job, (total, count) in zip(jobs, results, strict=True):
+        score = crit.finish(total, count)
+        n_steps = len({r.step for r in job.records})
+        examples = sum(max(r.batch_size, 0) for r in job.records) if crit.uses_batch else 0
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": job.layer,
+                    "channel": np.arange(score.shape[0], dtype=np.int64),
+                    "score": score.astype(np.float64),
+                    "criterion": crit.name,
+                    "steps": np.int64(n_steps),
+                    "examples": np.int64(examples),
+                    "sources": ",".join(job.plan.sources.values()),
+                    "mode": mode,
+                }
+            )
+        )
+    df = normalize_scores(pd.concat(frames, ignore_index=True), normalize)
+    used = [r.step for job in jobs for r in job.records]
+    df = df[
+        [
+            "layer",
+            "channel",
+            "score",
+            "score_norm",
+            "criterion",
+            "steps",
+            "examples",
+            "sources",
+            "mode",
+        ]
+    ]
+    df.attrs["tdump"] = {
+        "format": RANKS_FORMAT,
+        "format_version": RANKS_VERSION,
+        "criterion": crit.name,
+        "normalize": bool(normalize),
+        "dump": reader.path,
+        "mode": mode,
+        "steps": [int(min(used)), int(max(used))],
+        "layers": layers,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tdump_version": __version__,
+    }
+    return df

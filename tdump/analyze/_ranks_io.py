@@ -1,0 +1,197 @@
+"""Write and read ``ranks.parquet`` (format ``tdump.ranks`` version 1, ``docs/FORMAT.md`` §2).
+
+Examples
+--------
+>>> import pandas as pd, tempfile, os
+>>> df = pd.DataFrame({"layer": ["conv1", "conv1"], "channel": [0, 1], "score": [1.0, 3.0],
+...                    "criterion": "l1", "steps": 1, "examples": 0, "sources": "conv1.weight",
+...                    "mode": "train"})
+>>> path = os.path.join(tempfile.mkdtemp(), "ranks.parquet")
+>>> _ = write_ranks(normalize_scores(df), path, meta={"criterion": "l1", "normalize": True})
+>>> back = read_ranks(path)
+>>> back["score_norm"].round(4).tolist(), back.attrs["tdump"]["format"]
+([0.3162, 0.9487], 'tdump.ranks')
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tdump._version import __version__
+from tdump.errors import DumpNotFoundError, FormatVersionError, RanksError
+
+__all__ = [
+    "COLUMNS",
+    "RANKS_FORMAT",
+    "RANKS_VERSION",
+    "normalize_scores",
+    "read_ranks",
+    "write_ranks",
+]
+
+RANKS_FORMAT = "tdump.ranks"
+RANKS_VERSION = 1
+_META_KEY = b"tdump"
+#: Required columns and their dtypes (``object`` = str).
+COLUMNS: dict[str, str] = {
+    "layer": "object",
+    "channel": "int64",
+    "score": "float64",
+    "score_norm": "float64",
+    "criterion": "object",
+    "steps": "int64",
+    "examples": "int64",
+    "sources": "object",
+    "mode": "object",
+}
+
+
+def normalize_scores(df: pd.DataFrame, normalize: bool = True) -> pd.DataFrame:
+    """Add ``score_norm``: ``score`` / L2 norm of its layer's scores (or ``score`` itself).
+
+    A layer whose scores are all zero keeps ``score_norm == score``.
+    """
+    out = df.copy()
+    score = out["score"].astype("float64")
+    if normalize:
+        norms = np.sqrt((score * score).groupby(out["layer"], sort=False).transform("sum"))
+        out["score_norm"] = np.where(norms > 0, score / norms.where(norms > 0, 1.0), score)
+    else:
+        out["score_norm"] = score
+    return out
+
+
+def _coerce(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise RanksError(
+            f"{where} lacks column(s) {', '.join(missing)}; it must have {', '.join(COLUMNS)}"
+        )
+    out = df.copy()
+    for col, dtype in COLUMNS.items():
+        try:
+            out[col] = out[col].astype(str) if dtype == "object" else out[col].astype(dtype)
+        except (TypeError, ValueError) as exc:
+            raise RanksError(f"{where}: column {col!r} is not {dtype} ({exc})") from None
+    if out.duplicated(["layer", "channel"]).any():
+        dup = out.loc[out.duplicated(["layer", "channel"]), ["layer", "channel"]].iloc[0]
+        raise RanksError(
+            f"{where} ranks channel {dup['channel']} of {dup['layer']!r} twice; one row per (layer, channel)"
+        )
+    if (out["channel"] < 0).any():
+        raise RanksError(f"{where} has negative channel indices")
+    return out
+
+
+def write_ranks(
+    df: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the ranks table ``df`` to ``path`` as ``tdump.ranks`` version 1 parquet.
+
+    ``meta`` (criterion, normalize, dump, mode, steps) is merged over ``df.attrs["tdump"]``
+    (set by :func:`~tdump.analyze.rank`); format, version, created and tdump_version are
+    filled in. Returns ``path``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    table_df = _coerce(df, "ranks table")
+    info: dict[str, Any] = dict(df.attrs.get("tdump") or {})
+    info.update(meta or {})
+    info.setdefault("criterion", str(table_df["criterion"].iloc[0]) if len(table_df) else None)
+    info.setdefault("normalize", True)
+    info.setdefault("dump", None)
+    info.setdefault("steps", None)
+    info.update(
+        format=RANKS_FORMAT,
+        format_version=RANKS_VERSION,
+        created=info.get("created")
+        or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        tdump_version=__version__,
+    )
+    cols = list(COLUMNS) + [c for c in table_df.columns if c not in COLUMNS]
+    table = pa.Table.from_pandas(table_df[cols], preserve_index=False)
+    existing = dict(table.schema.metadata or {})
+    existing[_META_KEY] = json.dumps(info, default=_json_default).encode()
+    table = table.replace_schema_metadata(existing)
+    if "://" in str(path):
+        import fsspec
+
+        with fsspec.open(str(path), "wb", **dict(storage_options or {})) as fh:
+            pq.write_table(table, fh)
+    else:
+        pq.write_table(table, str(path))
+    return str(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)
+
+
+def read_ranks(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """Read and validate a ``ranks.parquet``; metadata lands in ``df.attrs["tdump"]``.
+
+    Raises
+    ------
+    DumpNotFoundError
+        No file at ``path``.
+    RanksError
+        Not a parquet file, no ``tdump`` metadata, wrong format name, missing columns.
+    FormatVersionError
+        Written by a newer format version.
+    """
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    try:
+        if "://" in str(path):
+            import fsspec
+
+            with fsspec.open(str(path), "rb", **dict(storage_options or {})) as fh:
+                table = pq.read_table(fh)
+        else:
+            table = pq.read_table(str(path))
+    except FileNotFoundError:
+        raise DumpNotFoundError(
+            f"no ranks file at {path}; create one with `tdump rank DUMP -o {path}`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RanksError(f"{path} is not a readable parquet file ({first})") from None
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise RanksError(
+            f"{path} has no tdump metadata; it was not written by `tdump rank` (tdump.analyze.write_ranks)"
+        )
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        raise RanksError(f"{path} has unreadable tdump metadata") from None
+    if not isinstance(info, dict) or info.get("format") != RANKS_FORMAT:
+        fmt = info.get("format") if isinstance(info, dict) else None
+        raise RanksError(f"{path} holds format {fmt!r}, not {RANKS_FORMAT!r}")
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > RANKS_VERSION:
+        raise FormatVersionError(
+            f"{path} has ranks format version {version}, this tdump reads up to {RANKS_VERSION}; "
+            "upgrade tdump (pip install -U tdump)"
+        )
+    df = _coerce(table.to_pandas(), str(path))
+    df.attrs["tdump"] = info
+    return df

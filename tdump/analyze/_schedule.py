@@ -1,0 +1,234 @@
+"""Run per-chunk tasks and their tree reduction on a Dask scheduler, with progress.
+
+``execute`` takes a list of leaf tasks ``(func, *args)`` (one per saved record) and a
+``combine(*results)`` function. Leaves are combined ``split_every`` at a time until one
+result is left. Schedulers: dask's threaded, multiprocessing and
+synchronous schedulers, a ``distributed.Client``, a scheduler address, or a
+``distributed.LocalCluster`` started here when a per-worker memory limit is asked for.
+
+Examples
+--------
+>>> import operator
+>>> leaves = [(operator.mul, 2, 3), (operator.mul, 4, 5), (abs, -1)]
+>>> execute(leaves, lambda *xs: sum(xs), scheduler="sync", progress=False)
+27
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tdump.errors import ConfigError
+
+__all__ = ["ProgressFn", "execute"]
+
+ProgressFn = Callable[[int, int], None]
+_MIN_WORKER_MEMORY = 512 * 2**20
+_LOCAL = {"threads", "threading", "processes", "multiprocessing", "sync", "synchronous"}
+
+
+class _Bar:
+    """Progress sink: a rich bar on stderr, a user callback, or nothing."""
+
+    def __init__(self, progress: bool | ProgressFn, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self._fn: ProgressFn | None = None
+        self._rich: Any = None
+        if callable(progress):
+            self._fn = progress
+        elif progress:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._rich = Progress(
+                TextColumn("ranking"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("records"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._task = self._rich.add_task("rank", total=total)
+            self._rich.start()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._fn is not None:
+            self._fn(self.done, self.total)
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self.done)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+
+def _tree(leaves: list[Any], split_every: int, node: Callable[[list[Any], int, int], Any]) -> Any:
+    """Reduce ``leaves`` with ``node(children, level, index)`` until one is left."""
+    level = 0
+    while len(leaves) > 1 or level == 0:
+        leaves = [
+            node(leaves[i : i + split_every], level, i // split_every)
+            for i in range(0, len(leaves), split_every)
+        ]
+        level += 1
+    return leaves[0]
+
+
+def execute(
+    leaves: Sequence[tuple[Any, ...]],
+    combine: Callable[..., Any],
+    *,
+    scheduler: Any = "threads",
+    workers: int | None = None,
+    memory_limit: str | int | None = None,
+    progress: bool | ProgressFn = False,
+    split_every: int = 8,
+    path: str = "",
+) -> list[Any]:
+    """Run the leaf tasks and tree-reduce their results with ``combine``; return the result."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    name = scheduler if isinstance(scheduler, str) else None
+    local = name in _LOCAL
+    if name is not None and not local and "://" not in name:
+        raise ConfigError(
+            f"unknown scheduler {name!r}; use threads, processes, sync, or a scheduler address like tcp://host:8786"
+        )
+    in_process = name in {"threads", "threading", "sync", "synchronous"}
+    if str(path).startswith("memory://") and not in_process:
+        raise ConfigError(
+            f"{path} lives in this process's memory and cannot be read by other processes; "
+            "use scheduler='threads' or a file:// / object-store URL"
+        )
+    if memory_limit is not None and in_process:
+        raise ConfigError(
+            "--memory-limit applies to worker processes; use --scheduler processes or a cluster"
+        )
+    if memory_limit is not None:
+        from dask.utils import parse_bytes
+
+        limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
+        if limit < _MIN_WORKER_MEMORY:
+            raise ConfigError(
+                f"--memory-limit {memory_limit} is too small: a Dask worker process needs about "
+                "200 MB itself and pauses at 80% of its limit; use at least 512MB"
+            )
+    if not leaves:
+        raise ConfigError("nothing to compute")
+    bar = _Bar(progress, len(leaves))
+    try:
+        if local and memory_limit is None:
+            return _run_local(leaves, combine, name or "threads", workers, bar, split_every)
+        return _run_distributed(leaves, combine, scheduler, workers, memory_limit, bar, split_every)
+    finally:
+        bar.close()
+
+
+def _run_local(
+    leaves: Sequence[tuple[Any, ...]],
+    combine: Callable[..., Any],
+    scheduler: str,
+    workers: int | None,
+    bar: _Bar,
+    split_every: int,
+) -> Any:
+    import dask
+    from dask.callbacks import Callback
+    from dask.delayed import delayed
+
+    tag = uuid.uuid4().hex[:8]
+    leaf_prefix = f"tdump-record-{tag}"
+    nodes = [
+        delayed(t[0], pure=False)(*t[1:], dask_key_name=f"{leaf_prefix}-{j}")
+        for j, t in enumerate(leaves)
+    ]
+
+    def node(children: list[Any], level: int, idx: int) -> Any:
+        return delayed(combine, pure=False)(
+            *children, dask_key_name=f"tdump-combine-{tag}-{level}-{idx}"
+        )
+
+    final = _tree(nodes, split_every, node)
+
+    class _Count(Callback):  # type: ignore[misc]
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if isinstance(key, str) and key.startswith(leaf_prefix):
+                bar.advance()
+
+    kwargs: dict[str, Any] = {"scheduler": scheduler}
+    if scheduler not in {"sync", "synchronous"}:
+        kwargs["num_workers"] = workers or os.cpu_count() or 1
+    with _Count():
+        return dask.compute(final, **kwargs)[0]
+
+
+def _run_distributed(
+    leaves: Sequence[tuple[Any, ...]],
+    combine: Callable[..., Any],
+    scheduler: Any,
+    workers: int | None,
+    memory_limit: str | int | None,
+    bar: _Bar,
+    split_every: int,
+) -> Any:
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ConfigError(
+            "this scheduler needs dask.distributed; install it with pip install 'tdump[distributed]'"
+        ) from None
+    owned: list[Any] = []
+    try:
+        if isinstance(scheduler, Client):
+            client = scheduler
+        elif isinstance(scheduler, str) and "://" in scheduler:
+            try:
+                client = Client(scheduler, set_as_default=False, timeout="10s")
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot reach the Dask scheduler at {scheduler} ({exc})"
+                ) from None
+            owned.append(client)
+        else:
+            cluster = LocalCluster(
+                n_workers=workers or os.cpu_count() or 1,
+                threads_per_worker=1,
+                processes=True,
+                memory_limit=memory_limit or "auto",
+                dashboard_address=None,
+                silence_logs=40,
+            )
+            owned.append(cluster)
+            client = Client(cluster, set_as_default=False)
+            owned.insert(0, client)
+        tag = uuid.uuid4().hex[:8]
+        func = leaves[0][0]
+        cols = list(zip(*(t[1:] for t in leaves), strict=True))
+        keys = [f"tdump-record-{tag}-{j}" for j in range(len(leaves))]
+        futures = client.map(func, *cols, key=keys, pure=False)
+
+        def node(children: list[Any], level: int, idx: int) -> Any:
+            return client.submit(
+                combine, *children, key=f"tdump-combine-{tag}-{level}-{idx}", pure=False
+            )
+
+        final = _tree(list(futures), split_every, node)
+        for _ in as_completed(futures, loop=client.loop, raise_errors=False):
+            bar.advance()
+        del futures
+        return final.result()
+    finally:
+        for obj in owned:
+            obj.close()

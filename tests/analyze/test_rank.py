@@ -1,0 +1,202 @@
+"""Ranking on real resnet18 dumps: numpy equality per criterion, schedulers, URLs, errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tdump._format import StoreReader
+from tdump.analyze import criteria, rank, read_ranks, write_ranks
+from tdump.analyze._mapping import Dataflow
+from tdump.errors import ConfigError, MissingTensorError, SelectionError
+from tests.analyze.rank_helpers import make_resnet18_dump, reference
+
+CRITERIA = ["taylor", "taylor-signed", "l1", "bn-gamma", "apoz", "taylor-weight"]
+
+
+@pytest.fixture(scope="session")
+def dump(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """resnet18, batch 4, 3x32x32, 5 steps, saved every 2nd (steps 0, 2, 4); last batch of 3."""
+    path = str(tmp_path_factory.mktemp("rank") / "resnet18.zarr")
+    return make_resnet18_dump(path, steps=5, interval=2, batch=4, last_batch=3)
+
+
+@pytest.fixture(scope="session")
+def acts_only(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """ReLU outputs only: no gradients, no weights."""
+    path = str(tmp_path_factory.mktemp("rank") / "acts.zarr")
+    return make_resnet18_dump(path, steps=1, interval=1, grads=False, include=r".*relu")
+
+
+@pytest.fixture(scope="session")
+def client():  # type: ignore[no-untyped-def]
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+    )
+    cl = distributed.Client(cluster, set_as_default=False)
+    yield cl
+    cl.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def taylor_threads(dump: str) -> pd.DataFrame:
+    return rank(dump, progress=False)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_matches_plain_numpy(dump: str, criterion: str) -> None:
+    reader = StoreReader(dump)
+    df = rank(dump, criterion=criterion, progress=False, scheduler="threads", workers=2)
+    assert list(df.columns)[:9] == [
+        "layer",
+        "channel",
+        "score",
+        "score_norm",
+        "criterion",
+        "steps",
+        "examples",
+        "sources",
+        "mode",
+    ]
+    assert set(df["criterion"]) == {criterion}
+    for layer, g in df.groupby("layer", sort=False):
+        ref = reference(reader, criterion, g["sources"].iloc[0])
+        np.testing.assert_allclose(g["score"].to_numpy(), ref, rtol=1e-5, err_msg=str(layer))
+        np.testing.assert_allclose(
+            g["score_norm"].to_numpy(), ref / np.linalg.norm(ref), rtol=1e-5, err_msg=str(layer)
+        )
+        assert g["channel"].tolist() == list(range(len(g)))
+    per_step = criterion not in ("l1", "bn-gamma")
+    assert set(df["steps"]) == ({3} if per_step else {1})
+    uses_batch = criterion not in ("l1", "bn-gamma")
+    assert set(df["examples"]) == ({4 + 4 + 3} if uses_batch else {0})
+    if criterion == "apoz":
+        assert ((df["score"] >= 0) & (df["score"] <= 1)).all()
+
+
+def test_layers_and_sources(taylor_threads: pd.DataFrame, dump: str) -> None:
+    df = taylor_threads
+    layers = list(dict.fromkeys(df["layer"]))
+    assert len(layers) == 17 and layers[:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
+    src = df.groupby("layer")["sources"].first()
+    assert src["layer1.0.conv1"] in (
+        "layer1.0.relu.output_0,layer1.0.relu.output_0.grad",
+        "layer1.0.relu.output_0.taylor",
+    )
+    assert src["layer1.0.conv2"].startswith("layer1.0.relu.output_1")
+    assert df.groupby("layer").size()["layer4.1.conv2"] == 512
+    l1 = rank(dump, criterion="l1", layers=r"downsample", progress=False)
+    assert sorted(set(l1["layer"])) == [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]
+
+
+def test_relu_to_conv_mapping(dump: str) -> None:
+    meta = StoreReader(dump).meta()
+    flow = Dataflow(meta["modules"], meta["calls"]["train"])
+    assert flow.producing_conv("layer1.0.relu.output_0") == "layer1.0.conv1"
+    assert flow.producing_conv("layer1.0.relu.output_1") == "layer1.0.conv2"
+    assert flow.producing_conv("layer2.0.relu.output_1") == "layer2.0.conv2"
+    assert flow.producing_conv("relu.output_0") == "conv1"
+    assert flow.producing_conv("fc.output_0") is None
+    assert flow.following_bn("layer1.0.conv2") == "layer1.0.bn2"
+    assert flow.following_bn("layer2.0.downsample.0") == "layer2.0.downsample.1"
+    assert flow.chain("layer1.0.relu.output_0") == [
+        "layer1.0.relu",
+        "layer1.0.bn1",
+        "layer1.0.conv1",
+    ]
+
+
+def test_schedulers_agree(dump: str, taylor_threads: pd.DataFrame, client) -> None:  # type: ignore[no-untyped-def]
+    seen: list[tuple[int, int]] = []
+    procs = rank(dump, scheduler="processes", workers=2, progress=lambda d, t: seen.append((d, t)))
+    cluster = rank(dump, scheduler=client, progress=False)
+    by_address = rank(dump, scheduler=client.scheduler.address, progress=False, split_every=2)
+    sync = rank(dump, scheduler="sync", progress=False)
+    for other in (procs, cluster, by_address, sync):
+        pd.testing.assert_frame_equal(other, taylor_threads, rtol=1e-12)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    apoz_t = rank(dump, criterion="apoz", progress=False)
+    apoz_c = rank(dump, criterion="apoz", scheduler=client, progress=False)
+    pd.testing.assert_frame_equal(apoz_t, apoz_c, rtol=1e-12)
+
+
+def test_fsspec_urls(dump: str, taylor_threads: pd.DataFrame) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    via_file = rank("file://" + os.path.abspath(dump), progress=False)
+    pd.testing.assert_frame_equal(via_file, taylor_threads, rtol=1e-12)
+    mem = fsspec.filesystem("memory")
+    mem.put(dump, "/rank-test/d.zarr", recursive=True)
+    via_mem = rank("memory://rank-test/d.zarr", progress=False)
+    pd.testing.assert_frame_equal(via_mem, taylor_threads, rtol=1e-12)
+    with pytest.raises(ConfigError, match="memory"):
+        rank("memory://rank-test/d.zarr", scheduler="processes", progress=False)
+
+
+def test_step_selection(dump: str) -> None:
+    two = rank(dump, steps="0:3", progress=False)
+    assert set(two["steps"]) == {2} and two.attrs["tdump"]["steps"] == [0, 2]
+    assert set(rank(dump, steps=4, progress=False)["examples"]) == {3}
+    assert set(rank(dump, steps=slice(2, None), progress=False)["steps"]) == {2}
+    assert set(rank(dump, criterion="l1", steps=":1", progress=False)["steps"]) == {1}
+    with pytest.raises(SelectionError, match=r"no saved 'train' steps in 100:2000") as exc:
+        rank(dump, steps="100:2000", progress=False)
+    assert "\n" not in str(exc.value) and "from 0 to 4" in str(exc.value)
+    with pytest.raises(SelectionError, match="invalid step range"):
+        rank(dump, steps="a:b", progress=False)
+    with pytest.raises(MissingTensorError, match="no saved 'eval' steps"):
+        rank(dump, mode="eval", progress=False)
+
+
+def test_missing_gradients_and_tensors(acts_only: str) -> None:
+    with pytest.raises(MissingTensorError) as exc:
+        rank(acts_only, progress=False)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert "no gradients for 'relu.output_0'" in msg and "--include '.*relu'" in msg
+    with pytest.raises(MissingTensorError, match=r"no conv weights .*--include '\.\*weight'"):
+        rank(acts_only, criterion="l1", progress=False)
+    with pytest.raises(MissingTensorError, match="no BatchNorm weights"):
+        rank(acts_only, criterion="bn-gamma", progress=False)
+    with pytest.raises(MissingTensorError, match="no conv weights with gradients"):
+        rank(acts_only, criterion="taylor-weight", progress=False)
+    assert len(rank(acts_only, criterion="apoz", progress=False)) == 3904
+
+
+def test_bad_options(dump: str) -> None:
+    with pytest.raises(ConfigError, match="unknown criterion 'nope'"):
+        rank(dump, criterion="nope", progress=False)
+    with pytest.raises(SelectionError, match="matches no conv layer"):
+        rank(dump, layers="^nothing$", progress=False)
+    with pytest.raises(SelectionError, match="invalid --layers regex"):
+        rank(dump, layers="(", progress=False)
+    with pytest.raises(ConfigError, match="unknown scheduler"):
+        rank(dump, scheduler="gpu", progress=False)
+    with pytest.raises(ConfigError, match="memory-limit"):
+        rank(dump, memory_limit="1GB", progress=False)
+    assert set(criteria()) >= set(CRITERIA)
+
+
+def test_no_normalize_and_signed(dump: str, taylor_threads: pd.DataFrame) -> None:
+    raw = rank(dump, normalize=False, progress=False)
+    assert (raw["score_norm"] == raw["score"]).all()
+    np.testing.assert_allclose(raw["score"], taylor_threads["score"], rtol=1e-12)
+    signed = rank(dump, signed=True, progress=False)
+    assert set(signed["criterion"]) == {"taylor-signed"} and (signed["score"] < 0).any()
+
+
+def test_write_read_roundtrip(taylor_threads: pd.DataFrame, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "ranks.parquet"
+    write_ranks(taylor_threads, path)
+    back = read_ranks(path)
+    pd.testing.assert_frame_equal(back, taylor_threads, check_dtype=False)
+    meta = back.attrs["tdump"]
+    assert meta["format"] == "tdump.ranks" and meta["format_version"] == 1
+    assert meta["criterion"] == "taylor" and meta["normalize"] is True
+    assert meta["steps"] == [0, 4] and meta["dump"].endswith("resnet18.zarr")
+    assert {"created", "tdump_version"} <= set(meta)
+    assert back["channel"].dtype == np.int64 and back["score"].dtype == np.float64

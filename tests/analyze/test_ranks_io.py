@@ -1,0 +1,86 @@
+"""ranks.parquet validation: one-line RanksError / FormatVersionError for bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tdump.analyze import read_ranks, write_ranks
+from tdump.analyze._ranks_io import normalize_scores
+from tdump.errors import DumpNotFoundError, FormatVersionError, RanksError
+
+
+def _table() -> pd.DataFrame:
+    df = pd.DataFrame(
+        {
+            "layer": ["a.conv", "a.conv", "b.conv"],
+            "channel": [0, 1, 0],
+            "score": [3.0, 4.0, 0.0],
+            "criterion": "l1",
+            "steps": 1,
+            "examples": 0,
+            "sources": "x",
+            "mode": "train",
+        }
+    )
+    return normalize_scores(df)
+
+
+def _write_raw(path, df: pd.DataFrame, meta: dict | None) -> None:  # type: ignore[no-untyped-def]
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if meta is not None:
+        table = table.replace_schema_metadata({b"tdump": json.dumps(meta).encode()})
+    pq.write_table(table, path)
+
+
+def test_normalize() -> None:
+    df = _table()
+    assert df["score_norm"].tolist() == [0.6, 0.8, 0.0]
+    assert normalize_scores(df, normalize=False)["score_norm"].tolist() == [3.0, 4.0, 0.0]
+
+
+def test_roundtrip_and_meta(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "r.parquet"
+    write_ranks(_table(), path, meta={"criterion": "l1", "normalize": True, "dump": "d.zarr"})
+    back = read_ranks(str(path))
+    assert back["score_norm"].tolist() == [0.6, 0.8, 0.0]
+    raw = json.loads(pq.read_schema(path).metadata[b"tdump"])
+    assert raw["format"] == "tdump.ranks" and raw["format_version"] == 1
+    assert {"criterion", "normalize", "dump", "steps", "created", "tdump_version"} <= set(raw)
+
+
+@pytest.mark.parametrize(
+    ("meta", "drop", "error", "match"),
+    [
+        (None, None, RanksError, "no tdump metadata"),
+        ({"format": "tdump.store", "format_version": 1}, None, RanksError, "not 'tdump.ranks'"),
+        ({"format": "tdump.ranks", "format_version": 2}, None, FormatVersionError, "version 2"),
+        ({"format": "tdump.ranks", "format_version": 1}, "score_norm", RanksError, "score_norm"),
+    ],
+)
+def test_bad_files(tmp_path, meta, drop, error, match) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "bad.parquet"
+    df = _table()
+    _write_raw(path, df.drop(columns=[drop]) if drop else df, meta)
+    with pytest.raises(error, match=match) as exc:
+        read_ranks(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_not_parquet_and_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "x.parquet"
+    bad.write_text("hello")
+    with pytest.raises(RanksError, match="not a readable parquet"):
+        read_ranks(bad)
+    with pytest.raises(DumpNotFoundError, match="no ranks file"):
+        read_ranks(tmp_path / "missing.parquet")
+
+
+def test_duplicates_rejected(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    df = pd.concat([_table(), _table()])
+    with pytest.raises(RanksError, match="twice"):
+        write_ranks(df, tmp_path / "d.parquet")

@@ -1,0 +1,89 @@
+"""engine="tdump": xr.open_dataset / xr.open_datatree / xr.open_groups, and the Dataset accessor."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from tdump.analyze import TdumpBackendEntrypoint
+from tdump.errors import MissingTensorError
+from tests.conftest import SmallDump
+
+
+def test_engine_is_registered() -> None:
+    assert "tdump" in xr.backends.list_engines()
+
+
+def test_open_dataset_flat_mode(small_dump: SmallDump) -> None:
+    ds = xr.open_dataset(small_dump.path, engine="tdump", mode="train")
+    assert set(ds.tdump.names()) == set(small_dump.names("train"))
+    assert ds["conv1.weight"].dims == ("step", "out_channel", "in_channel", "ky", "kx")
+    # channel sizes 4 (conv1, relu.output_0) and 8 (relu.output_1) in one Dataset
+    assert ds["relu.output_1"].dims == ("step", "batch", "channel_8", "y_3", "x_3")
+    assert ds["conv1.bias"].dims == ("step", "channel_4")
+    assert isinstance(ds["relu.output_0"].data, da.Array)
+    assert ds.attrs["mode"] == "train" and "conv1" in ds.tdump.modules
+    np.testing.assert_array_equal(
+        ds.tdump.tensor("conv1.weight").sel(step=10).values,
+        small_dump.values[("train", "conv1.weight", 10)],
+    )
+    assert ds.tdump.collections["scalars"] == ["scalars.epoch", "scalars.lr"]
+    assert ds.tdump.names(r"\.grad$") == ["conv1.weight.grad", "relu.output_0.grad"]
+    with pytest.raises(MissingTensorError, match="did you mean"):
+        ds.tdump.tensor("conv1.weigth")
+
+
+def test_chunks_argument_keeps_one_record_per_chunk(small_dump: SmallDump) -> None:
+    ds = xr.open_dataset(small_dump.path, engine="tdump", chunks={})
+    assert ds["relu.output_0"].data.chunks[0] == (1, 1, 1)
+    ds = xr.open_dataset(small_dump.path, engine="tdump", chunks={"step": 2})
+    assert ds["relu.output_0"].data.chunks[0] == (2, 1)
+    np.testing.assert_array_equal(
+        ds["conv1.weight"].sel(step=20).values, small_dump.values[("train", "conv1.weight", 20)]
+    )
+
+
+def test_open_dataset_default_mode_and_drop(small_dump: SmallDump) -> None:
+    ds = xr.open_dataset(small_dump.path, engine="tdump", drop_variables=["relu.output_1"])
+    assert ds.attrs["mode"] == "train"
+    assert "relu.output_1" not in ds and "relu.output_0" in ds
+
+
+def test_open_dataset_group(small_dump: SmallDump) -> None:
+    node = xr.open_dataset(small_dump.path, engine="tdump", group="eval/relu")
+    assert list(node.data_vars) == ["output_0"]
+    assert node.coords["step"].values.tolist() == [0, 5]
+    same = xr.open_dataset(small_dump.path, engine="tdump", mode="eval", group="relu")
+    xr.testing.assert_identical(node, same)
+    top = xr.open_dataset(small_dump.path, engine="tdump", group="train")
+    assert "scalars.lr" in top
+    with pytest.raises(MissingTensorError, match="did you mean 'relu'"):
+        xr.open_dataset(small_dump.path, engine="tdump", group="train/rleu")
+
+
+def test_open_datatree_and_groups(small_dump: SmallDump) -> None:
+    dt = xr.open_datatree(small_dump.path, engine="tdump")
+    assert list(dt.children) == ["train", "eval"]
+    sub = xr.open_datatree(small_dump.path, engine="tdump", group="train")
+    assert set(sub.children) == {"conv1", "relu", "loss"}
+    groups = xr.open_groups(small_dump.path, engine="tdump", mode="eval")
+    assert set(groups) == {"/", "/relu", "/loss"}
+
+
+def test_guess_can_open(small_dump: SmallDump, tmp_path: object) -> None:
+    backend = TdumpBackendEntrypoint()
+    assert backend.guess_can_open(small_dump.path)
+    assert not backend.guess_can_open(str(tmp_path))
+    assert not backend.guess_can_open(object())
+    # xarray picks the engine on its own for a local dump
+    ds = xr.open_dataset(small_dump.path, mode="eval")
+    assert ds.attrs["mode"] == "eval"
+
+
+def test_memory_url_via_xarray(memory_dump: SmallDump) -> None:
+    ds = xr.open_dataset(memory_dump.path, engine="tdump", mode="eval")
+    np.testing.assert_array_equal(
+        ds["relu.output_0"].sel(step=0).values, memory_dump.values[("eval", "relu.output_0", 0)]
+    )
