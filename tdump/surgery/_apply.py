@@ -1,0 +1,103 @@
+"""Rewrite modules in place: slice weights, biases and BatchNorm buffers, fix the shape attributes.
+
+Examples
+--------
+>>> import numpy as np, torch
+>>> conv = torch.nn.Conv2d(3, 4, 1)
+>>> rewrite_module(conv, "conv", np.array([0, 2]), None).weight.shape
+torch.Size([2, 3, 1, 1])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tdump.surgery._graph import ChannelGraph
+
+__all__ = ["apply_keeps", "rewrite_module", "single_threaded"]
+
+
+def _take(t: torch.Tensor, dim: int, idx: np.ndarray | None) -> torch.Tensor:
+    if idx is None:
+        return t
+    return torch.index_select(t, dim, torch.from_numpy(idx).to(t.device))
+
+
+def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(mod, name)
+    setattr(mod, name, nn.Parameter(value.detach(), requires_grad=old.requires_grad))
+
+
+@torch.no_grad()
+def rewrite_module(
+    mod: nn.Module, kind: str, out_idx: np.ndarray | None, in_idx: np.ndarray | None
+) -> nn.Module:
+    """Keep ``out_idx`` of the weight's dim 0 and ``in_idx`` of its dim 1; return ``mod``.
+
+    ``kind`` is ``"conv"``, ``"depthwise"`` (dim 0 only; ``groups`` follows),
+    ``"bn"`` or ``"linear"`` (dim 1 only).
+    """
+    m: Any = mod  # attribute types vary by module class
+    if kind in ("conv", "depthwise"):
+        w = m.weight.detach()
+        if (
+            kind == "conv"
+            and in_idx is not None
+            and out_idx is not None
+            and in_idx.size > out_idx.size
+        ):
+            w = _take(_take(w, 1, in_idx), 0, out_idx)  # shrink along the larger cut first
+        else:
+            w = _take(w, 0, out_idx)
+            if kind == "conv":
+                w = _take(w, 1, in_idx)
+        _set_param(m, "weight", w)
+        if m.bias is not None:
+            _set_param(m, "bias", _take(m.bias, 0, out_idx))
+        m.out_channels = int(w.shape[0])
+        m.in_channels = int(w.shape[1]) * (int(m.groups) if kind == "conv" else int(w.shape[0]))
+        if kind == "depthwise":
+            m.groups = int(w.shape[0])
+    elif kind == "bn":
+        for pname in ("weight", "bias"):
+            if getattr(m, pname, None) is not None:
+                _set_param(m, pname, _take(getattr(m, pname), 0, out_idx))
+        for bname in ("running_mean", "running_var"):
+            if getattr(m, bname, None) is not None:
+                setattr(m, bname, _take(getattr(m, bname), 0, out_idx))
+        m.num_features = int(out_idx.size) if out_idx is not None else m.num_features
+    elif kind == "linear":
+        _set_param(m, "weight", _take(m.weight, 1, in_idx))
+        m.in_features = int(m.weight.shape[1])
+    else:
+        raise ValueError(f"unknown module kind {kind!r}")
+    return mod
+
+
+def apply_keeps(model: nn.Module, graph: ChannelGraph, keeps: dict[int, np.ndarray]) -> nn.Module:
+    """Rewrite every module of ``model`` (the traced one, or a same-named copy) for ``keeps``.
+
+    The copies are memory-bound, so they run on one thread: intra-op threads only add
+    synchronisation (10x slower on a busy machine). The thread count is restored after.
+    """
+    with single_threaded():
+        for name, (out_idx, in_idx) in graph.module_indices(keeps).items():
+            rewrite_module(model.get_submodule(name), graph.uses[name].kind, out_idx, in_idx)
+    return model
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch CPU ops on one thread inside the block (memory-bound copies); restore after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,498 @@
+"""The channel dependency graph, built once from a torch.fx trace.
+
+Every tensor in the traced forward gets a *channel layout*: the list of segments its
+channel dimension (dim 1) is made of. A segment is ``(space, length)``: ``length``
+channels that belong to a *channel space*. A conv creates a new space for its output
+channels; channel-wise modules and functions (BatchNorm, ReLU, pooling, dropout)
+pass the layout through; ``torch.cat(..., dim=1)`` concatenates layouts (channel
+offsets); residual additions merge the spaces they add (union-find), so all convs
+summed into one tensor end up in one space: a *group*. A depthwise conv merges its
+input and output spaces; a grouped conv's outputs form *blocks* (equal removals per
+group) and its inputs are frozen. Anything the graph does not understand (an unknown
+op, the model output, an ignored module) *freezes* the spaces it touches: frozen
+groups are never pruned. No rule names an architecture.
+
+Examples
+--------
+>>> import torchvision
+>>> g = build_graph(torchvision.models.resnet18())
+>>> [grp.members for grp in g.groups if len(grp.members) > 1][0][:2]
+['conv1', 'layer1.0.conv2']
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from tdump.errors import ConfigError, UntraceableModelError
+from tdump.surgery._ops import (
+    ELEMENTWISE,
+    MERGE_OPS,
+    NONTENSOR_METHODS,
+    PASS_FUNCTION_NAMES,
+    PASS_FUNCTIONS,
+    PASS_METHODS,
+    PASS_MODULES,
+)
+
+__all__ = ["ChannelGraph", "Group", "ModuleUse", "build_graph"]
+
+Layout = tuple[tuple[int, int], ...]  # ((space, length), ...)
+_UNKNOWN = "unknown"  # a tensor whose channel layout we do not know
+_NONTENSOR = "nontensor"  # a value that is not a channel-carrying tensor (sizes, dtypes)
+
+
+@dataclass
+class ModuleUse:
+    """How one module's tensors map to channel spaces.
+
+    ``kind`` is ``"conv"``, ``"depthwise"``, ``"bn"`` or ``"linear"``. ``out_layout`` is
+    the layout of the dim-0 axis of the weight (conv out channels, BN features);
+    ``in_layout`` that of the weight's dim 1 (conv in channels, linear in features,
+    expanded by ``in_block`` features per channel after a flatten).
+    """
+
+    name: str
+    kind: str
+    module: nn.Module
+    out_layout: Layout | None = None
+    in_layout: Layout | None = None
+    in_block: int = 1
+
+
+@dataclass
+class Group:
+    """Coupled output channels: all convs in ``members`` lose the same channel indices.
+
+    ``size`` channels; ``frozen`` (with ``reason``) means the group is left alone;
+    ``residual`` says the coupling came through an addition (a residual group);
+    ``blocks > 1`` (a grouped conv's outputs) means channels must go in equal numbers
+    from each of ``blocks`` contiguous blocks.
+    """
+
+    gid: int
+    size: int
+    members: list[str]
+    frozen: bool = False
+    reason: str = ""
+    residual: bool = False
+    blocks: int = 1
+
+
+@dataclass
+class _Spaces:
+    parent: list[int] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+    frozen: dict[int, str] = field(default_factory=dict)
+    residual: set[int] = field(default_factory=set)
+    blocks: dict[int, int] = field(default_factory=dict)  # root -> equal blocks (grouped convs)
+
+    def new(self, n: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(n)
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        root = s
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[s] != root:
+            self.parent[s], s = root, self.parent[s]
+        return root
+
+    def freeze(self, s: int, reason: str) -> None:
+        self.frozen.setdefault(self.find(s), reason)
+
+    def union(self, a: int, b: int, residual: bool) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            self.freeze(ra, "channel counts differ across an addition")
+            self.freeze(rb, "channel counts differ across an addition")
+            return
+        self.parent[rb] = ra
+        blocks = math.lcm(self.blocks.pop(ra, 1), self.blocks.pop(rb, 1))
+        if blocks > 1:
+            self.blocks[ra] = blocks
+            if self.size[ra] % blocks:
+                self.freeze(ra, "grouped convs with incompatible groups share these channels")
+        if rb in self.frozen:
+            self.frozen.setdefault(ra, self.frozen.pop(rb))
+        if residual or rb in self.residual:
+            self.residual.add(ra)
+        self.residual.discard(rb)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps ignored modules whole and remembers where tracing failed."""
+
+    def __init__(self, ignore: re.Pattern[str] | None) -> None:
+        super().__init__()
+        self.ignore = ignore
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if (
+            self.ignore is not None
+            and module_qualified_name
+            and self.ignore.search(module_qualified_name)
+        ):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def trace(model: nn.Module, ignore: re.Pattern[str] | None = None) -> fx.Graph:
+    """Symbolically trace ``model``; raise :class:`UntraceableModelError` naming the module."""
+    tracer = _Tracer(ignore)
+    was_training = model.training
+    model.eval()  # the inference graph: no train-only branches (stochastic depth, dropout noise)
+    try:
+        return tracer.trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
+        where = tracer.failed_in or ""
+        label = (
+            f"module '{where}' ({type(model.get_submodule(where)).__name__})"
+            if where
+            else (f"model {type(model).__name__}")
+        )
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UntraceableModelError(
+            f"torch.fx cannot trace {label}: {first}; pass ignore=REGEX (--ignore REGEX) "
+            f"matching it to keep it whole and leave its channels alone"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def _flatten_args(args: Any) -> list[Any]:
+    out: list[Any] = []
+    if isinstance(args, (list, tuple)):
+        for a in args:
+            out.extend(_flatten_args(a))
+    elif isinstance(args, dict):
+        for a in args.values():
+            out.extend(_flatten_args(a))
+    else:
+        out.append(args)
+    return out
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    groups = int(conv.groups)  # type: ignore[arg-type]
+    return groups > 1 and groups == conv.in_channels == conv.out_channels
+
+
+class ChannelGraph:
+    """Channel spaces, groups and module uses of one traced model.
+
+    Build it with :func:`build_graph`; query :attr:`groups`, :meth:`group_of` and
+    :meth:`module_indices` (which channels each module keeps, given per-group keeps).
+    """
+
+    def __init__(self, model: nn.Module, ignore: str | None = None) -> None:
+        try:
+            pattern = re.compile(ignore) if ignore else None
+        except re.error as exc:
+            raise ConfigError(f"ignore is not a valid regex ({exc}): {ignore}") from None
+        self.model = model
+        self.ignore = ignore
+        self._spaces = _Spaces()
+        self.uses: dict[str, ModuleUse] = {}
+        self._conv_space: dict[str, int] = {}
+        self._called: set[str] = set()
+        self._build(trace(model, pattern), pattern)
+        self._finish()
+
+    # ------------------------------------------------------------------ building
+    def _freeze_layout(self, v: Any, reason: str) -> None:
+        if isinstance(v, list) and v:  # a flattened layout
+            v = v[0]
+        if isinstance(v, tuple):
+            for s, _ in v:
+                self._spaces.freeze(s, reason)
+
+    def _build(self, graph: fx.Graph, ignore: re.Pattern[str] | None) -> None:
+        env: dict[fx.Node, Any] = {}
+        modules = dict(self.model.named_modules())
+
+        def val(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                return env[a]
+            return _NONTENSOR
+
+        for node in graph.nodes:
+            op = node.op
+            if op == "placeholder" or op == "get_attr":
+                env[node] = _UNKNOWN
+            elif op == "output":
+                for a in _flatten_args(node.args):
+                    self._freeze_layout(val(a), "reaches the model output")
+            elif op == "call_module":
+                mod = modules[node.target]
+                args = [val(a) for a in _flatten_args((node.args, node.kwargs))]
+                ignored = ignore is not None and ignore.search(node.target) is not None
+                env[node] = self._module(node.target, mod, args, ignored)
+            else:
+                env[node] = self._function(node, val)
+
+    def _module(self, name: str, mod: nn.Module, args: list[Any], ignored: bool) -> Any:
+        x = args[0] if args else _UNKNOWN
+        tensors = [a for a in args if a is not _NONTENSOR]
+        if ignored:
+            for a in tensors:
+                self._freeze_layout(a, f"ignored module {name}")
+            return _UNKNOWN
+        if name in self.uses:
+            return self._reuse(self.uses[name], x)
+        if name in self._called and not isinstance(mod, PASS_MODULES):
+            for a in tensors:  # called before on channels that could not change
+                self._freeze_layout(a, f"{name} is called on channels that cannot change")
+            return _UNKNOWN
+        self._called.add(name)
+        sp = self._spaces
+        if isinstance(mod, nn.modules.conv._ConvNd) and not isinstance(
+            mod, nn.modules.conv._ConvTransposeNd
+        ):
+            layout = x if isinstance(x, tuple) else None
+            if layout is None:
+                self._freeze_layout(x, f"{name} reads a flattened tensor")
+            elif sum(n for _, n in layout) != mod.in_channels:
+                self._freeze_layout(layout, f"{name} in_channels do not match its input")
+                layout = None
+            if _is_depthwise(mod) and layout is not None:
+                self.uses[name] = ModuleUse(name, "depthwise", mod, layout, layout)
+                if len(layout) == 1:
+                    self._conv_space[name] = layout[0][0]
+                return layout
+            space = sp.new(int(mod.out_channels))
+            self._conv_space[name] = space
+            if mod.groups != 1:
+                # outputs may go in equal numbers from each of the `groups` blocks, so
+                # `groups` still divides both counts; the inputs stay
+                if _is_depthwise(mod):
+                    sp.freeze(space, f"depthwise conv {name} over channels that cannot change")
+                else:
+                    sp.blocks[space] = int(mod.groups)
+                self._freeze_layout(layout, f"grouped conv {name} (groups={mod.groups}) reads them")
+                layout = None
+            self.uses[name] = ModuleUse(
+                name, "conv", mod, ((space, int(mod.out_channels)),), layout
+            )
+            return ((space, int(mod.out_channels)),)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if isinstance(x, tuple) and sum(n for _, n in x) == mod.num_features:
+                self.uses[name] = ModuleUse(name, "bn", mod, x)
+                return x
+            self._freeze_layout(x, f"{name} does not match its input")
+            return _UNKNOWN
+        if isinstance(mod, nn.Linear):
+            if isinstance(x, tuple) or (isinstance(x, list) and x):
+                layout, flat = (x, False) if isinstance(x, tuple) else (x[0], True)
+                total = sum(n for _, n in layout)
+                block = mod.in_features // total if mod.in_features % total == 0 else 0
+                if block == 1 or (flat and block > 1):
+                    self.uses[name] = ModuleUse(name, "linear", mod, None, layout, block)
+                else:
+                    self._freeze_layout(layout, f"{name} in_features do not match its input")
+            return _UNKNOWN
+        if isinstance(mod, nn.Flatten):
+            if isinstance(x, tuple) and mod.start_dim == 1:
+                return [x]
+            self._freeze_layout(x, f"flatten {name}")
+            return _UNKNOWN
+        if isinstance(mod, PASS_MODULES):
+            return x
+        for a in tensors:
+            self._freeze_layout(a, f"unsupported module {name} ({type(mod).__name__})")
+        return _UNKNOWN
+
+    def _reuse(self, use: ModuleUse, x: Any) -> Any:
+        """A module called again (shared weights): both calls' channels must go together."""
+        seen = use.out_layout if use.kind == "bn" else use.in_layout
+        new = x[0] if use.kind == "linear" and isinstance(x, list) and x else x
+        if (
+            seen is not None
+            and isinstance(new, tuple)
+            and [n for _, n in new] == [n for _, n in seen]
+        ):
+            self._merge([seen, new], residual=False)
+        else:
+            reason = f"{use.name} is called on differently laid out inputs"
+            for lay in (seen, new, use.out_layout):
+                self._freeze_layout(lay, reason)
+        return _UNKNOWN if use.kind == "linear" else use.out_layout
+
+    def _function(self, node: fx.Node, val: Any) -> Any:
+        target = node.target
+        flat = _flatten_args((node.args, node.kwargs))
+        vals = [val(a) for a in flat]
+        x = vals[0] if vals else _NONTENSOR
+        if node.op == "call_method" and target in NONTENSOR_METHODS:
+            return _NONTENSOR
+        if (
+            target is getattr
+            and len(node.args) > 1
+            and node.args[1] in ("shape", "dtype", "device")
+        ):
+            return _NONTENSOR
+        if target is operator.getitem and x is _NONTENSOR:
+            return _NONTENSOR
+        if (
+            target in PASS_FUNCTIONS
+            or getattr(target, "__name__", None) in PASS_FUNCTION_NAMES
+            or (node.op == "call_method" and target in PASS_METHODS)
+        ):
+            return x
+        if target is torch.cat:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            parts = [val(a) for a in _flatten_args(node.args[0])]
+            if dim == 1 and all(isinstance(p, tuple) for p in parts):
+                return tuple(seg for p in parts for seg in p)
+            for p in parts:
+                self._freeze_layout(p, f"torch.cat along dim {dim}")
+            return _UNKNOWN
+        if target is torch.flatten or (node.op == "call_method" and target == "flatten"):
+            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+            if isinstance(x, tuple) and start == 1:
+                return [x]
+        if node.op == "call_method" and target in ("view", "reshape") and isinstance(x, tuple):
+            shape = node.args[1:]
+            if len(shape) == 2 and shape[1] == -1:
+                return [x]
+        if target in ("mean", "amax", "sum") and isinstance(x, tuple):
+            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = (dims,) if isinstance(dims, int) else dims
+            if isinstance(dims, (tuple, list)) and all(isinstance(d, int) and d >= 2 for d in dims):
+                return x
+        if target in ELEMENTWISE:
+            tensors = [v for v in vals if v is not _NONTENSOR]
+            if all(isinstance(v, list) for v in tensors) and tensors:  # flattened + scalar
+                return tensors[0] if len(tensors) == 1 else self._freeze_all(tensors, str(target))
+            if all(isinstance(v, tuple) for v in tensors) and tensors:
+                return self._merge(tensors, target in MERGE_OPS)
+        return self._freeze_all(vals, getattr(target, "__name__", str(target)))
+
+    def _freeze_all(self, vals: Sequence[Any], what: str) -> str:
+        for v in vals:
+            self._freeze_layout(v, f"consumed by unsupported operation '{what}'")
+        return _UNKNOWN
+
+    def _merge(self, layouts: list[Layout], residual: bool) -> Any:
+        first = max(layouts, key=lambda lay: sum(n for _, n in lay))
+        for other in layouts:
+            if other is first:
+                continue
+            if len(other) == 1 and other[0][1] == 1 and first[0][1] != 1:
+                self._freeze_layout(
+                    other, "broadcast over channels"
+                )  # e.g. a 1-channel attention map
+                continue
+            if [n for _, n in other] != [n for _, n in first]:
+                return self._freeze_all(layouts, "elementwise op on differently laid out channels")
+            for (a, _), (b, _) in zip(first, other, strict=True):
+                self._spaces.union(a, b, residual)
+        return first
+
+    # ------------------------------------------------------------------ queries
+    def _finish(self) -> None:
+        sp = self._spaces
+        by_root: dict[int, Group] = {}
+        self.groups: list[Group] = []
+        self._group_of_space: dict[int, Group] = {}
+        for name, space in self._conv_space.items():
+            root = sp.find(space)
+            grp = by_root.get(root)
+            if grp is None:
+                grp = Group(
+                    len(self.groups),
+                    sp.size[root],
+                    [],
+                    root in sp.frozen,
+                    sp.frozen.get(root, ""),
+                    root in sp.residual,
+                    sp.blocks.get(root, 1),
+                )
+                by_root[root] = grp
+                self.groups.append(grp)
+            grp.members.append(name)
+        self._group_of_space = by_root
+
+    def group_of(self, conv: str) -> Group | None:
+        """The group whose channels are ``conv``'s output channels (None if not a conv)."""
+        space = self._conv_space.get(conv)
+        return None if space is None else self._group_of_space.get(self._spaces.find(space))
+
+    def conv_names(self) -> list[str]:
+        """Every conv the trace saw, in execution order."""
+        return list(self._conv_space)
+
+    def _expand(
+        self, layout: Layout, keeps: dict[int, np.ndarray], block: int = 1
+    ) -> np.ndarray | None:
+        parts, offset, changed = [], 0, False
+        for space, n in layout:
+            grp = self._group_of_space.get(self._spaces.find(space))
+            keep = keeps.get(grp.gid) if grp is not None else None
+            if keep is None:
+                parts.append(np.arange(offset, offset + n, dtype=np.int64))
+            else:
+                parts.append(keep.astype(np.int64) + offset)
+                changed = True
+            offset += n
+        if not changed:
+            return None
+        idx = np.concatenate(parts)
+        if block > 1:
+            idx = (idx[:, None] * block + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
+        return idx
+
+    def module_indices(
+        self, keeps: dict[int, np.ndarray]
+    ) -> dict[str, tuple[np.ndarray | None, np.ndarray | None]]:
+        """Per changed module: ``(out_keep, in_keep)`` indices for the weight's dims 0 and 1.
+
+        ``keeps`` maps group id to the sorted channel indices that group keeps.
+        """
+        out: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+        for name, use in self.uses.items():
+            o = self._expand(use.out_layout, keeps) if use.out_layout else None
+            i = self._expand(use.in_layout, keeps, use.in_block) if use.in_layout else None
+            if o is not None or i is not None:
+                out[name] = (o, i)
+        return out
+
+
+def build_graph(model: nn.Module, ignore: str | None = None) -> ChannelGraph:
+    """Trace ``model`` once and return its :class:`ChannelGraph`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module torch.fx can trace (modules matching ``ignore`` are kept whole).
+    ignore : str, optional
+        Regex (``re.search``) of module paths to leave alone: their channels are frozen.
+
+    Raises
+    ------
+    UntraceableModelError
+        When fx cannot trace the model; the message names the module.
+    """
+    return ChannelGraph(model, ignore)

@@ -1,0 +1,346 @@
+"""The prune plan as data, and how it is chosen from ranks.
+
+A :class:`Plan` maps each conv whose output channels change to the channel count it
+had and the sorted indices it keeps. It is JSON-able: save it, inspect it, replay it
+on another copy of the model (:func:`tdump.surgery.apply`). Plans compose: pruning
+an already pruned model gives indices relative to the original channels.
+
+Examples
+--------
+>>> p = Plan(layers={"conv1": LayerPlan(channels=4, keep=[0, 2])})
+>>> Plan.from_json(p.to_json()).layers["conv1"].keep
+[0, 2]
+>>> Plan(layers={"conv1": LayerPlan(4, [1, 3])}).compose(Plan(layers={"conv1": LayerPlan(2, [1])})).layers
+{'conv1': LayerPlan(channels=4, keep=[3])}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tdump.errors import ConfigError, RanksError
+from tdump.surgery._aggregate import Aggregation, aggregate
+from tdump.surgery._graph import ChannelGraph, Group
+
+__all__ = ["LayerPlan", "Plan", "Settings", "keeps_for", "select"]
+
+PLAN_FORMAT = "tdump.plan"
+
+
+@dataclass
+class LayerPlan:
+    """One conv's output channels: ``channels`` before, sorted ``keep`` indices after."""
+
+    channels: int
+    keep: list[int]
+
+
+@dataclass
+class Settings:
+    """How channels are selected (see :func:`tdump.surgery.prune`)."""
+
+    count: int | None = None
+    ratio: float | None = None
+    scope: str = "global"
+    min_channels: int = 1
+    max_ratio: float | None = None
+    round_to: int | None = None
+    conv_only_groups: bool = False
+    aggregate: str = "mean"
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for inconsistent settings."""
+        if (self.count is None) == (self.ratio is None):
+            raise ConfigError("give exactly one of count (--count) and ratio (--ratio)")
+        if self.count is not None and (not isinstance(self.count, int) or self.count < 0):
+            raise ConfigError(f"count must be a non-negative integer, got {self.count!r}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(
+                f"ratio must be in [0, 1) (a ratio of 1 would empty layers), got {self.ratio}"
+            )
+        if self.scope not in ("global", "per-layer"):
+            raise ConfigError(f"scope must be 'global' or 'per-layer', got {self.scope!r}")
+        if self.min_channels < 1:
+            raise ConfigError(
+                f"min_channels must be >= 1 (a layer cannot be emptied), got {self.min_channels}"
+            )
+        if self.max_ratio is not None and not 0.0 < self.max_ratio <= 1.0:
+            raise ConfigError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
+
+
+@dataclass
+class Plan:
+    """Kept output channels per conv, plus what produced them.
+
+    Attributes
+    ----------
+    layers : dict[str, LayerPlan]
+        Changed convs only; coupled convs (one group) share one ``keep``.
+    groups : list[list[str]]
+        Members of each changed group.
+    settings : dict
+        The selection settings (informational).
+    notes : list[str]
+        Groups left alone and why, and caps that limited the selection.
+    """
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def removed(self) -> int:
+        """Channels removed, counting each group's channel once."""
+        return sum(
+            self.layers[g[0]].channels - len(self.layers[g[0]].keep)
+            for g in self.groups
+            if g[0] in self.layers
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-able)."""
+        return {
+            "format": PLAN_FORMAT,
+            "format_version": 1,
+            "layers": {
+                k: {"channels": v.channels, "keep": list(v.keep)} for k, v in self.layers.items()
+            },
+            "groups": [list(g) for g in self.groups],
+            "settings": dict(self.settings),
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """Inverse of :meth:`to_dict`."""
+        if d.get("format", PLAN_FORMAT) != PLAN_FORMAT or int(d.get("format_version", 1)) > 1:
+            raise ConfigError(
+                f"not a tdump.plan version 1 (format={d.get('format')!r}, version={d.get('format_version')!r})"
+            )
+        layers = {
+            str(k): LayerPlan(int(v["channels"]), [int(i) for i in v["keep"]])
+            for k, v in d.get("layers", {}).items()
+        }
+        return cls(
+            layers,
+            [list(g) for g in d.get("groups", [])],
+            dict(d.get("settings", {})),
+            list(d.get("notes", [])),
+        )
+
+    def to_json(self) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON (atomically: temporary file + rename)."""
+        path = os.fspath(path)
+        tmp = f"{path}.partial"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read a plan written by :meth:`save`."""
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_json(fh.read())
+
+    def compose(self, later: Plan) -> Plan:
+        """This plan followed by ``later`` (whose indices refer to this plan's result)."""
+        layers = dict(self.layers)
+        for name, lp in later.layers.items():
+            prev = layers.get(name)
+            if prev is None:
+                layers[name] = LayerPlan(lp.channels, list(lp.keep))
+            else:
+                if len(prev.keep) != lp.channels:
+                    raise ConfigError(
+                        f"plans do not compose at {name}: {len(prev.keep)} kept then {lp.channels} expected"
+                    )
+                base = np.asarray(prev.keep, dtype=np.int64)
+                layers[name] = LayerPlan(
+                    prev.channels, base[np.asarray(lp.keep, dtype=np.int64)].tolist()
+                )
+        merged = {tuple(g) for g in self.groups}
+        groups = [list(g) for g in self.groups] + [
+            list(g) for g in later.groups if tuple(g) not in merged
+        ]
+        return Plan(layers, groups, dict(later.settings), list(later.notes))
+
+
+def _group_scores(
+    grp: Group, scores: dict[str, np.ndarray], how: str | Aggregation
+) -> np.ndarray | None:
+    ranked = [scores[m] for m in grp.members if m in scores]
+    if not ranked:
+        return None
+    return ranked[0] if len(ranked) == 1 else aggregate(how, np.stack(ranked))
+
+
+def _half_up(x: float) -> int:
+    return math.floor(x + 0.5 + 1e-9)
+
+
+def _round_kept(n: int, removed: int, round_to: int | None) -> int:
+    """Fewer removals so the kept count is a multiple of ``round_to`` (never more)."""
+    if not round_to or removed <= 0:
+        return removed
+    kept = math.ceil((n - removed) / round_to) * round_to
+    return max(0, n - kept)
+
+
+def _removal_order(grp: Group, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Channels in the order they go, and the score of each position (non-decreasing).
+
+    A blocked group (a grouped conv's outputs) loses one channel per block at a time:
+    the k-th weakest of every block, scored by the mean of those ``blocks`` scores.
+    """
+    if grp.blocks <= 1:
+        order = np.argsort(s, kind="stable")
+        return order, s[order]
+    rows = s.reshape(grp.blocks, -1)
+    row_order = np.argsort(rows, axis=1, kind="stable")
+    unit = np.take_along_axis(rows, row_order, axis=1).mean(axis=0)
+    offsets = (np.arange(grp.blocks) * rows.shape[1])[:, None]
+    order = (row_order + offsets).T.reshape(-1)  # unit 0 of every block, then unit 1, ...
+    return order, np.repeat(unit, grp.blocks)
+
+
+def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Settings) -> Plan:
+    """Choose the channels to remove, as a :class:`Plan` (nothing is modified).
+
+    ``global`` ranks all candidate channels together and removes the lowest ``count``
+    (or ``ratio`` of all candidate channels); ``per-layer`` removes ``count`` (or
+    ``ratio``) from each group. Each group keeps at least ``min_channels`` and loses
+    at most ``max_ratio`` of its channels; ``round_to`` then rounds each kept count up
+    to a multiple (so slightly fewer channels may go than asked).
+    """
+    settings.check()
+    notes: list[str] = []
+    cands: list[tuple[Group, tuple[np.ndarray, np.ndarray], int]] = []
+    for grp in graph.groups:
+        s = _group_scores(grp, scores, settings.aggregate)
+        if s is None:
+            continue
+        if grp.frozen:
+            notes.append(
+                f"left alone {', '.join(grp.members[:3])}{'...' if len(grp.members) > 3 else ''}: {grp.reason}"
+            )
+            continue
+        if settings.conv_only_groups and grp.residual:
+            notes.append(
+                f"left alone residual group of {len(grp.members)} convs ({', '.join(grp.members[:3])}...): "
+                "conv_only_groups skips channels coupled through additions"
+            )
+            continue
+        cap = grp.size - max(settings.min_channels, grp.blocks)
+        if settings.max_ratio is not None:
+            cap = min(cap, math.floor(settings.max_ratio * grp.size + 1e-9))
+        cap = max(cap, 0) // grp.blocks * grp.blocks
+        cands.append((grp, _removal_order(grp, s), cap))
+    if not cands:
+        if scores:
+            raise RanksError(
+                "no ranked layer can be pruned: "
+                + ("; ".join(notes) or "no ranked conv was traced")
+            )
+        raise RanksError("the ranks table is empty")
+
+    for layer in scores:
+        if graph.group_of(layer) is None:
+            why = (
+                "its channels follow its inputs' (depthwise conv over a concatenation)"
+                if layer in graph.uses
+                else "the traced forward never calls it"
+            )
+            notes.append(f"ranks of {layer} not used: {why}")
+    removed: dict[int, int] = {}
+    if settings.scope == "per-layer":
+        for grp, _, cap in cands:
+            want = (
+                settings.count
+                if settings.count is not None
+                else _half_up((settings.ratio or 0.0) * grp.size)
+            )
+            removed[grp.gid] = min(int(want), cap)
+    else:
+        total = sum(g.size for g, _, _ in cands)
+        want = (
+            settings.count
+            if settings.count is not None
+            else _half_up((settings.ratio or 0.0) * total)
+        )
+        pool_s, pool_g = [], []
+        for grp, (_, pos_scores), cap in cands:
+            lowest = pos_scores[:cap]
+            pool_s.append(lowest)
+            pool_g.append(np.full(lowest.shape, grp.gid, dtype=np.int64))
+        all_s, all_g = np.concatenate(pool_s), np.concatenate(pool_g)
+        if want > all_s.size:
+            notes.append(
+                f"asked to remove {want} channels but min_channels/max_ratio allow {all_s.size}"
+            )
+        take = all_g[np.argsort(all_s, kind="stable")[: int(want)]]
+        gids, counts = np.unique(take, return_counts=True)
+        removed = dict(zip(gids.tolist(), counts.tolist(), strict=True))
+
+    plan = Plan(settings=vars(settings).copy(), notes=notes)
+    for grp, (order, _), _ in cands:
+        r = removed.get(grp.gid, 0) // grp.blocks * grp.blocks
+        r = _round_kept(grp.size, r, math.lcm(grp.blocks, settings.round_to or 1))
+        if r <= 0:
+            continue
+        keep = np.sort(order[r:]).tolist()
+        for m in grp.members:
+            plan.layers[m] = LayerPlan(grp.size, keep)
+        plan.groups.append(list(grp.members))
+    return plan
+
+
+def keeps_for(graph: ChannelGraph, plan: Plan) -> dict[int, np.ndarray]:
+    """Turn a plan into per-group kept indices for ``graph``, checking it fits."""
+    keeps: dict[int, np.ndarray] = {}
+    for name, lp in plan.layers.items():
+        grp = graph.group_of(name)
+        if grp is None:
+            raise ConfigError(f"plan names layer '{name}', which is not a conv of this model")
+        if grp.size != lp.channels:
+            raise ConfigError(
+                f"plan expects {lp.channels} channels in '{name}' but the model has {grp.size}"
+            )
+        keep = np.asarray(lp.keep, dtype=np.int64)
+        if keep.size == 0 or keep.min() < 0 or keep.max() >= grp.size or np.any(np.diff(keep) <= 0):
+            raise ConfigError(
+                f"plan keeps invalid indices in '{name}' (need sorted, unique, within 0..{grp.size - 1})"
+            )
+        prev = keeps.get(grp.gid)
+        if prev is not None and not np.array_equal(prev, keep):
+            raise ConfigError(
+                f"plan keeps different channels in coupled layers {', '.join(grp.members[:4])}"
+            )
+        if grp.blocks > 1 and len(set(np.bincount(keep // (grp.size // grp.blocks)).tolist())) != 1:
+            raise ConfigError(f"plan keeps unequal channels in the {grp.blocks} groups of '{name}'")
+        keeps[grp.gid] = keep
+    for gid in keeps:
+        grp = graph.groups[gid]
+        absent = [m for m in grp.members if m not in plan.layers]
+        if absent:
+            raise ConfigError(
+                f"plan prunes {grp.members[0]} but not the coupled {', '.join(absent[:3])}"
+            )
+    return keeps

@@ -1,0 +1,107 @@
+"""Read a ranks table (``tdump.ranks`` v1, docs/FORMAT.md section 2) into per-conv scores.
+
+Examples
+--------
+>>> import pandas as pd, torch
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1))
+>>> df = pd.DataFrame({"layer": ["0", "0"], "channel": [0, 1], "score": [1.0, 2.0],
+...                    "score_norm": [0.5, 1.0], "criterion": ["l1", "l1"]})
+>>> scores_for(model, df)
+{'0': array([0.5, 1. ])}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from tdump.errors import RanksError
+
+__all__ = ["RanksLike", "read_ranks_table", "scores_for"]
+
+RanksLike = Any  # path, pandas.DataFrame, or {layer: scores}
+_REQUIRED = ("layer", "channel")
+
+
+def read_ranks_table(path: str | os.PathLike[str]) -> Any:
+    """Read and validate ``ranks.parquet`` with :func:`tdump.analyze.read_ranks` (a DataFrame)."""
+    from tdump.analyze import read_ranks
+
+    return read_ranks(path)
+
+
+def scores_for(
+    model: nn.Module, ranks: RanksLike, criterion: str | None = None
+) -> dict[str, np.ndarray]:
+    """Per conv layer, the channel scores (index = channel), validated against ``model``.
+
+    Uses ``score_norm`` when the table has it, else ``score``. Higher = more important.
+
+    Raises
+    ------
+    RanksError
+        Missing columns, several criteria without ``criterion``, layers the model
+        lacks or that are not convs, or channel counts that differ from the model's.
+    """
+    if isinstance(ranks, Mapping):
+        raw = {str(k): np.asarray(v, dtype=np.float64) for k, v in ranks.items()}
+    else:
+        df = read_ranks_table(ranks) if isinstance(ranks, (str, os.PathLike)) else ranks
+        raw = _from_frame(df, criterion)
+    modules = dict(model.named_modules())
+    for layer, scores in raw.items():
+        mod = modules.get(layer)
+        if mod is None:
+            hint = ", ".join(n for n, m in modules.items() if isinstance(m, nn.Conv2d))[:120]
+            raise RanksError(
+                f"ranks name layer '{layer}' that the model lacks (its convs: {hint}...); rank a dump of this model"
+            )
+        if not isinstance(mod, nn.modules.conv._ConvNd):
+            raise RanksError(
+                f"ranks name layer '{layer}', a {type(mod).__name__}; only conv layers' output channels can be pruned"
+            )
+        if scores.shape[0] != mod.out_channels:
+            raise RanksError(
+                f"ranks give layer '{layer}' {scores.shape[0]} channels but the checkpoint has {mod.out_channels}; "
+                "rank a dump recorded with this checkpoint"
+            )
+    return raw
+
+
+def _from_frame(df: Any, criterion: str | None) -> dict[str, np.ndarray]:
+    missing = [c for c in _REQUIRED if c not in df.columns]
+    col = "score_norm" if "score_norm" in df.columns else "score"
+    if missing or col not in df.columns:
+        raise RanksError(
+            f"ranks table lacks columns {missing or [col]}; expected the tdump.ranks schema (docs/FORMAT.md)"
+        )
+    if "criterion" in df.columns:
+        found = sorted(df["criterion"].dropna().unique().tolist())
+        if criterion is not None:
+            if criterion not in found:
+                raise RanksError(
+                    f"no criterion {criterion!r} in the ranks table (it has {', '.join(found)})"
+                )
+            df = df[df["criterion"] == criterion]
+        elif len(found) > 1:
+            raise RanksError(
+                f"the ranks table holds several criteria ({', '.join(found)}); choose one with --criterion"
+            )
+    out: dict[str, np.ndarray] = {}
+    for layer, part in df.groupby("layer", sort=False):
+        ch = part["channel"].to_numpy(dtype=np.int64)
+        n = int(ch.max()) + 1 if ch.size else 0
+        if ch.size != n or np.unique(ch).size != n or ch.min() < 0:
+            raise RanksError(
+                f"ranks for layer '{layer}' must list channels 0..N-1 once each (got {ch.size} rows for {n} channels)"
+            )
+        scores = np.empty(n, dtype=np.float64)
+        scores[ch] = part[col].to_numpy(dtype=np.float64)
+        if not np.isfinite(scores).all():
+            raise RanksError(f"ranks for layer '{layer}' contain NaN or infinite scores")
+        out[str(layer)] = scores
+    return out

@@ -1,0 +1,160 @@
+"""The channel dependency graph: groups, couplings, freezing, untraceable models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import tdump.surgery as surgery
+from tdump.errors import ConfigError, UntraceableModelError
+from tests.surgery.nets import SmallNet, Untraceable
+
+
+def _group(graph: surgery.ChannelGraph, conv: str) -> surgery.Group:
+    grp = graph.group_of(conv)
+    assert grp is not None
+    return grp
+
+
+def test_resnet_residual_groups() -> None:
+    g = surgery.build_graph(torchvision.models.resnet18())
+    assert _group(g, "conv1").members == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    assert _group(g, "layer2.0.downsample.0") is _group(g, "layer2.1.conv2")
+    assert _group(g, "layer2.0.conv2").residual
+    assert not _group(g, "layer1.0.conv1").residual and _group(g, "layer1.0.conv1").members == [
+        "layer1.0.conv1"
+    ]
+    assert not any(grp.frozen for grp in g.groups)
+
+
+def test_mobilenet_depthwise_couples_in_and_out() -> None:
+    g = surgery.build_graph(torchvision.models.mobilenet_v2())
+    assert _group(g, "features.2.conv.0.0") is _group(
+        g, "features.2.conv.1.0"
+    )  # expand conv + its depthwise
+    assert g.uses["features.2.conv.1.0"].kind == "depthwise"
+
+
+def test_densenet_concat_offsets() -> None:
+    g = surgery.build_graph(torchvision.models.densenet121())
+    lay = g.uses["features.denseblock1.denselayer3.conv1"].in_layout
+    assert lay is not None and [n for _, n in lay] == [64, 32, 32]
+    assert (
+        g.uses["classifier"].in_layout is not None
+        and sum(n for _, n in g.uses["classifier"].in_layout) == 1024
+    )
+
+
+def test_vgg_flatten_block() -> None:
+    g = surgery.build_graph(torchvision.models.vgg11_bn())
+    assert g.uses["classifier.0"].in_block == 49
+
+
+def test_small_net_couplings() -> None:
+    g = surgery.build_graph(SmallNet())
+    assert _group(g, "stem").members == ["stem", "a"]
+    assert g.uses["dw"].kind == "depthwise"
+    assert g.uses["gate"].kind == "conv"  # one output channel is not depthwise
+    assert _group(g, "e").frozen and "grouped" in _group(g, "e").reason
+    assert not _group(g, "grouped").frozen and _group(g, "grouped").blocks == 2
+
+
+def test_grouped_and_depthwise_after_pruning() -> None:
+    model = SmallNet().eval()
+    scores = {
+        n: np.arange(m.out_channels, dtype=float)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+    pruned, plan = surgery.prune(model, scores, ratio=0.5, scope="per-layer")
+    assert pruned.dw.groups == pruned.dw.in_channels == pruned.dw.out_channels == 4 + 3
+    assert pruned.e.out_channels == 8  # frozen: a grouped conv reads it
+    assert (pruned.grouped.groups, pruned.grouped.in_channels, pruned.grouped.out_channels) == (
+        2,
+        8,
+        4,
+    )
+    assert pruned.grouped_bn.num_features == 4 and pruned.fc.in_features == 7 + 4
+    assert plan.layers["grouped"].keep == [2, 3, 6, 7]  # the 2 weakest of EACH group, not 0..3
+    unequal = surgery.Plan(layers={"grouped": surgery.LayerPlan(8, [4, 5, 6, 7])})
+    with pytest.raises(ConfigError, match="unequal"):
+        surgery.apply(model, unequal)
+    assert pruned.gate.out_channels == 1 and pruned.gate.in_channels == 7
+    assert any("grouped conv" in n for n in plan.notes)
+    pruned(torch.randn(1, 3, 8, 8))
+
+
+def test_untraceable_names_module_and_ignore_keeps_it_whole() -> None:
+    with pytest.raises(UntraceableModelError, match=r"module 'block' \(_Branchy\).*--ignore"):
+        surgery.build_graph(Untraceable())
+    model = Untraceable()
+    scores = {"stem": np.arange(6.0), "conv": np.arange(4.0), "block.conv": np.arange(4.0)}
+    pruned, plan = surgery.prune(model, scores, count=2, ignore=r"^block$")
+    assert pruned.stem.out_channels == 4 and pruned.conv.in_channels == 4
+    assert pruned.conv.out_channels == 4 and pruned.block.conv.out_channels == 4
+    assert any("ignored module block" in n for n in plan.notes)
+
+
+def test_ignore_regex_leaves_layers_alone() -> None:
+    model = torchvision.models.resnet18()
+    scores = {
+        n: np.random.default_rng(0).random(m.out_channels)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+    pruned, _ = surgery.prune(model, scores, ratio=0.3, ignore=r"^layer1\.")
+    assert all(
+        m.weight.shape == o.weight.shape
+        for (n, m), o in zip(pruned.layer1.named_modules(), model.layer1.modules(), strict=True)
+        if isinstance(m, nn.Conv2d)
+    )
+    assert pruned.layer3[0].conv1.out_channels < 256
+
+
+class _ViewNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 9, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.adaptive_max_pool2d(torch.relu(self.conv(x)), 3)
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_view_flatten_maps_channel_to_feature_block() -> None:
+    model = _ViewNet().eval()
+    pruned, _ = surgery.prune(model, {"conv": np.array([1.0, 0.0, 2.0, 3.0])}, count=1)
+    keep_cols = [c * 9 + j for c in (0, 2, 3) for j in range(9)]
+    torch.testing.assert_close(pruned.fc.weight, model.fc.weight[:, keep_cols], rtol=0, atol=0)
+    assert pruned(torch.randn(1, 3, 6, 6)).shape == (1, 2)
+
+
+class _Shared(nn.Module):
+    """One conv applied twice (shared weights) and a conv the forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.shared = nn.Conv2d(6, 5, 1)
+        self.unused = nn.Conv2d(3, 3, 1)
+        self.head = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.shared(self.a(x))) + torch.relu(self.shared(self.b(x))))
+
+
+def test_shared_module_couples_its_calls() -> None:
+    model = _Shared().eval()
+    g = surgery.build_graph(model)
+    assert _group(g, "a") is _group(g, "b")  # both feed the same weights
+    scores = {"a": np.arange(6.0), "shared": np.arange(5.0), "unused": np.arange(3.0)}
+    pruned, plan = surgery.prune(model, scores, ratio=0.4, scope="per-layer")
+    assert pruned.a.out_channels == pruned.b.out_channels == pruned.shared.in_channels == 4
+    assert pruned.shared.out_channels == 3 and pruned.head.in_channels == 3
+    assert any("never calls" in n for n in plan.notes)
+    assert pruned(torch.randn(1, 3, 4, 4)).shape == (1, 2, 4, 4)
