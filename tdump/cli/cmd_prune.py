@@ -1,11 +1,241 @@
-"""`tdump prune` (placeholder until its stage lands)."""
+"""`tdump prune CKPT RANKS`: write a checkpoint without the lowest-ranked filters.
+
+torch is imported inside the command so ``tdump --help`` stays instant.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
 
-__all__ = ["register"]
+from tdump.cli._console import console
+from tdump.errors import ConfigError
+
+__all__ = ["register", "summarize"]
+
+
+def _parse_shape(text: str | None, model: Any) -> tuple[int, ...]:
+    if text:
+        try:
+            return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"--input-shape must look like 3,224,224, got {text!r}") from None
+    from torch import nn
+
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    channels = int(first.in_channels) if first is not None else 3
+    return (channels, 224, 224)
+
+
+def summarize(
+    before: Any, after: Any, plan: Any, input_shape: tuple[int, ...] | None
+) -> dict[str, Any]:
+    """Per layer and total channels, parameters and FLOPs before/after (a JSON-able dict).
+
+    FLOPs need one forward pass of ``before`` at ``input_shape`` (batch excluded); if
+    it fails, FLOPs are reported as ``None`` with a note.
+    """
+    from tdump.surgery import count_params, layer_flops, layer_params, output_positions
+
+    notes = list(plan.notes)
+    try:
+        positions = output_positions(before, input_shape) if input_shape else None
+    except Exception as exc:
+        positions = None
+        notes.append(
+            f"FLOPs not computed: forward at input shape {list(input_shape or ())} failed ({str(exc).splitlines()[0][:100]})"
+        )
+    p0, p1 = layer_params(before), layer_params(after)
+    f0 = layer_flops(before, positions) if positions else {}
+    f1 = layer_flops(after, positions) if positions else {}
+    mods0, mods1 = dict(before.named_modules()), dict(after.named_modules())
+    rows = []
+    for name, n0 in p0.items():
+        if p1.get(name) == n0 and name not in plan.layers:
+            continue
+        m0, m1 = mods0[name], mods1[name]
+        attr = "out_channels" if hasattr(m0, "out_channels") else "in_features"
+        rows.append(
+            {
+                "layer": name,
+                "channels_before": int(getattr(m0, attr)),
+                "channels_after": int(getattr(m1, attr)),
+                "params_before": n0,
+                "params_after": p1.get(name, 0),
+                "flops_before": f0.get(name),
+                "flops_after": f1.get(name),
+            }
+        )
+    return {
+        "removed_channels": plan.removed,
+        "params_before": count_params(before),
+        "params_after": count_params(after),
+        "flops_before": sum(f0.values()) if positions else None,
+        "flops_after": sum(f1.values()) if positions else None,
+        "input_shape": list(input_shape) if input_shape else None,
+        "layers": rows,
+        "notes": notes,
+    }
+
+
+def _fmt(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _ratio(a: int | None, b: int | None) -> str:
+    return f"{b / a:.1%}" if a and b is not None else "-"
+
+
+def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
+    from rich.table import Table
+
+    table = Table(title="dry run: nothing written" if dry_run else None, show_edge=False)
+    width = min(48, max([len(r["layer"]) for r in summary["layers"]] + [5]))
+    table.add_column("layer", min_width=width, no_wrap=True)
+    for col in ("channels", "params", "FLOPs"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in summary["layers"]:
+        table.add_row(
+            r["layer"],
+            f"{r['channels_before']} -> {r['channels_after']}",
+            f"{_fmt(r['params_before'])} -> {_fmt(r['params_after'])}",
+            f"{_fmt(r['flops_before'])} -> {_fmt(r['flops_after'])}",
+        )
+    pb, pa = summary["params_before"], summary["params_after"]
+    fb, fa = summary["flops_before"], summary["flops_after"]
+    table.add_row(
+        "total",
+        f"-{summary['removed_channels']}",
+        f"{_fmt(pb)} -> {_fmt(pa)}",
+        f"{_fmt(fb)} -> {_fmt(fa)}",
+    )
+    console.print(table)
+    shape = summary["input_shape"]
+    console.print(
+        f"parameters {_ratio(pb, pa)} of the original, FLOPs {_ratio(fb, fa)}"
+        + (f" (input {'x'.join(map(str, shape))})" if shape else ""),
+        soft_wrap=True,
+    )
+    for note in summary["notes"]:
+        console.print(f"note: {note}", soft_wrap=True)
+    if output:
+        console.print(f"wrote {output}")
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to ``app``."""
+
+    @app.command("prune")
+    def prune_cmd(
+        ckpt: Path = typer.Argument(
+            ..., help="Checkpoint: tdump checkpoint, state_dict, or a dict holding one."
+        ),
+        ranks: Path = typer.Argument(..., help="ranks.parquet from `tdump rank`."),
+        output: Path = typer.Option(
+            Path("pruned.pt"), "-o", "--output", help="Where to write the pruned checkpoint."
+        ),
+        count: int | None = typer.Option(
+            None, "--count", help="Channels to remove (a coupled group's channel counts once)."
+        ),
+        ratio: float | None = typer.Option(None, "--ratio", help="Fraction of channels to remove."),
+        scope: str = typer.Option(
+            "global", "--scope", help="global (rank all layers together) or per-layer."
+        ),
+        min_channels: int = typer.Option(
+            1, "--min-channels", help="Every layer keeps at least this many channels."
+        ),
+        max_ratio: float | None = typer.Option(
+            None, "--max-ratio", help="At most this fraction of any one layer goes."
+        ),
+        round_to: int | None = typer.Option(
+            None, "--round-to", help="Keep channel counts multiples of this."
+        ),
+        arch: str | None = typer.Option(
+            None, "--arch", help="Import path of the architecture (for state_dicts)."
+        ),
+        arch_kwargs: str | None = typer.Option(
+            None, "--arch-kwargs", help="JSON keyword arguments for --arch."
+        ),
+        ignore: str | None = typer.Option(
+            None, "--ignore", help="Regex of module paths to leave alone."
+        ),
+        criterion: str | None = typer.Option(
+            None, "--criterion", help="Criterion to use when ranks hold several."
+        ),
+        conv_only_groups: bool = typer.Option(
+            False, "--conv-only-groups", help="Leave residual groups alone."
+        ),
+        aggregate: str = typer.Option(
+            "mean", "--aggregate", help="How coupled convs' scores combine."
+        ),
+        input_shape: str | None = typer.Option(
+            None, "--input-shape", help="Input shape for FLOPs, e.g. 3,224,224."
+        ),
+        save_plan: Path | None = typer.Option(
+            None, "--save-plan", help="Also write the plan as JSON here."
+        ),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Print what would change; write nothing."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ) -> None:
+        """Write a checkpoint without the lowest-ranked conv filters and all coupled channels."""
+        import copy
+        import re
+
+        import tdump.surgery as surgery
+
+        kwargs: dict[str, Any] | None = None
+        if arch_kwargs:
+            try:
+                kwargs = json.loads(arch_kwargs)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"--arch-kwargs is not valid JSON ({exc.msg}): {arch_kwargs}"
+                ) from None
+            if not isinstance(kwargs, dict):
+                raise ConfigError(f"--arch-kwargs must be a JSON object, got {arch_kwargs}")
+        if ignore:
+            try:
+                re.compile(ignore)
+            except re.error as exc:
+                raise ConfigError(f"--ignore is not a valid regex ({exc}): {ignore}") from None
+        model = surgery.load(ckpt, arch, kwargs, ignore=ignore)
+        model.eval()
+        before = copy.deepcopy(model)
+        pruned, plan = surgery.prune(
+            model,
+            ranks,
+            count=count,
+            ratio=ratio,
+            scope=scope,
+            min_channels=min_channels,
+            max_ratio=max_ratio,
+            round_to=round_to,
+            ignore=ignore,
+            conv_only_groups=conv_only_groups,
+            criterion=criterion,
+            aggregate=aggregate,
+            inplace=True,
+        )
+        summary = summarize(before, pruned, plan, _parse_shape(input_shape, before))
+        written = None
+        if not dry_run:
+            surgery.save(output, pruned)
+            written = str(output)
+            if save_plan is not None:
+                plan.save(save_plan)
+        summary["output"] = written
+        summary["dry_run"] = dry_run
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            _print(summary, dry_run, written)

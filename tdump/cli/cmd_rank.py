@@ -1,6 +1,8 @@
-"""`tdump rank` (placeholder until its stage lands)."""
+"""`tdump rank DUMP`: rank conv filters from a dump with Dask and write ranks.parquet."""
 
 from __future__ import annotations
+
+import json
 
 import typer
 
@@ -8,4 +10,85 @@ __all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
-    """Add the command to ``app``."""
+    """Add the ``rank`` command to ``app``."""
+
+    @app.command("rank")
+    def rank_cmd(
+        dump: str = typer.Argument(..., help="Dump path or fsspec URL (file://, s3://, ...)."),
+        out: str = typer.Option("ranks.parquet", "-o", "--out", help="Where to write the ranks."),
+        criterion: str = typer.Option(
+            "taylor",
+            "--criterion",
+            "-c",
+            help="taylor, taylor-signed, l1, bn-gamma, apoz, taylor-weight (or a plug-in).",
+        ),
+        mode: str = typer.Option("train", "--mode", help="Store mode whose steps are used."),
+        steps: str | None = typer.Option(
+            None, "--steps", help="Saved steps START:STOP (stop exclusive), START:, :STOP or STEP."
+        ),
+        layers: str | None = typer.Option(
+            None, "--layers", help="Regex on conv module paths (re.search)."
+        ),
+        signed: bool = typer.Option(False, "--signed", help="Signed Taylor variant (no abs)."),
+        no_normalize: bool = typer.Option(
+            False, "--no-normalize", help="Skip the layer-wise L2 normalisation."
+        ),
+        scheduler: str = typer.Option(
+            "threads", "--scheduler", help="threads, processes, sync, or tcp://host:8786."
+        ),
+        workers: int | None = typer.Option(None, "--workers", help="Worker threads/processes."),
+        memory_limit: str | None = typer.Option(
+            None, "--memory-limit", help="Per-worker memory limit, e.g. 2GB (processes)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Rank every conv filter of DUMP and write a ranks.parquet (docs/FORMAT.md §2)."""
+        from tdump.analyze import rank, write_ranks
+        from tdump.cli._console import console
+
+        df = rank(
+            dump,
+            criterion=criterion,
+            mode=mode,
+            steps=steps,
+            layers=layers,
+            normalize=not no_normalize,
+            signed=signed,
+            scheduler=scheduler,
+            workers=workers,
+            memory_limit=memory_limit,
+            progress=not (quiet or as_json),
+        )
+        path = write_ranks(df, out)
+        weakest = df.nsmallest(10, "score_norm")
+        meta = df.attrs["tdump"]
+        if as_json:
+            summary = {
+                "ranks": path,
+                "criterion": meta["criterion"],
+                "mode": meta["mode"],
+                "steps": meta["steps"],
+                "layers": int(df["layer"].nunique()),
+                "filters": len(df),
+                "weakest": [
+                    {"layer": r.layer, "channel": int(r.channel), "score_norm": float(r.score_norm)}
+                    for r in weakest.itertuples()
+                ],
+            }
+            typer.echo(json.dumps(summary))
+            return
+        first, last = meta["steps"]
+        console.print(
+            f"ranked {len(df)} filters in {df['layer'].nunique()} conv layers by "
+            f"{meta['criterion']} ({mode} steps {first}..{last}, "
+            f"{int(df['steps'].max())} saved steps)",
+            soft_wrap=True,
+        )
+        console.print("10 weakest filters:")
+        for r in weakest.itertuples():
+            console.print(
+                f"  {r.layer:<28} channel {int(r.channel):>4}   score_norm {r.score_norm:.4g}",
+                soft_wrap=True,
+            )
+        console.print(f"ranks written to {path}", soft_wrap=True)

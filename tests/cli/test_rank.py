@@ -1,0 +1,91 @@
+"""`tdump rank` as a subprocess: output, ranks file, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tdump.analyze import read_ranks
+from tests.analyze.rank_helpers import make_resnet18_dump
+
+
+def _tdump(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", "from tdump.cli.app import main; main()", *args]
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = str(tmp_path_factory.mktemp("cli-rank") / "d.zarr")
+    return make_resnet18_dump(path, steps=3, interval=1, batch=2)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_rank_writes_file_and_summary(dump: str, tmp_path: Path) -> None:
+    out = tmp_path / "ranks.parquet"
+    proc = _tdump("rank", dump, "-o", str(out), "--steps", "1:", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "ranked 3904 filters in 17 conv layers by taylor" in proc.stdout
+    assert "10 weakest filters" in proc.stdout and f"ranks written to {out}" in proc.stdout
+    df = read_ranks(out)
+    assert set(df["steps"]) == {2} and df.attrs["tdump"]["steps"] == [1, 2]
+    weakest = df.nsmallest(10, "score_norm")
+    first = proc.stdout.splitlines()[2].split()
+    assert first[0] == weakest.iloc[0]["layer"] and int(first[2]) == weakest.iloc[0]["channel"]
+
+
+def test_rank_json_options(dump: str, tmp_path: Path) -> None:
+    out = tmp_path / "l1.parquet"
+    proc = _tdump(
+        "rank", dump, "-o", str(out), "--criterion", "l1", "--layers", r"^layer1\.",
+        "--no-normalize", "--scheduler", "processes", "--workers", "1", "--memory-limit", "700MB",
+        "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["ranks"] == str(out) and summary["criterion"] == "l1"
+    assert summary["layers"] == 4 and summary["filters"] == 256 and len(summary["weakest"]) == 10
+    df = read_ranks(out)
+    assert (df["score"] == df["score_norm"]).all() and df.attrs["tdump"]["normalize"] is False
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--steps", "100:2000"), "no saved 'train' steps in 100:2000"),
+        (("--criterion", "bogus"), "unknown criterion 'bogus'"),
+        (("--layers", "^zzz"), "matches no conv layer"),
+        (("--scheduler", "processes", "--workers", "0"), "--workers must be at least 1"),
+        (("--scheduler", "processes", "--memory-limit", "100MB"), "too small"),
+    ],
+)
+def test_rank_errors(dump: str, tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
+    line = _one_line_error(_tdump("rank", dump, "-o", str(tmp_path / "x.parquet"), *args))
+    assert needle in line
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_rank_missing_gradients_and_dump(tmp_path: Path) -> None:
+    acts = make_resnet18_dump(str(tmp_path / "a.zarr"), steps=1, interval=1, grads=False)
+    line = _one_line_error(_tdump("rank", acts, "-o", str(tmp_path / "r.parquet")))
+    assert "no gradients for 'relu.output_0'" in line and "--include '.*relu'" in line
+    line = _one_line_error(
+        _tdump("rank", acts, "-c", "taylor-weight", "-o", str(tmp_path / "r.parquet"))
+    )
+    assert "no gradient for 'conv1.weight'" in line
+    line = _one_line_error(_tdump("rank", str(tmp_path / "nope.zarr")))
+    assert "no dump at" in line

@@ -1,0 +1,58 @@
+"""`tdump record` on bad input: one-line errors, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TDUMP = str(Path(sys.executable).parent / "tdump")
+SCRIPT = str(ROOT / "tests" / "capture" / "scripts" / "train_tiny.py")
+
+
+def _record(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [TDUMP, "record", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["missing_script.py"], "no training script at missing_script.py"),
+        (["--include", "(", SCRIPT], "invalid include_regex"),
+        (["--include", "zzz_nothing", SCRIPT, "--", "--steps", "1"], "matches no tensor"),
+        (
+            ["--config", "/no/such/config.yaml", SCRIPT],
+            "config file /no/such/config.yaml not found",
+        ),
+        (["--config", '{"save_interval": 0}', SCRIPT], "save_interval must be a positive integer"),
+        (["--config", '{"bogus": 1}', SCRIPT], "unknown hook setting(s) bogus"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args: list[str], needle: str) -> None:
+    proc = _record("--out", str(tmp_path / "d.zarr"), *args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_out_that_is_not_a_dump(tmp_path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    proc = _record("--out", str(tmp_path / "busy"), SCRIPT)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "not a tdump store" in proc.stderr
+
+
+def test_help_lists_the_options() -> None:
+    proc = _record("--help")
+    assert proc.returncode == 0
+    for opt in ("--out", "--include", "--interval", "--config"):
+        assert opt in proc.stdout
