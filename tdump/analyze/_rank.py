@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -142,20 +143,25 @@ class _RecordReader:
     directly with numcodecs, skipping zarr's async machinery (about 2x faster per
     chunk). Anything else (object stores, sharding, filters, a grown batch axis) goes
     through zarr. A missing chunk reads as the fill value either way.
+
+    With ``scratch=True`` the file bytes and the decoded values land in buffers owned
+    by the calling thread and reused by its next ``scratch`` read of this array: no
+    fresh pages per chunk. That matters on Dask workers, whose allocator hands large
+    freed blocks back to the OS at once (``MALLOC_TRIM_THRESHOLD_``), so every new
+    chunk-sized array would page-fault all over again.
     """
 
     def __init__(self, arr: Any) -> None:
         self.arr = arr
         self._dir: str | None = None
         self._codec: Any = None
+        self._scratch = threading.local()
         try:
             self._setup()
         except Exception:  # any surprise: stay on the zarr path
             self._dir = None
 
     def _setup(self) -> None:
-        import os
-
         from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
         from zarr.storage import LocalStore
 
@@ -178,23 +184,49 @@ class _RecordReader:
                 return
         self._dir = os.path.join(str(arr.store.root), arr.path)
 
-    def read(self, index: int, rows: int | None = None) -> np.ndarray:
-        """Record ``index`` (its first ``rows`` batch rows if given)."""
+    def _buffers(self, nbytes: int) -> tuple[bytearray, np.ndarray]:
+        """This thread's (file bytes, decoded value) buffers; the first grows to ``nbytes``."""
+        raw: bytearray | None = getattr(self._scratch, "raw", None)
+        if raw is None or len(raw) < nbytes:
+            raw = self._scratch.raw = bytearray(nbytes)
+        value: np.ndarray | None = getattr(self._scratch, "value", None)
+        if value is None:
+            value = self._scratch.value = np.empty(self.arr.shape[1:], dtype=self._dtype)
+        return raw, value
+
+    def read(self, index: int, rows: int | None = None, *, scratch: bool = False) -> np.ndarray:
+        """Record ``index`` (its first ``rows`` batch rows if given).
+
+        ``scratch=True``: the result is valid until this thread's next scratch read of
+        this array (see the class docstring); otherwise it is a fresh array.
+        """
         if self._dir is None:
             sel = self.arr[index] if rows is None else self.arr[index, :rows]
             return np.asarray(sel)
-        import os
-
         zeros = (0,) * (len(self.arr.shape) - 1)
         key = self.arr.metadata.encode_chunk_key((index, *zeros))
         try:
-            with open(os.path.join(self._dir, key), "rb") as fh:
-                raw = fh.read()
+            fh = open(os.path.join(self._dir, key), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
             value = np.full(self.arr.shape[1:], self.arr.fill_value, dtype=self.arr.dtype)
-        else:
-            buf = self._codec.decode(raw) if self._codec is not None else raw
-            value = np.frombuffer(buf, dtype=self._dtype).reshape(self.arr.shape[1:])
+            return value if rows is None else value[:rows]
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if scratch:
+                raw_buf, out = self._buffers(size)
+                data = memoryview(raw_buf)[:size]
+                filled = 0
+                while filled < size:
+                    n = fh.readinto(data[filled:])
+                    if not n:
+                        raise OSError(f"{key}: chunk file shorter than its size while reading")
+                    filled += n
+            else:
+                data, out = memoryview(fh.read()), None
+        if self._codec is not None:
+            data = self._codec.decode(data, out=out)
+        # uncompressed: the bytes read (a scratch buffer, or fresh bytes) are the values
+        value = np.frombuffer(data, dtype=self._dtype).reshape(self.arr.shape[1:])
         return value if rows is None else value[:rows]
 
 
@@ -222,7 +254,7 @@ def _record_task(
         for role, name in plan.sources.items():
             arr = _open_array(path, so_json, rank, mode, name)
             rows = batch_size if batched.get(role) and batch_size > 0 else None
-            values[role] = arr.read(index, rows)
+            values[role] = arr.read(index, rows, scratch=True)
         total, count = criterion.partial(values, plan)
         del values
         out[job_index] = (np.asarray(total, dtype=np.float64), int(count))

@@ -200,3 +200,31 @@ def test_write_read_roundtrip(taylor_threads: pd.DataFrame, tmp_path) -> None:  
     assert meta["steps"] == [0, 4] and meta["dump"].endswith("resnet18.zarr")
     assert {"created", "tdump_version"} <= set(meta)
     assert back["channel"].dtype == np.int64 and back["score"].dtype == np.float64
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "zstd-plain", "none"])
+def test_chunk_fast_path_matches_zarr(tmp_path, compression: str) -> None:  # type: ignore[no-untyped-def]
+    from tdump._format import StoreWriter
+    from tdump.analyze._rank import _RecordReader
+    from tdump.capture._writer import make_compressors
+
+    rng = np.random.default_rng(3)
+    w = StoreWriter.create(str(tmp_path / "d.zarr"))
+    rows = [rng.standard_normal((4, 3, 5, 5)).astype(np.float32) for _ in range(3)]
+    for i, value in enumerate(rows):
+        w.write_tensor("train", i, "a.output_0", value, compressors=make_compressors(compression))
+        w.commit("train", i, step=i, batch_size=4)
+    arr = StoreReader(str(tmp_path / "d.zarr")).array("train", "a.output_0")
+    reader = _RecordReader(arr)
+    assert reader._dir is not None  # the direct path, not zarr's
+    first = reader.read(0, scratch=True)
+    np.testing.assert_array_equal(first, rows[0])
+    np.testing.assert_array_equal(reader.read(1, 2, scratch=True), rows[1][:2])
+    # scratch buffers are reused: the earlier result now holds record 1
+    np.testing.assert_array_equal(first, rows[1])
+    fresh = reader.read(2)
+    np.testing.assert_array_equal(fresh, rows[2])
+    np.testing.assert_array_equal(reader.read(0, scratch=True), rows[0])
+    np.testing.assert_array_equal(fresh, rows[2])  # a non-scratch read is its own array
+    missing = reader.read(5, scratch=True)  # never written: the fill value
+    assert missing.shape == (4, 3, 5, 5) and np.isnan(missing).all()
