@@ -44,6 +44,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from tdump._chunks import ChunkFiles, chunk_files
 from tdump._version import __version__
 from tdump.errors import (
     ConfigError,
@@ -151,6 +152,7 @@ class StoreWriter:
         self.rank = rank
         self._rank = group.require_group(_rank_group(rank))
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._files: dict[tuple[str, str], ChunkFiles | None] = {}
         self._records: dict[str, dict[str, zarr.Array]] = {}
         self._counts: dict[str, int] = {}
 
@@ -293,7 +295,13 @@ class StoreWriter:
             padded[tuple(slice(0, n) for n in value.shape)] = value
             value = padded
         _ensure_rows(arr, record + 1)
-        arr[record] = value
+        files = self._files.get(key)
+        if files is None or files.row_shape != shape:  # new, or the batch axis grew
+            files = self._files[key] = chunk_files(arr)
+        if files is not None:
+            files.write(record, value)  # GIL-light: the training thread keeps running
+        else:
+            arr[record] = value
 
     def _create_tensor(
         self,

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tdump._chunks import ChunkFiles, chunk_files
 from tdump._format import StoreReader
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
@@ -138,11 +139,11 @@ def _open_array(path: str, so_json: str, rank: int, mode: str, name: str) -> _Re
 class _RecordReader:
     """Read one record (row 0-axis) of a tensor array.
 
-    Fast path: when a record is exactly one chunk on a local disk and the codecs are
-    ``bytes`` (+ one Blosc or Zstd compressor), the chunk file is read and decoded
-    directly with numcodecs, skipping zarr's async machinery (about 2x faster per
-    chunk). Anything else (object stores, sharding, filters, a grown batch axis) goes
-    through zarr. A missing chunk reads as the fill value either way.
+    Fast path: on a local disk with tdump's codecs a record is one file
+    (:mod:`tdump._chunks`), read and decoded with numcodecs in one call, skipping
+    zarr's async machinery (about 2x faster per chunk). Anything else (object stores,
+    sharding, filters, a grown batch axis) goes through zarr. A missing chunk reads as
+    the fill value either way.
 
     With ``scratch=True`` the file bytes and the decoded values land in buffers owned
     by the calling thread and reused by its next ``scratch`` read of this array: no
@@ -153,45 +154,21 @@ class _RecordReader:
 
     def __init__(self, arr: Any) -> None:
         self.arr = arr
-        self._dir: str | None = None
-        self._codec: Any = None
+        self.files = chunk_files(arr)
         self._scratch = threading.local()
+
+    def _buffers(self, files: ChunkFiles, index: int) -> tuple[bytearray, np.ndarray]:
+        """This thread's (file bytes, decoded value) buffers, the first large enough for ``index``."""
         try:
-            self._setup()
-        except Exception:  # any surprise: stay on the zarr path
-            self._dir = None
-
-    def _setup(self) -> None:
-        from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
-        from zarr.storage import LocalStore
-
-        arr = self.arr
-        codecs = list(arr.metadata.codecs)
-        if not isinstance(arr.store, LocalStore) or tuple(arr.chunks) != (1, *arr.shape[1:]):
-            return
-        if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
-            return
-        endian = getattr(codecs[0].endian, "value", "little")
-        self._dtype = np.dtype(arr.dtype).newbyteorder("<" if endian == "little" else ">")
-        if len(codecs) == 2:
-            import numcodecs
-
-            if isinstance(codecs[1], BloscCodec):
-                self._codec = numcodecs.Blosc()
-            elif isinstance(codecs[1], ZstdCodec):
-                self._codec = numcodecs.Zstd()
-            else:
-                return
-        self._dir = os.path.join(str(arr.store.root), arr.path)
-
-    def _buffers(self, nbytes: int) -> tuple[bytearray, np.ndarray]:
-        """This thread's (file bytes, decoded value) buffers; the first grows to ``nbytes``."""
+            size = os.path.getsize(files.path(index))
+        except OSError:
+            size = 0
         raw: bytearray | None = getattr(self._scratch, "raw", None)
-        if raw is None or len(raw) < nbytes:
-            raw = self._scratch.raw = bytearray(nbytes)
+        if raw is None or len(raw) < size:
+            raw = self._scratch.raw = bytearray(size)
         value: np.ndarray | None = getattr(self._scratch, "value", None)
         if value is None:
-            value = self._scratch.value = np.empty(self.arr.shape[1:], dtype=self._dtype)
+            value = self._scratch.value = np.empty(files.row_shape, dtype=files.dtype)
         return raw, value
 
     def read(self, index: int, rows: int | None = None, *, scratch: bool = False) -> np.ndarray:
@@ -200,34 +177,14 @@ class _RecordReader:
         ``scratch=True``: the result is valid until this thread's next scratch read of
         this array (see the class docstring); otherwise it is a fresh array.
         """
-        if self._dir is None:
-            sel = self.arr[index] if rows is None else self.arr[index, :rows]
-            return np.asarray(sel)
-        zeros = (0,) * (len(self.arr.shape) - 1)
-        key = self.arr.metadata.encode_chunk_key((index, *zeros))
-        try:
-            fh = open(os.path.join(self._dir, key), "rb", buffering=0)  # noqa: SIM115
-        except FileNotFoundError:
-            value = np.full(self.arr.shape[1:], self.arr.fill_value, dtype=self.arr.dtype)
-            return value if rows is None else value[:rows]
-        with fh:
-            size = os.fstat(fh.fileno()).st_size
-            if scratch:
-                raw_buf, out = self._buffers(size)
-                data = memoryview(raw_buf)[:size]
-                filled = 0
-                while filled < size:
-                    n = fh.readinto(data[filled:])
-                    if not n:
-                        raise OSError(f"{key}: chunk file shorter than its size while reading")
-                    filled += n
-            else:
-                data, out = memoryview(fh.read()), None
-        if self._codec is not None:
-            data = self._codec.decode(data, out=out)
-        # uncompressed: the bytes read (a scratch buffer, or fresh bytes) are the values
-        value = np.frombuffer(data, dtype=self._dtype).reshape(self.arr.shape[1:])
-        return value if rows is None else value[:rows]
+        files = self.files
+        if files is None:
+            value = np.asarray(self.arr[index] if rows is None else self.arr[index, :rows])
+        elif scratch:
+            value = files.read(index, *self._buffers(files, index))
+        else:
+            value = files.read(index)
+        return value if rows is None or files is None else value[:rows]
 
 
 Partials = dict[int, tuple[np.ndarray, int]]

@@ -13,7 +13,7 @@ Examples
 >>> model = torchvision.models.resnet18(num_classes=4)
 >>> with Hook("memory://doc/hook.zarr", include_regex=r"layer1\\.0\\.relu", save_interval=1,
 ...           strict=True) as hook:
-...     hook.register_module(model)
+...     _ = hook.register_module(model)
 ...     model(torch.randn(2, 3, 32, 32)).sum().backward()
 >>> from tdump._format import StoreReader
 >>> StoreReader("memory://doc/hook.zarr").tensor_names("train")

@@ -166,7 +166,9 @@ class BackgroundWriter:
             return
         done = threading.Event()
         self._put(("flush", done))
-        done.wait()
+        while not done.wait(0.5):
+            if not self._alive():
+                break
         self.raise_error()
 
     def _put(self, item: tuple[str, Any]) -> None:
@@ -174,7 +176,22 @@ class BackgroundWriter:
             return
         self.raise_error()
         self._start()
-        self._queue.put(item)
+        while True:  # a full queue waits for the writer, never for a writer that died
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._alive():
+                    self.raise_error()
+                    return
+
+    def _alive(self) -> bool:
+        """Whether the writer thread still runs; records why not in ``error`` when it died."""
+        if self._thread is not None and not self._thread.is_alive():
+            if self.error is None:
+                self.error = RuntimeError("the tdump writer thread stopped unexpectedly")
+            return False
+        return True
 
     def raise_error(self) -> None:
         """Re-raise an error the writer thread hit (once)."""
@@ -190,7 +207,12 @@ class BackgroundWriter:
             return
         self.closed = True
         if self._thread is not None:
-            self._queue.put(("stop", None))
+            while self._alive():
+                try:
+                    self._queue.put(("stop", None), timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
             self._thread.join()
         self.raise_error()
 

@@ -216,7 +216,7 @@ def test_chunk_fast_path_matches_zarr(tmp_path, compression: str) -> None:  # ty
         w.commit("train", i, step=i, batch_size=4)
     arr = StoreReader(str(tmp_path / "d.zarr")).array("train", "a.output_0")
     reader = _RecordReader(arr)
-    assert reader._dir is not None  # the direct path, not zarr's
+    assert reader.files is not None  # the direct path, not zarr's
     first = reader.read(0, scratch=True)
     np.testing.assert_array_equal(first, rows[0])
     np.testing.assert_array_equal(reader.read(1, 2, scratch=True), rows[1][:2])

@@ -1,0 +1,141 @@
+"""Whole-record chunk files of a local tensor array, read and written without zarr's machinery.
+
+A tensor array of the store (docs/FORMAT.md) has one chunk per record. On a local disk
+with the codecs tdump writes (``bytes``, then at most one Blosc or Zstd compressor), a
+record is one file that numcodecs can encode or decode in one call. Going straight to
+that file skips zarr's per-chunk asyncio pipeline, which matters twice:
+
+* the capture writer thread then holds the GIL for microseconds per chunk instead of
+  milliseconds, so the training thread is not starved while a saved step is written;
+* rankers decode into reused buffers (no fresh pages per chunk).
+
+The files are exactly what zarr writes and reads (same keys, codecs, atomic
+temporary-file-and-rename writes); any other array gets ``None`` from
+:func:`chunk_files` and goes through zarr.
+
+Examples
+--------
+>>> import numpy as np, tempfile, os, zarr
+>>> root = zarr.open_group(os.path.join(tempfile.mkdtemp(), "d.zarr"), mode="w")
+>>> arr = root.create_array("t", shape=(4, 3), chunks=(1, 3), dtype="f4", fill_value=np.nan)
+>>> files = chunk_files(arr)
+>>> files.write(1, np.arange(3, dtype="f4"))
+>>> arr[1].tolist(), files.read(1).tolist(), files.read(2).tolist()
+([0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [nan, nan, nan])
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+import zarr
+
+__all__ = ["ChunkFiles", "chunk_files"]
+
+
+class ChunkFiles:
+    """The record files of one array; build with :func:`chunk_files`."""
+
+    def __init__(self, arr: zarr.Array, directory: str, codec: Any, dtype: np.dtype) -> None:
+        self.arr = arr
+        self.directory = directory
+        self.codec = codec  # a numcodecs codec, or None for uncompressed chunks
+        self.dtype = dtype  # the stored byte order
+        self.row_shape: tuple[int, ...] = tuple(arr.shape[1:])
+        self._zeros = (0,) * len(self.row_shape)
+        self._made: set[str] = set()
+
+    def path(self, index: int) -> str:
+        """File of record ``index``."""
+        key = self.arr.metadata.encode_chunk_key((index, *self._zeros))
+        return os.path.join(self.directory, key)
+
+    def write(self, index: int, value: np.ndarray) -> None:
+        """Write record ``index`` (shape ``row_shape``) atomically: temporary file, then rename."""
+        if value.shape != self.row_shape:
+            raise ValueError(f"record of shape {value.shape}, array rows are {self.row_shape}")
+        data = np.require(value, dtype=self.dtype, requirements="C")  # keeps 0-d scalars 0-d
+        encoded = self.codec.encode(data) if self.codec is not None else data.data.cast("B")
+        path = self.path(index)
+        folder = os.path.dirname(path)
+        if folder not in self._made:
+            os.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"  # readers skip *.partial (docs/FORMAT.md)
+        try:
+            with open(tmp, "wb", buffering=0) as fh:
+                view = memoryview(encoded)
+                while view.nbytes:
+                    view = view[fh.write(view) :]
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def read(
+        self, index: int, raw: bytearray | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Record ``index``; the fill value where it was never written.
+
+        ``raw`` (at least the file's size) and ``out`` (``row_shape``, stored dtype) are
+        optional buffers to read and decode into; the result may be a view of either.
+        """
+        try:
+            fh = open(self.path(index), "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if raw is not None and len(raw) >= size:
+                data: Any = memoryview(raw)[:size]
+                filled = 0
+                while filled < size:
+                    n = fh.readinto(data[filled:])
+                    if not n:
+                        raise OSError(f"{self.path(index)} is shorter than its size while reading")
+                    filled += n
+            else:
+                data = fh.read()
+        if self.codec is not None:
+            data = self.codec.decode(data, out=out)
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)
+
+
+def chunk_files(arr: zarr.Array) -> ChunkFiles | None:
+    """A :class:`ChunkFiles` for ``arr`` if its records are plain local files, else ``None``."""
+    try:
+        import numcodecs
+        from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+        from zarr.storage import LocalStore
+
+        codecs = list(arr.metadata.codecs)  # type: ignore[union-attr]
+        if not isinstance(arr.store, LocalStore) or tuple(arr.chunks) != (1, *arr.shape[1:]):
+            return None
+        if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
+            return None
+        endian = getattr(codecs[0].endian, "value", "little")
+        dtype = np.dtype(arr.dtype).newbyteorder("<" if endian == "little" else ">")
+        codec: Any = None
+        if len(codecs) == 2:
+            comp = codecs[1]
+            if isinstance(comp, BloscCodec):
+                shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
+                    getattr(comp.shuffle, "value", "shuffle")
+                ]
+                codec = numcodecs.Blosc(
+                    cname=getattr(comp.cname, "value", "zstd"),
+                    clevel=comp.clevel,
+                    shuffle=shuffle,
+                    blocksize=comp.blocksize,
+                )
+            elif isinstance(comp, ZstdCodec):
+                codec = numcodecs.Zstd(level=comp.level, checksum=comp.checksum)
+            else:
+                return None
+        return ChunkFiles(arr, os.path.join(str(arr.store.root), arr.path), codec, dtype)
+    except Exception:  # any surprise (a zarr change, odd metadata): let zarr do it
+        return None

@@ -1,0 +1,54 @@
+"""The background writer: back-pressure, and no hang when its thread dies."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdump._format import StoreReader, StoreWriter
+from tdump.capture._writer import BackgroundWriter, PendingRecord
+
+
+def _record(step: int) -> PendingRecord:
+    rec = PendingRecord("train", step, batch_size=2)
+    rec.add(
+        "fc.weight", torch.full((2, 3), float(step)), dims=("out_feature", "in_feature"), attrs={}
+    )
+    return rec
+
+
+def test_records_are_written_in_order(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.zarr")
+    w = BackgroundWriter(lambda: StoreWriter.create(path), queue_size=1)
+    for step in range(5):
+        w.submit(_record(step))
+    w.close()
+    r = StoreReader(path)
+    assert r.steps("train").tolist() == [0, 1, 2, 3, 4]
+    assert r.array("train", "fc.weight")[3].tolist() == [[3.0] * 3] * 2
+
+
+class _DyingWriter(BackgroundWriter):
+    """A writer thread that stops after its first record (as an uncaught error would)."""
+
+    def _run(self) -> None:
+        _kind, item = self._queue.get()
+        self._write(item)
+        self.started.wait()  # the test fills the queue before the thread goes away
+
+    started = threading.Event()
+
+
+def test_dead_writer_thread_raises_instead_of_hanging(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.zarr")
+    w = _DyingWriter(lambda: StoreWriter.create(path), queue_size=1)
+    w.submit(_record(0))
+    w.submit(_record(1))  # fills the queue
+    w.started.set()
+    with pytest.raises(RuntimeError, match="writer thread stopped"):
+        for step in range(2, 6):  # would block forever on the full queue
+            w.submit(_record(step))
+    assert StoreReader(path).steps("train").tolist() == [0]  # what was written stays readable
