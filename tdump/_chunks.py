@@ -33,7 +33,19 @@ from typing import Any
 import numpy as np
 import zarr
 
-__all__ = ["ChunkFiles", "chunk_files"]
+__all__ = ["CHUNK_KEY_ENCODING", "ChunkFiles", "chunk_files", "chunk_prefix"]
+
+#: Tensor arrays name chunk files ``c.<record>.0.0...``, flat in the array's folder: one
+#: file per record and no folder to create per record and tensor (creating folders is
+#: the costliest part of writing a record on many file systems).
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+
+
+def chunk_prefix(arr: zarr.Array) -> tuple[str, str]:
+    """``(prefix, separator)`` of ``arr``'s chunk keys in the store: ``("<path>/c.", ".")``."""
+    sep = getattr(arr.metadata.chunk_key_encoding, "separator", "/")  # type: ignore[union-attr]
+    sep = getattr(sep, "value", sep)
+    return f"{arr.path}/c{sep}", str(sep)
 
 
 class ChunkFiles:

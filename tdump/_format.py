@@ -44,7 +44,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from tdump._chunks import ChunkFiles, chunk_files
+from tdump._chunks import CHUNK_KEY_ENCODING, ChunkFiles, chunk_files, chunk_prefix
 from tdump._version import __version__
 from tdump.errors import (
     ConfigError,
@@ -329,6 +329,7 @@ class StoreWriter:
             fill_value=fill,
             compressors=compressors,
             dimension_names=["record", *dims],
+            chunk_key_encoding=CHUNK_KEY_ENCODING,  # type: ignore[arg-type]
             attributes={"tdump": meta},
             # a row equal to the fill value (an int scalar 0) must still be written:
             # readers find saved records from the chunk listing (saved_records)
@@ -466,11 +467,14 @@ class StoreReader:
         """Indices of committed records at which ``name`` holds data (from the chunk listing)."""
         arr = self.array(mode, name, rank)
         n = self.num_records(mode, rank)
-        prefix = arr.path + "/c/"
+        prefix, sep = chunk_prefix(arr)
         rows: set[int] = set()
         store = self._root.store
-        for key in zarr.core.sync.sync(_collect(store.list_prefix(prefix))):
-            head = key[len(prefix) :].split("/", 1)[0]
+        # list the array's folder: stores list by path segments, and "c." is no segment
+        for key in zarr.core.sync.sync(_collect(store.list_prefix(arr.path + "/"))):
+            if not key.startswith(prefix):
+                continue
+            head = key[len(prefix) :].split(sep, 1)[0]
             if head.isdigit() and not key.endswith(".partial"):
                 rows.add(int(head))
         return np.array(sorted(r for r in rows if r < n), dtype=np.int64)

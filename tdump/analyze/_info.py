@@ -42,6 +42,10 @@ def _size_prefix(reader: StoreReader, prefix: str) -> int:
     return int(zarr.core.sync.sync(store.getsize_prefix(prefix)))
 
 
+def _size_key(reader: StoreReader, key: str) -> int:
+    return int(zarr.core.sync.sync(reader.root.store.getsize(key)))
+
+
 def _ratio(logical: int, stored: int) -> float | None:
     return round(logical / stored, 3) if stored else None
 
@@ -169,7 +173,8 @@ def _tensor_info(reader: StoreReader, mode: str, name: str, rank: int) -> dict[s
     steps = reader.steps(mode, rank)[saved]
     shape = [int(s) for s in arr.shape[1:]]
     logical = int(len(saved) * math.prod(shape) * np.dtype(arr.dtype).itemsize)
-    stored = _size_prefix(reader, arr.path + "/c/")
+    # the array's folder less its metadata document: chunk keys share no path segment
+    stored = _size_prefix(reader, arr.path + "/") - _size_key(reader, arr.path + "/zarr.json")
     return {
         "name": name,
         "mode": mode,
