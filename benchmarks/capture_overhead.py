@@ -45,7 +45,12 @@ def _step(
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "/c/" in f.as_posix())
+    """Bytes of chunk files (``c.<record>...`` of tensors, ``c/<i>`` of the records arrays)."""
+    return sum(
+        f.stat().st_size
+        for f in path.rglob("*")
+        if f.is_file() and (f.name.startswith("c.") or "/c/" in f.as_posix())
+    )
 
 
 def run_interval(

@@ -60,8 +60,13 @@ def _files(path: Path) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
 
 
+def _is_chunk(f: str) -> bool:
+    """A chunk file: ``c.<record>...`` of a tensor array, ``c/<i>`` of a records array."""
+    return os.path.basename(f).startswith("c.") or "/c/" in f
+
+
 def stored_bytes(path: Path, sub: str = "") -> int:
-    return sum(os.path.getsize(f) for f in _files(path / sub) if "/c/" in f or not sub)
+    return sum(os.path.getsize(f) for f in _files(path / sub) if _is_chunk(f) or not sub)
 
 
 # --------------------------------------------------------------------------- dump making
@@ -221,7 +226,7 @@ def codec_speed(path: Path, budget_bytes: int = 300 << 20) -> tuple[float, float
         elif cfg["name"] == "zstd":
             codec = numcodecs.Zstd()
             label = "zstd"
-    chunks = [f for f in _files(path / "rank0" / "train" / "tensors") if "/c/" in f]
+    chunks = [f for f in _files(path / "rank0" / "train" / "tensors") if _is_chunk(f)]
     blobs, total = [], 0
     for f in chunks:
         blobs.append(Path(f).read_bytes())
