@@ -391,7 +391,7 @@ class StoreReader:
         self.path = str(path)
         # Dask workers may run in another working directory: hand them absolute paths.
         self.location = self.path if "://" in self.path else os.path.abspath(self.path)
-        self._root = _open_existing(self.location, storage_options)
+        self._root = _open_existing(self.location, storage_options, shown=self.path)
         _check_format(self.path, self._root.attrs.get("tdump"))
 
     @property
@@ -492,24 +492,28 @@ async def _collect(it: Any) -> list[str]:
     return [k async for k in it]
 
 
-def _open_existing(path: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+def _open_existing(
+    path: str, storage_options: Mapping[str, Any] | None, *, shown: str | None = None
+) -> zarr.Group:
+    """Open the root group at ``path``; errors name ``shown`` (the path as the user gave it)."""
+    where = shown or path
     opts = dict(storage_options or {}) or None
     if "://" not in path:
         if not os.path.exists(path):
             raise DumpNotFoundError(
-                f"no dump at {path}; check the path (create one with `tdump record`)"
+                f"no dump at {where}; check the path (create one with `tdump record`)"
             )
         if not os.path.exists(os.path.join(path, "zarr.json")):
             raise NotADumpError(
-                f"{path} is not a tdump store (no zarr.json); point at a dump made by `tdump record`"
+                f"{where} is not a tdump store (no zarr.json); point at a dump made by `tdump record`"
             )
     try:
         return zarr.open_group(path, mode="r", storage_options=opts)
     except FileNotFoundError as exc:
         raise DumpNotFoundError(
-            f"no dump at {path}; check the path (create one with `tdump record`)"
+            f"no dump at {where}; check the path (create one with `tdump record`)"
         ) from exc
     except (zarr.errors.ContainsArrayError, ValueError, KeyError) as exc:
         raise NotADumpError(
-            f"{path} is not a tdump store ({exc}); point at a dump made by `tdump record`"
+            f"{where} is not a tdump store ({exc}); point at a dump made by `tdump record`"
         ) from exc

@@ -79,10 +79,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(summary))
             return
         first, last = meta["steps"]
+        saved = int(df["steps"].max())
         console.print(
             f"ranked {len(df)} filters in {df['layer'].nunique()} conv layers by "
             f"{meta['criterion']} ({mode} steps {first}..{last}, "
-            f"{int(df['steps'].max())} saved steps)",
+            f"{saved} saved step{'' if saved == 1 else 's'})",
             soft_wrap=True,
         )
         console.print("10 weakest filters:")
