@@ -181,7 +181,9 @@ class StoreWriter:
             ) from exc
         meta = root.attrs.get("tdump")
         if meta is None:
-            if any(True for _ in root):
+            # DDP ranks create the root together: one rank's (re)creation of the root
+            # document can drop the attributes another wrote. Rank groups alone mean tdump.
+            if any(not re.fullmatch(r"rank\d+", key) for key in root):
                 raise NotADumpError(
                     f"{path} is a Zarr group that tdump did not write; choose another --out path"
                 )

@@ -52,3 +52,18 @@ def test_dead_writer_thread_raises_instead_of_hanging(tmp_path: Path) -> None:
         for step in range(2, 6):  # would block forever on the full queue
             w.submit(_record(step))
     assert StoreReader(path).steps("train").tolist() == [0]  # what was written stays readable
+
+
+def test_rank_joining_after_root_was_recreated(tmp_path: Path) -> None:
+    """DDP ranks create the root together; a rank's late re-creation drops the root's attrs."""
+    import zarr
+
+    path = str(tmp_path / "ddp.zarr")
+    StoreWriter.create(path, rank=0, world_size=2)
+    zarr.open_group(path, mode="a").attrs.clear()  # what a racing rank's create leaves
+    StoreWriter.create(path, rank=1, world_size=2)
+    assert StoreReader(path).ranks() == [0, 1]
+    foreign = str(tmp_path / "foreign.zarr")
+    zarr.open_group(foreign, mode="w").create_group("images")
+    with pytest.raises(ValueError, match="did not write"):
+        StoreWriter.create(foreign)
