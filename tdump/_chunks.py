@@ -88,6 +88,21 @@ class ChunkFiles:
                 os.unlink(tmp)
             raise
 
+    def prefetch(self, index: int) -> None:
+        """Ask the OS to start reading record ``index`` in the background (a hint only)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.path(index), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def read(
         self, index: int, raw: bytearray | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:

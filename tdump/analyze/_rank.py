@@ -205,6 +205,11 @@ def _record_task(
     Only one layer's tensors are in memory at a time; the result is a per-channel
     float64 vector and a count per job index.
     """
+    for _, plan, _ in work:  # queue the whole record's reads now: the disk works while we compute
+        for name in plan.sources.values():
+            files = _open_array(path, so_json, rank, mode, name).files
+            if files is not None:
+                files.prefetch(index)
     out: Partials = {}
     for job_index, plan, batched in work:
         values: dict[str, np.ndarray] = {}
