@@ -298,8 +298,8 @@ class StoreWriter:
             value = padded
         _ensure_rows(arr, record + 1)
         files = self._files.get(key)
-        if files is None or files.row_shape != shape:  # new, or the batch axis grew
-            files = self._files[key] = chunk_files(arr)
+        if key not in self._files or (files is not None and files.row_shape != shape):
+            files = self._files[key] = chunk_files(arr)  # new, or the batch axis grew
         if files is not None:
             files.write(record, value)  # GIL-light: the training thread keeps running
         else:
