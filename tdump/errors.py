@@ -14,6 +14,8 @@ True
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -25,6 +27,7 @@ __all__ = [
     "SelectionError",
     "TdumpError",
     "UntraceableModelError",
+    "compile_regex",
 ]
 
 
@@ -69,3 +72,20 @@ class CheckpointError(TdumpError, ValueError):
 
 class UntraceableModelError(TdumpError, RuntimeError):
     """torch.fx could not trace the model; the message names the module."""
+
+
+def compile_regex(regex: str | None, what: str = "regex") -> re.Pattern[str] | None:
+    """Compile a user's selection regex (``None`` stays ``None``).
+
+    Raises :class:`SelectionError` ``invalid <what> '<regex>': <reason>`` when it does
+    not compile.
+
+    >>> compile_regex("relu").search("layer1.0.relu.output_0") is not None
+    True
+    """
+    if regex is None:
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise SelectionError(f"invalid {what} {regex!r}: {exc}") from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +28,7 @@ import zarr.core.sync
 from tdump._format import FORMAT_NAME, FORMAT_VERSION, StoreReader
 from tdump._version import __version__
 from tdump.analyze._open import open_reader
-from tdump.errors import MissingTensorError, SelectionError
+from tdump.errors import MissingTensorError, SelectionError, compile_regex
 
 __all__ = ["SCHEMA_VERSION", "summarize"]
 
@@ -86,12 +85,7 @@ def summarize(
         ``rank`` or ``mode`` is not in the dump.
     """
     reader = open_reader(path, storage_options)
-    pattern = None
-    if regex is not None:
-        try:
-            pattern = re.compile(regex)
-        except re.error as exc:
-            raise SelectionError(f"invalid regex {regex!r}: {exc}") from None
+    pattern = compile_regex(regex)
     ranks = reader.ranks()
     if rank is not None:
         if rank not in ranks:

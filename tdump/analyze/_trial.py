@@ -26,7 +26,6 @@ Examples
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ import numpy as np
 
 from tdump._format import MODES, StoreReader
 from tdump.analyze._open import did_you_mean, open_reader
-from tdump.errors import ConfigError, MissingTensorError, SelectionError
+from tdump.errors import ConfigError, MissingTensorError, compile_regex
 
 __all__ = ["Trial", "TrialTensor"]
 
@@ -172,12 +171,7 @@ class Trial:
         SelectionError
             ``regex`` does not compile.
         """
-        pattern = None
-        if regex is not None:
-            try:
-                pattern = re.compile(regex)
-            except re.error as exc:
-                raise SelectionError(f"invalid regex {regex!r}: {exc}") from None
+        pattern = compile_regex(regex)
         out: set[str] = set()
         for m in self._modes_for(mode):
             for name in self._names[m]:

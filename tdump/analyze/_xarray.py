@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -41,7 +40,7 @@ from tdump.analyze._open import (
     open_reader,
     resolve_modes,
 )
-from tdump.errors import MissingTensorError, SelectionError
+from tdump.errors import MissingTensorError, compile_regex
 
 __all__ = ["TdumpBackendEntrypoint", "TdumpDatasetAccessor", "TdumpTreeAccessor"]
 
@@ -185,12 +184,9 @@ def _drop(drop_variables: str | Iterable[str] | None) -> tuple[str, ...]:
 
 
 def _match(names: Iterable[str], regex: str | None) -> list[str]:
-    if regex is None:
+    pattern = compile_regex(regex)
+    if pattern is None:
         return sorted(names)
-    try:
-        pattern = re.compile(regex)
-    except re.error as exc:
-        raise SelectionError(f"invalid regex {regex!r}: {exc}") from None
     return sorted(n for n in names if pattern.search(n))
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tdump.errors import ConfigError, SelectionError
+from tdump.errors import ConfigError, compile_regex
 
 __all__ = [
     "ALWAYS_ON",
@@ -100,7 +100,7 @@ class CollectionConfig:
         if self.save_steps is not None:
             object.__setattr__(self, "save_steps", tuple(int(s) for s in self.save_steps))
         _check_interval(self.save_interval)
-        _compile(self.include_regex, f"include_regex of collection {self.name}")
+        compile_regex(self.include_regex, f"include_regex of collection {self.name}")
 
     def should_save(self, step: int, hook: HookConfig, mode: str = "train") -> bool:
         """Whether this collection is saved at ``step`` of ``mode`` under ``hook``'s schedule."""
@@ -121,15 +121,6 @@ class CollectionConfig:
 def _check_interval(value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ConfigError(f"save_interval must be a positive integer, got {value!r}")
-
-
-def _compile(regex: str | None, what: str) -> re.Pattern[str] | None:
-    if regex is None:
-        return None
-    try:
-        return re.compile(regex)
-    except re.error as exc:
-        raise SelectionError(f"invalid {what} {regex!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -210,8 +201,8 @@ class HookConfig:
         _check_interval(self.save_interval)
         if self.save_steps is not None:
             object.__setattr__(self, "save_steps", tuple(int(s) for s in self.save_steps))
-        _compile(self.include_regex, "include_regex")
-        _compile(self.exclude_regex, "exclude_regex")
+        compile_regex(self.include_regex, "include_regex")
+        compile_regex(self.exclude_regex, "exclude_regex")
         codec = self.compression.split(":")[0]
         if codec not in COMPRESSIONS:
             raise ConfigError(
