@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-__all__ = ["CHUNK_KEY_ENCODING", "ChunkFiles", "chunk_files", "chunk_prefix"]
+__all__ = ["CHUNK_KEY_ENCODING", "ChunkFiles", "Scratch", "chunk_files", "chunk_prefix"]
 
 #: Tensor arrays name chunk files ``c.<record>.0.0...``, flat in the array's folder: one
 #: file per record and no folder to create per record and tensor (creating folders is
@@ -46,6 +46,14 @@ def chunk_prefix(arr: zarr.Array) -> tuple[str, str]:
     sep = getattr(arr.metadata.chunk_key_encoding, "separator", "/")  # type: ignore[union-attr]
     sep = getattr(sep, "value", sep)
     return f"{arr.path}/c{sep}", str(sep)
+
+
+class Scratch:
+    """Reusable buffers for :meth:`ChunkFiles.read` (one per thread and array)."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray()  # the file's bytes
+        self.value: np.ndarray | None = None  # the decoded record
 
 
 class ChunkFiles:
@@ -103,22 +111,27 @@ class ChunkFiles:
         finally:
             os.close(fd)
 
-    def read(
-        self, index: int, raw: bytearray | None = None, out: np.ndarray | None = None
-    ) -> np.ndarray:
+    def read(self, index: int, scratch: Scratch | None = None) -> np.ndarray:
         """Record ``index``; the fill value where it was never written.
 
-        ``raw`` (at least the file's size) and ``out`` (``row_shape``, stored dtype) are
-        optional buffers to read and decode into; the result may be a view of either.
+        With ``scratch`` the file is read and decoded into its buffers (grown as
+        needed) and the result is a view of them, valid until the next read into the
+        same scratch; without, the result is a fresh array.
         """
         try:
             fh = open(self.path(index), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
             return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
+        out = None
         with fh:
             size = os.fstat(fh.fileno()).st_size
-            if raw is not None and len(raw) >= size:
-                data: Any = memoryview(raw)[:size]
+            if scratch is not None:
+                if len(scratch.raw) < size:
+                    scratch.raw = bytearray(size)
+                if scratch.value is None:
+                    scratch.value = np.empty(self.row_shape, dtype=self.dtype)
+                out = scratch.value
+                data: Any = memoryview(scratch.raw)[:size]
                 filled = 0
                 while filled < size:
                     n = fh.readinto(data[filled:])

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,14 +28,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tdump._chunks import ChunkFiles, chunk_files
+from tdump._chunks import Scratch, chunk_files
 from tdump._format import StoreReader
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
 from tdump.analyze._mapping import Dataflow
-from tdump.analyze._ranks_io import RANKS_FORMAT, RANKS_VERSION, normalize_scores
+from tdump.analyze._ranks_io import COLUMNS, RANKS_FORMAT, RANKS_VERSION, normalize_scores
 from tdump.analyze._schedule import ProgressFn, execute
-from tdump.errors import ConfigError, MissingTensorError, SelectionError
+from tdump.errors import ConfigError, MissingTensorError, SelectionError, compile_regex
 
 __all__ = ["parse_steps", "rank"]
 
@@ -155,21 +153,7 @@ class _RecordReader:
     def __init__(self, arr: Any) -> None:
         self.arr = arr
         self.files = chunk_files(arr)
-        self._scratch = threading.local()
-
-    def _buffers(self, files: ChunkFiles, index: int) -> tuple[bytearray, np.ndarray]:
-        """This thread's (file bytes, decoded value) buffers, the first large enough for ``index``."""
-        try:
-            size = os.path.getsize(files.path(index))
-        except OSError:
-            size = 0
-        raw: bytearray | None = getattr(self._scratch, "raw", None)
-        if raw is None or len(raw) < size:
-            raw = self._scratch.raw = bytearray(size)
-        value: np.ndarray | None = getattr(self._scratch, "value", None)
-        if value is None:
-            value = self._scratch.value = np.empty(files.row_shape, dtype=files.dtype)
-        return raw, value
+        self._threads = threading.local()  # each thread's Scratch
 
     def read(self, index: int, rows: int | None = None, *, scratch: bool = False) -> np.ndarray:
         """Record ``index`` (its first ``rows`` batch rows if given).
@@ -181,7 +165,9 @@ class _RecordReader:
         if files is None:
             value = np.asarray(self.arr[index] if rows is None else self.arr[index, :rows])
         elif scratch:
-            value = files.read(index, *self._buffers(files, index))
+            if not hasattr(self._threads, "scratch"):
+                self._threads.scratch = Scratch()
+            value = files.read(index, self._threads.scratch)
         else:
             value = files.read(index)
         return value if rows is None or files is None else value[:rows]
@@ -279,10 +265,8 @@ def _select_layers(flow: Dataflow, layers: str | None) -> list[str]:
     convs = flow.convs()
     if layers is None:
         return convs
-    try:
-        rx = re.compile(layers)
-    except re.error as exc:
-        raise SelectionError(f"invalid --layers regex {layers!r}: {exc}") from None
+    rx = compile_regex(layers, "--layers regex")
+    assert rx is not None
     picked = [c for c in convs if rx.search(c)]
     if not picked:
         raise SelectionError(
@@ -455,19 +439,7 @@ def rank(
         )
     df = normalize_scores(pd.concat(frames, ignore_index=True), normalize)
     used = [r.step for job in jobs for r in job.records]
-    df = df[
-        [
-            "layer",
-            "channel",
-            "score",
-            "score_norm",
-            "criterion",
-            "steps",
-            "examples",
-            "sources",
-            "mode",
-        ]
-    ]
+    df = df[list(COLUMNS)]  # the documented column order (docs/FORMAT.md section 2)
     df.attrs["tdump"] = {
         "format": RANKS_FORMAT,
         "format_version": RANKS_VERSION,
