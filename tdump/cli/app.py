@@ -15,7 +15,7 @@ app = typer.Typer(
     name="tdump",
     help="Capture tensors from training into Zarr, rank conv filters with Dask, prune checkpoints.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
