@@ -68,6 +68,7 @@ class Checker:
                 raise ConfigError(f"rule {r.name} given twice; give each rule once")
             seen.add(r.name)
         per_rule = split_params(dict(params or {}), loaded)
+        self.storage_options = dict(storage_options) if storage_options else None
         self.trial = Trial(dump, rank=rank, storage_options=storage_options)
         self.rules: list[tuple[str, Any]] = []
         for r in loaded:
@@ -128,6 +129,10 @@ def _construct(r: LoadedRule, trial: Trial, params: dict[str, Any], mode: str | 
     return rule
 
 
+def _in(mode: str | None) -> str:
+    return f" ({mode})" if mode else ""
+
+
 def _rule_steps(rule: Any, trial: Trial) -> list[int]:
     if callable(getattr(rule, "steps", None)):
         return list(rule.steps())
@@ -147,11 +152,13 @@ def check(
     storage_options: Mapping[str, Any] | None = None,
     on_firing: OnFiring | None = None,
     progress: bool = False,
+    evaluated: dict[str, int] | None = None,
 ) -> list[Firing]:
     """Evaluate ``rules`` at every committed step of ``dump``; the firings, in rule then step order.
 
     A rule that raises is reported once (``Firing.error``), not invoked again; the
-    other rules go on. Parameters as for :class:`Checker`.
+    other rules go on. Parameters as for :class:`Checker`; ``evaluated``, when given,
+    is filled with the number of steps each rule was invoked at.
 
     Raises
     ------
@@ -178,6 +185,8 @@ def check(
     finally:
         if bar is not None:
             bar[0].stop()
+    if evaluated is not None:
+        evaluated.update({name: len(steps) for name, steps in checker.seen.items()})
     return out
 
 
@@ -205,6 +214,7 @@ def watch(
     stop: bool = True,
     requested_by: str = "tdump check --watch",
     on_firing: OnFiring | None = None,
+    evaluated: dict[str, int] | None = None,
 ) -> list[Firing]:
     """Follow a dump that training is still writing; evaluate each step as it commits.
 
@@ -233,6 +243,25 @@ def watch(
             if timeout is not None and time.monotonic() - last_new > timeout:
                 raise
             time.sleep(poll)
+    try:
+        return _follow(checker, url, poll, timeout, until_step, stop, requested_by, on_firing)
+    finally:
+        if evaluated is not None:
+            evaluated.update({name: len(steps) for name, steps in checker.seen.items()})
+
+
+def _follow(
+    checker: Checker,
+    url: str,
+    poll: float,
+    timeout: float | None,
+    until_step: int | None,
+    stop: bool,
+    requested_by: str,
+    on_firing: OnFiring | None,
+) -> list[Firing]:
+    storage_options = checker.storage_options
+    last_new = time.monotonic()
     out: list[Firing] = []
     counts: tuple[int, ...] = ()
     while True:
@@ -247,13 +276,13 @@ def watch(
                 on_firing(hit)
             if not hit.error:
                 if stop:
-                    reason = f"rule {hit.rule} fired at {hit.mode or 'step'} {hit.step}: {hit.why}"
+                    reason = f"rule {hit.rule} fired at step {hit.step}{_in(hit.mode)}: {hit.why}"
                     write_stop_request(
                         url,
                         reason,
                         requested_by=requested_by,
                         step=hit.step,
-                        storage_options=dict(storage_options) if storage_options else None,
+                        storage_options=storage_options,
                     )
                 return out
         now_counts = tuple(len(checker.trial.records(m)["step"]) for m in checker.trial.modes())
