@@ -240,7 +240,7 @@ class LossNotDecreasing(Rule):
 
     With ``L`` the loss values (mean over elements) at the saved steps ``<= step``:
     ``prev = mean(L[-2w:-w])``, ``cur = mean(L[-w:])``; fires when
-    ``prev - cur <= min_decrease * |prev|`` (needs ``2w`` saved steps).
+    ``prev - cur <= min_decrease * |prev|`` or either is NaN (needs ``2w`` saved steps).
     """
 
     collections: tuple[str, ...] = ("losses",)
@@ -281,7 +281,7 @@ class LossNotDecreasing(Rule):
         values = [self._cache[s] for s in steps]
         prev = float(np.mean(values[: self.window]))
         cur = float(np.mean(values[self.window :]))
-        if prev - cur <= self.min_decrease * abs(prev):
+        if not prev - cur > self.min_decrease * abs(prev):  # a NaN loss is not decreasing
             return self.fire(
                 f"{name}: mean over steps {steps[self.window]}..{steps[-1]} is {cur:.4g}, "
                 f"over steps {steps[0]}..{steps[self.window - 1]} {prev:.4g} "
