@@ -122,7 +122,10 @@ def register(app: typer.Typer) -> None:
         from tdump.analyze.rules import check, load_rule, parse_params
         from tdump.analyze.rules import watch as watch_dump
         from tdump.cli._console import console, err_console
+        from tdump.errors import ConfigError
 
+        if watch and poll <= 0:
+            raise ConfigError(f"--poll must be > 0 seconds, got {poll:g}")
         params = parse_params(param)
         names = [load_rule(r).name for r in rule]
         evaluated: dict[str, int] = {}
