@@ -87,6 +87,13 @@ def test_exit_codes_text_and_json(sick: str, capsys, monkeypatch) -> None:
     assert [f["step"] for f in rule["fired"]] == [3, 4, 5]
 
 
+def test_exit_code_constant_matches_the_library() -> None:
+    from tdump.analyze.rules import FIRED_EXIT_CODE
+    from tdump.cli import cmd_check
+
+    assert cmd_check.FIRED_EXIT_CODE == FIRED_EXIT_CODE == 3
+
+
 def test_healthy_dump_exits_0(tmp_path: Path, capsys, monkeypatch) -> None:
     path = str(tmp_path / "ok.zarr")
     write(path, {"train": [(s, _record(s)) for s in range(BAD)]})
