@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from tdump._chunks import ChunkFiles, chunk_files
 from tdump._format import MODES, StoreReader
 from tdump.analyze._open import did_you_mean, open_reader
 from tdump.errors import ConfigError, MissingTensorError, compile_regex
@@ -93,15 +92,6 @@ class Trial:
         self._names = {m: self._reader.tensor_names(m, self.rank) for m in self._modes}
         self._attrs: dict[tuple[str, str], dict[str, Any]] = {}
         self._saved: dict[tuple[str, str], np.ndarray] = {}
-        self._arrays: dict[tuple[str, str], tuple[Any, ChunkFiles | None]] = {}
-
-    def _array(self, mode: str, name: str) -> tuple[Any, ChunkFiles | None]:
-        """The tensor's Zarr array and, on a local disk, its record files (read without zarr)."""
-        key = (mode, name)
-        if key not in self._arrays:
-            arr = self._reader.array(mode, name, self.rank)
-            self._arrays[key] = (arr, chunk_files(arr))
-        return self._arrays[key]
 
     # -- the run
     def modes(self) -> list[str]:
@@ -326,10 +316,8 @@ class TrialTensor:
             hit = rows[rec["step"][rows] == step]
             if hit.size:
                 row = int(hit[-1])
-                arr, files = self._trial._array(m, self.name)
-                out = np.asarray(arr[row]) if files is None else files.read(row)
-                if not out.flags.writeable:
-                    out = out.copy()
+                arr = self._trial.reader.array(m, self.name, self._trial.rank)
+                out = np.asarray(arr[row])
                 bs = int(rec["batch_size"][row])
                 if bs >= 0 and self.dims(m)[:1] == ("batch",):
                     out = out[:bs]
