@@ -8,10 +8,12 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tdump._control import read_stop_request
 from tdump._format import StoreWriter
 from tdump.analyze import watch
+from tdump.errors import ConfigError, DumpNotFoundError
 from tests.analyze.rules_helpers import append, tensor, write
 
 BAD = 12
@@ -74,3 +76,15 @@ def test_watch_idle_timeout_and_evaluated_counts(tmp_path: Path) -> None:
     assert watch(path, ["exploding_tensor"], poll=0.05, timeout=0.3, evaluated=seen) == []
     assert 0.3 <= time.monotonic() - t0 < 10
     assert seen == {"exploding_tensor": 5}
+
+
+def test_watch_refuses_bad_rules_before_the_dump_exists(tmp_path: Path) -> None:
+    later = str(tmp_path / "later.zarr")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="unknown rule 'nope'"):
+        watch(later, ["nope"], timeout=30)
+    with pytest.raises(ConfigError, match="--param x: no rule given takes it"):
+        watch(later, ["dead_relu"], params={"x": 1}, timeout=30)
+    assert time.monotonic() - t0 < 5  # refused at once, not after waiting for the dump
+    with pytest.raises(DumpNotFoundError):  # a dump that never appears: gives up after timeout
+        watch(str(tmp_path / "never.zarr"), ["dead_relu"], poll=0.05, timeout=0.2)

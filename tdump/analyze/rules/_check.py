@@ -24,7 +24,13 @@ from tdump._control import write_stop_request
 from tdump.analyze._trial import Trial
 from tdump.analyze.rules._base import Firing, RuleSkip
 from tdump.analyze.rules._load import LoadedRule, load_rule, split_params
-from tdump.errors import ConfigError, DumpNotFoundError, NotADumpError, TdumpError
+from tdump.errors import (
+    ConfigError,
+    DumpNotFoundError,
+    MissingTensorError,
+    NotADumpError,
+    TdumpError,
+)
 
 __all__ = ["Checker", "check", "watch"]
 
@@ -233,16 +239,20 @@ def watch(
         raise ConfigError(f"--poll must be > 0 seconds, got {poll}")
     url = os.fspath(dump)
     last_new = time.monotonic()
-    checker = None
-    while checker is None:
+    # bad rules and parameters are refused now, not once the dump appears
+    split_params(dict(params or {}), [load_rule(r) for r in rules])
+    while True:
         try:
-            checker = Checker(
-                url, rules, params=params, mode=mode, rank=rank, storage_options=storage_options
-            )
-        except (DumpNotFoundError, NotADumpError):
+            # training may not have created the store, or its rank group, yet
+            Trial(url, rank=rank, storage_options=storage_options)
+            break
+        except (DumpNotFoundError, NotADumpError, MissingTensorError):
             if timeout is not None and time.monotonic() - last_new > timeout:
                 raise
             time.sleep(poll)
+    checker = Checker(
+        url, rules, params=params, mode=mode, rank=rank, storage_options=storage_options
+    )
     try:
         return _follow(checker, url, poll, timeout, until_step, stop, requested_by, on_firing)
     finally:
