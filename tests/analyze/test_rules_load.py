@@ -46,7 +46,8 @@ PLAIN = """
             self.limit = limit
 
         def invoke_at_step(self, step):
-            return float(self.trial.tensor("loss.output_0").value(step)) > self.limit
+            mode = getattr(self, "mode", None)  # set by check(mode=...) / --mode
+            return float(self.trial.tensor("loss.output_0").value(step, mode=mode)) > self.limit
 
     class Boom:
         def __init__(self, trial, at=20):
@@ -180,3 +181,28 @@ def test_params_scoped_and_shared(dump: str) -> None:
     assert [(f.rule, f.step) for f in firings] == [("exploding_tensor", s) for s in (0, 10, 20, 30)]
     assert firings[0].why == "loss.output_0: max |x| 1 > 0.001"
     assert firings[2].why == "loss.output_0: 1 NaN, 0 Inf"
+
+
+def test_mode_applies_to_builtins_and_plain_classes(tmp_path: Path) -> None:
+    path = str(tmp_path / "modes.zarr")
+    ok, bad = np.float32(0.5), np.float32("nan")
+    write(
+        path,
+        {
+            "train": [(s, {"loss.output_0": tensor("losses", ok, "loss")}) for s in range(3)],
+            "eval": [
+                (s, {"loss.output_0": tensor("losses", bad if s == 1 else ok, "loss")})
+                for s in range(3)
+            ],
+        },
+    )
+    assert check(path, ["exploding_tensor"]) == []  # train by default
+    assert [(f.step, f.mode) for f in check(path, ["exploding_tensor"], mode="eval")] == [
+        (1, "eval")
+    ]
+    rules = _file(tmp_path, PLAIN)
+    # a plain class without a mode: every mode's steps (train 0..2 and eval 0..2 merged)
+    assert [f.step for f in check(path, [f"{rules}:LossAbove"], params={"limit": 0.4})] == [0, 1, 2]
+    # --mode sets its mode attribute: eval's NaN is not > 0.4, the others are
+    hits = check(path, [f"{rules}:LossAbove"], params={"limit": 0.4}, mode="eval")
+    assert [(f.step, f.mode) for f in hits] == [(0, "eval"), (2, "eval")]
