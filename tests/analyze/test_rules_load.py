@@ -10,7 +10,7 @@ import pytest
 
 from tdump.analyze import check
 from tdump.analyze.rules import load_rule, parse_params
-from tdump.errors import ConfigError, MissingTensorError
+from tdump.errors import ConfigError, TdumpError
 from tests.analyze.rules_helpers import tensor, write
 
 
@@ -159,10 +159,15 @@ def test_bad_rule_specs(tmp_path: Path, dump: str, spec: str, needle: str) -> No
         ),
         (["loss_not_decreasing"], ["tensor=loss.outptu_0"], "did you mean 'loss.output_0'?"),
         (["dead_relu", "dead_relu"], [], "rule dead_relu given twice"),
+        (
+            ["exploding_tensor"],
+            ["tensor_regex=(loss"],
+            "rule exploding_tensor: invalid tensor regex '(loss'",
+        ),
     ],
 )
 def test_bad_params(dump: str, rules: list[str], params: list[str], needle: str) -> None:
-    with pytest.raises((ConfigError, MissingTensorError)) as info:
+    with pytest.raises(TdumpError) as info:
         check(dump, rules, params=parse_params(params))
     assert needle in str(info.value) and "\n" not in str(info.value)
 

@@ -90,7 +90,7 @@ class Checker:
                 continue
             try:
                 steps = _rule_steps(rule, self.trial)
-            except TdumpError:
+            except MissingTensorError:
                 continue  # the data it needs is not in the dump (yet)
             out.extend((name, rule, s) for s in steps if s not in self.seen[name])
         return out
@@ -132,6 +132,12 @@ def _construct(r: LoadedRule, trial: Trial, params: dict[str, Any], mode: str | 
         rule.mode = mode
     if not hasattr(rule, "trial"):
         rule.trial = trial  # smdebug-shaped classes that do not call a base __init__
+    try:
+        _rule_steps(rule, trial)  # a bad tensor regex is refused now, in one line
+    except MissingTensorError:
+        pass  # not in the dump yet (a watcher waits)
+    except TdumpError as exc:
+        raise type(exc)(f"rule {r.name}: {exc}") from None
     return rule
 
 
