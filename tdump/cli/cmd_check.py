@@ -166,13 +166,17 @@ def register(app: typer.Typer) -> None:
                 evaluated=evaluated,
             )
         report = _report(dump, names, firings, evaluated)
+        fired = [f for f in firings if not f.error]
+        if watch:
+            stopped = fired and not no_stop
+            report["stop_request_step"] = fired[0].step if stopped else None
         if as_json:
             typer.echo(json.dumps(report))
         else:
             _render(report)
-            fired = [f for f in firings if not f.error]
-            if watch and fired and not no_stop:
+            if watch and report["stop_request_step"] is not None:
                 console.print(
-                    f"stop request written to {dump} (step {fired[0].step})", soft_wrap=True
+                    f"stop request written to {dump} (step {report['stop_request_step']})",
+                    soft_wrap=True,
                 )
         raise typer.Exit(report["exit_code"])

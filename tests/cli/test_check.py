@@ -272,3 +272,15 @@ def test_live_training_is_stopped(tmp_path: Path) -> None:
     steps = trial.steps("train")
     assert steps == list(range(len(steps))) and k <= steps[-1] <= k + 40, steps[-5:]
     assert np.isnan(trial.tensor("3.weight").value(k)).sum() == 1
+
+
+def test_watch_json_no_stop(sick: str, capsys, monkeypatch) -> None:
+    args = ["check", sick, "--watch", "-r", "exploding_tensor", "--poll", "0.05", "--timeout", "5"]
+    code, out, _ = _main(capsys, monkeypatch, *args, "--no-stop", "--json")
+    report = json.loads(out)
+    assert code == 3 and report["stop_request_step"] is None and read_stop_request(sick) is None
+    assert [f["step"] for f in report["rules"][0]["fired"]] == [BAD]  # the watch ends at the first
+    code, out, _ = _main(capsys, monkeypatch, *args, "--json")
+    assert code == 3 and json.loads(out)["stop_request_step"] == BAD
+    req = read_stop_request(sick)
+    assert req is not None and req.step == BAD
