@@ -38,6 +38,7 @@ from tdump._format import StoreWriter, grad_name, output_name
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._model import (
     first_tensor,
+    fx_tracing,
     module_tree,
     unwrap,
 )
@@ -50,6 +51,8 @@ __all__ = ["Hook", "active_hooks", "record_loss"]
 log = logging.getLogger("tdump.capture")
 _HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()
 _STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Records a provisional (held) hook keeps in memory before it commits to its model.
+HOLD_LIMIT = 8
 
 
 def active_hooks(*, explicit_only: bool = False) -> list[Hook]:
@@ -183,6 +186,8 @@ class Hook:
             queue_size=config.queue_size,
         )
         self._meta: dict[str, Any] = {}
+        # Records kept back while auto capture's model pick is provisional (None: write).
+        self._held: list[PendingRecord] | None = None
         #: Source of the records' ``time`` (unix seconds); replaceable for reproducible dumps.
         self.clock: Callable[[], float] = time.time
         _HOOKS.add(self)
@@ -268,6 +273,38 @@ class Hook:
         """Wait until every record handed to the writer so far is committed."""
         self._writer.flush()
 
+    def check_existing(self) -> None:
+        """Check that the model fits the dump being appended to (a no-op otherwise)."""
+
+    def hold(self) -> None:
+        """Keep finished records in memory instead of writing them, until :meth:`release`.
+
+        Auto capture holds while its pick of the model is provisional, so that a wrong
+        first pick (a submodule called alone, say) never creates or touches the store.
+        """
+        if self._held is None and self._writer.store is None:
+            self._held = []
+
+    @property
+    def holding(self) -> bool:
+        """Whether records are being held back (see :meth:`hold`)."""
+        return self._held is not None
+
+    def release(self) -> None:
+        """Write the records held back by :meth:`hold` and write directly from now on."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        for rec in held:
+            self._submit(rec)
+
+    def discard(self) -> None:
+        """Drop this hook without writing anything (a provisional pick that was wrong)."""
+        self._closed = True
+        self._held = None
+        self._cur = None
+        self._detach()
+
     def close(self) -> None:
         """Finish the step in progress, write everything queued, detach all hooks."""
         if self._closed:
@@ -275,6 +312,7 @@ class Hook:
         self._closed = True
         try:
             self._guard(self._finish)()
+            self._guard(self.release)()
         finally:
             self._detach()
             try:
@@ -382,6 +420,11 @@ class Hook:
         raise last
 
     def _submit(self, rec: PendingRecord) -> None:
+        if self._held is not None:
+            self._held.append(rec)
+            if len(self._held) >= HOLD_LIMIT:
+                self.release()
+            return
         if self._meta:
             meta, self._meta = self._meta, {}
             self._writer.update_meta(**meta)
@@ -404,10 +447,27 @@ class Hook:
         return cfg.saved_collections(step, mode)
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._cur is not None:
-            self._finish()
+        if fx_tracing():
+            return  # torch.fx calls with proxies (symbolic_trace, tdump.load): not a step
         mode = self._current_mode(module)
-        if mode == "train" and self.config.step_source == "optimizer":
+        optimizer_steps = mode == "train" and self.config.step_source == "optimizer"
+        cur = self._cur
+        if (
+            optimizer_steps
+            and cur is not None
+            and cur.mode == "train"
+            and cur.step == self._opt_steps
+            and not cur.backward_seen
+        ):
+            # The step's earlier forward saw no backward (a dry run, a summary): this
+            # forward of the same optimizer step replaces it.
+            self._cur = None
+            cur.close()
+            self._begin(module, args, mode, cur.step, cur.collections)
+            return
+        if cur is not None:
+            self._finish()
+        if optimizer_steps:
             step = self._opt_steps
             if step == self._last_train_step:
                 return  # another forward within the same optimizer step
@@ -464,6 +524,9 @@ class Hook:
         for h in cur.handles:  # forward hooks go now; parameter gradient hooks at the step's end
             h.remove()
         cur.handles.clear()
+        for out in _tensors(output):
+            if out.requires_grad:
+                cur.grad_handles.append(out.register_hook(self._guard(cur.saw_backward)))
         if cur.trace:
             self._traced.add(cur.mode)
             self._calls[cur.mode] = cur.calls
@@ -479,6 +542,17 @@ class Hook:
         rec.wall_time = self.clock()
         if rec.entries or cur.trace:
             self._submit(rec)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a module's output (a tensor, or one level of tuple/list/dict)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
 
 
 def _close_quietly(ref: weakref.ReferenceType[Hook]) -> None:
