@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
 import weakref
@@ -42,6 +41,7 @@ from tdump.capture._model import (
     module_tree,
     unwrap,
 )
+from tdump.capture._out import Existing, module_differences, prepare_out, resolve_rank
 from tdump.capture._step import SavedStep
 from tdump.capture._writer import BackgroundWriter, PendingRecord
 from tdump.errors import ConfigError, NotADumpError, SelectionError, TdumpError
@@ -72,35 +72,6 @@ def record_loss(loss: torch.Tensor, *inputs: torch.Tensor) -> None:
     """
     for h in active_hooks():
         h.record_loss(loss, *inputs)
-
-
-def _resolve_rank(cfg: HookConfig) -> tuple[int, int]:
-    if cfg.rank is not None:
-        return cfg.rank, cfg.world_size or max(cfg.rank + 1, 1)
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except Exception:  # pragma: no cover - broken installs
-        pass
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_out_path(path: str) -> None:
-    """Refuse a local ``path`` that exists but is not a dump (one-line error)."""
-    if "://" in path or not os.path.exists(path):
-        return
-    if os.path.isfile(path):
-        raise NotADumpError(f"{path} is a file, not a tdump store; choose another --out path")
-    if os.path.exists(os.path.join(path, "zarr.json")):
-        from tdump._format import StoreReader
-
-        StoreReader(path)  # raises NotADumpError / FormatVersionError
-    elif os.listdir(path):
-        raise NotADumpError(
-            f"{path} is a non-empty directory that is not a tdump store; choose another --out path"
-        )
 
 
 class Hook:
@@ -157,7 +128,7 @@ class Hook:
         return hook
 
     def _init(self, config: HookConfig, *, auto: bool) -> None:
-        check_out_path(config.out)
+        self._existing: Existing | None = prepare_out(config)  # one-line errors, before training
         self.config = config
         self._auto = auto
         self._root: nn.Module | None = None
@@ -168,8 +139,12 @@ class Hook:
         self._handles: list[Any] = []
         self._mode: str | None = config.mode
         self._next: dict[str, int] = {"train": 0, "eval": 0, "predict": 0}
-        self._opt_steps = 0
-        self._last_train_step = -1
+        if self._existing is not None:  # appending: step numbers go on from the last run
+            for m, n in self._existing.next_steps.items():
+                if m in self._next:
+                    self._next[m] = n
+        self._opt_steps = self._next["train"]
+        self._last_train_step = self._opt_steps - 1
         self._cur: SavedStep | None = None
         self._traced: set[str] = set()
         self._calls: dict[str, list[dict[str, Any]]] = {}
@@ -223,6 +198,8 @@ class Hook:
         self._candidates = [
             (p, m) for p, m in root.named_modules() if p and self._module_selected(p)
         ]
+        if self._held is None:
+            self.check_existing()
         self._handles.append(root.register_forward_pre_hook(self._guard(self._root_pre)))
         self._meta["modules"] = module_tree(root)
         return self
@@ -274,7 +251,16 @@ class Hook:
         self._writer.flush()
 
     def check_existing(self) -> None:
-        """Check that the model fits the dump being appended to (a no-op otherwise)."""
+        """Refuse (one line) a model that differs from the one in the dump being appended to."""
+        old = self._existing.modules if self._existing is not None else None
+        if old is None or self._root is None:
+            return
+        diffs = module_differences(old, module_tree(self._root))
+        if diffs:
+            raise ConfigError(
+                f"cannot append to {self.out}: it holds another model ({len(diffs)} "
+                f"difference(s), first: {diffs[0]}); pass --overwrite or choose another --out path"
+            )
 
     def hold(self) -> None:
         """Keep finished records in memory instead of writing them, until :meth:`release`.
@@ -313,6 +299,11 @@ class Hook:
         try:
             self._guard(self._finish)()
             self._guard(self.release)()
+            if self._writer.store is not None and self._enabled:
+                # where an appending run goes on (a killed run: after its last committed step)
+                nxt = dict(self._next)
+                nxt["train"] = max(nxt["train"], self._opt_steps)
+                self._guard(self._writer.update_meta)(next_steps=nxt)
         finally:
             self._detach()
             try:
@@ -404,12 +395,16 @@ class Hook:
 
     # ------------------------------------------------------------------ store
     def _open_store(self) -> StoreWriter:
-        rank, world = _resolve_rank(self.config)
+        rank, world = resolve_rank(self.config)
         last: Exception | None = None
         for _ in range(20):  # ranks racing to create the root group
             try:
                 return StoreWriter.create(
-                    self.config.out, rank=rank, world_size=world, config=self.config.to_dict()
+                    self.config.out,
+                    rank=rank,
+                    world_size=world,
+                    config=self.config.to_dict(),
+                    mode="create" if self.config.write_mode == "create" else "append",
                 )
             except NotADumpError as exc:
                 if world <= 1:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import HookConfig
-from tdump.capture._hook import Hook, active_hooks, check_out_path, log
+from tdump.capture._hook import Hook, active_hooks, log
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.errors import ConfigError, TdumpError
 
@@ -232,7 +232,6 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     """
     if not os.path.isfile(script):
         raise ConfigError(f"no training script at {script}; check the path")
-    check_out_path(config.out)
     if args and args[0] == "--":
         args = args[1:]
     elif "--" in args:
