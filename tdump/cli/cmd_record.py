@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperArgument, TyperCommand
 
@@ -22,7 +21,7 @@ class _RecordCommand(TyperCommand):
             if isinstance(param, TyperArgument):
                 param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
 
-    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return ["[OPTIONS]", "SCRIPT", "[-- ARGS...]"]
 
 
