@@ -38,6 +38,7 @@ import datetime as _dt
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -479,7 +480,10 @@ class StoreReader:
 
     def ranks(self) -> list[int]:
         """Ranks that wrote into this dump, ascending."""
-        found = [int(k[4:]) for k in self._root.group_keys() if re.fullmatch(r"rank\d+", k)]
+        with warnings.catch_warnings():  # tdump.stop.json (docs/FORMAT.md) is no Zarr node
+            warnings.simplefilter("ignore")
+            keys = list(self._root.group_keys())
+        found = [int(k[4:]) for k in keys if re.fullmatch(r"rank\d+", k)]
         return sorted(found)
 
     def meta(self, rank: int = 0) -> dict[str, Any]:

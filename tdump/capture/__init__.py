@@ -17,6 +17,7 @@ from tdump.capture._config import (
     HookConfig,
     load_config,
 )
+from tdump.capture._exit import TrainingStopped
 from tdump.capture._hook import Hook, active_hooks, record_loss
 from tdump.capture._record import AutoCapture, run_script
 
@@ -29,6 +30,7 @@ __all__ = [
     "CollectionConfig",
     "Hook",
     "HookConfig",
+    "TrainingStopped",
     "active_hooks",
     "load_config",
     "record_loss",

@@ -22,8 +22,9 @@ Examples
 
 from __future__ import annotations
 
-import atexit
+import functools
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -33,8 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from tdump._control import POLL_SECONDS, StopRequest, read_stop_request
 from tdump._format import StoreWriter, grad_name, output_name
 from tdump.capture._config import CollectionConfig, HookConfig
+from tdump.capture._exit import (
+    CLOSE_TIMEOUT,
+    TrainingStopped,
+    at_exit,
+    exiting,
+    install_sigterm,
+)
 from tdump.capture._model import (
     first_tensor,
     fx_tracing,
@@ -163,10 +172,12 @@ class Hook:
         self._meta: dict[str, Any] = {}
         # Records kept back while auto capture's model pick is provisional (None: write).
         self._held: list[PendingRecord] | None = None
+        # when to look for a stop request next (also at every saved step)
+        self._next_poll = time.monotonic() + POLL_SECONDS
         #: Source of the records' ``time`` (unix seconds); replaceable for reproducible dumps.
         self.clock: Callable[[], float] = time.time
         _HOOKS.add(self)
-        atexit.register(_close_quietly, weakref.ref(self))
+        at_exit(functools.partial(_close_quietly, weakref.ref(self)))
 
     # ------------------------------------------------------------------ public API
     @property
@@ -200,6 +211,7 @@ class Hook:
         ]
         if self._held is None:
             self.check_existing()
+        install_sigterm()  # SIGTERM commits what is queued, like SIGINT (docs/capture.md)
         self._handles.append(root.register_forward_pre_hook(self._guard(self._root_pre)))
         self._meta["modules"] = module_tree(root)
         return self
@@ -307,7 +319,7 @@ class Hook:
         finally:
             self._detach()
             try:
-                self._writer.close()
+                self._writer.close(timeout=CLOSE_TIMEOUT if exiting() else None)
             except Exception as exc:
                 if self.config.strict:
                     raise
@@ -367,6 +379,8 @@ class Hook:
                 return None
             try:
                 return fn(*args, **kwargs)
+            except TrainingStopped:
+                raise  # ends training on purpose
             except Exception as exc:
                 self._fail(exc)
                 return None
@@ -472,9 +486,35 @@ class Hook:
             step = self._next[mode]
             self._next[mode] = step + 1
         colls = self._collections_at(step, mode)
+        if colls or time.monotonic() >= self._next_poll:
+            request = self._stop_request()
+            if request is not None:
+                self._stop(request, mode, step)
         if not colls:
             return
         self._begin(module, args, mode, step, colls)
+
+    # ------------------------------------------------------------------ stop requests
+    def _stop_request(self) -> StopRequest | None:
+        """The dump's stop request, if any (at saved steps, else every POLL_SECONDS)."""
+        self._next_poll = time.monotonic() + POLL_SECONDS
+        try:
+            return read_stop_request(self.config.out)
+        except Exception as exc:  # an unreachable store must not stop training
+            log.debug("tdump: looking for a stop request failed: %s", exc)
+            return None
+
+    def _stop(self, request: StopRequest, mode: str, step: int) -> None:
+        """Commit what is queued, close the store, end training with TrainingStopped."""
+        by = f" by {request.requested_by}" if request.requested_by else ""
+        reason = request.reason or "no reason given"
+        message = (
+            f"stop requested{by} ({reason}); training stopped before {mode} step {step}, "
+            f"the dump {self.out} is closed"
+        )
+        print(f"tdump: {message}", file=sys.stderr, flush=True)
+        self.close()
+        raise TrainingStopped(message, request)
 
     def _begin(
         self, root: nn.Module, args: tuple[Any, ...], mode: str, step: int, colls: frozenset[str]

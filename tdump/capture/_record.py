@@ -27,6 +27,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
@@ -38,11 +39,13 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import HookConfig
+from tdump.capture._exit import install_sigterm, mark_exiting
 from tdump.capture._hook import Hook, active_hooks, log
 from tdump.capture._model import fx_tracing, param_count, unwrap
+from tdump.capture._out import local_path, resolve_rank
 from tdump.errors import ConfigError, TdumpError
 
-__all__ = ["AutoCapture", "run_script"]
+__all__ = ["AutoCapture", "dump_size", "run_script", "summarize"]
 
 FUNCTIONAL_LOSS_HINT = (
     "tdump: the loss is not an nn.Module (a functional loss such as F.cross_entropy?), so the "
@@ -228,7 +231,9 @@ def _overlaps(module: nn.Module, param_ids: set[int]) -> bool:
 def run_script(script: str, args: list[str], config: HookConfig) -> int:
     """Run ``script`` as ``__main__`` with ``sys.argv = [script, *args]`` under :class:`AutoCapture`.
 
-    Returns the script's exit code. Bad paths are refused before the script starts.
+    Returns the script's exit code: 130 after SIGINT, 143 after SIGTERM (queued
+    records are committed first), 75 when a stop request ended training. Bad paths
+    are refused before the script starts.
     """
     if not os.path.isfile(script):
         raise ConfigError(f"no training script at {script}; check the path")
@@ -237,12 +242,17 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     elif "--" in args:
         args = [a for i, a in enumerate(args) if not (a == "--" and "--" not in args[:i])]
     auto = AutoCapture(config)
+    restore = install_sigterm()
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
+    except KeyboardInterrupt:
+        mark_exiting()
+        print("tdump: interrupted (SIGINT): committing queued records", file=sys.stderr)
+        code = 130
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
@@ -250,7 +260,10 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     finally:
         sys.argv = old_argv
         sys.path[:] = old_path
-        auto.close()
+        try:
+            auto.close()
+        finally:
+            restore()
     hook = auto.hook
     if hook._root is None and auto.active is False and not active_hooks(explicit_only=True):
         log.warning("tdump: no trained model was seen, nothing recorded")
@@ -258,6 +271,51 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     if counts:
         summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
         print(f"tdump: recorded {summary} record(s) to {config.out}", file=sys.stderr)
+        for line in summarize(config.out, resolve_rank(config)[0]):
+            print(line, file=sys.stderr)
     elif hook._root is None:
         print("tdump: no trained module was seen; nothing recorded", file=sys.stderr)
     return code
+
+
+def dump_size(out: str) -> int:
+    """Bytes the dump at ``out`` takes (committed files; ``*.partial`` left out)."""
+    local = local_path(out)
+    if local is not None:
+        total = 0
+        for folder, _, files in os.walk(local):
+            for name in files:
+                if not name.endswith(".partial"):
+                    with contextlib.suppress(FileNotFoundError):  # renamed while we walked
+                        total += os.stat(os.path.join(folder, name)).st_size
+        return total
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out)
+    return int(fs.du(root))
+
+
+def summarize(out: str, rank: int = 0) -> list[str]:
+    """Lines for the end of ``tdump record``: saved steps, size, a warning for one step.
+
+    >>> summarize("memory://doc/none.zarr")
+    []
+    """
+    from tdump._format import StoreReader
+
+    try:
+        reader = StoreReader(out)
+        train = reader.steps("train", rank) if rank in reader.ranks() else None
+        size = dump_size(out)
+    except (TdumpError, OSError):
+        return []
+    if train is None:
+        return []
+    lines = [f"tdump: {out} holds {len(train)} saved train step(s), {size / 1e6:.1f} MB"]
+    if len(train) == 1:
+        lines.append(
+            f"tdump: warning: only one saved train step (step {int(train[0])}), so ranking sees "
+            "the model at that one step (at step 0: untrained); save more steps with a smaller "
+            "--interval (e.g. --interval 10) or --config '{\"save_steps\": [...]}'"
+        )
+    return lines
