@@ -308,6 +308,11 @@ class Hook:
         if self._closed:
             return
         self._closed = True
+        cur = self._cur
+        if exiting() and cur is not None and cur.mode == "train" and not cur.backward_seen:
+            # a signal cut the step before its backward: an incomplete record is not kept
+            self._cur = None
+            cur.close()
         try:
             self._guard(self._finish)()
             self._guard(self.release)()
