@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import threading
 import time
 import weakref
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdump._control import POLL_SECONDS, StopRequest, read_stop_request
+from tdump._control import POLL_SECONDS
 from tdump._format import StoreWriter, grad_name, output_name
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
@@ -44,9 +43,8 @@ from tdump.capture._exit import (
     exiting,
     install_sigterm,
 )
+from tdump.capture._lifecycle import StepLifecycle
 from tdump.capture._model import (
-    first_tensor,
-    fx_tracing,
     module_tree,
     unwrap,
 )
@@ -83,7 +81,7 @@ def record_loss(loss: torch.Tensor, *inputs: torch.Tensor) -> None:
         h.record_loss(loss, *inputs)
 
 
-class Hook:
+class Hook(StepLifecycle):
     """Capture regex-selected tensors of a PyTorch model into a tdump store.
 
     Parameters
@@ -443,156 +441,6 @@ class Hook:
             meta, self._meta = self._meta, {}
             self._writer.update_meta(**meta)
         self._writer.submit(rec)
-
-    # ------------------------------------------------------------------ step lifecycle
-    def _current_mode(self, root: nn.Module) -> str:
-        return self._mode or ("train" if root.training else "eval")
-
-    def _collections_at(self, step: int, mode: str) -> frozenset[str]:
-        cfg = self.config
-        if self._uniform:
-            if (cfg.start_step is not None and step < cfg.start_step) or (
-                cfg.end_step is not None and step >= cfg.end_step
-            ):
-                return frozenset()
-            assert self._all is not None
-            hit = (step - (cfg.start_step or 0)) % cfg.interval(mode) == 0
-            return self._all if hit else frozenset()
-        return cfg.saved_collections(step, mode)
-
-    def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if fx_tracing():
-            return  # torch.fx calls with proxies (symbolic_trace, tdump.load): not a step
-        mode = self._current_mode(module)
-        optimizer_steps = mode == "train" and self.config.step_source == "optimizer"
-        cur = self._cur
-        if (
-            optimizer_steps
-            and cur is not None
-            and cur.mode == "train"
-            and cur.step == self._opt_steps
-            and not cur.backward_seen
-        ):
-            # The step's earlier forward saw no backward (a dry run, a summary): this
-            # forward of the same optimizer step replaces it.
-            self._cur = None
-            cur.close()
-            self._begin(module, args, mode, cur.step, cur.collections)
-            return
-        if cur is not None:
-            self._finish()
-        if optimizer_steps:
-            step = self._opt_steps
-            if step == self._last_train_step:
-                return  # another forward within the same optimizer step
-            self._last_train_step = step
-            self._next["train"] = step + 1
-        else:
-            step = self._next[mode]
-            self._next[mode] = step + 1
-        colls = self._collections_at(step, mode)
-        if colls or time.monotonic() >= self._next_poll:
-            request = self._stop_request()
-            if request is not None:
-                self._stop(request, mode, step)
-        if not colls:
-            return
-        self._begin(module, args, mode, step, colls)
-
-    # ------------------------------------------------------------------ stop requests
-    def _stop_request(self) -> StopRequest | None:
-        """The dump's stop request, if any (at saved steps, else every POLL_SECONDS)."""
-        self._next_poll = time.monotonic() + POLL_SECONDS
-        try:
-            return read_stop_request(self.config.out)
-        except Exception as exc:  # an unreachable store must not stop training
-            log.debug("tdump: looking for a stop request failed: %s", exc)
-            return None
-
-    def _stop(self, request: StopRequest, mode: str, step: int) -> None:
-        """Commit what is queued, close the store, end training with TrainingStopped."""
-        by = f" by {request.requested_by}" if request.requested_by else ""
-        reason = request.reason or "no reason given"
-        message = (
-            f"stop requested{by} ({reason}); training stopped before {mode} step {step}, "
-            f"the dump {self.out} is closed"
-        )
-        print(f"tdump: {message}", file=sys.stderr, flush=True)
-        self.close()
-        raise TrainingStopped(message, request)
-
-    def _begin(
-        self, root: nn.Module, args: tuple[Any, ...], mode: str, step: int, colls: frozenset[str]
-    ) -> None:
-        cur = SavedStep(
-            mode,
-            step,
-            colls,
-            trace=mode not in self._traced,
-            selected=self._selected,
-            guard=self._guard,
-            reduction=self.config.reduction,
-            dtype=self._dtype,
-        )
-        self._cur = cur
-        x = first_tensor(args)
-        if x is not None and x.dim() > 0:
-            cur.record.batch_size = int(x.shape[0])
-        if cur.trace:
-            for a in args:
-                if isinstance(a, torch.Tensor):
-                    cur.producers[id(a)] = ("<input>", a)
-        cur.save_params(root)
-        want_outputs = colls & {"activations", "activation_gradients"}
-        modules = self._candidates if want_outputs else []
-        if cur.trace:
-            seen = {id(m) for _, m in modules}
-            leaves = [
-                (p, m)
-                for p, m in root.named_modules()
-                if p and id(m) not in seen and next(m.children(), None) is None
-            ]
-            modules = [*modules, *leaves]
-        for path, mod in modules:
-            cur.handles.append(mod.register_forward_hook(self._guard(cur.make_fwd(path))))
-        cur.handles.append(root.register_forward_hook(self._guard(self._root_post)))
-
-    def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        cur = self._cur
-        if cur is None:
-            return
-        for h in cur.handles:  # forward hooks go now; parameter gradient hooks at the step's end
-            h.remove()
-        cur.handles.clear()
-        for out in _tensors(output):
-            if out.requires_grad:
-                cur.grad_handles.append(out.register_hook(self._guard(cur.saw_backward)))
-        if cur.trace:
-            self._traced.add(cur.mode)
-            self._calls[cur.mode] = cur.calls
-            self._meta["calls"] = dict(self._calls)
-            cur.producers.clear()
-
-    def _finish(self) -> None:
-        """End the saved step in progress: drop its hooks and hand its record to the writer."""
-        cur, self._cur = self._cur, None
-        if cur is None:
-            return
-        rec = cur.close()
-        rec.wall_time = self.clock()
-        if rec.entries or cur.trace:
-            self._submit(rec)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors of a module's output (a tensor, or one level of tuple/list/dict)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [v for v in value if isinstance(v, torch.Tensor)]
-    return []
 
 
 def _close_quietly(ref: weakref.ReferenceType[Hook]) -> None:
