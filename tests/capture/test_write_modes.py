@@ -89,3 +89,16 @@ def test_overwrite_replaces(tmp_path) -> None:
     assert r.steps("train").tolist() == [0, 1, 2]
     assert "weight" not in r.tensor_names("train") and "block.0.weight" in r.tensor_names("train")
     assert not os.path.exists(os.path.join(out, "rank0", "train", "tensors", "weight"))
+
+
+def test_summary_counts_steps_and_warns_on_one(tmp_path, capfd) -> None:
+    out = str(tmp_path / "one.zarr")
+    cfg = HookConfig(out=out, include_regex=".*")  # interval 100 on a 3-step script
+    assert run_script(SCRIPT, [], cfg) == 0
+    err = capfd.readouterr().err
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    assert f"holds 1 saved train step(s), {size / 1e6:.1f} MB" in err
+    assert "warning: only one saved train step (step 0)" in err and "--interval" in err
+    assert _record(str(tmp_path / "many.zarr")) == 0
+    err = capfd.readouterr().err
+    assert "holds 3 saved train step(s)" in err and "warning" not in err
