@@ -15,8 +15,9 @@ with status 143. Only installed where the script left SIGTERM at its default.
 
 Examples
 --------
->>> calls = []
->>> at_exit(lambda: calls.append("flushed"))  # runs at interpreter exit
+>>> err = Terminated()  # what SIGTERM raises in the main thread
+>>> isinstance(err, SystemExit), err.code
+(True, 143)
 """
 
 from __future__ import annotations
