@@ -8,6 +8,9 @@ Examples
 100
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tdump.capture._config import (
     COLLECTIONS,
     DEFAULT_INCLUDE,
@@ -18,8 +21,19 @@ from tdump.capture._config import (
     load_config,
 )
 from tdump.capture._exit import TrainingStopped
-from tdump.capture._hook import Hook, active_hooks, record_loss
-from tdump.capture._record import AutoCapture, run_script
+
+if TYPE_CHECKING:
+    from tdump.capture._hook import Hook, active_hooks, record_loss
+    from tdump.capture._record import AutoCapture, run_script
+
+# torch loads on first use of these, so `tdump record` checks its input before importing it
+_LAZY = {
+    "Hook": "tdump.capture._hook",
+    "active_hooks": "tdump.capture._hook",
+    "record_loss": "tdump.capture._hook",
+    "AutoCapture": "tdump.capture._record",
+    "run_script": "tdump.capture._record",
+}
 
 __all__ = [
     "COLLECTIONS",
@@ -36,3 +50,9 @@ __all__ = [
     "record_loss",
     "run_script",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tdump.capture' has no attribute {name!r}")

@@ -201,14 +201,18 @@ class Hook(StepLifecycle):
             raise TdumpError(
                 "this hook is already registered on another module; use one hook per model"
             )
+        self._check_selection(root)  # a refused module leaves the hook unregistered
         self._root = root
+        if self._held is None:
+            try:
+                self.check_existing()
+            except TdumpError:
+                self._root = None
+                raise
         self._paths = {id(m): p for p, m in root.named_modules()}
-        self._check_selection(root)
         self._candidates = [
             (p, m) for p, m in root.named_modules() if p and self._module_selected(p)
         ]
-        if self._held is None:
-            self.check_existing()
         install_sigterm()  # SIGTERM commits what is queued, like SIGINT (docs/capture.md)
         self._handles.append(root.register_forward_pre_hook(self._guard(self._root_pre)))
         self._meta["modules"] = module_tree(root)

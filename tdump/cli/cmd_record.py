@@ -73,10 +73,11 @@ def register(app: typer.Typer) -> None:
 
         Example: tdump record --out run.zarr --interval 50 train.py -- --epochs 1
         """
+        import os
         import sys
 
         from tdump.capture._config import HookConfig, load_config
-        from tdump.capture._record import run_script
+        from tdump.capture._out import prepare_out
         from tdump.errors import ConfigError
 
         if append and overwrite:
@@ -94,6 +95,12 @@ def register(app: typer.Typer) -> None:
         if append or overwrite:
             data["write_mode"] = "append" if append else "overwrite"
         cfg = HookConfig.from_dict(data)
+        if not os.path.isfile(script):
+            raise ConfigError(f"no training script at {script}; check the path")
+        prepare_out(cfg)  # a bad --out: one line before torch loads and the script starts
+
+        from tdump.capture._record import run_script
+
         code = run_script(script, list(args or []), cfg)
         if code:
             sys.exit(code)

@@ -205,6 +205,7 @@ def test_errors_switch_capture_off_but_training_goes_on(tmp_path, caplog) -> Non
     (tmp_path / "s").write_text("x")
     with pytest.raises(Exception):  # noqa: B017 - whatever the filesystem raises
         _train(strict, TinyNet(), [2, 2])
+    strict.discard()  # a registered, unclosed hook would make later auto capture step aside
 
 
 def test_config_validation_and_roundtrip() -> None:
