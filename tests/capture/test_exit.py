@@ -151,3 +151,31 @@ def test_training_stopped_is_catchable_and_the_store_is_closed(tmp_path) -> None
     # appending clears the old request: the next run is not stopped by it
     Hook(out, include_regex="weight", write_mode="append").close()
     assert read_stop_request(out) is None
+
+
+def test_sigterm_in_a_script_with_a_hook(tmp_path) -> None:
+    """The hook's own SIGTERM handler: SystemExit(143) in the main thread, records committed."""
+    from tdump.capture._exit import Terminated, _on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    out = str(tmp_path / "t.zarr")
+    model = nn.Linear(3, 2)
+    try:
+        with (
+            pytest.raises(Terminated) as info,
+            Hook(out, include_regex="weight", save_interval=1) as hook,
+        ):
+            hook.register_module(model)
+            assert signal.getsignal(signal.SIGTERM) is _on_sigterm
+            for step in range(100):
+                model(torch.randn(2, 3)).sum().backward()
+                if step == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        from tdump.capture import _exit
+
+        _exit._exiting.clear()  # this process goes on (pytest)
+    assert info.value.code == 143
+    assert StoreReader(out).steps("train").tolist() == [0, 1, 2, 3]
