@@ -179,3 +179,24 @@ def test_sigterm_in_a_script_with_a_hook(tmp_path) -> None:
         _exit._exiting.clear()  # this process goes on (pytest)
     assert info.value.code == 143
     assert StoreReader(out).steps("train").tolist() == [0, 1, 2, 3]
+
+
+def test_stop_polling_is_cheap(tmp_path, monkeypatch) -> None:
+    """Unsaved steps read no file: the request is looked for at saved steps and every 2 s."""
+    from tdump.capture import _lifecycle
+
+    reads: list[str] = []
+
+    def counting(url: str, **kw: object) -> object:
+        reads.append(url)
+        return read_stop_request(url)
+
+    monkeypatch.setattr(_lifecycle, "read_stop_request", counting)
+    model = nn.Linear(3, 2)
+    start = time.monotonic()
+    with Hook(str(tmp_path / "p.zarr"), include_regex="weight", save_interval=100) as hook:
+        hook.register_module(model)
+        for _ in range(250):
+            model(torch.randn(2, 3))
+    polls_by_time = int((time.monotonic() - start) / 2.0) + 1
+    assert 3 <= len(reads) <= 3 + polls_by_time  # saved steps 0, 100, 200 (+ timed polls)
