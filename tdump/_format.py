@@ -33,10 +33,12 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,6 +63,8 @@ __all__ = [
     "RECORD_CHUNK",
     "StoreReader",
     "StoreWriter",
+    "decode_name",
+    "encode_name",
     "grad_name",
     "input_name",
     "output_name",
@@ -75,7 +79,7 @@ MODES: tuple[str, ...] = ("train", "eval", "predict", "global")
 #: Rows per chunk of the small ``records/*`` arrays (each commit rewrites one chunk atomically).
 RECORD_CHUNK = 1024
 _INITIAL_CAPACITY = 64
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.")
 
 
 # --------------------------------------------------------------------------- names
@@ -116,13 +120,51 @@ def scalar_name(name: str) -> str:
 
 
 def validate_name(name: str) -> str:
-    """Return ``name`` if it is usable as a Zarr key, else raise :class:`ConfigError`."""
-    if not _NAME_RE.match(name) or ".." in name:
-        raise ConfigError(
-            f"tensor name {name!r} has characters a store key cannot hold; "
-            "use letters, digits, '_', '-' and single '.' only"
-        )
+    """Return ``name`` if it can name a tensor (any non-empty string), else raise :class:`ConfigError`.
+
+    Names are stored under :func:`encode_name` keys, so any legal PyTorch module name works.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"tensor name {name!r} is empty; name the tensor")
     return name
+
+
+def encode_name(name: str) -> str:
+    """The store key of tensor ``name``: reversible, one path segment, inside the store.
+
+    Characters other than ASCII letters, digits, ``_``, ``-`` and ``.`` (and ``%``
+    itself) become ``%XX`` per UTF-8 byte, as do a leading ``-`` or ``.``, a ``.``
+    after a ``.`` and a trailing ``.``; so no key holds ``/``, ``..`` or a hidden
+    name, and names made of safe characters are their own keys (docs/FORMAT.md,
+    "Tensor names").
+
+    >>> encode_name("blocks.a/b.weight"), encode_name("hé.x y"), encode_name("..")
+    ('blocks.a%2Fb.weight', 'h%C3%A9.x%20y', '%2E%2E')
+    >>> decode_name(encode_name("blocks.a/b..c")) == "blocks.a/b..c"
+    True
+    """
+    validate_name(name)
+    if name == "zarr.json":
+        return "zarr%2Ejson"  # the group's own metadata document
+    out: list[str] = []
+    last = len(name) - 1
+    for i, ch in enumerate(name):
+        unsafe = (
+            ch not in _SAFE
+            or (i == 0 and ch in "-.")
+            or (ch == "." and (i == last or name[i - 1] == "."))
+        )
+        out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8")) if unsafe else ch)
+    return "".join(out)
+
+
+def decode_name(key: str) -> str:
+    """The tensor name stored under ``key`` (inverse of :func:`encode_name`)."""
+    if "%" not in key:
+        return key
+    from urllib.parse import unquote
+
+    return unquote(key, errors="strict")
 
 
 def _check_mode(mode: str) -> str:
@@ -165,12 +207,18 @@ class StoreWriter:
         world_size: int = 1,
         config: Mapping[str, Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        mode: str = "append",
     ) -> StoreWriter:
-        """Open ``path`` for appending, creating the store if needed.
+        """Open ``path`` for writing ``rank``'s records, creating the store if needed.
 
-        An existing dump is appended to (new records follow the committed ones); an
-        existing directory that is not a dump is refused.
+        ``mode="append"``: records follow those of the rank already committed (tensor
+        arrays are reopened; ``*.partial`` files a killed writer left are removed).
+        ``mode="create"``: a rank that already has committed records is refused
+        (:class:`~tdump.errors.ConfigError`). An existing directory that is not a dump
+        is refused either way.
         """
+        if mode not in ("append", "create"):
+            raise ConfigError(f"unknown StoreWriter mode {mode!r}; use append or create")
         try:
             root = zarr.open_group(
                 path, mode="a", zarr_format=3, storage_options=dict(storage_options or {}) or None
@@ -190,7 +238,16 @@ class StoreWriter:
             root.attrs["tdump"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         else:
             _check_format(path, meta)
+        existed = _rank_group(rank) in root
         writer = cls(root, rank)
+        if existed:
+            held = {m: writer.next_record(m) for m in MODES if m in writer._rank}
+            if mode == "create" and any(held.values()):
+                raise ConfigError(
+                    f"{path} already holds records of rank {rank}; append to it or choose "
+                    "another --out path"
+                )
+            writer._remove_partials()
         info = _attr_dict(writer._rank.attrs.get("tdump"))
         info.update(
             rank=rank,
@@ -202,6 +259,19 @@ class StoreWriter:
             info["config"] = dict(config)
         writer._rank.attrs["tdump"] = info
         return writer
+
+    def _remove_partials(self) -> None:
+        """Delete ``*.partial`` files a killed writer left below this rank (local stores)."""
+        store = self._root.store
+        root = getattr(store, "root", None)
+        if root is None or type(store).__name__ != "LocalStore":
+            return  # object stores write whole keys: nothing is left half-written
+        base = os.path.join(str(root), self._rank.path)
+        for folder, _, files in os.walk(base):
+            for name in files:
+                if name.endswith(".partial"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
 
     # -- metadata
     def update_meta(self, **fields: Any) -> None:
@@ -315,8 +385,15 @@ class StoreWriter:
         compressors: Any,
         dtype: Any,
     ) -> zarr.Array:
-        validate_name(name)
+        key = encode_name(name)
         grp = self._rank.require_group(f"{_check_mode(mode)}/tensors")
+        if key in grp:  # appending to a dump another process wrote
+            arr = grp[key]
+            if not isinstance(arr, zarr.Array) or arr.ndim != value.ndim + 1:
+                raise ValueError(
+                    f"{name}: the dump holds it with other dimensions; append the same model"
+                )
+            return arr
         store_dtype = np.dtype(dtype) if dtype is not None else value.dtype
         dims = tuple(dims) if dims is not None else tuple(f"dim_{i}" for i in range(value.ndim))
         if len(dims) != value.ndim:
@@ -324,7 +401,7 @@ class StoreWriter:
         fill = np.nan if store_dtype.kind == "f" else 0
         meta = {"name": name, "source_dtype": str(value.dtype), **dict(attrs or {})}
         return grp.create_array(
-            name,
+            key,
             shape=(_INITIAL_CAPACITY, *value.shape),
             chunks=(1, *value.shape),
             dtype=store_dtype,
@@ -403,7 +480,10 @@ class StoreReader:
 
     def ranks(self) -> list[int]:
         """Ranks that wrote into this dump, ascending."""
-        found = [int(k[4:]) for k in self._root.group_keys() if re.fullmatch(r"rank\d+", k)]
+        with warnings.catch_warnings():  # tdump.stop.json (docs/FORMAT.md) is no Zarr node
+            warnings.simplefilter("ignore")
+            keys = list(self._root.group_keys())
+        found = [int(k[4:]) for k in keys if re.fullmatch(r"rank\d+", k)]
         return sorted(found)
 
     def meta(self, rank: int = 0) -> dict[str, Any]:
@@ -446,12 +526,12 @@ class StoreReader:
             grp = self._rank(rank)[f"{mode}/tensors"]
         except KeyError:
             return []
-        return sorted(grp.array_keys())  # type: ignore[union-attr]
+        return sorted(decode_name(k) for k in grp.array_keys())  # type: ignore[union-attr]
 
     def array(self, mode: str, name: str, rank: int = 0) -> zarr.Array:
         """The raw Zarr array of tensor ``name``. Only rows below ``num_records`` are data."""
         try:
-            arr = self._rank(rank)[f"{mode}/tensors/{name}"]
+            arr = self._rank(rank)[f"{mode}/tensors/{encode_name(name)}"]
         except KeyError:
             raise MissingTensorError(
                 f"no tensor {name!r} in mode {mode!r} of {self.path}; `tdump ls {self.path}` lists what is there"
