@@ -15,7 +15,13 @@ def register(app: typer.Typer) -> None:
     @app.command("rank")
     def rank_cmd(
         dump: str = typer.Argument(..., help="Dump path or fsspec URL (file://, s3://, ...)."),
-        out: str = typer.Option("ranks.parquet", "-o", "--out", help="Where to write the ranks."),
+        out: str = typer.Option(
+            "ranks.parquet",
+            "-o",
+            "--out",
+            "--output",
+            help="Where to write the ranks (checked before ranking; replaced atomically).",
+        ),
         criterion: str = typer.Option(
             "taylor",
             "--criterion",
@@ -45,8 +51,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rank every conv filter of DUMP and write a ranks.parquet (docs/FORMAT.md §2)."""
         from tdump.analyze import rank, write_ranks
+        from tdump.analyze._ranks_io import check_output_path
         from tdump.cli._console import console
 
+        check_output_path(out)  # a bad --out fails now, not after the ranking
         df = rank(
             dump,
             criterion=criterion,
