@@ -61,6 +61,7 @@ __all__ = [
     "RECORD_CHUNK",
     "StoreReader",
     "StoreWriter",
+    "damaged",
     "grad_name",
     "input_name",
     "output_name",
@@ -378,8 +379,42 @@ def _check_format(path: str, meta: Any) -> None:
 
 
 # --------------------------------------------------------------------------- reader
+#: What any error opening or decoding a damaged node can raise (zarr, json, numcodecs, blosc).
+_DAMAGE = (ValueError, TypeError, KeyError, RuntimeError, OSError, AttributeError, IndexError)
+#: Rank-group attributes and the JSON types they must have (``docs/FORMAT.md`` §1).
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "rank": (int,),
+    "world_size": (int,),
+    "writer": (str,),
+    "created": (str,),
+    "config": (Mapping,),
+    "modules": (Mapping,),
+    "calls": (Mapping,),
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def damaged(path: str, what: str, exc: BaseException | None = None) -> NotADumpError:
+    """The one-line error for a damaged part of the dump at ``path``.
+
+    >>> str(damaged("run.zarr", "records/step of mode 'train'", ValueError("bad size")))
+    "run.zarr is damaged: records/step of mode 'train' (bad size); re-record it or restore a copy"
+    """
+    why = f" ({_first_line(exc)})" if exc is not None else ""
+    return NotADumpError(f"{path} is damaged: {what}{why}; re-record it or restore a copy")
+
+
 class StoreReader:
     """Read a dump without the writer's process. Safe while a writer is still appending.
+
+    Every read is validated against ``docs/FORMAT.md`` ("Validation by readers"): a
+    damaged node (unparsable metadata, wrong types, an undecodable chunk, step numbers
+    that are not non-negative and increasing) raises :class:`NotADumpError` with one
+    line naming the part, never a traceback from zarr or a wrong value.
 
     Parameters
     ----------
@@ -401,62 +436,135 @@ class StoreReader:
         """The root Zarr group (read-only)."""
         return self._root
 
+    def _children(self, key: str) -> list[str]:
+        """Names directly below ``key`` (listed, not opened: one damaged node spoils nothing)."""
+        prefix = f"{key}/" if key else ""
+        try:
+            names = zarr.core.sync.sync(_collect(self._root.store.list_dir(prefix)))
+        except FileNotFoundError:
+            return []
+        return [n for n in names if n != "zarr.json" and not n.endswith(".partial")]
+
     def ranks(self) -> list[int]:
         """Ranks that wrote into this dump, ascending."""
-        found = [int(k[4:]) for k in self._root.group_keys() if re.fullmatch(r"rank\d+", k)]
+        found = [int(k[4:]) for k in self._children("") if re.fullmatch(r"rank\d+", k)]
         return sorted(found)
 
     def meta(self, rank: int = 0) -> dict[str, Any]:
         """The rank's ``tdump`` attributes: config, modules, calls, writer, created."""
-        return _attr_dict(self._rank(rank).attrs.get("tdump"))
+        info = _attr_dict(self._rank(rank).attrs.get("tdump"))
+        group = _rank_group(rank)
+        for key, types in _META_TYPES.items():
+            value = info.get(key)
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                kind = "a mapping" if types == (Mapping,) else f"a {types[0].__name__}"
+                raise damaged(
+                    self.path,
+                    f"attribute {key!r} of {group} is a {type(value).__name__}, not {kind}",
+                )
+        for path, mod in (info.get("modules") or {}).items():
+            if not isinstance(mod, Mapping) or not isinstance(mod.get("type", ""), str):
+                raise damaged(
+                    self.path, f"attribute 'modules' of {group}: entry {path!r} is malformed"
+                )
+        for mode, calls in (info.get("calls") or {}).items():
+            if not isinstance(calls, list) or not all(_call_ok(c) for c in calls):
+                raise damaged(
+                    self.path, f"attribute 'calls' of {group}: mode {mode!r} is malformed"
+                )
+        return info
 
     def modes(self, rank: int = 0) -> list[str]:
         """Modes with at least one committed record, in :data:`MODES` order."""
-        grp = self._rank(rank)
-        present = set(grp.group_keys())
+        self._rank(rank)
+        present = set(self._children(_rank_group(rank)))
         return [m for m in MODES if m in present and self.num_records(m, rank) > 0]
+
+    def _records_array(self, mode: str, key: str, rank: int) -> zarr.Array | None:
+        node = f"{_rank_group(rank)}/{mode}/records/{key}"
+        try:
+            arr = self._root[node]
+        except KeyError:
+            return None
+        except _DAMAGE as exc:
+            raise damaged(self.path, f"{node}/zarr.json cannot be read", exc) from None
+        want = {"step": "int64", "batch_size": "int32", "time": "float64"}[key]
+        if not isinstance(arr, zarr.Array) or arr.ndim != 1 or str(arr.dtype) != want:
+            raise damaged(self.path, f"{node} is not a 1-d {want} array")
+        return arr
 
     def num_records(self, mode: str, rank: int = 0) -> int:
         """Number of committed records of ``mode`` (0 if the mode was never written)."""
-        grp = self._rank(rank)
-        try:
-            step = grp[f"{mode}/records/step"]
-        except KeyError:
+        self._rank(rank)
+        step = self._records_array(mode, "step", rank)
+        if step is None:
             return 0
-        return _committed_count(step)  # type: ignore[arg-type]
+        try:
+            return _committed_count(step)
+        except _DAMAGE as exc:
+            raise damaged(self.path, f"{step.path} cannot be decoded", exc) from None
 
     def records(self, mode: str, rank: int = 0) -> dict[str, np.ndarray]:
-        """Committed records of ``mode`` as arrays ``step``, ``batch_size``, ``time``."""
+        """Committed records of ``mode`` as arrays ``step``, ``batch_size``, ``time``.
+
+        Raises :class:`NotADumpError` when the committed steps are not non-negative
+        and increasing, or a records array is shorter than the committed count.
+        """
         n = self.num_records(mode, rank)
         if n == 0:
             return {
                 k: np.empty(0, dt)
                 for k, dt in (("step", "i8"), ("batch_size", "i4"), ("time", "f8"))
             }
-        grp = self._rank(rank)[f"{mode}/records"]
-        return {k: np.asarray(grp[k][:n]) for k in ("step", "batch_size", "time")}  # type: ignore[index]
+        out: dict[str, np.ndarray] = {}
+        for key in ("step", "batch_size", "time"):
+            arr = self._records_array(mode, key, rank)
+            if arr is None or arr.shape[0] < n:
+                raise damaged(
+                    self.path, f"{_rank_group(rank)}/{mode}/records/{key} has fewer than {n} rows"
+                )
+            try:
+                out[key] = np.asarray(arr[:n])
+            except _DAMAGE as exc:
+                raise damaged(self.path, f"{arr.path} cannot be decoded", exc) from None
+        _check_steps(self.path, out["step"], f"{_rank_group(rank)}/{mode}/records/step")
+        return out
 
     def steps(self, mode: str, rank: int = 0) -> np.ndarray:
         """Step numbers of the committed records of ``mode``."""
         return self.records(mode, rank)["step"]
 
     def tensor_names(self, mode: str, rank: int = 0) -> list[str]:
-        """Names of the tensors stored for ``mode``, sorted."""
-        try:
-            grp = self._rank(rank)[f"{mode}/tensors"]
-        except KeyError:
-            return []
-        return sorted(grp.array_keys())  # type: ignore[union-attr]
+        """Names of the tensors stored for ``mode``, sorted (listed; opened by :meth:`array`)."""
+        self._rank(rank)
+        return sorted(self._children(f"{_rank_group(rank)}/{mode}/tensors"))
 
     def array(self, mode: str, name: str, rank: int = 0) -> zarr.Array:
-        """The raw Zarr array of tensor ``name``. Only rows below ``num_records`` are data."""
+        """The raw Zarr array of tensor ``name``, validated. Only rows below ``num_records`` are data."""
+        node = f"{_rank_group(rank)}/{mode}/tensors/{name}"
         try:
             arr = self._rank(rank)[f"{mode}/tensors/{name}"]
         except KeyError:
             raise MissingTensorError(
                 f"no tensor {name!r} in mode {mode!r} of {self.path}; `tdump ls {self.path}` lists what is there"
             ) from None
-        return arr  # type: ignore[return-value]
+        except _DAMAGE as exc:
+            raise damaged(self.path, f"{node}/zarr.json cannot be read", exc) from None
+        if not isinstance(arr, zarr.Array):
+            raise damaged(self.path, f"{node} is a group, not a tensor array")
+        _check_tensor_array(self.path, node, arr)
+        return arr
+
+    def read(self, mode: str, name: str, index: int, rank: int = 0) -> np.ndarray:
+        """Row ``index`` (one record) of tensor ``name`` as numpy, decoded through zarr.
+
+        A chunk that does not decode raises :class:`NotADumpError` naming it.
+        """
+        arr = self.array(mode, name, rank)
+        try:
+            return np.asarray(arr[index])
+        except _DAMAGE as exc:
+            raise damaged_chunk(self.path, arr, index, exc) from None
 
     def tensor_attrs(self, mode: str, name: str, rank: int = 0) -> dict[str, Any]:
         """The tensor's ``tdump`` attributes (collection, kind, module, call, dims ...)."""
@@ -483,11 +591,61 @@ class StoreReader:
 
     def _rank(self, rank: int) -> zarr.Group:
         try:
-            return self._root[_rank_group(rank)]  # type: ignore[return-value]
+            grp = self._root[_rank_group(rank)]
         except KeyError:
             raise MissingTensorError(
                 f"{self.path} has no data for rank {rank}; ranks present: {self.ranks() or 'none'}"
             ) from None
+        except _DAMAGE as exc:
+            raise damaged(self.path, f"{_rank_group(rank)}/zarr.json cannot be read", exc) from None
+        if not isinstance(grp, zarr.Group):
+            raise damaged(self.path, f"{_rank_group(rank)} is an array, not a group")
+        return grp
+
+
+def damaged_chunk(path: str, arr: zarr.Array, index: int, exc: BaseException) -> NotADumpError:
+    """The one-line error for record ``index`` of ``arr`` that does not decode."""
+    name = arr.path.rsplit("/", 1)[-1]
+    mode = arr.path.split("/")[1] if arr.path.count("/") >= 3 else "?"
+    return damaged(path, f"record {index} of tensor {name!r} (mode {mode!r}) does not decode", exc)
+
+
+def _call_ok(call: Any) -> bool:
+    if not isinstance(call, Mapping):
+        return False
+    if not isinstance(call.get("name"), str) or not isinstance(call.get("module"), str):
+        return False
+    inputs = call.get("inputs", [])
+    return isinstance(inputs, list) and all(i is None or isinstance(i, str) for i in inputs)
+
+
+def _check_steps(path: str, steps: np.ndarray, where: str) -> None:
+    """Committed steps must be non-negative and increasing (else random bytes pass as steps)."""
+    if steps.size and int(steps.min()) < 0:
+        i = int(np.flatnonzero(steps < 0)[0])
+        raise damaged(path, f"{where} holds a negative step ({int(steps[i])}) at record {i}")
+    if steps.size > 1 and not bool(np.all(np.diff(steps) > 0)):
+        i = int(np.flatnonzero(np.diff(steps) <= 0)[0]) + 1
+        raise damaged(
+            path,
+            f"{where} does not increase at record {i} ({int(steps[i - 1])} then {int(steps[i])})",
+        )
+
+
+def _check_tensor_array(path: str, node: str, arr: zarr.Array) -> None:
+    """A tensor array as the writer makes it: one record per chunk, numeric, named dims."""
+    shape, chunks = tuple(arr.shape), tuple(arr.chunks)
+    if (
+        arr.ndim < 1
+        or chunks[0] != 1
+        or any(c > s for c, s in zip(chunks[1:], shape[1:], strict=True))
+    ):
+        raise damaged(path, f"{node} has shape {list(shape)} with chunks {list(chunks)}")
+    if np.dtype(arr.dtype).kind not in "biuf":
+        raise damaged(path, f"{node} has data type {arr.dtype}, not a number type")
+    names = arr.metadata.dimension_names  # type: ignore[union-attr]
+    if names is not None and (len(names) != arr.ndim or names[0] != "record"):
+        raise damaged(path, f"{node} has dimension names {list(names)}")
 
 
 async def _collect(it: Any) -> list[str]:
@@ -515,7 +673,7 @@ def _open_existing(
         raise DumpNotFoundError(
             f"no dump at {where}; check the path (create one with `tdump record`)"
         ) from exc
-    except (zarr.errors.ContainsArrayError, ValueError, KeyError) as exc:
+    except (zarr.errors.ContainsArrayError, ValueError, KeyError, TypeError) as exc:
         raise NotADumpError(
-            f"{where} is not a tdump store ({exc}); point at a dump made by `tdump record`"
-        ) from exc
+            f"{where} is not a tdump store ({_first_line(exc)}); point at a dump made by `tdump record`"
+        ) from None

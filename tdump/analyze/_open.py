@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tdump._format import FORMAT_NAME, FORMAT_VERSION, StoreReader
+from tdump._format import _DAMAGE, FORMAT_NAME, FORMAT_VERSION, StoreReader, damaged_chunk
 from tdump.errors import MissingTensorError
 
 __all__ = ["STEP_DIM", "flat_dataset", "mode_datasets", "open_dump", "open_reader"]
@@ -85,6 +85,25 @@ def resolve_modes(reader: StoreReader, mode: str | None, rank: int) -> list[str]
     return [mode]
 
 
+class _CheckedArray:
+    """A zarr array for :func:`dask.array.from_array` whose undecodable chunks raise one line."""
+
+    def __init__(self, arr: Any, path: str) -> None:
+        self.arr = arr
+        self.path = path
+        self.shape = tuple(arr.shape)
+        self.dtype = arr.dtype
+        self.ndim = arr.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.arr[key])
+        except _DAMAGE as exc:
+            first = key[0] if isinstance(key, tuple) and key else key
+            index = first.start if isinstance(first, slice) else first
+            raise damaged_chunk(self.path, self.arr, int(index or 0), exc) from None
+
+
 @dataclass(frozen=True)
 class _Var:
     name: str
@@ -104,7 +123,10 @@ def _tensor_var(
     dims = tuple(str(d) for d in (arr.metadata.dimension_names or ())[1:])  # type: ignore[union-attr]
     if len(dims) != arr.ndim - 1:
         dims = tuple(f"dim_{i}" for i in range(arr.ndim - 1))
-    data = da.from_zarr(arr)[:n]
+    data = da.from_array(_CheckedArray(arr, reader.path), chunks=arr.chunks, asarray=True)[:n]
+    if data.shape[0] < n:  # saved only in early records: rows past its capacity are not data
+        pad = da.full((n - data.shape[0], *data.shape[1:]), arr.fill_value, dtype=data.dtype)
+        data = da.concatenate([data, pad])
     if data.dtype.kind in "iub":
         # integer fills (0) are indistinguishable from data: mask records not saved, padded rows
         saved = np.zeros(n, bool)

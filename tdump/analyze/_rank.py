@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from tdump._chunks import Scratch, chunk_files
-from tdump._format import StoreReader
+from tdump._format import _DAMAGE, StoreReader, damaged_chunk
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
 from tdump.analyze._mapping import Dataflow
@@ -128,7 +128,7 @@ def _open_array(path: str, so_json: str, rank: int, mode: str, name: str) -> _Re
         arr = _ARRAYS.get(key)
     if arr is None:
         reader = StoreReader(path, storage_options=json.loads(so_json) or None)
-        arr = _RecordReader(reader.array(mode, name, rank))
+        arr = _RecordReader(reader.array(mode, name, rank), reader.path)
         with _ARRAYS_LOCK:
             _ARRAYS[key] = arr
     return arr
@@ -150,8 +150,9 @@ class _RecordReader:
     chunk-sized array would page-fault all over again.
     """
 
-    def __init__(self, arr: Any) -> None:
+    def __init__(self, arr: Any, path: str = "") -> None:
         self.arr = arr
+        self.path = path  # the dump, for error messages
         self.files = chunk_files(arr)
         self._threads = threading.local()  # each thread's Scratch
 
@@ -159,8 +160,15 @@ class _RecordReader:
         """Record ``index`` (its first ``rows`` batch rows if given).
 
         ``scratch=True``: the result is valid until this thread's next scratch read of
-        this array (see the class docstring); otherwise it is a fresh array.
+        this array (see the class docstring); otherwise it is a fresh array. A chunk
+        that does not decode raises :class:`~tdump.errors.NotADumpError` (one line).
         """
+        try:
+            return self._read(index, rows, scratch)
+        except _DAMAGE as exc:
+            raise damaged_chunk(self.path, self.arr, index, exc) from None
+
+    def _read(self, index: int, rows: int | None, scratch: bool) -> np.ndarray:
         files = self.files
         if files is None:
             value = np.asarray(self.arr[index] if rows is None else self.arr[index, :rows])

@@ -314,8 +314,7 @@ class TrialTensor:
             hit = rows[rec["step"][rows] == step]
             if hit.size:
                 row = int(hit[-1])
-                arr = self._trial.reader.array(m, self.name, self._trial.rank)
-                out = np.asarray(arr[row])
+                out = self._trial.reader.read(m, self.name, row, self._trial.rank)
                 bs = int(rec["batch_size"][row])
                 if bs >= 0 and self.dims(m)[:1] == ("batch",):
                     out = out[:bs]
