@@ -573,21 +573,45 @@ class StoreReader:
         attrs["dims"] = list(arr.metadata.dimension_names or ())[1:]  # type: ignore[union-attr]
         return attrs
 
-    def saved_records(self, mode: str, name: str, rank: int = 0) -> np.ndarray:
-        """Indices of committed records at which ``name`` holds data (from the chunk listing)."""
+    def saved_records(
+        self, mode: str, name: str, rank: int = 0, *, committed: int | None = None
+    ) -> np.ndarray:
+        """Indices of committed records at which ``name`` holds data (from the chunk listing).
+
+        ``committed``: the record count the caller read earlier (default: count now).
+        Pass it when combining with other reads of a store that is being written, so
+        every answer is about the same committed records.
+        """
+        n = self.num_records(mode, rank) if committed is None else committed
+        rows = self.chunk_keys(mode, name, rank)
+        return np.array(sorted(r for r in rows if r < n), dtype=np.int64)
+
+    def chunk_keys(self, mode: str, name: str, rank: int = 0) -> dict[int, str]:
+        """``{record: store key}`` of the chunk files of tensor ``name`` (``*.partial`` skipped).
+
+        Includes records written but not yet committed; callers keep ``record < n``.
+        """
         arr = self.array(mode, name, rank)
-        n = self.num_records(mode, rank)
         prefix, sep = chunk_prefix(arr)
-        rows: set[int] = set()
+        rows: dict[int, str] = {}
         store = self._root.store
         # list the array's folder: stores list by path segments, and "c." is no segment
         for key in zarr.core.sync.sync(_collect(store.list_prefix(arr.path + "/"))):
-            if not key.startswith(prefix):
+            if not key.startswith(prefix) or key.endswith(".partial"):
                 continue
             head = key[len(prefix) :].split(sep, 1)[0]
-            if head.isdigit() and not key.endswith(".partial"):
-                rows.add(int(head))
-        return np.array(sorted(r for r in rows if r < n), dtype=np.int64)
+            if head.isdigit():
+                rows[int(head)] = key
+        return rows
+
+    def sizes(self, keys: Sequence[str]) -> dict[str, int]:
+        """Bytes of each store key; keys that vanished meanwhile (a writer's rename) are left out."""
+        return dict(zarr.core.sync.sync(_sizes(self._root.store, list(keys))))
+
+    def all_keys(self, prefix: str = "") -> list[str]:
+        """Every key below ``prefix`` except a writer's ``*.partial`` files."""
+        keys = zarr.core.sync.sync(_collect(self._root.store.list_prefix(prefix)))
+        return [k for k in keys if not k.endswith(".partial")]
 
     def _rank(self, rank: int) -> zarr.Group:
         try:
@@ -650,6 +674,19 @@ def _check_tensor_array(path: str, node: str, arr: zarr.Array) -> None:
 
 async def _collect(it: Any) -> list[str]:
     return [k async for k in it]
+
+
+async def _sizes(store: Any, keys: list[str]) -> list[tuple[str, int]]:
+    import asyncio
+
+    async def one(key: str) -> tuple[str, int] | None:
+        try:
+            return key, int(await store.getsize(key))
+        except (FileNotFoundError, KeyError):
+            return None  # renamed or removed since listing
+
+    found = await asyncio.gather(*(one(k) for k in keys))
+    return [f for f in found if f is not None]
 
 
 def _open_existing(

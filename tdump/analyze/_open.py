@@ -130,7 +130,7 @@ def _tensor_var(
     if data.dtype.kind in "iub":
         # integer fills (0) are indistinguishable from data: mask records not saved, padded rows
         saved = np.zeros(n, bool)
-        saved[reader.saved_records(mode, name, rank)] = True
+        saved[reader.saved_records(mode, name, rank, committed=n)] = True
         mask = saved.reshape((n,) + (1,) * (data.ndim - 1))
         if dims and dims[0] == "batch":
             rows = np.arange(data.shape[1])[None, :]
@@ -176,8 +176,7 @@ def _dedupe_dims(variables: list[tuple[str, _Var]]) -> dict[str, tuple[str, ...]
     return out
 
 
-def _mode_coords(reader: StoreReader, mode: str, rank: int) -> tuple[dict[str, Any], np.ndarray]:
-    rec = reader.records(mode, rank)
+def _mode_coords(rec: Mapping[str, np.ndarray], mode: str) -> dict[str, Any]:
     n = len(rec["step"])
     coords: dict[str, Any] = {
         STEP_DIM: (STEP_DIM, rec["step"].astype("i8")),
@@ -186,12 +185,15 @@ def _mode_coords(reader: StoreReader, mode: str, rank: int) -> tuple[dict[str, A
         "batch_size": (STEP_DIM, rec["batch_size"].astype("i8")),
         "mode": mode,
     }
-    return coords, rec["batch_size"].astype("i8")
+    return coords
 
 
-def _mode_vars(reader: StoreReader, mode: str, rank: int) -> list[_Var]:
-    n = reader.num_records(mode, rank)
-    batch_size = reader.records(mode, rank)["batch_size"].astype("i8")
+def _mode_vars(
+    reader: StoreReader, mode: str, rank: int, rec: Mapping[str, np.ndarray]
+) -> list[_Var]:
+    # one snapshot of the records for coordinates and data: a live writer may commit more
+    n = len(rec["step"])
+    batch_size = rec["batch_size"].astype("i8")
     return [
         _tensor_var(reader, mode, name, rank, n, batch_size)
         for name in reader.tensor_names(mode, rank)
@@ -206,10 +208,11 @@ def mode_datasets(
     The ``""`` dataset holds the ``step`` index (module nodes inherit it in the tree);
     every dataset carries the other coordinates (``record``, ``time``, ``batch_size``, ``mode``).
     """
-    coords, _ = _mode_coords(reader, mode, rank)
+    rec = reader.records(mode, rank)
+    coords = _mode_coords(rec, mode)
     dropped = set(drop)
     by_node: dict[str, list[tuple[str, _Var]]] = {}
-    for v in _mode_vars(reader, mode, rank):
+    for v in _mode_vars(reader, mode, rank, rec):
         if v.name not in dropped:
             by_node.setdefault(v.node, []).append((v.local, v))
     out: dict[str, xr.Dataset] = {"": xr.Dataset(coords=coords, attrs={"mode": mode})}
@@ -235,9 +238,10 @@ def flat_dataset(
 
     Dimensions whose name has several sizes across tensors become ``<dim>_<size>``.
     """
-    coords, _ = _mode_coords(reader, mode, rank)
+    rec = reader.records(mode, rank)
+    coords = _mode_coords(rec, mode)
     dropped = set(drop)
-    items = [(v.name, v) for v in _mode_vars(reader, mode, rank) if v.name not in dropped]
+    items = [(v.name, v) for v in _mode_vars(reader, mode, rank, rec) if v.name not in dropped]
     dims = _dedupe_dims(items)
     data_vars = {key: _variable(dims[key], v) for key, v in items}
     attrs = {**root_attrs(reader, rank), "mode": mode}

@@ -219,7 +219,9 @@ class Trial:
             if name not in self._names.get(mode, ()):
                 self._saved[key] = np.empty(0, np.int64)
             else:
-                self._saved[key] = self._reader.saved_records(mode, name, self.rank)
+                self._saved[key] = self._reader.saved_records(
+                    mode, name, self.rank, committed=len(self._records[mode]["step"])
+                )
         return self._saved[key]
 
     def scalar(self, name: str, mode: str | None = None) -> dict[int, float]:
