@@ -34,7 +34,7 @@ from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._ranks_io import COLUMNS, RANKS_FORMAT, RANKS_VERSION, normalize_scores
-from tdump.analyze._schedule import ProgressFn, execute
+from tdump.analyze._schedule import DEFAULT_CONNECT_TIMEOUT, ProgressFn, execute
 from tdump.errors import ConfigError, MissingTensorError, SelectionError, compile_regex
 
 __all__ = ["parse_steps", "rank"]
@@ -353,6 +353,7 @@ def rank(
     progress: bool | ProgressFn = True,
     storage_options: Mapping[str, Any] | None = None,
     split_every: int = 8,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> pd.DataFrame:
     """Rank every conv filter of a dump by ``criterion``.
 
@@ -388,6 +389,9 @@ def rank(
         fsspec options for URLs.
     split_every
         Fan-in of the tree reduction.
+    connect_timeout
+        Seconds a scheduler address gets to answer; an address that is no Dask
+        scheduler (an HTTP server, nothing) is refused with one line within it.
 
     Returns
     -------
@@ -424,6 +428,7 @@ def rank(
         progress=progress,
         split_every=split_every,
         path=reader.path,
+        connect_timeout=connect_timeout,
     )
     results = [combined[i] for i in range(len(jobs))]
     frames = []

@@ -42,6 +42,12 @@ def register(app: typer.Typer) -> None:
         scheduler: str = typer.Option(
             "threads", "--scheduler", help="threads, processes, sync, or tcp://host:8786."
         ),
+        timeout: float = typer.Option(
+            10.0,
+            "--timeout",
+            metavar="SECONDS",
+            help="How long a scheduler address gets to answer before a one-line error.",
+        ),
         workers: int | None = typer.Option(None, "--workers", help="Worker threads/processes."),
         memory_limit: str | None = typer.Option(
             None, "--memory-limit", help="Per-worker memory limit, e.g. 2GB (processes)."
@@ -67,6 +73,7 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             memory_limit=memory_limit,
             progress=not (quiet or as_json),
+            connect_timeout=timeout,
         )
         path = write_ranks(df, out)
         weakest = df.nsmallest(10, "score_norm")
