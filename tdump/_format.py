@@ -45,6 +45,17 @@ import zarr
 import zarr.errors
 
 from tdump._chunks import CHUNK_KEY_ENCODING, ChunkFiles, chunk_files, chunk_prefix
+from tdump._validate import (
+    DAMAGE,
+    META_TYPES,
+    call_ok,
+    check_steps,
+    check_tensor_array,
+    damaged,
+    damaged_chunk,
+    first_line,
+)
+from tdump._validate import sizes as store_sizes
 from tdump._version import __version__
 from tdump.errors import (
     ConfigError,
@@ -61,7 +72,6 @@ __all__ = [
     "RECORD_CHUNK",
     "StoreReader",
     "StoreWriter",
-    "damaged",
     "grad_name",
     "input_name",
     "output_name",
@@ -379,35 +389,6 @@ def _check_format(path: str, meta: Any) -> None:
 
 
 # --------------------------------------------------------------------------- reader
-#: What any error opening or decoding a damaged node can raise (zarr, json, numcodecs, blosc).
-_DAMAGE = (ValueError, TypeError, KeyError, RuntimeError, OSError, AttributeError, IndexError)
-#: Rank-group attributes and the JSON types they must have (``docs/FORMAT.md`` §1).
-_META_TYPES: dict[str, tuple[type, ...]] = {
-    "rank": (int,),
-    "world_size": (int,),
-    "writer": (str,),
-    "created": (str,),
-    "config": (Mapping,),
-    "modules": (Mapping,),
-    "calls": (Mapping,),
-}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def damaged(path: str, what: str, exc: BaseException | None = None) -> NotADumpError:
-    """The one-line error for a damaged part of the dump at ``path``.
-
-    >>> str(damaged("run.zarr", "records/step of mode 'train'", ValueError("bad size")))
-    "run.zarr is damaged: records/step of mode 'train' (bad size); re-record it or restore a copy"
-    """
-    why = f" ({_first_line(exc)})" if exc is not None else ""
-    return NotADumpError(f"{path} is damaged: {what}{why}; re-record it or restore a copy")
-
-
 class StoreReader:
     """Read a dump without the writer's process. Safe while a writer is still appending.
 
@@ -454,7 +435,7 @@ class StoreReader:
         """The rank's ``tdump`` attributes: config, modules, calls, writer, created."""
         info = _attr_dict(self._rank(rank).attrs.get("tdump"))
         group = _rank_group(rank)
-        for key, types in _META_TYPES.items():
+        for key, types in META_TYPES.items():
             value = info.get(key)
             if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
                 kind = "a mapping" if types == (Mapping,) else f"a {types[0].__name__}"
@@ -468,7 +449,7 @@ class StoreReader:
                     self.path, f"attribute 'modules' of {group}: entry {path!r} is malformed"
                 )
         for mode, calls in (info.get("calls") or {}).items():
-            if not isinstance(calls, list) or not all(_call_ok(c) for c in calls):
+            if not isinstance(calls, list) or not all(call_ok(c) for c in calls):
                 raise damaged(
                     self.path, f"attribute 'calls' of {group}: mode {mode!r} is malformed"
                 )
@@ -486,7 +467,7 @@ class StoreReader:
             arr = self._root[node]
         except KeyError:
             return None
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             raise damaged(self.path, f"{node}/zarr.json cannot be read", exc) from None
         want = {"step": "int64", "batch_size": "int32", "time": "float64"}[key]
         if not isinstance(arr, zarr.Array) or arr.ndim != 1 or str(arr.dtype) != want:
@@ -501,7 +482,7 @@ class StoreReader:
             return 0
         try:
             return _committed_count(step)
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             raise damaged(self.path, f"{step.path} cannot be decoded", exc) from None
 
     def records(self, mode: str, rank: int = 0) -> dict[str, np.ndarray]:
@@ -525,9 +506,9 @@ class StoreReader:
                 )
             try:
                 out[key] = np.asarray(arr[:n])
-            except _DAMAGE as exc:
+            except DAMAGE as exc:
                 raise damaged(self.path, f"{arr.path} cannot be decoded", exc) from None
-        _check_steps(self.path, out["step"], f"{_rank_group(rank)}/{mode}/records/step")
+        check_steps(self.path, out["step"], f"{_rank_group(rank)}/{mode}/records/step")
         return out
 
     def steps(self, mode: str, rank: int = 0) -> np.ndarray:
@@ -548,11 +529,11 @@ class StoreReader:
             raise MissingTensorError(
                 f"no tensor {name!r} in mode {mode!r} of {self.path}; `tdump ls {self.path}` lists what is there"
             ) from None
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             raise damaged(self.path, f"{node}/zarr.json cannot be read", exc) from None
         if not isinstance(arr, zarr.Array):
             raise damaged(self.path, f"{node} is a group, not a tensor array")
-        _check_tensor_array(self.path, node, arr)
+        check_tensor_array(self.path, node, arr)
         return arr
 
     def read(self, mode: str, name: str, index: int, rank: int = 0) -> np.ndarray:
@@ -563,7 +544,7 @@ class StoreReader:
         arr = self.array(mode, name, rank)
         try:
             return np.asarray(arr[index])
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             raise damaged_chunk(self.path, arr, index, exc) from None
 
     def tensor_attrs(self, mode: str, name: str, rank: int = 0) -> dict[str, Any]:
@@ -606,7 +587,7 @@ class StoreReader:
 
     def sizes(self, keys: Sequence[str]) -> dict[str, int]:
         """Bytes of each store key; keys that vanished meanwhile (a writer's rename) are left out."""
-        return dict(zarr.core.sync.sync(_sizes(self._root.store, list(keys))))
+        return dict(zarr.core.sync.sync(store_sizes(self._root.store, list(keys))))
 
     def all_keys(self, prefix: str = "") -> list[str]:
         """Every key below ``prefix`` except a writer's ``*.partial`` files."""
@@ -620,73 +601,15 @@ class StoreReader:
             raise MissingTensorError(
                 f"{self.path} has no data for rank {rank}; ranks present: {self.ranks() or 'none'}"
             ) from None
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             raise damaged(self.path, f"{_rank_group(rank)}/zarr.json cannot be read", exc) from None
         if not isinstance(grp, zarr.Group):
             raise damaged(self.path, f"{_rank_group(rank)} is an array, not a group")
         return grp
 
 
-def damaged_chunk(path: str, arr: zarr.Array, index: int, exc: BaseException) -> NotADumpError:
-    """The one-line error for record ``index`` of ``arr`` that does not decode."""
-    name = arr.path.rsplit("/", 1)[-1]
-    mode = arr.path.split("/")[1] if arr.path.count("/") >= 3 else "?"
-    return damaged(path, f"record {index} of tensor {name!r} (mode {mode!r}) does not decode", exc)
-
-
-def _call_ok(call: Any) -> bool:
-    if not isinstance(call, Mapping):
-        return False
-    if not isinstance(call.get("name"), str) or not isinstance(call.get("module"), str):
-        return False
-    inputs = call.get("inputs", [])
-    return isinstance(inputs, list) and all(i is None or isinstance(i, str) for i in inputs)
-
-
-def _check_steps(path: str, steps: np.ndarray, where: str) -> None:
-    """Committed steps must be non-negative and increasing (else random bytes pass as steps)."""
-    if steps.size and int(steps.min()) < 0:
-        i = int(np.flatnonzero(steps < 0)[0])
-        raise damaged(path, f"{where} holds a negative step ({int(steps[i])}) at record {i}")
-    if steps.size > 1 and not bool(np.all(np.diff(steps) > 0)):
-        i = int(np.flatnonzero(np.diff(steps) <= 0)[0]) + 1
-        raise damaged(
-            path,
-            f"{where} does not increase at record {i} ({int(steps[i - 1])} then {int(steps[i])})",
-        )
-
-
-def _check_tensor_array(path: str, node: str, arr: zarr.Array) -> None:
-    """A tensor array as the writer makes it: one record per chunk, numeric, named dims."""
-    shape, chunks = tuple(arr.shape), tuple(arr.chunks)
-    if (
-        arr.ndim < 1
-        or chunks[0] != 1
-        or any(c > s for c, s in zip(chunks[1:], shape[1:], strict=True))
-    ):
-        raise damaged(path, f"{node} has shape {list(shape)} with chunks {list(chunks)}")
-    if np.dtype(arr.dtype).kind not in "biuf":
-        raise damaged(path, f"{node} has data type {arr.dtype}, not a number type")
-    names = arr.metadata.dimension_names  # type: ignore[union-attr]
-    if names is not None and (len(names) != arr.ndim or names[0] != "record"):
-        raise damaged(path, f"{node} has dimension names {list(names)}")
-
-
 async def _collect(it: Any) -> list[str]:
     return [k async for k in it]
-
-
-async def _sizes(store: Any, keys: list[str]) -> list[tuple[str, int]]:
-    import asyncio
-
-    async def one(key: str) -> tuple[str, int] | None:
-        try:
-            return key, int(await store.getsize(key))
-        except (FileNotFoundError, KeyError):
-            return None  # renamed or removed since listing
-
-    found = await asyncio.gather(*(one(k) for k in keys))
-    return [f for f in found if f is not None]
 
 
 def _open_existing(
@@ -712,5 +635,5 @@ def _open_existing(
         ) from exc
     except (zarr.errors.ContainsArrayError, ValueError, KeyError, TypeError) as exc:
         raise NotADumpError(
-            f"{where} is not a tdump store ({_first_line(exc)}); point at a dump made by `tdump record`"
+            f"{where} is not a tdump store ({first_line(exc)}); point at a dump made by `tdump record`"
         ) from None

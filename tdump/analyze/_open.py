@@ -42,7 +42,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tdump._format import _DAMAGE, FORMAT_NAME, FORMAT_VERSION, StoreReader, damaged_chunk
+from tdump._format import FORMAT_NAME, FORMAT_VERSION, StoreReader
+from tdump._validate import DAMAGE, damaged_chunk
 from tdump.errors import MissingTensorError
 
 __all__ = ["STEP_DIM", "flat_dataset", "mode_datasets", "open_dump", "open_reader"]
@@ -98,7 +99,7 @@ class _CheckedArray:
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
             return np.asarray(self.arr[key])
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             first = key[0] if isinstance(key, tuple) and key else key
             index = first.start if isinstance(first, slice) else first
             raise damaged_chunk(self.path, self.arr, int(index or 0), exc) from None

@@ -29,9 +29,11 @@ import numpy as np
 import pandas as pd
 
 from tdump._chunks import Scratch, chunk_files
-from tdump._format import _DAMAGE, StoreReader, damaged_chunk
+from tdump._format import StoreReader
+from tdump._validate import DAMAGE, damaged_chunk
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
+from tdump.analyze._diagnose import _NO_ACTIVATION, skipped_notes, unscored_reason
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._ranks_io import COLUMNS, RANKS_FORMAT, RANKS_VERSION, normalize_scores
 from tdump.analyze._schedule import DEFAULT_CONNECT_TIMEOUT, ProgressFn, execute
@@ -165,7 +167,7 @@ class _RecordReader:
         """
         try:
             return self._read(index, rows, scratch)
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             raise damaged_chunk(self.path, self.arr, index, exc) from None
 
     def _read(self, index: int, rows: int | None, scratch: bool) -> np.ndarray:
@@ -290,7 +292,11 @@ def _plan_jobs(
     layers: list[str],
     records: list[Record],
     explicit_layers: bool,
+    notes: list[str],
+    skipped: dict[str, str],
 ) -> list[LayerJob]:
+    """One job per layer the criterion can score; the others go to ``skipped`` (with why)
+    and ``notes`` (one line per reason, with what to record to score them)."""
     rank0 = records[0].rank
     names = frozenset(reader.tensor_names(mode, rank0))
     attrs_cache: dict[str, Mapping[str, Any]] = {}
@@ -302,14 +308,22 @@ def _plan_jobs(
 
     ctx = PlanContext(_dataflow(reader, mode), names, mode, attrs)
     planned: list[tuple[str, Plan]] = []
+    unplanned: list[str] = []
     for layer in layers:
         plan = crit.plan(layer, ctx)
         if plan is not None:
             planned.append((layer, plan))
-        elif explicit_layers:
-            raise MissingTensorError(f"layer {layer!r}: {crit.missing(ctx)}")
+        else:
+            unplanned.append(layer)
+    reasons = {layer: unscored_reason(crit, ctx, layer) for layer in unplanned}
     if not planned:
+        whys = {why for why, _ in reasons.values()}
+        if explicit_layers or whys == {_NO_ACTIVATION}:
+            # crit.missing() would hint at activations the model does not have as modules
+            raise MissingTensorError(skipped_notes(crit, reasons)[0])
         raise MissingTensorError(crit.missing(ctx))
+    notes.extend(skipped_notes(crit, reasons))
+    skipped.update({layer: why for layer, (why, _) in reasons.items()})
 
     saved: dict[tuple[int, str], set[int]] = {}
     jobs: list[LayerJob] = []
@@ -409,7 +423,25 @@ def rank(
     reader = StoreReader(dump, storage_options=storage_options)
     records = _select_records(reader, mode, steps)
     flow = _dataflow(reader, mode)
-    jobs = _plan_jobs(reader, crit, mode, _select_layers(flow, layers), records, layers is not None)
+    notes: list[str] = []
+    skipped: dict[str, str] = {}
+    jobs = _plan_jobs(
+        reader,
+        crit,
+        mode,
+        _select_layers(flow, layers),
+        records,
+        layers is not None,
+        notes,
+        skipped,
+    )
+    used_steps = sorted({r.step for job in jobs for r in job.records})
+    if crit.all_records and len(used_steps) == 1:
+        notes.append(
+            f"{crit.name} scores rest on one saved step (step {used_steps[0]}"
+            f"{', the untrained model' if used_steps[0] == 0 else ''}); save more steps "
+            "(a smaller --interval when recording) for scores that reflect training"
+        )
     so_json = json.dumps(dict(storage_options or {}), sort_keys=True)
     by_record: dict[Record, list[tuple[int, Plan, Mapping[str, bool]]]] = {}
     for i, job in enumerate(jobs):
@@ -462,6 +494,8 @@ def rank(
         "mode": mode,
         "steps": [int(min(used)), int(max(used))],
         "layers": layers,
+        "skipped": skipped,
+        "notes": notes,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tdump_version": __version__,
     }

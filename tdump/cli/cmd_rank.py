@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         """Rank every conv filter of DUMP and write a ranks.parquet (docs/FORMAT.md §2)."""
         from tdump.analyze import rank, write_ranks
         from tdump.analyze._ranks_io import check_output_path
-        from tdump.cli._console import console
+        from tdump.cli._console import console, err_console
 
         check_output_path(out)  # a bad --out fails now, not after the ranking
         df = rank(
@@ -86,6 +86,7 @@ def register(app: typer.Typer) -> None:
                 "steps": meta["steps"],
                 "layers": int(df["layer"].nunique()),
                 "filters": len(df),
+                "notes": list(meta.get("notes") or []),
                 "weakest": [
                     {"layer": r.layer, "channel": int(r.channel), "score_norm": float(r.score_norm)}
                     for r in weakest.itertuples()
@@ -93,6 +94,8 @@ def register(app: typer.Typer) -> None:
             }
             typer.echo(json.dumps(summary))
             return
+        for note in meta.get("notes") or []:  # layers left without scores, one saved step
+            err_console.print(f"note: {note}", soft_wrap=True)
         first, last = meta["steps"]
         saved = int(df["steps"].max())
         console.print(
