@@ -48,15 +48,10 @@ def test_library_readers(damage: str, tiny_dump: str, tmp_path: Path) -> None:
         Trial(dump).tensor("5.output_0").value(1)
 
 
-@pytest.mark.parametrize(
-    ("damage", "command"), [("garbage_chunk", "rank"), ("truncated_array_json", "ls")]
-)
-def test_console_script(damage: str, command: str, tiny_dump: str, tmp_path: Path) -> None:
-    """In a fresh interpreter: no stray asyncio task tracebacks at exit either."""
+def test_console_script(tiny_dump: str, tmp_path: Path) -> None:
+    """In a fresh interpreter: an error raised in a Dask worker thread, no stray tracebacks."""
     dump = copy_dump(tiny_dump, tmp_path / "d.zarr")
-    CORRUPTIONS[damage](dump)
-    args = [command, dump] + (
-        ["-o", str(tmp_path / "r.parquet"), "-q"] if command == "rank" else []
-    )
-    assert "is damaged" in one_line_error(tdump_cli(*args))
-    assert not (tmp_path / "r.parquet").exists()
+    CORRUPTIONS["garbage_chunk"](dump)
+    out = tmp_path / "r.parquet"
+    assert "does not decode" in one_line_error(tdump_cli("rank", dump, "-o", str(out), "-q"))
+    assert not out.exists()

@@ -79,7 +79,7 @@ def test_read_while_writing_and_sigkills(tiny_dump: str, tmp_path: Path) -> None
     three more recording processes killed at random moments after their store appeared."""
     rng = random.Random(os.urandom(8))
     live = str(tmp_path / "live.zarr")
-    delays = [4.0] + [rng.uniform(0.0, 2.0) for _ in range(3)]
+    delays = [3.0] + [rng.uniform(0.0, 1.2) for _ in range(3)]
     paths = [live] + [str(tmp_path / f"k{i}.zarr") for i in range(3)]
     argv = [x for p, d in zip(paths, delays, strict=True) for x in (p, f"{d:.3f}")]
     killer = subprocess.Popen(
