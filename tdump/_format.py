@@ -418,13 +418,19 @@ class StoreReader:
         return self._root
 
     def _children(self, key: str) -> list[str]:
-        """Names directly below ``key`` (listed, not opened: one damaged node spoils nothing)."""
+        """Nodes directly below ``key``: listed, not opened (one damaged node spoils nothing).
+
+        A folder without ``zarr.json`` (a writer killed while creating it) is no node.
+        """
         prefix = f"{key}/" if key else ""
+        store = self._root.store
         try:
-            names = zarr.core.sync.sync(_collect(self._root.store.list_dir(prefix)))
+            names = zarr.core.sync.sync(_collect(store.list_dir(prefix)))
         except FileNotFoundError:
             return []
-        return [n for n in names if n != "zarr.json" and not n.endswith(".partial")]
+        names = [n for n in names if n != "zarr.json" and not n.endswith(".partial")]
+        found = zarr.core.sync.sync(_exist(store, [f"{prefix}{n}/zarr.json" for n in names]))
+        return [n for n, ok in zip(names, found, strict=True) if ok]
 
     def ranks(self) -> list[int]:
         """Ranks that wrote into this dump, ascending."""
@@ -610,6 +616,12 @@ class StoreReader:
 
 async def _collect(it: Any) -> list[str]:
     return [k async for k in it]
+
+
+async def _exist(store: Any, keys: list[str]) -> list[bool]:
+    import asyncio
+
+    return list(await asyncio.gather(*(store.exists(k) for k in keys)))
 
 
 def _open_existing(

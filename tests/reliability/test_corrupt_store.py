@@ -3,6 +3,7 @@ written, the dump unchanged, in `tdump ls`, `tdump rank`, `open_dump` and `Trial
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,17 @@ def test_console_script(tiny_dump: str, tmp_path: Path) -> None:
     out = tmp_path / "r.parquet"
     assert "does not decode" in one_line_error(tdump_cli("rank", dump, "-o", str(out), "-q"))
     assert not out.exists()
+
+
+def test_half_created_nodes_are_not_damage(tiny_dump: str, tmp_path: Path, run_cli: Any) -> None:
+    """A writer killed while creating a group or array leaves a folder with only a
+    ``zarr.<hex>.partial``: no node yet, so readers list around it."""
+    dump = copy_dump(tiny_dump, tmp_path / "d.zarr")
+    half = Path(dump, "rank0/train/tensors/9.output_0")
+    half.mkdir()
+    (half / "zarr.0123abcd.partial").write_bytes(b"{")
+    Path(dump, "rank1").mkdir()
+    res = run_cli("ls", dump)
+    assert res.code == 0 and "9.output_0" not in res.out and "ranks 0\n" in res.out, res.err
+    listed = set(os.listdir(Path(dump, "rank0/train/tensors"))) - {"9.output_0", "zarr.json"}
+    assert Trial(dump).tensor_names() == sorted(listed)

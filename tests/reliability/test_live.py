@@ -76,11 +76,11 @@ def _check_listing(path: str) -> int:
 
 def test_read_while_writing_and_sigkills(tiny_dump: str, tmp_path: Path) -> None:
     """``ls`` and ``rank`` in a loop against a live writer, which is then SIGKILLed; then
-    three more recording processes killed at random moments after their store appeared."""
+    two more recording processes killed at random moments after their store appeared."""
     rng = random.Random(os.urandom(8))
     live = str(tmp_path / "live.zarr")
-    delays = [3.0] + [rng.uniform(0.0, 1.2) for _ in range(3)]
-    paths = [live] + [str(tmp_path / f"k{i}.zarr") for i in range(3)]
+    delays = [2.5] + [rng.uniform(0.0, 1.2) for _ in range(2)]
+    paths = [live] + [str(tmp_path / f"k{i}.zarr") for i in range(2)]
     argv = [x for p, d in zip(paths, delays, strict=True) for x in (p, f"{d:.3f}")]
     killer = subprocess.Popen(
         [sys.executable, "-c", _KILLER, ROOT, *argv], stderr=subprocess.PIPE, text=True
