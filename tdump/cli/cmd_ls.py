@@ -163,7 +163,7 @@ def _render(info: dict[str, Any]) -> None:
 
 def ls(
     dump: str = typer.Argument(
-        ..., help="The dump: a path or an fsspec URL (file://, s3://, ...)."
+        ..., metavar="DUMP", help="The dump: a path or an fsspec URL (file://, s3://, ...)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (stable keys)."),
     mode: str | None = typer.Option(

@@ -14,33 +14,45 @@ def register(app: typer.Typer) -> None:
 
     @app.command("rank")
     def rank_cmd(
-        dump: str = typer.Argument(..., help="Dump path or fsspec URL (file://, s3://, ...)."),
+        dump: str = typer.Argument(
+            ..., metavar="DUMP", help="Dump path or fsspec URL (file://, s3://, ...)."
+        ),
         out: str = typer.Option(
             "ranks.parquet",
             "-o",
             "--out",
             "--output",
+            metavar="PATH",
             help="Where to write the ranks (checked before ranking; replaced atomically).",
         ),
         criterion: str = typer.Option(
             "taylor",
             "--criterion",
             "-c",
+            metavar="NAME",
             help="taylor, taylor-signed, l1, bn-gamma, apoz, taylor-weight (or a plug-in).",
         ),
-        mode: str = typer.Option("train", "--mode", help="Store mode whose steps are used."),
+        mode: str = typer.Option(
+            "train", "--mode", metavar="MODE", help="Store mode whose steps are used."
+        ),
         steps: str | None = typer.Option(
-            None, "--steps", help="Saved steps START:STOP (stop exclusive), START:, :STOP or STEP."
+            None,
+            "--steps",
+            metavar="RANGE",
+            help="Saved steps START:STOP (stop exclusive), START:, :STOP or STEP.",
         ),
         layers: str | None = typer.Option(
-            None, "--layers", help="Regex on conv module paths (re.search)."
+            None, "--layers", metavar="REGEX", help="Regex on conv module paths (re.search)."
         ),
         signed: bool = typer.Option(False, "--signed", help="Signed Taylor variant (no abs)."),
         no_normalize: bool = typer.Option(
             False, "--no-normalize", help="Skip the layer-wise L2 normalisation."
         ),
         scheduler: str = typer.Option(
-            "threads", "--scheduler", help="threads, processes, sync, or tcp://host:8786."
+            "threads",
+            "--scheduler",
+            metavar="NAME|ADDRESS",
+            help="threads, processes, sync, or tcp://host:8786.",
         ),
         timeout: float = typer.Option(
             10.0,
@@ -48,9 +60,14 @@ def register(app: typer.Typer) -> None:
             metavar="SECONDS",
             help="How long a scheduler address gets to answer before a one-line error.",
         ),
-        workers: int | None = typer.Option(None, "--workers", help="Worker threads/processes."),
+        workers: int | None = typer.Option(
+            None, "--workers", metavar="N", help="Worker threads/processes."
+        ),
         memory_limit: str | None = typer.Option(
-            None, "--memory-limit", help="Per-worker memory limit, e.g. 2GB (processes)."
+            None,
+            "--memory-limit",
+            metavar="SIZE",
+            help="Per-worker memory limit, e.g. 2GB (processes).",
         ),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
