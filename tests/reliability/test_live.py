@@ -35,8 +35,9 @@ from tests.reliability.conftest import record_tiny
 for path, delay in zip(sys.argv[2::2], sys.argv[3::2]):
     pid = os.fork()
     if pid == 0:
+        signal.alarm(60)  # never outlive a failed test by long
         try:
-            record_tiny(path, steps=500)
+            record_tiny(path, steps=300)
         finally:
             os._exit(0)
     deadline = time.monotonic() + 90
