@@ -36,7 +36,7 @@ from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
 from tdump.analyze._diagnose import _NO_ACTIVATION, skipped_notes, unscored_reason
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._ranks_io import COLUMNS, RANKS_FORMAT, RANKS_VERSION, normalize_scores
-from tdump.analyze._schedule import DEFAULT_CONNECT_TIMEOUT, ProgressFn, execute
+from tdump.analyze._schedule import DEFAULT_CONNECT_TIMEOUT, ProgressFn, check_address, execute
 from tdump.errors import ConfigError, MissingTensorError, SelectionError, compile_regex
 
 __all__ = ["parse_steps", "rank"]
@@ -420,6 +420,8 @@ def rank(
     crit = get_criterion(criterion, signed=signed)
     if split_every < 2:
         raise ConfigError("split_every must be at least 2")
+    if isinstance(scheduler, str) and "://" in scheduler:
+        check_address(scheduler, connect_timeout)  # before any reading: fail at once
     reader = StoreReader(dump, storage_options=storage_options)
     records = _select_records(reader, mode, steps)
     flow = _dataflow(reader, mode)
