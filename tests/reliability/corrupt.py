@@ -7,7 +7,6 @@ error (or, where the damage is only in bytes nobody reads, with the right answer
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,4 +126,4 @@ CORRUPTIONS: dict[str, Callable[[str], None]] = {
     "escaping_separator": escaping_separator,
 }
 
-__all__ = ["ACT", "CORRUPTIONS", "STEP", "os"]
+__all__ = ["ACT", "CORRUPTIONS", "STEP"]
