@@ -30,11 +30,13 @@ import pandas as pd
 
 from tdump._chunks import Scratch, chunk_files
 from tdump._format import StoreReader
+from tdump._validate import DAMAGE, damaged_chunk
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
+from tdump.analyze._diagnose import _NO_ACTIVATION, skipped_notes, unscored_reason
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._ranks_io import COLUMNS, RANKS_FORMAT, RANKS_VERSION, normalize_scores
-from tdump.analyze._schedule import ProgressFn, execute
+from tdump.analyze._schedule import DEFAULT_CONNECT_TIMEOUT, ProgressFn, check_address, execute
 from tdump.errors import ConfigError, MissingTensorError, SelectionError, compile_regex
 
 __all__ = ["parse_steps", "rank"]
@@ -128,7 +130,7 @@ def _open_array(path: str, so_json: str, rank: int, mode: str, name: str) -> _Re
         arr = _ARRAYS.get(key)
     if arr is None:
         reader = StoreReader(path, storage_options=json.loads(so_json) or None)
-        arr = _RecordReader(reader.array(mode, name, rank))
+        arr = _RecordReader(reader.array(mode, name, rank), reader.path)
         with _ARRAYS_LOCK:
             _ARRAYS[key] = arr
     return arr
@@ -150,8 +152,9 @@ class _RecordReader:
     chunk-sized array would page-fault all over again.
     """
 
-    def __init__(self, arr: Any) -> None:
+    def __init__(self, arr: Any, path: str = "") -> None:
         self.arr = arr
+        self.path = path  # the dump, for error messages
         self.files = chunk_files(arr)
         self._threads = threading.local()  # each thread's Scratch
 
@@ -159,8 +162,15 @@ class _RecordReader:
         """Record ``index`` (its first ``rows`` batch rows if given).
 
         ``scratch=True``: the result is valid until this thread's next scratch read of
-        this array (see the class docstring); otherwise it is a fresh array.
+        this array (see the class docstring); otherwise it is a fresh array. A chunk
+        that does not decode raises :class:`~tdump.errors.NotADumpError` (one line).
         """
+        try:
+            return self._read(index, rows, scratch)
+        except DAMAGE as exc:
+            raise damaged_chunk(self.path, self.arr, index, exc) from None
+
+    def _read(self, index: int, rows: int | None, scratch: bool) -> np.ndarray:
         files = self.files
         if files is None:
             value = np.asarray(self.arr[index] if rows is None else self.arr[index, :rows])
@@ -282,7 +292,11 @@ def _plan_jobs(
     layers: list[str],
     records: list[Record],
     explicit_layers: bool,
+    notes: list[str],
+    skipped: dict[str, str],
 ) -> list[LayerJob]:
+    """One job per layer the criterion can score; the others go to ``skipped`` (with why)
+    and ``notes`` (one line per reason, with what to record to score them)."""
     rank0 = records[0].rank
     names = frozenset(reader.tensor_names(mode, rank0))
     attrs_cache: dict[str, Mapping[str, Any]] = {}
@@ -294,14 +308,22 @@ def _plan_jobs(
 
     ctx = PlanContext(_dataflow(reader, mode), names, mode, attrs)
     planned: list[tuple[str, Plan]] = []
+    unplanned: list[str] = []
     for layer in layers:
         plan = crit.plan(layer, ctx)
         if plan is not None:
             planned.append((layer, plan))
-        elif explicit_layers:
-            raise MissingTensorError(f"layer {layer!r}: {crit.missing(ctx)}")
+        else:
+            unplanned.append(layer)
+    reasons = {layer: unscored_reason(crit, ctx, layer) for layer in unplanned}
     if not planned:
+        whys = {why for why, _ in reasons.values()}
+        if explicit_layers or whys == {_NO_ACTIVATION}:
+            # crit.missing() would hint at activations the model does not have as modules
+            raise MissingTensorError(skipped_notes(crit, reasons)[0])
         raise MissingTensorError(crit.missing(ctx))
+    notes.extend(skipped_notes(crit, reasons))
+    skipped.update({layer: why for layer, (why, _) in reasons.items()})
 
     saved: dict[tuple[int, str], set[int]] = {}
     jobs: list[LayerJob] = []
@@ -345,6 +367,7 @@ def rank(
     progress: bool | ProgressFn = True,
     storage_options: Mapping[str, Any] | None = None,
     split_every: int = 8,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> pd.DataFrame:
     """Rank every conv filter of a dump by ``criterion``.
 
@@ -380,6 +403,9 @@ def rank(
         fsspec options for URLs.
     split_every
         Fan-in of the tree reduction.
+    connect_timeout
+        Seconds a scheduler address gets to answer; an address that is no Dask
+        scheduler (an HTTP server, nothing) is refused with one line within it.
 
     Returns
     -------
@@ -394,10 +420,30 @@ def rank(
     crit = get_criterion(criterion, signed=signed)
     if split_every < 2:
         raise ConfigError("split_every must be at least 2")
+    if isinstance(scheduler, str) and "://" in scheduler:
+        check_address(scheduler, connect_timeout)  # before any reading: fail at once
     reader = StoreReader(dump, storage_options=storage_options)
     records = _select_records(reader, mode, steps)
     flow = _dataflow(reader, mode)
-    jobs = _plan_jobs(reader, crit, mode, _select_layers(flow, layers), records, layers is not None)
+    notes: list[str] = []
+    skipped: dict[str, str] = {}
+    jobs = _plan_jobs(
+        reader,
+        crit,
+        mode,
+        _select_layers(flow, layers),
+        records,
+        layers is not None,
+        notes,
+        skipped,
+    )
+    used_steps = sorted({r.step for job in jobs for r in job.records})
+    if crit.all_records and len(used_steps) == 1:
+        notes.append(
+            f"{crit.name} scores rest on one saved step (step {used_steps[0]}"
+            f"{', the untrained model' if used_steps[0] == 0 else ''}); save more steps "
+            "(a smaller --interval when recording) for scores that reflect training"
+        )
     so_json = json.dumps(dict(storage_options or {}), sort_keys=True)
     by_record: dict[Record, list[tuple[int, Plan, Mapping[str, bool]]]] = {}
     for i, job in enumerate(jobs):
@@ -416,6 +462,7 @@ def rank(
         progress=progress,
         split_every=split_every,
         path=reader.path,
+        connect_timeout=connect_timeout,
     )
     results = [combined[i] for i in range(len(jobs))]
     frames = []
@@ -449,6 +496,8 @@ def rank(
         "mode": mode,
         "steps": [int(min(used)), int(max(used))],
         "layers": layers,
+        "skipped": skipped,
+        "notes": notes,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tdump_version": __version__,
     }
