@@ -38,7 +38,6 @@ import datetime as _dt
 import os
 import re
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
