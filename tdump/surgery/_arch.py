@@ -376,18 +376,27 @@ def build_arch(
     return model
 
 
-def _meta_model(builder: Builder, kwargs: Mapping[str, Any]) -> nn.Module | None:
-    """``builder(**kwargs)`` on the meta device (no memory, no init cost), or None if it fails."""
+@functools.lru_cache(maxsize=256)
+def _meta_info(builder: Builder, kwargs_json: str) -> tuple[str, dict[str, tuple[int, ...]]] | None:
+    """Class name and state-dict shapes of ``builder(**kwargs)``, built on the meta device.
+
+    The meta device allocates nothing and skips the weights' initial values, so
+    comparing a dozen candidate architectures costs little; results are cached.
+    """
     try:
         with torch.device("meta"):
-            model = builder(**kwargs)
+            model = builder(**json.loads(kwargs_json))
     except Exception:  # a builder that cannot build with these arguments: nothing to infer
         return None
-    return model if isinstance(model, nn.Module) else None
+    if not isinstance(model, nn.Module):
+        return None
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    return kind, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _shapes(model: nn.Module | None) -> dict[str, tuple[int, ...]] | None:
-    return None if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _shapes(builder: Builder, kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    info = _meta_info(builder, json.dumps(dict(kwargs), sort_keys=True))
+    return None if info is None else info[1]
 
 
 def infer_num_classes(
@@ -408,8 +417,8 @@ def infer_num_classes(
     """
     if "num_classes" in kwargs:
         return None
-    base = _shapes(_meta_model(builder, kwargs))
-    probe = _shapes(_meta_model(builder, {**kwargs, "num_classes": 3}))
+    base = _shapes(builder, kwargs)
+    probe = _shapes(builder, {**kwargs, "num_classes": 3})
     if base is None or probe is None:
         return None
     head = [k for k, s in base.items() if k in probe and probe[k] != s and k in state]
@@ -461,13 +470,11 @@ def arch_for_type(
     exact, fits = [], []
     keys = set(state)
     for key, fn in seen.items():
-        model = _meta_model(fn, kwargs)
-        if model is None or f"{type(model).__module__}.{type(model).__qualname__}" != type_name:
-            continue
-        if set(model.state_dict()) != keys:
+        info = _meta_info(fn, json.dumps(dict(kwargs), sort_keys=True))
+        if info is None or info[0] != type_name or set(info[1]) != keys:
             continue
         n = infer_num_classes(fn, kwargs, state)
-        shapes = _shapes(_meta_model(fn, {**kwargs, "num_classes": n}) if n else model) or {}
+        shapes = (_shapes(fn, {**kwargs, "num_classes": n}) if n else info[1]) or {}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got == shapes:
             exact.append(names[key])
