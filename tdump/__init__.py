@@ -44,7 +44,7 @@ _LAZY = {
 }
 
 
-def save(model: Any, path: Any, *, arch: str | None = None, arch_kwargs: Any = None) -> None:
+def save(model: Any, path: Any, *, arch: Any = None, arch_kwargs: Any = None) -> None:
     """Write ``model`` as a tdump checkpoint, argument order as ``torch.save(obj, path)``.
 
     A model from :func:`tdump.load` or :func:`tdump.prune` knows its architecture;

@@ -44,6 +44,7 @@ from tdump.errors import CheckpointError, ConfigError
 __all__ = [
     "Builder",
     "arch_for_type",
+    "arch_name",
     "build_arch",
     "check_kwargs",
     "infer_num_classes",
@@ -121,8 +122,25 @@ def _refuse(arch: str, where: str) -> CheckpointError:
     )
 
 
-def resolve_arch(arch: str, *, trusted: bool, where: str = "the checkpoint") -> Builder:
+def arch_name(arch: str | Builder) -> str:
+    """The name a checkpoint records for ``arch`` (a name, a model class or a builder).
+
+    >>> from torch import nn
+    >>> arch_name(nn.Linear)
+    'torch.nn.modules.linear.Linear'
+    """
+    if isinstance(arch, str):
+        return arch
+    for name, fn in registered_archs().items():
+        if fn is arch and name.count("."):
+            return name
+    return f"{getattr(arch, '__module__', '?')}.{getattr(arch, '__qualname__', repr(arch))}"
+
+
+def resolve_arch(arch: str | Builder, *, trusted: bool, where: str = "the checkpoint") -> Builder:
     """Return the builder of ``arch``; import it only when ``trusted`` (the user named it).
+
+    ``arch`` may also be the model class (or builder) itself, which is trusted.
 
     Raises
     ------
@@ -131,21 +149,23 @@ def resolve_arch(arch: str, *, trusted: bool, where: str = "the checkpoint") -> 
     ConfigError
         A trusted name that cannot be imported or is not a model builder.
     """
-    if not isinstance(arch, str) or not arch:
-        raise ConfigError(f"an architecture must be a non-empty string, got {arch!r}")
-    known = registered_archs()
-    for key in (arch, _canonical(arch)):
-        if key in known:
-            return known[key]
-    if not trusted:
-        raise _refuse(arch, where)
-    obj = _import(arch)
+    obj: Any = arch
+    if isinstance(arch, str) and arch:
+        known = registered_archs()
+        for key in (arch, _canonical(arch)):
+            if key in known:
+                return known[key]
+        if not trusted:
+            raise _refuse(arch, where)
+        obj = _import(arch)
+    elif not callable(arch):
+        raise ConfigError(f"an architecture must be a name or a model class, got {arch!r}")
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         return obj
     if _known(obj) or (inspect.isfunction(obj) and _returns_module(obj)):
         return obj  # type: ignore[no-any-return]
     raise ConfigError(
-        f"--arch {arch} is a {type(obj).__name__}, not an nn.Module class or a model builder; "
+        f"--arch {arch_name(arch)} is a {type(obj).__name__}, not an nn.Module class or a model builder; "
         "name a model class, annotate your builder '-> nn.Module', or register it with "
         "tdump.surgery.register_arch"
     )
@@ -345,7 +365,7 @@ def check_kwargs(kwargs: Any, where: str, *, from_file: bool) -> dict[str, Any]:
 
 
 def build_arch(
-    arch: str,
+    arch: str | Builder,
     kwargs: Mapping[str, Any] | None = None,
     *,
     trusted: bool = True,
@@ -364,15 +384,18 @@ def build_arch(
     CheckpointError, ConfigError
     """
     builder = resolve_arch(arch, trusted=trusted)
-    kw = dict(kwargs or {}) if kwargs_checked else check_kwargs(kwargs, arch, from_file=not trusted)
+    shown = arch_name(arch)
+    kw = (
+        dict(kwargs or {}) if kwargs_checked else check_kwargs(kwargs, shown, from_file=not trusted)
+    )
     try:
         model = builder(**kw)
     except Exception as exc:
         raise ConfigError(
-            f"cannot construct {arch}(**{json.dumps(kw)}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"cannot construct {shown}(**{json.dumps(kw)}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"{arch} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(f"{shown} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 

@@ -30,7 +30,9 @@ from torch import nn
 from tdump.errors import CheckpointError, ConfigError
 from tdump.surgery._apply import apply_keeps
 from tdump.surgery._arch import (
+    Builder,
     arch_for_type,
+    arch_name,
     build_arch,
     check_kwargs,
     infer_num_classes,
@@ -180,7 +182,7 @@ def _choose_arch(
 
 def load(
     path: str | os.PathLike[str],
-    arch: str | None = None,
+    arch: str | Builder | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     *,
     ignore: str | None = None,
@@ -195,9 +197,9 @@ def load(
     path : path
         A tdump checkpoint, a state_dict (plain ``torch.save(model.state_dict())``,
         pruned or not), or a dict holding one under ``state_dict``/``model``/...
-    arch : str, optional
-        Import path (or registered name) of the **unpruned** architecture. What you
-        pass is trusted and overrides the file; an ``arch`` read from a file must be a
+    arch : str or class, optional
+        Import path, registered name, or the model class itself (``arch=Net``) of the
+        **unpruned** architecture. What you pass is trusted and overrides the file; an ``arch`` read from a file must be a
         registered builder (torchvision's, or :func:`tdump.surgery.register_arch`).
     arch_kwargs : dict, optional
         Keyword arguments of ``arch`` (default: the file's; ``num_classes`` is inferred
@@ -232,6 +234,7 @@ def load(
     --------
     >>> model = load("pruned.pt")  # doctest: +SKIP
     >>> model = load("finetuned.pt", like="pruned.pt")  # doctest: +SKIP
+    >>> model = load("pruned.pt", arch=MyNet)  # your own class, trusted  # doctest: +SKIP
     """
     shown = os.fspath(path)
     sd, info = read_checkpoint(path)
@@ -249,9 +252,10 @@ def load(
         base = info
     if prefix:
         sd = strip_prefix(sd, prefix)
-    name, kwargs, trusted = _choose_arch(shown, base, sd, arch, arch_kwargs, model_type, notes)
-    builder = resolve_arch(name, trusted=trusted)
-    model = build_arch(name, kwargs, trusted=trusted, kwargs_checked=True)
+    given = None if arch is None else arch_name(arch)
+    name, kwargs, trusted = _choose_arch(shown, base, sd, given, arch_kwargs, model_type, notes)
+    builder = resolve_arch(arch if arch is not None else name, trusted=trusted)
+    model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
     if not prefix:
         sd, found = _auto_prefix(sd, {k: 0 for k in model.state_dict()})
         if found:
@@ -261,7 +265,7 @@ def load(
         if n is not None:
             kwargs = {**kwargs, "num_classes": n}
             notes.append(f"num_classes={n} inferred from the state_dict's classifier")
-            model = build_arch(name, kwargs, trusted=trusted, kwargs_checked=True)
+            model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
     ignore = base.ignore or ignore
     cumulative = Plan.from_dict({"layers": base.plan}) if base.plan else Plan()
     if cumulative.layers:
@@ -296,7 +300,7 @@ def save(
     path: str | os.PathLike[str],
     model: nn.Module,
     *,
-    arch: str | None = None,
+    arch: str | Builder | None = None,
     arch_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model`` as a tdump checkpoint (atomically; see docs/FORMAT.md section 3).
@@ -315,14 +319,14 @@ def save(
     >>> save("pruned.pt", small, arch="torchvision.models.resnet18")  # doctest: +SKIP
     """
     prov = provenance(model)
-    arch = arch or prov.arch
-    if arch is None:
+    name = arch_name(arch) if arch is not None else prov.arch
+    if name is None:
         raise ConfigError(
             "save needs arch= (e.g. torchvision.models.resnet18) for a model tdump did not load"
         )
     kwargs = dict(arch_kwargs) if arch_kwargs is not None else prov.arch_kwargs
     layers = prov.plan.to_dict()["layers"]
-    write_checkpoint(path, model, arch, kwargs, layers, rounds=prov.rounds, ignore=prov.ignore)
+    write_checkpoint(path, model, name, kwargs, layers, rounds=prov.rounds, ignore=prov.ignore)
 
 
 def strip_ranks_prefix(

@@ -134,6 +134,7 @@ def test_arch_override_register_and_kwargs(tmp_path: Path, registry: None) -> No
     ):
         surgery.load(tmp_path / "s.pt")
     assert surgery.load(tmp_path / "s.pt", "tests.surgery.nets.SmallNet").fc.out_features == 3
+    assert surgery.load(tmp_path / "s.pt", SmallNet).fc.out_features == 3  # the class itself
     surgery.register_arch("tests.surgery.nets.SmallNet", SmallNet)
     back = surgery.load(tmp_path / "s.pt")
     torch.testing.assert_close(back.fc.weight, model.fc.weight, rtol=0, atol=0)
