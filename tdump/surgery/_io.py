@@ -48,6 +48,7 @@ from tdump.surgery._checkpoint import (
 )
 from tdump.surgery._graph import build_graph
 from tdump.surgery._plan import LayerPlan, Plan, keeps_for
+from tdump.surgery._resize import resize_to
 
 __all__ = ["Provenance", "dump_model_type", "load", "provenance", "save", "strip_ranks_prefix"]
 
@@ -137,6 +138,45 @@ def _fit_shapes(
         raise CheckpointError(f"cannot infer the pruned shapes: {exc}; use --like") from None
     apply_keeps(model, graph, keeps)
     return plan
+
+
+_INFERRED = (
+    "pruned shapes inferred from the state_dict ({} convs; "
+    "kept-channel indices unknown, recorded as 0..n-1)"
+)
+_PLAN_ATTR = "_tdump_inferred_plan"
+
+
+def provenance_plan(model: nn.Module) -> Plan:
+    """The plan :func:`_apply_with_graph` inferred (an empty one if none)."""
+    plan = model.__dict__.pop(_PLAN_ATTR, None)
+    return plan if isinstance(plan, Plan) else Plan()
+
+
+def _apply_with_graph(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    cumulative: Plan,
+    ignore: str | None,
+    source: str,
+    name: str,
+    notes: list[str],
+) -> None:
+    """Shrink ``model`` through its traced channel graph: the plan's keeps, or inferred ones."""
+    if cumulative.layers:
+        graph = build_graph(model, ignore)
+        try:
+            keeps = keeps_for(graph, cumulative)
+        except ConfigError as exc:
+            raise CheckpointError(
+                f"{source}: its channel plan does not fit {name}: {exc}"
+            ) from None
+        apply_keeps(model, graph, keeps)
+        return
+    inferred = _fit_shapes(model, sd, ignore)
+    if inferred is not None:
+        model.__dict__[_PLAN_ATTR] = inferred
+        notes.append(_INFERRED.format(len(inferred.layers)))
 
 
 def _choose_arch(
@@ -268,23 +308,27 @@ def load(
             model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
     ignore = base.ignore or ignore
     cumulative = Plan.from_dict({"layers": base.plan}) if base.plan else Plan()
-    if cumulative.layers:
-        graph = build_graph(model, ignore)
-        try:
-            keeps = keeps_for(graph, cumulative)
-        except ConfigError as exc:
-            raise CheckpointError(
-                f"{os.fspath(like or path)}: its channel plan does not fit {name}: {exc}"
-            ) from None
-        apply_keeps(model, graph, keeps)
+    source = os.fspath(like or path)
+    # shapes come from the state_dict, module by module: no fx trace while loading
+    resized = resize_to(model, sd)
+    if resized is None:  # a module type without a resize rule: the channel graph instead
+        model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
+        _apply_with_graph(model, sd, cumulative, ignore, source, name, notes)
+        if not cumulative.layers:
+            cumulative = provenance_plan(model)
     else:
-        inferred = _fit_shapes(model, sd, ignore)
-        if inferred is not None:
-            cumulative = inferred
-            notes.append(
-                f"pruned shapes inferred from the state_dict ({len(inferred.layers)} convs; "
-                "kept-channel indices unknown, recorded as 0..n-1)"
-            )
+        mods = dict(model.named_modules())
+        for layer, lp in cumulative.layers.items():
+            got = getattr(mods.get(layer), "out_channels", None)
+            if got != len(lp.keep):
+                raise CheckpointError(
+                    f"{shown} does not have the shapes {source}'s plan gives ({layer}: {got} "
+                    f"channels, the plan keeps {len(lp.keep)}); give the matching previous-round "
+                    "checkpoint with --like"
+                )
+        if not cumulative.layers and resized:
+            cumulative = Plan(layers=resized)
+            notes.append(_INFERRED.format(len(resized)))
     hint = (
         "give the matching previous-round checkpoint with --like"
         if like is not None or base.plan
