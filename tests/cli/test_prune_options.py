@@ -62,3 +62,32 @@ def test_count_too_large_is_clamped_and_said(
     # every group kept its minimum of one channel: the model still runs
     pruned(torch.randn(1, 3, 8, 8)).sum().backward()
     assert all(m.out_channels >= 1 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_pruned_state_dict_without_like(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fine-tuned pruned state_dict and no --like: the shapes are inferred (and said)."""
+    model = SmallNet()
+    small, _ = surgery.prune(model, random_scores(model), ratio=0.3)
+    torch.save(small.state_dict(), tmp_path / "ft.pt")
+    ranks = write_ranks(tmp_path / "ranks.parquet", random_scores(small, seed=1))
+    out = tmp_path / "p.pt"
+    code, stdout, err = _cli(
+        monkeypatch,
+        capsys,
+        str(tmp_path / "ft.pt"),
+        str(ranks),
+        *ARCH,
+        "--count",
+        "2",
+        "-o",
+        str(out),
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert any("pruned shapes inferred" in n for n in summary["notes"])
+    assert summary["params_before"] == surgery.count_params(small)
+    again = surgery.load(out, "tests.surgery.nets.SmallNet")
+    assert surgery.count_params(again) == summary["params_after"] < summary["params_before"]
+    again(torch.randn(1, 3, 8, 8)).sum().backward()

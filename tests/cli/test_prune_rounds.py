@@ -159,13 +159,3 @@ def test_two_rounds_with_a_plain_script(
         for j in range(w_p2.shape[1])
     ]
     assert cols == sorted(set(cols))
-
-    # without --like the pruned shapes are inferred from the state_dict
-    arch = ["--arch", "torchvision.models.resnet18", "--arch-kwargs", '{"num_classes": 4}']
-    code, s3, err = prune(
-        monkeypatch, capsys, "ft.pt", str(r1), *arch, "-o", "p2b.pt", "--ratio", "0.2"
-    )
-    assert code == 0, err
-    assert any("pruned shapes inferred" in n for n in s3["notes"])  # type: ignore[union-attr]
-    assert s3["params_before"] == n1
-    _check(tmp_path / "p2b.pt", rounds=1)
