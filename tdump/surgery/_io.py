@@ -289,6 +289,8 @@ def load(
         if info.arch and arch is None and info.arch != base.arch:
             notes.append(f"the architecture comes from {os.fspath(like)} ({base.arch})")
     else:
+        if like is not None:
+            notes.append(f"--like {os.fspath(like)} not needed: {shown} is a tdump checkpoint")
         base = info
     if prefix:
         sd = strip_prefix(sd, prefix)
