@@ -45,6 +45,7 @@ import zarr
 import zarr.errors
 
 from tdump._chunks import CHUNK_KEY_ENCODING, ChunkFiles, chunk_files, chunk_prefix
+from tdump._protocols import require_protocol
 from tdump._version import __version__
 from tdump.errors import (
     ConfigError,
@@ -171,6 +172,7 @@ class StoreWriter:
         An existing dump is appended to (new records follow the committed ones); an
         existing directory that is not a dump is refused.
         """
+        require_protocol(path)
         try:
             root = zarr.open_group(
                 path, mode="a", zarr_format=3, storage_options=dict(storage_options or {}) or None
@@ -500,6 +502,7 @@ def _open_existing(
     """Open the root group at ``path``; errors name ``shown`` (the path as the user gave it)."""
     where = shown or path
     opts = dict(storage_options or {}) or None
+    require_protocol(path)
     if "://" not in path:
         if not os.path.exists(path):
             raise DumpNotFoundError(

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tdump._protocols import require_protocol
 from tdump._version import __version__
 from tdump.errors import DumpNotFoundError, FormatVersionError, RanksError
 
@@ -129,6 +130,7 @@ def write_ranks(
     if "://" in str(path):
         import fsspec
 
+        require_protocol(path)
         with fsspec.open(str(path), "wb", **dict(storage_options or {})) as fh:
             pq.write_table(table, fh)
     else:
@@ -163,6 +165,7 @@ def read_ranks(
         if "://" in str(path):
             import fsspec
 
+            require_protocol(path)
             with fsspec.open(str(path), "rb", **dict(storage_options or {})) as fh:
                 table = pq.read_table(fh)
         else:

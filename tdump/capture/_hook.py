@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from tdump._format import StoreWriter, grad_name, output_name
+from tdump._protocols import require_protocol
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._model import (
     first_tensor,
@@ -85,7 +86,8 @@ def _resolve_rank(cfg: HookConfig) -> tuple[int, int]:
 
 
 def check_out_path(path: str) -> None:
-    """Refuse a local ``path`` that exists but is not a dump (one-line error)."""
+    """Refuse a local ``path`` that exists but is not a dump, or a URL whose protocol is missing."""
+    require_protocol(path)
     if "://" in path or not os.path.exists(path):
         return
     if os.path.isfile(path):

@@ -44,9 +44,11 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Rank every conv filter of DUMP and write a ranks.parquet (docs/FORMAT.md §2)."""
+        from tdump._protocols import require_protocol
         from tdump.analyze import rank, write_ranks
         from tdump.cli._console import console
 
+        require_protocol(out)  # before the ranking, not after it
         df = rank(
             dump,
             criterion=criterion,
