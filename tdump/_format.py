@@ -513,7 +513,7 @@ def _open_existing(
                 f"{where} is not a tdump store (no zarr.json); point at a dump made by `tdump record`"
             )
     try:
-        return zarr.open_group(path, mode="r", storage_options=opts)
+        root = zarr.open_group(path, mode="r", storage_options=opts)
     except FileNotFoundError as exc:
         raise DumpNotFoundError(
             f"no dump at {where}; check the path (create one with `tdump record`)"
@@ -522,3 +522,9 @@ def _open_existing(
         raise NotADumpError(
             f"{where} is not a tdump store ({exc}); point at a dump made by `tdump record`"
         ) from exc
+    # fsspec filesystems are shared per process and object stores cache directory
+    # listings (s3fs): a reader opened now must see the groups a writer added since.
+    fs = getattr(root.store, "fs", None)
+    if fs is not None:
+        fs.invalidate_cache()
+    return root
