@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tdump.analyze._cluster import check_workers
 from tdump.errors import ConfigError
 
 __all__ = ["ProgressFn", "execute"]
@@ -193,6 +194,7 @@ def _run_distributed(
     try:
         if isinstance(scheduler, Client):
             client = scheduler
+            check_workers(client)
         elif isinstance(scheduler, str) and "://" in scheduler:
             try:
                 client = Client(scheduler, set_as_default=False, timeout="10s")
@@ -201,6 +203,7 @@ def _run_distributed(
                     f"cannot reach the Dask scheduler at {scheduler} ({exc})"
                 ) from None
             owned.append(client)
+            check_workers(client)  # a cluster started elsewhere: same tdump, Python, Dask?
         else:
             cluster = LocalCluster(
                 n_workers=workers or os.cpu_count() or 1,

@@ -31,9 +31,6 @@ TINY = str(SCRIPTS / "train_tiny.py")
 TINY_RECORD = ["-n", "1", "-i", "relu|conv", TINY, "--", "--steps", "4"]
 SCORES = ["score", "score_norm"]
 
-pytest.importorskip("s3fs", reason="the s3 tests need tdump[s3] (s3fs)")
-pytest.importorskip("moto.server", reason="the s3 tests need moto[server]")
-
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
@@ -93,6 +90,8 @@ class S3:
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's S3 server on a free loopback port: a real HTTP endpoint in its own process."""
+    pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (a dev dependency)")
+    pytest.importorskip("s3fs", reason="the s3 tests need tdump[s3] (s3fs)")
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     for _attempt in range(3):  # a port taken between free_port() and bind: try another
         port = free_port()
