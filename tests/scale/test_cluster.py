@@ -48,7 +48,12 @@ def _wait_workers(address: str, n: int, timeout: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`dask scheduler` + two `dask worker --nthreads 1` on 127.0.0.1; their address."""
+    """`dask scheduler` + two `dask worker --nthreads 1` on 127.0.0.1; their address.
+
+    The workers cannot import torch (their preload blocks it): ranking must not need it.
+    """
+    no_torch = tmp_path_factory.mktemp("preload") / "no_torch.py"
+    no_torch.write_text("import sys\nsys.modules['torch'] = None\n")
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [
@@ -60,7 +65,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     ]
     try:
-        procs += [_worker(address, f"w{i}", {}) for i in (0, 1)]
+        procs += [_worker(address, f"w{i}", {}, "--preload", str(no_torch)) for i in (0, 1)]
         _wait_workers(address, 2)
         yield address
     finally:
@@ -89,14 +94,19 @@ def test_rank_through_a_scheduler_address(
     assert "ranked 16 filters" in proc.stdout
     same_ranks(read_ranks(out), tiny_local.ranks)
 
-    def opened() -> list[str]:  # on each worker: the stores its tasks opened
+    def opened() -> tuple[list[str], bool]:  # on each worker: stores its tasks opened; torch?
+        import sys
+
         from tdump.analyze import _rank
 
-        return sorted({key[0] for key in _rank._ARRAYS})
+        torch = sys.modules.get("torch")
+        return sorted({key[0] for key in _rank._ARRAYS}), torch is not None
 
     with Client(cluster, set_as_default=False) as client:
         on_workers = client.run(opened)
-    assert {p for paths in on_workers.values() for p in paths} == {tiny_local.path}
+    assert len(on_workers) == 2
+    assert {p for paths, _ in on_workers.values() for p in paths} == {tiny_local.path}
+    assert not any(torch for _, torch in on_workers.values())  # ranked without torch
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
