@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+import tdump
 from tdump._version import __version__
 from tdump.analyze import read_ranks
+from tdump.errors import ConfigError
 
 from .conftest import BIN, ROOT, TDUMP, LocalRun, free_port, ok, run, same_ranks, stop
 
@@ -24,7 +26,8 @@ pytest.importorskip("distributed")
 
 
 def _worker(address: str, name: str, env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
-    args = ["--name", name, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1"]
+    # --no-nanny: one process per worker, so stopping it stops everything it started
+    args = ["--name", name, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny"]
     return subprocess.Popen(
         [DASK, "worker", address, *args, "--no-dashboard", "--memory-limit", "1GB", *extra],
         cwd=ROOT,
@@ -69,7 +72,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _wait_workers(address, 2)
         yield address
     finally:
-        stop(procs)
+        stop(procs[1:])  # workers first: they leave at once while their scheduler is up
+        stop(procs[:1])
 
 
 @contextmanager
@@ -122,13 +126,12 @@ def test_a_worker_with_another_tdump_version_is_refused(
     other = tmp_path / "other"
     shutil.copytree(ROOT / "tdump", other / "tdump", ignore=shutil.ignore_patterns("__pycache__"))
     (other / "tdump" / "_version.py").write_text('__version__ = "0.0.1.other"\n')
-    out = tmp_path / "ranks.parquet"
-    with extra_worker(cluster, {"PYTHONPATH": str(other)}):
-        proc = run([TDUMP, "rank", tiny_local.path, "--scheduler", cluster, "-o", str(out)])
-    line = _one_line_error(proc)
-    assert line.startswith(f"error: Dask cluster at {cluster} does not match this client: ")
-    assert f"tdump {__version__} here, 0.0.1.other on tcp://127.0.0.1:" in line
-    assert not out.exists()
+    with extra_worker(cluster, {"PYTHONPATH": str(other)}), pytest.raises(ConfigError) as info:
+        tdump.rank(tiny_local.path, scheduler=cluster, progress=False)
+    msg = str(info.value)
+    assert msg.startswith(f"Dask cluster at {cluster} does not match this client: ")
+    assert f"tdump {__version__} here, 0.0.1.other on tcp://127.0.0.1:" in msg
+    assert "\n" not in msg
 
 
 def test_a_worker_without_tdump_is_named(

@@ -40,11 +40,22 @@ PACED = str(Path(__file__).parent / "scripts" / "paced_writer.py")
 
 
 @pytest.fixture(scope="module")
-def tiny_s3(s3: S3, tiny_local: LocalRun) -> str:
-    """train_tiny.py recorded straight into the bucket by `tdump record`."""
+def tiny_s3(s3: S3, request: pytest.FixtureRequest) -> str:
+    """train_tiny.py recorded straight into the bucket by `tdump record`.
+
+    The local reference run is recorded meanwhile (two processes, two cores).
+    """
     url = s3.url("run.zarr")
-    proc = ok(run([TDUMP, "record", "-o", url, *TINY_RECORD]))
-    assert f"to {url}" in proc.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [TDUMP, "record", "-o", url, *TINY_RECORD]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        request.getfixturevalue("tiny_local")
+        _, err = proc.communicate(timeout=180)
+    finally:
+        stop([proc])
+    assert proc.returncode == 0, err.decode()
+    assert f"to {url}" in err.decode()
     return url
 
 
