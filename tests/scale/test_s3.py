@@ -71,14 +71,14 @@ def _same_dump(got: str, want: str, **options: Any) -> None:
     """Every tensor of every record equal, read through open_dump (xarray, Dask)."""
     a = _variables(tdump.open_dump(got, **options))
     b = _variables(tdump.open_dump(want))
-    assert a.keys() == b.keys() and len(a) >= 8
+    assert a.keys() == b.keys() and len(a) >= 4
     for name in b:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_record_to_s3_holds_what_a_local_record_holds(tiny_s3: str, tiny_local: LocalRun) -> None:
     _same_dump(tiny_s3, tiny_local.path)
-    assert StoreReader(tiny_s3).steps("train").tolist() == [0, 1, 2, 3]
+    assert StoreReader(tiny_s3).steps("train").tolist() == [0, 1, 2]
 
 
 def test_ls_lists_the_s3_dump(tiny_s3: str, tiny_local: LocalRun) -> None:
@@ -231,7 +231,7 @@ def test_open_dump_and_trial_with_storage_options(
     _same_dump(tiny_s3, tiny_local.path, storage_options=so)
     got, want = tdump.Trial(tiny_s3, storage_options=so), tdump.Trial(tiny_local.path)
     assert got.steps() == want.steps() and got.tensor_names() == want.tensor_names()
-    name = "conv2.output_0.grad"
+    name = "relu.output_1.grad"
     for step in want.steps("train"):
         np.testing.assert_array_equal(got.tensor(name).value(step), want.tensor(name).value(step))
     same_ranks(tdump.rank(tiny_s3, storage_options=so, progress=False), tiny_local.ranks)
