@@ -2,8 +2,8 @@
 
 Ranking ships tdump's own functions to the workers by reference, so every worker needs
 tdump importable, at the client's version, under the same Python and Dask. Without this
-check a worker lacking tdump fails each task with a deserialisation traceback, and a
-worker at another tdump version may read the store differently. Workers joining after
+check a worker lacking tdump would fail every task sent to it deep inside Dask, and a
+worker at another tdump version could read the store differently. Workers joining after
 the check are not checked; a cluster with no worker yet is not checked at all.
 
 Examples
