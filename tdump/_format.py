@@ -46,6 +46,7 @@ import zarr
 import zarr.errors
 
 from tdump._chunks import CHUNK_KEY_ENCODING, ChunkFiles, chunk_files, chunk_prefix
+from tdump._protocols import require_protocol
 from tdump._validate import (
     DAMAGE,
     META_TYPES,
@@ -229,6 +230,7 @@ class StoreWriter:
         """
         if mode not in ("append", "create"):
             raise ConfigError(f"unknown StoreWriter mode {mode!r}; use append or create")
+        require_protocol(path)
         try:
             root = zarr.open_group(
                 path, mode="a", zarr_format=3, storage_options=dict(storage_options or {}) or None
@@ -706,6 +708,7 @@ def _open_existing(
     """Open the root group at ``path``; errors name ``shown`` (the path as the user gave it)."""
     where = shown or path
     opts = dict(storage_options or {}) or None
+    require_protocol(path)
     if "://" not in path:
         if not os.path.exists(path):
             raise DumpNotFoundError(
@@ -716,7 +719,7 @@ def _open_existing(
                 f"{where} is not a tdump store (no zarr.json); point at a dump made by `tdump record`"
             )
     try:
-        return zarr.open_group(path, mode="r", storage_options=opts)
+        root = zarr.open_group(path, mode="r", storage_options=opts)
     except FileNotFoundError as exc:
         raise DumpNotFoundError(
             f"no dump at {where}; check the path (create one with `tdump record`)"
@@ -725,3 +728,9 @@ def _open_existing(
         raise NotADumpError(
             f"{where} is not a tdump store ({first_line(exc)}); point at a dump made by `tdump record`"
         ) from None
+    # fsspec filesystems are shared per process and object stores cache directory
+    # listings (s3fs): a reader opened now must see the groups a writer added since.
+    fs = getattr(root.store, "fs", None)
+    if fs is not None:
+        fs.invalidate_cache()
+    return root

@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DumpNotFoundError",
     "FormatVersionError",
+    "MissingDependencyError",
     "MissingTensorError",
     "NotADumpError",
     "RanksError",
@@ -53,6 +54,10 @@ class SelectionError(TdumpError, ValueError):
 
 class ConfigError(TdumpError, ValueError):
     """Invalid settings (hook configuration, CLI options, config files)."""
+
+
+class MissingDependencyError(TdumpError, ImportError):
+    """An optional package a URL or feature needs is not installed; the message says which extra."""
 
 
 class MissingTensorError(TdumpError, LookupError):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tdump._protocols import require_protocol
 from tdump._version import __version__
 from tdump.errors import ConfigError, DumpNotFoundError, FormatVersionError, RanksError
 
@@ -131,6 +132,7 @@ def write_ranks(
     if "://" in str(path):
         import fsspec
 
+        require_protocol(path)
         with fsspec.open(str(path), "wb", **dict(storage_options or {})) as fh:
             pq.write_table(table, fh)
         return str(path)
@@ -235,6 +237,7 @@ def read_ranks(
         if "://" in str(path):
             import fsspec
 
+            require_protocol(path)
             with fsspec.open(str(path), "rb", **dict(storage_options or {})) as fh:
                 table = pq.read_table(fh)
         else:

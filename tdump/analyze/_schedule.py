@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tdump.analyze._cluster import check_workers
 from tdump.errors import ConfigError
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "ProgressFn", "check_address", "execute"]
@@ -311,6 +312,7 @@ def _run_distributed(
     try:
         if isinstance(scheduler, Client):
             client = scheduler
+            check_workers(client)
         elif isinstance(scheduler, str) and "://" in scheduler:
             try:
                 client = Client(scheduler, set_as_default=False, timeout=f"{connect_timeout}s")
@@ -319,6 +321,7 @@ def _run_distributed(
                     f"cannot connect to the Dask scheduler at {scheduler} ({exc})"
                 ) from None
             owned.append(client)
+            check_workers(client)  # a cluster started elsewhere: same tdump, Python, Dask?
         else:
             cluster = LocalCluster(
                 n_workers=workers or os.cpu_count() or 1,

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from tdump._protocols import require_protocol
 from tdump.capture._config import WRITE_MODES, HookConfig
 from tdump.errors import ConfigError, NotADumpError
 
@@ -104,6 +105,7 @@ def prepare_out(cfg: HookConfig) -> Existing | None:
     Returns what the existing dump holds for this rank when appending to one, else ``None``.
     """
     out = cfg.out
+    require_protocol(out)
     local = local_path(out)
     if local is not None:
         _check_writable(out, local)

@@ -73,10 +73,12 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Rank every conv filter of DUMP and write a ranks.parquet (docs/FORMAT.md §2)."""
+        from tdump._protocols import require_protocol
         from tdump.analyze import rank, write_ranks
         from tdump.analyze._ranks_io import check_output_path
         from tdump.cli._console import console, err_console
 
+        require_protocol(out)  # before the ranking, not after it
         check_output_path(out)  # a bad --out fails now, not after the ranking
         df = rank(
             dump,
