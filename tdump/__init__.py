@@ -22,7 +22,7 @@ from typing import Any
 from tdump._version import __version__
 from tdump.errors import TdumpError
 
-__all__ = ["Hook", "TdumpError", "Trial", "__version__", "load", "open_dump", "prune", "rank"]
+__all__ = ["Hook", "TdumpError", "Trial", "__version__", "load", "open_dump", "prune", "rank", "report"]
 
 _LAZY = {
     "Hook": "tdump.capture",
@@ -31,6 +31,7 @@ _LAZY = {
     "rank": "tdump.analyze",
     "prune": "tdump.surgery",
     "load": "tdump.surgery",
+    "report": "tdump.capture._report",
 }
 
 

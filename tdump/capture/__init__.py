@@ -19,6 +19,7 @@ from tdump.capture._config import (
 )
 from tdump.capture._hook import Hook, active_hooks, record_loss
 from tdump.capture._record import AutoCapture, run_script
+from tdump.capture._report import report
 
 __all__ = [
     "COLLECTIONS",
@@ -32,5 +33,6 @@ __all__ = [
     "active_hooks",
     "load_config",
     "record_loss",
+    "report",
     "run_script",
 ]
