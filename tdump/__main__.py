@@ -1,5 +1,6 @@
 """``python -m tdump`` = the ``tdump`` command (how the loop starts its stages)."""
 
-from tdump.cli.app import main
+if __name__ == "__main__":
+    from tdump.cli.app import main
 
-main()
+    main()

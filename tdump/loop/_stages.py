@@ -75,10 +75,17 @@ class StageResult:
     tail: list[str]
 
     def error_line(self) -> str:
-        """The line of the log that best says why the stage failed."""
+        """The line of the log that best says why the stage failed.
+
+        The last line that is not tdump's own summary (``tdump: recorded ...``) nor
+        traceback furniture: a script's message, or its exception line.
+
+        >>> StageResult(3, 1.0, ["boom: disk full", "tdump: no trained module was seen"]).error_line()
+        'boom: disk full'
+        """
         for line in reversed(self.tail):
             text = line.strip()
-            if text and not text.startswith(("File ", "^", "~")):
+            if text and not text.startswith(("File ", "^", "~", "tdump: ", "$ ")):
                 return text.removeprefix("error: ")
         return f"exit status {self.code}"
 

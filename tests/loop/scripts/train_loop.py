@@ -3,7 +3,8 @@
 Starts from ``TDUMP_INIT`` (a tdump checkpoint) when set, else builds ``TinyNet``;
 trains a few deterministic steps on synthetic data; reports eval accuracy and loss
 with ``tdump.report`` (unless ``--no-report``); saves ``model.state_dict()`` to
-``TDUMP_OUT`` (unless ``--no-save``). ``--crash-round R`` exits with status 3 in round R.
+``TDUMP_OUT`` (unless ``--no-save``). With ``LOOP_TEST_CRASH_ROUND=R`` in the
+environment it exits with status 3 in round R (the crash test).
 """
 
 from __future__ import annotations
@@ -32,12 +33,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-save", action="store_true")
-    p.add_argument("--crash-round", type=int, default=-1)
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rnd = int(os.environ.get("TDUMP_ROUND", "0"))
-    if rnd == args.crash_round:
+    if rnd == int(os.environ.get("LOOP_TEST_CRASH_ROUND", "-1")):
         print(f"injected failure in round {rnd}", file=sys.stderr)
         sys.exit(3)
     init = os.environ.get("TDUMP_INIT")
