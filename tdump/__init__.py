@@ -22,7 +22,17 @@ from typing import Any
 from tdump._version import __version__
 from tdump.errors import TdumpError
 
-__all__ = ["Hook", "TdumpError", "Trial", "__version__", "load", "open_dump", "prune", "rank", "report"]
+__all__ = [
+    "Hook",
+    "TdumpError",
+    "Trial",
+    "__version__",
+    "load",
+    "open_dump",
+    "prune",
+    "rank",
+    "report",
+]
 
 _LAZY = {
     "Hook": "tdump.capture",

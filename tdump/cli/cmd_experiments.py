@@ -24,28 +24,30 @@ def _num(n: Any) -> str:
 
 
 def _acc(v: Any) -> str:
-    return "-" if v is None else f"{float(v):.4f}"
+    return "-" if v is None else f"{float(v):.3f}"
 
 
 def rounds_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
-    """A rich Table of rounds.jsonl rows (shared with `tdump loop`'s live view)."""
+    """A rich Table of rounds.jsonl rows (shared with `tdump loop`'s live view).
+
+    Narrow enough for 80 columns; the stop reason is printed under the table.
+    """
     from rich.table import Table
 
-    table = Table(title=title, show_edge=False)
-    for col, justify in (
-        ("round", "right"),
-        ("params", "right"),
-        ("FLOPs", "right"),
-        ("params %", "right"),
-        ("accuracy", "right"),
-        ("drop", "right"),
-        ("train acc", "right"),
-        ("loss", "right"),
-        ("removed", "right"),
-        ("wall s", "right"),
-        ("stop", "left"),
-    ):
-        table.add_column(col, justify=justify, no_wrap=col != "stop")  # type: ignore[arg-type]
+    table = Table(title=title, show_edge=False, pad_edge=False)
+    for col in (
+        "round",
+        "params",
+        "FLOPs",
+        "%par",
+        "acc",
+        "drop",
+        "train",
+        "loss",
+        "cut",
+        "wall",
+    ):  # drop: points lost vs round 0; train: train accuracy; cut: channels removed; wall: s
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         wall = sum(float(v) for v in (r.get("wall") or {}).values())
         drop = r.get("accuracy_drop")
@@ -55,12 +57,11 @@ def rounds_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
             _num(r.get("flops")),
             f"{100 * r['params_ratio']:.1f}" if r.get("params_ratio") is not None else "-",
             _acc(r.get("accuracy")),
-            "-" if drop is None else f"{100 * float(drop):+.2f} pt",
+            "-" if drop is None else f"{100 * float(drop):+.1f}",
             _acc(r.get("train_accuracy")),
-            "-" if r.get("loss") is None else f"{float(r['loss']):.4f}",
+            "-" if r.get("loss") is None else f"{float(r['loss']):.3f}",
             "-" if r.get("removed") is None else str(r["removed"]),
-            f"{wall:.1f}",
-            r.get("stop_reason") or "",
+            f"{wall:.0f}",
         )
     return table
 
@@ -105,6 +106,11 @@ def register(app: typer.Typer) -> None:
             soft_wrap=True,
         )
         console.print(rounds_table(rows))
+        for r in rows:
+            if r.get("stop_reason"):
+                console.print(
+                    f"round {r['round']} stopped the loop: {r['stop_reason']}", soft_wrap=True
+                )
         status = state.get("status") or "not started"
         line = f"status: {status}"
         if state.get("stop_reason"):

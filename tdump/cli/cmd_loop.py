@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
             settings.check()
         console.print(f"experiment: {experiment}", soft_wrap=True)
         prior = Experiment.open(experiment).rows() if resuming else []
-        with Live(console=console, refresh_per_second=1, transient=False) as live:
+        with Live(console=console, refresh_per_second=1, transient=True) as live:
             events = _LiveEvents(live, prior)
             live.update(events)
             try:
@@ -179,8 +179,11 @@ def register(app: typer.Typer) -> None:
             except LoopError as exc:
                 live.stop()
                 abort(str(exc), code=exc.exit_code)
+        from tdump.cli.cmd_experiments import rounds_table
+
         final = Experiment.open(experiment).state()
         reason = rows[-1].get("stop_reason") if rows else None
+        console.print(rounds_table(rows))
         console.print(
             f"stopped after round {rows[-1]['round']}: {reason or final.get('status')}"
             if rows
