@@ -58,6 +58,8 @@ while step < steps:
         optimizer.step()
         schedule.step()
         step += 1
+        if step % 100 == 0:
+            print(f"step {step}/{steps}", flush=True)
         if step == steps:
             break
 model.eval()

@@ -138,7 +138,7 @@ def register(app: typer.Typer) -> None:
         experiments: list[Path] = typer.Argument(..., help="Two or more experiment directories."),
         out: Path = typer.Option(Path("compare.png"), "-o", "--out", help="Figure to write."),
     ) -> None:
-        """Put several experiments (e.g. taylor vs l1) on one figure, and print their tables."""
+        """Put several experiments on one figure (taylor vs l1, say) and print their tables."""
         from tdump.loop._plot import plot_rounds
 
         loaded = [(p.name, _load(p)[1]) for p in experiments]
