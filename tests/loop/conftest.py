@@ -15,8 +15,11 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 TRAIN = str(SCRIPTS / "train_loop.py")
-#: Three rounds of a 16+16-channel net, 6 channels per round, every other step saved.
+#: A 16+16-channel net, 6 channels per round, every other step saved.
 BASE = ["--count", "6", "--arch", "tinynet.TinyNet", "--interval", "2", "--scheduler", "sync"]
+#: Up to 4 rounds, stopped by a condition after round 2: whichever 6 channels go,
+#: round 1 keeps 64-69 % of the parameters and round 2 at most 44 % (TinyNet's sizes).
+STOP = ["--rounds", "4", "--stop-when", "params_ratio < 0.6 and accuracy > 0"]
 
 
 def tdump_cmd(*args: str) -> list[str]:
@@ -24,7 +27,7 @@ def tdump_cmd(*args: str) -> list[str]:
 
 
 def run_tdump(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str, env: dict[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **(env or {})}
     return subprocess.run(
@@ -93,7 +96,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def base(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> tuple[Path, str | None]:
-    """One uninterrupted 3-round loop (logged to MLflow when it is installed)."""
+    """One uninterrupted loop, 3 rounds (logged to MLflow when it is installed)."""
     exp = tmp_path_factory.mktemp("base") / "exp"
     env: dict[str, str] = {}
     extra: list[str] = []
@@ -104,8 +107,6 @@ def base(
         extra = ["--mlflow"]
     except pytest.skip.Exception:
         pass
-    proc = run_tdump(
-        "loop", TRAIN, "--rounds", "3", *BASE, *extra, "--experiment", str(exp), env=env
-    )
+    proc = run_tdump("loop", TRAIN, *STOP, *BASE, *extra, "--experiment", str(exp), env=env)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return exp, uri

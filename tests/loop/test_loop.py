@@ -17,7 +17,16 @@ import pytest
 import torch
 
 import tdump
-from tests.loop.conftest import BASE, SCRIPTS, TRAIN, comparable, rows_of, run_tdump, tdump_cmd
+from tests.loop.conftest import (
+    BASE,
+    SCRIPTS,
+    STOP,
+    TRAIN,
+    comparable,
+    rows_of,
+    run_tdump,
+    tdump_cmd,
+)
 
 
 def _script_data() -> Any:
@@ -39,7 +48,6 @@ def test_three_rounds_shrink_and_every_checkpoint_runs(base: tuple[Path, str | N
     assert [r["round"] for r in rows] == [0, 1, 2]
     params = [r["params"] for r in rows]
     assert params[0] > params[1] > params[2]
-    assert rows[-1]["stop_reason"] == "rounds: 3 of 3 done"
     xt, yt = _script_data()(128, seed=2)
     sys.path.insert(0, str(SCRIPTS))  # the checkpoints name tinynet.TinyNet
     try:
@@ -86,21 +94,27 @@ def test_three_rounds_shrink_and_every_checkpoint_runs(base: tuple[Path, str | N
 
 
 def test_experiments_show_plot_compare(base: tuple[Path, str | None], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tdump.cli.app import app
+
     exp, _ = base
-    shown = run_tdump("experiments", "show", str(exp), "--json")
-    assert shown.returncode == 0, shown.stderr
+    runner = CliRunner()
+    shown = runner.invoke(app, ["experiments", "show", str(exp), "--json"])
+    assert shown.exit_code == 0, shown.output
     data = json.loads(shown.stdout)
-    assert data["status"] == "finished" and data["rounds"] == rows_of(exp)
-    text = run_tdump("experiments", "show", str(exp))
-    assert "rounds: 3 of 3 done" in text.stdout and text.stdout.count("\n") >= 4
+    assert data["status"] == "stopped" and data["rounds"] == rows_of(exp)
+    text = runner.invoke(app, ["experiments", "show", str(exp)])
+    assert "round 2 stopped the loop: stop-when" in text.stdout
+    assert "status: stopped" in text.stdout
     pytest.importorskip("matplotlib")
     png = tmp_path / "curve.png"
-    plot = run_tdump("experiments", "plot", str(exp), "-o", str(png))
-    assert plot.returncode == 0, plot.stderr
+    plot = runner.invoke(app, ["experiments", "plot", str(exp), "-o", str(png)])
+    assert plot.exit_code == 0, plot.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     cmp_png = tmp_path / "cmp.png"
-    cmp = run_tdump("experiments", "compare", str(exp), str(exp), "-o", str(cmp_png))
-    assert cmp.returncode == 0 and cmp_png.stat().st_size > 10_000
+    cmp = runner.invoke(app, ["experiments", "compare", str(exp), str(exp), "-o", str(cmp_png)])
+    assert cmp.exit_code == 0 and cmp_png.stat().st_size > 10_000
 
 
 def test_mlflow_runs_read_back_from_the_server(
@@ -126,19 +140,17 @@ def test_mlflow_runs_read_back_from_the_server(
         assert arts == ["checkpoint/checkpoint.pt"]
 
 
-def test_stop_when_stops_at_the_first_round_it_holds(tmp_path: Path) -> None:
-    exp = tmp_path / "exp"
-    proc = run_tdump(
-        "loop", TRAIN, "--rounds", "5", *BASE, "--stop-when", "params_ratio < 0.9 and accuracy > 0",
-        "--experiment", str(exp),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = rows_of(exp)
-    assert [r["round"] for r in rows] == [0, 1]
-    assert rows[0]["params_ratio"] == 1.0 and rows[0]["stop_reason"] is None
-    assert rows[1]["params_ratio"] < 0.9
-    assert rows[1]["stop_reason"].startswith("stop-when: params_ratio < 0.9 and accuracy > 0 (")
-    assert not (exp / "round_002").exists()
+def test_stop_when_stops_at_the_first_round_it_holds(base: tuple[Path, str | None]) -> None:
+    exp, _ = base
+    rows = rows_of(exp)  # --rounds 4 --stop-when 'params_ratio < 0.6 and accuracy > 0'
+    assert [r["params_ratio"] >= 0.6 for r in rows] == [True, True, False]
+    assert [r["stop_reason"] for r in rows[:2]] == [None, None]
+    reason = rows[2]["stop_reason"]
+    assert reason.startswith("stop-when: params_ratio < 0.6 and accuracy > 0 (accuracy=")
+    assert f"params_ratio={rows[2]['params_ratio']:.4g}" in reason
+    assert not (exp / "round_003").exists()
+    state = json.loads((exp / "state.json").read_text())
+    assert state["status"] == "stopped" and state["stop_reason"] == reason
 
 
 def _wait_for_stage(exp: Path, r: int, stage: str, proc: subprocess.Popen[str]) -> None:
@@ -159,7 +171,7 @@ def test_sigkill_in_rank_then_crash_then_resume(
     base: tuple[Path, str | None], tmp_path: Path
 ) -> None:
     exp = tmp_path / "exp"
-    args = ["loop", TRAIN, "--rounds", "3", *BASE, "--experiment", str(exp)]
+    args = ["loop", TRAIN, *STOP, *BASE, "--experiment", str(exp)]
     proc = subprocess.Popen(tdump_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)  # fmt: skip
     _wait_for_stage(exp, 2, "rank", proc)
