@@ -70,9 +70,15 @@ def plot_rounds(
             [r["round"] for r in scored], [r["accuracy"] for r in scored], "o-", label=label
         )
         par_ax.plot(rounds, params, "o-", label=label)
-    curve.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     curve.invert_xaxis()  # pruning goes right: fewer parameters
-    curve.set_xlabel("parameters (log)")
+    curve.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _millions(v)))
+    par_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _millions(v)))
+    par_ax.set_ylim(bottom=0)
+    for ax in (acc_ax, par_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curve.set_xlabel("parameters")
     curve.set_ylabel("validation accuracy")
     curve.set_title("accuracy vs parameters, one point per round")
     acc_ax.set_xlabel("round")
@@ -80,7 +86,6 @@ def plot_rounds(
     acc_ax.set_title("accuracy per round")
     par_ax.set_xlabel("round")
     par_ax.set_ylabel("parameters")
-    par_ax.set_yscale("log")
     par_ax.set_title("parameters per round")
     for ax in axes:
         ax.grid(True, alpha=0.3)
