@@ -31,6 +31,7 @@ __all__ = [
     "open_dump",
     "prune",
     "rank",
+    "report",
     "save",
 ]
 
@@ -41,6 +42,7 @@ _LAZY = {
     "rank": "tdump.analyze",
     "prune": "tdump.surgery",
     "load": "tdump.surgery",
+    "report": "tdump.capture._report",
 }
 
 

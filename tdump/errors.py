@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DumpNotFoundError",
     "FormatVersionError",
+    "LoopError",
     "MissingDependencyError",
     "MissingTensorError",
     "NotADumpError",
@@ -73,6 +74,17 @@ class RanksError(TdumpError, ValueError):
 
 class CheckpointError(TdumpError, ValueError):
     """A checkpoint cannot be loaded safely or does not match the architecture."""
+
+
+class LoopError(TdumpError, RuntimeError):
+    """The pruning loop cannot start or go on (a stage failed, the experiment is in use, ...).
+
+    ``exit_code`` is what ``tdump loop`` exits with (a failed training script's own code).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class UntraceableModelError(TdumpError, RuntimeError):

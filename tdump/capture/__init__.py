@@ -25,6 +25,7 @@ from tdump.capture._exit import TrainingStopped
 if TYPE_CHECKING:
     from tdump.capture._hook import Hook, active_hooks, record_loss
     from tdump.capture._record import AutoCapture, run_script
+    from tdump.capture._report import report
 
 # torch loads on first use of these, so `tdump record` checks its input before importing it
 _LAZY = {
@@ -33,6 +34,7 @@ _LAZY = {
     "record_loss": "tdump.capture._hook",
     "AutoCapture": "tdump.capture._record",
     "run_script": "tdump.capture._record",
+    "report": "tdump.capture._report",
 }
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "active_hooks",
     "load_config",
     "record_loss",
+    "report",
     "run_script",
 ]
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import HookConfig
@@ -149,6 +150,8 @@ class AutoCapture:
 
     # -- global hooks
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if is_fx_tracing():  # tdump.load traces the model: those calls are not training
+            return
         depth = self._depth
         self._depth += 1
         if depth != 0 or not self.active or fx_tracing():
@@ -179,6 +182,8 @@ class AutoCapture:
                 self._others.append(weakref.ref(root))
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if is_fx_tracing():
+            return
         self._depth = max(0, self._depth - 1)
 
     def _opt_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:

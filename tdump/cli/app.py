@@ -5,7 +5,15 @@ from __future__ import annotations
 import typer
 
 from tdump._version import __version__
-from tdump.cli import cmd_check, cmd_ls, cmd_prune, cmd_rank, cmd_record
+from tdump.cli import (
+    cmd_check,
+    cmd_experiments,
+    cmd_loop,
+    cmd_ls,
+    cmd_prune,
+    cmd_rank,
+    cmd_record,
+)
 from tdump.cli._console import abort, console
 from tdump.errors import TdumpError
 
@@ -41,6 +49,8 @@ cmd_ls.register(app)
 cmd_rank.register(app)
 cmd_prune.register(app)
 cmd_check.register(app)
+cmd_loop.register(app)
+cmd_experiments.register(app)
 
 
 def main() -> None:
