@@ -81,18 +81,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _prune_has_like() -> bool:
-    """Whether this tdump's ``prune`` takes ``--like`` (a pruned-shape state_dict + its
-    tdump starting checkpoint). Delete with the fallback once every tdump has it."""
-    import typer.main
-
-    from tdump.cli.app import app
-
-    command: Any = typer.main.get_command(app)
-    prune = command.commands.get("prune")
-    return prune is not None and any("--like" in p.opts for p in prune.params)
-
-
 @contextmanager
 def _script_importable(script: str) -> Iterator[None]:
     """The script's folder on ``sys.path`` (architectures named like ``mynets.Net``)."""
@@ -202,12 +190,13 @@ class _Loop:
         p, prev = self.paths(r), self.paths(r - 1)
         tmp = self._partial(p["init"])
         s = self.s
-        if _prune_has_like() and r - 1 > 0:
-            source = ["--like", _rel(prev["init"])]
-            ckpt = prev["model"]
-        else:
-            source, ckpt = [], prev["checkpoint"]
-        argv = tdump_argv("prune", _rel(ckpt), _rel(p["ranks"]), "-o", _rel(tmp), *source)
+        # measure() saved the previous round's model as a tdump checkpoint (its keep-lists
+        # included), so every round prunes a self-describing file
+        argv = tdump_argv("prune", _rel(prev["checkpoint"]), _rel(p["ranks"]), "-o", _rel(tmp))
+        if s.arch:  # given on the loop's command line: trusted, as with tdump prune --arch
+            argv += ["--arch", s.arch]
+            if s.arch_kwargs:
+                argv += ["--arch-kwargs", json.dumps(s.arch_kwargs)]
         argv += ["--count", str(s.count)] if s.count is not None else ["--ratio", str(s.ratio)]
         argv += ["--scope", s.scope, "--min-channels", str(s.min_channels)]
         if s.max_ratio is not None:

@@ -173,9 +173,10 @@ def load_round_model(
     from tdump.surgery._checkpoint import load_state, read_checkpoint
 
     sd, info = read_checkpoint(ckpt)
+    # ``arch`` came from the loop's command line: trusted, and it overrides the files'
     if info.kind == "tdump" or init is None:
-        return surgery.load(ckpt, arch if info.kind != "tdump" else None, arch_kwargs)
-    model = surgery.load(init)
+        return surgery.load(ckpt, arch, arch_kwargs if info.kind != "tdump" else None)
+    model = surgery.load(init, arch)
     load_state(
         model, sd, surgery.provenance(model).arch or "the round's starting model", os.fspath(ckpt)
     )

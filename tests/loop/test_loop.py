@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -27,6 +28,15 @@ from tests.loop.conftest import (
     run_tdump,
     tdump_cmd,
 )
+
+
+def _tinynet() -> Any:
+    """The test script's own model class: named by the caller, so tdump may build it."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return importlib.import_module("tinynet").TinyNet
+    finally:
+        sys.path.remove(str(SCRIPTS))
 
 
 def _script_data() -> Any:
@@ -65,7 +75,7 @@ def test_three_rounds_shrink_and_every_checkpoint_runs(base: tuple[Path, str | N
             raw = torch.load(folder / "model.pt", weights_only=True)  # as the script saved it
             ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
             assert ckpt["format"] == "tdump.checkpoint"
-            model = tdump.load(folder / "checkpoint.pt").eval()
+            model = tdump.load(folder / "checkpoint.pt", arch=_tinynet()).eval()
             assert sum(p.numel() for p in model.parameters()) == r["params"]
             assert {k: v.shape for k, v in raw.items()} == {
                 k: v.shape for k, v in model.state_dict().items()

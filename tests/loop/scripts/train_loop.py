@@ -41,7 +41,7 @@ def main() -> None:
         print(f"injected failure in round {rnd}", file=sys.stderr)
         sys.exit(3)
     init = os.environ.get("TDUMP_INIT")
-    model = tdump.load(init) if init else TinyNet()
+    model = tdump.load(init, arch=TinyNet) if init else TinyNet()  # our own class: named here
     x, y = data(256, seed=1)
     xt, yt = data(128, seed=2)
     crit = nn.CrossEntropyLoss()
