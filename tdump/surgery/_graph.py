@@ -218,6 +218,7 @@ class ChannelGraph:
         self.uses: dict[str, ModuleUse] = {}
         self._conv_space: dict[str, int] = {}
         self._called: set[str] = set()
+        self.notes: list[str] = []
         self._build(trace(model, pattern), pattern)
         self._finish()
 
