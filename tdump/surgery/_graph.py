@@ -10,7 +10,9 @@ summed into one tensor end up in one space: a *group*. A depthwise conv merges i
 input and output spaces; a grouped conv's outputs form *blocks* (equal removals per
 group) and its inputs are frozen. Anything the graph does not understand (an unknown
 op, the model output, an ignored module) *freezes* the spaces it touches: frozen
-groups are never pruned. No rule names an architecture.
+groups are never pruned. No rule names an architecture. The model is traced in eval
+and in training mode, and both graphs feed the same spaces, so branches that run only
+in training (auxiliary classifiers) are pruned consistently too.
 
 Examples
 --------
@@ -159,11 +161,16 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, ignore: re.Pattern[str] | None = None) -> fx.Graph:
-    """Symbolically trace ``model``; raise :class:`UntraceableModelError` naming the module."""
+def trace(
+    model: nn.Module, ignore: re.Pattern[str] | None = None, *, training: bool = False
+) -> fx.Graph:
+    """Symbolically trace ``model`` in eval (or ``training``) mode.
+
+    Raises :class:`UntraceableModelError` naming the module fx failed in.
+    """
     tracer = _Tracer(ignore)
     was_training = model.training
-    model.eval()  # the inference graph: no train-only branches (stochastic depth, dropout noise)
+    model.train(training)
     try:
         return tracer.trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
@@ -217,9 +224,24 @@ class ChannelGraph:
         self._spaces = _Spaces()
         self.uses: dict[str, ModuleUse] = {}
         self._conv_space: dict[str, int] = {}
-        self._called: set[str] = set()
+        self._called: set[str] = set()  # modules called so far in the graph being read
         self.notes: list[str] = []
-        self._build(trace(model, pattern), pattern)
+        # Both graphs: the inference one, and the training one, whose train-only branches
+        # (auxiliary heads) read channels too. A module seen in the first keeps its spaces.
+        graphs, failed = [], []
+        for training in (False, True):
+            try:
+                graphs.append(trace(model, pattern, training=training))
+            except UntraceableModelError as exc:
+                failed.append((training, exc))
+        if not graphs:
+            raise failed[0][1]
+        for training, exc in failed:
+            mode = "training" if training else "inference"
+            self.notes.append(f"only one mode traced; the {mode} graph failed: {exc}")
+        for graph in graphs:
+            self._called = set()
+            self._build(graph, pattern)
         self._finish()
 
     # ------------------------------------------------------------------ building
@@ -335,6 +357,10 @@ class ChannelGraph:
             and [n for _, n in new] == [n for _, n in seen]
         ):
             self._merge([seen, new], residual=False)
+        elif seen is None and use.kind in ("conv", "linear"):
+            # its inputs were frozen at the first call (grouped conv, flattened input):
+            # so are this call's; its outputs are still its own
+            self._freeze_layout(new, f"{use.name} reads them (inputs left alone)")
         else:
             reason = f"{use.name} is called on differently laid out inputs"
             for lay in (seen, new, use.out_layout):
