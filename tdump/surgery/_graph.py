@@ -228,17 +228,18 @@ class ChannelGraph:
         self.notes: list[str] = []
         # Both graphs: the inference one, and the training one, whose train-only branches
         # (auxiliary heads) read channels too. A module seen in the first keeps its spaces.
-        graphs, failed = [], []
+        graphs: list[fx.Graph] = []
+        failed: list[tuple[bool, UntraceableModelError]] = []
         for training in (False, True):
             try:
                 graphs.append(trace(model, pattern, training=training))
-            except UntraceableModelError as exc:
-                failed.append((training, exc))
+            except UntraceableModelError as err:
+                failed.append((training, err))
         if not graphs:
             raise failed[0][1]
-        for training, exc in failed:
+        for training, error in failed:
             mode = "training" if training else "inference"
-            self.notes.append(f"only one mode traced; the {mode} graph failed: {exc}")
+            self.notes.append(f"only one mode traced; the {mode} graph failed: {error}")
         for graph in graphs:
             self._called = set()
             self._build(graph, pattern)
