@@ -57,10 +57,13 @@ _NONTENSOR = "nontensor"  # a value that is not a channel-carrying tensor (sizes
 class ModuleUse:
     """How one module's tensors map to channel spaces.
 
-    ``kind`` is ``"conv"``, ``"depthwise"``, ``"bn"`` or ``"linear"``. ``out_layout`` is
-    the layout of the dim-0 axis of the weight (conv out channels, BN features);
-    ``in_layout`` that of the weight's dim 1 (conv in channels, linear in features,
-    expanded by ``in_block`` features per channel after a flatten).
+    ``kind`` is ``"conv"``, ``"depthwise"``, ``"bn"``, ``"ln"`` (LayerNorm over the
+    channels), ``"linear"`` or ``"param"`` (a tensor attribute read directly, e.g. a
+    per-channel scale; ``name`` is its qualified name, sliced along ``axis``).
+    ``out_layout`` is the layout of the dim-0 axis of the weight (conv out channels, BN
+    and LN features, linear out features); ``in_layout`` that of the weight's dim 1
+    (conv in channels, linear in features, expanded by ``in_block`` features per
+    channel after a flatten). ``out_value`` is what a call returns (for repeated calls).
     """
 
     name: str
@@ -69,6 +72,23 @@ class ModuleUse:
     out_layout: Layout | None = None
     in_layout: Layout | None = None
     in_block: int = 1
+    axis: int = 0
+    out_value: Any = None
+
+
+@dataclass(frozen=True)
+class _Last:
+    """A tensor whose channels are its **last** axis (channels-last), e.g. after a permute."""
+
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A parameter or buffer read directly (``get_attr``): its qualified name and shape."""
+
+    name: str
+    shape: tuple[int, ...]
 
 
 @dataclass
@@ -249,6 +269,8 @@ class ChannelGraph:
     def _freeze_layout(self, v: Any, reason: str) -> None:
         if isinstance(v, list) and v:  # a flattened layout
             v = v[0]
+        if isinstance(v, _Last):
+            v = v.layout
         if isinstance(v, tuple):
             for s, _ in v:
                 self._spaces.freeze(s, reason)
@@ -264,8 +286,10 @@ class ChannelGraph:
 
         for node in graph.nodes:
             op = node.op
-            if op == "placeholder" or op == "get_attr":
+            if op == "placeholder":
                 env[node] = _UNKNOWN
+            elif op == "get_attr":
+                env[node] = self._get_attr(str(node.target))
             elif op == "output":
                 for a in _flatten_args(node.args):
                     self._freeze_layout(val(a), "reaches the model output")
@@ -276,6 +300,29 @@ class ChannelGraph:
                 env[node] = self._module(node.target, mod, args, ignored)
             else:
                 env[node] = self._function(node, val)
+
+    def _get_attr(self, target: str) -> Any:
+        try:
+            obj = self.model
+            for part in target.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            return _UNKNOWN
+        return _Param(target, tuple(obj.shape)) if isinstance(obj, torch.Tensor) else _UNKNOWN
+
+    def _param_follows(self, p: _Param, layout: Layout, axis: int) -> None:
+        """Parameter ``p`` is indexed by ``layout``'s channels along ``axis``."""
+        use = self.uses.get(p.name)
+        if use is None:
+            owner = p.name.rpartition(".")[0]
+            mod = self.model.get_submodule(owner)
+            self.uses[p.name] = ModuleUse(p.name, "param", mod, layout, axis=axis)
+        elif use.axis == axis and [n for _, n in use.out_layout or ()] == [n for _, n in layout]:
+            self._merge([use.out_layout or (), layout], residual=False)
+        else:
+            reason = f"parameter {p.name} is used with different channels"
+            self._freeze_layout(use.out_layout, reason)
+            self._freeze_layout(layout, reason)
 
     def _module(self, name: str, mod: nn.Module, args: list[Any], ignored: bool) -> Any:
         x = args[0] if args else _UNKNOWN
@@ -302,7 +349,9 @@ class ChannelGraph:
                 self._freeze_layout(layout, f"{name} in_channels do not match its input")
                 layout = None
             if _is_depthwise(mod) and layout is not None:
-                self.uses[name] = ModuleUse(name, "depthwise", mod, layout, layout)
+                self.uses[name] = ModuleUse(
+                    name, "depthwise", mod, layout, layout, out_value=layout
+                )
                 if len(layout) == 1:
                     self._conv_space[name] = layout[0][0]
                 return layout
@@ -317,26 +366,39 @@ class ChannelGraph:
                     sp.blocks[space] = int(mod.groups)
                 self._freeze_layout(layout, f"grouped conv {name} (groups={mod.groups}) reads them")
                 layout = None
-            self.uses[name] = ModuleUse(
-                name, "conv", mod, ((space, int(mod.out_channels)),), layout
-            )
-            return ((space, int(mod.out_channels)),)
+            out: Layout = ((space, int(mod.out_channels)),)
+            self.uses[name] = ModuleUse(name, "conv", mod, out, layout, out_value=out)
+            return out
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             if isinstance(x, tuple) and sum(n for _, n in x) == mod.num_features:
-                self.uses[name] = ModuleUse(name, "bn", mod, x)
+                self.uses[name] = ModuleUse(name, "bn", mod, x, out_value=x)
                 return x
             self._freeze_layout(x, f"{name} does not match its input")
             return _UNKNOWN
         if isinstance(mod, nn.Linear):
-            if isinstance(x, tuple) or (isinstance(x, list) and x):
-                layout, flat = (x, False) if isinstance(x, tuple) else (x[0], True)
+            # a Linear reads the last axis: a 2-D (N, C) tensor, a flattened map, or a
+            # channels-last tensor; its out features are a new space, laid out the same way
+            layout, block = None, 0
+            if isinstance(x, (tuple, _Last)) or (isinstance(x, list) and x):
+                layout = x.layout if isinstance(x, _Last) else x if isinstance(x, tuple) else x[0]
                 total = sum(n for _, n in layout)
                 block = mod.in_features // total if mod.in_features % total == 0 else 0
-                if block == 1 or (flat and block > 1):
-                    self.uses[name] = ModuleUse(name, "linear", mod, None, layout, block)
-                else:
+                if not (block == 1 or (isinstance(x, list) and block > 1)):
                     self._freeze_layout(layout, f"{name} in_features do not match its input")
-            return _UNKNOWN
+                    layout = None
+            else:
+                self._freeze_layout(x, f"{name} reads a tensor of unknown channels")
+            space = sp.new(int(mod.out_features))
+            self._conv_space[name] = space
+            lay: Layout = ((space, int(mod.out_features)),)
+            value = _Last(lay) if isinstance(x, _Last) else lay
+            self.uses[name] = ModuleUse(name, "linear", mod, lay, layout, max(block, 1), 0, value)
+            return value
+        if isinstance(mod, nn.LayerNorm):
+            shape = tuple(mod.normalized_shape)
+            if isinstance(x, _Last) and shape == (sum(n for _, n in x.layout),):
+                self.uses[name] = ModuleUse(name, "ln", mod, x.layout, out_value=x)
+                return x
         if isinstance(mod, nn.Flatten):
             if isinstance(x, tuple) and mod.start_dim == 1:
                 return [x]
@@ -350,8 +412,10 @@ class ChannelGraph:
 
     def _reuse(self, use: ModuleUse, x: Any) -> Any:
         """A module called again (shared weights): both calls' channels must go together."""
-        seen = use.out_layout if use.kind == "bn" else use.in_layout
+        seen = use.out_layout if use.kind in ("bn", "ln") else use.in_layout
         new = x[0] if use.kind == "linear" and isinstance(x, list) and x else x
+        if isinstance(new, _Last) and use.kind in ("linear", "ln"):
+            new = new.layout
         if (
             seen is not None
             and isinstance(new, tuple)
@@ -366,7 +430,7 @@ class ChannelGraph:
             reason = f"{use.name} is called on differently laid out inputs"
             for lay in (seen, new, use.out_layout):
                 self._freeze_layout(lay, reason)
-        return _UNKNOWN if use.kind == "linear" else use.out_layout
+        return use.out_value
 
     def _function(self, node: fx.Node, val: Any) -> Any:
         target = node.target
@@ -383,6 +447,11 @@ class ChannelGraph:
             return _NONTENSOR
         if target is operator.getitem and x is _NONTENSOR:
             return _NONTENSOR
+        if target is operator.getitem and isinstance(x, _Last):
+            index = node.args[1]
+            last = index[-1] if isinstance(index, tuple) and index else None
+            if isinstance(last, slice) and last == slice(None):  # x[..., a:b, c:d, :]
+                return x
         if (
             target in PASS_FUNCTIONS
             or getattr(target, "__name__", None) in PASS_FUNCTION_NAMES
@@ -394,6 +463,8 @@ class ChannelGraph:
             parts = [val(a) for a in _flatten_args(node.args[0])]
             if dim == 1 and all(isinstance(p, tuple) for p in parts):
                 return tuple(seg for p in parts for seg in p)
+            if dim == -1 and all(isinstance(p, _Last) for p in parts):
+                return _Last(tuple(seg for p in parts for seg in p.layout))
             for p in parts:
                 self._freeze_layout(p, f"torch.cat along dim {dim}")
             return _UNKNOWN
@@ -401,10 +472,20 @@ class ChannelGraph:
             start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
             if isinstance(x, tuple) and start == 1:
                 return [x]
+            if isinstance(x, tuple) and isinstance(start, int) and start >= 2:
+                return x  # spatial dims merged; channels stay at dim 1
+        if target is torch.permute or (node.op == "call_method" and target == "permute"):
+            return self._permute(node, x)
         if node.op == "call_method" and target in ("view", "reshape") and isinstance(x, tuple):
             shape = node.args[1:]
+            if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+                shape = tuple(shape[0])
             if len(shape) == 2 and shape[1] == -1:
                 return [x]
+            if len(shape) >= 3 and shape[1] == sum(n for _, n in x):
+                return x  # (n, C, h * w): channels stay at dim 1
+        if target is torch.nn.functional.layer_norm and isinstance(x, _Last):
+            return self._layer_norm(node, x, val)
         if target in ("mean", "amax", "sum") and isinstance(x, tuple):
             dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
             dims = (dims,) if isinstance(dims, int) else dims
@@ -412,11 +493,83 @@ class ChannelGraph:
                 return x
         if target in ELEMENTWISE:
             tensors = [v for v in vals if v is not _NONTENSOR]
+            chans = [v for v in tensors if isinstance(v, (tuple, _Last))]
+            params = [v for v in tensors if isinstance(v, _Param)]
+            if chans and params and len(chans) + len(params) == len(tensors):
+                if not all(self._param_broadcasts(p, chans[0]) for p in params):
+                    return self._freeze_all(tensors, f"{target} with a parameter")
+                tensors = chans
+            if all(isinstance(v, _Last) for v in tensors) and tensors:
+                return _Last(self._merge([v.layout for v in tensors], target in MERGE_OPS))
             if all(isinstance(v, list) for v in tensors) and tensors:  # flattened + scalar
                 return tensors[0] if len(tensors) == 1 else self._freeze_all(tensors, str(target))
             if all(isinstance(v, tuple) for v in tensors) and tensors:
                 return self._merge(tensors, target in MERGE_OPS)
         return self._freeze_all(vals, getattr(target, "__name__", str(target)))
+
+    def _permute(self, node: fx.Node, x: Any) -> Any:
+        """``permute`` moves a known channel axis: dim 1 <-> last."""
+        given: Any = node.kwargs.get("dims", node.args[1:])
+        if len(given) == 1 and isinstance(given[0], (tuple, list)):
+            given = given[0]
+        dims: tuple[Any, ...] = tuple(given)
+        if all(isinstance(d, int) for d in dims) and len(dims) >= 2:
+            last = len(dims) - 1
+            dims = tuple(d % len(dims) for d in dims)
+            if isinstance(x, tuple) and dims[0] == 0:
+                if dims[-1] == 1:
+                    return _Last(x)
+                if dims[1] == 1:
+                    return x
+            if isinstance(x, _Last) and dims[0] == 0:
+                if dims[1] == last:
+                    return x.layout
+                if dims[-1] == last:
+                    return x
+        return self._freeze_all([x], f"permute{dims}")
+
+    def _layer_norm(self, node: fx.Node, x: _Last, val: Any) -> Any:
+        """``F.layer_norm`` over the channels of a channels-last tensor: its affine follows."""
+        args = list(node.args) + [None] * 4
+        shape: Any = node.kwargs.get("normalized_shape", args[1])
+        params = [
+            val(a) for a in (node.kwargs.get("weight", args[2]), node.kwargs.get("bias", args[3]))
+        ]
+        total = sum(n for _, n in x.layout)
+        if tuple(shape or ()) != (total,) or not all(
+            p is _NONTENSOR or isinstance(p, _Param) for p in params
+        ):
+            return self._freeze_all([x], "layer_norm")
+        for p in params:
+            if isinstance(p, _Param):
+                self._param_follows(p, x.layout, 0)
+        return x
+
+    def _param_broadcasts(self, p: _Param, v: Any) -> bool:
+        """``p`` in an elementwise op with channel value ``v``: record how it is indexed.
+
+        A per-channel parameter follows the channels (shape ``(C, 1, 1)`` against channels
+        at dim 1 of a 4-D tensor, ``(..., C)`` against channels-last); one of size 1 along
+        the channel axis broadcasts and needs nothing. Anything else: False.
+        """
+        layout = v.layout if isinstance(v, _Last) else v
+        total = sum(n for _, n in layout)
+        shape = p.shape
+        if all(d == 1 for d in shape):
+            return True
+        if isinstance(v, _Last):
+            if shape[-1] == 1:
+                return True
+            if shape[-1] == total:
+                self._param_follows(p, layout, len(shape) - 1)
+                return True
+            return False
+        if len(shape) in (3, 4) and shape[-3] == total and all(d == 1 for d in shape[-2:]):
+            if len(shape) == 4 and shape[0] != 1:
+                return False
+            self._param_follows(p, layout, len(shape) - 3)
+            return True
+        return False
 
     def _freeze_all(self, vals: Sequence[Any], what: str) -> str:
         for v in vals:

@@ -62,13 +62,18 @@ def scores_for(
             raise RanksError(
                 f"ranks name layer '{layer}' that the model lacks (its convs: {hint}...); rank a dump of this model"
             )
-        if not isinstance(mod, nn.modules.conv._ConvNd):
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            width = int(mod.out_channels)
+        elif isinstance(mod, nn.Linear):
+            width = int(mod.out_features)
+        else:
             raise RanksError(
-                f"ranks name layer '{layer}', a {type(mod).__name__}; only conv layers' output channels can be pruned"
+                f"ranks name layer '{layer}', a {type(mod).__name__}; only the output channels "
+                "of conv and Linear layers can be pruned"
             )
-        if scores.shape[0] != mod.out_channels:
+        if scores.shape[0] != width:
             raise RanksError(
-                f"ranks give layer '{layer}' {scores.shape[0]} channels but the checkpoint has {mod.out_channels}; "
+                f"ranks give layer '{layer}' {scores.shape[0]} channels but the checkpoint has {width}; "
                 "rank a dump recorded with this checkpoint"
             )
     return raw
