@@ -55,6 +55,7 @@ def rewrite_module(
     """Keep ``out_idx`` of the weight's dim 0 and ``in_idx`` of its dim 1; return ``mod``.
 
     ``kind`` is ``"conv"``, ``"depthwise"`` (dim 0 only; ``groups`` follows),
+    ``"grouped"`` (in == out, equal removals per group; ``groups`` stays),
     ``"bn"``, ``"ln"`` (a LayerNorm over the channels) or ``"linear"``.
     """
     m: Any = mod  # attribute types vary by module class
@@ -78,6 +79,8 @@ def rewrite_module(
         m.in_channels = int(w.shape[1]) * (int(m.groups) if kind == "conv" else int(w.shape[0]))
         if kind == "depthwise":
             m.groups = int(w.shape[0])
+    elif kind == "grouped":
+        _rewrite_grouped(m, out_idx, in_idx)
     elif kind == "bn":
         for pname in ("weight", "bias"):
             if getattr(m, pname, None) is not None:
@@ -100,6 +103,29 @@ def rewrite_module(
     else:
         raise ValueError(f"unknown module kind {kind!r}")
     return mod
+
+
+def _rewrite_grouped(m: Any, out_idx: np.ndarray | None, in_idx: np.ndarray | None) -> None:
+    """Grouped conv: keep ``out_idx`` rows, and in each group's rows that group's kept inputs.
+
+    The plan removes equal numbers from every group, so ``groups`` stays.
+    """
+    g = int(m.groups)
+    w = m.weight.detach()
+    out_g, in_g = int(m.out_channels) // g, int(w.shape[1])
+    o = out_idx if out_idx is not None else np.arange(int(m.out_channels))
+    i = in_idx if in_idx is not None else np.arange(int(m.in_channels))
+    rows = []
+    for q in range(g):
+        oq = o[(o >= q * out_g) & (o < (q + 1) * out_g)]
+        iq = i[(i >= q * in_g) & (i < (q + 1) * in_g)] - q * in_g
+        rows.append(_take(_take(w, 0, oq), 1, iq))
+    w = torch.cat(rows)
+    _set_param(m, "weight", w)
+    if m.bias is not None:
+        _set_param(m, "bias", _take(m.bias, 0, out_idx))
+    m.out_channels = int(w.shape[0])
+    m.in_channels = int(w.shape[1]) * g
 
 
 def apply_keeps(model: nn.Module, graph: ChannelGraph, keeps: dict[int, np.ndarray]) -> nn.Module:

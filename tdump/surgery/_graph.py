@@ -57,7 +57,8 @@ _NONTENSOR = "nontensor"  # a value that is not a channel-carrying tensor (sizes
 class ModuleUse:
     """How one module's tensors map to channel spaces.
 
-    ``kind`` is ``"conv"``, ``"depthwise"``, ``"bn"``, ``"ln"`` (LayerNorm over the
+    ``kind`` is ``"conv"``, ``"depthwise"``, ``"grouped"`` (in == out channels, one
+    space), ``"bn"``, ``"ln"`` (LayerNorm over the
     channels), ``"linear"`` or ``"param"`` (a tensor attribute read directly, e.g. a
     per-channel scale; ``name`` is its qualified name, sliced along ``axis``).
     ``out_layout`` is the layout of the dim-0 axis of the weight (conv out channels, BN
@@ -355,6 +356,13 @@ class ChannelGraph:
                 if len(layout) == 1:
                     self._conv_space[name] = layout[0][0]
                 return layout
+            if (
+                mod.groups != 1
+                and layout is not None
+                and len(layout) == 1
+                and mod.in_channels == mod.out_channels
+            ):
+                return self._grouped(name, mod, layout)
             space = sp.new(int(mod.out_channels))
             self._conv_space[name] = space
             if mod.groups != 1:
@@ -409,6 +417,22 @@ class ChannelGraph:
         for a in tensors:
             self._freeze_layout(a, f"unsupported module {name} ({type(mod).__name__})")
         return _UNKNOWN
+
+    def _grouped(self, name: str, mod: nn.Module, layout: Layout) -> Layout:
+        """A grouped conv with ``in == out`` channels (ResNeXt, RegNet): input channel k and
+        output channel k lie in the same group, so they go together (one space, like a
+        depthwise conv), in equal numbers from each of the ``groups`` blocks.
+        """
+        sp = self._spaces
+        space = layout[0][0]
+        root = sp.find(space)
+        blocks = math.lcm(sp.blocks.get(root, 1), int(mod.groups))  # type: ignore[arg-type]
+        sp.blocks[root] = blocks
+        if sp.size[root] % blocks:
+            sp.freeze(root, f"grouped conv {name} (groups={mod.groups}) cannot split them evenly")
+        self.uses[name] = ModuleUse(name, "grouped", mod, layout, layout, out_value=layout)
+        self._conv_space[name] = space
+        return layout
 
     def _reuse(self, use: ModuleUse, x: Any) -> Any:
         """A module called again (shared weights): both calls' channels must go together."""
@@ -465,8 +489,14 @@ class ChannelGraph:
                 return tuple(seg for p in parts for seg in p)
             if dim == -1 and all(isinstance(p, _Last) for p in parts):
                 return _Last(tuple(seg for p in parts for seg in p.layout))
+            known = all(isinstance(p, (tuple, _Last)) for p in parts)
+            why = (
+                f"torch.cat along dim {dim}, not their channel axis"
+                if known
+                else f"torch.cat (dim {dim}) with a tensor of unknown channels (a class token?)"
+            )
             for p in parts:
-                self._freeze_layout(p, f"torch.cat along dim {dim}")
+                self._freeze_layout(p, why)
             return _UNKNOWN
         if target is torch.flatten or (node.op == "call_method" and target == "flatten"):
             start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -220,16 +221,24 @@ def _group_scores(
     return ranked[0] if len(ranked) == 1 else aggregate(how, np.stack(ranked))
 
 
+_MODULE_PATH = re.compile(r"\b[A-Za-z_][\w-]*(?:\.[\w-]+)+|\(groups=\d+\)")
+
+
 def _summarize(groups: list[Group], what: str) -> list[str]:
-    """One note per reason (not one per group): the reason, how many groups, examples."""
-    by_reason: dict[str, list[Group]] = {}
+    """One note per kind of reason (not one per group): how many groups, examples, a reason.
+
+    Reasons that differ only in the module they name (``depthwise conv features.1.0...``)
+    are one kind, so a refusal says the cause once and how many groups it hit.
+    """
+    by_kind: dict[str, list[Group]] = {}
     for grp in groups:
-        by_reason.setdefault(grp.reason, []).append(grp)
+        by_kind.setdefault(_MODULE_PATH.sub("*", grp.reason), []).append(grp)
     out = []
-    for reason, grps in by_reason.items():
+    for grps in by_kind.values():
         names = [g.members[0] for g in grps[:3]]
         more = f", ... ({len(grps)} groups)" if len(grps) > 3 else ""
-        out.append(f"{what} {', '.join(names)}{more}: {reason}")
+        eg = "e.g. " if len(grps) > 1 else ""
+        out.append(f"{what} {', '.join(names)}{more}: {eg}{grps[0].reason}")
     return out
 
 
@@ -282,9 +291,12 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
     notes: list[str] = list(graph.notes)
     frozen: list[Group] = []
     cands: list[tuple[Group, tuple[np.ndarray, np.ndarray], int]] = []
+    unranked: list[Group] = []
     for grp in graph.groups:
         s = _group_scores(grp, scores, settings.aggregate, settings.normalize)
         if s is None:
+            if not grp.frozen:
+                unranked.append(grp)
             continue
         if grp.frozen:
             frozen.append(grp)
@@ -303,9 +315,16 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
     notes[len(graph.notes) : len(graph.notes)] = _summarize(frozen, "left alone")
     if not cands:
         if scores:
+            hint = (
+                f"; {len(unranked)} prunable groups have no ranks (e.g. {unranked[0].members[0]}): "
+                "give them scores"
+                if unranked
+                else ""
+            )
             raise RanksError(
                 "no ranked layer can be pruned: "
                 + ("; ".join(notes) or "no ranked conv was traced")
+                + hint
             )
         raise RanksError("the ranks table is empty")
 
