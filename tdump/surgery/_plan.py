@@ -396,7 +396,9 @@ def keeps_for(graph: ChannelGraph, plan: Plan) -> dict[int, np.ndarray]:
     for name, lp in plan.layers.items():
         grp = graph.group_of(name)
         if grp is None:
-            raise ConfigError(f"plan names layer '{name}', which is not a conv of this model")
+            raise ConfigError(
+                f"plan names layer '{name}', which is not a conv or Linear of this model"
+            )
         if grp.size != lp.channels:
             raise ConfigError(
                 f"plan expects {lp.channels} channels in '{name}' but the model has {grp.size}"
