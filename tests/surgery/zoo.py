@@ -20,6 +20,7 @@ the L1 norm of its filters, prune ``ratio=0.3`` (global and per-layer), and chec
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -254,6 +255,7 @@ def _check(
         )
         results.append(res)
         stage = "prune"
+        pruned: nn.Module | None = None
         try:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
@@ -277,6 +279,9 @@ def _check(
         except Exception as exc:  # a status, not a crash: the table lists every model
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             res.status = f"{stage}: {type(exc).__name__}: {first[:300]}"
+        finally:
+            del pruned  # one pruned copy at a time (the largest models are gigabytes)
+            gc.collect()
     return results
 
 
@@ -304,6 +309,7 @@ def _save_load(name: str, pruned: nn.Module, x: torch.Tensor, path: Path) -> Non
     )
     raw = torch.load(path, weights_only=True)
     assert isinstance(raw, dict) and raw.get("format") == "tdump.checkpoint"
+    del raw
     back = surgery.load(path).eval().to(x.dtype)  # the checkpoint holds weights of x's dtype
     with torch.no_grad():
         torch.testing.assert_close(_logits(back(x)), _logits(pruned.eval()(x)), rtol=0, atol=0)
