@@ -72,7 +72,7 @@ def summarize(
         )
     return {
         "removed_channels": plan.removed,
-        "removed_filters": plan.removed_filters,
+        "removed_filters": filters0 - _filters(after),  # depthwise convs that follow included
         "filters_before": filters0,
         "filters_after": _filters(after),
         "params_before": count_params(before),

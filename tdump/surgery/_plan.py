@@ -132,7 +132,11 @@ class Plan:
 
     @property
     def removed_filters(self) -> int:
-        """Filters removed: every member conv's removed output channels (a group's count for each)."""
+        """Output channels removed from the layers the plan lists (every member conv and Linear).
+
+        Depthwise convs whose channels follow a concatenation are not listed; the CLI's
+        summary counts every conv's filters from the model itself.
+        """
         return sum(lp.channels - len(lp.keep) for lp in self.layers.values())
 
     def to_dict(self) -> dict[str, Any]:
