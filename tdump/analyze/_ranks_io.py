@@ -83,10 +83,12 @@ def _coerce(df: pd.DataFrame, where: str) -> pd.DataFrame:
             out[col] = out[col].astype(str) if dtype == "object" else out[col].astype(dtype)
         except (TypeError, ValueError) as exc:
             raise RanksError(f"{where}: column {col!r} is not {dtype} ({exc})") from None
-    if out.duplicated(["layer", "channel"]).any():
-        dup = out.loc[out.duplicated(["layer", "channel"]), ["layer", "channel"]].iloc[0]
+    key = ["layer", "channel", "criterion"]  # a table may hold several criteria
+    if out.duplicated(key).any():
+        dup = out.loc[out.duplicated(key), key].iloc[0]
         raise RanksError(
-            f"{where} ranks channel {dup['channel']} of {dup['layer']!r} twice; one row per (layer, channel)"
+            f"{where} ranks channel {dup['channel']} of {dup['layer']!r} twice for criterion "
+            f"{dup['criterion']!r}; one row per (layer, channel, criterion)"
         )
     if (out["channel"] < 0).any():
         raise RanksError(f"{where} has negative channel indices")
@@ -233,6 +235,10 @@ def read_ranks(
     import pyarrow.parquet as pq
 
     path = os.fspath(path)
+    if "://" not in str(path) and os.path.isdir(path):
+        raise RanksError(
+            f"{path} is a directory, not a ranks file; give the .parquet file `tdump rank -o` wrote"
+        )
     try:
         if "://" in str(path):
             import fsspec

@@ -51,6 +51,7 @@ def summarize(
             f"FLOPs not computed: forward at input shape {list(input_shape or ())} failed ({str(exc).splitlines()[0][:100]})"
         )
     p0, p1 = layer_params(before), layer_params(after)
+    filters0 = _filters(before)
     f0 = layer_flops(before, positions) if positions else {}
     f1 = layer_flops(after, positions) if positions else {}
     mods0, mods1 = dict(before.named_modules()), dict(after.named_modules())
@@ -73,6 +74,9 @@ def summarize(
         )
     return {
         "removed_channels": plan.removed,
+        "removed_filters": filters0 - _filters(after),  # depthwise convs that follow included
+        "filters_before": filters0,
+        "filters_after": _filters(after),
         "params_before": count_params(before),
         "params_after": count_params(after),
         "flops_before": sum(f0.values()) if positions else None,
@@ -81,6 +85,14 @@ def summarize(
         "layers": rows,
         "notes": notes,
     }
+
+
+def _filters(model: Any) -> int:
+    from torch import nn
+
+    return sum(
+        int(m.out_channels) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
+    )
 
 
 def _fmt(n: int | None) -> str:
@@ -121,6 +133,13 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
     )
     console.print(table)
     shape = summary["input_shape"]
+    f0, f1 = summary["filters_before"], summary["filters_after"]
+    console.print(
+        f"{'would remove' if dry_run else 'removed'} {summary['removed_channels']} channels of "
+        f"coupled groups = {f0 - f1} of {f0} conv filters ({(f0 - f1) / max(f0, 1):.1%}) "
+        f"and {_fmt(pb - pa)} of {_fmt(pb)} parameters ({(pb - pa) / max(pb, 1):.1%})",
+        soft_wrap=True,
+    )
     console.print(
         f"parameters {_ratio(pb, pa)} of the original, FLOPs {_ratio(fb, fa)}"
         + (f" (input {'x'.join(map(str, shape))})" if shape else ""),
@@ -172,7 +191,9 @@ def register(app: typer.Typer) -> None:
             1, "--min-channels", help="Every layer keeps at least this many channels."
         ),
         max_ratio: float | None = typer.Option(
-            None, "--max-ratio", help="At most this fraction of any one layer goes."
+            None,
+            "--max-ratio",
+            help="At most this fraction of any one layer goes (global default 0.8).",
         ),
         round_to: int | None = typer.Option(
             None, "--round-to", help="Keep channel counts multiples of this."
@@ -216,6 +237,11 @@ def register(app: typer.Typer) -> None:
         aggregate: str = typer.Option(
             "mean", "--aggregate", help="How coupled convs' scores combine."
         ),
+        normalize: str = typer.Option(
+            "mean",
+            "--normalize",
+            help="Per-layer score scale before global ranking: mean, rms, l2 or none.",
+        ),
         input_shape: str | None = typer.Option(
             None, "--input-shape", help="Input shape for FLOPs, e.g. 3,224,224."
         ),
@@ -230,6 +256,7 @@ def register(app: typer.Typer) -> None:
         """Write a checkpoint without the lowest-ranked conv filters and all coupled channels."""
         import copy
         import re
+        import warnings
 
         import tdump.surgery as surgery
         from tdump.surgery._io import dump_model_type, strip_ranks_prefix
@@ -262,21 +289,24 @@ def register(app: typer.Typer) -> None:
             inferred.append(f"stripped the prefix {stripped!r} from ranked layer names")
         model.eval()
         before = copy.deepcopy(model)
-        pruned, plan = surgery.prune(
-            model,
-            table,
-            count=count,
-            ratio=ratio,
-            scope=scope,
-            min_channels=min_channels,
-            max_ratio=max_ratio,
-            round_to=round_to,
-            ignore=ignore,
-            conv_only_groups=conv_only_groups,
-            criterion=criterion,
-            aggregate=aggregate,
-            inplace=True,
-        )
+        with warnings.catch_warnings():  # the plan's notes say it, printed below
+            warnings.simplefilter("ignore", surgery.FewChannelsWarning)
+            pruned, plan = surgery.prune(
+                model,
+                table,
+                count=count,
+                ratio=ratio,
+                scope=scope,
+                min_channels=min_channels,
+                max_ratio=max_ratio,
+                round_to=round_to,
+                ignore=ignore,
+                conv_only_groups=conv_only_groups,
+                criterion=criterion,
+                aggregate=aggregate,
+                normalize=normalize,
+                inplace=True,
+            )
         plan.notes[:0] = inferred  # what was inferred is said first, in the table and in --json
         if (
             count is not None

@@ -25,7 +25,14 @@ from tdump.surgery._apply import apply_keeps, single_threaded
 from tdump.surgery._arch import build_arch, register_arch, registered_archs
 from tdump.surgery._graph import ChannelGraph, Group, build_graph
 from tdump.surgery._io import _ATTR, Provenance, load, provenance, save
-from tdump.surgery._plan import LayerPlan, Plan, Settings, keeps_for, select
+from tdump.surgery._plan import (
+    FewChannelsWarning,
+    LayerPlan,
+    Plan,
+    Settings,
+    keeps_for,
+    select,
+)
 from tdump.surgery._ranks import RanksLike, read_ranks_table, scores_for
 from tdump.surgery._stats import count_params, layer_flops, layer_params, output_positions
 
@@ -34,6 +41,7 @@ if _typing.TYPE_CHECKING:  # annotations only: keep the namespace to __all__
 
 __all__ = [
     "ChannelGraph",
+    "FewChannelsWarning",
     "Group",
     "LayerPlan",
     "Plan",
@@ -71,6 +79,7 @@ def plan(
     conv_only_groups: bool = False,
     criterion: str | None = None,
     aggregate: str = "mean",
+    normalize: str = "mean",
 ) -> Plan:
     """Choose what :func:`prune` would remove, without touching ``model``.
 
@@ -84,7 +93,15 @@ def plan(
     48
     """
     settings = Settings(
-        count, ratio, scope, min_channels, max_ratio, round_to, conv_only_groups, aggregate
+        count,
+        ratio,
+        scope,
+        min_channels,
+        max_ratio,
+        round_to,
+        conv_only_groups,
+        aggregate,
+        normalize,
     )
     settings.check()
     graph = build_graph(model, ignore)
@@ -105,6 +122,7 @@ def prune(
     conv_only_groups: bool = False,
     criterion: str | None = None,
     aggregate: str = "mean",
+    normalize: str = "mean",
     inplace: bool = False,
 ) -> tuple[nn.Module, Plan]:
     """Remove the lowest-ranked output channels of convs, and everything coupled to them.
@@ -115,7 +133,7 @@ def prune(
         A model torch.fx can trace (see ``ignore``).
     ranks : path, DataFrame or dict
         ``ranks.parquet`` (tdump.ranks v1), its DataFrame, or ``{conv: scores}``.
-        Higher score = more important; ``score_norm`` is used when present.
+        Higher score = more important; a table's raw ``score`` is used (see ``normalize``).
     count, ratio : int or float
         Exactly one: channels to remove (a coupled group's channel counts once), or
         the fraction of candidate channels (per group with ``scope="per-layer"``).
@@ -124,7 +142,8 @@ def prune(
     min_channels : int
         Every group keeps at least this many channels.
     max_ratio : float, optional
-        At most this fraction of any one group is removed (a real cap).
+        At most this fraction of any one group is removed (a real cap); with
+        ``scope="global"`` it defaults to 0.8 (``max_ratio=1.0`` lifts it).
     round_to : int, optional
         Kept counts are rounded up to multiples of this (hardware-friendly).
     ignore : str, optional
@@ -135,6 +154,11 @@ def prune(
         Which criterion of a multi-criterion ranks table to use.
     aggregate : str
         How a group's members' scores combine (:func:`register_aggregation`).
+    normalize : {"mean", "rms", "l2", "none"}
+        Each layer's scores are divided by their mean absolute value (``mean``), their
+        root mean square, their L2 norm (width-biased: wide layers look weak) or
+        nothing, before groups are aggregated and ranked; the same for a ranks file
+        (its raw ``score``) and a dict.
     inplace : bool
         Rewrite ``model`` itself instead of a deep copy.
 
@@ -156,7 +180,15 @@ def prune(
     16
     """
     settings = Settings(
-        count, ratio, scope, min_channels, max_ratio, round_to, conv_only_groups, aggregate
+        count,
+        ratio,
+        scope,
+        min_channels,
+        max_ratio,
+        round_to,
+        conv_only_groups,
+        aggregate,
+        normalize,
     )
     settings.check()
     scores = scores_for(model, ranks, criterion)

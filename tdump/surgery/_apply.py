@@ -20,7 +20,7 @@ from torch import nn
 
 from tdump.surgery._graph import ChannelGraph
 
-__all__ = ["apply_keeps", "rewrite_module", "single_threaded"]
+__all__ = ["apply_keeps", "rewrite_module", "rewrite_tensor", "single_threaded"]
 
 
 def _take(t: torch.Tensor, dim: int, idx: np.ndarray | None) -> torch.Tensor:
@@ -35,13 +35,28 @@ def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def rewrite_tensor(owner: nn.Module, attr: str, axis: int, idx: np.ndarray | None) -> None:
+    """Keep ``idx`` along ``axis`` of the parameter or buffer ``owner.attr``."""
+    old = getattr(owner, attr)
+    new = _take(old.detach(), axis, idx)
+    if isinstance(old, nn.Parameter):
+        _set_param(owner, attr, new)
+    else:
+        setattr(owner, attr, new)
+    if isinstance(owner, nn.LayerNorm) and attr in ("weight", "bias"):
+        # a LayerNorm subclass calling F.layer_norm itself (torchvision's LayerNorm2d)
+        owner.normalized_shape = (int(new.shape[0]),)
+
+
+@torch.no_grad()
 def rewrite_module(
     mod: nn.Module, kind: str, out_idx: np.ndarray | None, in_idx: np.ndarray | None
 ) -> nn.Module:
     """Keep ``out_idx`` of the weight's dim 0 and ``in_idx`` of its dim 1; return ``mod``.
 
     ``kind`` is ``"conv"``, ``"depthwise"`` (dim 0 only; ``groups`` follows),
-    ``"bn"`` or ``"linear"`` (dim 1 only).
+    ``"grouped"`` (in == out, equal removals per group; ``groups`` stays),
+    ``"bn"``, ``"ln"`` (a LayerNorm over the channels) or ``"linear"``.
     """
     m: Any = mod  # attribute types vary by module class
     if kind in ("conv", "depthwise"):
@@ -64,6 +79,8 @@ def rewrite_module(
         m.in_channels = int(w.shape[1]) * (int(m.groups) if kind == "conv" else int(w.shape[0]))
         if kind == "depthwise":
             m.groups = int(w.shape[0])
+    elif kind == "grouped":
+        _rewrite_grouped(m, out_idx, in_idx)
     elif kind == "bn":
         for pname in ("weight", "bias"):
             if getattr(m, pname, None) is not None:
@@ -72,12 +89,43 @@ def rewrite_module(
             if getattr(m, bname, None) is not None:
                 setattr(m, bname, _take(getattr(m, bname), 0, out_idx))
         m.num_features = int(out_idx.size) if out_idx is not None else m.num_features
+    elif kind == "ln":
+        for pname in ("weight", "bias"):
+            if getattr(m, pname, None) is not None:
+                _set_param(m, pname, _take(getattr(m, pname), 0, out_idx))
+        if out_idx is not None:
+            m.normalized_shape = (int(out_idx.size),)
     elif kind == "linear":
-        _set_param(m, "weight", _take(m.weight, 1, in_idx))
-        m.in_features = int(m.weight.shape[1])
+        _set_param(m, "weight", _take(_take(m.weight, 0, out_idx), 1, in_idx))
+        if m.bias is not None:
+            _set_param(m, "bias", _take(m.bias, 0, out_idx))
+        m.out_features, m.in_features = (int(d) for d in m.weight.shape)
     else:
         raise ValueError(f"unknown module kind {kind!r}")
     return mod
+
+
+def _rewrite_grouped(m: Any, out_idx: np.ndarray | None, in_idx: np.ndarray | None) -> None:
+    """Grouped conv: keep ``out_idx`` rows, and in each group's rows that group's kept inputs.
+
+    The plan removes equal numbers from every group, so ``groups`` stays.
+    """
+    g = int(m.groups)
+    w = m.weight.detach()
+    out_g, in_g = int(m.out_channels) // g, int(w.shape[1])
+    o = out_idx if out_idx is not None else np.arange(int(m.out_channels))
+    i = in_idx if in_idx is not None else np.arange(int(m.in_channels))
+    rows = []
+    for q in range(g):
+        oq = o[(o >= q * out_g) & (o < (q + 1) * out_g)]
+        iq = i[(i >= q * in_g) & (i < (q + 1) * in_g)] - q * in_g
+        rows.append(_take(_take(w, 0, oq), 1, iq))
+    w = torch.cat(rows)
+    _set_param(m, "weight", w)
+    if m.bias is not None:
+        _set_param(m, "bias", _take(m.bias, 0, out_idx))
+    m.out_channels = int(w.shape[0])
+    m.in_channels = int(w.shape[1]) * g
 
 
 def apply_keeps(model: nn.Module, graph: ChannelGraph, keeps: dict[int, np.ndarray]) -> nn.Module:
@@ -88,7 +136,12 @@ def apply_keeps(model: nn.Module, graph: ChannelGraph, keeps: dict[int, np.ndarr
     """
     with single_threaded():
         for name, (out_idx, in_idx) in graph.module_indices(keeps).items():
-            rewrite_module(model.get_submodule(name), graph.uses[name].kind, out_idx, in_idx)
+            use = graph.uses[name]
+            if use.kind == "param":
+                owner, _, attr = name.rpartition(".")
+                rewrite_tensor(model.get_submodule(owner), attr, use.axis, out_idx)
+            else:
+                rewrite_module(model.get_submodule(name), use.kind, out_idx, in_idx)
     return model
 
 

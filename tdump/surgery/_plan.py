@@ -19,18 +19,37 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tdump.errors import ConfigError, RanksError
-from tdump.surgery._aggregate import Aggregation, aggregate
+from tdump.surgery._aggregate import NORMALIZATIONS, Aggregation, aggregate, normalize
 from tdump.surgery._graph import ChannelGraph, Group
 
-__all__ = ["LayerPlan", "Plan", "Settings", "keeps_for", "select"]
+__all__ = [
+    "DEFAULT_MAX_RATIO",
+    "FEW_CHANNELS",
+    "FewChannelsWarning",
+    "LayerPlan",
+    "Plan",
+    "Settings",
+    "keeps_for",
+    "select",
+]
 
 PLAN_FORMAT = "tdump.plan"
+#: A pruned group left with fewer channels than this gets a warning (and a note).
+FEW_CHANNELS = 4
+#: ``scope="global"`` with ``max_ratio=None``: no group loses more than this fraction.
+DEFAULT_MAX_RATIO = 0.8
+
+
+class FewChannelsWarning(UserWarning):
+    """A pruned group keeps fewer than :data:`FEW_CHANNELS` channels (a near-empty layer)."""
 
 
 @dataclass
@@ -53,6 +72,7 @@ class Settings:
     round_to: int | None = None
     conv_only_groups: bool = False
     aggregate: str = "mean"
+    normalize: str = "mean"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for inconsistent settings."""
@@ -74,6 +94,10 @@ class Settings:
             raise ConfigError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(
+                f"unknown normalize {self.normalize!r}; choose one of {', '.join(NORMALIZATIONS)}"
+            )
 
 
 @dataclass
@@ -105,6 +129,15 @@ class Plan:
             for g in self.groups
             if g[0] in self.layers
         )
+
+    @property
+    def removed_filters(self) -> int:
+        """Output channels removed from the layers the plan lists (every member conv and Linear).
+
+        Depthwise convs whose channels follow a concatenation are not listed; the CLI's
+        summary counts every conv's filters from the model itself.
+        """
+        return sum(lp.channels - len(lp.keep) for lp in self.layers.values())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-able)."""
@@ -184,12 +217,33 @@ class Plan:
 
 
 def _group_scores(
-    grp: Group, scores: dict[str, np.ndarray], how: str | Aggregation
+    grp: Group, scores: dict[str, np.ndarray], how: str | Aggregation, norm: str
 ) -> np.ndarray | None:
-    ranked = [scores[m] for m in grp.members if m in scores]
+    ranked = [normalize(norm, scores[m]) for m in grp.members if m in scores]
     if not ranked:
         return None
     return ranked[0] if len(ranked) == 1 else aggregate(how, np.stack(ranked))
+
+
+_MODULE_PATH = re.compile(r"\b[A-Za-z_][\w-]*(?:\.[\w-]+)+|\(groups=\d+\)")
+
+
+def _summarize(groups: list[Group], what: str) -> list[str]:
+    """One note per kind of reason (not one per group): how many groups, examples, a reason.
+
+    Reasons that differ only in the module they name (``depthwise conv features.1.0...``)
+    are one kind, so a refusal says the cause once and how many groups it hit.
+    """
+    by_kind: dict[str, list[Group]] = {}
+    for grp in groups:
+        by_kind.setdefault(_MODULE_PATH.sub("*", grp.reason), []).append(grp)
+    out = []
+    for grps in by_kind.values():
+        names = [g.members[0] for g in grps[:3]]
+        more = f", ... ({len(grps)} groups)" if len(grps) > 3 else ""
+        eg = "e.g. " if len(grps) > 1 else ""
+        out.append(f"{what} {', '.join(names)}{more}: {eg}{grps[0].reason}")
+    return out
 
 
 def _half_up(x: float) -> int:
@@ -224,23 +278,32 @@ def _removal_order(grp: Group, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Settings) -> Plan:
     """Choose the channels to remove, as a :class:`Plan` (nothing is modified).
 
+    Each conv's scores are first normalised (``settings.normalize``, by default divided
+    by the layer's mean absolute score), then a group's members are aggregated.
     ``global`` ranks all candidate channels together and removes the lowest ``count``
     (or ``ratio`` of all candidate channels); ``per-layer`` removes ``count`` (or
     ``ratio``) from each group. Each group keeps at least ``min_channels`` and loses
-    at most ``max_ratio`` of its channels; ``round_to`` then rounds each kept count up
-    to a multiple (so slightly fewer channels may go than asked).
+    at most ``max_ratio`` of its channels (global default :data:`DEFAULT_MAX_RATIO`);
+    ``round_to`` then rounds each kept count up to a multiple (so slightly fewer
+    channels may go than asked). A group left with fewer than :data:`FEW_CHANNELS`
+    channels gets a note and a :class:`FewChannelsWarning`.
     """
     settings.check()
-    notes: list[str] = []
+    max_ratio = settings.max_ratio
+    if max_ratio is None and settings.scope == "global":
+        max_ratio = DEFAULT_MAX_RATIO
+    notes: list[str] = list(graph.notes)
+    frozen: list[Group] = []
     cands: list[tuple[Group, tuple[np.ndarray, np.ndarray], int]] = []
+    unranked: list[Group] = []
     for grp in graph.groups:
-        s = _group_scores(grp, scores, settings.aggregate)
+        s = _group_scores(grp, scores, settings.aggregate, settings.normalize)
         if s is None:
+            if not grp.frozen:
+                unranked.append(grp)
             continue
         if grp.frozen:
-            notes.append(
-                f"left alone {', '.join(grp.members[:3])}{'...' if len(grp.members) > 3 else ''}: {grp.reason}"
-            )
+            frozen.append(grp)
             continue
         if settings.conv_only_groups and grp.residual:
             notes.append(
@@ -249,15 +312,23 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
             )
             continue
         cap = grp.size - max(settings.min_channels, grp.blocks)
-        if settings.max_ratio is not None:
-            cap = min(cap, math.floor(settings.max_ratio * grp.size + 1e-9))
+        if max_ratio is not None:
+            cap = min(cap, math.floor(max_ratio * grp.size + 1e-9))
         cap = max(cap, 0) // grp.blocks * grp.blocks
         cands.append((grp, _removal_order(grp, s), cap))
+    notes[len(graph.notes) : len(graph.notes)] = _summarize(frozen, "left alone")
     if not cands:
         if scores:
+            hint = (
+                f"; {len(unranked)} prunable groups have no ranks (e.g. {unranked[0].members[0]}): "
+                "give them scores"
+                if unranked
+                else ""
+            )
             raise RanksError(
                 "no ranked layer can be pruned: "
                 + ("; ".join(notes) or "no ranked conv was traced")
+                + hint
             )
         raise RanksError("the ranks table is empty")
 
@@ -299,7 +370,8 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
         gids, counts = np.unique(take, return_counts=True)
         removed = dict(zip(gids.tolist(), counts.tolist(), strict=True))
 
-    plan = Plan(settings=vars(settings).copy(), notes=notes)
+    plan = Plan(settings={**vars(settings), "max_ratio": max_ratio}, notes=notes)
+    few: list[str] = []
     for grp, (order, _), _ in cands:
         r = removed.get(grp.gid, 0) // grp.blocks * grp.blocks
         r = _round_kept(grp.size, r, math.lcm(grp.blocks, settings.round_to or 1))
@@ -309,6 +381,16 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
         for m in grp.members:
             plan.layers[m] = LayerPlan(grp.size, keep)
         plan.groups.append(list(grp.members))
+        if len(keep) < FEW_CHANNELS and len(keep) * 8 <= grp.size:  # a wide layer nearly emptied
+            few.append(f"{grp.members[0]} {grp.size} -> {len(keep)}")
+    if few:
+        msg = (
+            f"{len(few)} group(s) keep fewer than {FEW_CHANNELS} channels ({', '.join(few[:4])}"
+            f"{', ...' if len(few) > 4 else ''}); set max_ratio (--max-ratio) or min_channels "
+            "(--min-channels) to keep more"
+        )
+        plan.notes.append(msg)
+        warnings.warn(msg, FewChannelsWarning, stacklevel=3)
     return plan
 
 
@@ -318,7 +400,9 @@ def keeps_for(graph: ChannelGraph, plan: Plan) -> dict[int, np.ndarray]:
     for name, lp in plan.layers.items():
         grp = graph.group_of(name)
         if grp is None:
-            raise ConfigError(f"plan names layer '{name}', which is not a conv of this model")
+            raise ConfigError(
+                f"plan names layer '{name}', which is not a conv or Linear of this model"
+            )
         if grp.size != lp.channels:
             raise ConfigError(
                 f"plan expects {lp.channels} channels in '{name}' but the model has {grp.size}"

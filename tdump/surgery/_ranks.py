@@ -7,7 +7,7 @@ Examples
 >>> df = pd.DataFrame({"layer": ["0", "0"], "channel": [0, 1], "score": [1.0, 2.0],
 ...                    "score_norm": [0.5, 1.0], "criterion": ["l1", "l1"]})
 >>> scores_for(model, df)
-{'0': array([0.5, 1. ])}
+{'0': array([1., 2.])}
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def scores_for(
 ) -> dict[str, np.ndarray]:
     """Per conv layer, the channel scores (index = channel), validated against ``model``.
 
-    Uses ``score_norm`` when the table has it, else ``score``. Higher = more important.
+    Uses the raw ``score`` (higher = more important): the surgery normalises each
+    layer itself (:func:`tdump.surgery._aggregate.normalize`), the same way for a table
+    and a ``{layer: scores}`` dict.
 
     Raises
     ------
@@ -60,13 +62,18 @@ def scores_for(
             raise RanksError(
                 f"ranks name layer '{layer}' that the model lacks (its convs: {hint}...); rank a dump of this model"
             )
-        if not isinstance(mod, nn.modules.conv._ConvNd):
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            width = int(mod.out_channels)
+        elif isinstance(mod, nn.Linear):
+            width = int(mod.out_features)
+        else:
             raise RanksError(
-                f"ranks name layer '{layer}', a {type(mod).__name__}; only conv layers' output channels can be pruned"
+                f"ranks name layer '{layer}', a {type(mod).__name__}; only the output channels "
+                "of conv and Linear layers can be pruned"
             )
-        if scores.shape[0] != mod.out_channels:
+        if scores.shape[0] != width:
             raise RanksError(
-                f"ranks give layer '{layer}' {scores.shape[0]} channels but the checkpoint has {mod.out_channels}; "
+                f"ranks give layer '{layer}' {scores.shape[0]} channels but the checkpoint has {width}; "
                 "rank a dump recorded with this checkpoint"
             )
     return raw
@@ -74,7 +81,7 @@ def scores_for(
 
 def _from_frame(df: Any, criterion: str | None) -> dict[str, np.ndarray]:
     missing = [c for c in _REQUIRED if c not in df.columns]
-    col = "score_norm" if "score_norm" in df.columns else "score"
+    col = "score" if "score" in df.columns else "score_norm"
     if missing or col not in df.columns:
         raise RanksError(
             f"ranks table lacks columns {missing or [col]}; expected the tdump.ranks schema (docs/FORMAT.md)"

@@ -61,12 +61,17 @@ def test_dry_run_predicts_written_checkpoint(files: dict[str, Path]) -> None:
         and predicted["flops_after"] < predicted["flops_before"]
     )
     assert {r["layer"] for r in predicted["layers"]} >= {"stem", "a", "b", "dw", "fc"}
+    # filters (every conv's removed outputs) besides group channels
+    assert predicted["filters_before"] - predicted["filters_after"] == predicted["removed_filters"]
+    assert predicted["removed_filters"] >= predicted["removed_channels"] > 0
 
     real = _run(*common, "-o", str(out), "--save-plan", str(files["dir"] / "plan.json"))
     assert real.returncode == 0, real.stderr
     assert json.loads(real.stdout)["output"] == str(out)
     loaded = surgery.load(out, "tests.surgery.nets.SmallNet")
     assert surgery.count_params(loaded) == predicted["params_after"]
+    convs = [m.out_channels for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(convs) == predicted["filters_after"]
     flops = sum(surgery.layer_flops(loaded, surgery.output_positions(loaded, (3, 16, 16))).values())
     assert flops == predicted["flops_after"]
     raw = torch.load(out, weights_only=True)
@@ -77,6 +82,9 @@ def test_dry_run_predicts_written_checkpoint(files: dict[str, Path]) -> None:
 
     table = _run(*common[:-1], "-o", str(out), "--dry-run")  # human-readable output
     assert table.returncode == 0 and "total" in table.stdout and "->" in table.stdout
+    assert f"{predicted['removed_filters']} of {predicted['filters_before']} conv filters" in (
+        " ".join(table.stdout.split())
+    )
 
     # round two: ranks recorded with the pruned checkpoint; rounds compose. SmallNet is not
     # a registered builder, so the file's arch is built only because --arch names it again

@@ -63,6 +63,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+_ZEROABLE = ("conv", "depthwise", "grouped", "bn", "linear")  # rows of weight and bias
+
+
 def zero_and_rank(
     model: nn.Module, fraction: float = 0.25, seed: int = 0
 ) -> tuple[dict[str, np.ndarray], int]:
@@ -93,7 +96,7 @@ def zero_and_rank(
             scores[member] = s
     with torch.no_grad():
         for name, (out_idx, _) in graph.module_indices(removed).items():
-            if out_idx is None or graph.uses[name].kind == "linear":
+            if out_idx is None or graph.uses[name].kind not in _ZEROABLE:
                 continue
             mod = model.get_submodule(name)
             t = torch.from_numpy(out_idx)

@@ -27,7 +27,8 @@ def test_resnet_residual_groups() -> None:
     assert not _group(g, "layer1.0.conv1").residual and _group(g, "layer1.0.conv1").members == [
         "layer1.0.conv1"
     ]
-    assert not any(grp.frozen for grp in g.groups)
+    # every conv group can be pruned; the classifier's outputs are the model's output
+    assert [grp.members for grp in g.groups if grp.frozen] == [["fc"]]
 
 
 def test_mobilenet_depthwise_couples_in_and_out() -> None:
@@ -58,7 +59,8 @@ def test_small_net_couplings() -> None:
     assert _group(g, "stem").members == ["stem", "a"]
     assert g.uses["dw"].kind == "depthwise"
     assert g.uses["gate"].kind == "conv"  # one output channel is not depthwise
-    assert _group(g, "e").frozen and "grouped" in _group(g, "e").reason
+    # a grouped conv with in == out couples its input and output channel k (same group)
+    assert g.uses["grouped"].kind == "grouped" and _group(g, "e") is _group(g, "grouped")
     assert not _group(g, "grouped").frozen and _group(g, "grouped").blocks == 2
 
 
@@ -71,19 +73,22 @@ def test_grouped_and_depthwise_after_pruning() -> None:
     }
     pruned, plan = surgery.prune(model, scores, ratio=0.5, scope="per-layer")
     assert pruned.dw.groups == pruned.dw.in_channels == pruned.dw.out_channels == 4 + 3
-    assert pruned.e.out_channels == 8  # frozen: a grouped conv reads it
+    assert pruned.e.out_channels == 4  # coupled with the grouped conv it feeds
     assert (pruned.grouped.groups, pruned.grouped.in_channels, pruned.grouped.out_channels) == (
         2,
-        8,
+        4,
         4,
     )
+    # each group's rows keep that group's kept inputs (channels 2, 3 | 6, 7)
+    w = model.grouped.weight.detach()
+    torch.testing.assert_close(pruned.grouped.weight[:2], w[[2, 3]][:, [2, 3]])
+    torch.testing.assert_close(pruned.grouped.weight[2:], w[[6, 7]][:, [2, 3]])
     assert pruned.grouped_bn.num_features == 4 and pruned.fc.in_features == 7 + 4
     assert plan.layers["grouped"].keep == [2, 3, 6, 7]  # the 2 weakest of EACH group, not 0..3
     unequal = surgery.Plan(layers={"grouped": surgery.LayerPlan(8, [4, 5, 6, 7])})
     with pytest.raises(ConfigError, match="unequal"):
         surgery.apply(model, unequal)
     assert pruned.gate.out_channels == 1 and pruned.gate.in_channels == 7
-    assert any("grouped conv" in n for n in plan.notes)
     pruned(torch.randn(1, 3, 8, 8))
 
 

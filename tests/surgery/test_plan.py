@@ -54,9 +54,10 @@ def test_per_layer_ratio_min_channels_and_round_to(resnet: nn.Module) -> None:
     )
     for name, c in _convs(pruned).items():
         assert c % 8 == 0 and c >= 0.7 * _convs(resnet)[name] - 1e-9, name
-    tiny, _ = surgery.prune(
-        resnet, random_scores(resnet), ratio=0.99, scope="per-layer", min_channels=3
-    )
+    with pytest.warns(surgery.FewChannelsWarning):
+        tiny, _ = surgery.prune(
+            resnet, random_scores(resnet), ratio=0.99, scope="per-layer", min_channels=3
+        )
     assert min(_convs(tiny).values()) == 3
     tiny(torch.randn(1, 3, 32, 32))
 
@@ -122,3 +123,77 @@ def test_ranks_errors(resnet: nn.Module) -> None:
     with pytest.raises(RanksError, match="--criterion"):
         surgery.prune(resnet, both, count=1)
     assert surgery.prune(resnet, both, count=1, criterion="l2")[0].conv1.out_channels == 63
+
+
+def _l1(model: nn.Module) -> dict[str, np.ndarray]:
+    return {
+        n: m.weight.detach().abs().flatten(1).sum(1).double().numpy()
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+
+
+def test_global_ratio_is_not_biased_by_width() -> None:
+    # Independent check: with each layer divided by its own mean |score|, a channel is
+    # removed iff its relative score is below one global threshold; L1 scores of a fresh
+    # resnet50 have the same spread in every layer, so every stage loses about `ratio`.
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50()
+    scores = _l1(model)
+    p = surgery.plan(model, scores, ratio=0.3)
+    before = _convs(model)
+    stage = {n: n.split(".")[0] if n.startswith("layer") else "stem" for n in before}
+    for st in ("layer1", "layer2", "layer3", "layer4"):
+        tot = sum(c for n, c in before.items() if stage[n] == st)
+        gone = sum(lp.channels - len(lp.keep) for n, lp in p.layers.items() if stage[n] == st)
+        assert 0.15 < gone / tot < 0.45, (st, gone, tot)
+    assert 0.25 < p.removed_filters / sum(before.values()) < 0.35
+    # the old width-biased rule empties the widest stages
+    with pytest.warns(surgery.FewChannelsWarning):
+        old = surgery.plan(model, scores, ratio=0.3, normalize="l2", max_ratio=1.0)
+    l4 = [len(lp.keep) / lp.channels for n, lp in old.layers.items() if n.startswith("layer4")]
+    assert min(l4) < 0.05
+    # the default cap (0.8) still holds under the old rule
+    capped = surgery.plan(model, scores, ratio=0.3, normalize="l2")
+    assert all(len(lp.keep) >= 0.2 * lp.channels - 1e-9 for lp in capped.layers.values())
+
+
+def test_dict_and_table_give_one_plan(resnet: nn.Module) -> None:
+    scores = random_scores(resnet, 3)
+    scores["layer4.1.conv1"] = scores["layer4.1.conv1"] * 100.0  # a layer on another scale
+    a = surgery.plan(resnet, scores, ratio=0.3)
+    b = surgery.plan(resnet, ranks_frame(scores), ratio=0.3)
+    assert a.layers == b.layers
+    # the mean normalisation, computed here with numpy: score / mean(|score|) per layer
+    norm = {k: v / np.abs(v).mean() for k, v in scores.items() if k == "layer1.0.conv1"}
+    lp = a.layers["layer1.0.conv1"]
+    assert set(range(64)) - set(lp.keep) == set(
+        np.argsort(norm["layer1.0.conv1"])[: 64 - len(lp.keep)]
+    )
+
+
+def test_few_channels_warns() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    scores = random_scores(model)
+    scores["layer4.0.conv1"] = np.r_[np.full(510, 1e-6), [1.0, 1.0]]
+    with pytest.warns(surgery.FewChannelsWarning, match=r"layer4\.0\.conv1 512 -> 2"):
+        p = surgery.plan(model, scores, count=600, max_ratio=1.0)
+    assert any("fewer than 4" in n for n in p.notes)
+
+
+def test_two_criteria_file_and_directory(resnet: nn.Module, tmp_path: object) -> None:
+    import pandas as pd
+
+    from tdump.analyze import read_ranks, write_ranks
+
+    one = ranks_frame({"conv1": np.arange(64.0)})
+    two = pd.concat([one, one.assign(criterion="l2", score=-one["score"])], ignore_index=True)
+    path = f"{tmp_path}/two.parquet"
+    write_ranks(two, path)
+    assert len(read_ranks(path)) == 128
+    with pytest.raises(RanksError, match="--criterion"):
+        surgery.plan(resnet, path, count=4)
+    assert surgery.plan(resnet, path, count=4, criterion="l1").layers["conv1"].keep[0] == 4
+    assert surgery.plan(resnet, path, count=4, criterion="l2").layers["conv1"].keep[-1] == 59
+    with pytest.raises(RanksError, match="is a directory"):
+        surgery.plan(resnet, str(tmp_path), count=4)
