@@ -321,7 +321,8 @@ def load(
     else:
         mods = dict(model.named_modules())
         for layer, lp in cumulative.layers.items():
-            got = getattr(mods.get(layer), "out_channels", None)
+            mod = mods.get(layer)  # a conv's output channels, or a Linear's features
+            got = getattr(mod, "out_channels", getattr(mod, "out_features", None))
             if got != len(lp.keep):
                 raise CheckpointError(
                     f"{shown} does not have the shapes {source}'s plan gives ({layer}: {got} "

@@ -74,13 +74,8 @@ FULL = {
     "vit_b_32",
 }
 #: Models that cannot pass today, and exactly why.
-KNOWN: dict[str, str] = {
-    **{
-        f"mnasnet{v}": "save/load drops the state_dict's _metadata (MNASNet needs its version); "
-        "fixed on the checkpoint branch"
-        for v in ("0_5", "0_75", "1_0", "1_3")
-    },
-}
+KNOWN: dict[str, str] = {}
+
 
 
 def _param(name: str) -> object:
