@@ -1,11 +1,23 @@
-"""Analyze: read dumps (xarray, Trial) and rank filters with Dask, without training."""
+"""Analyze: read dumps (xarray, Trial) and rank filters with Dask, without training.
+
+Ranking (``rank``, criteria, the ranks file) loads only what it needs (numpy,
+pandas, zarr); the readers built on xarray and dask.array (``open_dump``, ``Trial``,
+the xarray backend) load on first use, so ``tdump rank`` starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from tdump.analyze._criteria import Criterion, Plan, criteria, get_criterion, register_criterion
-from tdump.analyze._open import open_dump
 from tdump.analyze._rank import rank
 from tdump.analyze._ranks_io import read_ranks, write_ranks
-from tdump.analyze._trial import Trial, TrialTensor
-from tdump.analyze._xarray import TdumpBackendEntrypoint
+
+if TYPE_CHECKING:
+    from tdump.analyze._open import open_dump
+    from tdump.analyze._trial import Trial, TrialTensor
+    from tdump.analyze._xarray import TdumpBackendEntrypoint
 
 __all__: list[str] = [
     "Criterion",
@@ -21,3 +33,18 @@ __all__: list[str] = [
     "register_criterion",
     "write_ranks",
 ]
+
+_LAZY = {
+    "open_dump": "tdump.analyze._open",
+    "Trial": "tdump.analyze._trial",
+    "TrialTensor": "tdump.analyze._trial",
+    "TdumpBackendEntrypoint": "tdump.analyze._xarray",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tdump.analyze' has no attribute {name!r}")

@@ -9,6 +9,7 @@ Examples
 """
 
 from tdump.capture._config import (
+    AUTO_COMPRESSION,
     COLLECTIONS,
     DEFAULT_INCLUDE,
     ENV_VAR,
@@ -21,6 +22,7 @@ from tdump.capture._hook import Hook, active_hooks, record_loss
 from tdump.capture._record import AutoCapture, run_script
 
 __all__ = [
+    "AUTO_COMPRESSION",
     "COLLECTIONS",
     "DEFAULT_INCLUDE",
     "ENV_VAR",
