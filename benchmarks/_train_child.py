@@ -93,7 +93,7 @@ def _instrument_tdump(timers: _Timers) -> None:
     fmt.chunk_files = chunk_files  # type: ignore[assignment]
 
 
-def _smdebug_hook(out: str, interval: int) -> Any:
+def _smdebug_hook(out: str, interval: int, include: str) -> Any:
     """smdebug's PyTorch hook plus ReLU-output gradients, as the seed's custom hook had."""
     import smdebug.pytorch as smd
 
@@ -107,15 +107,18 @@ def _smdebug_hook(out: str, interval: int) -> Any:
                 and re.search(r"relu", name)
                 and self._get_collections_to_save_for_step()
             ):
-                k = self.written_tensor_name_for_step.get(name + "_output", 1) - 1
+                k = self.written_tensor_name_for_step.get(name + self.OUTPUT_TENSOR_SUFFIX, 1) - 1
                 tname = f"gradient/{name}_output_{k}"
                 outputs.register_hook(lambda g, n=tname: self._save_for_tensor(n, g))
 
     return SeedHook(
         out_dir=out,
         save_config=smd.SaveConfig(save_interval=interval),
-        include_regex=[SEED_INCLUDE],
-        include_collections=["weights", "biases", "gradients", "losses"],
+        include_regex=[include],
+        # the seed's selection names weights, biases and their gradients too
+        include_collections=["weights", "biases", "gradients", "losses"]
+        if include == SEED_INCLUDE
+        else [],
         save_all=False,
     )
 
@@ -141,6 +144,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--settings", default="{}", help="JSON: extra tdump Hook settings")
     p.add_argument("--split", action="store_true", help="tdump: time the parts of a saved step")
+    p.add_argument("--include", default=SEED_INCLUDE, help="selection regex (both hooks)")
+    p.add_argument("--keep", action="store_true", help="keep the dump (default: deleted)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,12 +177,12 @@ def main() -> None:
     if args.hook == "tdump":
         from tdump.capture import Hook
 
-        settings = {"include_regex": SEED_INCLUDE, **json.loads(args.settings)}
+        settings = {"include_regex": args.include, **json.loads(args.settings)}
         hook = Hook(args.out, save_interval=args.interval, **settings)
         hook.register_module(model)
         hook.register_loss(crit)
     elif args.hook == "smdebug":
-        hook = _smdebug_hook(args.out, args.interval)
+        hook = _smdebug_hook(args.out, args.interval, args.include)
         hook.register_module(model)
         hook.register_loss(crit)
     for _ in range(args.steps):
@@ -207,7 +212,8 @@ def main() -> None:
     if args.hook == "tdump":
         result["writer"] = dict(hook.writer.stats) if hook.writer is not None else {}
         result["split"] = dict(timers.seconds)
-    shutil.rmtree(args.out, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(args.out, ignore_errors=True)
     print(json.dumps(result))
 
 

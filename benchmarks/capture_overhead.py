@@ -43,6 +43,7 @@ DEFAULT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {"tdump default": ("tdu
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "tdump float32, zstd (old default)": ("tdump", {"compression": "zstd"}),
     "tdump float16": ("tdump", {"storage_dtype": "float16"}),
+    "tdump uncompressed": ("tdump", {"compression": "none"}),
 }
 GOALS = {100: 1.02, 10: 1.15, 1: 2.0}
 
@@ -77,7 +78,7 @@ def split_lines(res: dict[str, Any], plain_step: float) -> list[str]:
     n = max(res["saved_steps"], 1)
     sp = res["split"]
     saved = [t for i, t in enumerate(res["step_s"]) if i % res["interval"] == 0]
-    extra = statistics.median(saved) - plain_step
+    extra = statistics.fmean(saved) - plain_step  # means: the parts below are means too
     copy = sp.get("train: copy out of torch", 0.0) / n
     wait = sp.get("train: wait for the writer queue", 0.0) / n
     w = res["writer"]
@@ -91,7 +92,7 @@ def split_lines(res: dict[str, Any], plain_step: float) -> list[str]:
     other = write - conv - chunk - commit - create
     ms = 1e3
     return [
-        f"  training thread, per saved step: {extra * ms:6.0f} ms over an un-hooked step (median) = "
+        f"  training thread, per saved step: {extra * ms:6.0f} ms over an un-hooked step (mean - median) = "
         f"copies out of torch {copy * ms:.0f} ms + waiting for the writer's queue {wait * ms:.0f} ms "
         f"+ hook Python and contention {(extra - copy - wait) * ms:.0f} ms",
         f"  writer thread, per record: {write * ms:6.0f} ms = to numpy/cast {conv * ms:.0f} + encode "
