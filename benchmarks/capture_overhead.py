@@ -111,6 +111,9 @@ def main() -> None:
         "--rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)"
     )
     p.add_argument("--intervals", default="100,10,1")
+    p.add_argument(
+        "--steps", default=None, help="steps per interval, e.g. 100,100,30 (default 200,200,30)"
+    )
     p.add_argument("--variants", action="store_true", help="also the other storage choices")
     p.add_argument("--settings", default=None, help="JSON: run only this tdump configuration")
     p.add_argument("--peer-python", default=None, help="python of a venv with smdebug 1.0.34")
@@ -123,6 +126,8 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 2)
     steps = {100: 100, 10: 50, 1: 10} if args.quick else {100: 200, 10: 200, 1: 30}
     intervals = [int(i) for i in args.intervals.split(",")]
+    if args.steps:
+        steps.update(zip(intervals, (int(n) for n in args.steps.split(",")), strict=True))
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="tdump-capture-bench-")
     configs: dict[str, tuple[str, dict[str, Any]]] = {"un-hooked": ("none", {})}
     if args.settings:
