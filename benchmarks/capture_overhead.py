@@ -181,6 +181,21 @@ def main() -> None:
             mb += [h["stored_bytes"] / max(h["saved_steps"], 1) / 1e6 for h in results[(label, i)]]
         row += f" | {statistics.fmean(mb):.1f}"
         lines.append(row)
+    lines += [
+        "",
+        "CPU seconds (all threads of the process) over the un-hooked run's, same round: the",
+        "work each configuration adds, unaffected by other load on the machine (mean [min-max]):",
+    ]
+    for label in labels[1:]:
+        row = f"{label:<36}"
+        for i in intervals:
+            rs = [
+                h["cpu_s"] / b["cpu_s"]
+                for h, b in zip(results[(label, i)], results[("un-hooked", i)], strict=True)
+            ]
+            row += f" | interval {i}: {statistics.fmean(rs):.3f} [{min(rs):.2f}-{max(rs):.2f}]"
+        lines.append(row)
+    lines.append("")
     plain = {
         i: statistics.fmean(b["total_s"] / b["steps"] for b in results[("un-hooked", i)])
         for i in intervals
