@@ -1,126 +1,67 @@
-"""`make demo`: one round of the pruning loop, end to end, on bundled data.
+"""`make demo`: the pruning loop, several rounds, on bundled data, then its table and figure.
 
-record (train with capture) -> rank (Dask, no training) -> prune (surgery) ->
-evaluate -> fine-tune -> evaluate. Each stage runs as its own process, exactly as a
-user would type it; the commands are echoed. Outputs land in ``out/demo/``.
+Runs ``tdump loop examples/loop_train.py`` (ResNet18 on Fashion-MNIST at 32x32, or
+scikit-learn's digits where Fashion-MNIST is not installed): round 0 trains under
+capture; every later round ranks the previous round's dump, prunes a quarter of the
+channels and fine-tunes. Each stage is its own process, printed as it starts.
+Then ``tdump experiments show`` and ``tdump experiments plot`` (``out/demo/curve.png``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-SEED_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"
 
 
-def run(cmd: list[str], capture: bool = False) -> str:
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE if capture else None)
-    if proc.returncode != 0:
-        sys.exit(f"demo: step failed (exit {proc.returncode}): {shlex.join(cmd)}")
-    print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
-    if capture:
-        print(proc.stdout, end="")
-        return proc.stdout
-    return ""
-
-
-def result_of(output: str) -> dict[str, float]:
-    line = [ln for ln in output.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
+def tdump(*args: str) -> None:
+    shown = shlex.join(["tdump", *args])
+    print(f"\n$ {shown}", flush=True)
+    code = subprocess.call([sys.executable, "-m", "tdump", *args], cwd=ROOT)
+    if code:
+        sys.exit(f"demo: {shown} failed (exit {code})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/demo")
     p.add_argument("--data", default="auto")
-    p.add_argument("--steps", type=int, default=400, help="training steps of the first run")
-    p.add_argument("--interval", type=int, default=25, help="capture every N steps")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of filters to prune")
-    p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--rounds", type=int, default=4, help="rounds, round 0 included")
+    p.add_argument(
+        "--ratio", type=float, default=0.25, help="fraction of channels pruned per round"
+    )
+    p.add_argument("--steps", type=int, default=300, help="round 0's training steps")
+    p.add_argument("--finetune-steps", type=int, default=120, help="each later round's steps")
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
     args = p.parse_args()
 
     out = ROOT / args.out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    tdump, py = str(BIN / "tdump"), sys.executable
-    train = ["examples/train.py", "--data", args.data]
-    arch = ["--arch", "torchvision.models.resnet18", "--arch-kwargs", '{"num_classes": 10}']
-
-    trained = result_of(
-        run(
-            [
-                tdump,
-                "record",
-                "--out",
-                f"{args.out}/dump.zarr",
-                "--include",
-                SEED_INCLUDE,
-                "--interval",
-                str(args.interval),
-                *train,
-                "--",
-                "--data",
-                args.data,
-                "--max-steps",
-                str(args.steps),
-                "--out",
-                f"{args.out}/ckpt.pt",
-            ],
-            capture=True,
-        )
-    )
-    run([tdump, "ls", f"{args.out}/dump.zarr"])
-    run([tdump, "rank", f"{args.out}/dump.zarr", "-o", f"{args.out}/ranks.parquet"])
-    run(
-        [
-            tdump,
-            "prune",
-            f"{args.out}/ckpt.pt",
-            f"{args.out}/ranks.parquet",
-            "-o",
-            f"{args.out}/pruned.pt",
-            "--ratio",
-            str(args.ratio),
-            *arch,
-        ]
-    )
-    pruned = result_of(
-        run([py, *train, "--init", f"{args.out}/pruned.pt", "--eval-only"], capture=True)
-    )
-    tuned = result_of(
-        run(
-            [
-                py,
-                *train,
-                "--init",
-                f"{args.out}/pruned.pt",
-                "--max-steps",
-                str(args.finetune_steps),
-                "--lr",
-                "0.01",
-                "--out",
-                f"{args.out}/finetuned.pt",
-            ],
-            capture=True,
-        )
-    )
-
-    rows = [("trained", trained), ("pruned", pruned), ("pruned + fine-tuned", tuned)]
-    print("\nOne round of record -> rank -> prune -> fine-tune")
-    print(f"{'model':<22}{'parameters':>14}{'accuracy':>10}")
-    for label, r in rows:
-        print(f"{label:<22}{int(r['params']):>14,}{r['accuracy']:>10.3f}")
-    print(f"\nFiles in {args.out}/: dump.zarr, ranks.parquet, ckpt.pt, pruned.pt, finetuned.pt")
+    exp = f"{args.out}/experiment"
+    train_args = ["--data", args.data, "--steps", str(args.steps)]
+    train_args += ["--finetune-steps", str(args.finetune_steps)]
+    if args.train_limit:
+        train_args += ["--train-limit", str(args.train_limit)]
+    tdump(
+        "loop", "examples/loop_train.py", "--rounds", str(args.rounds), "--ratio", str(args.ratio),
+        "--arch", "torchvision.models.resnet18", "--arch-kwargs", '{"num_classes": 10}',
+        "--interval", "25", "--input-shape", "3,32,32", "--experiment", exp,
+        "--stop-when", "accuracy_drop > 0.10", "--", *train_args,
+    )  # fmt: skip
+    tdump("experiments", "show", exp)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 'tdump[plot]'); no figure drawn")
+        return
+    tdump("experiments", "plot", exp, "-o", f"{args.out}/curve.png")
+    print(f"\nEverything is in {args.out}/: experiment/ (one folder per round), curve.png")
 
 
 if __name__ == "__main__":

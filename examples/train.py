@@ -3,9 +3,11 @@
     python examples/train.py --max-steps 300 --out out/ckpt.pt
     tdump record --out out/dump.zarr examples/train.py -- --max-steps 300 --out out/ckpt.pt
 
-``--init`` starts from a checkpoint (a tdump pruned checkpoint, or a state_dict),
-which is how the pruning loop fine-tunes. The last line printed is
-``RESULT {json}`` with accuracy, parameters and steps, for drivers to parse.
+``--init`` starts from a checkpoint: a tdump pruned checkpoint (``tdump.load`` rebuilds
+the pruned model), or a state_dict (pruned shapes are inferred). The trained model is
+saved the usual way, ``torch.save(model.state_dict(), out)``; the next pruning round
+reads it with ``tdump prune out.pt ranks.parquet --like pruned.pt``. The last line
+printed is ``RESULT {json}`` with accuracy, parameters and steps, for drivers to parse.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fashion-mnist | digits | caltech101 | IMAGEFOLDER_DIR | auto",
     )
     p.add_argument("--data-root", default=None, help="root folder for caltech101")
-    p.add_argument("--arch", default="resnet18", help="torchvision model name or import path")
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="torchvision model name or import path (default: resnet18, or --init's own)",
+    )
     p.add_argument(
         "--init", default=None, help="checkpoint to start from (tdump checkpoint or state_dict)"
     )
@@ -57,12 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_start(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if args.init is None:
-        return build_model(args.arch, num_classes)
-    import tdump.surgery
+        return build_model(args.arch or "resnet18", num_classes)
+    import tdump
 
-    return tdump.surgery.load(
-        args.init, arch=arch_path(args.arch), arch_kwargs={"num_classes": num_classes}
-    )
+    arch = arch_path(args.arch) if args.arch else None
+    try:  # the arch inside a checkpoint is built only if registered (torchvision, register_arch)
+        return tdump.load(args.init, arch=arch, arch_kwargs={"num_classes": num_classes})
+    except tdump.TdumpError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accuracy = evaluate(model, test_loader)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "arch": arch_path(args.arch)}, args.out)
+        torch.save(model.state_dict(), args.out)
     result = {"accuracy": accuracy, "params": count_params(model), "steps": step}
     print("RESULT " + json.dumps(result))
     return result

@@ -22,7 +22,18 @@ from typing import Any
 from tdump._version import __version__
 from tdump.errors import TdumpError
 
-__all__ = ["Hook", "TdumpError", "Trial", "__version__", "load", "open_dump", "prune", "rank"]
+__all__ = [
+    "Hook",
+    "TdumpError",
+    "Trial",
+    "__version__",
+    "load",
+    "open_dump",
+    "prune",
+    "rank",
+    "report",
+    "save",
+]
 
 _LAZY = {
     "Hook": "tdump.capture",
@@ -31,7 +42,27 @@ _LAZY = {
     "rank": "tdump.analyze",
     "prune": "tdump.surgery",
     "load": "tdump.surgery",
+    "report": "tdump.capture._report",
 }
+
+
+def save(model: Any, path: Any, *, arch: Any = None, arch_kwargs: Any = None) -> None:
+    """Write ``model`` as a tdump checkpoint, argument order as ``torch.save(obj, path)``.
+
+    A model from :func:`tdump.load` or :func:`tdump.prune` knows its architecture;
+    one built in Python needs ``arch`` (e.g. ``"torchvision.models.resnet18"``) and
+    ``arch_kwargs``. Read it back with ``tdump.load(path)`` (``tdump.surgery.save``
+    and ``tdump.surgery.load``, docs/surgery.md).
+
+    Examples
+    --------
+    >>> import torchvision, tdump
+    >>> tdump.save(torchvision.models.resnet18(), "ckpt.pt", arch="resnet18")  # doctest: +SKIP
+    >>> model = tdump.load("ckpt.pt")  # doctest: +SKIP
+    """
+    from tdump.surgery import save as _save
+
+    _save(path, model, arch=arch, arch_kwargs=arch_kwargs)
 
 
 def __getattr__(name: str) -> Any:

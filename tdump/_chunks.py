@@ -182,7 +182,7 @@ class ChunkFiles:
         try:
             decoded = codec.decode(data, out=out)
         except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad input
-            raise self._corrupt(index, step, f"does not decode ({exc})") from None
+            raise self._corrupt(index, step, f"is garbage ({exc})") from None
         n = memoryview(decoded).nbytes
         if n != expected:
             raise self._corrupt(index, step, f"decodes to {n} bytes, a record is {expected}")
@@ -195,8 +195,8 @@ class ChunkFiles:
         tensor = self.arr.path.rsplit("/", 1)[-1]
         at = f"record {index}" + (f" (step {step})" if step is not None else "")
         return CorruptStoreError(
-            f"tensor {tensor!r}, {at}: chunk file {self.path(index)} {what}; the dump is "
-            "damaged: re-record it, or delete that file to treat the record as not saved"
+            f"tensor {tensor!r}, {at} does not decode: chunk file {self.path(index)} {what}; "
+            "the dump is damaged: re-record it, or delete that file to treat the record as not saved"
         )
 
 

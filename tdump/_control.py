@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -124,7 +125,5 @@ def read_stop_request(
 def clear_stop_request(url: str, *, storage_options: dict[str, Any] | None = None) -> None:
     """Remove a stop request (a writer that appends to a stopped dump starts clean)."""
     fs, path = _fs_path(url, storage_options)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
-    except FileNotFoundError:
-        pass

@@ -33,6 +33,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import re
@@ -45,6 +46,18 @@ import zarr
 import zarr.errors
 
 from tdump._chunks import CHUNK_KEY_ENCODING, ChunkFiles, chunk_files, chunk_prefix
+from tdump._protocols import require_protocol
+from tdump._validate import (
+    DAMAGE,
+    META_TYPES,
+    call_ok,
+    check_steps,
+    check_tensor_array,
+    damaged,
+    damaged_chunk,
+    first_line,
+)
+from tdump._validate import sizes as store_sizes
 from tdump._version import __version__
 from tdump.errors import (
     ConfigError,
@@ -61,6 +74,8 @@ __all__ = [
     "RECORD_CHUNK",
     "StoreReader",
     "StoreWriter",
+    "decode_name",
+    "encode_name",
     "grad_name",
     "input_name",
     "output_name",
@@ -75,7 +90,7 @@ MODES: tuple[str, ...] = ("train", "eval", "predict", "global")
 #: Rows per chunk of the small ``records/*`` arrays (each commit rewrites one chunk atomically).
 RECORD_CHUNK = 1024
 _INITIAL_CAPACITY = 64
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.")
 
 
 # --------------------------------------------------------------------------- names
@@ -116,13 +131,51 @@ def scalar_name(name: str) -> str:
 
 
 def validate_name(name: str) -> str:
-    """Return ``name`` if it is usable as a Zarr key, else raise :class:`ConfigError`."""
-    if not _NAME_RE.match(name) or ".." in name:
-        raise ConfigError(
-            f"tensor name {name!r} has characters a store key cannot hold; "
-            "use letters, digits, '_', '-' and single '.' only"
-        )
+    """Return ``name`` if it can name a tensor (any non-empty string), else raise :class:`ConfigError`.
+
+    Names are stored under :func:`encode_name` keys, so any legal PyTorch module name works.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"tensor name {name!r} is empty; name the tensor")
     return name
+
+
+def encode_name(name: str) -> str:
+    """The store key of tensor ``name``: reversible, one path segment, inside the store.
+
+    Characters other than ASCII letters, digits, ``_``, ``-`` and ``.`` (and ``%``
+    itself) become ``%XX`` per UTF-8 byte, as do a leading ``-`` or ``.``, a ``.``
+    after a ``.`` and a trailing ``.``; so no key holds ``/``, ``..`` or a hidden
+    name, and names made of safe characters are their own keys (docs/FORMAT.md,
+    "Tensor names").
+
+    >>> encode_name("blocks.a/b.weight"), encode_name("hé.x y"), encode_name("..")
+    ('blocks.a%2Fb.weight', 'h%C3%A9.x%20y', '%2E%2E')
+    >>> decode_name(encode_name("blocks.a/b..c")) == "blocks.a/b..c"
+    True
+    """
+    validate_name(name)
+    if name == "zarr.json":
+        return "zarr%2Ejson"  # the group's own metadata document
+    out: list[str] = []
+    last = len(name) - 1
+    for i, ch in enumerate(name):
+        unsafe = (
+            ch not in _SAFE
+            or (i == 0 and ch in "-.")
+            or (ch == "." and (i == last or name[i - 1] == "."))
+        )
+        out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8")) if unsafe else ch)
+    return "".join(out)
+
+
+def decode_name(key: str) -> str:
+    """The tensor name stored under ``key`` (inverse of :func:`encode_name`)."""
+    if "%" not in key:
+        return key
+    from urllib.parse import unquote
+
+    return unquote(key, errors="strict")
 
 
 def _check_mode(mode: str) -> str:
@@ -165,12 +218,19 @@ class StoreWriter:
         world_size: int = 1,
         config: Mapping[str, Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        mode: str = "append",
     ) -> StoreWriter:
-        """Open ``path`` for appending, creating the store if needed.
+        """Open ``path`` for writing ``rank``'s records, creating the store if needed.
 
-        An existing dump is appended to (new records follow the committed ones); an
-        existing directory that is not a dump is refused.
+        ``mode="append"``: records follow those of the rank already committed (tensor
+        arrays are reopened; ``*.partial`` files a killed writer left are removed).
+        ``mode="create"``: a rank that already has committed records is refused
+        (:class:`~tdump.errors.ConfigError`). An existing directory that is not a dump
+        is refused either way.
         """
+        if mode not in ("append", "create"):
+            raise ConfigError(f"unknown StoreWriter mode {mode!r}; use append or create")
+        require_protocol(path)
         try:
             root = zarr.open_group(
                 path, mode="a", zarr_format=3, storage_options=dict(storage_options or {}) or None
@@ -190,7 +250,16 @@ class StoreWriter:
             root.attrs["tdump"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         else:
             _check_format(path, meta)
+        existed = _rank_group(rank) in root
         writer = cls(root, rank)
+        if existed:
+            held = {m: writer.next_record(m) for m in MODES if m in writer._rank}
+            if mode == "create" and any(held.values()):
+                raise ConfigError(
+                    f"{path} already holds records of rank {rank}; append to it or choose "
+                    "another --out path"
+                )
+            writer._remove_partials()
         info = _attr_dict(writer._rank.attrs.get("tdump"))
         info.update(
             rank=rank,
@@ -202,6 +271,19 @@ class StoreWriter:
             info["config"] = dict(config)
         writer._rank.attrs["tdump"] = info
         return writer
+
+    def _remove_partials(self) -> None:
+        """Delete ``*.partial`` files a killed writer left below this rank (local stores)."""
+        store = self._root.store
+        root = getattr(store, "root", None)
+        if root is None or type(store).__name__ != "LocalStore":
+            return  # object stores write whole keys: nothing is left half-written
+        base = os.path.join(str(root), self._rank.path)
+        for folder, _, files in os.walk(base):
+            for name in files:
+                if name.endswith(".partial"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
 
     # -- metadata
     def update_meta(self, **fields: Any) -> None:
@@ -315,8 +397,15 @@ class StoreWriter:
         compressors: Any,
         dtype: Any,
     ) -> zarr.Array:
-        validate_name(name)
+        key = encode_name(name)
         grp = self._rank.require_group(f"{_check_mode(mode)}/tensors")
+        if key in grp:  # appending to a dump another process wrote
+            arr = grp[key]
+            if not isinstance(arr, zarr.Array) or arr.ndim != value.ndim + 1:
+                raise ValueError(
+                    f"{name}: the dump holds it with other dimensions; append the same model"
+                )
+            return arr
         store_dtype = np.dtype(dtype) if dtype is not None else value.dtype
         dims = tuple(dims) if dims is not None else tuple(f"dim_{i}" for i in range(value.ndim))
         if len(dims) != value.ndim:
@@ -324,7 +413,7 @@ class StoreWriter:
         fill = np.nan if store_dtype.kind == "f" else 0
         meta = {"name": name, "source_dtype": str(value.dtype), **dict(attrs or {})}
         return grp.create_array(
-            name,
+            key,
             shape=(_INITIAL_CAPACITY, *value.shape),
             chunks=(1, *value.shape),
             dtype=store_dtype,
@@ -381,6 +470,11 @@ def _check_format(path: str, meta: Any) -> None:
 class StoreReader:
     """Read a dump without the writer's process. Safe while a writer is still appending.
 
+    Every read is validated against ``docs/FORMAT.md`` ("Validation by readers"): a
+    damaged node (unparsable metadata, wrong types, an undecodable chunk, step numbers
+    that are not non-negative and increasing) raises :class:`NotADumpError` with one
+    line naming the part, never a traceback from zarr or a wrong value.
+
     Parameters
     ----------
     path
@@ -401,62 +495,141 @@ class StoreReader:
         """The root Zarr group (read-only)."""
         return self._root
 
+    def _children(self, key: str) -> list[str]:
+        """Nodes directly below ``key``: listed, not opened (one damaged node spoils nothing).
+
+        A folder without ``zarr.json`` (a writer killed while creating it) is no node.
+        """
+        prefix = f"{key}/" if key else ""
+        store = self._root.store
+        try:
+            names = zarr.core.sync.sync(_collect(store.list_dir(prefix)))
+        except FileNotFoundError:
+            return []
+        names = [n for n in names if n != "zarr.json" and not n.endswith(".partial")]
+        found = zarr.core.sync.sync(_exist(store, [f"{prefix}{n}/zarr.json" for n in names]))
+        return [n for n, ok in zip(names, found, strict=True) if ok]
+
     def ranks(self) -> list[int]:
         """Ranks that wrote into this dump, ascending."""
-        found = [int(k[4:]) for k in self._root.group_keys() if re.fullmatch(r"rank\d+", k)]
+        found = [int(k[4:]) for k in self._children("") if re.fullmatch(r"rank\d+", k)]
         return sorted(found)
 
     def meta(self, rank: int = 0) -> dict[str, Any]:
         """The rank's ``tdump`` attributes: config, modules, calls, writer, created."""
-        return _attr_dict(self._rank(rank).attrs.get("tdump"))
+        info = _attr_dict(self._rank(rank).attrs.get("tdump"))
+        group = _rank_group(rank)
+        for key, types in META_TYPES.items():
+            value = info.get(key)
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                kind = "a mapping" if types == (Mapping,) else f"a {types[0].__name__}"
+                raise damaged(
+                    self.path,
+                    f"attribute {key!r} of {group} is a {type(value).__name__}, not {kind}",
+                )
+        for path, mod in (info.get("modules") or {}).items():
+            if not isinstance(mod, Mapping) or not isinstance(mod.get("type", ""), str):
+                raise damaged(
+                    self.path, f"attribute 'modules' of {group}: entry {path!r} is malformed"
+                )
+        for mode, calls in (info.get("calls") or {}).items():
+            if not isinstance(calls, list) or not all(call_ok(c) for c in calls):
+                raise damaged(
+                    self.path, f"attribute 'calls' of {group}: mode {mode!r} is malformed"
+                )
+        return info
 
     def modes(self, rank: int = 0) -> list[str]:
         """Modes with at least one committed record, in :data:`MODES` order."""
-        grp = self._rank(rank)
-        present = set(grp.group_keys())
+        self._rank(rank)
+        present = set(self._children(_rank_group(rank)))
         return [m for m in MODES if m in present and self.num_records(m, rank) > 0]
+
+    def _records_array(self, mode: str, key: str, rank: int) -> zarr.Array | None:
+        node = f"{_rank_group(rank)}/{mode}/records/{key}"
+        try:
+            arr = self._root[node]
+        except KeyError:
+            return None
+        except DAMAGE as exc:
+            raise damaged(self.path, f"{node}/zarr.json cannot be read", exc) from None
+        want = {"step": "int64", "batch_size": "int32", "time": "float64"}[key]
+        if not isinstance(arr, zarr.Array) or arr.ndim != 1 or str(arr.dtype) != want:
+            raise damaged(self.path, f"{node} is not a 1-d {want} array")
+        return arr
 
     def num_records(self, mode: str, rank: int = 0) -> int:
         """Number of committed records of ``mode`` (0 if the mode was never written)."""
-        grp = self._rank(rank)
-        try:
-            step = grp[f"{mode}/records/step"]
-        except KeyError:
+        self._rank(rank)
+        step = self._records_array(mode, "step", rank)
+        if step is None:
             return 0
-        return _committed_count(step)  # type: ignore[arg-type]
+        try:
+            return _committed_count(step)
+        except DAMAGE as exc:
+            raise damaged(self.path, f"{step.path} cannot be decoded", exc) from None
 
     def records(self, mode: str, rank: int = 0) -> dict[str, np.ndarray]:
-        """Committed records of ``mode`` as arrays ``step``, ``batch_size``, ``time``."""
+        """Committed records of ``mode`` as arrays ``step``, ``batch_size``, ``time``.
+
+        Raises :class:`NotADumpError` when the committed steps are not non-negative
+        and increasing, or a records array is shorter than the committed count.
+        """
         n = self.num_records(mode, rank)
         if n == 0:
             return {
                 k: np.empty(0, dt)
                 for k, dt in (("step", "i8"), ("batch_size", "i4"), ("time", "f8"))
             }
-        grp = self._rank(rank)[f"{mode}/records"]
-        return {k: np.asarray(grp[k][:n]) for k in ("step", "batch_size", "time")}  # type: ignore[index]
+        out: dict[str, np.ndarray] = {}
+        for key in ("step", "batch_size", "time"):
+            arr = self._records_array(mode, key, rank)
+            if arr is None or arr.shape[0] < n:
+                raise damaged(
+                    self.path, f"{_rank_group(rank)}/{mode}/records/{key} has fewer than {n} rows"
+                )
+            try:
+                out[key] = np.asarray(arr[:n])
+            except DAMAGE as exc:
+                raise damaged(self.path, f"{arr.path} cannot be decoded", exc) from None
+        check_steps(self.path, out["step"], f"{_rank_group(rank)}/{mode}/records/step")
+        return out
 
     def steps(self, mode: str, rank: int = 0) -> np.ndarray:
         """Step numbers of the committed records of ``mode``."""
         return self.records(mode, rank)["step"]
 
     def tensor_names(self, mode: str, rank: int = 0) -> list[str]:
-        """Names of the tensors stored for ``mode``, sorted."""
-        try:
-            grp = self._rank(rank)[f"{mode}/tensors"]
-        except KeyError:
-            return []
-        return sorted(grp.array_keys())  # type: ignore[union-attr]
+        """Names of the tensors stored for ``mode``, sorted (listed; opened by :meth:`array`)."""
+        self._rank(rank)
+        return sorted(decode_name(k) for k in self._children(f"{_rank_group(rank)}/{mode}/tensors"))
 
     def array(self, mode: str, name: str, rank: int = 0) -> zarr.Array:
-        """The raw Zarr array of tensor ``name``. Only rows below ``num_records`` are data."""
+        """The raw Zarr array of tensor ``name``, validated. Only rows below ``num_records`` are data."""
+        node = f"{_rank_group(rank)}/{mode}/tensors/{name}"
         try:
-            arr = self._rank(rank)[f"{mode}/tensors/{name}"]
+            arr = self._rank(rank)[f"{mode}/tensors/{encode_name(name)}"]
         except KeyError:
             raise MissingTensorError(
                 f"no tensor {name!r} in mode {mode!r} of {self.path}; `tdump ls {self.path}` lists what is there"
             ) from None
-        return arr  # type: ignore[return-value]
+        except DAMAGE as exc:
+            raise damaged(self.path, f"{node}/zarr.json cannot be read", exc) from None
+        if not isinstance(arr, zarr.Array):
+            raise damaged(self.path, f"{node} is a group, not a tensor array")
+        check_tensor_array(self.path, node, arr)
+        return arr
+
+    def read(self, mode: str, name: str, index: int, rank: int = 0) -> np.ndarray:
+        """Row ``index`` (one record) of tensor ``name`` as numpy, decoded through zarr.
+
+        A chunk that does not decode raises :class:`NotADumpError` naming it.
+        """
+        arr = self.array(mode, name, rank)
+        try:
+            return np.asarray(arr[index])
+        except DAMAGE as exc:
+            raise damaged_chunk(self.path, arr, index, exc) from None
 
     def tensor_attrs(self, mode: str, name: str, rank: int = 0) -> dict[str, Any]:
         """The tensor's ``tdump`` attributes (collection, kind, module, call, dims ...)."""
@@ -465,33 +638,68 @@ class StoreReader:
         attrs["dims"] = list(arr.metadata.dimension_names or ())[1:]  # type: ignore[union-attr]
         return attrs
 
-    def saved_records(self, mode: str, name: str, rank: int = 0) -> np.ndarray:
-        """Indices of committed records at which ``name`` holds data (from the chunk listing)."""
+    def saved_records(
+        self, mode: str, name: str, rank: int = 0, *, committed: int | None = None
+    ) -> np.ndarray:
+        """Indices of committed records at which ``name`` holds data (from the chunk listing).
+
+        ``committed``: the record count the caller read earlier (default: count now).
+        Pass it when combining with other reads of a store that is being written, so
+        every answer is about the same committed records.
+        """
+        n = self.num_records(mode, rank) if committed is None else committed
+        rows = self.chunk_keys(mode, name, rank)
+        return np.array(sorted(r for r in rows if r < n), dtype=np.int64)
+
+    def chunk_keys(self, mode: str, name: str, rank: int = 0) -> dict[int, str]:
+        """``{record: store key}`` of the chunk files of tensor ``name`` (``*.partial`` skipped).
+
+        Includes records written but not yet committed; callers keep ``record < n``.
+        """
         arr = self.array(mode, name, rank)
-        n = self.num_records(mode, rank)
         prefix, sep = chunk_prefix(arr)
-        rows: set[int] = set()
+        rows: dict[int, str] = {}
         store = self._root.store
         # list the array's folder: stores list by path segments, and "c." is no segment
         for key in zarr.core.sync.sync(_collect(store.list_prefix(arr.path + "/"))):
-            if not key.startswith(prefix):
+            if not key.startswith(prefix) or key.endswith(".partial"):
                 continue
             head = key[len(prefix) :].split(sep, 1)[0]
-            if head.isdigit() and not key.endswith(".partial"):
-                rows.add(int(head))
-        return np.array(sorted(r for r in rows if r < n), dtype=np.int64)
+            if head.isdigit():
+                rows[int(head)] = key
+        return rows
+
+    def sizes(self, keys: Sequence[str]) -> dict[str, int]:
+        """Bytes of each store key; keys that vanished meanwhile (a writer's rename) are left out."""
+        return dict(zarr.core.sync.sync(store_sizes(self._root.store, list(keys))))
+
+    def all_keys(self, prefix: str = "") -> list[str]:
+        """Every key below ``prefix`` except a writer's ``*.partial`` files."""
+        keys = zarr.core.sync.sync(_collect(self._root.store.list_prefix(prefix)))
+        return [k for k in keys if not k.endswith(".partial")]
 
     def _rank(self, rank: int) -> zarr.Group:
         try:
-            return self._root[_rank_group(rank)]  # type: ignore[return-value]
+            grp = self._root[_rank_group(rank)]
         except KeyError:
             raise MissingTensorError(
                 f"{self.path} has no data for rank {rank}; ranks present: {self.ranks() or 'none'}"
             ) from None
+        except DAMAGE as exc:
+            raise damaged(self.path, f"{_rank_group(rank)}/zarr.json cannot be read", exc) from None
+        if not isinstance(grp, zarr.Group):
+            raise damaged(self.path, f"{_rank_group(rank)} is an array, not a group")
+        return grp
 
 
 async def _collect(it: Any) -> list[str]:
     return [k async for k in it]
+
+
+async def _exist(store: Any, keys: list[str]) -> list[bool]:
+    import asyncio
+
+    return list(await asyncio.gather(*(store.exists(k) for k in keys)))
 
 
 def _open_existing(
@@ -500,6 +708,7 @@ def _open_existing(
     """Open the root group at ``path``; errors name ``shown`` (the path as the user gave it)."""
     where = shown or path
     opts = dict(storage_options or {}) or None
+    require_protocol(path)
     if "://" not in path:
         if not os.path.exists(path):
             raise DumpNotFoundError(
@@ -510,12 +719,18 @@ def _open_existing(
                 f"{where} is not a tdump store (no zarr.json); point at a dump made by `tdump record`"
             )
     try:
-        return zarr.open_group(path, mode="r", storage_options=opts)
+        root = zarr.open_group(path, mode="r", storage_options=opts)
     except FileNotFoundError as exc:
         raise DumpNotFoundError(
             f"no dump at {where}; check the path (create one with `tdump record`)"
         ) from exc
-    except (zarr.errors.ContainsArrayError, ValueError, KeyError) as exc:
+    except (zarr.errors.ContainsArrayError, ValueError, KeyError, TypeError) as exc:
         raise NotADumpError(
-            f"{where} is not a tdump store ({exc}); point at a dump made by `tdump record`"
-        ) from exc
+            f"{where} is not a tdump store ({first_line(exc)}); point at a dump made by `tdump record`"
+        ) from None
+    # fsspec filesystems are shared per process and object stores cache directory
+    # listings (s3fs): a reader opened now must see the groups a writer added since.
+    fs = getattr(root.store, "fs", None)
+    if fs is not None:
+        fs.invalidate_cache()
+    return root

@@ -22,6 +22,8 @@ __all__ = [
     "CorruptStoreError",
     "DumpNotFoundError",
     "FormatVersionError",
+    "LoopError",
+    "MissingDependencyError",
     "MissingTensorError",
     "NonFiniteWarning",
     "NotADumpError",
@@ -61,6 +63,10 @@ class ConfigError(TdumpError, ValueError):
     """Invalid settings (hook configuration, CLI options, config files)."""
 
 
+class MissingDependencyError(TdumpError, ImportError):
+    """An optional package a URL or feature needs is not installed; the message says which extra."""
+
+
 class MissingTensorError(TdumpError, LookupError):
     """A tensor, step or mode asked for is not in the dump."""
 
@@ -74,6 +80,17 @@ class RanksError(TdumpError, ValueError):
 
 class CheckpointError(TdumpError, ValueError):
     """A checkpoint cannot be loaded safely or does not match the architecture."""
+
+
+class LoopError(TdumpError, RuntimeError):
+    """The pruning loop cannot start or go on (a stage failed, the experiment is in use, ...).
+
+    ``exit_code`` is what ``tdump loop`` exits with (a failed training script's own code).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class UntraceableModelError(TdumpError, RuntimeError):

@@ -1,8 +1,8 @@
-"""Analyze: read dumps (xarray, Trial) and rank filters with Dask, without training.
+"""Analyze: read dumps (xarray, Trial), rank filters with Dask, check rules, without training.
 
 Ranking (``rank``, criteria, the ranks file) loads only what it needs (numpy,
 pandas, zarr); the readers built on xarray and dask.array (``open_dump``, ``Trial``,
-the xarray backend) load on first use, so ``tdump rank`` starts fast.
+the xarray backend) and the rules load on first use, so ``tdump rank`` starts fast.
 """
 
 from __future__ import annotations
@@ -18,19 +18,25 @@ if TYPE_CHECKING:
     from tdump.analyze._open import open_dump
     from tdump.analyze._trial import Trial, TrialTensor
     from tdump.analyze._xarray import TdumpBackendEntrypoint
+    from tdump.analyze.rules import Firing, Rule, check, register_rule, watch
 
 __all__: list[str] = [
     "Criterion",
+    "Firing",
     "Plan",
+    "Rule",
     "TdumpBackendEntrypoint",
     "Trial",
     "TrialTensor",
+    "check",
     "criteria",
     "get_criterion",
     "open_dump",
     "rank",
     "read_ranks",
     "register_criterion",
+    "register_rule",
+    "watch",
     "write_ranks",
 ]
 
@@ -39,6 +45,11 @@ _LAZY = {
     "Trial": "tdump.analyze._trial",
     "TrialTensor": "tdump.analyze._trial",
     "TdumpBackendEntrypoint": "tdump.analyze._xarray",
+    "Firing": "tdump.analyze.rules",
+    "Rule": "tdump.analyze.rules",
+    "check": "tdump.analyze.rules",
+    "register_rule": "tdump.analyze.rules",
+    "watch": "tdump.analyze.rules",
 }
 
 

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import zarr.core.sync
 
 from tdump._format import FORMAT_NAME, FORMAT_VERSION, StoreReader
 from tdump._version import __version__
@@ -34,15 +33,6 @@ __all__ = ["SCHEMA_VERSION", "summarize"]
 
 #: Version of the ``tdump ls --json`` layout (bumped only when a key changes meaning or goes away).
 SCHEMA_VERSION = 1
-
-
-def _size_prefix(reader: StoreReader, prefix: str) -> int:
-    store = reader.root.store
-    return int(zarr.core.sync.sync(store.getsize_prefix(prefix)))
-
-
-def _size_key(reader: StoreReader, key: str) -> int:
-    return int(zarr.core.sync.sync(reader.root.store.getsize(key)))
 
 
 def _ratio(logical: int, stored: int) -> float | None:
@@ -116,7 +106,7 @@ def summarize(
             }
         )
         for m in r_modes:
-            rec = reader.records(m, r)
+            rec = reader.records(m, r)  # one snapshot: every count below uses these records
             steps = [int(s) for s in rec["step"]]
             entry = modes_out.setdefault(m, {"records": 0, "steps": [], "examples": 0})
             entry["records"] += len(steps)
@@ -126,7 +116,7 @@ def summarize(
                 all_names.add(name)
                 if pattern is not None and not pattern.search(name):
                     continue
-                tensors.append(_tensor_info(reader, m, name, r))
+                tensors.append(_tensor_info(reader, m, name, r, rec["step"]))
     if pattern is not None and not tensors:
         raise SelectionError(
             f"regex {regex!r} matches none of the {len(all_names)} tensors in {reader.path}"
@@ -155,20 +145,26 @@ def summarize(
             "stored_bytes": stored,
             "logical_bytes": logical,
             "ratio": _ratio(logical, stored),
-            "store_bytes": _size_prefix(reader, ""),
+            "store_bytes": sum(reader.sizes(reader.all_keys()).values()),
         },
     }
 
 
-def _tensor_info(reader: StoreReader, mode: str, name: str, rank: int) -> dict[str, Any]:
+def _tensor_info(
+    reader: StoreReader, mode: str, name: str, rank: int, committed_steps: np.ndarray
+) -> dict[str, Any]:
+    """One tensor's row, counting only the records in ``committed_steps`` (a live writer
+    may have committed more, or renamed files, since they were read)."""
     arr = reader.array(mode, name, rank)
     attrs = reader.tensor_attrs(mode, name, rank)
-    saved = reader.saved_records(mode, name, rank)
-    steps = reader.steps(mode, rank)[saved]
+    n = len(committed_steps)
+    keys = {row: key for row, key in reader.chunk_keys(mode, name, rank).items() if row < n}
+    sizes = reader.sizes(list(keys.values()))
+    saved = np.array(sorted(row for row, key in keys.items() if key in sizes), dtype=np.int64)
+    steps = committed_steps[saved]
     shape = [int(s) for s in arr.shape[1:]]
     logical = int(len(saved) * math.prod(shape) * np.dtype(arr.dtype).itemsize)
-    # the array's folder less its metadata document: chunk keys share no path segment
-    stored = _size_prefix(reader, arr.path + "/") - _size_key(reader, arr.path + "/zarr.json")
+    stored = sum(sizes.values())
     return {
         "name": name,
         "mode": mode,

@@ -43,6 +43,7 @@ import pandas as pd
 import xarray as xr
 
 from tdump._format import FORMAT_NAME, FORMAT_VERSION, StoreReader
+from tdump._validate import DAMAGE, damaged_chunk
 from tdump.errors import MissingTensorError
 
 __all__ = ["STEP_DIM", "flat_dataset", "mode_datasets", "open_dump", "open_reader"]
@@ -85,6 +86,25 @@ def resolve_modes(reader: StoreReader, mode: str | None, rank: int) -> list[str]
     return [mode]
 
 
+class _CheckedArray:
+    """A zarr array for :func:`dask.array.from_array` whose undecodable chunks raise one line."""
+
+    def __init__(self, arr: Any, path: str) -> None:
+        self.arr = arr
+        self.path = path
+        self.shape = tuple(arr.shape)
+        self.dtype = arr.dtype
+        self.ndim = arr.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.arr[key])
+        except DAMAGE as exc:
+            first = key[0] if isinstance(key, tuple) and key else key
+            index = first.start if isinstance(first, slice) else first
+            raise damaged_chunk(self.path, self.arr, int(index or 0), exc) from None
+
+
 @dataclass(frozen=True)
 class _Var:
     name: str
@@ -104,11 +124,14 @@ def _tensor_var(
     dims = tuple(str(d) for d in (arr.metadata.dimension_names or ())[1:])  # type: ignore[union-attr]
     if len(dims) != arr.ndim - 1:
         dims = tuple(f"dim_{i}" for i in range(arr.ndim - 1))
-    data = da.from_zarr(arr)[:n]
+    data = da.from_array(_CheckedArray(arr, reader.path), chunks=arr.chunks, asarray=True)[:n]
+    if data.shape[0] < n:  # saved only in early records: rows past its capacity are not data
+        pad = da.full((n - data.shape[0], *data.shape[1:]), arr.fill_value, dtype=data.dtype)
+        data = da.concatenate([data, pad])
     if data.dtype.kind in "iub":
         # integer fills (0) are indistinguishable from data: mask records not saved, padded rows
         saved = np.zeros(n, bool)
-        saved[reader.saved_records(mode, name, rank)] = True
+        saved[reader.saved_records(mode, name, rank, committed=n)] = True
         mask = saved.reshape((n,) + (1,) * (data.ndim - 1))
         if dims and dims[0] == "batch":
             rows = np.arange(data.shape[1])[None, :]
@@ -154,8 +177,7 @@ def _dedupe_dims(variables: list[tuple[str, _Var]]) -> dict[str, tuple[str, ...]
     return out
 
 
-def _mode_coords(reader: StoreReader, mode: str, rank: int) -> tuple[dict[str, Any], np.ndarray]:
-    rec = reader.records(mode, rank)
+def _mode_coords(rec: Mapping[str, np.ndarray], mode: str) -> dict[str, Any]:
     n = len(rec["step"])
     coords: dict[str, Any] = {
         STEP_DIM: (STEP_DIM, rec["step"].astype("i8")),
@@ -164,12 +186,15 @@ def _mode_coords(reader: StoreReader, mode: str, rank: int) -> tuple[dict[str, A
         "batch_size": (STEP_DIM, rec["batch_size"].astype("i8")),
         "mode": mode,
     }
-    return coords, rec["batch_size"].astype("i8")
+    return coords
 
 
-def _mode_vars(reader: StoreReader, mode: str, rank: int) -> list[_Var]:
-    n = reader.num_records(mode, rank)
-    batch_size = reader.records(mode, rank)["batch_size"].astype("i8")
+def _mode_vars(
+    reader: StoreReader, mode: str, rank: int, rec: Mapping[str, np.ndarray]
+) -> list[_Var]:
+    # one snapshot of the records for coordinates and data: a live writer may commit more
+    n = len(rec["step"])
+    batch_size = rec["batch_size"].astype("i8")
     return [
         _tensor_var(reader, mode, name, rank, n, batch_size)
         for name in reader.tensor_names(mode, rank)
@@ -184,10 +209,11 @@ def mode_datasets(
     The ``""`` dataset holds the ``step`` index (module nodes inherit it in the tree);
     every dataset carries the other coordinates (``record``, ``time``, ``batch_size``, ``mode``).
     """
-    coords, _ = _mode_coords(reader, mode, rank)
+    rec = reader.records(mode, rank)
+    coords = _mode_coords(rec, mode)
     dropped = set(drop)
     by_node: dict[str, list[tuple[str, _Var]]] = {}
-    for v in _mode_vars(reader, mode, rank):
+    for v in _mode_vars(reader, mode, rank, rec):
         if v.name not in dropped:
             by_node.setdefault(v.node, []).append((v.local, v))
     out: dict[str, xr.Dataset] = {"": xr.Dataset(coords=coords, attrs={"mode": mode})}
@@ -213,9 +239,10 @@ def flat_dataset(
 
     Dimensions whose name has several sizes across tensors become ``<dim>_<size>``.
     """
-    coords, _ = _mode_coords(reader, mode, rank)
+    rec = reader.records(mode, rank)
+    coords = _mode_coords(rec, mode)
     dropped = set(drop)
-    items = [(v.name, v) for v in _mode_vars(reader, mode, rank) if v.name not in dropped]
+    items = [(v.name, v) for v in _mode_vars(reader, mode, rank, rec) if v.name not in dropped]
     dims = _dedupe_dims(items)
     data_vars = {key: _variable(dims[key], v) for key, v in items}
     attrs = {**root_attrs(reader, rank), "mode": mode}

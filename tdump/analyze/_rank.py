@@ -31,16 +31,19 @@ import pandas as pd
 
 from tdump._chunks import Scratch, chunk_files
 from tdump._format import StoreReader
+from tdump._validate import DAMAGE, damaged_chunk
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
+from tdump.analyze._diagnose import _NO_ACTIVATION, skipped_notes, unscored_reason
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._ranks_io import COLUMNS, RANKS_FORMAT, RANKS_VERSION, normalize_scores
-from tdump.analyze._schedule import ProgressFn, execute
+from tdump.analyze._schedule import DEFAULT_CONNECT_TIMEOUT, ProgressFn, check_address, execute
 from tdump.errors import (
     ConfigError,
     MissingTensorError,
     NonFiniteWarning,
     SelectionError,
+    TdumpError,
     compile_regex,
 )
 
@@ -135,7 +138,7 @@ def _open_array(path: str, so_json: str, rank: int, mode: str, name: str) -> _Re
         arr = _ARRAYS.get(key)
     if arr is None:
         reader = StoreReader(path, storage_options=json.loads(so_json) or None)
-        arr = _RecordReader(reader.array(mode, name, rank))
+        arr = _RecordReader(reader.array(mode, name, rank), reader.path)
         with _ARRAYS_LOCK:
             _ARRAYS[key] = arr
     return arr
@@ -157,8 +160,9 @@ class _RecordReader:
     chunk-sized array would page-fault all over again.
     """
 
-    def __init__(self, arr: Any) -> None:
+    def __init__(self, arr: Any, path: str = "") -> None:
         self.arr = arr
+        self.path = path  # the dump, for error messages
         self.files = chunk_files(arr)
         self._threads = threading.local()  # each thread's Scratch
 
@@ -174,9 +178,18 @@ class _RecordReader:
 
         ``scratch=True``: the result is valid until this thread's next scratch read of
         this array (see the class docstring); otherwise it is a fresh array. A chunk
-        that does not decode to one record raises
-        :class:`~tdump.errors.CorruptStoreError` (``step`` labels the message).
+        that does not decode to exactly one record raises a one-line
+        :class:`~tdump.errors.CorruptStoreError` naming tensor, record and ``step``
+        (from the direct file path) or :class:`~tdump.errors.NotADumpError` (through zarr).
         """
+        try:
+            return self._read(index, rows, scratch, step)
+        except TdumpError:
+            raise  # already one line naming tensor, record and step
+        except DAMAGE as exc:
+            raise damaged_chunk(self.path, self.arr, index, exc) from None
+
+    def _read(self, index: int, rows: int | None, scratch: bool, step: int | None) -> np.ndarray:
         files = self.files
         if files is None:
             value = np.asarray(self.arr[index] if rows is None else self.arr[index, :rows])
@@ -360,7 +373,11 @@ def _plan_jobs(
     layers: list[str],
     records: list[Record],
     explicit_layers: bool,
+    notes: list[str],
+    skipped: dict[str, str],
 ) -> list[LayerJob]:
+    """One job per layer the criterion can score; the others go to ``skipped`` (with why)
+    and ``notes`` (one line per reason, with what to record to score them)."""
     rank0 = records[0].rank
     names = frozenset(reader.tensor_names(mode, rank0))
     attrs_cache: dict[str, Mapping[str, Any]] = {}
@@ -372,14 +389,22 @@ def _plan_jobs(
 
     ctx = PlanContext(_dataflow(reader, mode), names, mode, attrs)
     planned: list[tuple[str, Plan]] = []
+    unplanned: list[str] = []
     for layer in layers:
         plan = crit.plan(layer, ctx)
         if plan is not None:
             planned.append((layer, plan))
-        elif explicit_layers:
-            raise MissingTensorError(f"layer {layer!r}: {crit.missing(ctx)}")
+        else:
+            unplanned.append(layer)
+    reasons = {layer: unscored_reason(crit, ctx, layer) for layer in unplanned}
     if not planned:
+        whys = {why for why, _ in reasons.values()}
+        if explicit_layers or whys == {_NO_ACTIVATION}:
+            # crit.missing() would hint at activations the model does not have as modules
+            raise MissingTensorError(skipped_notes(crit, reasons)[0])
         raise MissingTensorError(crit.missing(ctx))
+    notes.extend(skipped_notes(crit, reasons))
+    skipped.update({layer: why for layer, (why, _) in reasons.items()})
 
     saved: dict[tuple[int, str], set[int]] = {}
     jobs: list[LayerJob] = []
@@ -423,6 +448,7 @@ def rank(
     progress: bool | ProgressFn = True,
     storage_options: Mapping[str, Any] | None = None,
     split_every: int = 8,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     keep_nan: bool = False,
 ) -> pd.DataFrame:
     """Rank every conv filter of a dump by ``criterion``.
@@ -459,6 +485,9 @@ def rank(
         fsspec options for URLs.
     split_every
         Fan-in of the tree reduction.
+    connect_timeout
+        Seconds a scheduler address gets to answer; an address that is no Dask
+        scheduler (an HTTP server, nothing) is refused with one line within it.
     keep_nan
         A record whose tensors hold NaN or Inf gives a layer non-finite sums. By default
         that record is left out of the layer's scores (a layer with no finite record is
@@ -478,10 +507,30 @@ def rank(
     crit = get_criterion(criterion, signed=signed)
     if split_every < 2:
         raise ConfigError("split_every must be at least 2")
+    if isinstance(scheduler, str) and "://" in scheduler:
+        check_address(scheduler, connect_timeout)  # before any reading: fail at once
     reader = StoreReader(dump, storage_options=storage_options)
     records = _select_records(reader, mode, steps)
     flow = _dataflow(reader, mode)
-    jobs = _plan_jobs(reader, crit, mode, _select_layers(flow, layers), records, layers is not None)
+    notes: list[str] = []
+    skipped: dict[str, str] = {}
+    jobs = _plan_jobs(
+        reader,
+        crit,
+        mode,
+        _select_layers(flow, layers),
+        records,
+        layers is not None,
+        notes,
+        skipped,
+    )
+    used_steps = sorted({r.step for job in jobs for r in job.records})
+    if crit.all_records and len(used_steps) == 1:
+        notes.append(
+            f"{crit.name} scores rest on one saved step (step {used_steps[0]}"
+            f"{', the untrained model' if used_steps[0] == 0 else ''}); save more steps "
+            "(a smaller --interval when recording) for scores that reflect training"
+        )
     so_json = json.dumps(dict(storage_options or {}), sort_keys=True)
     by_record: dict[Record, list[tuple[int, Plan, Mapping[str, bool]]]] = {}
     for i, job in enumerate(jobs):
@@ -500,6 +549,7 @@ def rank(
         progress=progress,
         split_every=split_every,
         path=reader.path,
+        connect_timeout=connect_timeout,
     )
     left_out = _warn_non_finite(combined.non_finite, jobs, keep_nan)
     frames = []
@@ -545,6 +595,8 @@ def rank(
         "mode": mode,
         "steps": [int(min(used)), int(max(used))],
         "layers": layers,
+        "skipped": skipped,
+        "notes": notes,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tdump_version": __version__,
     }

@@ -18,19 +18,22 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from tdump._protocols import require_protocol
 from tdump._version import __version__
-from tdump.errors import DumpNotFoundError, FormatVersionError, RanksError
+from tdump.errors import ConfigError, DumpNotFoundError, FormatVersionError, RanksError
 
 __all__ = [
     "COLUMNS",
     "RANKS_FORMAT",
     "RANKS_VERSION",
+    "check_output_path",
     "normalize_scores",
     "read_ranks",
     "write_ranks",
@@ -129,11 +132,82 @@ def write_ranks(
     if "://" in str(path):
         import fsspec
 
+        require_protocol(path)
         with fsspec.open(str(path), "wb", **dict(storage_options or {})) as fh:
             pq.write_table(table, fh)
-    else:
-        pq.write_table(table, str(path))
+        return str(path)
+    check_output_path(path)
+    # temporary file in the same folder, then rename: a failed write (disk full, quota,
+    # interrupt) leaves an existing file at ``path`` as it was
+    tmp = os.path.join(
+        os.path.dirname(os.path.abspath(path)),
+        f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial",
+    )
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            kept = "; the existing file is unchanged" if os.path.exists(path) else ""
+            raise ConfigError(
+                f"cannot write ranks to {path} ({exc.strerror or exc}){kept}; "
+                "free space or choose another --out"
+            ) from None
+        raise
     return str(path)
+
+
+def check_output_path(path: str | os.PathLike[str]) -> str:
+    """Check that a ranks file can be written at local ``path``; return ``path``.
+
+    Called before ranking, so a bad ``--out`` fails at once rather than after the
+    work. URLs (``s3://`` ...) are not checked. A file already at ``path`` is fine
+    (it is replaced atomically).
+
+    Raises
+    ------
+    ConfigError
+        ``path`` is a directory, its folder does not exist, is not a folder, or is
+        not writable.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> folder = tempfile.mkdtemp()
+    >>> check_output_path(os.path.join(folder, "ranks.parquet")).endswith("ranks.parquet")
+    True
+    >>> check_output_path(folder)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: ... is a directory; give a file name, e.g. .../ranks.parquet
+    """
+    path = os.fspath(path)
+    if "://" in path:
+        return path
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"{path} is a directory; give a file name, e.g. {os.path.join(path, 'ranks.parquet')}"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(folder):
+        raise ConfigError(
+            f"cannot write {path}: folder {folder} does not exist; create it or choose another --out"
+        )
+    if not os.path.isdir(folder):
+        raise ConfigError(f"cannot write {path}: {folder} is not a folder; choose another --out")
+    probe = os.path.join(folder, f".tdump-probe-{uuid.uuid4().hex[:12]}.partial")
+    try:  # os.access misses read-only mounts and ACLs: try it
+        with open(probe, "xb"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write {path}: folder {folder} is not writable ({exc.strerror or exc}); "
+            "choose another --out"
+        ) from None
+    return path
 
 
 def _json_default(obj: Any) -> Any:
@@ -163,6 +237,7 @@ def read_ranks(
         if "://" in str(path):
             import fsspec
 
+            require_protocol(path)
             with fsspec.open(str(path), "rb", **dict(storage_options or {})) as fh:
                 table = pq.read_table(fh)
         else:

@@ -21,13 +21,19 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tdump.analyze._cluster import check_workers
 from tdump.errors import ConfigError
 
-__all__ = ["ProgressFn", "execute"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "ProgressFn", "check_address", "execute"]
 
 ProgressFn = Callable[[int, int], None]
 _MIN_WORKER_MEMORY = 512 * 2**20
 _LOCAL = {"threads", "threading", "processes", "multiprocessing", "sync", "synchronous"}
+#: Seconds to wait for a scheduler address to answer (``--timeout``).
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Address schemes dask.distributed speaks (``distributed.comm.registry.backends``).
+_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")
+_DEFAULT_PORT = 8786
 
 
 class _Bar:
@@ -86,6 +92,110 @@ def _tree(leaves: list[Any], split_every: int, node: Callable[[list[Any], int, i
     return leaves[0]
 
 
+def check_address(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+    """Refuse, with one line and within ``timeout`` seconds, an address that is no Dask scheduler.
+
+    Checks the scheme, the host, TLS settings, then (for ``tcp://``) connects and
+    listens for the scheduler's handshake: a Dask scheduler speaks first; an HTTP
+    server (the dashboard, port 8787, is a common mistake) stays silent and, asked,
+    answers ``HTTP/...``; anything else that answers in text is named.
+
+    Examples
+    --------
+    >>> check_address("bogus://host:8786")
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: unknown scheduler address scheme 'bogus' in 'bogus://host:8786'; use tcp://HOST:8786 (or tls://, ws://, wss://, ucx://)
+    """
+    from urllib.parse import urlsplit
+
+    scheme, _, rest = address.partition("://")
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            f"unknown scheduler address scheme {scheme!r} in {address!r}; use tcp://HOST:8786 "
+            "(or tls://, ws://, wss://, ucx://)"
+        )
+    if scheme == "inproc":
+        return
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+        host, port = parts.hostname, parts.port or _DEFAULT_PORT
+    except ValueError as exc:
+        raise ConfigError(f"invalid scheduler address {address!r} ({exc})") from None
+    if not host:
+        raise ConfigError(f"scheduler address {address!r} names no host; use {scheme}://HOST:PORT")
+    if scheme in ("tls", "wss"):
+        import dask
+
+        tls = dask.config.get("distributed.comm.tls", default={}) or {}
+        if not (tls.get("ca-file") and (tls.get("client") or {}).get("cert")):
+            raise ConfigError(
+                f"{address} needs TLS certificates: set distributed.comm.tls.ca-file and "
+                "distributed.comm.tls.client.cert/key in the Dask config (e.g. "
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE), or pass a distributed.Client from Python"
+            )
+    if scheme != "tcp":
+        return
+    _probe_tcp(address, host, port, timeout)
+
+
+def _probe_tcp(address: str, host: str, port: int, timeout: float) -> None:
+    import socket
+
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        why = (
+            f"no answer within {timeout:g} s"
+            if isinstance(exc, TimeoutError)
+            else (exc.strerror or str(exc))
+        )
+        raise ConfigError(
+            f"cannot reach the Dask scheduler at {address} ({why}); "
+            "check the address (a scheduler listens on port 8786 by default) and that it runs"
+        ) from None
+    with sock:
+        sock.settimeout(min(timeout, 3.0))
+        try:
+            first = sock.recv(64)  # a Dask scheduler sends its handshake at once
+        except TimeoutError:
+            first = None
+        except OSError as exc:
+            raise ConfigError(
+                f"the server at {address} closed the connection ({exc.strerror or exc}); "
+                "it is not a Dask scheduler"
+            ) from None
+        if first is None:  # silent: ask in HTTP, whose servers wait for a request
+            sock.settimeout(timeout)
+            try:
+                sock.sendall(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                first = sock.recv(256)
+            except OSError:
+                first = b""
+            if first.startswith(b"HTTP/"):
+                status = first.split(b"\r\n", 1)[0].decode("ascii", "replace")
+                raise ConfigError(
+                    f"an HTTP server answers at {address} ({status}), not a Dask scheduler; "
+                    "the dashboard listens on port 8787, the scheduler on 8786 by default"
+                )
+            if not first:
+                raise ConfigError(
+                    f"nothing at {address} answered the Dask handshake within {timeout:g} s; "
+                    "is it a Dask scheduler? (raise --timeout for a slow network)"
+                )
+        if not first:
+            raise ConfigError(
+                f"the server at {address} closed the connection at once; it is not a Dask scheduler"
+            )
+        head = first[:8]
+        if all(32 <= b < 127 or b in (9, 10, 13) for b in head):  # text: a banner, not frames
+            banner = first.split(b"\n", 1)[0].decode("ascii", "replace").strip()
+            raise ConfigError(
+                f"the server at {address} answered {banner!r}, not a Dask scheduler; "
+                "check the address (a scheduler listens on port 8786 by default)"
+            )
+
+
 def execute(
     leaves: Sequence[tuple[Any, ...]],
     combine: Callable[..., Any],
@@ -96,8 +206,12 @@ def execute(
     progress: bool | ProgressFn = False,
     split_every: int = 8,
     path: str = "",
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> list[Any]:
-    """Run the leaf tasks and tree-reduce their results with ``combine``; return the result."""
+    """Run the leaf tasks and tree-reduce their results with ``combine``; return the result.
+
+    ``connect_timeout``: seconds a scheduler address gets to answer (:func:`check_address`).
+    """
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     name = scheduler if isinstance(scheduler, str) else None
@@ -127,11 +241,15 @@ def execute(
             )
     if not leaves:
         raise ConfigError("nothing to compute")
+    if name is not None and not local:
+        check_address(name, connect_timeout)
     bar = _Bar(progress, len(leaves))
     try:
         if local and memory_limit is None:
             return _run_local(leaves, combine, name or "threads", workers, bar, split_every)
-        return _run_distributed(leaves, combine, scheduler, workers, memory_limit, bar, split_every)
+        return _run_distributed(
+            leaves, combine, scheduler, workers, memory_limit, bar, split_every, connect_timeout
+        )
     finally:
         bar.close()
 
@@ -182,6 +300,7 @@ def _run_distributed(
     memory_limit: str | int | None,
     bar: _Bar,
     split_every: int,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> Any:
     try:
         from distributed import Client, LocalCluster, as_completed
@@ -193,14 +312,16 @@ def _run_distributed(
     try:
         if isinstance(scheduler, Client):
             client = scheduler
+            check_workers(client)
         elif isinstance(scheduler, str) and "://" in scheduler:
             try:
-                client = Client(scheduler, set_as_default=False, timeout="10s")
-            except OSError as exc:
+                client = Client(scheduler, set_as_default=False, timeout=f"{connect_timeout}s")
+            except (OSError, ValueError, TypeError) as exc:
                 raise ConfigError(
-                    f"cannot reach the Dask scheduler at {scheduler} ({exc})"
+                    f"cannot connect to the Dask scheduler at {scheduler} ({exc})"
                 ) from None
             owned.append(client)
+            check_workers(client)  # a cluster started elsewhere: same tdump, Python, Dask?
         else:
             cluster = LocalCluster(
                 n_workers=workers or os.cpu_count() or 1,

@@ -219,7 +219,9 @@ class Trial:
             if name not in self._names.get(mode, ()):
                 self._saved[key] = np.empty(0, np.int64)
             else:
-                self._saved[key] = self._reader.saved_records(mode, name, self.rank)
+                self._saved[key] = self._reader.saved_records(
+                    mode, name, self.rank, committed=len(self._records[mode]["step"])
+                )
         return self._saved[key]
 
     def scalar(self, name: str, mode: str | None = None) -> dict[int, float]:
@@ -314,8 +316,7 @@ class TrialTensor:
             hit = rows[rec["step"][rows] == step]
             if hit.size:
                 row = int(hit[-1])
-                arr = self._trial.reader.array(m, self.name, self._trial.rank)
-                out = np.asarray(arr[row])
+                out = self._trial.reader.read(m, self.name, row, self._trial.rank)
                 bs = int(rec["batch_size"][row])
                 if bs >= 0 and self.dims(m)[:1] == ("batch",):
                     out = out[:bs]

@@ -8,6 +8,9 @@ Examples
 100
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tdump.capture._config import (
     AUTO_COMPRESSION,
     COLLECTIONS,
@@ -18,8 +21,22 @@ from tdump.capture._config import (
     HookConfig,
     load_config,
 )
-from tdump.capture._hook import Hook, active_hooks, record_loss
-from tdump.capture._record import AutoCapture, run_script
+from tdump.capture._exit import TrainingStopped
+
+if TYPE_CHECKING:
+    from tdump.capture._hook import Hook, active_hooks, record_loss
+    from tdump.capture._record import AutoCapture, run_script
+    from tdump.capture._report import report
+
+# torch loads on first use of these, so `tdump record` checks its input before importing it
+_LAZY = {
+    "Hook": "tdump.capture._hook",
+    "active_hooks": "tdump.capture._hook",
+    "record_loss": "tdump.capture._hook",
+    "AutoCapture": "tdump.capture._record",
+    "run_script": "tdump.capture._record",
+    "report": "tdump.capture._report",
+}
 
 __all__ = [
     "AUTO_COMPRESSION",
@@ -31,8 +48,16 @@ __all__ = [
     "CollectionConfig",
     "Hook",
     "HookConfig",
+    "TrainingStopped",
     "active_hooks",
     "load_config",
     "record_loss",
+    "report",
     "run_script",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tdump.capture' has no attribute {name!r}")

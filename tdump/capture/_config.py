@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_INCLUDE",
     "ENV_VAR",
     "REDUCTIONS",
+    "WRITE_MODES",
     "CollectionConfig",
     "HookConfig",
     "load_config",
@@ -65,6 +66,8 @@ AUTO_COMPRESSION: dict[str, str] = {
     "activation_gradients": "lz4-noshuffle",
 }
 STORAGE_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+#: What to do with an ``out`` that already holds a dump (``HookConfig.write_mode``).
+WRITE_MODES: tuple[str, ...] = ("create", "append", "overwrite")
 #: The seed's selection, the default of ``tdump record`` and ``tdump.capture.auto``:
 #: ReLU outputs and their gradients, weights, biases, parameter gradients, BN stats.
 DEFAULT_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"
@@ -140,7 +143,11 @@ class HookConfig:
     Parameters
     ----------
     out
-        Store path or fsspec URL (``dump.zarr``); appended to if it already is a dump.
+        Store path or fsspec URL (``dump.zarr``).
+    write_mode
+        What to do when ``out`` already holds records of this rank: ``"create"``
+        (default) refuses with a one-line error, ``"append"`` continues the dump (same
+        model; step numbers go on from the last run's), ``"overwrite"`` replaces it.
     include_regex
         ``re.search``-ed against tensor names (docs/FORMAT.md). ``None`` saves only the
         always-on collections (losses, loss inputs, scalars) and collections with
@@ -188,6 +195,7 @@ class HookConfig:
     """
 
     out: str = "tdump.zarr"
+    write_mode: str = "create"
     include_regex: str | None = None
     exclude_regex: str | None = None
     save_interval: int = 100
@@ -211,6 +219,10 @@ class HookConfig:
 
     def __post_init__(self) -> None:
         _check_interval(self.save_interval)
+        if self.write_mode not in WRITE_MODES:
+            raise ConfigError(
+                f"unknown write_mode {self.write_mode!r}; use one of {', '.join(WRITE_MODES)}"
+            )
         if self.save_steps is not None:
             object.__setattr__(self, "save_steps", tuple(int(s) for s in self.save_steps))
         compile_regex(self.include_regex, "include_regex")

@@ -22,9 +22,8 @@ Examples
 
 from __future__ import annotations
 
-import atexit
+import functools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -34,13 +33,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from tdump._control import POLL_SECONDS
 from tdump._format import StoreWriter, grad_name, output_name
 from tdump.capture._config import CollectionConfig, HookConfig
+from tdump.capture._exit import (
+    CLOSE_TIMEOUT,
+    TrainingStopped,
+    at_exit,
+    exiting,
+    install_sigterm,
+)
+from tdump.capture._lifecycle import StepLifecycle
 from tdump.capture._model import (
-    first_tensor,
     module_tree,
     unwrap,
 )
+from tdump.capture._out import Existing, module_differences, prepare_out, resolve_rank
 from tdump.capture._step import SavedStep
 from tdump.capture._writer import BackgroundWriter, PendingRecord
 from tdump.errors import ConfigError, NotADumpError, SelectionError, TdumpError
@@ -50,6 +58,8 @@ __all__ = ["Hook", "active_hooks", "record_loss"]
 log = logging.getLogger("tdump.capture")
 _HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()
 _STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Records a provisional (held) hook keeps in memory before it commits to its model.
+HOLD_LIMIT = 8
 
 
 def active_hooks(*, explicit_only: bool = False) -> list[Hook]:
@@ -71,36 +81,7 @@ def record_loss(loss: torch.Tensor, *inputs: torch.Tensor) -> None:
         h.record_loss(loss, *inputs)
 
 
-def _resolve_rank(cfg: HookConfig) -> tuple[int, int]:
-    if cfg.rank is not None:
-        return cfg.rank, cfg.world_size or max(cfg.rank + 1, 1)
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except Exception:  # pragma: no cover - broken installs
-        pass
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_out_path(path: str) -> None:
-    """Refuse a local ``path`` that exists but is not a dump (one-line error)."""
-    if "://" in path or not os.path.exists(path):
-        return
-    if os.path.isfile(path):
-        raise NotADumpError(f"{path} is a file, not a tdump store; choose another --out path")
-    if os.path.exists(os.path.join(path, "zarr.json")):
-        from tdump._format import StoreReader
-
-        StoreReader(path)  # raises NotADumpError / FormatVersionError
-    elif os.listdir(path):
-        raise NotADumpError(
-            f"{path} is a non-empty directory that is not a tdump store; choose another --out path"
-        )
-
-
-class Hook:
+class Hook(StepLifecycle):
     """Capture regex-selected tensors of a PyTorch model into a tdump store.
 
     Parameters
@@ -154,7 +135,7 @@ class Hook:
         return hook
 
     def _init(self, config: HookConfig, *, auto: bool) -> None:
-        check_out_path(config.out)
+        self._existing: Existing | None = prepare_out(config)  # one-line errors, before training
         self.config = config
         self._auto = auto
         self._root: nn.Module | None = None
@@ -165,8 +146,12 @@ class Hook:
         self._handles: list[Any] = []
         self._mode: str | None = config.mode
         self._next: dict[str, int] = {"train": 0, "eval": 0, "predict": 0}
-        self._opt_steps = 0
-        self._last_train_step = -1
+        if self._existing is not None:  # appending: step numbers go on from the last run
+            for m, n in self._existing.next_steps.items():
+                if m in self._next:
+                    self._next[m] = n
+        self._opt_steps = self._next["train"]
+        self._last_train_step = self._opt_steps - 1
         self._cur: SavedStep | None = None
         self._traced: set[str] = set()
         self._calls: dict[str, list[dict[str, Any]]] = {}
@@ -183,10 +168,14 @@ class Hook:
             queue_size=config.queue_size,
         )
         self._meta: dict[str, Any] = {}
+        # Records kept back while auto capture's model pick is provisional (None: write).
+        self._held: list[PendingRecord] | None = None
+        # when to look for a stop request next (also at every saved step)
+        self._next_poll = time.monotonic() + POLL_SECONDS
         #: Source of the records' ``time`` (unix seconds); replaceable for reproducible dumps.
         self.clock: Callable[[], float] = time.time
         _HOOKS.add(self)
-        atexit.register(_close_quietly, weakref.ref(self))
+        at_exit(functools.partial(_close_quietly, weakref.ref(self)))
 
     # ------------------------------------------------------------------ public API
     @property
@@ -212,12 +201,19 @@ class Hook:
             raise TdumpError(
                 "this hook is already registered on another module; use one hook per model"
             )
+        self._check_selection(root)  # a refused module leaves the hook unregistered
         self._root = root
+        if self._held is None:
+            try:
+                self.check_existing()
+            except TdumpError:
+                self._root = None
+                raise
         self._paths = {id(m): p for p, m in root.named_modules()}
-        self._check_selection(root)
         self._candidates = [
             (p, m) for p, m in root.named_modules() if p and self._module_selected(p)
         ]
+        install_sigterm()  # SIGTERM commits what is queued, like SIGINT (docs/capture.md)
         self._handles.append(root.register_forward_pre_hook(self._guard(self._root_pre)))
         self._meta["modules"] = module_tree(root)
         return self
@@ -268,17 +264,69 @@ class Hook:
         """Wait until every record handed to the writer so far is committed."""
         self._writer.flush()
 
+    def check_existing(self) -> None:
+        """Refuse (one line) a model that differs from the one in the dump being appended to."""
+        old = self._existing.modules if self._existing is not None else None
+        if old is None or self._root is None:
+            return
+        diffs = module_differences(old, module_tree(self._root))
+        if diffs:
+            raise ConfigError(
+                f"cannot append to {self.out}: it holds another model ({len(diffs)} "
+                f"difference(s), first: {diffs[0]}); pass --overwrite or choose another --out path"
+            )
+
+    def hold(self) -> None:
+        """Keep finished records in memory instead of writing them, until :meth:`release`.
+
+        Auto capture holds while its pick of the model is provisional, so that a wrong
+        first pick (a submodule called alone, say) never creates or touches the store.
+        """
+        if self._held is None and self._writer.store is None:
+            self._held = []
+
+    @property
+    def holding(self) -> bool:
+        """Whether records are being held back (see :meth:`hold`)."""
+        return self._held is not None
+
+    def release(self) -> None:
+        """Write the records held back by :meth:`hold` and write directly from now on."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        for rec in held:
+            self._submit(rec)
+
+    def discard(self) -> None:
+        """Drop this hook without writing anything (a provisional pick that was wrong)."""
+        self._closed = True
+        self._held = None
+        self._cur = None
+        self._detach()
+
     def close(self) -> None:
         """Finish the step in progress, write everything queued, detach all hooks."""
         if self._closed:
             return
         self._closed = True
+        cur = self._cur
+        if exiting() and cur is not None and cur.mode == "train" and not cur.backward_seen:
+            # a signal cut the step before its backward: an incomplete record is not kept
+            self._cur = None
+            cur.close()
         try:
             self._guard(self._finish)()
+            self._guard(self.release)()
+            if self._writer.store is not None and self._enabled:
+                # where an appending run goes on (a killed run: after its last committed step)
+                nxt = dict(self._next)
+                nxt["train"] = max(nxt["train"], self._opt_steps)
+                self._guard(self._writer.update_meta)(next_steps=nxt)
         finally:
             self._detach()
             try:
-                self._writer.close()
+                self._writer.close(timeout=CLOSE_TIMEOUT if exiting() else None)
             except Exception as exc:
                 if self.config.strict:
                     raise
@@ -338,6 +386,8 @@ class Hook:
                 return None
             try:
                 return fn(*args, **kwargs)
+            except TrainingStopped:
+                raise  # ends training on purpose
             except Exception as exc:
                 self._fail(exc)
                 return None
@@ -366,12 +416,16 @@ class Hook:
 
     # ------------------------------------------------------------------ store
     def _open_store(self) -> StoreWriter:
-        rank, world = _resolve_rank(self.config)
+        rank, world = resolve_rank(self.config)
         last: Exception | None = None
         for _ in range(20):  # ranks racing to create the root group
             try:
                 return StoreWriter.create(
-                    self.config.out, rank=rank, world_size=world, config=self.config.to_dict()
+                    self.config.out,
+                    rank=rank,
+                    world_size=world,
+                    config=self.config.to_dict(),
+                    mode="create" if self.config.write_mode == "create" else "append",
                 )
             except NotADumpError as exc:
                 if world <= 1:
@@ -382,103 +436,15 @@ class Hook:
         raise last
 
     def _submit(self, rec: PendingRecord) -> None:
+        if self._held is not None:
+            self._held.append(rec)
+            if len(self._held) >= HOLD_LIMIT:
+                self.release()
+            return
         if self._meta:
             meta, self._meta = self._meta, {}
             self._writer.update_meta(**meta)
         self._writer.submit(rec)
-
-    # ------------------------------------------------------------------ step lifecycle
-    def _current_mode(self, root: nn.Module) -> str:
-        return self._mode or ("train" if root.training else "eval")
-
-    def _collections_at(self, step: int, mode: str) -> frozenset[str]:
-        cfg = self.config
-        if self._uniform:
-            if (cfg.start_step is not None and step < cfg.start_step) or (
-                cfg.end_step is not None and step >= cfg.end_step
-            ):
-                return frozenset()
-            assert self._all is not None
-            hit = (step - (cfg.start_step or 0)) % cfg.interval(mode) == 0
-            return self._all if hit else frozenset()
-        return cfg.saved_collections(step, mode)
-
-    def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._cur is not None:
-            self._finish()
-        mode = self._current_mode(module)
-        if mode == "train" and self.config.step_source == "optimizer":
-            step = self._opt_steps
-            if step == self._last_train_step:
-                return  # another forward within the same optimizer step
-            self._last_train_step = step
-            self._next["train"] = step + 1
-        else:
-            step = self._next[mode]
-            self._next[mode] = step + 1
-        colls = self._collections_at(step, mode)
-        if not colls:
-            return
-        self._begin(module, args, mode, step, colls)
-
-    def _begin(
-        self, root: nn.Module, args: tuple[Any, ...], mode: str, step: int, colls: frozenset[str]
-    ) -> None:
-        cur = SavedStep(
-            mode,
-            step,
-            colls,
-            trace=mode not in self._traced,
-            selected=self._selected,
-            guard=self._guard,
-            reduction=self.config.reduction,
-            dtype=self._dtype,
-        )
-        self._cur = cur
-        x = first_tensor(args)
-        if x is not None and x.dim() > 0:
-            cur.record.batch_size = int(x.shape[0])
-        if cur.trace:
-            for a in args:
-                if isinstance(a, torch.Tensor):
-                    cur.producers[id(a)] = ("<input>", a)
-        cur.save_params(root)
-        want_outputs = colls & {"activations", "activation_gradients"}
-        modules = self._candidates if want_outputs else []
-        if cur.trace:
-            seen = {id(m) for _, m in modules}
-            leaves = [
-                (p, m)
-                for p, m in root.named_modules()
-                if p and id(m) not in seen and next(m.children(), None) is None
-            ]
-            modules = [*modules, *leaves]
-        for path, mod in modules:
-            cur.handles.append(mod.register_forward_hook(self._guard(cur.make_fwd(path))))
-        cur.handles.append(root.register_forward_hook(self._guard(self._root_post)))
-
-    def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        cur = self._cur
-        if cur is None:
-            return
-        for h in cur.handles:  # forward hooks go now; parameter gradient hooks at the step's end
-            h.remove()
-        cur.handles.clear()
-        if cur.trace:
-            self._traced.add(cur.mode)
-            self._calls[cur.mode] = cur.calls
-            self._meta["calls"] = dict(self._calls)
-            cur.producers.clear()
-
-    def _finish(self) -> None:
-        """End the saved step in progress: drop its hooks and hand its record to the writer."""
-        cur, self._cur = self._cur, None
-        if cur is None:
-            return
-        rec = cur.close()
-        rec.wall_time = self.clock()
-        if rec.entries or cur.trace:
-            self._submit(rec)
 
 
 def _close_quietly(ref: weakref.ReferenceType[Hook]) -> None:

@@ -20,8 +20,10 @@ from torch import nn
 __all__ = [
     "CONFIG_KEYS",
     "first_tensor",
+    "fx_tracing",
     "module_tree",
     "output_dims",
+    "param_count",
     "param_dims",
     "reduce_channels",
     "snapshot",
@@ -43,6 +45,34 @@ CONFIG_KEYS: tuple[str, ...] = (
     "eps",
     "inplace",
 )
+
+
+def _fx_flag() -> Any:
+    try:
+        from torch.fx import _symbolic_trace as st
+    except ImportError:  # pragma: no cover - torch without fx
+        return lambda: False
+    # the private getter skips the public function's deprecation warning on every call
+    return getattr(st, "_get_is_fx_tracing", None) or getattr(st, "is_fx_tracing", lambda: False)
+
+
+_FX_TRACING = _fx_flag()
+
+
+def fx_tracing() -> bool:
+    """Whether torch.fx is tracing in this thread (``symbolic_trace``, ``tdump.load``, export).
+
+    Module calls made while tracing see proxies, not tensors: capture ignores them.
+
+    >>> fx_tracing()
+    False
+    """
+    return bool(_FX_TRACING())
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of parameter elements of ``module`` (shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -1,12 +1,22 @@
 """Zero-code-change capture: find the model and the loss in an unmodified script.
 
 :class:`AutoCapture` installs global module hooks and a global optimizer step hook.
-The first top-level module call with trainable parameters is the model (wrappers
-unwrapped); the first top-level call of a ``torch.nn`` loss module is the loss; train
-steps are counted from optimizer steps. Once the first optimizer step is seen the
-global module hooks are removed, so later steps cost what an explicit
-:class:`~tdump.capture.Hook` costs. A :class:`Hook` that the script creates itself
-takes precedence: auto capture then steps aside.
+The model is found by this rule (docs/capture.md, "How `tdump record` finds the model"):
+
+* calls made while torch.fx traces (``symbolic_trace``, ``tdump.load``) are ignored;
+* the first top-level call of a module with trainable parameters is a provisional
+  pick (wrappers unwrapped); a later top-level call of a module that contains it, or
+  that has more parameters, replaces it (a submodule called alone before the model);
+* at the first optimizer step the pick must own parameters that optimizer updates,
+  else the largest other top-level module that does is taken;
+* until then nothing is written (records are held in memory), so a wrong
+  provisional pick leaves no trace in the store.
+
+The first top-level call of a ``torch.nn`` loss module is the loss; train steps are
+counted from optimizer steps. Once the first optimizer step is seen the global module
+hooks are removed, so later steps cost what an explicit :class:`~tdump.capture.Hook`
+costs. A :class:`Hook` that the script creates itself takes precedence: auto capture
+then steps aside.
 
 Examples
 --------
@@ -17,21 +27,26 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import HookConfig
-from tdump.capture._hook import Hook, active_hooks, check_out_path, log
-from tdump.capture._model import unwrap
-from tdump.errors import ConfigError
+from tdump.capture._exit import install_sigterm, mark_exiting
+from tdump.capture._hook import Hook, active_hooks, log
+from tdump.capture._model import fx_tracing, param_count, unwrap
+from tdump.capture._out import local_path, resolve_rank
+from tdump.errors import ConfigError, TdumpError
 
-__all__ = ["AutoCapture", "run_script"]
+__all__ = ["AutoCapture", "dump_size", "run_script", "summarize"]
 
 FUNCTIONAL_LOSS_HINT = (
     "tdump: the loss is not an nn.Module (a functional loss such as F.cross_entropy?), so the "
@@ -55,38 +70,120 @@ class AutoCapture:
     ----------
     config
         Hook settings; ``step_source`` is forced to ``"optimizer"``.
+    announce
+        Print the one line naming the captured model and loss (``tdump record`` does).
     """
 
-    def __init__(self, config: HookConfig) -> None:
-        self.hook = Hook.from_config(config.replace(step_source="optimizer"), _auto=True)
+    def __init__(self, config: HookConfig, *, announce: bool = True) -> None:
+        self.config = config.replace(step_source="optimizer")
+        self.hook = self._new_hook()
+        self.announce = announce
         self._depth = 0
         self._hinted = False
+        self._loss: nn.Module | None = None
+        # modules called at top level that were not picked: weak, for the optimizer check
+        self._others: list[weakref.ReferenceType[nn.Module]] = []
         self._module_handles: list[Any] = [
             nn.modules.module.register_module_forward_pre_hook(self._pre),
             nn.modules.module.register_module_forward_hook(self._post, always_call=True),
         ]
         self._opt_handle: Any = register_optimizer_step_post_hook(self._opt_step)
         self.active = True
+        self.confirmed = False
+
+    def _new_hook(self) -> Hook:
+        hook = Hook.from_config(self.config, _auto=True)
+        hook.hold()  # nothing is written until the pick is confirmed
+        return hook
+
+    # -- the pick
+    def _pick(self, root: nn.Module, called: nn.Module | None, args: tuple[Any, ...] = ()) -> None:
+        """(Re-)pick ``root`` as the model; ``called`` is the module being called now, if any."""
+        hook = self.hook
+        if hook._root is not None:  # a larger module that holds the current pick
+            hook.discard()
+            hook = self.hook = self._new_hook()
+        try:
+            hook.register_module(root)  # SelectionError propagates: a user error
+        except TdumpError:
+            self.step_aside()
+            raise
+        if self._loss is not None:
+            hook.register_loss(self._loss)
+        if root is called:  # its own pre-hook missed this call: run it by hand
+            hook._guard(hook._root_pre)(called, args)
+
+    def _confirm(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The first optimizer step: settle on the model whose parameters it updates."""
+        self.confirmed = True
+        hook = self.hook
+        if optimizer is not None and hook._root is not None:
+            updated = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not _overlaps(hook._root, updated):
+                others = [m for m in (r() for r in self._others) if m is not None]
+                fits = [m for m in others if _overlaps(m, updated)]
+                if fits:
+                    best = max(fits, key=param_count)  # the outermost one
+                    self._pick(best, None)  # this step's forward is missed
+                    hook = self.hook
+        self._others.clear()
+        try:
+            hook.check_existing()
+        except TdumpError:
+            hook.discard()
+            raise
+        hook.release()
+        if self.announce and hook._root is not None:
+            print(self.describe(), file=sys.stderr, flush=True)
+
+    def describe(self) -> str:
+        """One line: which module (class, parameter count) and which loss are captured."""
+        root = self.hook._root
+        if root is None:
+            return "tdump: no trained module seen yet"
+        loss = self.hook._loss
+        loss_text = type(loss).__name__ if loss is not None else "none seen (a functional loss?)"
+        return (
+            f"tdump: capturing {type(root).__name__} ({param_count(root):,} parameters), "
+            f"loss {loss_text}, to {self.config.out}"
+        )
 
     # -- global hooks
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if is_fx_tracing():  # tdump.load traces the model: those calls are not training
+            return
         depth = self._depth
         self._depth += 1
-        if depth != 0 or not self.active:
+        if depth != 0 or not self.active or fx_tracing():
             return
         if active_hooks(explicit_only=True):
             self.step_aside()
             return
         hook = self.hook
-        if hook._root is None and not _is_loss(module) and _trainable(module):
-            root = unwrap(module)
-            hook.register_module(root)  # SelectionError propagates: a user error
-            if root is module:  # its own pre-hook missed this call: run it by hand
-                hook._guard(hook._root_pre)(module, args)
-        elif hook._root is not None and hook._loss is None and _is_loss(module):
-            hook.register_loss(module)
+        if _is_loss(module):
+            if self._loss is None and hook._root is not None:
+                self._loss = module
+                hook.register_loss(module)
+            return
+        if not _trainable(module):
+            return
+        root = unwrap(module)
+        if hook._root is None:
+            self._pick(root, module, args)
+        elif root is not hook._root and not self.confirmed:
+            current = hook._root
+            if any(m is current for m in root.modules()) or param_count(root) > param_count(
+                current
+            ):
+                # the model after one of its parts alone, or after a smaller decoy
+                self._others.append(weakref.ref(current))
+                self._pick(root, module, args)
+            elif not any(r() is root for r in self._others):
+                self._others.append(weakref.ref(root))
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if is_fx_tracing():
+            return
         self._depth = max(0, self._depth - 1)
 
     def _opt_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
@@ -95,6 +192,8 @@ class AutoCapture:
         if active_hooks(explicit_only=True):
             self.step_aside()
             return
+        if not self.confirmed:
+            self._confirm(optimizer)
         self.hook.optimizer_step()
         if self._module_handles:
             if self.hook._loss is None and not self._hinted:
@@ -114,35 +213,51 @@ class AutoCapture:
         self.active = False
         self._remove_module_hooks()
         self._opt_handle.remove()
-        self.hook.close()
+        if self.confirmed:
+            self.hook.close()
+        else:
+            self.hook.discard()  # nothing of ours was written
 
     def close(self) -> None:
         """Remove all global hooks and flush the dump."""
+        was_active = self.active
         self.active = False
         self._remove_module_hooks()
         self._opt_handle.remove()
+        if was_active and not self.confirmed and self.hook._root is not None:
+            self._confirm(None)  # no optimizer step at all (an eval-only script)
         self.hook.close()
+
+
+def _overlaps(module: nn.Module, param_ids: set[int]) -> bool:
+    return any(id(p) in param_ids for p in module.parameters())
 
 
 def run_script(script: str, args: list[str], config: HookConfig) -> int:
     """Run ``script`` as ``__main__`` with ``sys.argv = [script, *args]`` under :class:`AutoCapture`.
 
-    Returns the script's exit code. Bad paths are refused before the script starts.
+    Returns the script's exit code: 130 after SIGINT, 143 after SIGTERM (queued
+    records are committed first), 75 when a stop request ended training. Bad paths
+    are refused before the script starts.
     """
     if not os.path.isfile(script):
         raise ConfigError(f"no training script at {script}; check the path")
-    check_out_path(config.out)
     if args and args[0] == "--":
         args = args[1:]
     elif "--" in args:
         args = [a for i, a in enumerate(args) if not (a == "--" and "--" not in args[:i])]
     auto = AutoCapture(config)
+    restore = install_sigterm()
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
+    except KeyboardInterrupt:
+        mark_exiting()
+        print("tdump: interrupted (SIGINT): committing queued records", file=sys.stderr)
+        code = 130
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
@@ -150,7 +265,10 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     finally:
         sys.argv = old_argv
         sys.path[:] = old_path
-        auto.close()
+        try:
+            auto.close()
+        finally:
+            restore()
     hook = auto.hook
     if hook._root is None and auto.active is False and not active_hooks(explicit_only=True):
         log.warning("tdump: no trained model was seen, nothing recorded")
@@ -158,6 +276,51 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     if counts:
         summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
         print(f"tdump: recorded {summary} record(s) to {config.out}", file=sys.stderr)
+        for line in summarize(config.out, resolve_rank(config)[0]):
+            print(line, file=sys.stderr)
     elif hook._root is None:
         print("tdump: no trained module was seen; nothing recorded", file=sys.stderr)
     return code
+
+
+def dump_size(out: str) -> int:
+    """Bytes the dump at ``out`` takes (committed files; ``*.partial`` left out)."""
+    local = local_path(out)
+    if local is not None:
+        total = 0
+        for folder, _, files in os.walk(local):
+            for name in files:
+                if not name.endswith(".partial"):
+                    with contextlib.suppress(FileNotFoundError):  # renamed while we walked
+                        total += os.stat(os.path.join(folder, name)).st_size
+        return total
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out)
+    return int(fs.du(root))
+
+
+def summarize(out: str, rank: int = 0) -> list[str]:
+    """Lines for the end of ``tdump record``: saved steps, size, a warning for one step.
+
+    >>> summarize("memory://doc/none.zarr")
+    []
+    """
+    from tdump._format import StoreReader
+
+    try:
+        reader = StoreReader(out)
+        train = reader.steps("train", rank) if rank in reader.ranks() else None
+        size = dump_size(out)
+    except (TdumpError, OSError):
+        return []
+    if train is None:
+        return []
+    lines = [f"tdump: {out} holds {len(train)} saved train step(s), {size / 1e6:.1f} MB"]
+    if len(train) == 1:
+        lines.append(
+            f"tdump: warning: only one saved train step (step {int(train[0])}), so ranking sees "
+            "the model at that one step (at step 0: untrained); save more steps with a smaller "
+            "--interval (e.g. --interval 10) or --config '{\"save_steps\": [...]}'"
+        )
+    return lines

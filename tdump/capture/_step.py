@@ -57,6 +57,9 @@ class SavedStep:
         self.reduction = reduction
         self.dtype = dtype
         self.open = True
+        #: Whether a backward pass reached this step's outputs or parameters (a forward
+        #: without one, a dry run, is replaced by the next forward of the same step).
+        self.backward_seen = False
         self.record = PendingRecord(mode, step)
         self.counts: dict[str, int] = {}
         self.calls: list[dict[str, Any]] = []
@@ -75,6 +78,10 @@ class SavedStep:
         self.producers.clear()
         with self.lock:
             return self.record
+
+    def saw_backward(self, *_: Any) -> None:
+        """Gradient hook body: note that a backward pass ran through this step."""
+        self.backward_seen = True
 
     def save_params(self, root: nn.Module) -> None:
         colls = self.collections
@@ -123,6 +130,7 @@ class SavedStep:
 
     def _make_param_grad(self, gname: str, local: str, module: str) -> Any:
         def on_grad(p: torch.Tensor) -> None:
+            self.backward_seen = True
             if p.grad is not None and self.open:
                 dims = param_dims(local, p.grad.dim())
                 self.add(gname, p.grad, dims, "gradients", "parameter_grad", module)

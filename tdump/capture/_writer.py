@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -34,6 +35,8 @@ import torch
 from tdump._format import StoreWriter
 
 __all__ = ["BackgroundWriter", "PendingRecord", "make_compressors"]
+
+log = logging.getLogger("tdump.capture")
 
 
 @dataclass
@@ -211,20 +214,36 @@ class BackgroundWriter:
             self.closed = True
             raise err
 
-    def close(self) -> None:
-        """Write everything queued, stop the thread, re-raise a writer error if there was one."""
+    def close(self, timeout: float | None = None) -> None:
+        """Write everything queued, stop the thread, re-raise a writer error if there was one.
+
+        With ``timeout`` (seconds; used after SIGTERM/SIGINT and at exit) give up
+        waiting after that long: records still queued then are not committed, which
+        one log line says; the store keeps every record committed before.
+        """
         if self.closed:
             self.raise_error()
             return
         self.closed = True
         if self._thread is not None:
+            deadline = None if timeout is None else time.monotonic() + timeout
             while self._alive():
                 try:
                     self._queue.put(("stop", None), timeout=0.5)
                     break
                 except queue.Full:
-                    continue
-            self._thread.join()
+                    if deadline is not None and time.monotonic() > deadline:
+                        break
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._thread.join(left)
+            if self._thread.is_alive():
+                log.error(
+                    "tdump: the writer did not finish within %.0f s; %d queued record(s) "
+                    "not committed (the dump keeps every record committed before)",
+                    timeout or 0.0,
+                    self._queue.qsize(),
+                )
+                return
         self.raise_error()
 
     # -- writer thread

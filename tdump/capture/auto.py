@@ -19,11 +19,11 @@ True
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
 
 from tdump.capture._config import DEFAULT_INCLUDE, ENV_VAR, HookConfig, load_config
+from tdump.capture._exit import at_exit, install_sigterm
 from tdump.capture._record import AutoCapture, run_script
 
 __all__ = ["config_from_env", "install_from_env"]
@@ -50,7 +50,8 @@ def install_from_env() -> AutoCapture | None:
         return None
     auto = AutoCapture(cfg)
     _INSTALLED.append(auto)
-    atexit.register(auto.close)
+    at_exit(auto.close)  # before executors shut down: queued records are committed
+    install_sigterm()
     return auto
 
 

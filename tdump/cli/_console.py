@@ -20,5 +20,7 @@ def abort(message: str, code: int = 1) -> NoReturn:
     --------
     >>> abort("no dump at ./x.zarr; check the path")  # doctest: +SKIP
     """
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape  # messages quote user text and `pip install 'x[y]'`
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import typer
 
 from tdump._version import __version__
-from tdump.cli import cmd_ls, cmd_prune, cmd_rank, cmd_record
+from tdump.cli import (
+    cmd_check,
+    cmd_experiments,
+    cmd_loop,
+    cmd_ls,
+    cmd_prune,
+    cmd_rank,
+    cmd_record,
+)
 from tdump.cli._console import abort, console
 from tdump.errors import TdumpError
 
@@ -15,7 +23,7 @@ app = typer.Typer(
     name="tdump",
     help="Capture tensors from training into Zarr, rank conv filters with Dask, prune checkpoints.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -40,6 +48,9 @@ cmd_record.register(app)
 cmd_ls.register(app)
 cmd_rank.register(app)
 cmd_prune.register(app)
+cmd_check.register(app)
+cmd_loop.register(app)
+cmd_experiments.register(app)
 
 
 def main() -> None:

@@ -33,81 +33,137 @@ def _steps(steps: list[int]) -> str:
     return f"{steps[0]}, {steps[1]}, {steps[2]} ... {steps[-1]}"
 
 
-def _render(info: dict[str, Any]) -> None:
-    from rich.table import Table
+#: Table columns: (name, justify, priority). Lower priority columns are hidden first
+#: when the table does not fit the width; ``--json`` always has everything.
+_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("tensor", "left", 9),
+    ("mode", "left", 3),
+    ("collection", "left", 5),
+    ("shape", "left", 8),
+    ("dtype", "left", 4),
+    ("records", "right", 7),
+    ("stored", "right", 6),
+    ("logical", "right", 1),
+    ("ratio", "right", 2),
+    ("rank", "right", 3),
+)
+#: The tensor column keeps at least this many characters; longer names fold onto a second line.
+_MIN_NAME = 24
 
-    from tdump.cli._console import console
 
-    writers = ", ".join(sorted({str(r.get("writer")) for r in info["ranks"]}))
-    console.print(
-        f"[bold]{info['path']}[/]  {info['format']} v{info['format_version']}, written by "
-        f"{writers or '?'}, ranks {', '.join(str(r['rank']) for r in info['ranks']) or 'none'}",
-        soft_wrap=True,
-    )
-    for mode, m in info["modes"].items():
-        console.print(
-            f"  {mode}: {m['records']} records, {m['examples']} examples, steps {_steps(m['steps'])}",
-            soft_wrap=True,
-        )
-    if not info["modes"]:
-        console.print("  no committed records yet")
-    multi_rank = len(info["ranks"]) > 1
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col, justify in (
-        ("tensor", "left"),
-        ("mode", "left"),
-        ("collection", "left"),
-        ("shape", "left"),
-        ("dtype", "left"),
-        ("records", "right"),
-        ("stored", "right"),
-        ("logical", "right"),
-        ("ratio", "right"),
-    ):
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    if multi_rank:
-        table.add_column("rank", justify="right")
+def _rows(info: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
     for t in info["tensors"]:
         dtype = t["dtype"]
         if t.get("source_dtype") and t["source_dtype"] != dtype:
             dtype = f"{dtype} ({t['source_dtype']})"
-        row = [
-            t["name"],
-            t["mode"],
-            str(t["collection"] or ""),
-            "x".join(map(str, t["shape"])) or "scalar",
-            dtype,
-            str(t["records"]),
-            _bytes(t["stored_bytes"]),
-            _bytes(t["logical_bytes"]),
-            f"{t['ratio']:.2f}" if t["ratio"] else "-",
-        ]
-        if multi_rank:
-            row.append(str(t["rank"]))
-        table.add_row(*row)
-    if info["tensors"]:
-        # never truncate names when piped (rich would assume 80 columns)
-        if console.is_terminal:
-            console.print(table)
-        else:
-            from rich.console import Console
+        rows.append(
+            {
+                "tensor": t["name"],
+                "mode": t["mode"],
+                "collection": str(t["collection"] or ""),
+                "shape": "x".join(map(str, t["shape"])) or "scalar",
+                "dtype": dtype,
+                "records": str(t["records"]),
+                "stored": _bytes(t["stored_bytes"]),
+                "logical": _bytes(t["logical_bytes"]),
+                "ratio": f"{t['ratio']:.2f}" if t["ratio"] else "-",
+                "rank": str(t["rank"]),
+            }
+        )
+    return rows
 
-            Console(file=console.file, width=1000, highlight=False).print(table)
+
+def fit_columns(rows: list[dict[str, str]], width: int | None, skip: set[str]) -> list[str]:
+    """Columns to show: all but ``skip``, less the lowest-priority ones until ``width`` fits.
+
+    >>> rows = [{"tensor": "layer1.0.relu.output_0", "mode": "train", "collection": "activations",
+    ...          "shape": "4x64x8x8", "dtype": "float32", "records": "3", "stored": "12.0 KiB",
+    ...          "logical": "24.0 KiB", "ratio": "2.00", "rank": "0"}]
+    >>> fit_columns(rows, None, {"rank"})
+    ['tensor', 'mode', 'collection', 'shape', 'dtype', 'records', 'stored', 'logical', 'ratio']
+    >>> fit_columns(rows, 60, {"rank"})
+    ['tensor', 'shape', 'records', 'stored']
+    """
+    cols = [name for name, _, _ in _COLUMNS if name not in skip]
+
+    def need(name: str) -> int:
+        natural = max([len(name)] + [len(r[name]) for r in rows])
+        return min(natural, _MIN_NAME) if name == "tensor" else natural
+
+    if width is None:
+        return cols
+    prio = {name: p for name, _, p in _COLUMNS}
+    while len(cols) > 1 and sum(need(c) for c in cols) + 2 * (len(cols) - 1) > width:
+        cols.remove(min(cols, key=lambda c: prio[c]))
+    return cols
+
+
+def _render(info: dict[str, Any]) -> None:
+    import os
+
+    from rich.table import Table
+
+    from tdump.cli._console import console
+
+    # a terminal's width, or COLUMNS when set; piped without COLUMNS: never cut (scripts)
+    width = console.width if console.is_terminal or os.environ.get("COLUMNS") else None
+    out = console if width is not None else None
+    if out is None:
+        from rich.console import Console
+
+        out = Console(file=console.file, width=1000, highlight=False)
+    writers = ", ".join(sorted({str(r.get("writer")) for r in info["ranks"]}))
+    out.print(
+        f"[bold]{info['path']}[/]  {info['format']} v{info['format_version']}, written by "
+        f"{writers or '?'}, ranks {', '.join(str(r['rank']) for r in info['ranks']) or 'none'}"
+    )
+    for mode, m in info["modes"].items():
+        out.print(
+            f"  {mode}: {m['records']} records, {m['examples']} examples, steps {_steps(m['steps'])}"
+        )
+    if not info["modes"]:
+        out.print("  no committed records yet")
+    rows = _rows(info)
+    skip = set()
+    if len(info["ranks"]) <= 1:
+        skip.add("rank")
+    if len({r["mode"] for r in rows}) <= 1 and width is not None and width < 120:
+        skip.add("mode")  # one mode: the header line says which
+    cols = fit_columns(rows, width, skip)
+    table = Table(box=None, pad_edge=False, header_style="bold", collapse_padding=True)
+    justify = {name: j for name, j, _ in _COLUMNS}
+    for col in cols:
+        table.add_column(
+            col,
+            justify=justify[col],  # type: ignore[arg-type]
+            no_wrap=col != "tensor",
+            overflow="fold" if col == "tensor" else "ellipsis",
+            min_width=min(_MIN_NAME, max([len(r["tensor"]) for r in rows] + [6]))
+            if col == "tensor"
+            else None,
+        )
+    for r in rows:
+        table.add_row(*(r[c] for c in cols))
+    if rows:
+        out.print(table)
     tot = info["totals"]
     ratio = f", ratio {tot['ratio']:.2f}" if tot["ratio"] else ""
-    console.print(
+    out.print(
         f"{tot['tensors']} tensors, {_bytes(tot['stored_bytes'])} stored "
-        f"({_bytes(tot['logical_bytes'])} logical{ratio}); store {_bytes(tot['store_bytes'])} in all",
-        soft_wrap=True,
+        f"({_bytes(tot['logical_bytes'])} logical{ratio}); store {_bytes(tot['store_bytes'])} in all"
     )
     if info["collections"]:
         parts = [f"{k or '?'} ({len(v)})" for k, v in info["collections"].items()]
-        console.print("collections: " + ", ".join(parts), soft_wrap=True)
+        out.print("collections: " + ", ".join(parts))
+    hidden = [c for c, _, _ in _COLUMNS if c not in cols and c not in skip]
+    if hidden and rows:
+        out.print(f"(columns {', '.join(hidden)} hidden to fit {width} columns; --json has all)")
 
 
 def ls(
     dump: str = typer.Argument(
-        ..., help="The dump: a path or an fsspec URL (file://, s3://, ...)."
+        ..., metavar="DUMP", help="The dump: a path or an fsspec URL (file://, s3://, ...)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (stable keys)."),
     mode: str | None = typer.Option(

@@ -1,6 +1,8 @@
 """`tdump prune CKPT RANKS`: write a checkpoint without the lowest-ranked filters.
 
-torch is imported inside the command so ``tdump --help`` stays instant.
+CKPT may be the previous round's fine-tuned state_dict (``--like`` the previous
+round's tdump checkpoint). torch is imported inside the command so ``tdump --help``
+stays instant.
 """
 
 from __future__ import annotations
@@ -130,6 +132,19 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
         console.print(f"wrote {output}")
 
 
+def _model_type(table: Any, dump: Path | None, read: Any) -> str | None:
+    """The recorded model's class from ``--dump`` or the dump the ranks file names."""
+    if dump is not None:
+        return read(dump)  # type: ignore[no-any-return]
+    where = (table.attrs.get("tdump") or {}).get("dump")
+    if not isinstance(where, str) or "://" in where or not Path(where).is_dir():
+        return None  # the dump moved or is remote: --arch or --dump says which model
+    try:
+        return read(where)  # type: ignore[no-any-return]
+    except Exception:  # a dump we cannot read only means no inference
+        return None
+
+
 def register(app: typer.Typer) -> None:
     """Add the command to ``app``."""
 
@@ -140,7 +155,11 @@ def register(app: typer.Typer) -> None:
         ),
         ranks: Path = typer.Argument(..., help="ranks.parquet from `tdump rank`."),
         output: Path = typer.Option(
-            Path("pruned.pt"), "-o", "--output", help="Where to write the pruned checkpoint."
+            Path("pruned.pt"),
+            "-o",
+            "--output",
+            "--out",
+            help="Where to write the pruned checkpoint.",
         ),
         count: int | None = typer.Option(
             None, "--count", help="Channels to remove (a coupled group's channel counts once)."
@@ -159,10 +178,31 @@ def register(app: typer.Typer) -> None:
             None, "--round-to", help="Keep channel counts multiples of this."
         ),
         arch: str | None = typer.Option(
-            None, "--arch", help="Import path of the architecture (for state_dicts)."
+            None,
+            "--arch",
+            help="Architecture: torchvision.models.resnet18, mymodels:Net or train.py:Net "
+            "(overrides the checkpoint's; imported only when you name it).",
         ),
         arch_kwargs: str | None = typer.Option(
             None, "--arch-kwargs", help="JSON keyword arguments for --arch."
+        ),
+        like: Path | None = typer.Option(
+            None,
+            "--like",
+            help="The previous round's tdump checkpoint: architecture and kept channels "
+            "for a fine-tuned state_dict CKPT.",
+        ),
+        prefix: str | None = typer.Option(
+            None,
+            "--prefix",
+            help="Wrapper prefix to strip from ranked layer and checkpoint key names "
+            "(e.g. model.); detected when absent.",
+        ),
+        dump: Path | None = typer.Option(
+            None,
+            "--dump",
+            help="The dump the ranks came from (default: the ranks file's); its model type "
+            "picks the architecture of a plain state_dict.",
         ),
         ignore: str | None = typer.Option(
             None, "--ignore", help="Regex of module paths to leave alone."
@@ -192,6 +232,7 @@ def register(app: typer.Typer) -> None:
         import re
 
         import tdump.surgery as surgery
+        from tdump.surgery._io import dump_model_type, strip_ranks_prefix
 
         kwargs: dict[str, Any] | None = None
         if arch_kwargs:
@@ -208,12 +249,22 @@ def register(app: typer.Typer) -> None:
                 re.compile(ignore)
             except re.error as exc:
                 raise ConfigError(f"--ignore is not a valid regex ({exc}): {ignore}") from None
-        model = surgery.load(ckpt, arch, kwargs, ignore=ignore)
+        table = surgery.read_ranks_table(ranks)
+        model_type = None
+        if arch is None:
+            model_type = _model_type(table, dump, dump_model_type)
+        model = surgery.load(
+            ckpt, arch, kwargs, ignore=ignore, like=like, prefix=prefix, model_type=model_type
+        )
+        inferred = list(surgery.provenance(model).notes)
+        table, stripped = strip_ranks_prefix(table, model, prefix)
+        if stripped and not prefix:
+            inferred.append(f"stripped the prefix {stripped!r} from ranked layer names")
         model.eval()
         before = copy.deepcopy(model)
         pruned, plan = surgery.prune(
             model,
-            ranks,
+            table,
             count=count,
             ratio=ratio,
             scope=scope,
@@ -226,6 +277,16 @@ def register(app: typer.Typer) -> None:
             aggregate=aggregate,
             inplace=True,
         )
+        plan.notes[:0] = inferred  # what was inferred is said first, in the table and in --json
+        if (
+            count is not None
+            and plan.removed < count
+            and not any("asked to remove" in n for n in plan.notes)
+        ):
+            plan.notes.append(
+                f"--count {count} is more than can be pruned: removed {plan.removed} "
+                "(each group keeps --min-channels, at most --max-ratio goes; --round-to rounds up)"
+            )
         summary = summarize(before, pruned, plan, _parse_shape(input_shape, before))
         written = None
         if not dry_run:

@@ -14,31 +14,60 @@ def register(app: typer.Typer) -> None:
 
     @app.command("rank")
     def rank_cmd(
-        dump: str = typer.Argument(..., help="Dump path or fsspec URL (file://, s3://, ...)."),
-        out: str = typer.Option("ranks.parquet", "-o", "--out", help="Where to write the ranks."),
+        dump: str = typer.Argument(
+            ..., metavar="DUMP", help="Dump path or fsspec URL (file://, s3://, ...)."
+        ),
+        out: str = typer.Option(
+            "ranks.parquet",
+            "-o",
+            "--out",
+            "--output",
+            metavar="PATH",
+            help="Where to write the ranks (checked before ranking; replaced atomically).",
+        ),
         criterion: str = typer.Option(
             "taylor",
             "--criterion",
             "-c",
+            metavar="NAME",
             help="taylor, taylor-signed, l1, bn-gamma, apoz, taylor-weight (or a plug-in).",
         ),
-        mode: str = typer.Option("train", "--mode", help="Store mode whose steps are used."),
+        mode: str = typer.Option(
+            "train", "--mode", metavar="MODE", help="Store mode whose steps are used."
+        ),
         steps: str | None = typer.Option(
-            None, "--steps", help="Saved steps START:STOP (stop exclusive), START:, :STOP or STEP."
+            None,
+            "--steps",
+            metavar="RANGE",
+            help="Saved steps START:STOP (stop exclusive), START:, :STOP or STEP.",
         ),
         layers: str | None = typer.Option(
-            None, "--layers", help="Regex on conv module paths (re.search)."
+            None, "--layers", metavar="REGEX", help="Regex on conv module paths (re.search)."
         ),
         signed: bool = typer.Option(False, "--signed", help="Signed Taylor variant (no abs)."),
         no_normalize: bool = typer.Option(
             False, "--no-normalize", help="Skip the layer-wise L2 normalisation."
         ),
         scheduler: str = typer.Option(
-            "threads", "--scheduler", help="threads, processes, sync, or tcp://host:8786."
+            "threads",
+            "--scheduler",
+            metavar="NAME|ADDRESS",
+            help="threads, processes, sync, or tcp://host:8786.",
         ),
-        workers: int | None = typer.Option(None, "--workers", help="Worker threads/processes."),
+        timeout: float = typer.Option(
+            10.0,
+            "--timeout",
+            metavar="SECONDS",
+            help="How long a scheduler address gets to answer before a one-line error.",
+        ),
+        workers: int | None = typer.Option(
+            None, "--workers", metavar="N", help="Worker threads/processes."
+        ),
         memory_limit: str | None = typer.Option(
-            None, "--memory-limit", help="Per-worker memory limit, e.g. 2GB (processes)."
+            None,
+            "--memory-limit",
+            metavar="SIZE",
+            help="Per-worker memory limit, e.g. 2GB (processes).",
         ),
         keep_nan: bool = typer.Option(
             False, "--keep-nan", help="Keep records holding NaN/Inf (their layers score NaN)."
@@ -49,10 +78,14 @@ def register(app: typer.Typer) -> None:
         """Rank every conv filter of DUMP and write a ranks.parquet (docs/FORMAT.md §2)."""
         import warnings
 
+        from tdump._protocols import require_protocol
         from tdump.analyze import rank, write_ranks
+        from tdump.analyze._ranks_io import check_output_path
         from tdump.cli._console import console, err_console
         from tdump.errors import NonFiniteWarning
 
+        require_protocol(out)  # before the ranking, not after it
+        check_output_path(out)  # a bad --out fails now, not after the ranking
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NonFiniteWarning)
             df = rank(
@@ -67,6 +100,7 @@ def register(app: typer.Typer) -> None:
                 workers=workers,
                 memory_limit=memory_limit,
                 progress=not (quiet or as_json),
+                connect_timeout=timeout,
                 keep_nan=keep_nan,
             )
         for w in caught:  # one line each on stderr, whatever the output mode
@@ -85,6 +119,7 @@ def register(app: typer.Typer) -> None:
                 "steps": meta["steps"],
                 "layers": int(df["layer"].nunique()),
                 "filters": len(df),
+                "notes": list(meta.get("notes") or []),
                 "weakest": [
                     {"layer": r.layer, "channel": int(r.channel), "score_norm": float(r.score_norm)}
                     for r in weakest.itertuples()
@@ -92,6 +127,8 @@ def register(app: typer.Typer) -> None:
             }
             typer.echo(json.dumps(summary))
             return
+        for note in meta.get("notes") or []:  # layers left without scores, one saved step
+            err_console.print(f"note: {note}", soft_wrap=True)
         first, last = meta["steps"]
         saved = int(df["steps"].max())
         console.print(

@@ -5,10 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand
 
 __all__ = ["register"]
 
 SEED_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"  # = capture.DEFAULT_INCLUDE
+
+
+class _RecordCommand(TyperCommand):
+    """Help shows ``SCRIPT [-- ARGS...]``, not typer's ``{script}`` and ``<list[str]>``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return ["[OPTIONS]", "SCRIPT", "[-- ARGS...]"]
 
 
 def register(app: typer.Typer) -> None:
@@ -16,23 +30,38 @@ def register(app: typer.Typer) -> None:
 
     @app.command(
         "record",
+        cls=_RecordCommand,
         context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
     )
     def record(
         script: str = typer.Argument(
-            ..., help="The training script (run as __main__, unmodified)."
+            ..., metavar="SCRIPT", help="The training script (run as __main__, unmodified)."
         ),
-        args: list[str] = typer.Argument(None, help="Arguments for the script (after `--`)."),
-        out: str = typer.Option("tdump.zarr", "--out", "-o", help="Store path or fsspec URL."),
+        args: list[str] = typer.Argument(
+            None, metavar="ARGS", help="Arguments for the script (after `--`)."
+        ),
+        out: str = typer.Option(
+            "tdump.zarr", "--out", "-o", metavar="PATH", help="Store path or fsspec URL."
+        ),
         include: str = typer.Option(
             None,
             "--include",
             "-i",
+            metavar="REGEX",
             help=f"Regex of tensor names to save [default: {SEED_INCLUDE}].",
         ),
-        interval: int = typer.Option(None, "--interval", "-n", help="Save every N steps [100]."),
+        interval: int = typer.Option(
+            None, "--interval", "-n", metavar="N", help="Save every N steps [default: 100]."
+        ),
+        append: bool = typer.Option(
+            False, "--append", help="Continue an existing dump of the same model."
+        ),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dump."),
         config: str = typer.Option(
-            None, "--config", "-c", help="Hook settings: a JSON/YAML file or inline JSON."
+            None,
+            "--config",
+            metavar="FILE|JSON",
+            help="Hook settings: a JSON/YAML file or inline JSON.",
         ),
         strict: bool = typer.Option(
             False, "--strict", help="Let errors in the hook stop training."
@@ -40,13 +69,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run SCRIPT under capture: finds the model, loss and optimizer steps by itself.
 
+        An --out that already holds a dump is refused unless --append or --overwrite.
+
         Example: tdump record --out run.zarr --interval 50 train.py -- --epochs 1
         """
+        import os
         import sys
 
         from tdump.capture._config import HookConfig, load_config
-        from tdump.capture._record import run_script
+        from tdump.capture._out import prepare_out
+        from tdump.errors import ConfigError
 
+        if append and overwrite:
+            raise ConfigError("--append and --overwrite exclude each other; pass one of them")
         data: dict[str, Any] = load_config(config) if config else {}
         data.setdefault("include_regex", SEED_INCLUDE)
         if include is not None:
@@ -57,7 +92,15 @@ def register(app: typer.Typer) -> None:
             data["out"] = out
         if strict:
             data["strict"] = True
+        if append or overwrite:
+            data["write_mode"] = "append" if append else "overwrite"
         cfg = HookConfig.from_dict(data)
+        if not os.path.isfile(script):
+            raise ConfigError(f"no training script at {script}; check the path")
+        prepare_out(cfg)  # a bad --out: one line before torch loads and the script starts
+
+        from tdump.capture._record import run_script
+
         code = run_script(script, list(args or []), cfg)
         if code:
             sys.exit(code)

@@ -17,21 +17,20 @@ Examples
 
 from __future__ import annotations
 
-import copy
-import os
-from dataclasses import dataclass, field
-from typing import Any
+import copy as _copy
+import typing as _typing
 
-from torch import nn
-
-from tdump.errors import CheckpointError, ConfigError
 from tdump.surgery._aggregate import register_aggregation
 from tdump.surgery._apply import apply_keeps, single_threaded
-from tdump.surgery._checkpoint import build_arch, load_state, read_checkpoint, write_checkpoint
+from tdump.surgery._arch import build_arch, register_arch, registered_archs
 from tdump.surgery._graph import ChannelGraph, Group, build_graph
+from tdump.surgery._io import _ATTR, Provenance, load, provenance, save
 from tdump.surgery._plan import LayerPlan, Plan, Settings, keeps_for, select
 from tdump.surgery._ranks import RanksLike, read_ranks_table, scores_for
 from tdump.surgery._stats import count_params, layer_flops, layer_params, output_positions
+
+if _typing.TYPE_CHECKING:  # annotations only: keep the namespace to __all__
+    from torch import nn
 
 __all__ = [
     "ChannelGraph",
@@ -52,30 +51,10 @@ __all__ = [
     "prune",
     "read_ranks_table",
     "register_aggregation",
+    "register_arch",
+    "registered_archs",
     "save",
 ]
-
-_ATTR = "_tdump_provenance"
-
-
-@dataclass
-class Provenance:
-    """Where a model came from: set by :func:`load` and :func:`prune`, read by :func:`save`.
-
-    ``plan`` is cumulative: kept indices relative to the architecture's original channels.
-    """
-
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    plan: Plan = field(default_factory=Plan)
-    rounds: int = 0
-    ignore: str | None = None
-
-
-def provenance(model: nn.Module) -> Provenance:
-    """The model's :class:`Provenance` (an empty one for a model tdump did not load or prune)."""
-    prov = model.__dict__.get(_ATTR)
-    return prov if isinstance(prov, Provenance) else Provenance()
 
 
 def plan(
@@ -185,7 +164,7 @@ def prune(
         target = model
     else:
         with single_threaded():
-            target = copy.deepcopy(model)
+            target = _copy.deepcopy(model)
     graph = build_graph(target, ignore)
     p = select(graph, scores, settings)
     apply_keeps(target, graph, keeps_for(graph, p))
@@ -213,7 +192,7 @@ def apply(
     >>> apply(m, p).layer1[0].conv1.out_channels
     56
     """
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy.deepcopy(model)
     graph = build_graph(target, ignore)
     apply_keeps(target, graph, keeps_for(graph, plan))
     prev = provenance(model)
@@ -227,86 +206,6 @@ def apply(
     return target
 
 
-def load(
-    path: str | os.PathLike[str],
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    *,
-    ignore: str | None = None,
-) -> nn.Module:
-    """Rebuild a model from a checkpoint (weights only; nothing is unpickled).
-
-    A tdump checkpoint names its architecture; a plain state_dict (or a dict holding
-    one under ``state_dict``/``model``) needs ``arch`` unless the dict has an ``arch``
-    entry. The model remembers its :class:`Provenance` so :func:`prune` and
-    :func:`save` compose rounds.
-
-    Raises
-    ------
-    CheckpointError
-        Pickled models, checkpoints that do not match ``arch``.
-
-    Examples
-    --------
-    >>> model = load("pruned.pt")  # doctest: +SKIP
-    """
-    sd, info = read_checkpoint(path)
-    if info.kind == "tdump":
-        if arch is not None and arch != info.arch:
-            raise CheckpointError(
-                f"{os.fspath(path)} is a tdump checkpoint of {info.arch}, not {arch}; drop --arch or fix it"
-            )
-        arch, kwargs, ignore = info.arch, info.arch_kwargs, info.ignore or ignore
-    else:
-        arch = arch or info.arch
-        kwargs = dict(arch_kwargs) if arch_kwargs is not None else info.arch_kwargs
-        if arch is None:
-            raise CheckpointError(
-                f"{os.fspath(path)} is a plain state_dict; say which model it belongs to with --arch "
-                "(e.g. --arch torchvision.models.resnet18 --arch-kwargs '{\"num_classes\": 10}')"
-            )
-    assert arch is not None
-    model = build_arch(arch, kwargs)
-    cumulative = Plan.from_dict({"layers": info.plan}) if info.plan else Plan()
-    if cumulative.layers:
-        graph = build_graph(model, ignore)
-        try:
-            keeps = keeps_for(graph, cumulative)
-        except ConfigError as exc:
-            raise CheckpointError(
-                f"{os.fspath(path)}: its channel plan does not fit {arch}: {exc}"
-            ) from None
-        apply_keeps(model, graph, keeps)
-    load_state(model, sd, arch, os.fspath(path))
-    model.__dict__[_ATTR] = Provenance(arch, dict(kwargs), cumulative, info.rounds, ignore)
-    return model
-
-
-def save(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    *,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-) -> None:
-    """Write ``model`` as a tdump checkpoint (atomically; see docs/FORMAT.md section 3).
-
-    ``arch``/``arch_kwargs`` default to what :func:`load` recorded; a model built in
-    Python needs ``arch`` (an import path whose call with ``arch_kwargs`` builds the
-    unpruned architecture).
-
-    Examples
-    --------
-    >>> import numpy as np, torchvision
-    >>> small, _ = prune(torchvision.models.resnet18(), {"conv1": np.arange(64.0)}, count=8)
-    >>> save("pruned.pt", small, arch="torchvision.models.resnet18")  # doctest: +SKIP
-    """
-    prov = provenance(model)
-    arch = arch or prov.arch
-    if arch is None:
-        raise ConfigError(
-            "save needs arch= (an import path such as torchvision.models.resnet18) for a model tdump did not load"
-        )
-    kwargs = dict(arch_kwargs) if arch_kwargs is not None else prov.arch_kwargs
-    layers = prov.plan.to_dict()["layers"]
-    write_checkpoint(path, model, arch, kwargs, layers, rounds=prov.rounds, ignore=prov.ignore)
+def __dir__() -> list[str]:
+    """``dir(tdump.surgery)`` lists the public API only."""
+    return sorted(__all__)

@@ -186,18 +186,26 @@ def test_collection_overrides_and_losses_every_step(tmp_path) -> None:
 def test_errors_switch_capture_off_but_training_goes_on(tmp_path, caplog) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):  # seen before training
+        Hook(str(blocker / "d.zarr"), include_regex="relu", save_interval=1)
     torch.manual_seed(0)
     model = TinyNet()
-    hook = Hook(str(blocker / "d.zarr"), include_regex="relu", save_interval=1)
+    out = tmp_path / "later"
+    hook = Hook(str(out / "d.zarr"), include_regex="relu", save_interval=1)
+    out.write_text("x")  # the path breaks after the checks: a runtime error in the hook
     with caplog.at_level(logging.ERROR, logger="tdump.capture"):
         _train(hook, model, [2, 2, 2])  # the store cannot be created: logged once, then off
         hook.close()
     assert sum("capture switched off" in r.message for r in caplog.records) == 1
     # nothing of the hook is left on the model: training runs at full speed again
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    strict = Hook(str(blocker / "e.zarr"), include_regex="relu", save_interval=1, strict=True)
+    strict = Hook(
+        str(tmp_path / "s" / "e.zarr"), include_regex="relu", save_interval=1, strict=True
+    )
+    (tmp_path / "s").write_text("x")
     with pytest.raises(Exception):  # noqa: B017 - whatever the filesystem raises
         _train(strict, TinyNet(), [2, 2])
+    strict.discard()  # a registered, unclosed hook would make later auto capture step aside
 
 
 def test_config_validation_and_roundtrip() -> None:

@@ -109,3 +109,19 @@ def test_ls_bad_regex_and_no_match(small_dump: SmallDump) -> None:
     _assert_one_line_error(_run("ls", small_dump.path, "--match", "relu("), "invalid regex")
     _assert_one_line_error(_run("ls", small_dump.path, "--match", "^nothing$"), "matches none")
     _assert_one_line_error(_run("ls", small_dump.path, "--mode", "predict"), "no records for mode")
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_ls_fits_the_width(small_dump: SmallDump, columns: int) -> None:
+    import os
+
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}
+    res = subprocess.run([TDUMP, "ls", small_dump.path], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= columns, res.stdout
+    for name in small_dump.names("train"):
+        assert name in res.stdout, name  # names are never cut
+    assert any(ln.startswith("tensor") and "records" in ln and "stored" in ln for ln in lines)
+    if columns == 80:
+        assert "hidden to fit 80 columns; --json has all" in lines[-1]

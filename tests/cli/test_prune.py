@@ -65,7 +65,7 @@ def test_dry_run_predicts_written_checkpoint(files: dict[str, Path]) -> None:
     real = _run(*common, "-o", str(out), "--save-plan", str(files["dir"] / "plan.json"))
     assert real.returncode == 0, real.stderr
     assert json.loads(real.stdout)["output"] == str(out)
-    loaded = surgery.load(out)
+    loaded = surgery.load(out, "tests.surgery.nets.SmallNet")
     assert surgery.count_params(loaded) == predicted["params_after"]
     flops = sum(surgery.layer_flops(loaded, surgery.output_positions(loaded, (3, 16, 16))).values())
     assert flops == predicted["flops_after"]
@@ -78,14 +78,27 @@ def test_dry_run_predicts_written_checkpoint(files: dict[str, Path]) -> None:
     table = _run(*common[:-1], "-o", str(out), "--dry-run")  # human-readable output
     assert table.returncode == 0 and "total" in table.stdout and "->" in table.stdout
 
-    # round two: ranks recorded with the pruned checkpoint; no --arch needed, rounds compose
+    # round two: ranks recorded with the pruned checkpoint; rounds compose. SmallNet is not
+    # a registered builder, so the file's arch is built only because --arch names it again
     ranks2 = write_ranks(files["dir"] / "ranks2.parquet", random_scores(loaded, seed=3))
     out2 = files["dir"] / "pruned2.pt"
+    refused = _run(str(out), str(ranks2), "--count", "2", "-o", str(out2))
+    assert refused.returncode == 1 and "not a registered model builder" in refused.stderr
+    assert not out2.exists()
     second = _run(
-        str(out), str(ranks2), "--count", "2", "-o", str(out2), "--input-shape", "3,16,16"
+        str(out),
+        str(ranks2),
+        "--arch",
+        "tests.surgery.nets.SmallNet",
+        "--count",
+        "2",
+        "-o",
+        str(out2),
+        "--input-shape",
+        "3,16,16",
     )
     assert second.returncode == 0, second.stderr
-    again = surgery.load(out2)
+    again = surgery.load(out2, "tests.surgery.nets.SmallNet")
     assert torch.load(out2, weights_only=True)["rounds"] == 2
     assert surgery.count_params(again) < surgery.count_params(loaded)
 

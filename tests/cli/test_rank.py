@@ -89,3 +89,21 @@ def test_rank_missing_gradients_and_dump(tmp_path: Path) -> None:
     assert "no gradient for 'conv1.weight'" in line
     line = _one_line_error(_tdump("rank", str(tmp_path / "nope.zarr")))
     assert "no dump at" in line
+
+
+def test_rank_layer_filter_skips_downsample_with_a_true_note(dump: str, tmp_path: Path) -> None:
+    """The docs' `--layers '^layer[34]'` on a ResNet: downsample convs have no activation
+    of their own; they are skipped with a note that names what would score them."""
+    out = tmp_path / "r.parquet"
+    proc = _tdump("rank", dump, "--layers", "^layer[34]", "--output", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note: ")]
+    assert any(
+        "layer3.0.downsample.0, layer4.0.downsample.0" in n
+        and r"--include '(?:^|\.)downsample\.1\.output_0'" in n
+        for n in notes
+    ), proc.stderr
+    assert "--include '.*relu'" not in proc.stderr
+    df = read_ranks(out)
+    assert df["layer"].nunique() == 8 and not df["layer"].str.contains("downsample").any()
+    assert set(df.attrs["tdump"]["skipped"]) == {"layer3.0.downsample.0", "layer4.0.downsample.0"}

@@ -43,6 +43,48 @@ def test_bad_input_is_one_line(tmp_path, args: list[str], needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
 
 
+def _unwritable() -> str | None:
+    """A folder this process cannot create files in (root ignores modes: /sys refuses all)."""
+    import tempfile
+
+    for folder in ("/sys", "/proc"):
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder)
+        except OSError:
+            return folder
+        os.close(fd)
+        os.unlink(probe)
+    return None
+
+
+def test_bad_out_is_refused_before_training(tmp_path) -> None:
+    """Under a regular file, unwritable, an existing dump without --append/--overwrite."""
+    from tdump._format import StoreWriter
+
+    (tmp_path / "file").write_text("x")
+    dump = str(tmp_path / "old.zarr")
+    StoreWriter.create(dump).commit("train", 0, step=0)
+    before = sorted(p.name for p in Path(dump).rglob("*"))
+    marker = tmp_path / "ran"
+    script = tmp_path / "s.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cases = [
+        (str(tmp_path / "file" / "d.zarr"), [], "is a file, not a folder"),
+        (dump, [], "already holds a dump (1 train record(s) of rank 0); pass --append"),
+        (dump, ["--append", "--overwrite"], "--append and --overwrite exclude each other"),
+    ]
+    ro = _unwritable()
+    if ro is not None:
+        cases.append((os.path.join(ro, "d.zarr"), [], "is not writable"))
+    for out, flags, needle in cases:
+        proc = _record("--out", out, *flags, str(script))
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 1, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    assert not marker.exists()  # the script never ran
+    assert sorted(p.name for p in Path(dump).rglob("*")) == before
+
+
 def test_out_that_is_not_a_dump(tmp_path) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
@@ -54,5 +96,8 @@ def test_out_that_is_not_a_dump(tmp_path) -> None:
 def test_help_lists_the_options() -> None:
     proc = _record("--help")
     assert proc.returncode == 0
-    for opt in ("--out", "--include", "--interval", "--config"):
+    for opt in ("--out", "--include", "--interval", "--config", "--append", "--overwrite"):
         assert opt in proc.stdout
+    assert "Usage: tdump record [OPTIONS] SCRIPT [-- ARGS...]" in proc.stdout
+    assert "<list[str]>" not in proc.stdout and "{" not in proc.stdout
+    assert "-c," not in proc.stdout  # -c is rank's --criterion; record takes --config only

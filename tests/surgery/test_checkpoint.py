@@ -96,8 +96,10 @@ def test_refusals(tmp_path: Path) -> None:
         surgery.load(tmp_path / "sd.pt")
     with pytest.raises(CheckpointError, match=r"does not match torchvision\.models\.resnet34"):
         surgery.load(tmp_path / "sd.pt", "torchvision.models.resnet34", {"num_classes": 5})
-    with pytest.raises(CheckpointError, match=r"shape fc\.weight"):
-        surgery.load(tmp_path / "sd.pt", ARCH)
+    # the head's size is inferred from the state_dict (and said), not refused
+    inferred = surgery.load(tmp_path / "sd.pt", ARCH)
+    assert inferred.fc.out_features == 5
+    assert any("num_classes=5" in n for n in surgery.provenance(inferred).notes)
     surgery.save(tmp_path / "t.pt", model, arch=ARCH, arch_kwargs={"num_classes": 5})
     raw = torch.load(tmp_path / "t.pt", weights_only=True)
     raw["format_version"] = 2

@@ -1,0 +1,140 @@
+"""Why a conv layer got no score, and what to record so that it would.
+
+A criterion's :meth:`~tdump.analyze.Criterion.plan` returns ``None`` for a layer whose
+tensors the dump lacks. This module explains such layers in one line each and finds a
+hint that is **true by construction**: a candidate set of tensors (the layer's
+recorded call outputs with their gradients, its weights, its BatchNorm's weights) is
+added to the dump's names and the criterion is asked to plan again; only a set it
+accepts is suggested, as an ``--include`` regex that matches those tensor names.
+
+Examples
+--------
+>>> calls = [
+...     {"name": "conv.output_0", "module": "conv", "call": 0, "inputs": ["<input>"]},
+...     {"name": "bn.output_0", "module": "bn", "call": 0, "inputs": ["conv.output_0"]},
+... ]   # F.relu after bn: no activation module in the dataflow
+>>> modules = {"conv": {"type": "torch.nn.Conv2d"}, "bn": {"type": "torch.nn.BatchNorm2d"}}
+>>> from tdump.analyze._criteria import PlanContext, get_criterion
+>>> from tdump.analyze._mapping import Dataflow
+>>> ctx = PlanContext(Dataflow(modules, calls), frozenset(), "train", lambda name: {})
+>>> why, want = unscored_reason(get_criterion("taylor"), ctx, "conv")
+>>> why
+'no activation module receives these channels alone (F.relu, or an addition such as act(y + x), is not a module)'
+>>> want
+['bn.output_0', 'bn.output_0.grad']
+>>> include_regex(want)
+'(?:^|\\\\.)bn\\\\.output_0'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from tdump._format import grad_name
+from tdump.analyze._criteria import Criterion, PlanContext
+from tdump.errors import MissingTensorError
+
+__all__ = ["include_regex", "skipped_notes", "unscored_reason"]
+
+_NO_ACTIVATION = (
+    "no activation module receives these channels alone "
+    "(F.relu, or an addition such as act(y + x), is not a module)"
+)
+_WEIGHT_BASED = "a weight-based criterion (l1, bn-gamma, taylor-weight) scores it"
+
+
+def _candidates(ctx: PlanContext, layer: str) -> list[list[str]]:
+    """Tensor sets that might let a criterion plan ``layer``, preferred first."""
+    flow = ctx.dataflow
+    sets = [[out, grad_name(out)] for out in ctx.call_outputs(layer)]
+    weight = f"{layer}.weight"
+    sets += [[weight], [weight, grad_name(weight)]]
+    bn = flow.following_bn(layer)
+    if bn is not None:
+        sets.append([f"{bn}.weight"])
+    return sets
+
+
+def _plans_with(crit: Criterion, ctx: PlanContext, layer: str, extra: Sequence[str]) -> bool:
+    real = ctx.names
+
+    def attrs(name: str) -> Mapping[str, Any]:
+        return ctx.attrs(name) if name in real else {}
+
+    trial = PlanContext(ctx.dataflow, real | frozenset(extra), ctx.mode, attrs)
+    try:
+        return crit.plan(layer, trial) is not None
+    except MissingTensorError:
+        return False
+
+
+def unscored_reason(crit: Criterion, ctx: PlanContext, layer: str) -> tuple[str, list[str]]:
+    """``(why, tensors to record)`` for a layer ``crit`` could not plan.
+
+    ``tensors`` is empty when no recordable tensor would help (then a weight-based
+    criterion is the way).
+    """
+    flow = ctx.dataflow
+    outputs = ctx.call_outputs(layer)
+    acts = [o for o in outputs if flow.is_activation_output(o)]
+    if acts:
+        why = f"its activation {acts[0]!r} is not stored with what {crit.name} needs"
+    else:
+        why = _NO_ACTIVATION
+    for extra in _candidates(ctx, layer):
+        missing = [n for n in extra if n not in ctx.names]
+        if missing and _plans_with(crit, ctx, layer, extra):
+            return why, missing
+    return why, []
+
+
+def include_regex(names: Iterable[str]) -> str:
+    """A regex (for ``--include``) matching ``names`` and their gradients by short paths.
+
+    >>> include_regex(["layer3.0.downsample.1.output_0", "layer3.0.bn2.output_0.grad"])
+    '(?:^|\\\\.)(?:bn2\\\\.output_0|downsample\\\\.1\\\\.output_0)'
+    """
+    shorts: set[str] = set()
+    for name in names:
+        base = name[: -len(".grad")] if name.endswith(".grad") else name
+        parts = base.split(".")
+        # the tensor's own part (output_0, weight) and the module's name, two parts if
+        # that name is a number (downsample.1, a Sequential's index)
+        keep = 3 if len(parts) > 2 and parts[-2].isdigit() else 2
+        shorts.add(re.escape(".".join(parts[-keep:])))
+    alts = sorted(shorts)
+    body = alts[0] if len(alts) == 1 else f"(?:{'|'.join(alts)})"
+    return rf"(?:^|\.){body}"
+
+
+def skipped_notes(crit: Criterion, reasons: Mapping[str, tuple[str, list[str]]]) -> list[str]:
+    """One note per distinct reason: which layers, why, and what would score them."""
+    groups: dict[str, list[str]] = {}
+    wanted: dict[str, list[str]] = {}
+    for layer, (why, want) in reasons.items():
+        key = f"{why}|{bool(want)}"
+        groups.setdefault(key, []).append(layer)
+        wanted.setdefault(key, []).extend(want)
+    notes = []
+    for key, layers in groups.items():
+        why = key.rsplit("|", 1)[0]
+        shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+        want = wanted[key]
+        if want:
+            todo = f"to score them, record {_describe(want)}: add --include '{include_regex(want)}'"
+        else:
+            todo = _WEIGHT_BASED.replace("scores it", "scores them")
+        notes.append(
+            f"no {crit.name} scores for {len(layers)} conv layer{'s' if len(layers) > 1 else ''} "
+            f"({shown}): {why}; {todo}"
+        )
+    return notes
+
+
+def _describe(names: Sequence[str]) -> str:
+    if any(n.rsplit(".", 1)[-1].startswith("output_") or ".output_" in n for n in names):
+        grads = any(n.endswith(".grad") for n in names)
+        return "the module outputs before the activation" + (" with gradients" if grads else "")
+    return "their weights" + (" with gradients" if any(n.endswith(".grad") for n in names) else "")

@@ -1,0 +1,458 @@
+"""The built-in rules. Exact formulas and defaults: ``docs/rules.md``.
+
+Every rule here is stateless between calls: ``invoke_at_step(step)`` reads what it
+needs at ``step`` (and at earlier saved steps, cached), so steps may be visited in
+any order and a watcher can call it on each new step as it commits.
+
+Examples
+--------
+>>> import numpy as np
+>>> from tdump._format import StoreWriter
+>>> from tdump.analyze import Trial
+>>> w = StoreWriter.create("memory://doc/builtin.zarr")
+>>> for i, g in enumerate([1.0, np.nan]):
+...     w.write_tensor("train", i, "fc.weight.grad", np.full((2, 2), g, "f4"),
+...                    attrs={"collection": "gradients", "kind": "parameter_grad", "module": "fc"})
+...     w.commit("train", i, step=i)
+>>> rule = ExplodingTensor(Trial("memory://doc/builtin.zarr"))
+>>> [s for s in rule.steps() if rule.invoke_at_step(s)], rule.why
+([1], 'fc.weight.grad: 4 NaN, 0 Inf')
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from tdump.analyze._trial import Trial
+from tdump.analyze.rules._base import Rule, RuleSkip, register_rule
+from tdump.errors import ConfigError, MissingTensorError
+
+__all__ = [
+    "AccuracyDrop",
+    "DeadRelu",
+    "ExplodingTensor",
+    "LossNotDecreasing",
+    "VanishingGradient",
+    "WeightUpdateRatio",
+]
+
+#: Collections exploding_tensor reads by default (every tensor except saved scalars).
+EXPLODING_COLLECTIONS = (
+    "weights",
+    "biases",
+    "gradients",
+    "activations",
+    "activation_gradients",
+    "running_stats",
+    "losses",
+    "loss_inputs",
+)
+_RELU_TYPES = ("ReLU", "ReLU6")
+
+
+def _select(rule: Rule, tensor_regex: str | None, collections: tuple[str, ...]) -> None:
+    """A ``tensor_regex`` parameter replaces the rule's default collections."""
+    if tensor_regex is not None:
+        rule.tensors = (tensor_regex,)
+        rule.collections = ()
+    else:
+        rule.tensors = ()
+        rule.collections = collections
+
+
+def _positive(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {name} must be a number, got {value!r}") from None
+    if not out > 0:
+        raise ConfigError(f"parameter {name} must be > 0, got {value!r}")
+    return out
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"parameter {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _listing(items: list[str], limit: int = 3) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def _earlier(trial: Trial, name: str, mode: str | None, step: int, count: int) -> list[int]:
+    """The last ``count`` saved steps of tensor ``name`` that are ``<= step``."""
+    saved = [s for s in trial.tensor(name).steps(mode=mode) if s <= step]
+    return saved[-count:]
+
+
+@register_rule("vanishing_gradient")
+class VanishingGradient(Rule):
+    """Fires when a gradient's mean absolute value falls below ``threshold``.
+
+    ``m = mean(|g|)`` over all elements of each tensor read (default: the
+    ``gradients`` collection, i.e. parameter gradients); fires when ``m < threshold``
+    for any of them.
+    """
+
+    def __init__(
+        self,
+        trial: Trial,
+        threshold: float = 1e-7,
+        tensor_regex: str | None = None,
+        mode: str = "train",
+    ) -> None:
+        super().__init__(trial)
+        self.threshold = _positive("threshold", threshold)
+        self.mode = mode
+        _select(self, tensor_regex, ("gradients",))
+
+    def invoke_at_step(self, step: int) -> bool:
+        low = []
+        for name in self.needed():
+            try:
+                g = self.value(name, step)
+            except RuleSkip:
+                continue
+            m = float(np.mean(np.abs(g, dtype=np.float64))) if g.size else 0.0
+            if m < self.threshold:
+                low.append((m, f"{name}: mean |g| {m:.3g}"))
+        low.sort()
+        return bool(low) and self.fire(
+            f"{len(low)} gradient(s) below {self.threshold:g}: " + _listing([t for _, t in low])
+        )
+
+
+@register_rule("exploding_tensor")
+class ExplodingTensor(Rule):
+    """Fires on a NaN, an Inf, or ``max |x| > threshold`` in any tensor read.
+
+    Reads the floating-point tensors of :data:`EXPLODING_COLLECTIONS` (or those
+    matching ``tensor_regex``); ``threshold=None`` checks NaN and Inf only.
+    """
+
+    def __init__(
+        self,
+        trial: Trial,
+        threshold: float | None = 1e6,
+        tensor_regex: str | None = None,
+        mode: str = "train",
+    ) -> None:
+        super().__init__(trial)
+        self.threshold = None if threshold is None else _positive("threshold", threshold)
+        self.mode = mode
+        _select(self, tensor_regex, EXPLODING_COLLECTIONS)
+
+    def invoke_at_step(self, step: int) -> bool:
+        bad = []
+        for name in self.needed():
+            try:
+                x = self.value(name, step)
+            except RuleSkip:
+                continue
+            if x.dtype.kind != "f" or not x.size:
+                continue  # integers (labels) cannot be NaN; nothing huge to report
+            nan = int(np.isnan(x).sum())
+            inf = int(np.isinf(x).sum())
+            finite = x[np.isfinite(x)]
+            peak = float(np.abs(finite).max()) if finite.size else 0.0
+            if nan or inf:
+                bad.append(f"{name}: {nan} NaN, {inf} Inf")
+            elif self.threshold is not None and peak > self.threshold:
+                bad.append(f"{name}: max |x| {peak:.3g} > {self.threshold:g}")
+        return bool(bad) and self.fire(_listing(bad))
+
+
+@register_rule("dead_relu")
+class DeadRelu(Rule):
+    """Fires when too many channels of a ReLU layer are (almost) never active.
+
+    Per ReLU output ``a`` (dims ``(batch, channel, ...)``) and channel ``c``:
+    ``activity_c`` = fraction of non-zero values of ``a[:, c, ...]``. A channel is
+    dead when ``activity_c < inactive_threshold``; the rule fires when the fraction
+    of dead channels of a layer is ``> layer_threshold``.
+    """
+
+    collections: tuple[str, ...] = ("activations",)
+
+    def __init__(
+        self,
+        trial: Trial,
+        inactive_threshold: float = 0.01,
+        layer_threshold: float = 0.5,
+        tensor_regex: str | None = None,
+        mode: str = "train",
+    ) -> None:
+        super().__init__(trial)
+        self.inactive_threshold = _positive("inactive_threshold", inactive_threshold)
+        self.layer_threshold = float(layer_threshold)
+        if not 0 <= self.layer_threshold < 1:
+            raise ConfigError(
+                f"parameter layer_threshold must be in [0, 1), got {layer_threshold!r}"
+            )
+        self.mode = mode
+        self.tensor_regex = tensor_regex
+        if tensor_regex is not None:
+            self.tensors = (tensor_regex,)
+
+    def needed(self) -> list[str]:
+        """ReLU outputs: module type ReLU/ReLU6 from the dump's module tree (or ``tensor_regex``)."""
+        if self.mode not in self.trial.modes():
+            return []
+        modules = self.trial.modules
+        out = []
+        for name in self.trial.tensor_names(self.tensor_regex, mode=self.mode):
+            attrs = self.trial.tensor_attrs(name, str(self.mode))
+            if attrs.get("kind") != "output":
+                continue
+            kind = str(modules.get(str(attrs.get("module")), {}).get("type", ""))
+            if self.tensor_regex is not None or kind.rsplit(".", 1)[-1] in _RELU_TYPES:
+                out.append(name)
+        return out
+
+    def invoke_at_step(self, step: int) -> bool:
+        dead_layers = []
+        for name in self.needed():
+            try:
+                a = self.value(name, step)
+            except RuleSkip:
+                continue
+            if a.ndim < 2 or not a.size:
+                continue
+            per_channel = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+            activity = (per_channel != 0).mean(axis=1)
+            dead = float((activity < self.inactive_threshold).mean())
+            if dead > self.layer_threshold:
+                dead_layers.append(
+                    f"{name}: {dead:.0%} of {a.shape[1]} channels dead "
+                    f"(active < {self.inactive_threshold:g})"
+                )
+        return bool(dead_layers) and self.fire(_listing(dead_layers))
+
+
+@register_rule("loss_not_decreasing")
+class LossNotDecreasing(Rule):
+    """Fires when the mean loss of the last ``window`` saved steps is not lower than before.
+
+    With ``L`` the loss values (mean over elements) at the saved steps ``<= step``:
+    ``prev = mean(L[-2w:-w])``, ``cur = mean(L[-w:])``; fires when
+    ``prev - cur <= min_decrease * |prev|`` or either is NaN (needs ``2w`` saved steps).
+    """
+
+    collections: tuple[str, ...] = ("losses",)
+
+    def __init__(
+        self,
+        trial: Trial,
+        window: int = 5,
+        min_decrease: float = 0.0,
+        tensor: str | None = None,
+        mode: str = "train",
+    ) -> None:
+        super().__init__(trial)
+        self.window = _count("window", window)
+        self.min_decrease = float(min_decrease)
+        self.mode = mode
+        self.tensor = tensor
+        if tensor is not None:
+            self.trial.tensor(tensor)  # a wrong name is a one-line error now, not later
+            self.tensors = (f"^{re.escape(tensor)}$",)
+            self.collections = ()
+        self._cache: dict[int, float] = {}
+
+    def _loss_name(self) -> str:
+        names = self.needed()
+        if not names:
+            raise RuleSkip("no loss")
+        return names[0]
+
+    def invoke_at_step(self, step: int) -> bool:
+        name = self._loss_name()
+        steps = _earlier(self.trial, name, self.mode, step, 2 * self.window)
+        if len(steps) < 2 * self.window or steps[-1] != step:
+            return False
+        for s in steps:
+            if s not in self._cache:
+                self._cache[s] = float(np.mean(self.value(name, s), dtype=np.float64))
+        values = [self._cache[s] for s in steps]
+        prev = float(np.mean(values[: self.window]))
+        cur = float(np.mean(values[self.window :]))
+        if not prev - cur > self.min_decrease * abs(prev):  # a NaN loss is not decreasing
+            return self.fire(
+                f"{name}: mean over steps {steps[self.window]}..{steps[-1]} is {cur:.4g}, "
+                f"over steps {steps[0]}..{steps[self.window - 1]} {prev:.4g} "
+                f"(needs a decrease > {self.min_decrease:g} x {abs(prev):.4g})"
+            )
+        return False
+
+
+@register_rule("weight_update_ratio")
+class WeightUpdateRatio(Rule):
+    """Fires when ``||w_s - w_p|| / (||w_p|| + eps)`` is ``< small`` or ``> large``.
+
+    ``w_s`` is a weight at ``step``, ``w_p`` the same weight at its previous saved
+    step (L2 norms over all elements); the first saved step has nothing to compare.
+    """
+
+    collections: tuple[str, ...] = ("weights",)
+
+    def __init__(
+        self,
+        trial: Trial,
+        small: float = 1e-8,
+        large: float = 10.0,
+        eps: float = 1e-9,
+        tensor_regex: str | None = None,
+        mode: str = "train",
+    ) -> None:
+        super().__init__(trial)
+        self.small = float(small)
+        self.large = _positive("large", large)
+        self.eps = float(eps)
+        self.mode = mode
+        _select(self, tensor_regex, ("weights",))
+        self._last: tuple[str, int, np.ndarray] | None = None
+
+    def _read(self, name: str, step: int) -> np.ndarray:
+        if self._last is not None and self._last[:2] == (name, step):
+            return self._last[2]
+        return self.value(name, step).astype(np.float64)
+
+    def invoke_at_step(self, step: int) -> bool:
+        bad = []
+        for name in self.needed():
+            steps = _earlier(self.trial, name, self.mode, step, 2)
+            if len(steps) < 2 or steps[-1] != step:
+                continue
+            prev = self._read(name, steps[0])
+            cur = self.value(name, step).astype(np.float64)
+            self._last = (name, step, cur)
+            ratio = float(np.linalg.norm(cur - prev) / (np.linalg.norm(prev) + self.eps))
+            if ratio < self.small or ratio > self.large:
+                bad.append(f"{name}: ||dw||/||w|| {ratio:.3g} since step {steps[0]}")
+        return bool(bad) and self.fire(
+            f"update ratio outside [{self.small:g}, {self.large:g}]: " + _listing(bad)
+        )
+
+
+@register_rule("accuracy_drop")
+class AccuracyDrop(Rule):
+    """Fires when accuracy falls more than ``threshold`` below ``baseline``.
+
+    Accuracy at a step, pooled over the last ``window`` saved steps ``<= step``:
+    from a saved scalar (``scalar``, default ``accuracy`` when the dump has
+    ``scalars.accuracy``) the mean of its values; else from the loss inputs of
+    ``mode`` (default ``eval``): ``sum(argmax(predictions, 1) == labels) / examples``
+    (``predictions > 0`` for one logit per example; labels given as one row per
+    example are argmax-ed). ``baseline=None``: the accuracy at the first saved step.
+    Fires when ``baseline - accuracy > threshold``.
+    """
+
+    def __init__(
+        self,
+        trial: Trial,
+        baseline: float | None = None,
+        threshold: float = 0.05,
+        window: int = 1,
+        scalar: str | None = None,
+        predictions: str | None = None,
+        labels: str | None = None,
+        mode: str | None = None,
+    ) -> None:
+        super().__init__(trial)
+        self.baseline = None if baseline is None else float(baseline)
+        self.threshold = float(threshold)
+        self.window = _count("window", window)
+        if scalar is None and predictions is None and trial.has_tensor("scalars.accuracy"):
+            scalar = "accuracy"
+        self.scalar: str | None = None
+        self.predictions, self.labels = predictions, labels
+        if scalar is not None:
+            self.scalar = scalar if scalar.startswith("scalars.") else f"scalars.{scalar}"
+            modes = trial.tensor(self.scalar).modes()  # MissingTensorError: one line
+            self.mode = mode or modes[0]
+        else:
+            self.mode = mode or "eval"
+            for given in (predictions, labels):
+                if given is not None:
+                    trial.tensor(given)  # a wrong name is a one-line error now
+        self._resolve()
+        self._cache: dict[int, tuple[float, int]] = {}
+
+    def _resolve(self) -> str | None:
+        """The tensor whose saved steps are the rule's steps (``None``: not in the dump yet)."""
+        if self.scalar is not None:
+            self.tensors, self.source = (f"^{re.escape(self.scalar)}$",), self.scalar
+            return self.scalar
+        if self.predictions is None or self.labels is None:
+            if self.mode not in self.trial.modes():
+                self.tensors = ("^$",)  # nothing to read yet: a watcher waits for eval steps
+                return None
+            self.predictions, self.labels = self._loss_inputs(self.predictions, self.labels)
+        self.tensors = (f"^{re.escape(self.predictions)}$",)
+        self.source = f"{self.predictions} vs {self.labels}"
+        return self.predictions
+
+    def needed(self) -> list[str]:
+        """The scalar, or the predictions (labels are read alongside)."""
+        return [] if self._resolve() is None else super().needed()
+
+    def _loss_inputs(self, predictions: str | None, labels: str | None) -> tuple[str, str]:
+        inputs = self.trial.tensor_names(collection="loss_inputs", mode=self.mode)
+        for name in inputs:
+            head, _, arg = name.rpartition(".")
+            if arg == "0" and f"{head}.1" in inputs:
+                return predictions or name, labels or f"{head}.1"
+        raise MissingTensorError(
+            f"accuracy_drop: no loss inputs (predictions and labels) in mode {self.mode!r} of "
+            f"{self.trial.path}; record eval steps with a loss, or save a scalar and pass "
+            "--param scalar=NAME"
+        )
+
+    def _at(self, step: int) -> tuple[float, int]:
+        """(correct or summed scalar, examples or count) at one saved step."""
+        if step not in self._cache:
+            if self.scalar is not None:
+                self._cache[step] = (float(self.value(self.scalar, step)), 1)
+            else:
+                assert self.predictions is not None and self.labels is not None
+                pred = self.value(self.predictions, step)
+                lab = self.value(self.labels, step)
+                if pred.ndim >= 2 and pred.shape[1] > 1:
+                    hit = np.argmax(pred, axis=1)
+                else:
+                    hit = (pred.reshape(pred.shape[0], -1)[:, 0] > 0).astype(np.int64)
+                if lab.ndim >= 2 and lab.shape[1] > 1:
+                    lab = np.argmax(lab, axis=1)
+                lab = lab.reshape(lab.shape[0], -1)[:, 0]
+                self._cache[step] = (float(np.sum(hit == lab)), int(lab.shape[0]))
+        return self._cache[step]
+
+    def accuracy(self, step: int) -> float:
+        """Accuracy at ``step`` pooled over the last ``window`` saved steps (see class doc)."""
+        name = self._resolve()
+        if name is None:
+            raise RuleSkip("no data yet")
+        steps = _earlier(self.trial, name, self.mode, step, self.window)
+        if not steps or steps[-1] != step:
+            raise RuleSkip(name)
+        parts = [self._at(s) for s in steps]
+        total = sum(n for _, n in parts)
+        return sum(c for c, _ in parts) / total if total else float("nan")
+
+    def invoke_at_step(self, step: int) -> bool:
+        acc = self.accuracy(step)
+        if self.baseline is None:
+            first = self.steps()
+            self.baseline = self.accuracy(first[0]) if first else acc
+        drop = self.baseline - acc
+        if drop > self.threshold:
+            return self.fire(
+                f"accuracy {acc:.4f} is {drop:.4f} below baseline {self.baseline:.4f} "
+                f"(threshold {self.threshold:g}; {self.source})"
+            )
+        return False

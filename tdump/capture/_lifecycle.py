@@ -1,0 +1,211 @@
+"""The per-step half of :class:`~tdump.capture.Hook`: numbering steps, saved steps, stop requests.
+
+:class:`StepLifecycle` is mixed into ``Hook``; it runs in the root module's forward
+pre-hook (every step: count, decide, maybe poll for a stop request) and, at saved
+steps, attaches the step's hooks and hands its record to the writer when the next
+step begins.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdump._control import POLL_SECONDS, StopRequest, read_stop_request
+from tdump.capture._config import HookConfig
+from tdump.capture._exit import TrainingStopped
+from tdump.capture._model import first_tensor, fx_tracing
+from tdump.capture._step import SavedStep
+from tdump.capture._writer import PendingRecord
+
+__all__ = ["StepLifecycle"]
+
+log = logging.getLogger("tdump.capture")
+
+
+class StepLifecycle:
+    """Step numbering and saved-step handling; needs the attributes ``Hook._init`` sets."""
+
+    config: HookConfig
+    _mode: str | None
+    _next: dict[str, int]
+    _opt_steps: int
+    _last_train_step: int
+    _cur: SavedStep | None
+    _traced: set[str]
+    _calls: dict[str, list[dict[str, Any]]]
+    _meta: dict[str, Any]
+    _uniform: bool
+    _all: frozenset[str] | None
+    _candidates: list[tuple[str, nn.Module]]
+    _dtype: torch.dtype | None
+    _next_poll: float
+    clock: Callable[[], float]
+
+    def _selected(self, name: str, collection: str) -> bool:
+        raise NotImplementedError
+
+    def _guard(self, fn: Any) -> Any:
+        raise NotImplementedError
+
+    def _submit(self, rec: PendingRecord) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ step lifecycle
+    def _current_mode(self, root: nn.Module) -> str:
+        return self._mode or ("train" if root.training else "eval")
+
+    def _collections_at(self, step: int, mode: str) -> frozenset[str]:
+        cfg = self.config
+        if self._uniform:
+            if (cfg.start_step is not None and step < cfg.start_step) or (
+                cfg.end_step is not None and step >= cfg.end_step
+            ):
+                return frozenset()
+            assert self._all is not None
+            hit = (step - (cfg.start_step or 0)) % cfg.interval(mode) == 0
+            return self._all if hit else frozenset()
+        return cfg.saved_collections(step, mode)
+
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if fx_tracing():
+            return  # torch.fx calls with proxies (symbolic_trace, tdump.load): not a step
+        mode = self._current_mode(module)
+        optimizer_steps = mode == "train" and self.config.step_source == "optimizer"
+        cur = self._cur
+        if (
+            optimizer_steps
+            and cur is not None
+            and cur.mode == "train"
+            and cur.step == self._opt_steps
+            and not cur.backward_seen
+        ):
+            # The step's earlier forward saw no backward (a dry run, a summary): this
+            # forward of the same optimizer step replaces it.
+            self._cur = None
+            cur.close()
+            self._begin(module, args, mode, cur.step, cur.collections)
+            return
+        if cur is not None:
+            self._finish()
+        if optimizer_steps:
+            step = self._opt_steps
+            if step == self._last_train_step:
+                return  # another forward within the same optimizer step
+            self._last_train_step = step
+            self._next["train"] = step + 1
+        else:
+            step = self._next[mode]
+            self._next[mode] = step + 1
+        colls = self._collections_at(step, mode)
+        if colls or time.monotonic() >= self._next_poll:
+            request = self._stop_request()
+            if request is not None:
+                self._stop(request, mode, step)
+        if not colls:
+            return
+        self._begin(module, args, mode, step, colls)
+
+    # ------------------------------------------------------------------ stop requests
+    def _stop_request(self) -> StopRequest | None:
+        """The dump's stop request, if any (at saved steps, else every POLL_SECONDS)."""
+        self._next_poll = time.monotonic() + POLL_SECONDS
+        try:
+            return read_stop_request(self.config.out)
+        except Exception as exc:  # an unreachable store must not stop training
+            log.debug("tdump: looking for a stop request failed: %s", exc)
+            return None
+
+    def _stop(self, request: StopRequest, mode: str, step: int) -> None:
+        """Commit what is queued, close the store, end training with TrainingStopped."""
+        by = f" by {request.requested_by}" if request.requested_by else ""
+        reason = request.reason or "no reason given"
+        message = (
+            f"stop requested{by} ({reason}); training stopped before {mode} step {step}, "
+            f"the dump {self.config.out} is closed"
+        )
+        print(f"tdump: {message}", file=sys.stderr, flush=True)
+        self.close()
+        raise TrainingStopped(message, request)
+
+    def _begin(
+        self, root: nn.Module, args: tuple[Any, ...], mode: str, step: int, colls: frozenset[str]
+    ) -> None:
+        cur = SavedStep(
+            mode,
+            step,
+            colls,
+            trace=mode not in self._traced,
+            selected=self._selected,
+            guard=self._guard,
+            reduction=self.config.reduction,
+            dtype=self._dtype,
+        )
+        self._cur = cur
+        x = first_tensor(args)
+        if x is not None and x.dim() > 0:
+            cur.record.batch_size = int(x.shape[0])
+        if cur.trace:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    cur.producers[id(a)] = ("<input>", a)
+        cur.save_params(root)
+        want_outputs = colls & {"activations", "activation_gradients"}
+        modules = self._candidates if want_outputs else []
+        if cur.trace:
+            seen = {id(m) for _, m in modules}
+            leaves = [
+                (p, m)
+                for p, m in root.named_modules()
+                if p and id(m) not in seen and next(m.children(), None) is None
+            ]
+            modules = [*modules, *leaves]
+        for path, mod in modules:
+            cur.handles.append(mod.register_forward_hook(self._guard(cur.make_fwd(path))))
+        cur.handles.append(root.register_forward_hook(self._guard(self._root_post)))
+
+    def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        cur = self._cur
+        if cur is None:
+            return
+        for h in cur.handles:  # forward hooks go now; parameter gradient hooks at the step's end
+            h.remove()
+        cur.handles.clear()
+        for out in _tensors(output):
+            if out.requires_grad:
+                cur.grad_handles.append(out.register_hook(self._guard(cur.saw_backward)))
+        if cur.trace:
+            self._traced.add(cur.mode)
+            self._calls[cur.mode] = cur.calls
+            self._meta["calls"] = dict(self._calls)
+            cur.producers.clear()
+
+    def _finish(self) -> None:
+        """End the saved step in progress: drop its hooks and hand its record to the writer."""
+        cur, self._cur = self._cur, None
+        if cur is None:
+            return
+        rec = cur.close()
+        rec.wall_time = self.clock()
+        if rec.entries or cur.trace:
+            self._submit(rec)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a module's output (a tensor, or one level of tuple/list/dict)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []

@@ -1,0 +1,229 @@
+"""The experiment directory: settings, state, one row per round, a lock (docs/FORMAT.md §4).
+
+::
+
+    exp/
+      experiment.json     format, version, created, the loop's settings (written once)
+      state.json          where the loop is: round, completed stages, running stage, status
+      rounds.jsonl        one JSON object per completed round (rewritten atomically)
+      commands.sh         every stage's command line, in order, rerunnable by hand
+      .lock               held (flock) by the running loop
+      round_000/ ...      one folder per round (see docs/loop.md)
+
+Every file is written to a temporary name in the same folder and renamed, so a
+reader (or a loop resumed after SIGKILL) sees the old file or the new one, never half.
+
+Examples
+--------
+>>> import tempfile, os
+>>> exp = Experiment.create(os.path.join(tempfile.mkdtemp(), "exp"), {"rounds": 3})
+>>> exp.append_row({"round": 0, "params": 10})
+>>> [r["round"] for r in Experiment.open(exp.path).rows()]
+[0]
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tdump._version import __version__
+from tdump.errors import FormatVersionError, LoopError
+
+__all__ = ["EXPERIMENT_FORMAT", "EXPERIMENT_VERSION", "Experiment", "atomic_write"]
+
+EXPERIMENT_FORMAT = "tdump.experiment"
+EXPERIMENT_VERSION = 1
+_META = "experiment.json"
+_STATE = "state.json"
+_ROWS = "rounds.jsonl"
+_COMMANDS = "commands.sh"
+_LOCK = ".lock"
+
+
+def atomic_write(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tdump-", suffix=".partial", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Experiment:
+    """An experiment directory written by ``tdump loop``.
+
+    Use :meth:`create` for a new one and :meth:`open` for an existing one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.meta = meta
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def is_experiment(path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` holds an ``experiment.json``."""
+        return (Path(path) / _META).is_file()
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], settings: dict[str, Any]) -> Experiment:
+        """Start a new experiment in ``path`` (absent or an empty folder)."""
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise LoopError(
+                f"{p} is a file, not an experiment directory; choose another --experiment"
+            )
+        if cls.is_experiment(p):
+            raise LoopError(
+                f"{p} already holds an experiment; continue it with --resume or choose another --experiment"
+            )
+        if p.is_dir() and any(c.name != _LOCK for c in p.iterdir()):
+            raise LoopError(
+                f"{p} is a non-empty directory that is not a tdump experiment; choose another --experiment"
+            )
+        p.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": EXPERIMENT_FORMAT,
+            "format_version": EXPERIMENT_VERSION,
+            "writer": f"tdump {__version__}",
+            "created": _now(),
+            "settings": settings,
+        }
+        exp = cls(p, meta)
+        atomic_write(p / _META, json.dumps(meta, indent=2) + "\n")
+        return exp
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Experiment:
+        """Open an existing experiment (one-line errors for anything else)."""
+        p = Path(path)
+        if not p.exists():
+            raise LoopError(f"no experiment at {p}; check the path")
+        if not cls.is_experiment(p):
+            raise LoopError(f"{p} is not a tdump experiment (no {_META}); check the path")
+        try:
+            meta = json.loads((p / _META).read_text())
+        except (OSError, ValueError) as exc:
+            raise LoopError(f"{p / _META} cannot be read ({exc}); it is damaged") from None
+        if meta.get("format") != EXPERIMENT_FORMAT:
+            raise LoopError(f"{p / _META} is not a tdump experiment file")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > EXPERIMENT_VERSION:
+            raise FormatVersionError(
+                f"{p} is a tdump.experiment version {version}; this tdump reads up to "
+                f"{EXPERIMENT_VERSION}: upgrade tdump"
+            )
+        return cls(p, meta)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The loop's settings as stored when the experiment was created."""
+        return dict(self.meta.get("settings") or {})
+
+    def round_dir(self, r: int) -> Path:
+        """The folder of round ``r`` (``round_002``), created on demand."""
+        d = self.path / f"round_{r:03d}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    # ------------------------------------------------------------------ lock
+    @staticmethod
+    @contextmanager
+    def lock(path: str | os.PathLike[str]) -> Iterator[None]:
+        """Hold the lock of the experiment folder ``path`` (created if absent).
+
+        A second holder gets a one-line :class:`LoopError`. It is an OS lock
+        (``flock``): it goes away with the process, so a loop killed with SIGKILL
+        never leaves a stale lock behind.
+        """
+        import fcntl
+
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise LoopError(
+                f"{folder} is a file, not an experiment directory; choose another --experiment"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / _LOCK, "a+")  # noqa: SIM115 - held for the whole block
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise LoopError(
+                    f"{folder} is in use by another tdump loop ({holder}); wait for it to end "
+                    "or use another --experiment"
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
+            yield
+        finally:
+            fh.close()
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """Where the loop is (``{}`` before the first stage)."""
+        try:
+            data: dict[str, Any] = json.loads((self.path / _STATE).read_text())
+            return data
+        except FileNotFoundError:
+            return {}
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        """Replace ``state.json`` atomically (``updated`` is set here)."""
+        state = {**state, "updated": _now()}
+        atomic_write(self.path / _STATE, json.dumps(state, indent=1) + "\n")
+
+    # ------------------------------------------------------------------ rows
+    def rows(self) -> list[dict[str, Any]]:
+        """The completed rounds, in order (one dict per line of ``rounds.jsonl``)."""
+        try:
+            text = (self.path / _ROWS).read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``rounds.jsonl`` atomically: readers never see a half row."""
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        atomic_write(self.path / _ROWS, text)
+
+    def append_row(self, row: dict[str, Any]) -> None:
+        """Add one completed round."""
+        self.write_rows([*self.rows(), row])
+
+    # ------------------------------------------------------------------ commands
+    def log_command(self, r: int, stage: str, lines: list[str]) -> None:
+        """Append a stage's command lines to ``commands.sh`` (a log, rerunnable by hand)."""
+        path = self.path / _COMMANDS
+        new = not path.exists()
+        with open(path, "a") as fh:
+            if new:
+                fh.write(
+                    "#!/bin/sh\n# The stages tdump loop ran, in order; rerun any by hand.\nset -e\n"
+                )
+            fh.write(f"\n# round {r}: {stage}  ({_now()})\n")
+            fh.write("".join(line + "\n" for line in lines))

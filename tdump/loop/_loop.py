@@ -1,0 +1,494 @@
+"""The iterative pruning loop: train under capture -> rank -> prune -> fine-tune -> ...
+
+Round 0 runs the training script under ``tdump record``. Round ``r > 0`` ranks round
+``r-1``'s dump (``tdump rank``), prunes round ``r-1``'s model (``tdump prune``) and
+fine-tunes the pruned model under ``tdump record``; each is a process of its own. The
+loop then measures the round in-process (``measure``: the model's size from its
+checkpoint, the metrics from its dump), writes its row and decides whether to stop.
+
+Each stage writes under a ``.partial`` name and renames when it succeeded; the state
+file says which stages are complete, so :func:`run_loop` with ``resume=True``
+continues a loop killed at any moment from the last completed stage, discarding only
+what the interrupted stage left.
+
+Examples
+--------
+>>> settings = LoopSettings("train.py", ["--epochs", "1", "--out", "{out}"], rounds=4, count=200)
+>>> rows = run_loop(settings, "exp")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tdump.errors import ConfigError, LoopError, TdumpError
+from tdump.loop._experiment import Experiment
+from tdump.loop._settings import STOP_CHECKS, LoopSettings
+from tdump.loop._stages import StageResult, run_stage, shown, substitute, tdump_argv
+
+__all__ = ["RECORD_CONFIG", "LoopEvents", "run_loop"]
+
+#: What ``tdump record`` saves besides the ``--include`` selection: losses and loss
+#: inputs at every step, so accuracy can come from logits and labels without code.
+RECORD_CONFIG: dict[str, Any] = {
+    "collections": [
+        {"name": "losses", "save_interval": 1},
+        {"name": "loss_inputs", "save_interval": 1},
+    ]
+}
+
+
+class LoopEvents:
+    """What the loop tells its caller; the default prints one line per stage."""
+
+    def stage_started(self, r: int, stage: str, command: str | None) -> None:
+        """A stage begins (``command`` is its shell line, ``None`` for in-process stages)."""
+        if command:
+            print(f"$ {command}", flush=True)
+
+    def stage_finished(self, r: int, stage: str, seconds: float) -> None:
+        """A stage completed."""
+        print(f"round {r} {stage:<8} {seconds:7.1f} s", flush=True)
+
+    def round_finished(self, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """A round's row was written (``rows``: every row so far)."""
+
+    def note(self, text: str) -> None:
+        """Something the user should know."""
+        print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (shorter commands)."""
+    try:
+        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _prune_has_like() -> bool:
+    """Whether this tdump's ``prune`` takes ``--like`` (a pruned-shape state_dict + its
+    tdump starting checkpoint). Delete with the fallback once every tdump has it."""
+    import typer.main
+
+    from tdump.cli.app import app
+
+    command: Any = typer.main.get_command(app)
+    prune = command.commands.get("prune")
+    return prune is not None and any("--like" in p.opts for p in prune.params)
+
+
+@contextmanager
+def _script_importable(script: str) -> Iterator[None]:
+    """The script's folder on ``sys.path`` (architectures named like ``mynets.Net``)."""
+    folder = os.path.dirname(os.path.abspath(script))
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+
+
+class _Loop:
+    def __init__(self, exp: Experiment, s: LoopSettings, events: LoopEvents) -> None:
+        self.exp, self.s, self.events = exp, s, events
+        self.state = exp.state()
+        self.rows = exp.rows()
+        folder = os.path.dirname(os.path.abspath(s.script))
+        path = os.environ.get("PYTHONPATH")
+        self.env = {"PYTHONPATH": folder + (os.pathsep + path if path else "")}
+
+    # ------------------------------------------------------------------ state
+    def _save_state(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.exp.write_state(self.state)
+
+    def _fail(self, r: int, stage: str, message: str, code: int = 1) -> LoopError:
+        self._save_state(status="failed", running=None, error=f"round {r} {stage}: {message}")
+        return LoopError(message, exit_code=code)
+
+    # ------------------------------------------------------------------ paths
+    def paths(self, r: int) -> dict[str, Path]:
+        d = self.exp.round_dir(r)
+        p = {
+            "dir": d,
+            "ranks": d / "ranks.parquet",
+            "init": d / "init.pt",
+            "dump": d / "dump.zarr",
+            "model": d / "model.pt",
+            "checkpoint": d / "checkpoint.pt",
+        }
+        return p
+
+    def _partial(self, path: Path) -> Path:
+        return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+    def _outputs(self, r: int, stage: str) -> list[Path]:
+        p = self.paths(r)
+        return {
+            "rank": [p["ranks"]],
+            "prune": [p["init"]],
+            "train": [p["dump"], p["model"]],
+            "measure": [p["checkpoint"]],
+        }[stage]
+
+    # ------------------------------------------------------------------ stages
+    def _run(
+        self, r: int, stage: str, argv: list[str], moves: list[tuple[Path, Path]]
+    ) -> StageResult:
+        p = self.paths(r)
+        lines = [shown(argv)] + [f"mv {_rel(a)} {_rel(b)}" for a, b in moves]
+        self.exp.log_command(r, stage, lines)
+        self.events.stage_started(r, stage, shown(argv))
+        result = run_stage(argv, p["dir"] / f"{stage}.log", env=self._stage_env(r, stage))
+        if result.code != 0:
+            log = _rel(p["dir"] / f"{stage}.log")
+            raise self._fail(
+                r,
+                stage,
+                f"round {r} {stage} failed (exit {result.code}): {result.error_line()} (log: {log})",
+                result.code,
+            )
+        return result
+
+    def _stage_env(self, r: int, stage: str) -> dict[str, str]:
+        env = dict(self.env)
+        if stage == "train":
+            env.update(self.train_env(r))
+        return env
+
+    def train_env(self, r: int) -> dict[str, str]:
+        p = self.paths(r)
+        init = self.init_of(r)
+        env = {"TDUMP_OUT": str(self._partial(p["model"])), "TDUMP_ROUND": str(r)}
+        env["TDUMP_INIT"] = init or ""
+        return env
+
+    def init_of(self, r: int) -> str | None:
+        if r > 0:
+            return str(self.paths(r)["init"])
+        return os.path.abspath(self.s.init) if self.s.init else None
+
+    def stage_rank(self, r: int) -> StageResult:
+        p, prev = self.paths(r), self.paths(r - 1)
+        tmp = self._partial(p["ranks"])
+        argv = tdump_argv(
+            "rank", _rel(prev["dump"]), "-o", _rel(tmp), "--criterion", self.s.criterion
+        )
+        argv += ["--scheduler", self.s.scheduler, "--quiet"]
+        if self.s.workers:
+            argv += ["--workers", str(self.s.workers)]
+        result = self._run(r, "rank", argv, [(tmp, p["ranks"])])
+        os.replace(tmp, p["ranks"])
+        return result
+
+    def stage_prune(self, r: int) -> StageResult:
+        p, prev = self.paths(r), self.paths(r - 1)
+        tmp = self._partial(p["init"])
+        s = self.s
+        if _prune_has_like() and r - 1 > 0:
+            source = ["--like", _rel(prev["init"])]
+            ckpt = prev["model"]
+        else:
+            source, ckpt = [], prev["checkpoint"]
+        argv = tdump_argv("prune", _rel(ckpt), _rel(p["ranks"]), "-o", _rel(tmp), *source)
+        argv += ["--count", str(s.count)] if s.count is not None else ["--ratio", str(s.ratio)]
+        argv += ["--scope", s.scope, "--min-channels", str(s.min_channels)]
+        if s.max_ratio is not None:
+            argv += ["--max-ratio", str(s.max_ratio)]
+        if s.conv_only_groups:
+            argv += ["--conv-only-groups"]
+        shape = self.rows[-1].get("input_shape") if self.rows else None
+        if shape:
+            argv += ["--input-shape", ",".join(str(v) for v in shape)]
+        argv += ["--json"]
+        result = self._run(r, "prune", argv, [(tmp, p["init"])])
+        os.replace(tmp, p["init"])
+        return result
+
+    def stage_train(self, r: int) -> StageResult:
+        p, s = self.paths(r), self.s
+        dump_tmp, model_tmp = self._partial(p["dump"]), self._partial(p["model"])
+        values = {"init": self.init_of(r), "out": str(model_tmp), "round": str(r)}
+        args = substitute(s.train_args, values)
+        argv = tdump_argv("record", "--out", _rel(dump_tmp), "--interval", str(s.interval))
+        if s.include:
+            argv += ["--include", s.include]
+        argv += ["--config", json.dumps(RECORD_CONFIG, separators=(",", ":")), s.script]
+        if args:
+            argv += ["--", *args]
+        moves = [(dump_tmp, p["dump"]), (model_tmp, p["model"])]
+        env_line = " ".join(f"{k}={v}" for k, v in self.train_env(r).items())
+        self.exp.log_command(r, "train (environment)", [f"export {env_line}"])
+        result = self._run(r, "train", argv, moves)
+        if not model_tmp.exists():
+            raise self._fail(
+                r,
+                "train",
+                f"{s.script} exited 0 but saved no checkpoint at {_rel(model_tmp)} in round {r}; "
+                "save with torch.save(model.state_dict(), os.environ['TDUMP_OUT']) or pass {out} in TRAIN_ARGS",
+            )
+        if not dump_tmp.exists():
+            raise self._fail(
+                r,
+                "train",
+                f"nothing was recorded in round {r}: {s.script} trained no model that capture saw "
+                f"(log: {_rel(p['dir'] / 'train.log')})",
+            )
+        for a, b in moves:
+            os.replace(a, b)
+        return result
+
+    # ------------------------------------------------------------------ measure
+    def measure(self, r: int, wall: dict[str, float]) -> dict[str, Any]:
+        import tdump.surgery as surgery
+        from tdump.loop._metrics import (
+            dump_metrics,
+            infer_input_shape,
+            load_round_model,
+            model_stats,
+            prunable_channels,
+        )
+
+        p, s = self.paths(r), self.s
+        self.events.stage_started(r, "measure", None)
+        t0 = time.perf_counter()
+        with _script_importable(s.script):
+            try:
+                init = self.init_of(r)
+                model = load_round_model(p["model"], init, s.arch, s.arch_kwargs)
+            except TdumpError as exc:
+                hint = (
+                    "; pass --arch (and --arch-kwargs) or save it with tdump.surgery.save"
+                    if r == 0 and "plain state_dict" in str(exc)
+                    else ""
+                )
+                raise self._fail(r, "measure", f"round {r}'s checkpoint: {exc}{hint}") from None
+            shape = s.input_shape or infer_input_shape(p["dump"])
+            try:
+                stats = model_stats(model, shape)
+            except Exception as exc:
+                self.events.note(f"FLOPs not counted (forward at input {shape} failed: {exc})")
+                stats = model_stats(model, None)
+            metrics = dump_metrics(p["dump"])
+            surgery.save(p["checkpoint"], model)
+            prunable = None
+            if r + 1 < s.rounds:
+                prunable = prunable_channels(
+                    model, min_channels=s.min_channels, conv_only_groups=s.conv_only_groups
+                )
+        wall["measure"] = round(time.perf_counter() - t0, 3)
+        self.events.stage_finished(r, "measure", wall["measure"])
+        base = self.rows[0] if self.rows else None
+        accuracy = metrics["accuracy"]
+        base_acc = base["accuracy"] if base else accuracy
+        removed = None
+        if r > 0:
+            removed = _prune_removed(p["dir"] / "prune.log")
+        row: dict[str, Any] = {
+            "round": r,
+            "status": "done",
+            "params": stats["params"],
+            "flops": stats["flops"],
+            "params_ratio": stats["params"] / base["params"] if base else 1.0,
+            "flops_ratio": (
+                stats["flops"] / base["flops"]
+                if base and base.get("flops") and stats["flops"] is not None
+                else (1.0 if stats["flops"] is not None else None)
+            ),
+            "channels": stats["channels"],
+            "input_shape": shape,
+            "accuracy": accuracy,
+            "loss": metrics["loss"],
+            "accuracy_drop": (
+                base_acc - accuracy if base_acc is not None and accuracy is not None else None
+            ),
+            "train_accuracy": metrics["train_accuracy"],
+            "train_loss": metrics["train_loss"],
+            "eval_accuracy": metrics["eval_accuracy"],
+            "eval_loss": metrics["eval_loss"],
+            "reported": metrics["reported"],
+            "metrics_source": metrics["source"],
+            "criterion": s.criterion if r > 0 else None,
+            "count": s.count if r > 0 else None,
+            "ratio": s.ratio if r > 0 else None,
+            "removed": removed,
+            "wall": wall,
+            "checkpoint": f"round_{r:03d}/checkpoint.pt",
+            "stop_reason": None,
+            "prunable": prunable,
+        }
+        return row
+
+    def stop_reason(self, row: dict[str, Any]) -> str | None:
+        from tdump.loop._expr import parse_stop
+
+        s, r = self.s, row["round"]
+        if s.stop_when:
+            cond = parse_stop(s.stop_when)
+            values = {
+                k: row.get(k)
+                for k in ("accuracy", "accuracy_drop", "params_ratio", "flops_ratio", "loss")
+            }
+            values["round"] = r
+            try:
+                fired = cond.evaluate(values)
+            except ConfigError as exc:
+                raise self._fail(r, "measure", str(exc)) from None
+            if fired:
+                shown_values = ", ".join(f"{n}={_fmt(values[n])}" for n in sorted(cond.names))
+                return f"stop-when: {s.stop_when} ({shown_values})"
+        for name in s.stop_checks:
+            reason = STOP_CHECKS[name](row, str(self.paths(r)["dump"]))
+            if reason:
+                return f"{name}: {reason}"
+        if r + 1 >= s.rounds:
+            return f"rounds: {s.rounds} of {s.rounds} done"
+        prunable = row.get("prunable")
+        if s.count is not None and prunable is not None and s.count > prunable:
+            message = (
+                f"--count {s.count} is more than the {prunable} channels that can still be pruned "
+                f"from round {r}'s model (each layer keeps --min-channels {s.min_channels})"
+            )
+            if r == 0:
+                raise self._fail(r, "measure", message + "; lower --count or use --ratio")
+            return f"nothing left to prune: {message}"
+        return None
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> list[dict[str, Any]]:
+        if self.rows and self.rows[-1].get("stop_reason"):
+            self.events.note(f"{self.exp.path} is finished ({self.rows[-1]['stop_reason']})")
+            return self.rows
+        self._save_state(status="running", error=None)
+        r = len(self.rows)
+        while True:
+            if self.state.get("round") != r:
+                self._save_state(round=r, done={}, running=None)
+            done: dict[str, float] = dict(self.state.get("done") or {})
+            stages = ["train"] if r == 0 else ["rank", "prune", "train"]
+            for stage in stages:
+                if stage in done:
+                    continue
+                for path in self._outputs(r, stage):  # what an interrupted run of it left
+                    _remove(self._partial(path))
+                    _remove(path)
+                self._save_state(running={"stage": stage, "pid": os.getpid()})
+                result = getattr(self, f"stage_{stage}")(r)
+                done[stage] = round(result.seconds, 3)
+                self._save_state(done=done, running=None)
+                self.events.stage_finished(r, stage, result.seconds)
+            self._save_state(running={"stage": "measure", "pid": os.getpid()})
+            row = self.measure(r, dict(done))
+            reason = self.stop_reason(row)
+            row["stop_reason"] = reason
+            self.rows.append(row)
+            self.exp.write_rows(self.rows)
+            self._save_state(running=None)
+            self.events.round_finished(row, self.rows)
+            if self.s.mlflow:
+                self._log_mlflow(row)
+            if reason:
+                status = "finished" if reason.startswith("rounds:") else "stopped"
+                self._save_state(status=status, stop_reason=reason, running=None)
+                return self.rows
+            r += 1
+
+    def _log_mlflow(self, row: dict[str, Any]) -> None:
+        logged = list(self.state.get("mlflow_logged") or [])
+        if row["round"] in logged:
+            return
+        from tdump.loop._mlflow import log_round
+
+        try:
+            log_round(self.exp, row, self.s)
+        except Exception as exc:  # tracking never stops the loop
+            self.events.note(
+                f"MLflow logging of round {row['round']} failed: {type(exc).__name__}: {exc}"
+            )
+            return
+        self._save_state(mlflow_logged=[*logged, row["round"]])
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _prune_removed(log: Path) -> int | None:
+    """``removed_channels`` from ``tdump prune --json``'s output in its log."""
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return int(json.loads(line)["removed_channels"])
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
+def run_loop(
+    settings: LoopSettings,
+    experiment: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    events: LoopEvents | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or with ``resume=True`` continue) the pruning loop in ``experiment``.
+
+    Returns the rows of rounds.jsonl. A resumed loop uses the settings stored in the
+    experiment (``settings`` is only used to start a new one).
+
+    Raises
+    ------
+    ConfigError
+        Bad settings (a missing script, a bad ``stop_when``, ...), before any stage runs.
+    LoopError
+        The experiment is in use, is not one, or a stage failed (``exit_code`` is the
+        stage's exit status; the message names the stage and its log).
+    """
+    events = events or LoopEvents()
+    path = Path(experiment)
+    if path.exists() and not path.is_dir():
+        raise LoopError(
+            f"{path} is a file, not an experiment directory; choose another --experiment"
+        )
+    if not resume:
+        settings.check()
+        if Experiment.is_experiment(path):
+            raise LoopError(
+                f"{path} already holds an experiment; continue it with --resume or choose another --experiment"
+            )
+        if path.is_dir() and any(c.name != ".lock" for c in path.iterdir()):
+            raise LoopError(
+                f"{path} is a non-empty directory that is not a tdump experiment; choose another --experiment"
+            )
+    with Experiment.lock(path):
+        if Experiment.is_experiment(path):
+            if not resume:
+                raise LoopError(f"{path} already holds an experiment; continue it with --resume")
+            exp = Experiment.open(path)
+            settings = LoopSettings.from_dict(exp.settings)
+            settings.check()
+        else:
+            settings.check()
+            exp = Experiment.create(path, settings.to_dict())
+        return _Loop(exp, settings, events).run()

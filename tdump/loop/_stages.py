@@ -1,0 +1,136 @@
+"""Running one stage of the loop as a process of its own, with its log and wall time.
+
+Stages are ``tdump`` commands run as ``python -m tdump ...`` with the loop's own
+interpreter (so a virtualenv carries over); their command lines are printed as
+``tdump ...`` and logged in ``commands.sh``. A stage dies with the loop (Linux:
+``PR_SET_PDEATHSIG``), so a killed loop leaves no stage running behind it.
+
+Examples
+--------
+>>> shown(tdump_argv("rank", "dump.zarr", "-o", "ranks.parquet"))
+'tdump rank dump.zarr -o ranks.parquet'
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["StageResult", "run_stage", "shown", "substitute", "tdump_argv"]
+
+_PREFIX = [sys.executable, "-m", "tdump"]
+
+
+def tdump_argv(*args: str) -> list[str]:
+    """``[python, -m, tdump, *args]``: a tdump command run with this interpreter."""
+    return [*_PREFIX, *args]
+
+
+def shown(argv: Sequence[str]) -> str:
+    """The shell line for ``argv``, with ``python -m tdump`` written as ``tdump``."""
+    argv = list(argv)
+    if argv[:3] == _PREFIX:
+        argv = ["tdump", *argv[3:]]
+    return shlex.join(argv)
+
+
+def substitute(args: Sequence[str], values: Mapping[str, str | None]) -> list[str]:
+    """Fill ``{init}``, ``{out}``, ``{round}`` in TRAIN_ARGS.
+
+    A placeholder whose value is ``None`` (``{init}`` in round 0 without ``--init``)
+    is dropped, with the option before it when it stands alone (``--init {init}``),
+    or as a whole (``--init={init}``).
+
+    Examples
+    --------
+    >>> substitute(["--init", "{init}", "--out={out}", "-r", "{round}"], {"init": None, "out": "m.pt", "round": "0"})
+    ['--out=m.pt', '-r', '0']
+    """
+    out: list[str] = []
+    for arg in args:
+        missing = [k for k, v in values.items() if v is None and f"{{{k}}}" in arg]
+        if missing:
+            if arg == f"{{{missing[0]}}}" and out and out[-1].startswith("-"):
+                out.pop()
+            continue
+        for k, v in values.items():
+            arg = arg.replace(f"{{{k}}}", str(v))
+        out.append(arg)
+    return out
+
+
+@dataclass
+class StageResult:
+    """How a stage ended: exit ``code``, wall ``seconds``, the last lines of its log."""
+
+    code: int
+    seconds: float
+    tail: list[str]
+
+    def error_line(self) -> str:
+        """The line of the log that best says why the stage failed.
+
+        The last line that is not tdump's own summary (``tdump: recorded ...``) nor
+        traceback furniture: a script's message, or its exception line.
+
+        >>> StageResult(3, 1.0, ["boom: disk full", "tdump: no trained module was seen"]).error_line()
+        'boom: disk full'
+        """
+        for line in reversed(self.tail):
+            text = line.strip()
+            if text and not text.startswith(("File ", "^", "~", "tdump: ", "$ ")):
+                return text.removeprefix("error: ")
+        return f"exit status {self.code}"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def run_stage(
+    argv: Sequence[str],
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> StageResult:
+    """Run ``argv`` with stdout and stderr into ``log``; wait for it."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        fh.write(f"$ {shown(argv)}\n")
+        fh.flush()
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    seconds = time.perf_counter() - t0
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+    except OSError:
+        tail = []
+    return StageResult(code, seconds, tail)

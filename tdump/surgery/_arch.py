@@ -1,0 +1,515 @@
+"""Which architectures tdump may build, and how: a registry, never an import path read from a file.
+
+A checkpoint names its architecture (``arch``) and keyword arguments. tdump calls a
+builder named in a file only when it is *registered*: a torchvision model builder
+(``torchvision.models.list_models()``, under its short name, its public path such as
+``torchvision.models.resnet18``, or its module path) or a name added with
+:func:`register_arch`. An import path the *user* passes (``--arch``, ``arch=``) is
+trusted: it is imported, and the object found must be an ``nn.Module`` class, a
+registered builder, or a function annotated to return an ``nn.Module``. A user's
+script (``train.py:Net``) is imported under its own name, never as ``__main__``, and
+refused if importing it would run code beyond definitions (its training).
+
+Examples
+--------
+>>> from torch import nn
+>>> register_arch("tiny", lambda width=2: nn.Sequential(nn.Conv2d(3, width, 1)))
+>>> build_arch("tiny", {"width": 4}, trusted=False)[0].out_channels
+4
+>>> build_arch("os.system", {"command": "true"}, trusted=False)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+tdump.errors.CheckpointError: the checkpoint names architecture 'os.system', which is not a registered model builder; ...
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdump.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "Builder",
+    "arch_for_type",
+    "arch_name",
+    "build_arch",
+    "check_kwargs",
+    "infer_num_classes",
+    "register_arch",
+    "registered_archs",
+    "resolve_arch",
+]
+
+Builder = Callable[..., nn.Module]
+_USER: dict[str, Builder] = {}
+#: Keyword arguments a file may not pass to a builder: torchvision would download weights.
+_NO_FILE_KWARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+#: Calls a module may make at import time (set-up, not training).
+_SETUP_CALLS = ("sys", "os", "warnings", "logging", "torch", "np", "numpy", "random", "matplotlib")
+
+
+def register_arch(name: str, builder: Builder) -> None:
+    """Allow checkpoints to name ``name``: ``builder(**arch_kwargs)`` must return an ``nn.Module``.
+
+    Use the name your checkpoints carry (``tdump.surgery.save(..., arch=name)``), e.g.
+    ``register_arch("mypkg.models.Net", Net)``; a later registration replaces an earlier one.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> register_arch("doc.Linear", nn.Linear)
+    >>> "doc.Linear" in registered_archs()
+    True
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"register_arch needs a non-empty name, got {name!r}")
+    if not callable(builder):
+        raise ConfigError(f"register_arch({name!r}, ...) needs a callable builder, got {builder!r}")
+    _USER[name] = builder
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision() -> dict[str, Builder]:
+    try:
+        import torchvision.models as tvm
+    except ImportError:  # torchvision is optional for tdump itself
+        return {}
+    out: dict[str, Builder] = {}
+    for name in tvm.list_models():
+        found: Any = tvm.get_model_builder(name)
+        out[name] = found
+        out[f"{found.__module__}.{found.__name__}"] = found
+        pkg = str(found.__module__)
+        while "." in pkg:
+            pkg = pkg.rpartition(".")[0]
+            public = getattr(sys.modules.get(pkg), found.__name__, None) is found
+            if public:
+                out[f"{pkg}.{found.__name__}"] = found
+    return out
+
+
+def registered_archs() -> dict[str, Builder]:
+    """Every name a checkpoint may carry: torchvision builders, then :func:`register_arch` names."""
+    return {**_torchvision(), **_USER}
+
+
+def _known(obj: Any) -> bool:
+    return any(obj is b for b in registered_archs().values())
+
+
+def _canonical(arch: str) -> str:
+    return arch.replace(":", ".") if arch.count(":") == 1 and "/" not in arch else arch
+
+
+def _refuse(arch: str, where: str) -> CheckpointError:
+    return CheckpointError(
+        f"{where} names architecture {arch!r}, which is not a registered model builder; "
+        "tdump never imports a name read from a file: if you trust it pass --arch "
+        f"{arch} (arch= in Python), or call tdump.surgery.register_arch({arch!r}, builder)"
+    )
+
+
+def arch_name(arch: str | Builder) -> str:
+    """The name a checkpoint records for ``arch`` (a name, a model class or a builder).
+
+    >>> from torch import nn
+    >>> arch_name(nn.Linear)
+    'torch.nn.modules.linear.Linear'
+    """
+    if isinstance(arch, str):
+        return arch
+    for name, fn in registered_archs().items():
+        if fn is arch and name.count("."):
+            return name
+    return f"{getattr(arch, '__module__', '?')}.{getattr(arch, '__qualname__', repr(arch))}"
+
+
+def resolve_arch(arch: str | Builder, *, trusted: bool, where: str = "the checkpoint") -> Builder:
+    """Return the builder of ``arch``; import it only when ``trusted`` (the user named it).
+
+    ``arch`` may also be the model class (or builder) itself, which is trusted.
+
+    Raises
+    ------
+    CheckpointError
+        ``arch`` came from a file (``trusted=False``) and is not registered.
+    ConfigError
+        A trusted name that cannot be imported or is not a model builder.
+    """
+    obj: Any = arch
+    if isinstance(arch, str) and arch:
+        known = registered_archs()
+        for key in (arch, _canonical(arch)):
+            if key in known:
+                return known[key]
+        if not trusted:
+            raise _refuse(arch, where)
+        obj = _import(arch)
+    elif not callable(arch):
+        raise ConfigError(f"an architecture must be a name or a model class, got {arch!r}")
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        return obj
+    if _known(obj) or (inspect.isfunction(obj) and _returns_module(obj)):
+        return obj  # type: ignore[no-any-return]
+    raise ConfigError(
+        f"--arch {arch_name(arch)} is a {type(obj).__name__}, not an nn.Module class or a model builder; "
+        "name a model class, annotate your builder '-> nn.Module', or register it with "
+        "tdump.surgery.register_arch"
+    )
+
+
+def _returns_module(fn: Any) -> bool:
+    try:
+        ret = inspect.signature(fn, eval_str=True).return_annotation
+    except Exception:  # unresolvable annotations: not provably a builder
+        return False
+    return isinstance(ret, type) and issubclass(ret, nn.Module)
+
+
+def _split(arch: str) -> tuple[str, str]:
+    if ":" in arch:
+        module, _, attr = arch.rpartition(":")
+    else:
+        module, _, attr = arch.rpartition(".")
+    if not module or not attr:
+        raise ConfigError(
+            f"--arch must look like torchvision.models.resnet18, mymodels:Net or train.py:Net, got {arch!r}"
+        )
+    return module, attr
+
+
+def _import(arch: str) -> Any:
+    module_name, attr = _split(arch)
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # so `mymodels.Net` works from a project root
+    try:
+        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+            module = _import_file(module_name)
+        else:
+            if module_name not in sys.modules:
+                _check_source(_origin(module_name), module_name)
+            module = importlib.import_module(module_name)
+        obj: Any = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, SyntaxError, OSError) as exc:
+        raise ConfigError(f"cannot import architecture {arch!r}: {exc}") from None
+    return obj
+
+
+def _origin(module_name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None else None
+
+
+def _import_file(path: str) -> Any:
+    """Import a script by path under a private module name, so its ``__main__`` block never runs."""
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        raise ImportError(f"no file {path}")
+    _check_source(full, path)
+    name = "_tdump_user_" + os.path.splitext(os.path.basename(full))[0].replace("-", "_")
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = os.path.dirname(full)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the script's own sibling imports (`from common import ...`)
+    spec = importlib.util.spec_from_file_location(name, full)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def _check_source(origin: str | None, shown: str) -> None:
+    """Refuse a module of the user's project whose import would run more than set-up code."""
+    if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
+        return
+    if not os.path.abspath(origin).startswith(os.getcwd() + os.sep) and not shown.endswith(".py"):
+        return  # installed packages are imported as they are
+    with open(origin, encoding="utf-8") as fh:
+        tree = ast.parse(fh.read(), filename=origin)
+    bad = _first_action(tree.body, _defined_functions(tree))
+    if bad is not None:
+        code = ast.unparse(bad).splitlines()[0][:60]
+        raise ConfigError(
+            f"{shown} runs code when imported (line {bad.lineno}: {code}), so building the model "
+            'would re-run your training: move that code under `if __name__ == "__main__":` '
+            "or put the model class in its own module"
+        )
+
+
+def _defined_functions(tree: ast.Module) -> set[str]:
+    return {
+        n.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.col_offset == 0
+    }
+
+
+def _is_main_guard(node: ast.If) -> bool:
+    t = node.test
+    return (
+        isinstance(t, ast.Compare)
+        and isinstance(t.left, ast.Name)
+        and t.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in t.comparators)
+    )
+
+
+def _calls_own(node: ast.AST, own: set[str]) -> bool:
+    return any(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in own
+        for n in ast.walk(node)
+    )
+
+
+def _root_name(node: ast.expr) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _first_action(body: list[ast.stmt], own: set[str]) -> ast.stmt | None:
+    """The first top-level statement that does work on import (loops, calls, with blocks)."""
+    quiet = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    for node in body:
+        if isinstance(node, (*quiet, ast.Pass)):
+            continue
+        if isinstance(node, ast.If):
+            if _is_main_guard(node):
+                continue
+            inner = _first_action(node.body + node.orelse, own)
+            if inner is not None:
+                return inner
+            continue
+        if isinstance(node, ast.Try):
+            blocks = node.body + node.orelse + node.finalbody
+            blocks += [s for h in node.handlers for s in h.body]
+            inner = _first_action(blocks, own)
+            if inner is not None:
+                return inner
+            continue
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            if _calls_own(node, own):
+                return node
+            continue
+        if isinstance(node, ast.Expr):
+            if isinstance(node.value, ast.Constant):
+                continue  # docstrings
+            if (
+                isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute)
+                and _root_name(node.value.func) in _SETUP_CALLS
+            ):
+                continue
+        return node
+    return None
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def check_kwargs(kwargs: Any, where: str, *, from_file: bool) -> dict[str, Any]:
+    """Return ``kwargs`` as a dict after checking it holds only JSON-like values.
+
+    A file may not pass ``weights``/``pretrained`` (a builder would download them).
+    """
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not _is_plain(dict(kwargs)):
+        raise CheckpointError(
+            f"{where}: arch_kwargs must be a dict of plain values (str, numbers, bool, None, lists, dicts), "
+            f"got {json.dumps(kwargs, default=lambda o: type(o).__name__)[:120]}"
+        )
+    out = dict(kwargs)
+    if from_file:
+        bad = [k for k in _NO_FILE_KWARGS if out.get(k) not in (None, False)]
+        if bad:
+            raise CheckpointError(
+                f"{where}: arch_kwargs sets {bad[0]}={out[bad[0]]!r}, which would download weights; "
+                "tdump takes the weights from the checkpoint: remove it or pass --arch-kwargs"
+            )
+    return out
+
+
+def build_arch(
+    arch: str | Builder,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    trusted: bool = True,
+    kwargs_checked: bool = False,
+) -> nn.Module:
+    """Construct ``arch`` with ``kwargs``; only registered builders unless ``trusted``.
+
+    ``trusted=True`` (the default, for names a user typed) imports ``pkg.module.Class``,
+    ``pkg.module:factory``, ``mymodels:Net`` (from the current directory) or
+    ``path/train.py:Net``; ``trusted=False`` (names read from a checkpoint) only
+    looks ``arch`` up in :func:`registered_archs`. ``kwargs`` must be plain values
+    (checked with :func:`check_kwargs` unless ``kwargs_checked``).
+
+    Raises
+    ------
+    CheckpointError, ConfigError
+    """
+    builder = resolve_arch(arch, trusted=trusted)
+    shown = arch_name(arch)
+    kw = (
+        dict(kwargs or {}) if kwargs_checked else check_kwargs(kwargs, shown, from_file=not trusted)
+    )
+    try:
+        model = builder(**kw)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot construct {shown}(**{json.dumps(kw)}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{shown} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_info(builder: Builder, kwargs_json: str) -> tuple[str, dict[str, tuple[int, ...]]] | None:
+    """Class name and state-dict shapes of ``builder(**kwargs)``, built on the meta device.
+
+    The meta device allocates nothing and skips the weights' initial values, so
+    comparing a dozen candidate architectures costs little; results are cached.
+    """
+    try:
+        with torch.device("meta"):
+            model = builder(**json.loads(kwargs_json))
+    except Exception:  # a builder that cannot build with these arguments: nothing to infer
+        return None
+    if not isinstance(model, nn.Module):
+        return None
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    return kind, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _shapes(builder: Builder, kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    info = _meta_info(builder, json.dumps(dict(kwargs), sort_keys=True))
+    return None if info is None else info[1]
+
+
+def infer_num_classes(
+    builder: Builder, kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> int | None:
+    """``num_classes`` the state_dict's head says, when it differs from the builder's default.
+
+    The head is found by building the architecture twice on the meta device with two
+    class counts and seeing which tensors change; ``None`` when nothing needs changing
+    or the builder takes no ``num_classes``.
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> sd = torchvision.models.resnet18(num_classes=7).state_dict()
+    >>> infer_num_classes(torchvision.models.resnet18, {}, sd)
+    7
+    """
+    if "num_classes" in kwargs:
+        return None
+    base = _shapes(builder, kwargs)
+    probe = _shapes(builder, {**kwargs, "num_classes": 3})
+    if base is None or probe is None:
+        return None
+    head = [k for k, s in base.items() if k in probe and probe[k] != s and k in state]
+    found = {int(state[k].shape[0]) for k in head if state[k].ndim == len(base[k])}
+    default = {base[k][0] for k in head}
+    if len(found) != 1 or found == default:
+        return None
+    return found.pop()
+
+
+def _public_names() -> dict[int, str]:
+    """Per builder, its shortest dotted registered name (``torchvision.models.resnet18``)."""
+    best: dict[int, str] = {}
+    for name, fn in registered_archs().items():
+        key = id(fn)
+        dots = name.count(".")
+        if key not in best or (dots and (not best[key].count(".") or dots < best[key].count("."))):
+            best[key] = name
+    return best
+
+
+def arch_for_type(
+    type_name: str, state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any]
+) -> tuple[str | None, str]:
+    """The registered builder that makes a ``type_name`` model matching ``state``, and why.
+
+    ``type_name`` is a recorded model's class (a dump's ``modules[""].type``, e.g.
+    ``torchvision.models.resnet.ResNet``). Candidates are registered builders from that
+    class's module (or the class itself); each is built on the meta device and kept when
+    its state_dict has the same keys, and shapes equal to (or, for a pruned state_dict,
+    not smaller than) the checkpoint's. Returns ``(None, reason)`` unless exactly one fits.
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> sd = torchvision.models.resnet34(num_classes=5).state_dict()
+    >>> arch_for_type("torchvision.models.resnet.ResNet", sd, {})[0]
+    'torchvision.models.resnet34'
+    """
+    module = type_name.rpartition(".")[0]
+    names = _public_names()
+    seen: dict[int, Builder] = {}
+    for fn in registered_archs().values():
+        own = f"{fn.__module__}.{fn.__qualname__}" if isinstance(fn, type) else None
+        if own == type_name or (own is None and getattr(fn, "__module__", None) == module):
+            seen.setdefault(id(fn), fn)
+    if not seen:
+        return None, "no registered builder makes it"
+    exact, fits = [], []
+    keys = set(state)
+    for key, fn in seen.items():
+        info = _meta_info(fn, json.dumps(dict(kwargs), sort_keys=True))
+        if info is None or info[0] != type_name or set(info[1]) != keys:
+            continue
+        n = infer_num_classes(fn, kwargs, state)
+        shapes = (_shapes(fn, {**kwargs, "num_classes": n}) if n else info[1]) or {}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got == shapes:
+            exact.append(names[key])
+        elif all(
+            len(got[k]) == len(s) and all(a <= b for a, b in zip(got[k], s, strict=True))
+            for k, s in shapes.items()
+            if k in got and not k.endswith("num_batches_tracked")
+        ):
+            fits.append(names[key])
+    if len(exact) == 1 or (not exact and len(fits) == 1):
+        picked = (exact or fits)[0]
+        return picked, f"the recorded model is a {type_name} and {picked} matches the state_dict"
+    if exact or fits:
+        return None, f"several builders match: {', '.join(sorted(exact or fits))}"
+    return None, f"none of {len(seen)} candidate builders has the state_dict's keys and shapes"

@@ -1,0 +1,426 @@
+"""Load and save models: a checkpoint (tdump, state_dict, wrapped) -> model, and back.
+
+:func:`load` rebuilds the architecture (only a registered builder, or one the caller
+names), gives it the checkpoint's channel counts (from the tdump plan, from
+``like=`` the previous round's tdump checkpoint, or inferred from the state_dict's
+shapes), then loads the weights strictly. :func:`save` writes a tdump checkpoint.
+
+Examples
+--------
+>>> import os, tempfile, torch, torchvision
+>>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
+>>> save(path, torchvision.models.resnet18(num_classes=3), arch="torchvision.models.resnet18",
+...      arch_kwargs={"num_classes": 3})
+>>> model = load(path)
+>>> model.load_state_dict(torch.load(path, weights_only=True))  # a tdump checkpoint loads too
+<All keys matched successfully>
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdump.errors import CheckpointError, ConfigError
+from tdump.surgery._apply import apply_keeps
+from tdump.surgery._arch import (
+    Builder,
+    arch_for_type,
+    arch_name,
+    build_arch,
+    check_kwargs,
+    infer_num_classes,
+    resolve_arch,
+)
+from tdump.surgery._checkpoint import (
+    CKPT_FORMAT,
+    CheckpointInfo,
+    load_state,
+    read_checkpoint,
+    strip_prefix,
+    write_checkpoint,
+)
+from tdump.surgery._graph import build_graph
+from tdump.surgery._plan import LayerPlan, Plan, keeps_for
+from tdump.surgery._resize import resize_to
+
+__all__ = ["Provenance", "dump_model_type", "load", "provenance", "save", "strip_ranks_prefix"]
+
+_ATTR = "_tdump_provenance"
+
+
+@dataclass
+class Provenance:
+    """Where a model came from: set by :func:`load` and :func:`prune`, read by :func:`save`.
+
+    ``plan`` is cumulative: kept indices relative to the architecture's original
+    channels. ``notes`` says what :func:`load` inferred (architecture, ``num_classes``,
+    a stripped prefix, channel counts).
+    """
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    plan: Plan = field(default_factory=Plan)
+    rounds: int = 0
+    ignore: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def provenance(model: nn.Module) -> Provenance:
+    """The model's :class:`Provenance` (an empty one for a model tdump did not load or prune)."""
+    prov = model.__dict__.get(_ATTR)
+    return prov if isinstance(prov, Provenance) else Provenance()
+
+
+def _unwrap_tdump_checkpoint(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """Let ``model.load_state_dict(torch.load("pruned.pt"))`` take a whole tdump checkpoint."""
+    inner = state_dict.get(prefix + "state_dict")
+    if state_dict.get(prefix + "format") == CKPT_FORMAT and isinstance(inner, dict):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[key]
+        state_dict.update({prefix + k: v for k, v in inner.items()})
+
+
+def _auto_prefix(
+    sd: OrderedDict[str, torch.Tensor], own: Mapping[str, Any]
+) -> tuple[OrderedDict[str, torch.Tensor], str | None]:
+    """Strip a wrapper's prefix (``model.`` of a LightningModule) the architecture lacks."""
+    if not sd or all(k in own for k in sd):
+        return sd, None
+    heads = {k.split(".", 1)[0] for k in sd}
+    if len(heads) != 1 or "." not in next(iter(sd)):
+        return sd, None
+    prefix = heads.pop() + "."
+    if any(k.startswith(prefix) for k in own) or not all(k.startswith(prefix) for k in sd):
+        return sd, None
+    stripped = strip_prefix(sd, prefix)
+    if set(stripped) != set(own):
+        return sd, None
+    return stripped, prefix
+
+
+def _fit_shapes(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], ignore: str | None
+) -> Plan | None:
+    """Shrink ``model``'s coupled channels to the state_dict's conv shapes (first n kept)."""
+    own = model.state_dict()
+    if all(k not in own or own[k].shape == v.shape for k, v in sd.items()):
+        return None
+    graph = build_graph(model, ignore)
+    layers: dict[str, LayerPlan] = {}
+    for grp in graph.groups:
+        counts = {int(sd[f"{m}.weight"].shape[0]) for m in grp.members if f"{m}.weight" in sd}
+        if not counts or counts == {grp.size}:
+            continue
+        n = min(counts)
+        if len(counts) > 1 or n > grp.size or n % grp.blocks or grp.frozen:
+            raise CheckpointError(
+                f"the state_dict's channel counts for {', '.join(grp.members[:3])} ({sorted(counts)} "
+                f"of {grp.size}) do not fit the architecture; give the previous round's tdump checkpoint "
+                "with --like (like= in Python)"
+            )
+        per, k = grp.size // grp.blocks, n // grp.blocks
+        keep = [b * per + i for b in range(grp.blocks) for i in range(k)]
+        for member in grp.members:
+            layers[member] = LayerPlan(grp.size, keep)
+    plan = Plan(layers=layers)
+    try:
+        keeps = keeps_for(graph, plan)
+    except ConfigError as exc:
+        raise CheckpointError(f"cannot infer the pruned shapes: {exc}; use --like") from None
+    apply_keeps(model, graph, keeps)
+    return plan
+
+
+_INFERRED = (
+    "pruned shapes inferred from the state_dict ({} convs; "
+    "kept-channel indices unknown, recorded as 0..n-1)"
+)
+_PLAN_ATTR = "_tdump_inferred_plan"
+
+
+def provenance_plan(model: nn.Module) -> Plan:
+    """The plan :func:`_apply_with_graph` inferred (an empty one if none)."""
+    plan = model.__dict__.pop(_PLAN_ATTR, None)
+    return plan if isinstance(plan, Plan) else Plan()
+
+
+def _apply_with_graph(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    cumulative: Plan,
+    ignore: str | None,
+    source: str,
+    name: str,
+    notes: list[str],
+) -> None:
+    """Shrink ``model`` through its traced channel graph: the plan's keeps, or inferred ones."""
+    if cumulative.layers:
+        graph = build_graph(model, ignore)
+        try:
+            keeps = keeps_for(graph, cumulative)
+        except ConfigError as exc:
+            raise CheckpointError(
+                f"{source}: its channel plan does not fit {name}: {exc}"
+            ) from None
+        apply_keeps(model, graph, keeps)
+        return
+    inferred = _fit_shapes(model, sd, ignore)
+    if inferred is not None:
+        model.__dict__[_PLAN_ATTR] = inferred
+        notes.append(_INFERRED.format(len(inferred.layers)))
+
+
+def _choose_arch(
+    path: str,
+    info: CheckpointInfo,
+    sd: Mapping[str, torch.Tensor],
+    arch: str | None,
+    arch_kwargs: dict[str, Any] | None,
+    model_type: str | None,
+    notes: list[str],
+) -> tuple[str, dict[str, Any], bool]:
+    """``(arch, kwargs, trusted)``: the user's arch wins; a file's must be registered."""
+    if arch is not None:
+        if info.arch and info.arch != arch:
+            notes.append(f"--arch {arch} overrides the checkpoint's {info.arch}")
+        if arch_kwargs is not None:
+            return arch, check_kwargs(arch_kwargs, "--arch-kwargs", from_file=False), True
+        same = info.arch == arch
+        kwargs = check_kwargs(info.arch_kwargs if same else {}, path, from_file=True)
+        return arch, kwargs, True
+    if info.arch:
+        resolve_arch(
+            info.arch, trusted=False, where=path
+        )  # refuses an unregistered name before anything runs
+        if arch_kwargs is not None:
+            return info.arch, check_kwargs(arch_kwargs, "--arch-kwargs", from_file=False), False
+        return info.arch, check_kwargs(info.arch_kwargs, path, from_file=True), False
+    if model_type:
+        found, why = arch_for_type(model_type, sd, arch_kwargs or {})
+        if found is not None:
+            notes.append(f"architecture {found} inferred ({why})")
+            return found, dict(arch_kwargs or {}), False
+        raise CheckpointError(
+            f"{path} is a plain state_dict and the recorded model type {model_type} matches no "
+            f"registered builder ({why}); pass --arch (e.g. --arch torchvision.models.resnet18)"
+        )
+    raise CheckpointError(
+        f"{path} is a plain state_dict; say which model it belongs to with --arch "
+        "(e.g. --arch torchvision.models.resnet18 --arch-kwargs '{\"num_classes\": 10}'), "
+        "or --like the previous round's tdump checkpoint"
+    )
+
+
+def load(
+    path: str | os.PathLike[str],
+    arch: str | Builder | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    *,
+    ignore: str | None = None,
+    like: str | os.PathLike[str] | None = None,
+    prefix: str | None = None,
+    model_type: str | None = None,
+) -> nn.Module:
+    """Rebuild a model from a checkpoint (weights only; nothing named in a file is imported).
+
+    Parameters
+    ----------
+    path : path
+        A tdump checkpoint, a state_dict (plain ``torch.save(model.state_dict())``,
+        pruned or not), or a dict holding one under ``state_dict``/``model``/...
+    arch : str or class, optional
+        Import path, registered name, or the model class itself (``arch=Net``) of the
+        **unpruned** architecture. What you pass is trusted and overrides the file; an ``arch`` read from a file must be a
+        registered builder (torchvision's, or :func:`tdump.surgery.register_arch`).
+    arch_kwargs : dict, optional
+        Keyword arguments of ``arch`` (default: the file's; ``num_classes`` is inferred
+        from the state_dict's head when absent).
+    ignore : str, optional
+        Regex of modules to keep whole when tracing (default: the file's).
+    like : path, optional
+        The previous round's tdump checkpoint: its architecture and kept channels give
+        the shapes of ``path`` (a state_dict saved after fine-tuning a pruned model).
+        Without it, a pruned state_dict's channel counts are inferred from its shapes.
+    prefix : str, optional
+        A wrapper prefix to strip from the state_dict's keys (``model.``); detected
+        when every key carries one the architecture lacks.
+    model_type : str, optional
+        The recorded model's class (a dump's ``modules[""].type``): picks a registered
+        builder for a plain state_dict when ``arch`` is not given.
+
+    Returns
+    -------
+    nn.Module
+        With its :class:`Provenance` (``provenance(model).notes`` lists what was
+        inferred), so :func:`prune` and :func:`save` compose rounds. Its
+        ``load_state_dict`` also accepts a whole tdump checkpoint.
+
+    Raises
+    ------
+    CheckpointError
+        Unreadable or foreign files, unregistered architectures named by a file,
+        checkpoints that do not match the architecture.
+
+    Examples
+    --------
+    >>> model = load("pruned.pt")  # doctest: +SKIP
+    >>> model = load("finetuned.pt", like="pruned.pt")  # doctest: +SKIP
+    >>> model = load("pruned.pt", arch=MyNet)  # your own class, trusted  # doctest: +SKIP
+    """
+    shown = os.fspath(path)
+    sd, info = read_checkpoint(path)
+    notes: list[str] = []
+    if like is not None and info.kind != "tdump":
+        _, base = read_checkpoint(like)
+        if base.kind != "tdump":
+            raise CheckpointError(
+                f"--like {os.fspath(like)} is not a tdump checkpoint; give the checkpoint "
+                "`tdump prune` wrote in the previous round"
+            )
+        if info.arch and arch is None and info.arch != base.arch:
+            notes.append(f"the architecture comes from {os.fspath(like)} ({base.arch})")
+    else:
+        if like is not None:
+            notes.append(f"--like {os.fspath(like)} not needed: {shown} is a tdump checkpoint")
+        base = info
+    if prefix:
+        sd = strip_prefix(sd, prefix)
+    given = None if arch is None else arch_name(arch)
+    name, kwargs, trusted = _choose_arch(shown, base, sd, given, arch_kwargs, model_type, notes)
+    builder = resolve_arch(arch if arch is not None else name, trusted=trusted)
+    model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
+    if not prefix:
+        sd, found = _auto_prefix(sd, {k: 0 for k in model.state_dict()})
+        if found:
+            notes.append(f"stripped the prefix {found!r} from the checkpoint's keys")
+    if "num_classes" not in kwargs:
+        n = infer_num_classes(builder, kwargs, sd)
+        if n is not None:
+            kwargs = {**kwargs, "num_classes": n}
+            notes.append(f"num_classes={n} inferred from the state_dict's classifier")
+            model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
+    ignore = base.ignore or ignore
+    cumulative = Plan.from_dict({"layers": base.plan}) if base.plan else Plan()
+    source = os.fspath(like or path)
+    # shapes come from the state_dict, module by module: no fx trace while loading
+    resized = resize_to(model, sd)
+    if resized is None:  # a module type without a resize rule: the channel graph instead
+        model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
+        _apply_with_graph(model, sd, cumulative, ignore, source, name, notes)
+        if not cumulative.layers:
+            cumulative = provenance_plan(model)
+    else:
+        mods = dict(model.named_modules())
+        for layer, lp in cumulative.layers.items():
+            got = getattr(mods.get(layer), "out_channels", None)
+            if got != len(lp.keep):
+                raise CheckpointError(
+                    f"{shown} does not have the shapes {source}'s plan gives ({layer}: {got} "
+                    f"channels, the plan keeps {len(lp.keep)}); give the matching previous-round "
+                    "checkpoint with --like"
+                )
+        if not cumulative.layers and resized:
+            cumulative = Plan(layers=resized)
+            notes.append(_INFERRED.format(len(resized)))
+    hint = (
+        "give the matching previous-round checkpoint with --like"
+        if like is not None or base.plan
+        else "check --arch and --arch-kwargs"
+    )
+    load_state(model, sd, name, shown, hint)
+    model.register_load_state_dict_pre_hook(_unwrap_tdump_checkpoint)
+    model.__dict__[_ATTR] = Provenance(name, dict(kwargs), cumulative, base.rounds, ignore, notes)
+    return model
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    arch: str | Builder | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model`` as a tdump checkpoint (atomically; see docs/FORMAT.md section 3).
+
+    ``arch``/``arch_kwargs`` default to what :func:`load` recorded; a model built in
+    Python needs ``arch`` (a name whose call with ``arch_kwargs`` builds the unpruned
+    architecture: a torchvision builder, an import path, or a
+    :func:`~tdump.surgery.register_arch` name, which is what lets :func:`load` build
+    it again without ``arch=``).
+
+    Examples
+    --------
+    >>> import numpy as np, torchvision
+    >>> from tdump.surgery import prune
+    >>> small, _ = prune(torchvision.models.resnet18(), {"conv1": np.arange(64.0)}, count=8)
+    >>> save("pruned.pt", small, arch="torchvision.models.resnet18")  # doctest: +SKIP
+    """
+    prov = provenance(model)
+    name = arch_name(arch) if arch is not None else prov.arch
+    if name is None:
+        raise ConfigError(
+            "save needs arch= (e.g. torchvision.models.resnet18) for a model tdump did not load"
+        )
+    kwargs = dict(arch_kwargs) if arch_kwargs is not None else prov.arch_kwargs
+    layers = prov.plan.to_dict()["layers"]
+    write_checkpoint(path, model, name, kwargs, layers, rounds=prov.rounds, ignore=prov.ignore)
+
+
+def strip_ranks_prefix(
+    ranks: Any, model: nn.Module, prefix: str | None = None
+) -> tuple[Any, str | None]:
+    """Map a ranks DataFrame's layer names onto ``model``: drop a wrapper's prefix.
+
+    A LightningModule (or any wrapper) records ``model.conv1`` where the checkpoint's
+    model has ``conv1``. ``prefix`` strips that text from the names that start with it;
+    without it, a prefix is stripped when no ranked layer is in ``model`` but all of
+    them are once their shared first component is removed. Returns ``(ranks, prefix
+    stripped or None)``.
+
+    Examples
+    --------
+    >>> import pandas as pd, torch
+    >>> df = pd.DataFrame({"layer": ["model.0"], "channel": [0], "score": [1.0]})
+    >>> strip_ranks_prefix(df, torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)))[1]
+    'model.'
+    """
+    names = {n for n, _ in model.named_modules()}
+    layers = [str(v) for v in ranks["layer"].unique()]
+    if prefix is None:
+        if not layers or any(n in names for n in layers):
+            return ranks, None
+        heads = {n.split(".", 1)[0] for n in layers}
+        if len(heads) != 1 or not all("." in n for n in layers):
+            return ranks, None
+        prefix = heads.pop() + "."
+        if not all(n[len(prefix) :] in names for n in layers):
+            return ranks, None
+    elif not any(n.startswith(prefix) for n in layers):
+        raise ConfigError(
+            f"--prefix {prefix!r} starts no ranked layer name (they look like {layers[0]!r})"
+        )
+    out = ranks.copy()
+    out["layer"] = [n[len(prefix) :] if n.startswith(prefix) else n for n in out["layer"]]
+    out.attrs = dict(ranks.attrs)
+    return out, prefix
+
+
+def dump_model_type(dump: str | os.PathLike[str]) -> str | None:
+    """The recorded model's class (``modules[""].type`` of rank 0), or None if not recorded."""
+    from tdump._format import StoreReader
+
+    reader = StoreReader(os.fspath(dump))
+    ranks = reader.ranks()
+    modules = reader.meta(ranks[0] if ranks else 0).get("modules")
+    root = modules.get("") if isinstance(modules, dict) else None
+    kind = root.get("type") if isinstance(root, dict) else None
+    return kind if isinstance(kind, str) and kind else None

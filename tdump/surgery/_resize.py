@@ -1,0 +1,130 @@
+"""Give a freshly built model the tensor shapes of a (pruned) state_dict, module by module.
+
+No tracing: each module whose own parameters or buffers differ in shape from the
+state_dict gets empty tensors of those shapes and its shape attributes fixed
+(``out_channels``, ``in_channels``, ``groups``, ``num_features``, ``in_features``, ...);
+``load_state_dict(strict=True)`` then fills and validates them. Loading never runs
+torch.fx, so a script recorded by ``tdump record`` that calls ``tdump.load`` is not
+traced behind the capture's back. Module types without a rule make :func:`resize_to`
+return ``None`` (the caller falls back to the channel graph).
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> small = nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5)).state_dict()
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+>>> sorted(resize_to(model, small))
+['0']
+>>> model[0].out_channels, model[1].num_features
+(5, 5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from tdump.surgery._plan import LayerPlan
+
+__all__ = ["resize_to"]
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+class _NoRule(Exception):
+    """A module whose shapes changed but which no rule covers."""
+
+
+def _conv(m: nn.Module, shp: Shapes) -> None:
+    conv: nn.modules.conv._ConvNd = m  # type: ignore[assignment]
+    w = shp.get("weight")
+    if w is None or conv.transposed:
+        raise _NoRule
+    out, per_in = int(w[0]), int(w[1])
+    g0, in0, out0 = conv.groups, conv.in_channels, conv.out_channels
+    depthwise = g0 > 1 and g0 == in0 and out0 % in0 == 0  # (x multiplier): groups follow
+    groups = out // (out0 // in0) if depthwise else g0
+    conv.out_channels, conv.in_channels, conv.groups = out, per_in * groups, groups
+
+
+def _norm(m: nn.Module, shp: Shapes) -> None:
+    n = (shp.get("weight") or shp.get("running_mean") or (0,))[0]
+    m.num_features = int(n)  # type: ignore[assignment]
+
+
+def _linear(m: nn.Module, shp: Shapes) -> None:
+    out, inp = shp["weight"]
+    m.out_features, m.in_features = int(out), int(inp)  # type: ignore[assignment]
+
+
+def _group_norm(m: nn.Module, shp: Shapes) -> None:
+    m.num_channels = int(shp["weight"][0])  # type: ignore[assignment]
+
+
+def _layer_norm(m: nn.Module, shp: Shapes) -> None:
+    m.normalized_shape = tuple(int(v) for v in shp["weight"])  # type: ignore[assignment]
+
+
+#: How each module type's shape attributes follow its tensors (first isinstance match).
+RULES: list[tuple[type[nn.Module], Callable[[nn.Module, Shapes], None]]] = [
+    (nn.modules.conv._ConvNd, _conv),
+    (nn.modules.batchnorm._NormBase, _norm),
+    (nn.Linear, _linear),
+    (nn.GroupNorm, _group_norm),
+    (nn.LayerNorm, _layer_norm),
+]
+
+
+def _conv_plan(conv: nn.modules.conv._ConvNd, out0: int, groups0: int) -> LayerPlan | None:
+    """First channels of each block kept: the plan entry of a conv whose outputs shrank."""
+    out = conv.out_channels
+    if out >= out0 or (groups0 > 1 and groups0 == out0):
+        return None  # unchanged, or depthwise (its channels follow its inputs')
+    blocks = groups0 if groups0 > 1 else 1
+    per, k = out0 // blocks, out // blocks
+    return LayerPlan(out0, [b * per + i for b in range(blocks) for i in range(k)])
+
+
+@torch.no_grad()
+def resize_to(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, LayerPlan] | None:
+    """Resize ``model``'s tensors to ``sd``'s shapes; return the convs whose outputs shrank.
+
+    Returns ``{conv: LayerPlan(original channels, first kept)}`` (empty when nothing
+    changed), or ``None`` without touching ``model`` when a changed module has no rule.
+    """
+    changes: list[tuple[nn.Module, str, Callable[[nn.Module, Shapes], None], Shapes]] = []
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = dict(mod.named_parameters(recurse=False)) | dict(mod.named_buffers(recurse=False))
+        shp = {k: tuple(sd[prefix + k].shape) for k in own if prefix + k in sd}
+        if all(tuple(own[k].shape) == s for k, s in shp.items()):
+            continue
+        rule = next((fn for kind, fn in RULES if isinstance(mod, kind)), None)
+        if rule is None:
+            return None
+        changes.append((mod, name, rule, shp))
+    plan: dict[str, LayerPlan] = {}
+    for mod, name, rule, shp in changes:
+        before = (getattr(mod, "out_channels", 0), getattr(mod, "groups", 1))
+        try:
+            rule(mod, shp)
+        except (_NoRule, KeyError, ValueError):
+            return None
+        prefix = f"{name}." if name else ""
+        for key, shape in shp.items():
+            old = getattr(mod, key)
+            if tuple(old.shape) == shape:
+                continue
+            fresh = torch.empty(shape, dtype=sd[prefix + key].dtype, device=old.device)
+            if isinstance(old, nn.Parameter):
+                setattr(mod, key, nn.Parameter(fresh, requires_grad=old.requires_grad))
+            else:
+                mod._buffers[key] = fresh
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            entry = _conv_plan(mod, *before)
+            if entry is not None:
+                plan[name] = entry
+    return plan

@@ -1,0 +1,67 @@
+"""A training script for `tdump loop` tests: the interface a user's script needs.
+
+Starts from ``TDUMP_INIT`` (a tdump checkpoint) when set, else builds ``TinyNet``;
+trains a few deterministic steps on synthetic data; reports eval accuracy and loss
+with ``tdump.report`` (unless ``--no-report``); saves ``model.state_dict()`` to
+``TDUMP_OUT`` (unless ``--no-save``). With ``LOOP_TEST_CRASH_ROUND=R`` in the
+environment it exits with status 3 in round R (the crash test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from tinynet import TinyNet
+from torch import nn
+
+import tdump
+
+
+def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 3, 8, 8, generator=g) + y.view(-1, 1, 1, 1) * 0.5
+    x[:, 0] *= 1 + y.view(-1, 1, 1).float()
+    return x, y
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rnd = int(os.environ.get("TDUMP_ROUND", "0"))
+    if rnd == int(os.environ.get("LOOP_TEST_CRASH_ROUND", "-1")):
+        print(f"injected failure in round {rnd}", file=sys.stderr)
+        sys.exit(3)
+    init = os.environ.get("TDUMP_INIT")
+    model = tdump.load(init) if init else TinyNet()
+    x, y = data(256, seed=1)
+    xt, yt = data(128, seed=2)
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(args.steps):
+        i = (step * 32) % len(x)
+        opt.zero_grad()
+        loss = crit(model(x[i : i + 32]), y[i : i + 32])
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(xt)
+        loss = crit(logits, yt)
+    if not args.no_report:
+        tdump.report(accuracy=(logits.argmax(1) == yt).float().mean(), loss=loss)
+    if not args.no_save:
+        torch.save(model.state_dict(), os.environ["TDUMP_OUT"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""`tdump loop` end to end on a tiny net: rounds, checkpoints, stop, resume, crash, MLflow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tdump
+from tests.loop.conftest import (
+    BASE,
+    SCRIPTS,
+    STOP,
+    TRAIN,
+    comparable,
+    rows_of,
+    run_tdump,
+    tdump_cmd,
+)
+
+
+def _script_data() -> Any:
+    """The training script's own data() (loaded by path, its folder importable)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec = importlib.util.spec_from_file_location("train_loop_data", TRAIN)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.data
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def test_three_rounds_shrink_and_every_checkpoint_runs(base: tuple[Path, str | None]) -> None:
+    exp, _ = base
+    rows = rows_of(exp)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    params = [r["params"] for r in rows]
+    assert params[0] > params[1] > params[2]
+    xt, yt = _script_data()(128, seed=2)
+    sys.path.insert(0, str(SCRIPTS))  # the checkpoints name tinynet.TinyNet
+    try:
+        for r in rows:
+            for key in (
+                "accuracy",
+                "loss",
+                "train_accuracy",
+                "train_loss",
+                "params_ratio",
+                "flops_ratio",
+            ):
+                assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
+            folder = exp / f"round_{r['round']:03d}"
+            raw = torch.load(folder / "model.pt", weights_only=True)  # as the script saved it
+            ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+            assert ckpt["format"] == "tdump.checkpoint"
+            model = tdump.load(folder / "checkpoint.pt").eval()
+            assert sum(p.numel() for p in model.parameters()) == r["params"]
+            assert {k: v.shape for k, v in raw.items()} == {
+                k: v.shape for k, v in model.state_dict().items()
+            }
+            assert r["channels"] == {
+                "conv1": model.conv1.out_channels,
+                "conv2": model.conv2.out_channels,
+            }
+            with torch.no_grad():
+                logits = model(xt)
+            # the reported accuracy, recomputed independently from the saved checkpoint
+            assert r["accuracy"] == pytest.approx(float((logits.argmax(1) == yt).float().mean()))
+            # and the no-code path (eval loss inputs in the dump) agrees with the report
+            assert r["eval_accuracy"] == pytest.approx(r["accuracy"])
+            assert r["loss"] == pytest.approx(
+                float(torch.nn.functional.cross_entropy(logits, yt)), rel=1e-5
+            )
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    assert rows[1]["accuracy_drop"] == pytest.approx(rows[0]["accuracy"] - rows[1]["accuracy"])
+    assert rows[2]["params_ratio"] == pytest.approx(params[2] / params[0])
+    assert all(r["removed"] == 6 for r in rows[1:])
+    commands = (exp / "commands.sh").read_text()
+    assert commands.count("tdump rank ") == 2 and commands.count("tdump prune ") == 2
+    assert commands.count("tdump record ") == 3
+
+
+def test_experiments_show_plot_compare(base: tuple[Path, str | None], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tdump.cli.app import app
+
+    exp, _ = base
+    runner = CliRunner()
+    shown = runner.invoke(app, ["experiments", "show", str(exp), "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.stdout)
+    assert data["status"] == "stopped" and data["rounds"] == rows_of(exp)
+    text = runner.invoke(app, ["experiments", "show", str(exp)])
+    assert "round 2 stopped the loop: stop-when" in text.stdout
+    assert "status: stopped" in text.stdout
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curve.png"
+    plot = runner.invoke(app, ["experiments", "plot", str(exp), "-o", str(png)])
+    assert plot.exit_code == 0, plot.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    cmp_png = tmp_path / "cmp.png"
+    cmp = runner.invoke(app, ["experiments", "compare", str(exp), str(exp), "-o", str(cmp_png)])
+    assert cmp.exit_code == 0 and cmp_png.stat().st_size > 10_000
+
+
+def test_mlflow_runs_read_back_from_the_server(
+    base: tuple[Path, str | None], mlflow_server: Any
+) -> None:
+    exp, uri = base
+    assert uri is not None
+    mlflow_server[1]()  # the server is up
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[f"tdump/{exp.name}"], order_by=["params.round ASC"])
+    rows = rows_of(exp)
+    assert sorted(runs["params.round"].astype(int)) == [0, 1, 2]
+    by_round = {int(r["params.round"]): r for _, r in runs.iterrows()}
+    for row in rows:
+        run = by_round[row["round"]]
+        assert run["metrics.params"] == row["params"]
+        assert run["metrics.accuracy"] == pytest.approx(row["accuracy"])
+        arts = [
+            a.path for a in mlflow.MlflowClient(uri).list_artifacts(run["run_id"], "checkpoint")
+        ]
+        assert arts == ["checkpoint/checkpoint.pt"]
+
+
+def test_stop_when_stops_at_the_first_round_it_holds(base: tuple[Path, str | None]) -> None:
+    exp, _ = base
+    rows = rows_of(exp)  # --rounds 4 --stop-when 'params_ratio < 0.6 and accuracy > 0'
+    assert [r["params_ratio"] >= 0.6 for r in rows] == [True, True, False]
+    assert [r["stop_reason"] for r in rows[:2]] == [None, None]
+    reason = rows[2]["stop_reason"]
+    assert reason.startswith("stop-when: params_ratio < 0.6 and accuracy > 0 (accuracy=")
+    assert f"params_ratio={rows[2]['params_ratio']:.4g}" in reason
+    assert not (exp / "round_003").exists()
+    state = json.loads((exp / "state.json").read_text())
+    assert state["status"] == "stopped" and state["stop_reason"] == reason
+
+
+def _wait_for_stage(exp: Path, r: int, stage: str, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the loop ended before the stage to interrupt"
+        try:
+            state = json.loads((exp / "state.json").read_text())
+        except (FileNotFoundError, ValueError):
+            state = {}
+        if state.get("round") == r and (state.get("running") or {}).get("stage") == stage:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"round {r} {stage} never started")
+
+
+def test_sigkill_in_rank_then_crash_then_resume(
+    base: tuple[Path, str | None], tmp_path: Path
+) -> None:
+    exp = tmp_path / "exp"
+    args = ["loop", TRAIN, *STOP, *BASE, "--experiment", str(exp)]
+    proc = subprocess.Popen(tdump_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)  # fmt: skip
+    _wait_for_stage(exp, 2, "rank", proc)
+    time.sleep(0.5)  # well inside the rank process
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(rows_of(exp)) == 2
+    round1 = {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (exp / "round_001").iterdir()
+    }
+    rounds1_logged = (exp / "commands.sh").read_text().count("# round 1:")
+
+    # resumed, the script now fails in round 2: its error and exit code, rounds 0-1 intact
+    crashed = run_tdump(
+        "loop", "--resume", "--experiment", str(exp), env={"LOOP_TEST_CRASH_ROUND": "2"}
+    )
+    assert crashed.returncode == 3
+    err = crashed.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: round 2 train failed (exit 3): injected failure in round 2"
+    )
+    assert [r["round"] for r in rows_of(exp)] == [0, 1]
+    show = run_tdump("experiments", "show", str(exp), "--json")
+    shown = json.loads(show.stdout)
+    assert shown["status"] == "failed" and "injected failure" in shown["error"]
+    assert [r["round"] for r in shown["rounds"]] == [0, 1]
+
+    resumed = run_tdump("loop", "--resume", "--experiment", str(exp))
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(rows_of(exp)) == comparable(rows_of(base[0]))
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (exp / "round_001").iterdir()}
+    assert after == round1  # round 1 neither redone nor touched
+    assert (exp / "commands.sh").read_text().count("# round 1:") == rounds1_logged
+    assert not list(exp.rglob("*.partial*"))

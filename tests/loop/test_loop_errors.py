@@ -1,0 +1,99 @@
+"""Bad input to `tdump loop`: one line, exit != 0, nothing written or overwritten."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tdump.errors import ConfigError
+from tdump.loop import Experiment, parse_stop
+from tests.loop.conftest import BASE, TRAIN, run_tdump
+
+
+def _one_line_error(proc: object) -> str:
+    stderr = proc.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert proc.returncode != 0 and len(stderr) == 1, stderr  # type: ignore[attr-defined]
+    assert stderr[0].startswith("error: ")
+    return stderr[0]
+
+
+def test_missing_script(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    line = _one_line_error(
+        run_tdump("loop", str(tmp_path / "nope.py"), *BASE, "--experiment", str(exp))
+    )
+    assert "no training script at" in line and not exp.exists()
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "__import__('os').system('touch PWNED')",
+        "accuracy >",
+        "lr < 0.1",
+        "accuracy_drop + 1",
+        "(lambda: 1)() > 0",
+    ],
+)
+def test_bad_stop_when_is_refused_and_never_run(tmp_path: Path, expr: str) -> None:
+    exp = tmp_path / "exp"
+    line = _one_line_error(
+        run_tdump("loop", TRAIN, *BASE, "--stop-when", expr, "--experiment", str(exp))
+    )
+    assert "--stop-when" in line and not exp.exists() and not Path("PWNED").exists()
+    with pytest.raises(ConfigError):
+        parse_stop(expr)
+
+
+def test_stop_expression_semantics() -> None:
+    cond = parse_stop("not (accuracy_drop > 0.1) and 0.2 <= params_ratio < 0.5 or round >= 7")
+    assert cond.evaluate({"accuracy_drop": 0.05, "params_ratio": 0.3, "round": 1}) is True
+    assert cond.evaluate({"accuracy_drop": 0.2, "params_ratio": 0.3, "round": 1}) is False
+    assert cond.evaluate({"accuracy_drop": 0.2, "params_ratio": 0.3, "round": 7}) is True
+    assert cond.evaluate({"accuracy_drop": 0.0, "params_ratio": 0.5, "round": 0}) is False
+    with pytest.raises(ConfigError, match="needs accuracy"):
+        parse_stop("accuracy < -0.5").evaluate({"accuracy": None})
+
+
+def test_non_empty_directory_that_is_not_an_experiment(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "notes.txt").write_text("mine")
+    line = _one_line_error(run_tdump("loop", TRAIN, *BASE, "--experiment", str(exp)))
+    assert "not a tdump experiment" in line
+    assert sorted(p.name for p in exp.iterdir()) == ["notes.txt"]
+    assert (exp / "notes.txt").read_text() == "mine"
+
+
+def test_second_loop_on_a_locked_experiment_refuses(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    Experiment.create(exp, {"script": TRAIN, "rounds": 3, "count": 6})
+    before = (exp / "experiment.json").read_text()
+    with Experiment.lock(exp):
+        line = _one_line_error(run_tdump("loop", "--resume", "--experiment", str(exp)))
+    assert "in use by another tdump loop" in line
+    assert (exp / "experiment.json").read_text() == before and not (exp / "state.json").exists()
+
+
+def test_script_that_never_saves_its_checkpoint(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    proc = run_tdump("loop", TRAIN, *BASE, "--experiment", str(exp), "--", "--no-save")
+    line = _one_line_error(proc)
+    assert "saved no checkpoint at" in line and "TDUMP_OUT" in line
+    assert not (exp / "round_000" / "model.pt").exists() and not (exp / "rounds.jsonl").exists()
+    assert json.loads((exp / "state.json").read_text())["status"] == "failed"
+
+
+def test_count_larger_than_what_can_be_pruned(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    proc = run_tdump(
+        "loop", TRAIN, *[a if a != "6" else "31" for a in BASE], "--experiment", str(exp)
+    )
+    line = _one_line_error(proc)
+    # TinyNet: 16 + 16 conv channels, each layer keeps one: 30 can go
+    assert "--count 31 is more than the 30 channels" in line
+    assert (exp / "round_000" / "checkpoint.pt").exists() and not (
+        exp / "round_001" / "ranks.parquet"
+    ).exists()

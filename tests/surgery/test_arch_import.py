@@ -1,0 +1,85 @@
+"""A model class in the user's training script (issue 8, defect 6): imported, never re-run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tdump.surgery as surgery
+from tdump.errors import ConfigError
+
+GUARDED = '''"""train.py: a model class and a training run under the main guard."""
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+WIDTH = 6
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, WIDTH, 3)
+        self.fc = nn.Linear(WIDTH, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def main() -> None:
+    Path("TRAINED").write_text("the training ran")
+    torch.save(Net().state_dict(), "ckpt.pt")
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+UNGUARDED = GUARDED.replace('if __name__ == "__main__":\n    main()\n', "main()\n")
+LOOPING = GUARDED.replace(
+    'if __name__ == "__main__":\n    main()\n', "for epoch in range(2):\n    main()\n"
+)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m in ("mytrain", "badtrain") or "_tdump_user_" in m]:
+        monkeypatch.delitem(sys.modules, name)
+    (tmp_path / "mytrain.py").write_text(GUARDED)
+    (tmp_path / "badtrain.py").write_text(UNGUARDED)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "loops.py").write_text(LOOPING)
+    return tmp_path
+
+
+def test_user_class_without_running_training(project: Path) -> None:
+    model = surgery.build_arch("mytrain.py:Net", {"num_classes": 5})
+    assert model.fc.out_features == 5 and type(model).__name__ == "Net"
+    assert type(surgery.build_arch("mytrain:Net")).__name__ == "Net"
+    assert type(surgery.build_arch(str(project / "mytrain.py") + ":Net")).__name__ == "Net"
+    assert not (project / "TRAINED").exists() and not (project / "ckpt.pt").exists()
+    # a checkpoint of it round-trips when the user names the class again
+    surgery.save(project / "m.pt", model, arch="mytrain.py:Net", arch_kwargs={"num_classes": 5})
+    back = surgery.load(project / "m.pt", "mytrain.py:Net")
+    torch.testing.assert_close(back.fc.weight, model.fc.weight, rtol=0, atol=0)
+    assert not (project / "TRAINED").exists()
+
+
+@pytest.mark.parametrize(
+    ("arch", "line"),
+    [("badtrain.py:Net", "main()"), ("badtrain:Net", "main()"), ("sub/loops.py:Net", "for epoch")],
+)
+def test_script_that_trains_on_import_is_refused(project: Path, arch: str, line: str) -> None:
+    with pytest.raises(ConfigError, match="runs code when imported") as err:
+        surgery.build_arch(arch)
+    msg = str(err.value)
+    assert line in msg and 'if __name__ == "__main__":' in msg and "\n" not in msg
+    assert not (project / "TRAINED").exists() and not (project / "ckpt.pt").exists()
