@@ -17,10 +17,8 @@ def test_spatial_dot_mean_matches_float64(dtype: type, shape: tuple[int, ...]) -
     got = _spatial_dot_mean(a, g)
     assert got.dtype == np.float64 and got.shape == shape[:2]
     a64, g64 = a.astype(np.float64), g.astype(np.float64)
-    if len(shape) > 2:
-        ref = (a64 * g64).reshape(shape[0], shape[1], -1).mean(axis=-1)
-    else:
-        ref = a64 * g64
+    prod = a64 * g64
+    ref = prod.reshape(shape[0], shape[1], -1).mean(axis=-1) if len(shape) > 2 else prod
     # exact products (float32 x float32 fits float64), float64 sums: only summation order differs
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-300)
 
