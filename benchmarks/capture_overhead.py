@@ -184,7 +184,7 @@ def main() -> None:
     lines += [
         "",
         "CPU seconds (all threads of the process) over the un-hooked run's, same round: the",
-        "work each configuration adds, unaffected by other load on the machine (mean [min-max]):",
+        "work each configuration adds (on a loaded machine, spinning OpenMP threads inflate it too):",
     ]
     for label in labels[1:]:
         row = f"{label:<36}"
