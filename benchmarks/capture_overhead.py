@@ -1,175 +1,235 @@
-"""Capture overhead: resnet18 on the CPU, hooked vs un-hooked, interleaved in one run.
+"""Capture overhead: total training time with the hook over without, each run its own process.
 
-Setup (issue 2): torchvision resnet18, batch 32x3x64x64, SGD steps, the seed's
-selection (ReLU outputs and their gradients, weights, biases, parameter gradients,
-BatchNorm running stats) at save_interval 100, 10 and 1. Two identical models train
-side by side on the same batches, one with a :class:`tdump.capture.Hook` and one
-without, alternating which goes first, so machine noise hits both alike.
+Setup (issue 12): torchvision resnet18, SGD steps on one fixed batch 32x3x64x64, the
+seed's selection (ReLU outputs and their gradients, weights, biases, parameter
+gradients, BatchNorm running stats) at save_interval 100, 10 and 1. Every
+configuration runs in its own process (``benchmarks/_train_child.py``): the un-hooked
+run, tdump with its defaults, optional variants, and optionally smdebug 1.0.34 (the
+seed's hook, ``--peer-python``, see ``benchmarks/peer_smdebug.py``). Configurations
+run interleaved, round after round, with the order rotated each round, so that
+other load on the machine hits every configuration alike.
 
-Reported per interval: the ratio of **mean** step time (what total training time
-feels; includes back-pressure from the writer), the ratio of median step time, a
-saved step vs an un-saved hooked step and vs the un-hooked median, write throughput
-of the background writer, and bytes per saved step raw vs stored. Targets: mean
-ratio <= 1.01 at 100, <= 1.05 at 10, <= 1.5 at 1; a saved step <= 1.3x an unsaved one.
+Figure = total time of the steps, **from creating the hook to the return of its
+close()** (everything queued written), over the un-hooked run's in the same round;
+enough steps that the writer's queue cannot hide work (200 at intervals 100 and 10,
+30 at every step). Also reported: stored MB per saved step, and where a saved step's
+time goes on the training thread and on the writer thread.
 
-    python benchmarks/capture_overhead.py            # the reference run (~3-5 min on 2 cores)
-    python benchmarks/capture_overhead.py --quick    # smoke run: 32x3x32x32, fewer steps
+    python benchmarks/capture_overhead.py                    # reference run (~25 min on 2 cores)
+    python benchmarks/capture_overhead.py --quick            # < 3 min: 32x32 images, fewer steps
+    python benchmarks/capture_overhead.py --device cuda --quick
+    python benchmarks/capture_overhead.py --variants --save benchmarks/results/capture_overhead.txt
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torchvision
-from torch import nn
+HERE = Path(__file__).resolve().parent
+CHILD = HERE / "_train_child.py"
 
-from tdump.capture import DEFAULT_INCLUDE, Hook
-
-
-def _step(
-    model: nn.Module, opt: torch.optim.Optimizer, crit: nn.Module, x: torch.Tensor, y: torch.Tensor
-) -> float:
-    t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    crit(model(x), y).backward()
-    opt.step()
-    return time.perf_counter() - t0
+#: label -> (hook, tdump settings)
+DEFAULT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {"tdump default": ("tdump", {})}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tdump float32, zstd (old default)": ("tdump", {"compression": "zstd"}),
+    "tdump float16": ("tdump", {"storage_dtype": "float16"}),
+    "tdump uncompressed": ("tdump", {"compression": "none"}),
+}
+GOALS = {100: 1.02, 10: 1.15, 1: 2.0}
 
 
-def _dir_bytes(path: Path) -> int:
-    """Bytes of chunk files (``c.<record>...`` of tensors, ``c/<i>`` of the records arrays)."""
-    return sum(
-        f.stat().st_size
-        for f in path.rglob("*")
-        if f.is_file() and (f.name.startswith("c.") or "/c/" in f.as_posix())
-    )
-
-
-def run_interval(
+def run_child(
+    python: str,
+    hook: str,
     interval: int,
     steps: int,
-    size: int,
-    batch: int,
-    workdir: Path,
-    compression: str,
-    storage_dtype: str | None = None,
+    args: argparse.Namespace,
+    settings: dict[str, Any],
 ) -> dict[str, Any]:
-    torch.manual_seed(0)
-    plain = torchvision.models.resnet18(num_classes=10)
-    hooked = torchvision.models.resnet18(num_classes=10)
-    hooked.load_state_dict(plain.state_dict())
-    crit = nn.CrossEntropyLoss()
-    opt_p = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
-    opt_h = torch.optim.SGD(hooked.parameters(), lr=0.01, momentum=0.9)
-    out = workdir / f"interval{interval}.zarr"
-    shutil.rmtree(out, ignore_errors=True)
-    # step 0 is a warm-up save (creates the arrays, traces the calls); then the measured
-    # steps 2..steps+1 save every `interval`-th step, the first one mid-period
-    saves = [0, *range(2 + interval // 2, steps + 2, interval)]
-    hook = Hook(
-        str(out),
-        include_regex=DEFAULT_INCLUDE,
-        save_interval=interval,
-        save_steps=saves,
-        compression=compression,
-        storage_dtype=storage_dtype,
-    )
-    hook.register_module(hooked)
-    hook.register_loss(crit)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
-    # warm-up both (first steps allocate); the hook's step counter starts after it
-    for _ in range(2):
-        _step(plain, opt_p, crit, x, y)
-    _step(hooked, opt_h, crit, x, y)  # step 0: the warm-up save
-    _step(hooked, opt_h, crit, x, y)  # step 1 (hands step 0 to the writer)
-    hook.flush()
-    writer0 = dict(hook.writer.stats)
-    t_plain: list[float] = []
-    t_hook: list[float] = []
-    for i in range(steps):
-        if i % 2 == 0:
-            t_plain.append(_step(plain, opt_p, crit, x, y))
-            t_hook.append(_step(hooked, opt_h, crit, x, y))
-        else:
-            t_hook.append(_step(hooked, opt_h, crit, x, y))
-            t_plain.append(_step(plain, opt_p, crit, x, y))
-    t0 = time.perf_counter()
-    hook.close()
-    flush = time.perf_counter() - t0
-    saved_idx = [i for i in range(steps) if i + 2 in saves]
-    unsaved = [t for i, t in enumerate(t_hook) if i not in saved_idx]
-    saved = [t_hook[i] for i in saved_idx]
-    stats = {k: v - writer0[k] for k, v in hook.writer.stats.items()}
-    records = max(int(stats["records"]), 1)
-    stored = _dir_bytes(out) * records / (records + 1)
-    return {
-        "interval": interval,
-        "steps": steps,
-        "saved_steps": len(saved),
-        "mean_plain_s": statistics.fmean(t_plain),
-        "mean_hooked_s": statistics.fmean(t_hook),
-        "mean_ratio": statistics.fmean(t_hook) / statistics.fmean(t_plain),
-        "median_ratio": statistics.median(t_hook) / statistics.median(t_plain),
-        "saved_step_s": statistics.median(saved),
-        "unsaved_step_s": statistics.median(unsaved) if unsaved else float("nan"),
-        "saved_vs_unsaved": statistics.median(saved) / statistics.median(unsaved)
-        if unsaved
-        else float("nan"),
-        "saved_vs_plain": statistics.median(saved) / statistics.median(t_plain),
-        "flush_at_close_s": flush,
-        "write_MBps": stats["bytes_raw"] / 1e6 / max(stats["write_seconds"], 1e-9),
-        "raw_MB_per_saved_step": stats["bytes_raw"] / 1e6 / records,
-        "stored_MB_per_saved_step": stored / 1e6 / records,
-        "compression_ratio": stats["bytes_raw"] / max(stored, 1),
-    }
+    out = os.path.join(args.workdir, f"{hook}-{interval}-{os.getpid()}.dump")
+    cmd = [
+        python, str(CHILD), "--hook", hook, "--interval", str(interval), "--steps", str(steps),
+        "--size", str(args.size), "--batch", str(args.batch), "--device", args.device,
+        "--threads", str(args.threads), "--out", out, "--settings", json.dumps(settings),
+    ]  # fmt: skip
+    if hook == "tdump":
+        cmd.append("--split")
+    env = dict(os.environ)
+    if hook == "smdebug":  # the peer venv must not see this repo's tdump or the caller's paths
+        env.pop("PYTHONPATH", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed: {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def split_lines(res: dict[str, Any], plain_step: float) -> list[str]:
+    """Where a saved step's time goes (per saved step), from one tdump run."""
+    n = max(res["saved_steps"], 1)
+    sp = res["split"]
+    saved = [t for i, t in enumerate(res["step_s"]) if i % res["interval"] == 0]
+    extra = statistics.fmean(saved) - plain_step  # means: the parts below are means too
+    copy = sp.get("train: copy out of torch", 0.0) / n
+    wait = sp.get("train: wait for the writer queue", 0.0) / n
+    w = res["writer"]
+    write = w.get("write_seconds", 0.0) / max(w.get("records", 1), 1)
+    enc = sp.get("writer: encode", 0.0) / n
+    chunk = sp.get("writer: chunk write (encode + fs)", 0.0) / n
+    conv = sp.get("writer: to numpy / cast", 0.0) / n
+    create = sp.get("writer: create arrays", 0.0) / n
+    commit = sp.get("writer: commit (records arrays)", 0.0) / n
+    fs = chunk - enc
+    other = write - conv - chunk - commit - create
+    ms = 1e3
+    return [
+        f"  training thread, per saved step: {extra * ms:6.0f} ms over an un-hooked step (mean - median) = "
+        f"copies out of torch {copy * ms:.0f} ms + waiting for the writer's queue {wait * ms:.0f} ms "
+        f"+ hook Python and contention {(extra - copy - wait) * ms:.0f} ms",
+        f"  writer thread, per record: {write * ms:6.0f} ms = to numpy/cast {conv * ms:.0f} + encode "
+        f"{enc * ms:.0f} + file-system calls {fs * ms:.0f} + creating arrays {create * ms:.0f} "
+        f"(first record) + commit {commit * ms:.0f} + other {other * ms:.0f} ms; "
+        f"{w.get('bytes_raw', 0) / max(w.get('records', 1), 1) / 1e6:.1f} MB raw/record",
+    ]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 32x32 images, fewer steps")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--compression", default="zstd")
-    p.add_argument("--storage-dtype", default=None, choices=["float16", "bfloat16"])
-    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
-    p.add_argument("--workdir", default=None, help="where the dumps go (default: a temp dir)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = 32 if args.quick else 64
-    plan = [(100, 100), (10, 20 if args.quick else 30), (1, 4 if args.quick else 10)]
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tdump-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(
-        f"resnet18, CPU, {torch.get_num_threads()} threads, batch 32x3x{size}x{size}, "
-        f"seed selection, compression {args.compression}, storage {args.storage_dtype or 'float32'}"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="32x32 images, fewer steps, 1 round")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (pinned, non-blocking copies)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)"
     )
-    rows = []
-    for interval, steps in plan:
-        r = run_interval(interval, steps, size, 32, workdir, args.compression, args.storage_dtype)
-        rows.append(r)
-        print(
-            f"interval {interval:>3}: mean ratio {r['mean_ratio']:.3f}  median ratio {r['median_ratio']:.3f}  "
-            f"saved step {r['saved_step_s'] * 1e3:.0f} ms vs unsaved {r['unsaved_step_s'] * 1e3:.0f} ms "
-            f"({r['saved_vs_unsaved']:.2f}x; {r['saved_vs_plain']:.2f}x un-hooked)  "
-            f"write {r['write_MBps']:.0f} MB/s  per saved step {r['raw_MB_per_saved_step']:.1f} MB raw -> "
-            f"{r['stored_MB_per_saved_step']:.1f} MB stored ({r['compression_ratio']:.2f}x)  "
-            f"[{r['steps']} steps, plain mean {r['mean_plain_s'] * 1e3:.0f} ms]",
-            flush=True,
-        )
+    p.add_argument("--intervals", default="100,10,1")
+    p.add_argument(
+        "--steps", default=None, help="steps per interval, e.g. 100,100,30 (default 200,200,30)"
+    )
+    p.add_argument("--variants", action="store_true", help="also the other storage choices")
+    p.add_argument("--settings", default=None, help="JSON: run only this tdump configuration")
+    p.add_argument("--peer-python", default=None, help="python of a venv with smdebug 1.0.34")
+    p.add_argument("--save", default=None, help="also write the report to this file")
+    p.add_argument("--workdir", default=None, help="where dumps go (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print the raw results as JSON too")
+    args = p.parse_args()
+    args.size = 32 if args.quick else 64
+    args.batch = 32
+    rounds = args.rounds or (1 if args.quick else 2)
+    steps = {100: 100, 10: 50, 1: 10} if args.quick else {100: 200, 10: 200, 1: 30}
+    intervals = [int(i) for i in args.intervals.split(",")]
+    if args.steps:
+        steps.update(zip(intervals, (int(n) for n in args.steps.split(",")), strict=True))
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="tdump-capture-bench-")
+    configs: dict[str, tuple[str, dict[str, Any]]] = {"un-hooked": ("none", {})}
+    if args.settings:
+        configs[f"tdump {args.settings}"] = ("tdump", json.loads(args.settings))
+    else:
+        configs.update(DEFAULT_CONFIGS)
+        if args.variants:
+            configs.update(VARIANTS)
+    if args.peer_python:
+        configs["smdebug 1.0.34"] = ("smdebug", {})
+    labels = list(configs)
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        for interval in intervals:
+            order = labels[r % len(labels) :] + labels[: r % len(labels)]
+            for label in order:
+                hook, settings = configs[label]
+                python = args.peer_python if hook == "smdebug" else sys.executable
+                res = run_child(python, hook, interval, steps[interval], args, settings)
+                results.setdefault((label, interval), []).append(res)
+                print(f"# round {r + 1} interval {interval:>3} {label:<36} {res['total_s']:7.2f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    elapsed = time.perf_counter() - t_start
+    first = results[("un-hooked", intervals[0])][0]
+    lines = [
+        f"$ python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}",
+        f"resnet18 on {first['device']}, {first['threads']} torch threads, batch {args.batch}x3x{args.size}x{args.size}, "
+        f"seed selection; {rounds} round(s), configurations interleaved (order rotated each round), "
+        f"each its own process; {elapsed / 60:.1f} min",
+        "ratio = total time (hook creation .. close() returned) / un-hooked total, same round; "
+        "mean [min-max] over rounds",
+        "",
+    ]
+    head = f"{'configuration':<36}" + "".join(
+        f" | interval {i} ({steps[i]} steps)" for i in intervals
+    ) + " | MB stored per saved step"  # fmt: skip
+    lines += [head, "-" * len(head)]
+    ratios: dict[tuple[str, int], float] = {}
+    for label in labels[1:]:
+        row = f"{label:<36}"
+        mb = []
+        for i in intervals:
+            rs = [
+                h["total_s"] / b["total_s"]
+                for h, b in zip(results[(label, i)], results[("un-hooked", i)], strict=True)
+            ]
+            ratios[(label, i)] = statistics.fmean(rs)
+            cell = f"{statistics.fmean(rs):.3f} [{min(rs):.2f}-{max(rs):.2f}]"
+            row += f" | {cell:<{len(f' interval {i} ({steps[i]} steps)') - 1}}"
+            mb += [h["stored_bytes"] / max(h["saved_steps"], 1) / 1e6 for h in results[(label, i)]]
+        row += f" | {statistics.fmean(mb):.1f}"
+        lines.append(row)
+    lines += [
+        "",
+        "CPU seconds (all threads of the process) over the un-hooked run's, same round: the",
+        "work each configuration adds (on a loaded machine, spinning OpenMP threads inflate it too):",
+    ]
+    for label in labels[1:]:
+        row = f"{label:<36}"
+        for i in intervals:
+            rs = [
+                h["cpu_s"] / b["cpu_s"]
+                for h, b in zip(results[(label, i)], results[("un-hooked", i)], strict=True)
+            ]
+            row += f" | interval {i}: {statistics.fmean(rs):.3f} [{min(rs):.2f}-{max(rs):.2f}]"
+        lines.append(row)
+    lines.append("")
+    plain = {
+        i: statistics.fmean(b["total_s"] / b["steps"] for b in results[("un-hooked", i)])
+        for i in intervals
+    }
+    lines.append(
+        f"{'un-hooked (s per step)':<36}" + "".join(f" | {plain[i]:.3f} s" for i in intervals)
+    )
+    lines.append(
+        "goals (issue 12): " + ", ".join(f"<= {GOALS[i]} at {i}" for i in intervals if i in GOALS)
+    )
+    if args.peer_python:
+        lines.append("")
+        for label in labels[1:-1]:
+            rel = ", ".join(
+                f"{ratios[(label, i)] / ratios[('smdebug 1.0.34', i)]:.2f}x at {i}"
+                for i in intervals
+            )
+            lines.append(f"{label} over smdebug (ratio of ratios; < 1 is ahead): {rel}")
+    lines.append("")
+    lines.append("where a saved step's time goes (interval 1 run, last round; per saved step):")
+    i_split = 1 if 1 in intervals else intervals[-1]
+    for label in labels[1:]:
+        if configs[label][0] != "tdump":
+            continue
+        res = results[(label, i_split)][-1]
+        base = results[("un-hooked", i_split)][-1]
+        lines.append(f" {label}:")
+        lines += split_lines(res, statistics.median(base["step_s"]))
+    report = "\n".join(lines)
+    print(report)
+    if args.save:
+        Path(args.save).write_text(report + "\n")
     if args.json:
-        print(json.dumps(rows, indent=1))
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+        print(json.dumps({f"{k[0]}@{k[1]}": v for k, v in results.items()}))
 
 
 if __name__ == "__main__":

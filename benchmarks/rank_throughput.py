@@ -220,7 +220,8 @@ def codec_speed(path: Path, budget_bytes: int = 300 << 20) -> tuple[float, float
         label = json.dumps(cfg.get("configuration", {}))
         if cfg["name"] == "blosc":
             c = cfg["configuration"]
-            codec = numcodecs.Blosc(cname=c["cname"], clevel=c["clevel"], shuffle=1)
+            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[c["shuffle"]]
+            codec = numcodecs.Blosc(cname=c["cname"], clevel=c["clevel"], shuffle=shuffle)
             numcodecs.blosc.set_nthreads(1)
             label = f"blosc {c['cname']} {c['shuffle']}"
         elif cfg["name"] == "zstd":
@@ -256,7 +257,11 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, default=2.0, help="logical float32 GB of dump A")
     ap.add_argument("--large-factor", type=float, default=3.0, help="dump B = factor x dump A")
     ap.add_argument("--memory-limit", default="1GiB", help="per-worker memory limit")
-    ap.add_argument("--compression", default="lz4", help="capture compression (lz4, zstd, ...)")
+    ap.add_argument(
+        "--compression",
+        default="auto",
+        help="capture compression (auto = the default, lz4, zstd, ...)",
+    )
     ap.add_argument("--dir", default="/tmp/tdump-rank-bench")
     ap.add_argument(
         "--no-variants", action="store_true", help="skip the storage-choice variants (dump A size)"

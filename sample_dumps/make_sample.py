@@ -90,6 +90,7 @@ def make(out: Path, steps: int = 40, interval: int = 10, batch: int = 32) -> Pat
         include_regex=DEFAULT_INCLUDE,
         save_interval=interval,
         mode_save_interval={"eval": 1},
+        compression="zstd",  # the committed sample's codec (the default became "auto" later)
         strict=True,
     )
     clock = itertools.count()

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from tdump.errors import CorruptStoreError
+
 __all__ = ["CHUNK_KEY_ENCODING", "ChunkFiles", "Scratch", "chunk_files", "chunk_prefix"]
 
 #: Tensor arrays name chunk files ``c.<record>.0.0...``, flat in the array's folder: one
@@ -67,6 +69,7 @@ class ChunkFiles:
         self.row_shape: tuple[int, ...] = tuple(arr.shape[1:])
         self._zeros = (0,) * len(self.row_shape)
         self._made: set[str] = set()
+        self._blosc_sizes = _blosc_header_reader(codec)
 
     def path(self, index: int) -> str:
         """File of record ``index``."""
@@ -111,12 +114,19 @@ class ChunkFiles:
         finally:
             os.close(fd)
 
-    def read(self, index: int, scratch: Scratch | None = None) -> np.ndarray:
+    def read(
+        self, index: int, scratch: Scratch | None = None, *, step: int | None = None
+    ) -> np.ndarray:
         """Record ``index``; the fill value where it was never written.
 
         With ``scratch`` the file is read and decoded into its buffers (grown as
         needed) and the result is a view of them, valid until the next read into the
         same scratch; without, the result is a fresh array.
+
+        Raises :class:`~tdump.errors.CorruptStoreError` when the file does not decode
+        to exactly one record (empty, truncated, garbage, another array's chunk):
+        never stale scratch contents or a misshapen array. ``step`` only labels
+        that message.
         """
         try:
             fh = open(self.path(index), "rb", buffering=0)  # noqa: SIM115
@@ -136,13 +146,74 @@ class ChunkFiles:
                 while filled < size:
                     n = fh.readinto(data[filled:])
                     if not n:
-                        raise OSError(f"{self.path(index)} is shorter than its size while reading")
+                        raise self._corrupt(index, step, f"is shorter than its size ({size} bytes)")
                     filled += n
             else:
                 data = fh.read()
-        if self.codec is not None:
-            data = self.codec.decode(data, out=out)
+        expected = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        data = self._decode(data, out, expected, index, step)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)
+
+    def _decode(
+        self, data: Any, out: np.ndarray | None, expected: int, index: int, step: int | None
+    ) -> Any:
+        """Decode one file's bytes, checking they hold exactly ``expected`` bytes of values."""
+        size = len(data)
+        codec = self.codec
+        if codec is None:
+            if size != expected:
+                raise self._corrupt(index, step, f"holds {size} bytes, a record is {expected}")
+            return data
+        if size == 0:
+            raise self._corrupt(index, step, f"is empty, a record is {expected} bytes")
+        if self._blosc_sizes is not None:
+            # the header says what the buffer decodes to: a shorter record would leave
+            # the rest of a reused scratch buffer holding the previous record's values
+            nbytes, cbytes, _ = self._blosc_sizes(data)
+            if nbytes != expected or cbytes != size:
+                raise self._corrupt(
+                    index,
+                    step,
+                    f"holds {size} bytes claiming {cbytes} that decode to {nbytes}, "
+                    f"a record is {expected}",
+                )
+        target, out = out, (out if self._blosc_sizes is not None else None)
+        # zstd (no header read here): decode to a fresh buffer whose length is checked
+        try:
+            decoded = codec.decode(data, out=out)
+        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad input
+            raise self._corrupt(index, step, f"is garbage ({exc})") from None
+        n = memoryview(decoded).nbytes
+        if n != expected:
+            raise self._corrupt(index, step, f"decodes to {n} bytes, a record is {expected}")
+        if target is not None and out is None:  # keep the scratch contract: results live there
+            np.copyto(target, np.frombuffer(decoded, dtype=self.dtype).reshape(self.row_shape))
+            return target
+        return decoded
+
+    def _corrupt(self, index: int, step: int | None, what: str) -> CorruptStoreError:
+        tensor = self.arr.path.rsplit("/", 1)[-1]
+        at = f"record {index}" + (f" (step {step})" if step is not None else "")
+        return CorruptStoreError(
+            f"tensor {tensor!r}, {at} does not decode: chunk file {self.path(index)} {what}; "
+            "the dump is damaged: re-record it, or delete that file to treat the record as not saved"
+        )
+
+
+def _blosc_header_reader(codec: Any) -> Any:
+    """``f(buffer) -> (nbytes, cbytes, blocksize)`` from a Blosc header, or ``None``.
+
+    Without it (not Blosc, or numcodecs moved the function) chunks decode into a fresh
+    buffer whose length is checked instead.
+    """
+    try:
+        import numcodecs
+        from numcodecs import blosc
+    except ImportError:  # pragma: no cover - numcodecs comes with zarr
+        return None
+    if not isinstance(codec, numcodecs.Blosc):
+        return None
+    return getattr(blosc, "cbuffer_sizes", None) or getattr(blosc, "_cbuffer_sizes", None)
 
 
 def chunk_files(arr: zarr.Array) -> ChunkFiles | None:

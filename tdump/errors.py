@@ -19,11 +19,13 @@ import re
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "CorruptStoreError",
     "DumpNotFoundError",
     "FormatVersionError",
     "LoopError",
     "MissingDependencyError",
     "MissingTensorError",
+    "NonFiniteWarning",
     "NotADumpError",
     "RanksError",
     "SelectionError",
@@ -47,6 +49,10 @@ class NotADumpError(TdumpError, ValueError):
 
 class FormatVersionError(TdumpError, ValueError):
     """The file was written by a newer (or unknown) format version."""
+
+
+class CorruptStoreError(TdumpError, ValueError):
+    """A file of the store is damaged: it does not decode to what its metadata says."""
 
 
 class SelectionError(TdumpError, ValueError):
@@ -89,6 +95,10 @@ class LoopError(TdumpError, RuntimeError):
 
 class UntraceableModelError(TdumpError, RuntimeError):
     """torch.fx could not trace the model; the message names the module."""
+
+
+class NonFiniteWarning(UserWarning):
+    """Data holds NaN or Inf (e.g. a diverged run): results leave it out or are NaN."""
 
 
 def compile_regex(regex: str | None, what: str = "regex") -> re.Pattern[str] | None:

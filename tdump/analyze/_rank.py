@@ -21,8 +21,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,14 @@ from tdump.analyze._diagnose import _NO_ACTIVATION, skipped_notes, unscored_reas
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._ranks_io import COLUMNS, RANKS_FORMAT, RANKS_VERSION, normalize_scores
 from tdump.analyze._schedule import DEFAULT_CONNECT_TIMEOUT, ProgressFn, check_address, execute
-from tdump.errors import ConfigError, MissingTensorError, SelectionError, compile_regex
+from tdump.errors import (
+    ConfigError,
+    MissingTensorError,
+    NonFiniteWarning,
+    SelectionError,
+    TdumpError,
+    compile_regex,
+)
 
 __all__ = ["parse_steps", "rank"]
 
@@ -158,32 +166,58 @@ class _RecordReader:
         self.files = chunk_files(arr)
         self._threads = threading.local()  # each thread's Scratch
 
-    def read(self, index: int, rows: int | None = None, *, scratch: bool = False) -> np.ndarray:
+    def read(
+        self,
+        index: int,
+        rows: int | None = None,
+        *,
+        scratch: bool = False,
+        step: int | None = None,
+    ) -> np.ndarray:
         """Record ``index`` (its first ``rows`` batch rows if given).
 
         ``scratch=True``: the result is valid until this thread's next scratch read of
         this array (see the class docstring); otherwise it is a fresh array. A chunk
-        that does not decode raises :class:`~tdump.errors.NotADumpError` (one line).
+        that does not decode to exactly one record raises a one-line
+        :class:`~tdump.errors.CorruptStoreError` naming tensor, record and ``step``
+        (from the direct file path) or :class:`~tdump.errors.NotADumpError` (through zarr).
         """
         try:
-            return self._read(index, rows, scratch)
+            return self._read(index, rows, scratch, step)
+        except TdumpError:
+            raise  # already one line naming tensor, record and step
         except DAMAGE as exc:
             raise damaged_chunk(self.path, self.arr, index, exc) from None
 
-    def _read(self, index: int, rows: int | None, scratch: bool) -> np.ndarray:
+    def _read(self, index: int, rows: int | None, scratch: bool, step: int | None) -> np.ndarray:
         files = self.files
         if files is None:
             value = np.asarray(self.arr[index] if rows is None else self.arr[index, :rows])
         elif scratch:
             if not hasattr(self._threads, "scratch"):
                 self._threads.scratch = Scratch()
-            value = files.read(index, self._threads.scratch)
+            value = files.read(index, self._threads.scratch, step=step)
         else:
-            value = files.read(index)
+            value = files.read(index, step=step)
         return value if rows is None or files is None else value[:rows]
 
 
-Partials = dict[int, tuple[np.ndarray, int]]
+@dataclass(frozen=True)
+class NonFinite:
+    """A record left out of (or, with ``keep_nan``, kept in) one layer job's sums."""
+
+    job: int
+    tensors: tuple[str, ...]
+    step: int
+    count: int  # non-finite values in the record's tensors
+
+
+@dataclass
+class Partials:
+    """Per-job ``(per-channel float64 sum, count)`` of some records, and the non-finite records seen."""
+
+    sums: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
+    non_finite: list[NonFinite] = field(default_factory=list)
 
 
 def _record_task(
@@ -195,41 +229,88 @@ def _record_task(
     rank: int,
     index: int,
     batch_size: int,
+    step: int = -1,
+    keep_nan: bool = False,
 ) -> Partials:
     """Reduce one saved record: per layer job, read its chunk(s) and reduce them at once.
 
     Only one layer's tensors are in memory at a time; the result is a per-channel
-    float64 vector and a count per job index.
+    float64 vector and a count per job index. A job whose vector is not finite (the
+    record holds NaN or Inf) is left out of the sums unless ``keep_nan``, and is
+    reported in :attr:`Partials.non_finite` either way.
     """
     for _, plan, _ in work:  # queue the whole record's reads now: the disk works while we compute
         for name in plan.sources.values():
             files = _open_array(path, so_json, rank, mode, name).files
             if files is not None:
                 files.prefetch(index)
-    out: Partials = {}
+    out = Partials()
     for job_index, plan, batched in work:
         values: dict[str, np.ndarray] = {}
         for role, name in plan.sources.items():
             arr = _open_array(path, so_json, rank, mode, name)
             rows = batch_size if batched.get(role) and batch_size > 0 else None
-            values[role] = arr.read(index, rows, scratch=True)
+            values[role] = arr.read(index, rows, scratch=True, step=step)
         total, count = criterion.partial(values, plan)
+        total = np.asarray(total, dtype=np.float64)
+        if not np.isfinite(total).all():  # a per-channel check: the rare case pays the count
+            bad = sum(int(v.size - np.count_nonzero(np.isfinite(v))) for v in values.values())
+            out.non_finite.append(NonFinite(job_index, tuple(plan.sources.values()), step, bad))
+            if not keep_nan:
+                continue
         del values
-        out[job_index] = (np.asarray(total, dtype=np.float64), int(count))
+        out.sums[job_index] = (total, int(count))
     return out
+
+
+def _task_args(r: Record, keep_nan: bool) -> tuple[int, int, int, int, bool]:
+    """The per-record arguments of :func:`_record_task`."""
+    return (r.rank, r.index, r.batch_size, r.step, keep_nan)
 
 
 def _combine(*parts: Partials) -> Partials:
     """Sum partials per job (the tree-reduction step)."""
-    out: Partials = {}
+    out = Partials()
     for part in parts:
-        for key, (vec, n) in part.items():
-            if key in out:
-                total, count = out[key]
-                out[key] = (total + vec, count + n)
+        out.non_finite.extend(part.non_finite)
+        for key, (vec, n) in part.sums.items():
+            if key in out.sums:
+                total, count = out.sums[key]
+                out.sums[key] = (total + vec, count + n)
             else:
-                out[key] = (vec, n)
+                out.sums[key] = (vec, n)
     return out
+
+
+def _warn_non_finite(
+    seen: Sequence[NonFinite], jobs: Sequence[LayerJob], keep_nan: bool
+) -> dict[int, set[int]]:
+    """Warn once per layer about records holding NaN/Inf; return ``{job: steps left out}``."""
+    by_job: dict[int, list[NonFinite]] = {}
+    for nf in seen:
+        by_job.setdefault(nf.job, []).append(nf)
+    left_out: dict[int, set[int]] = {}
+    for i, found in sorted(by_job.items()):
+        steps = sorted({nf.step for nf in found})
+        tensors = sorted({t for nf in found for t in nf.tensors})
+        shown = ", ".join(map(str, steps[:5])) + (
+            f" and {len(steps) - 5} more" if len(steps) > 5 else ""
+        )
+        what = (
+            "its scores are NaN (keep_nan)"
+            if keep_nan
+            else "left out of its scores (keep_nan=True / --keep-nan keeps them)"
+        )
+        warnings.warn(
+            f"{', '.join(tensors)} hold{'s' if len(tensors) == 1 else ''} "
+            f"{sum(nf.count for nf in found)} NaN/Inf values at step{'s' if len(steps) > 1 else ''} "
+            f"{shown}; layer {jobs[i].layer!r}: {what}",
+            NonFiniteWarning,
+            stacklevel=3,
+        )
+        if not keep_nan:
+            left_out[i] = set(steps)
+    return left_out
 
 
 # --------------------------------------------------------------------------- planning
@@ -368,6 +449,7 @@ def rank(
     storage_options: Mapping[str, Any] | None = None,
     split_every: int = 8,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    keep_nan: bool = False,
 ) -> pd.DataFrame:
     """Rank every conv filter of a dump by ``criterion``.
 
@@ -406,6 +488,11 @@ def rank(
     connect_timeout
         Seconds a scheduler address gets to answer; an address that is no Dask
         scheduler (an HTTP server, nothing) is refused with one line within it.
+    keep_nan
+        A record whose tensors hold NaN or Inf gives a layer non-finite sums. By default
+        that record is left out of the layer's scores (a layer with no finite record is
+        left out of the table); ``True`` keeps it, so the layer's scores are NaN. Either
+        way a :class:`~tdump.errors.NonFiniteWarning` names the tensors and steps.
 
     Returns
     -------
@@ -450,10 +537,10 @@ def rank(
         for rec in job.records:
             by_record.setdefault(rec, []).append((i, job.plan, job.batched))
     leaves = [
-        (_record_task, crit, work, reader.location, so_json, mode, r.rank, r.index, r.batch_size)
+        (_record_task, crit, work, reader.location, so_json, mode, *_task_args(r, keep_nan))
         for r, work in sorted(by_record.items(), key=lambda kv: (kv[0].rank, kv[0].index))
     ]
-    combined = execute(
+    combined: Partials = execute(  # type: ignore[assignment]
         leaves,
         _combine,
         scheduler=scheduler,
@@ -464,12 +551,18 @@ def rank(
         path=reader.path,
         connect_timeout=connect_timeout,
     )
-    results = [combined[i] for i in range(len(jobs))]
+    left_out = _warn_non_finite(combined.non_finite, jobs, keep_nan)
     frames = []
-    for job, (total, count) in zip(jobs, results, strict=True):
+    kept_jobs = []
+    for i, job in enumerate(jobs):
+        if i not in combined.sums:
+            continue  # every record of this layer was non-finite (warned above)
+        total, count = combined.sums[i]
         score = crit.finish(total, count)
-        n_steps = len({r.step for r in job.records})
-        examples = sum(max(r.batch_size, 0) for r in job.records) if crit.uses_batch else 0
+        used_records = [r for r in job.records if r.step not in left_out.get(i, ())]
+        n_steps = len({r.step for r in used_records})
+        examples = sum(max(r.batch_size, 0) for r in used_records) if crit.uses_batch else 0
+        kept_jobs.append(job)
         frames.append(
             pd.DataFrame(
                 {
@@ -484,6 +577,12 @@ def rank(
                 }
             )
         )
+    if not frames:
+        raise MissingTensorError(
+            f"every selected record of {reader.path} holds NaN or Inf in the tensors ranking "
+            "needs; nothing finite to rank (keep_nan=True / --keep-nan ranks them as NaN)"
+        )
+    jobs = kept_jobs
     df = normalize_scores(pd.concat(frames, ignore_index=True), normalize)
     used = [r.step for job in jobs for r in job.records]
     df = df[list(COLUMNS)]  # the documented column order (docs/FORMAT.md section 2)

@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from tdump.capture._config import (
+    AUTO_COMPRESSION,
     COLLECTIONS,
     DEFAULT_INCLUDE,
     ENV_VAR,
@@ -38,6 +39,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AUTO_COMPRESSION",
     "COLLECTIONS",
     "DEFAULT_INCLUDE",
     "ENV_VAR",

@@ -28,6 +28,7 @@ from tdump.errors import ConfigError, compile_regex
 
 __all__ = [
     "ALWAYS_ON",
+    "AUTO_COMPRESSION",
     "COLLECTIONS",
     "DEFAULT_INCLUDE",
     "ENV_VAR",
@@ -54,7 +55,16 @@ COLLECTIONS: tuple[str, ...] = (
 ALWAYS_ON: frozenset[str] = frozenset({"losses", "loss_inputs", "scalars"})
 #: Reduce-at-source options for activations and their gradients (see docs/capture.md).
 REDUCTIONS: tuple[str, ...] = ("mean", "abs_mean", "l2", "taylor")
-COMPRESSIONS: tuple[str, ...] = ("zstd", "lz4", "zstd-plain", "none")
+COMPRESSIONS: tuple[str, ...] = ("auto", "zstd", "lz4", "lz4-noshuffle", "zstd-plain", "none")
+#: What ``compression="auto"`` (the default) stores each collection with; others: ``none``.
+#: Measured on resnet18 (benchmarks/results/capture_overhead.txt): weights and gradients
+#: compress 1.0-1.08x with any codec, so compressing them costs CPU for nothing; ReLU
+#: outputs and their gradients compress 1.3x with LZ4 at several hundred MB/s per core
+#: and decode at GB/s for ranking (zstd-1: 1.5x, 3-4x slower both ways).
+AUTO_COMPRESSION: dict[str, str] = {
+    "activations": "lz4-noshuffle",
+    "activation_gradients": "lz4-noshuffle",
+}
 STORAGE_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 #: What to do with an ``out`` that already holds a dump (``HookConfig.write_mode``).
 WRITE_MODES: tuple[str, ...] = ("create", "append", "overwrite")
@@ -153,9 +163,11 @@ class HookConfig:
     collections
         Per-collection overrides (:class:`CollectionConfig`).
     compression
-        ``"zstd"`` (Blosc zstd level 1 + byte shuffle, default), ``"lz4"`` (Blosc
-        LZ4 + byte shuffle: faster, larger), ``"zstd-plain"`` (zstd codec),
-        ``"none"``; ``"zstd:3"`` sets a level.
+        ``"auto"`` (default: per collection, :data:`AUTO_COMPRESSION`: activations
+        and their gradients Blosc LZ4 without shuffle, everything else uncompressed),
+        or one codec for every tensor: ``"zstd"`` (Blosc zstd level 1 + byte
+        shuffle), ``"lz4"`` (Blosc LZ4 + byte shuffle), ``"lz4-noshuffle"``,
+        ``"zstd-plain"`` (zstd codec), ``"none"``; ``"zstd:3"`` sets a level.
     storage_dtype
         ``None`` keeps the training dtype; ``"float16"`` or ``"bfloat16"`` (float32
         rounded to bfloat16 precision, whose zeroed low bytes the compressor drops).
@@ -191,7 +203,7 @@ class HookConfig:
     start_step: int | None = None
     end_step: int | None = None
     collections: tuple[CollectionConfig, ...] = ()
-    compression: str = "zstd"
+    compression: str = "auto"
     storage_dtype: str | None = None
     reduction: str | None = None
     strict: bool = False

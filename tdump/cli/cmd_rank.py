@@ -69,31 +69,45 @@ def register(app: typer.Typer) -> None:
             metavar="SIZE",
             help="Per-worker memory limit, e.g. 2GB (processes).",
         ),
+        keep_nan: bool = typer.Option(
+            False, "--keep-nan", help="Keep records holding NaN/Inf (their layers score NaN)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Rank every conv filter of DUMP and write a ranks.parquet (docs/FORMAT.md §2)."""
+        import warnings
+
         from tdump._protocols import require_protocol
         from tdump.analyze import rank, write_ranks
         from tdump.analyze._ranks_io import check_output_path
         from tdump.cli._console import console, err_console
+        from tdump.errors import NonFiniteWarning
 
         require_protocol(out)  # before the ranking, not after it
         check_output_path(out)  # a bad --out fails now, not after the ranking
-        df = rank(
-            dump,
-            criterion=criterion,
-            mode=mode,
-            steps=steps,
-            layers=layers,
-            normalize=not no_normalize,
-            signed=signed,
-            scheduler=scheduler,
-            workers=workers,
-            memory_limit=memory_limit,
-            progress=not (quiet or as_json),
-            connect_timeout=timeout,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NonFiniteWarning)
+            df = rank(
+                dump,
+                criterion=criterion,
+                mode=mode,
+                steps=steps,
+                layers=layers,
+                normalize=not no_normalize,
+                signed=signed,
+                scheduler=scheduler,
+                workers=workers,
+                memory_limit=memory_limit,
+                progress=not (quiet or as_json),
+                connect_timeout=timeout,
+                keep_nan=keep_nan,
+            )
+        for w in caught:  # one line each on stderr, whatever the output mode
+            if issubclass(w.category, NonFiniteWarning):
+                err_console.print(f"warning: {w.message}", soft_wrap=True)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         path = write_ranks(df, out)
         weakest = df.nsmallest(10, "score_norm")
         meta = df.attrs["tdump"]

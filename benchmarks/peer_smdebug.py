@@ -1,0 +1,186 @@
+"""tdump side by side with smdebug 1.0.34 (the seed's tool): capture and ranking, same run.
+
+Needs a virtualenv with smdebug (it wants numpy < 2, so it cannot share tdump's):
+``bash benchmarks/setup_peer_venv.sh`` builds ``benchmarks/.peer-venv`` (git-ignored).
+
+* ``--capture``: ``benchmarks/capture_overhead.py`` with the smdebug configuration added
+  (the seed's custom hook: smdebug's PyTorch hook, the seed's selection, plus ReLU-output
+  gradients), every configuration its own process, interleaved.
+* ``--rank``: the same training run (resnet18, batch 32x3x64x64, ``--steps`` steps,
+  every step saved, ReLU outputs and their gradients) recorded by each hook with its
+  defaults; then, page cache dropped before each run and the runs interleaved over
+  ``--rounds`` rounds: ``tdump rank`` (the whole command, default settings) against the
+  seed's Taylor loop over smdebug's ``create_trial`` (a Python loop over steps and
+  tensors, float64 numpy), each a fresh process; and a cold ``cat`` of the files
+  ``tdump rank`` reads (the disk's limit for those bytes).
+
+    bash benchmarks/setup_peer_venv.sh
+    python benchmarks/peer_smdebug.py --capture --rank --save benchmarks/results/peer_smdebug.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PEER = HERE / ".peer-venv" / "bin" / "python"
+
+#: The seed's Taylor read loop over an smdebug trial (runs in the peer venv).
+SEED_LOOP = r"""
+import re, sys, time
+import numpy as np
+from smdebug.trials import create_trial
+t0 = time.perf_counter()
+trial = create_trial(sys.argv[1])
+names = [n for n in trial.tensor_names() if re.search(r"relu_output_\d+$", n) and not n.startswith("gradient/")]
+acc = {}
+for step in trial.steps():
+    for n in names:
+        a = trial.tensor(n).value(step)
+        g = trial.tensor("gradient/" + n).value(step)
+        v = np.abs((a.astype(np.float64) * g).mean(axis=(2, 3))).sum(axis=0)
+        acc[n] = acc.get(n, 0) + v
+print(len(names), len(trial.steps()), time.perf_counter() - t0)
+"""
+
+
+def drop_cache(path: Path) -> str:
+    """Evict ``path``'s files from the page cache (drop_caches when root, else fadvise)."""
+    os.sync()
+    method = "posix_fadvise(DONTNEED)"
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        method = "drop_caches"
+    except OSError:
+        pass
+    for d, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return method
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    secs = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
+    return secs
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def record(hook: str, python: str, out: Path, steps: int, env: dict[str, str]) -> None:
+    cmd = [
+        python, str(HERE / "_train_child.py"), "--hook", hook, "--interval", "1",
+        "--steps", str(steps), "--include", ".*relu", "--keep", "--out", str(out),
+    ]  # fmt: skip
+    timed(cmd, env)
+
+
+def rank_comparison(args: argparse.Namespace, peer_env: dict[str, str]) -> list[str]:
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    td, sm = work / "tdump.zarr", work / "smdebug"
+    record("tdump", sys.executable, td, args.steps, dict(os.environ))
+    record("smdebug", args.peer_python, sm, args.steps, peer_env)
+    tdump_cmd = [sys.executable, "-c", "from tdump.cli.app import main; main()", "rank", str(td),
+                 "-o", str(work / "ranks.parquet"), "--quiet"]  # fmt: skip
+    seed_cmd = [args.peer_python, "-c", SEED_LOOP, str(sm)]
+    files = [os.path.join(d, f) for d, _, fs in os.walk(td) for f in fs]
+    times: dict[str, list[float]] = {"tdump rank": [], "smdebug seed loop": [], "cat": []}
+    method = ""
+    for r in range(args.rounds):
+        order = ["tdump rank", "smdebug seed loop", "cat"]
+        order = order[r % 3 :] + order[: r % 3]
+        for what in order:
+            method = drop_cache(td if what != "smdebug seed loop" else sm)
+            if what == "tdump rank":
+                times[what].append(timed(tdump_cmd))
+            elif what == "smdebug seed loop":
+                times[what].append(timed(seed_cmd, peer_env))
+            else:
+                t0 = time.perf_counter()
+                for i in range(0, len(files), 500):
+                    subprocess.run(
+                        ["cat", *files[i : i + 500]], stdout=subprocess.DEVNULL, check=True
+                    )
+                times[what].append(time.perf_counter() - t0)
+            print(
+                f"# rank round {r + 1} {what:<18} {times[what][-1]:6.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    t_med = {k: statistics.median(v) for k, v in times.items()}
+    lines = [
+        f"ranking: the same {args.steps}-step run recorded by each (resnet18 batch 32x3x64x64, "
+        f"17 ReLU outputs + gradients, every step), page cache dropped ({method}) before each "
+        f"run, {args.rounds} interleaved rounds, median [min-max] seconds, whole processes:",
+        f"  stored: tdump {dir_bytes(td) / 1e9:.2f} GB (defaults), smdebug {dir_bytes(sm) / 1e9:.2f} GB",
+    ]
+    for k, v in times.items():
+        lines.append(f"  {k:<20} {t_med[k]:6.2f} s [{min(v):.2f}-{max(v):.2f}]")
+    lines.append(
+        f"  tdump rank vs the seed's smdebug loop: {t_med['smdebug seed loop'] / t_med['tdump rank']:.2f}x "
+        f"faster (goal >= 3x); vs a cold `cat` of its files: {t_med['cat'] / t_med['tdump rank']:.2f}x "
+        "of the disk's speed (goal >= 0.8x)"
+    )
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--peer-python", default=str(DEFAULT_PEER), help="python of the smdebug venv")
+    p.add_argument("--capture", action="store_true", help="capture overhead side by side")
+    p.add_argument("--capture-args", default="", help="extra arguments for capture_overhead.py")
+    p.add_argument("--rank", action="store_true", help="ranking side by side")
+    p.add_argument(
+        "--steps", type=int, default=60, help="recorded steps for the ranking comparison"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ranking runs")
+    p.add_argument("--workdir", default="/tmp/tdump-peer-bench")
+    p.add_argument("--keep", action="store_true", help="keep the recorded dumps")
+    p.add_argument("--save", default=None, help="also write the report to this file")
+    args = p.parse_args()
+    if not Path(args.peer_python).exists():
+        raise SystemExit(
+            f"no smdebug venv at {args.peer_python}; run bash benchmarks/setup_peer_venv.sh"
+        )
+    peer_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    lines = [f"$ python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"]
+    if args.capture:
+        cmd = [sys.executable, str(HERE / "capture_overhead.py"), "--peer-python", args.peer_python,
+               *shlex.split(args.capture_args)]  # fmt: skip
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit("capture_overhead.py failed")
+        lines += ["", "capture:", proc.stdout.rstrip()]
+    if args.rank:
+        lines += ["", *rank_comparison(args, peer_env)]
+    report = "\n".join(lines)
+    print(report)
+    if args.save:
+        Path(args.save).write_text(report + "\n")
+    print(json.dumps({"ok": True}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""compression="auto": codecs chosen per collection, values stored exactly (issue 12)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tdump._format import StoreReader
+from tdump.capture import AUTO_COMPRESSION, Hook, HookConfig
+from tdump.capture._writer import make_compressors
+from tdump.errors import ConfigError
+
+
+def _codec(reader: StoreReader, name: str) -> str:
+    comp = reader.array("train", name).compressors
+    if not comp:
+        return "none"
+    cfg = comp[0].to_dict()["configuration"]
+    return f"{cfg['cname']}-{cfg['shuffle']}"
+
+
+def test_auto_is_the_default_and_picks_per_collection(tmp_path: Path) -> None:
+    assert HookConfig().compression == "auto"
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    hook = Hook(str(tmp_path / "d.zarr"), include_regex=r".*", save_interval=1)
+    hook.register_module(model)
+    hook.register_loss(loss_fn)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    loss_fn(model(x), y).backward()
+    acts = {"2.output_0": model[2](model[1](model[0](x))).detach().numpy()}
+    hook.close()
+    r = StoreReader(str(tmp_path / "d.zarr"))
+    by_coll: dict[str, set[str]] = {}
+    for name in r.tensor_names("train"):
+        coll = r.tensor_attrs("train", name)["collection"]
+        by_coll.setdefault(coll, set()).add(_codec(r, name))
+    assert by_coll["activations"] == {"lz4-noshuffle"}
+    assert by_coll["activation_gradients"] == {"lz4-noshuffle"}
+    for coll in ("weights", "biases", "gradients", "running_stats", "losses"):
+        assert by_coll[coll] == {"none"}, coll
+    np.testing.assert_array_equal(np.asarray(r.array("train", "2.output_0")[0]), acts["2.output_0"])
+    np.testing.assert_array_equal(
+        np.asarray(r.array("train", "0.weight")[0]), model[0].weight.detach().numpy()
+    )
+    assert set(AUTO_COMPRESSION) == {"activations", "activation_gradients"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "cname", "shuffle", "level"),
+    [
+        ("zstd", "zstd", "shuffle", 1),
+        ("lz4", "lz4", "shuffle", 5),
+        ("lz4-noshuffle:2", "lz4", "noshuffle", 2),
+    ],
+)
+def test_explicit_codecs_apply_to_every_collection(
+    spec: str, cname: str, shuffle: str, level: int
+) -> None:
+    for coll in ("weights", "activations", None):
+        (codec,) = make_compressors(spec, coll)
+        cfg = codec.to_dict()["configuration"]
+        assert (cfg["cname"], cfg["shuffle"], cfg["clevel"]) == (cname, shuffle, level)
+
+
+def test_unknown_codec_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown compression 'brotli'"):
+        HookConfig(compression="brotli")
