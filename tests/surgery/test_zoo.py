@@ -77,7 +77,6 @@ FULL = {
 KNOWN: dict[str, str] = {}
 
 
-
 def _param(name: str) -> object:
     marks = [pytest.mark.slow] if name in HEAVY else []
     if name in KNOWN and name in FULL:
