@@ -132,6 +132,22 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
         console.print(f"wrote {output}")
 
 
+def _check_order(ckpt: Path, ranks: Path) -> None:
+    """A ranks file given as CKPT and a checkpoint as RANKS: say so, not 'not parquet'."""
+    heads = []
+    for path in (ckpt, ranks):
+        try:
+            with open(path, "rb") as fh:
+                heads.append(fh.read(4))
+        except OSError:
+            return
+    if heads[0] == b"PAR1" and heads[1] != b"PAR1":
+        raise ConfigError(
+            f"{ckpt} is a ranks file: the checkpoint comes first, "
+            f"`tdump prune CKPT RANKS` (here: tdump prune {ranks} {ckpt} ...)"
+        )
+
+
 def _model_type(table: Any, dump: Path | None, read: Any) -> str | None:
     """The recorded model's class from ``--dump`` or the dump the ranks file names."""
     if dump is not None:
@@ -249,6 +265,7 @@ def register(app: typer.Typer) -> None:
                 re.compile(ignore)
             except re.error as exc:
                 raise ConfigError(f"--ignore is not a valid regex ({exc}): {ignore}") from None
+        _check_order(ckpt, ranks)
         table = surgery.read_ranks_table(ranks)
         model_type = None
         if arch is None:
