@@ -6,13 +6,15 @@ import json
 
 import typer
 
+from tdump.cli._help import TdumpCommand
+
 __all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``rank`` command to ``app``."""
 
-    @app.command("rank")
+    @app.command("rank", cls=TdumpCommand)
     def rank_cmd(
         dump: str = typer.Argument(
             ..., metavar="DUMP", help="Dump path or fsspec URL (file://, s3://, ...)."
