@@ -97,7 +97,7 @@ def _ratio(a: int | None, b: int | None) -> str:
     return f"{b / a:.1%}" if a and b is not None else "-"
 
 
-def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
+def _print(summary: dict[str, Any], dry_run: bool, output: str | None, source: str) -> None:
     from rich.table import Table
 
     table = Table(title="dry run: nothing written" if dry_run else None, show_edge=False)
@@ -123,7 +123,7 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
     console.print(table)
     shape = summary["input_shape"]
     console.print(
-        f"parameters {_ratio(pb, pa)} of the original, FLOPs {_ratio(fb, fa)}"
+        f"parameters {_ratio(pb, pa)} of {source}'s, FLOPs {_ratio(fb, fa)}"
         + (f" (input {'x'.join(map(str, shape))})" if shape else ""),
         soft_wrap=True,
     )
@@ -332,4 +332,4 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(summary))
         else:
-            _print(summary, dry_run, written)
+            _print(summary, dry_run, written, ckpt.name)

@@ -132,3 +132,9 @@ def register(app: typer.Typer) -> None:
                 soft_wrap=True,
             )
         console.print(f"ranks written to {path}", soft_wrap=True)
+        if not str(out).endswith(".parquet"):  # `-o ranks.csv` still writes Parquet
+            err_console.print(
+                f"note: {out} holds Parquet (docs/FORMAT.md §2), whatever its suffix; "
+                "for CSV: tdump.analyze.read_ranks(PATH).to_csv(...)",
+                soft_wrap=True,
+            )

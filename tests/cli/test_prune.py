@@ -77,6 +77,7 @@ def test_dry_run_predicts_written_checkpoint(files: dict[str, Path]) -> None:
 
     table = _run(*common[:-1], "-o", str(out), "--dry-run")  # human-readable output
     assert table.returncode == 0 and "total" in table.stdout and "->" in table.stdout
+    assert "parameters " in table.stdout and " of ckpt.pt's, FLOPs" in table.stdout
 
     # round two: ranks recorded with the pruned checkpoint; rounds compose. SmallNet is not
     # a registered builder, so the file's arch is built only because --arch names it again
