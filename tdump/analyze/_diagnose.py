@@ -109,8 +109,23 @@ def include_regex(names: Iterable[str]) -> str:
     return rf"(?:^|\.){body}"
 
 
-def skipped_notes(crit: Criterion, reasons: Mapping[str, tuple[str, list[str]]]) -> list[str]:
-    """One note per distinct reason: which layers, why, and what would score them."""
+def skipped_notes(
+    crit: Criterion,
+    reasons: Mapping[str, tuple[str, list[str]]],
+    recorded: str | None = None,
+) -> list[str]:
+    """One note per distinct reason: which layers, why, and what would score them.
+
+    ``recorded`` is the dump's own ``include_regex``: the hint then shows the whole
+    ``--include`` to record with (the recorded selection plus the missing tensors), so
+    that following it does not drop what was recorded.
+
+    >>> from tdump.analyze._criteria import get_criterion
+    >>> why = "no activation module receives these channels alone"
+    >>> notes = skipped_notes(get_criterion("taylor"), {"c": (why, ["bn.output_0"])}, ".*relu")
+    >>> print(notes[0].split("; ")[1])
+    to score them, record the module outputs before the activation: tdump record --include '.*relu|(?:^|\\.)bn\\.output_0'
+    """
     groups: dict[str, list[str]] = {}
     wanted: dict[str, list[str]] = {}
     for layer, (why, want) in reasons.items():
@@ -123,7 +138,9 @@ def skipped_notes(crit: Criterion, reasons: Mapping[str, tuple[str, list[str]]])
         shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
         want = wanted[key]
         if want:
-            todo = f"to score them, record {_describe(want)}: add --include '{include_regex(want)}'"
+            extra = include_regex(want)
+            regex = f"{recorded}|{extra}" if recorded else extra
+            todo = f"to score them, record {_describe(want)}: tdump record --include '{regex}'"
         else:
             todo = _WEIGHT_BASED.replace("scores it", "scores them")
         notes.append(

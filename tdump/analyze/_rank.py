@@ -397,13 +397,14 @@ def _plan_jobs(
         else:
             unplanned.append(layer)
     reasons = {layer: unscored_reason(crit, ctx, layer) for layer in unplanned}
+    recorded = (reader.meta(rank0).get("config") or {}).get("include_regex") if reasons else None
     if not planned:
         whys = {why for why, _ in reasons.values()}
         if explicit_layers or whys == {_NO_ACTIVATION}:
             # crit.missing() would hint at activations the model does not have as modules
-            raise MissingTensorError(skipped_notes(crit, reasons)[0])
+            raise MissingTensorError(skipped_notes(crit, reasons, recorded)[0])
         raise MissingTensorError(crit.missing(ctx))
-    notes.extend(skipped_notes(crit, reasons))
+    notes.extend(skipped_notes(crit, reasons, recorded))
     skipped.update({layer: why for layer, (why, _) in reasons.items()})
 
     saved: dict[tuple[int, str], set[int]] = {}

@@ -218,6 +218,16 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def _is_torch_file(path: str) -> bool:
+    """Whether a local ``path`` starts like what ``torch.save`` writes (zip or pickle)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def read_ranks(
     path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
@@ -253,6 +263,11 @@ def read_ranks(
             f"no ranks file at {path}; create one with `tdump rank DUMP -o {path}`"
         ) from None
     except (OSError, ValueError) as exc:
+        if _is_torch_file(path):
+            raise RanksError(
+                f"{path} is a torch checkpoint, not a ranks file; make one with "
+                "`tdump rank DUMP -o ranks.parquet`"
+            ) from None
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RanksError(f"{path} is not a readable parquet file ({first})") from None
     raw = (table.schema.metadata or {}).get(_META_KEY)

@@ -262,6 +262,11 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
+    except TdumpError:
+        raise  # tdump.load & co. in the script: one line, as the CLI prints them
+    except Exception as exc:  # the script's crash: its traceback, then what was recorded
+        _print_script_traceback(exc, script)
+        code = 1
     finally:
         sys.argv = old_argv
         sys.path[:] = old_path
@@ -281,6 +286,17 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     elif hook._root is None:
         print("tdump: no trained module was seen; nothing recorded", file=sys.stderr)
     return code
+
+
+def _print_script_traceback(exc: BaseException, script: str) -> None:
+    """Print ``exc`` as ``python script`` would: frames from the script on, not tdump's."""
+    import traceback
+
+    path = os.path.abspath(script)
+    tb = exc.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != path:
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
 
 
 def dump_size(out: str) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from tdump.cli._help import TdumpCommand
+
 __all__ = ["register"]
 
 FIRED_EXIT_CODE = 3  # = tdump.analyze.rules.FIRED_EXIT_CODE (no analyze import at startup)
@@ -77,37 +79,50 @@ def _error_line(f: Any) -> None:
 def register(app: typer.Typer) -> None:
     """Add the ``check`` command to ``app``."""
 
-    @app.command("check")
+    @app.command("check", cls=TdumpCommand)
     def check_cmd(
-        dump: str = typer.Argument(..., help="Dump path or fsspec URL (file://, s3://, ...)."),
+        dump: str = typer.Argument(
+            ..., metavar="DUMP", help="Dump path or fsspec URL (file://, s3://, ...)."
+        ),
         rule: list[str] = typer.Option(
             ...,
             "--rule",
             "-r",
+            metavar="RULE",
             help="A built-in rule name, or FILE.py:CLASS (repeat for several).",
         ),
         param: list[str] = typer.Option(
             [],
             "--param",
             "-p",
+            metavar="NAME=VALUE",
             help="NAME=VALUE (JSON where it parses, else a string); RULE.NAME=VALUE for one rule.",
         ),
         mode: str | None = typer.Option(
-            None, "--mode", help="Mode the rules look at (train, eval ...) [rule's default]."
+            None,
+            "--mode",
+            metavar="MODE",
+            help="Mode the rules look at (train, eval ...) [rule's default].",
         ),
-        rank: int = typer.Option(0, "--rank", help="DDP rank whose part is checked."),
+        rank: int = typer.Option(0, "--rank", metavar="R", help="DDP rank whose part is checked."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON report instead."),
         watch: bool = typer.Option(
             False, "--watch", help="Follow a dump training is still writing; stop it on a firing."
         ),
-        poll: float = typer.Option(1.0, "--poll", help="--watch: seconds between looks."),
+        poll: float = typer.Option(
+            1.0, "--poll", metavar="SECONDS", help="--watch: seconds between looks."
+        ),
         timeout: float = typer.Option(
             600.0,
             "--timeout",
+            metavar="SECONDS",
             help="--watch: give up after this many seconds without a new record (0: never).",
         ),
         until_step: int | None = typer.Option(
-            None, "--until-step", help="--watch: stop watching once a step >= this is committed."
+            None,
+            "--until-step",
+            metavar="STEP",
+            help="--watch: stop watching once a step >= this is committed.",
         ),
         no_stop: bool = typer.Option(
             False, "--no-stop", help="--watch: report a firing but write no stop request."

@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from tdump.cli._help import TdumpCommand
+
 __all__ = ["register"]
 
 
@@ -194,5 +196,5 @@ def ls(
 
 def register(app: typer.Typer) -> None:
     """Add ``ls`` and its alias ``info`` to ``app``."""
-    app.command("ls")(ls)
-    app.command("info", help="Alias of `tdump ls`.")(ls)
+    app.command("ls", cls=TdumpCommand)(ls)
+    app.command("info", cls=TdumpCommand, help="Alias of `tdump ls`.")(ls)

@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from tdump.cli._console import console
+from tdump.cli._help import TdumpCommand
 from tdump.errors import ConfigError
 
 __all__ = ["register", "summarize"]
@@ -108,7 +109,7 @@ def _ratio(a: int | None, b: int | None) -> str:
     return f"{b / a:.1%}" if a and b is not None else "-"
 
 
-def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
+def _print(summary: dict[str, Any], dry_run: bool, output: str | None, source: str) -> None:
     from rich.table import Table
 
     table = Table(title="dry run: nothing written" if dry_run else None, show_edge=False)
@@ -141,7 +142,7 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
         soft_wrap=True,
     )
     console.print(
-        f"parameters {_ratio(pb, pa)} of the original, FLOPs {_ratio(fb, fa)}"
+        f"parameters {_ratio(pb, pa)} of {source}'s, FLOPs {_ratio(fb, fa)}"
         + (f" (input {'x'.join(map(str, shape))})" if shape else ""),
         soft_wrap=True,
     )
@@ -149,6 +150,22 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None) -> None:
         console.print(f"note: {note}", soft_wrap=True)
     if output:
         console.print(f"wrote {output}")
+
+
+def _check_order(ckpt: Path, ranks: Path) -> None:
+    """A ranks file given as CKPT and a checkpoint as RANKS: say so, not 'not parquet'."""
+    heads = []
+    for path in (ckpt, ranks):
+        try:
+            with open(path, "rb") as fh:
+                heads.append(fh.read(4))
+        except OSError:
+            return
+    if heads[0] == b"PAR1" and heads[1] != b"PAR1":
+        raise ConfigError(
+            f"{ckpt} is a ranks file: the checkpoint comes first, "
+            f"`tdump prune CKPT RANKS` (here: tdump prune {ranks} {ckpt} ...)"
+        )
 
 
 def _model_type(table: Any, dump: Path | None, read: Any) -> str | None:
@@ -167,75 +184,91 @@ def _model_type(table: Any, dump: Path | None, read: Any) -> str | None:
 def register(app: typer.Typer) -> None:
     """Add the command to ``app``."""
 
-    @app.command("prune")
+    @app.command("prune", cls=TdumpCommand)
     def prune_cmd(
         ckpt: Path = typer.Argument(
-            ..., help="Checkpoint: tdump checkpoint, state_dict, or a dict holding one."
+            ...,
+            metavar="CKPT",
+            help="Checkpoint: tdump checkpoint, state_dict, or a dict holding one.",
         ),
-        ranks: Path = typer.Argument(..., help="ranks.parquet from `tdump rank`."),
+        ranks: Path = typer.Argument(..., metavar="RANKS", help="ranks.parquet from `tdump rank`."),
         output: Path = typer.Option(
             Path("pruned.pt"),
             "-o",
             "--output",
             "--out",
+            metavar="PATH",
             help="Where to write the pruned checkpoint.",
         ),
         count: int | None = typer.Option(
-            None, "--count", help="Channels to remove (a coupled group's channel counts once)."
+            None,
+            "--count",
+            metavar="N",
+            help="Channels to remove (a coupled group's channel counts once).",
         ),
-        ratio: float | None = typer.Option(None, "--ratio", help="Fraction of channels to remove."),
+        ratio: float | None = typer.Option(
+            None, "--ratio", metavar="R", help="Fraction of channels to remove."
+        ),
         scope: str = typer.Option(
-            "global", "--scope", help="global (rank all layers together) or per-layer."
+            "global",
+            "--scope",
+            metavar="SCOPE",
+            help="global (rank all layers together) or per-layer.",
         ),
         min_channels: int = typer.Option(
-            1, "--min-channels", help="Every layer keeps at least this many channels."
+            1, "--min-channels", metavar="K", help="Every layer keeps at least this many channels."
         ),
         max_ratio: float | None = typer.Option(
             None,
             "--max-ratio",
+            metavar="M",
             help="At most this fraction of any one layer goes (global default 0.8).",
         ),
         round_to: int | None = typer.Option(
-            None, "--round-to", help="Keep channel counts multiples of this."
+            None, "--round-to", metavar="N", help="Keep channel counts multiples of this."
         ),
         arch: str | None = typer.Option(
             None,
             "--arch",
+            metavar="ARCH",
             help="Architecture: torchvision.models.resnet18, mymodels:Net or train.py:Net "
             "(overrides the checkpoint's; imported only when you name it).",
         ),
         arch_kwargs: str | None = typer.Option(
-            None, "--arch-kwargs", help="JSON keyword arguments for --arch."
+            None, "--arch-kwargs", metavar="JSON", help="JSON keyword arguments for --arch."
         ),
         like: Path | None = typer.Option(
             None,
             "--like",
+            metavar="PREV.pt",
             help="The previous round's tdump checkpoint: architecture and kept channels "
             "for a fine-tuned state_dict CKPT.",
         ),
         prefix: str | None = typer.Option(
             None,
             "--prefix",
+            metavar="PREFIX",
             help="Wrapper prefix to strip from ranked layer and checkpoint key names "
             "(e.g. model.); detected when absent.",
         ),
         dump: Path | None = typer.Option(
             None,
             "--dump",
+            metavar="DUMP",
             help="The dump the ranks came from (default: the ranks file's); its model type "
             "picks the architecture of a plain state_dict.",
         ),
         ignore: str | None = typer.Option(
-            None, "--ignore", help="Regex of module paths to leave alone."
+            None, "--ignore", metavar="REGEX", help="Regex of module paths to leave alone."
         ),
         criterion: str | None = typer.Option(
-            None, "--criterion", help="Criterion to use when ranks hold several."
+            None, "--criterion", metavar="NAME", help="Criterion to use when ranks hold several."
         ),
         conv_only_groups: bool = typer.Option(
             False, "--conv-only-groups", help="Leave residual groups alone."
         ),
         aggregate: str = typer.Option(
-            "mean", "--aggregate", help="How coupled convs' scores combine."
+            "mean", "--aggregate", metavar="NAME", help="How coupled convs' scores combine."
         ),
         normalize: str = typer.Option(
             "mean",
@@ -243,10 +276,10 @@ def register(app: typer.Typer) -> None:
             help="Per-layer score scale before global ranking: mean, rms, l2 or none.",
         ),
         input_shape: str | None = typer.Option(
-            None, "--input-shape", help="Input shape for FLOPs, e.g. 3,224,224."
+            None, "--input-shape", metavar="C,H,W", help="Input shape for FLOPs, e.g. 3,224,224."
         ),
         save_plan: Path | None = typer.Option(
-            None, "--save-plan", help="Also write the plan as JSON here."
+            None, "--save-plan", metavar="PATH", help="Also write the plan as JSON here."
         ),
         dry_run: bool = typer.Option(
             False, "--dry-run", help="Print what would change; write nothing."
@@ -276,6 +309,7 @@ def register(app: typer.Typer) -> None:
                 re.compile(ignore)
             except re.error as exc:
                 raise ConfigError(f"--ignore is not a valid regex ({exc}): {ignore}") from None
+        _check_order(ckpt, ranks)
         table = surgery.read_ranks_table(ranks)
         model_type = None
         if arch is None:
@@ -329,4 +363,4 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(summary))
         else:
-            _print(summary, dry_run, written)
+            _print(summary, dry_run, written, ckpt.name)

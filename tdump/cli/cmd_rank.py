@@ -6,13 +6,15 @@ import json
 
 import typer
 
+from tdump.cli._help import TdumpCommand
+
 __all__ = ["register"]
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``rank`` command to ``app``."""
 
-    @app.command("rank")
+    @app.command("rank", cls=TdumpCommand)
     def rank_cmd(
         dump: str = typer.Argument(
             ..., metavar="DUMP", help="Dump path or fsspec URL (file://, s3://, ...)."
@@ -144,3 +146,9 @@ def register(app: typer.Typer) -> None:
                 soft_wrap=True,
             )
         console.print(f"ranks written to {path}", soft_wrap=True)
+        if not str(out).endswith(".parquet"):  # `-o ranks.csv` still writes Parquet
+            err_console.print(
+                f"note: {out} holds Parquet (docs/FORMAT.md §2), whatever its suffix; "
+                "for CSV: tdump.analyze.read_ranks(PATH).to_csv(...)",
+                soft_wrap=True,
+            )

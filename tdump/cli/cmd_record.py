@@ -5,21 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from typer.core import TyperArgument, TyperCommand
+
+from tdump.cli._help import TdumpCommand
 
 __all__ = ["register"]
 
 SEED_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"  # = capture.DEFAULT_INCLUDE
 
 
-class _RecordCommand(TyperCommand):
-    """Help shows ``SCRIPT [-- ARGS...]``, not typer's ``{script}`` and ``<list[str]>``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            if isinstance(param, TyperArgument):
-                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+class _RecordCommand(TdumpCommand):
+    """Help shows ``SCRIPT [-- ARGS...]``: the script's arguments follow ``--``."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return ["[OPTIONS]", "SCRIPT", "[-- ARGS...]"]

@@ -185,8 +185,13 @@ def _split(arch: str) -> tuple[str, str]:
     else:
         module, _, attr = arch.rpartition(".")
     if not module or not attr:
+        import difflib
+
+        close = difflib.get_close_matches(arch, registered_archs(), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(
-            f"--arch must look like torchvision.models.resnet18, mymodels:Net or train.py:Net, got {arch!r}"
+            f"--arch {arch!r} is neither a registered builder (a torchvision model name such as "
+            f"resnet18) nor an import path like mymodels:Net or train.py:Net; {hint}".rstrip("; ")
         )
     return module, attr
 

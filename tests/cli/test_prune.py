@@ -85,6 +85,7 @@ def test_dry_run_predicts_written_checkpoint(files: dict[str, Path]) -> None:
     assert f"{predicted['removed_filters']} of {predicted['filters_before']} conv filters" in (
         " ".join(table.stdout.split())
     )
+    assert "parameters " in table.stdout and " of ckpt.pt's, FLOPs" in table.stdout
 
     # round two: ranks recorded with the pruned checkpoint; rounds compose. SmallNet is not
     # a registered builder, so the file's arch is built only because --arch names it again
@@ -119,6 +120,8 @@ def test_dry_run_predicts_written_checkpoint(files: dict[str, Path]) -> None:
         ("full", "weights_only"),
         ("arch", "does not match torchvision.models.resnet18"),
         ("ratio", "empty"),
+        ("swapped", "the checkpoint comes first, `tdump prune CKPT RANKS`"),
+        ("ckpt-twice", "ckpt.pt is a torch checkpoint, not a ranks file; make one with"),
     ],
 )
 def test_bad_input_one_line_nothing_written(files: dict[str, Path], case: str, needle: str) -> None:
@@ -130,6 +133,10 @@ def test_bad_input_one_line_nothing_written(files: dict[str, Path], case: str, n
         ckpt = str(files["full"])
     elif case == "arch":
         arch = ["--arch", "torchvision.models.resnet18"]
+    elif case == "swapped":
+        ckpt, ranks = ranks, ckpt
+    elif case == "ckpt-twice":
+        ranks = ckpt
     else:
         extra = ["--ratio", "1.0"]
     res = _run(ckpt, ranks, *arch, *extra, "-o", str(out))

@@ -100,10 +100,23 @@ def test_rank_layer_filter_skips_downsample_with_a_true_note(dump: str, tmp_path
     notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note: ")]
     assert any(
         "layer3.0.downsample.0, layer4.0.downsample.0" in n
-        and r"--include '(?:^|\.)downsample\.1\.output_0'" in n
+        and r"|(?:^|\.)downsample\.1\.output_0'" in n  # the recorded selection, plus this
+        and "tdump record --include '" in n
         for n in notes
     ), proc.stderr
     assert "--include '.*relu'" not in proc.stderr
     df = read_ranks(out)
     assert df["layer"].nunique() == 8 and not df["layer"].str.contains("downsample").any()
     assert set(df.attrs["tdump"]["skipped"]) == {"layer3.0.downsample.0", "layer4.0.downsample.0"}
+
+
+def test_rank_out_with_another_suffix_says_it_is_parquet(dump: str, tmp_path: Path) -> None:
+    out = tmp_path / "ranks.csv"
+    proc = _tdump("rank", dump, "-o", str(out), "--quiet", "--layers", "^layer1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: {out} holds Parquet (docs/FORMAT.md §2), whatever its suffix" in proc.stderr
+    assert out.read_bytes()[:4] == b"PAR1" and len(read_ranks(out)) == 4 * 64
+    plain = _tdump(
+        "rank", dump, "-o", str(tmp_path / "r.parquet"), "--quiet", "--layers", "^layer1"
+    )
+    assert plain.returncode == 0 and "holds Parquet" not in plain.stderr

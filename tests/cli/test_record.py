@@ -101,3 +101,33 @@ def test_help_lists_the_options() -> None:
     assert "Usage: tdump record [OPTIONS] SCRIPT [-- ARGS...]" in proc.stdout
     assert "<list[str]>" not in proc.stdout and "{" not in proc.stdout
     assert "-c," not in proc.stdout  # -c is rank's --criterion; record takes --config only
+
+
+def test_script_crash_shows_its_traceback_and_keeps_the_records(tmp_path: Path) -> None:
+    """A script that raises: its own traceback (no tdump/typer frames), the records
+    committed so far are kept and summarised, exit status 1 as with `python script`."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import torch\nfrom torch import nn\n"
+        "m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "for step in range(6):\n"
+        "    opt.zero_grad()\n"
+        "    nn.functional.cross_entropy(m(torch.randn(4, 3, 8, 8)), torch.zeros(4).long())"
+        ".backward()\n"
+        "    opt.step()\n"
+        "    if step == 3:\n"
+        "        raise RuntimeError('out of memory (simulated)')\n"
+    )
+    out = tmp_path / "c.zarr"
+    proc = _record("--out", str(out), "--interval", "1", str(script))
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr
+    assert "RuntimeError: out of memory (simulated)" in err
+    trace = err[err.index("Traceback") :]
+    assert "crash.py" in trace and "typer" not in trace and "tdump/" not in trace, err
+    assert "tdump: recorded 4 train record(s)" in err, err
+
+    from tdump._format import StoreReader
+
+    assert StoreReader(str(out)).steps("train", 0).tolist() == [0, 1, 2, 3]

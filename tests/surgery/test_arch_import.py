@@ -83,3 +83,16 @@ def test_script_that_trains_on_import_is_refused(project: Path, arch: str, line:
     msg = str(err.value)
     assert line in msg and 'if __name__ == "__main__":' in msg and "\n" not in msg
     assert not (project / "TRAINED").exists() and not (project / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("arch", "hint"), [("resnet1", "did you mean resnet18?"), ("foo", "import path like")]
+)
+def test_unknown_bare_arch_says_what_would_work(arch: str, hint: str) -> None:
+    """A bare name is a registered builder or nothing: the error says so (and a near miss)."""
+    from tdump.surgery._arch import resolve_arch
+
+    with pytest.raises(ConfigError) as err:
+        resolve_arch(arch, trusted=True)
+    text = str(err.value)
+    assert "\n" not in text and "neither a registered builder" in text and hint in text

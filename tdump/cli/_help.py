@@ -1,0 +1,50 @@
+"""Help that reads cleanly: arguments by their metavar, without typer's type labels.
+
+typer 0.29 shows a required argument as ``{dump}`` in the usage line and as
+``dump <str>`` in the argument list; every tdump command uses :class:`TdumpCommand`
+instead, so ``tdump rank --help`` says ``Usage: tdump rank [OPTIONS] DUMP`` and
+``DUMP  Dump path ...``. Options show their own ``metavar=`` (``--out PATH``).
+
+Examples
+--------
+>>> import typer
+>>> from typer.testing import CliRunner
+>>> app = typer.Typer()
+>>> @app.command(cls=TdumpCommand)
+... def go(dump: str = typer.Argument(..., metavar="DUMP", help="The dump.")) -> None:
+...     pass
+>>> @app.command()
+... def other() -> None:
+...     pass
+>>> text = CliRunner().invoke(app, ["go", "--help"]).output
+>>> "Usage: root go [OPTIONS] DUMP" in text, "<str>" in text, "{" in text
+(True, False, False)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from typer.core import TyperArgument, TyperCommand
+
+__all__ = ["TdumpCommand"]
+
+
+class TdumpCommand(TyperCommand):
+    """A typer command whose arguments show as ``DUMP`` / ``[PATH]``, without ``<str>``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument) and param.metavar:
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not isinstance(param, TyperArgument) or param.hidden:
+                continue
+            name = param.metavar or (param.name or "").upper()
+            name = name if param.required else f"[{name}]"
+            pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
