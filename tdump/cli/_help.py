@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 __all__ = ["TdumpCommand"]
 
@@ -36,8 +36,12 @@ class TdumpCommand(TyperCommand):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for param in self.params:
-            if isinstance(param, TyperArgument) and param.metavar:
+            if isinstance(param, TyperArgument):
+                param.metavar = param.metavar or (param.name or "").upper()
                 param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+            elif isinstance(param, TyperOption) and not param.is_flag and not param.metavar:
+                # an option without its own metavar= shows its name (--rounds ROUNDS), not <int>
+                param.metavar = (param.name or "value").upper()
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []

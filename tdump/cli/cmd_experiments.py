@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from tdump.cli._console import console
+from tdump.cli._help import TdumpCommand
 
 __all__ = ["register", "rounds_table"]
 
@@ -81,7 +82,7 @@ def register(app: typer.Typer) -> None:
         rich_markup_mode=None,
     )
 
-    @group.command("show")
+    @group.command("show", cls=TdumpCommand)
     def show_cmd(
         experiment: Path = typer.Argument(..., help="Experiment directory."),
         as_json: bool = typer.Option(False, "--json", help="Print state and rows as JSON."),
@@ -121,7 +122,7 @@ def register(app: typer.Typer) -> None:
             line += f"; round {state.get('round')} {state['running'].get('stage')} in progress"
         console.print(line, soft_wrap=True)
 
-    @group.command("plot")
+    @group.command("plot", cls=TdumpCommand)
     def plot_cmd(
         experiment: Path = typer.Argument(..., help="Experiment directory."),
         out: Path = typer.Option(Path("curve.png"), "-o", "--out", help="Figure to write."),
@@ -133,7 +134,7 @@ def register(app: typer.Typer) -> None:
         plot_rounds([(experiment.name, rows)], out, title=str(experiment))
         console.print(f"wrote {out}")
 
-    @group.command("compare")
+    @group.command("compare", cls=TdumpCommand)
     def compare_cmd(
         experiments: list[Path] = typer.Argument(..., help="Two or more experiment directories."),
         out: Path = typer.Option(Path("compare.png"), "-o", "--out", help="Figure to write."),

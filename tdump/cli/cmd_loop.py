@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from tdump.cli._console import abort, console
+from tdump.cli._help import TdumpCommand
 
 __all__ = ["register"]
 
@@ -55,7 +56,7 @@ class _LiveEvents:
 def register(app: typer.Typer) -> None:
     """Add the command to ``app``."""
 
-    @app.command("loop")
+    @app.command("loop", cls=TdumpCommand)
     def loop_cmd(
         script: str = typer.Argument(None, help="The training script (not needed with --resume)."),
         args: list[str] = typer.Argument(

@@ -38,5 +38,10 @@ def test_every_command_uses_the_clean_help_class() -> None:
     from tdump.cli._help import TdumpCommand
 
     group = typer.main.get_group(app)
-    for name, cmd in group.commands.items():
+    pending = list(group.commands.items())
+    while pending:
+        name, cmd = pending.pop()
+        if hasattr(cmd, "commands"):  # a command group (tdump experiments): its commands
+            pending += [(f"{name} {sub}", c) for sub, c in cmd.commands.items()]
+            continue
         assert isinstance(cmd, TdumpCommand), f"`tdump {name}`: pass cls=TdumpCommand"
