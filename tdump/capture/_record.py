@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import HookConfig
@@ -150,8 +149,6 @@ class AutoCapture:
 
     # -- global hooks
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if is_fx_tracing():  # tdump.load traces the model: those calls are not training
-            return
         depth = self._depth
         self._depth += 1
         if depth != 0 or not self.active or fx_tracing():
@@ -182,8 +179,6 @@ class AutoCapture:
                 self._others.append(weakref.ref(root))
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if is_fx_tracing():
-            return
         self._depth = max(0, self._depth - 1)
 
     def _opt_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
