@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tdump-installed
 
-.PHONY: demo test install lint typecheck pytest data sample-dumps bench clean
+.PHONY: demo test test-slow install lint typecheck pytest data sample-dumps bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,10 +36,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The slow tests (the torchvision models over 50 M parameters) run in CI after `make test`.
 pytest: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
 
 test: lint typecheck pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 sample-dumps: install
 	$(BIN)/python sample_dumps/make_sample.py
