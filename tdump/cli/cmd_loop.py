@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -10,6 +9,7 @@ import typer
 
 from tdump.cli._console import abort, console
 from tdump.cli._help import TdumpCommand
+from tdump.cli._options import json_object_option, shape_option
 
 __all__ = ["register"]
 
@@ -119,22 +119,8 @@ def register(app: typer.Typer) -> None:
         from tdump.errors import ConfigError, LoopError
         from tdump.loop import Experiment, LoopSettings, run_loop
 
-        kwargs = None
-        if arch_kwargs:
-            try:
-                kwargs = json.loads(arch_kwargs)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"--arch-kwargs is not valid JSON ({exc.msg}): {arch_kwargs}"
-                ) from None
-        shape = None
-        if input_shape:
-            try:
-                shape = [int(v) for v in input_shape.replace("x", ",").split(",") if v.strip()]
-            except ValueError:
-                raise ConfigError(
-                    f"--input-shape must look like 3,32,32, got {input_shape!r}"
-                ) from None
+        kwargs = json_object_option(arch_kwargs, "--arch-kwargs")
+        shape = list(shape_option(input_shape, example="3,32,32")) if input_shape else None
         if resume and experiment is None:
             raise ConfigError("--resume needs --experiment DIR (the experiment to continue)")
         resuming = resume and Experiment.is_experiment(experiment or "")

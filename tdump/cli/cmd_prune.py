@@ -15,6 +15,7 @@ import typer
 
 from tdump.cli._console import console
 from tdump.cli._help import TdumpCommand
+from tdump.cli._options import json_object_option, shape_option
 from tdump.errors import ConfigError
 
 __all__ = ["register", "summarize"]
@@ -22,10 +23,7 @@ __all__ = ["register", "summarize"]
 
 def _parse_shape(text: str | None, model: Any) -> tuple[int, ...]:
     if text:
-        try:
-            return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-        except ValueError:
-            raise ConfigError(f"--input-shape must look like 3,224,224, got {text!r}") from None
+        return shape_option(text, example="3,224,224")
     from torch import nn
 
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
@@ -294,16 +292,7 @@ def register(app: typer.Typer) -> None:
         import tdump.surgery as surgery
         from tdump.surgery._io import dump_model_type, strip_ranks_prefix
 
-        kwargs: dict[str, Any] | None = None
-        if arch_kwargs:
-            try:
-                kwargs = json.loads(arch_kwargs)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"--arch-kwargs is not valid JSON ({exc.msg}): {arch_kwargs}"
-                ) from None
-            if not isinstance(kwargs, dict):
-                raise ConfigError(f"--arch-kwargs must be a JSON object, got {arch_kwargs}")
+        kwargs = json_object_option(arch_kwargs, "--arch-kwargs")
         if ignore:
             try:
                 re.compile(ignore)

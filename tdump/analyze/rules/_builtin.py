@@ -28,6 +28,7 @@ import numpy as np
 
 from tdump.analyze._trial import Trial
 from tdump.analyze.rules._base import Rule, RuleSkip, register_rule
+from tdump.capture._config import COLLECTIONS
 from tdump.errors import ConfigError, MissingTensorError
 
 __all__ = [
@@ -40,16 +41,7 @@ __all__ = [
 ]
 
 #: Collections exploding_tensor reads by default (every tensor except saved scalars).
-EXPLODING_COLLECTIONS = (
-    "weights",
-    "biases",
-    "gradients",
-    "activations",
-    "activation_gradients",
-    "running_stats",
-    "losses",
-    "loss_inputs",
-)
+EXPLODING_COLLECTIONS = tuple(c for c in COLLECTIONS if c != "scalars")
 _RELU_TYPES = ("ReLU", "ReLU6")
 
 
