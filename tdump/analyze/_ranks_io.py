@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tdump._atomic import write_atomic
 from tdump._protocols import require_protocol
 from tdump._version import __version__
 from tdump.errors import ConfigError, DumpNotFoundError, FormatVersionError, RanksError
@@ -141,23 +142,18 @@ def write_ranks(
     check_output_path(path)
     # temporary file in the same folder, then rename: a failed write (disk full, quota,
     # interrupt) leaves an existing file at ``path`` as it was
-    tmp = os.path.join(
-        os.path.dirname(os.path.abspath(path)),
-        f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial",
-    )
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            kept = "; the existing file is unchanged" if os.path.exists(path) else ""
-            raise ConfigError(
-                f"cannot write ranks to {path} ({exc.strerror or exc}){kept}; "
-                "free space or choose another --out"
-            ) from None
-        raise
+        write_atomic(
+            path,
+            lambda fh: pq.write_table(table, fh),
+            tmp_prefix=f".{os.path.basename(path)}.",
+        )
+    except OSError as exc:
+        kept = "; the existing file is unchanged" if os.path.exists(path) else ""
+        raise ConfigError(
+            f"cannot write ranks to {path} ({exc.strerror or exc}){kept}; "
+            "free space or choose another --out"
+        ) from None
     return str(path)
 
 

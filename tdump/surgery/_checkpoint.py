@@ -29,7 +29,6 @@ import datetime as _dt
 import json
 import os
 import pickle
-import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tdump._atomic import write_atomic
 from tdump._version import __version__
 from tdump.errors import CheckpointError, ConfigError, DumpNotFoundError, FormatVersionError
 
@@ -344,21 +344,8 @@ def write_checkpoint(
     }
     obj = _with_meta(body.items(), meta)
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tdump-{uuid.uuid4().hex[:12]}.partial")
     try:
-        os.makedirs(folder, exist_ok=True)
-        # 0o666: the kernel applies the umask, as for any file a program writes (not mkstemp's 0600)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, lambda fh: torch.save(obj, fh), tmp_prefix=".tdump-")
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
