@@ -28,14 +28,21 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
 
 from tdump.errors import CorruptStoreError
 
-__all__ = ["CHUNK_KEY_ENCODING", "ChunkFiles", "Scratch", "chunk_files", "chunk_prefix"]
+__all__ = [
+    "CHUNK_KEY_ENCODING",
+    "ChunkFiles",
+    "Scratch",
+    "chunk_files",
+    "chunk_prefix",
+    "numcodecs_codec",
+]
 
 #: Tensor arrays name chunk files ``c.<record>.0.0...``, flat in the array's folder: one
 #: file per record and no folder to create per record and tensor (creating folders is
@@ -216,37 +223,55 @@ def _blosc_header_reader(codec: Any) -> Any:
     return getattr(blosc, "cbuffer_sizes", None) or getattr(blosc, "_cbuffer_sizes", None)
 
 
+def numcodecs_codec(codecs: list[Any]) -> tuple[Any, Literal["<", ">"]] | None:
+    """``(numcodecs codec or None, "<" or ">")`` for ``bytes`` [+ one Blosc/Zstd], else ``None``."""
+    import numcodecs
+    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+
+    if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
+        return None
+    endian = getattr(codecs[0].endian, "value", "little")
+    order: Literal["<", ">"] = "<" if endian == "little" else ">"
+    codec: Any = None
+    if len(codecs) == 2:
+        comp = codecs[1]
+        if isinstance(comp, BloscCodec):
+            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
+                getattr(comp.shuffle, "value", "shuffle")
+            ]
+            codec = numcodecs.Blosc(
+                cname=getattr(comp.cname, "value", "zstd"),
+                clevel=comp.clevel,
+                shuffle=shuffle,
+                blocksize=comp.blocksize,
+            )
+        elif isinstance(comp, ZstdCodec):
+            codec = numcodecs.Zstd(level=comp.level, checksum=comp.checksum)
+        else:
+            return None
+    return codec, order
+
+
 def chunk_files(arr: zarr.Array) -> ChunkFiles | None:
-    """A :class:`ChunkFiles` for ``arr`` if its records are plain local files, else ``None``."""
+    """Direct record files for ``arr`` if it is a local tdump tensor array, else ``None``.
+
+    Format 1 arrays (one chunk file per record) get a :class:`ChunkFiles`, format 2
+    arrays (records in shard files) a :class:`~tdump._shards.ShardFiles`.
+    """
     try:
-        import numcodecs
-        from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
         from zarr.storage import LocalStore
 
-        codecs = list(arr.metadata.codecs)  # type: ignore[union-attr]
+        from tdump._shards import shard_files, shard_records
+
+        if shard_records(arr) is not None:
+            return shard_files(arr)
         if not isinstance(arr.store, LocalStore) or tuple(arr.chunks) != (1, *arr.shape[1:]):
             return None
-        if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
+        found = numcodecs_codec(list(arr.metadata.codecs))  # type: ignore[union-attr]
+        if found is None:
             return None
-        endian = getattr(codecs[0].endian, "value", "little")
-        dtype = np.dtype(arr.dtype).newbyteorder("<" if endian == "little" else ">")
-        codec: Any = None
-        if len(codecs) == 2:
-            comp = codecs[1]
-            if isinstance(comp, BloscCodec):
-                shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
-                    getattr(comp.shuffle, "value", "shuffle")
-                ]
-                codec = numcodecs.Blosc(
-                    cname=getattr(comp.cname, "value", "zstd"),
-                    clevel=comp.clevel,
-                    shuffle=shuffle,
-                    blocksize=comp.blocksize,
-                )
-            elif isinstance(comp, ZstdCodec):
-                codec = numcodecs.Zstd(level=comp.level, checksum=comp.checksum)
-            else:
-                return None
-        return ChunkFiles(arr, os.path.join(str(arr.store.root), arr.path), codec, dtype)
+        codec, order = found
+        directory = os.path.join(str(arr.store.root), arr.path)
+        return ChunkFiles(arr, directory, codec, np.dtype(arr.dtype).newbyteorder(order))
     except Exception:  # any surprise (a zarr change, odd metadata): let zarr do it
         return None

@@ -45,8 +45,10 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from tdump._arrays import ArrayFactory
 from tdump._chunks import CHUNK_KEY_ENCODING, ChunkFiles, chunk_files, chunk_prefix
 from tdump._protocols import require_protocol
+from tdump._shards import forget_after, record_sizes, shard_records
 from tdump._validate import (
     DAMAGE,
     META_TYPES,
@@ -84,7 +86,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tdump.store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Store format versions this tdump reads (docs/FORMAT.md: 2 adds shard files).
+READ_VERSIONS = (1, 2)
 #: Modes in the order readers list them. A mode has its own step counter.
 MODES: tuple[str, ...] = ("train", "eval", "predict", "global")
 #: Rows per chunk of the small ``records/*`` arrays (each commit rewrites one chunk atomically).
@@ -208,6 +212,9 @@ class StoreWriter:
         self._files: dict[tuple[str, str], ChunkFiles | None] = {}
         self._records: dict[str, dict[str, zarr.Array]] = {}
         self._counts: dict[str, int] = {}
+        self._factories: dict[str, ArrayFactory] = {}  # per mode: its tensors group
+        #: New tensor arrays keep their records in shard files (format 2, local stores).
+        self.sharded = False
 
     @classmethod
     def create(
@@ -248,10 +255,15 @@ class StoreWriter:
                     f"{path} is a Zarr group that tdump did not write; choose another --out path"
                 )
             root.attrs["tdump"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+            version = FORMAT_VERSION
         else:
             _check_format(path, meta)
+            version = int(meta["format_version"])  # type: ignore[arg-type,call-overload,index]
         existed = _rank_group(rank) in root
         writer = cls(root, rank)
+        # format 1 stores stay format 1 (older readers keep reading them); object
+        # stores write whole keys, so appending to a shard would rewrite it each record
+        writer.sharded = version >= 2 and type(root.store).__name__ == "LocalStore"
         if existed:
             held = {m: writer.next_record(m) for m in MODES if m in writer._rank}
             if mode == "create" and any(held.values()):
@@ -260,6 +272,7 @@ class StoreWriter:
                     "another --out path"
                 )
             writer._remove_partials()
+            writer._forget_uncommitted(held)
         info = _attr_dict(writer._rank.attrs.get("tdump"))
         info.update(
             rank=rank,
@@ -284,6 +297,16 @@ class StoreWriter:
                 if name.endswith(".partial"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(folder, name))
+
+    def _forget_uncommitted(self, held: Mapping[str, int]) -> None:
+        """Drop what a killed writer wrote for records it never committed (local stores)."""
+        if type(self._root.store).__name__ != "LocalStore":
+            return  # object stores: whole keys, and readers keep ``record < committed``
+        for mode, committed in held.items():
+            tensors = self._rank.get(f"{mode}/tensors")
+            if isinstance(tensors, zarr.Group):
+                for _, arr in tensors.arrays():
+                    forget_after(arr, committed)
 
     # -- metadata
     def update_meta(self, **fields: Any) -> None:
@@ -398,9 +421,12 @@ class StoreWriter:
         dtype: Any,
     ) -> zarr.Array:
         key = encode_name(name)
-        grp = self._rank.require_group(f"{_check_mode(mode)}/tensors")
-        if key in grp:  # appending to a dump another process wrote
-            arr = grp[key]
+        factory = self._factories.get(mode)
+        if factory is None:
+            group = self._rank.require_group(f"{_check_mode(mode)}/tensors")
+            factory = self._factories[mode] = ArrayFactory(group)
+        if key in factory.existing():  # appending to a dump another process wrote
+            arr = factory.group[key]
             if not isinstance(arr, zarr.Array) or arr.ndim != value.ndim + 1:
                 raise ValueError(
                     f"{name}: the dump holds it with other dimensions; append the same model"
@@ -412,7 +438,17 @@ class StoreWriter:
             raise ValueError(f"{name}: {len(dims)} dims named for a {value.ndim}-d tensor")
         fill = np.nan if store_dtype.kind == "f" else 0
         meta = {"name": name, "source_dtype": str(value.dtype), **dict(attrs or {})}
-        return grp.create_array(
+        if self.sharded:
+            return factory.create_sharded(
+                key,
+                shape=(_INITIAL_CAPACITY, *value.shape),
+                dtype=store_dtype,
+                fill_value=fill,
+                compressors=compressors,
+                dimension_names=["record", *dims],
+                attributes={"tdump": meta},
+            )
+        return factory.create(
             key,
             shape=(_INITIAL_CAPACITY, *value.shape),
             chunks=(1, *value.shape),
@@ -420,7 +456,7 @@ class StoreWriter:
             fill_value=fill,
             compressors=compressors,
             dimension_names=["record", *dims],
-            chunk_key_encoding=CHUNK_KEY_ENCODING,  # type: ignore[arg-type]
+            chunk_key_encoding=CHUNK_KEY_ENCODING,
             attributes={"tdump": meta},
             # a row equal to the fill value (an int scalar 0) must still be written:
             # readers find saved records from the chunk listing (saved_records)
@@ -459,7 +495,7 @@ def _check_format(path: str, meta: Any) -> None:
             f"{path} is a Zarr group that tdump did not write; point at a dump made by `tdump record`"
         )
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version not in READ_VERSIONS:
         raise FormatVersionError(
             f"{path} has store format version {version}, this tdump reads up to {FORMAT_VERSION}; "
             "upgrade tdump (pip install -U tdump)"
@@ -494,6 +530,13 @@ class StoreReader:
     def root(self) -> zarr.Group:
         """The root Zarr group (read-only)."""
         return self._root
+
+    @property
+    def format_version(self) -> int:
+        """The store format version the dump was written in (1 or 2; docs/FORMAT.md)."""
+        meta = self._root.attrs.get("tdump")
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        return version if isinstance(version, int) else FORMAT_VERSION
 
     def _children(self, key: str) -> list[str]:
         """Nodes directly below ``key``: listed, not opened (one damaged node spoils nothing).
@@ -648,8 +691,29 @@ class StoreReader:
         every answer is about the same committed records.
         """
         n = self.num_records(mode, rank) if committed is None else committed
+        arr = self.array(mode, name, rank)
+        if shard_records(arr) is not None:
+            return np.array(sorted(self._shard_sizes(arr, n)), dtype=np.int64)
         rows = self.chunk_keys(mode, name, rank)
         return np.array(sorted(r for r in rows if r < n), dtype=np.int64)
+
+    def record_sizes(
+        self, mode: str, name: str, rank: int = 0, *, committed: int | None = None
+    ) -> dict[int, int]:
+        """``{record: stored bytes}`` of the committed records at which ``name`` holds data."""
+        n = self.num_records(mode, rank) if committed is None else committed
+        arr = self.array(mode, name, rank)
+        if shard_records(arr) is not None:
+            return self._shard_sizes(arr, n)
+        keys = {row: key for row, key in self.chunk_keys(mode, name, rank).items() if row < n}
+        sizes = self.sizes(list(keys.values()))
+        return {row: sizes[key] for row, key in keys.items() if key in sizes}
+
+    def _shard_sizes(self, arr: zarr.Array, committed: int) -> dict[int, int]:
+        try:
+            return record_sizes(arr, committed)
+        except DAMAGE as exc:
+            raise damaged(self.path, f"{arr.path}: a shard index cannot be read", exc) from None
 
     def chunk_keys(self, mode: str, name: str, rank: int = 0) -> dict[int, str]:
         """``{record: store key}`` of the chunk files of tensor ``name`` (``*.partial`` skipped).

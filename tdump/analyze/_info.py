@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tdump._format import FORMAT_NAME, FORMAT_VERSION, StoreReader
+from tdump._format import FORMAT_NAME, StoreReader
 from tdump._version import __version__
 from tdump.analyze._open import open_reader
 from tdump.errors import MissingTensorError, SelectionError, compile_regex
@@ -134,7 +134,7 @@ def summarize(
         "schema_version": SCHEMA_VERSION,
         "path": reader.path,
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": reader.format_version,
         "reader": f"tdump {__version__}",
         "ranks": out_ranks,
         "modes": modes_out,
@@ -158,9 +158,8 @@ def _tensor_info(
     arr = reader.array(mode, name, rank)
     attrs = reader.tensor_attrs(mode, name, rank)
     n = len(committed_steps)
-    keys = {row: key for row, key in reader.chunk_keys(mode, name, rank).items() if row < n}
-    sizes = reader.sizes(list(keys.values()))
-    saved = np.array(sorted(row for row, key in keys.items() if key in sizes), dtype=np.int64)
+    sizes = reader.record_sizes(mode, name, rank, committed=n)
+    saved = np.array(sorted(sizes), dtype=np.int64)
     steps = committed_steps[saved]
     shape = [int(s) for s in arr.shape[1:]]
     logical = int(len(saved) * math.prod(shape) * np.dtype(arr.dtype).itemsize)

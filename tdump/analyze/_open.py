@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tdump._format import FORMAT_NAME, FORMAT_VERSION, StoreReader
+from tdump._format import FORMAT_NAME, StoreReader
 from tdump._validate import DAMAGE, damaged_chunk
 from tdump.errors import MissingTensorError
 
@@ -254,7 +254,7 @@ def root_attrs(reader: StoreReader, rank: int = 0) -> dict[str, Any]:
     meta = reader.meta(rank)
     attrs: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": reader.format_version,
         "path": reader.path,
         "rank": rank,
     }

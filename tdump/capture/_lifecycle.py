@@ -22,7 +22,7 @@ from tdump.capture._config import HookConfig
 from tdump.capture._exit import TrainingStopped
 from tdump.capture._model import first_tensor, fx_tracing
 from tdump.capture._step import SavedStep
-from tdump.capture._writer import PendingRecord
+from tdump.capture._writer import BackgroundWriter, PendingRecord
 
 __all__ = ["StepLifecycle"]
 
@@ -45,6 +45,7 @@ class StepLifecycle:
     _all: frozenset[str] | None
     _candidates: list[tuple[str, nn.Module]]
     _dtype: torch.dtype | None
+    _writer: BackgroundWriter
     _next_poll: float
     clock: Callable[[], float]
 
@@ -149,6 +150,7 @@ class StepLifecycle:
             guard=self._guard,
             reduction=self.config.reduction,
             dtype=self._dtype,
+            buffers=self._writer.buffers,
         )
         self._cur = cur
         x = first_tensor(args)

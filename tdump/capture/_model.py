@@ -3,6 +3,9 @@
 Examples
 --------
 >>> from torch import nn
+
+if TYPE_CHECKING:
+    from tdump.capture._writer import HostBuffers
 >>> tree = module_tree(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
 >>> tree["0"]["type"], tree["0"]["params"]["weight"], tree["0"]["config"]["out_channels"]
 ('torch.nn.modules.conv.Conv2d', [8, 3, 3, 3], 8)
@@ -12,10 +15,13 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from tdump.capture._writer import HostBuffers
 
 __all__ = [
     "CONFIG_KEYS",
@@ -170,14 +176,19 @@ def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:
     return t.float().mean(dims) if dims else t.clone()
 
 
-def snapshot(t: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Any]:
+def snapshot(
+    t: torch.Tensor, dtype: torch.dtype | None = None, buffers: HostBuffers | None = None
+) -> tuple[torch.Tensor, Any]:
     """A private host copy of ``t`` as it is now; ``(copy, cuda_event or None)``.
 
     On CUDA the copy goes non-blocking into pinned memory (the returned event says
     when it is complete); on the CPU it is a plain copy (values that in-place ops
-    overwrite later are kept).
+    overwrite later are kept), into a reused buffer of ``buffers`` when given.
     """
     t = t.detach()
+    if buffers is not None and t.device.type == "cpu":
+        cast = dtype if dtype is not None and t.is_floating_point() else None
+        return buffers.copy_of(t, cast), None
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype)  # a new tensor: serves as the copy, halves the transfer
         fresh = True

@@ -16,7 +16,7 @@ from torch import nn
 
 from tdump._format import grad_name, input_name, output_name, scalar_name
 from tdump.capture._model import first_tensor, output_dims, param_dims, reduce_channels, snapshot
-from tdump.capture._writer import PendingRecord
+from tdump.capture._writer import HostBuffers, PendingRecord
 
 __all__ = ["SavedStep"]
 
@@ -32,6 +32,8 @@ class SavedStep:
         Wraps a hook body so that errors switch capture off (or re-raise if strict).
     reduction, dtype
         Reduce-at-source setting and storage dtype of the copies.
+    buffers
+        Reused host buffers for the copies (the writer's), or ``None``.
     trace
         Record the ``calls`` dataflow of this forward pass.
     """
@@ -47,6 +49,7 @@ class SavedStep:
         guard: Callable[[Any], Any],
         reduction: str | None,
         dtype: torch.dtype | None,
+        buffers: HostBuffers | None = None,
     ) -> None:
         self.mode = mode
         self.step = step
@@ -56,6 +59,7 @@ class SavedStep:
         self.guard = guard
         self.reduction = reduction
         self.dtype = dtype
+        self.buffers = buffers
         self.open = True
         #: Whether a backward pass reached this step's outputs or parameters (a forward
         #: without one, a dry run, is replaced by the next forward of the same step).
@@ -117,7 +121,7 @@ class SavedStep:
         reduced: bool = False,
     ) -> None:
         dtype = self.dtype if not reduced else None
-        host, event = snapshot(t, dtype)
+        host, event = snapshot(t, dtype, None if reduced else self.buffers)
         attrs = {
             "collection": coll,
             "kind": kind,

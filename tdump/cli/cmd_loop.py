@@ -90,7 +90,9 @@ def register(app: typer.Typer) -> None:
         ),
         init: str | None = typer.Option(None, "--init", help="Checkpoint round 0 starts from."),
         arch: str | None = typer.Option(
-            None, "--arch", help="Import path of the model, for plain state_dicts of round 0."
+            None,
+            "--arch",
+            help="Import path of the model, for plain state_dicts of round 0 (give it again with --resume).",
         ),
         arch_kwargs: str | None = typer.Option(
             None, "--arch-kwargs", help="JSON keyword arguments for --arch."

@@ -434,6 +434,30 @@ def _prune_removed(log: Path) -> int | None:
     return None
 
 
+def _check_resumed_arch(stored: str | None, given: str | None, path: Path) -> None:
+    """Refuse to import an architecture read from experiment.json that the user did not name.
+
+    A registered builder (torchvision, :func:`~tdump.surgery.register_arch`) is only
+    looked up; anything else is an import path, i.e. code, and a file is not the user.
+    """
+    from tdump.surgery import registered_archs
+
+    if not stored or given == stored:
+        return
+    if given is None and stored in registered_archs():
+        return
+    if given is None:
+        raise ConfigError(
+            f"{path}/experiment.json names the architecture {stored!r}, which tdump would "
+            f"import; tdump never imports a name read from a file: resume with --arch {stored} "
+            "if you trust it"
+        )
+    raise ConfigError(
+        f"--arch {given} differs from the architecture {path}/experiment.json was started "
+        f"with ({stored}); resume with --arch {stored}, or start a new --experiment"
+    )
+
+
 def run_loop(
     settings: LoopSettings,
     experiment: str | os.PathLike[str],
@@ -475,7 +499,9 @@ def run_loop(
             if not resume:
                 raise LoopError(f"{path} already holds an experiment; continue it with --resume")
             exp = Experiment.open(path)
-            settings = LoopSettings.from_dict(exp.settings)
+            stored = LoopSettings.from_dict(exp.settings)
+            _check_resumed_arch(stored.arch, settings.arch, path)
+            settings = stored
             settings.check()
         else:
             settings.check()

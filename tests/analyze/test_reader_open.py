@@ -28,7 +28,7 @@ def test_tree_layout_dims_and_coords(small_dump: SmallDump) -> None:
     assert isinstance(dt, xr.DataTree)
     assert list(dt.children) == ["train", "eval"]
     assert list(dt["train"].children) == ["conv1", "relu", "loss"]  # the model's module order
-    assert dt.attrs["format_version"] == 1
+    assert dt.attrs["format_version"] == 2
     assert dt.attrs["modules"]["conv1"]["config"]["out_channels"] == 4
     train = dt["train"]
     assert train.coords["step"].values.tolist() == [0, 10, 20]

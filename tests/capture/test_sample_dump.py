@@ -66,3 +66,21 @@ def test_sample_dump_regenerates_byte_for_byte(tmp_path) -> None:
             np.testing.assert_allclose(
                 a.array(mode, name)[:4], b.array(mode, name)[:4], rtol=1e-3, atol=1e-5
             )
+
+
+def test_format_1_sample_reads_like_format_2() -> None:
+    """The same run stored in format 1 (a file per record) and format 2 (shard files):
+    the same tensors, saved records, values and per-record sizes for ``tdump ls``."""
+    v1, v2 = StoreReader(str(ROOT / "sample_dumps" / "tiny_v1.zarr")), StoreReader(str(SAMPLE))
+    assert v1.root.attrs["tdump"]["format_version"] == 1
+    assert v2.root.attrs["tdump"]["format_version"] == 2
+    for mode in ("train", "eval"):
+        assert v1.tensor_names(mode) == v2.tensor_names(mode)
+        for name in v2.tensor_names(mode):
+            saved = v2.saved_records(mode, name).tolist()
+            assert saved == v1.saved_records(mode, name).tolist(), name
+            assert sorted(v2.record_sizes(mode, name)) == saved
+            for i in saved:
+                np.testing.assert_allclose(
+                    v2.read(mode, name, i), v1.read(mode, name, i), rtol=1e-3, atol=1e-5
+                )

@@ -102,3 +102,32 @@ def test_summary_counts_steps_and_warns_on_one(tmp_path, capfd) -> None:
     assert _record(str(tmp_path / "many.zarr")) == 0
     err = capfd.readouterr().err
     assert "holds 3 saved train step(s)" in err and "warning" not in err
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_append_forgets_a_killed_writers_uncommitted_record(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    """A writer killed after writing tensor ``a`` of record 2 but before committing it:
+    the next writer's record 2 holds only ``b``, and readers must not see the stale ``a``."""
+    import tdump._format as fmt
+
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", version)
+    out = str(tmp_path / "d.zarr")
+    w = fmt.StoreWriter.create(out)
+    for rec in range(2):
+        for name in ("a", "b"):
+            w.write_tensor("train", rec, name, np.full(3, rec, "f4"))
+        w.commit("train", rec, step=rec)
+    w.write_tensor("train", 2, "a", np.full(3, 99, "f4"))  # killed here: never committed
+    assert StoreReader(out).saved_records("train", "a").tolist() == [0, 1]
+
+    w = fmt.StoreWriter.create(out, mode="append")
+    w.write_tensor("train", 2, "b", np.full(3, 2, "f4"))
+    w.commit("train", 2, step=2)
+    r = StoreReader(out)
+    assert r.root.attrs["tdump"]["format_version"] == version
+    assert r.saved_records("train", "a").tolist() == [0, 1]
+    assert r.saved_records("train", "b").tolist() == [0, 1, 2]
+    assert np.isnan(r.read("train", "a", 2)).all() and r.read("train", "b", 2).tolist() == [2] * 3
+    assert sorted(r.record_sizes("train", "a")) == [0, 1]

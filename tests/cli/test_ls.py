@@ -29,7 +29,7 @@ def test_ls_json(small_dump: SmallDump) -> None:
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["schema_version"] == 1
-    assert info["format"] == "tdump.store" and info["format_version"] == 1
+    assert info["format"] == "tdump.store" and info["format_version"] == 2
     assert [r["rank"] for r in info["ranks"]] == [0]
     assert info["modes"]["train"]["steps"] == [0, 10, 20]
     assert info["modes"]["train"]["records"] == 3
@@ -59,7 +59,7 @@ def test_ls_table_and_info_alias(small_dump: SmallDump) -> None:
     assert res.returncode == 0, res.stderr
     out = res.stdout
     for text in (
-        "tdump.store v1",
+        "tdump.store v2",
         "train: 3 records",
         "steps 0, 10, 20",
         "conv1.weight",

@@ -195,8 +195,13 @@ def test_sigkill_in_rank_then_crash_then_resume(
     rounds1_logged = (exp / "commands.sh").read_text().count("# round 1:")
 
     # resumed, the script now fails in round 2: its error and exit code, rounds 0-1 intact
+    arch = ["--arch", "tinynet.TinyNet"]  # an import path read from experiment.json: re-given
+    refused = run_tdump("loop", "--resume", "--experiment", str(exp))
+    assert refused.returncode != 0 and "--arch tinynet.TinyNet" in refused.stderr
+    assert "never imports a name read from a file" in refused.stderr
+    assert len(rows_of(exp)) == 2
     crashed = run_tdump(
-        "loop", "--resume", "--experiment", str(exp), env={"LOOP_TEST_CRASH_ROUND": "2"}
+        "loop", "--resume", "--experiment", str(exp), *arch, env={"LOOP_TEST_CRASH_ROUND": "2"}
     )
     assert crashed.returncode == 3
     err = crashed.stderr.strip().splitlines()
@@ -209,7 +214,7 @@ def test_sigkill_in_rank_then_crash_then_resume(
     assert shown["status"] == "failed" and "injected failure" in shown["error"]
     assert [r["round"] for r in shown["rounds"]] == [0, 1]
 
-    resumed = run_tdump("loop", "--resume", "--experiment", str(exp))
+    resumed = run_tdump("loop", "--resume", "--experiment", str(exp), *arch)
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(rows_of(exp)) == comparable(rows_of(base[0]))
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (exp / "round_001").iterdir()}

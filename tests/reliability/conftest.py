@@ -56,12 +56,19 @@ def record_tiny(  # type: ignore[no-untyped-def]
     hook = Hook(path, include_regex=include, save_interval=interval, strict=True)
     hook.register_module(model)
     hook.register_loss(loss_fn)
-    for _ in range(steps):
-        x = torch.randn(4, 3, 8, 8, generator=g)
-        y = torch.randint(0, 4, (4,), generator=g)
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
+    # one thread: tests compare dumps bit for bit across processes, and a different
+    # thread count (another test set it, or a fresh child) changes reduction order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            x = torch.randn(4, 3, 8, 8, generator=g)
+            y = torch.randint(0, 4, (4,), generator=g)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     hook.close()
     return path
 
@@ -70,6 +77,16 @@ def record_tiny(  # type: ignore[no-untyped-def]
 def tiny_dump(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A pristine tiny dump; copy it (:func:`copy_dump`) before damaging it."""
     return record_tiny(str(tmp_path_factory.mktemp("reliability") / "tiny.zarr"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dump_v1(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny run stored in format 1 (one chunk file per record), as tdump < 0.2 wrote it."""
+    import tdump._format as fmt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fmt, "FORMAT_VERSION", 1)
+        return record_tiny(str(tmp_path_factory.mktemp("reliability-v1") / "tiny.zarr"))
 
 
 def copy_dump(src: str, dst: Path) -> str:

@@ -7,6 +7,7 @@ error (or, where the damage is only in bytes nobody reads, with the right answer
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,22 +45,53 @@ def _array_meta(key: str, value: Any, array: str = ACT) -> Callable[[str], None]
     return damage
 
 
+def _shard(root: str) -> Path | None:
+    """Format 2: the shard file holding record 1 (``None`` for a format-1 dump)."""
+    p = Path(root, ACT, "c.0.0.0.0.0")
+    return p if p.exists() and not Path(root, ACT, "c.1.0.0.0.0").exists() else None
+
+
+def _record_1(shard: Path) -> tuple[int, int]:
+    """``(offset, nbytes)`` of record 1 in ``shard`` (from its index)."""
+    offset, nbytes = np.frombuffer(shard.read_bytes()[16:32], "<u8")
+    return int(offset), int(nbytes)
+
+
 def _chunk(root: str) -> Path:
     return Path(root, ACT, "c.1.0.0.0.0")
 
 
 def garbage_chunk(root: str) -> None:
-    p = _chunk(root)
-    p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size))
+    shard = _shard(root)
+    if shard is None:
+        p = _chunk(root)
+        p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size))
+        return
+    offset, nbytes = _record_1(shard)
+    with open(shard, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(np.random.default_rng(0).bytes(nbytes))
 
 
 def truncated_chunk(root: str) -> None:
-    p = _chunk(root)
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    shard = _shard(root)
+    if shard is None:
+        p = _chunk(root)
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        return
+    offset, nbytes = _record_1(shard)
+    os.truncate(shard, offset + nbytes // 2)
 
 
 def empty_chunk(root: str) -> None:
-    _chunk(root).write_bytes(b"")
+    shard = _shard(root)
+    if shard is None:
+        _chunk(root).write_bytes(b"")
+        return
+    offset, _ = _record_1(shard)
+    with open(shard, "r+b") as fh:  # the index says record 1 is 0 bytes long
+        fh.seek(16)
+        fh.write(np.array([offset, 0], "<u8").tobytes())
 
 
 def truncated_step_chunk(root: str) -> None:
@@ -92,7 +124,10 @@ def truncated_rank_json(root: str) -> None:
 
 def unknown_codec(root: str) -> None:
     def edit(doc: dict[str, Any]) -> None:
-        doc["codecs"][1] = {"name": "nosuchcodec", "configuration": {}}
+        codecs = doc["codecs"]
+        if codecs[0]["name"] == "sharding_indexed":  # format 2: the codecs inside the shard
+            codecs = codecs[0]["configuration"]["codecs"]
+        codecs[1] = {"name": "nosuchcodec", "configuration": {}}
 
     _edit_json(Path(root, ACT, "zarr.json"), edit)
 

@@ -49,6 +49,23 @@ def test_library_readers(damage: str, tiny_dump: str, tmp_path: Path) -> None:
         Trial(dump).tensor("5.output_0").value(1)
 
 
+@pytest.mark.parametrize("damage", sorted(DATA_ONLY))
+def test_format_1_chunk_files(damage: str, tiny_dump_v1: str, tmp_path: Path, run_cli: Any) -> None:
+    """A format-1 dump (a file per record) damaged the same ways: the same one-line answers."""
+    dump = copy_dump(tiny_dump_v1, tmp_path / "d.zarr")
+    assert Path(dump, "rank0/train/tensors/5.output_0/c.1.0.0.0.0").exists()
+    CORRUPTIONS[damage](dump)
+    out = tmp_path / "ranks.parquet"
+    if (damage, "rank") not in NOT_HERE:
+        line = one_line_error(run_cli("rank", dump, "-o", str(out), "-q"))
+        assert "is damaged" in line, line
+    res = run_cli("ls", dump)
+    assert res.code == 0 and "5.output_0" in res.out
+    if damage != "empty_chunk":
+        with pytest.raises(NotADumpError, match=r"is damaged: .*5\.output_0"):
+            Trial(dump).tensor("5.output_0").value(1)
+
+
 def test_console_script(tiny_dump: str, tmp_path: Path) -> None:
     """In a fresh interpreter: an error raised in a Dask worker thread, no stray tracebacks."""
     dump = copy_dump(tiny_dump, tmp_path / "d.zarr")

@@ -22,6 +22,7 @@ from torch import nn
 
 from tdump._chunks import chunk_files
 from tdump._format import StoreReader
+from tdump._shards import ShardFiles
 from tdump.analyze import rank
 from tdump.capture import Hook
 from tdump.errors import CorruptStoreError, NonFiniteWarning
@@ -77,6 +78,30 @@ def _files(path: str, name: str):  # type: ignore[no-untyped-def]
     return files
 
 
+def _put_raw(files, index: int, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Make record ``index``'s stored bytes ``data`` (format 1: its file; 2: its shard entry)."""
+    if isinstance(files, ShardFiles):
+        shard = Path(files.path(index))
+        end = shard.stat().st_size
+        with open(shard, "r+b") as fh:
+            fh.seek(end)
+            fh.write(data)
+            fh.seek(16 * (index % files.per))
+            fh.write(np.array([end, len(data)], "<u8").tobytes())
+    else:
+        Path(files.path(index)).write_bytes(data)
+
+
+def _drop(files, index: int) -> None:  # type: ignore[no-untyped-def]
+    """Delete record ``index`` (a record not saved)."""
+    if isinstance(files, ShardFiles):
+        with open(files.path(index), "r+b") as fh:
+            fh.seek(16 * (index % files.per))
+            fh.write(b"\xff" * 16)
+    else:
+        Path(files.path(index)).unlink()
+
+
 def _taylor(path: str, steps: list[int]) -> np.ndarray:
     """Independent numpy Taylor score of conv "0" over the given saved steps."""
     r = StoreReader(path)
@@ -94,7 +119,7 @@ def _taylor(path: str, steps: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
 def test_empty_chunk_is_an_error(copy, compression: str) -> None:  # type: ignore[no-untyped-def]
     path = copy(compression)
-    Path(_files(path, ACT).path(1)).write_bytes(b"")
+    _put_raw(_files(path, ACT), 1, b"")
     with pytest.raises(
         CorruptStoreError,
         match=rf"'{ACT}', record 1 \(step 1\) does not decode: .*(is empty|holds 0 bytes)",
@@ -113,18 +138,18 @@ def test_short_or_garbage_chunk_is_an_error(copy, compression: str) -> None:  # 
     assert sub is not None
     value = np.asarray(StoreReader(path).array("train", ACT)[1])[:short]
     enc = sub.codec.encode(np.ascontiguousarray(value)) if sub.codec else value.tobytes()
-    Path(files.path(1)).write_bytes(bytes(enc))
+    _put_raw(files, 1, bytes(enc))
     with pytest.raises(CorruptStoreError, match=rf"'{ACT}', record 1 \(step 1\)"):
         rank(path, progress=False, scheduler="sync")
-    Path(files.path(2)).write_bytes(os.urandom(len(bytes(enc)) + 7))
-    Path(files.path(1)).unlink()  # a deleted chunk is a record not saved: step 1 drops out
+    _put_raw(files, 2, os.urandom(len(bytes(enc)) + 7))
+    _drop(files, 1)  # a deleted chunk is a record not saved: step 1 drops out
     with pytest.raises(CorruptStoreError, match=rf"'{ACT}', record 2 \(step 2\)"):
         rank(path, progress=False, scheduler="sync")
 
 
 def test_cli_corrupt_chunk_one_line(copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = copy("zstd")
-    Path(_files(path, GRAD).path(0)).write_bytes(b"")
+    _put_raw(_files(path, GRAD), 0, b"")
     out = tmp_path / "ranks.parquet"
     cmd = [sys.executable, "-c", "from tdump.cli.app import main; main()", "rank", path]
     proc = subprocess.run([*cmd, "-o", str(out), "-q"], capture_output=True, text=True, timeout=120)
