@@ -79,6 +79,12 @@ def _instrument_tdump(timers: _Timers) -> None:
     bw = writer_mod.BackgroundWriter
     bw.submit = timers.wrap("train: wait for the writer queue", bw.submit)  # type: ignore[method-assign]
     ChunkFiles.write = timers.wrap("writer: chunk write (encode + fs)", ChunkFiles.write)  # type: ignore[method-assign]
+    try:  # store format 2: records appended to shard files
+        from tdump._shards import ShardFiles
+
+        ShardFiles.write = timers.wrap("writer: chunk write (encode + fs)", ShardFiles.write)  # type: ignore[method-assign]
+    except ImportError:
+        pass
     sw = fmt.StoreWriter
     sw.commit = timers.wrap("writer: commit (records arrays)", sw.commit)  # type: ignore[method-assign]
     sw._create_tensor = timers.wrap("writer: create arrays", sw._create_tensor)  # type: ignore[method-assign]

@@ -81,7 +81,7 @@ def tiny_dump(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_dump_v1(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny run stored in format 1 (one chunk file per record), as tdump < 0.2 wrote it."""
+    """The tiny run stored in format 1 (one chunk file per record), as tdump wrote it before store format 2."""
     import tdump._format as fmt
 
     with pytest.MonkeyPatch.context() as mp:
