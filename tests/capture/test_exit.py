@@ -97,6 +97,19 @@ def _check_dump(out: str, at_least: int) -> int:
     return n
 
 
+def _finish(proc: subprocess.Popen[str], case: str) -> tuple[str, str]:
+    """``communicate`` with a timeout whose failure shows what the process last said."""
+    try:
+        return proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        tail = out.splitlines()[-3:]
+        raise AssertionError(
+            f"{case}: still running 60 s later; stdout {tail}, stderr:\n{err[-3000:]}"
+        ) from None
+
+
 def test_signals_and_stop_request_under_record(tmp_path) -> None:
     """A stop request -> 75, SIGTERM -> 143, SIGINT -> 130; each commits what is queued."""
     cases = {"stop": (None, 75), "SIGTERM": (signal.SIGTERM, 143), "SIGINT": (signal.SIGINT, 130)}
@@ -111,7 +124,7 @@ def test_signals_and_stop_request_under_record(tmp_path) -> None:
                 at_request = StoreReader(outs[k]).num_records("train")
             else:
                 procs[k].send_signal(sig)
-        results = {k: procs[k].communicate(timeout=60) for k in cases}
+        results = {k: _finish(procs[k], k) for k in cases}
     finally:
         for p in procs.values():
             p.kill()
