@@ -240,7 +240,13 @@ class StoreWriter:
         require_protocol(path)
         try:
             root = zarr.open_group(
-                path, mode="a", zarr_format=3, storage_options=dict(storage_options or {}) or None
+                path,
+                mode="a",
+                zarr_format=3,
+                storage_options=dict(storage_options or {}) or None,
+                # a new root is written with its attributes at once: a reader never sees
+                # a root group without them (it would take it for a foreign Zarr group)
+                attributes={"tdump": {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}},
             )
         except (zarr.errors.ContainsArrayError, ValueError, TypeError) as exc:
             raise NotADumpError(

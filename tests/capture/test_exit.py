@@ -33,6 +33,12 @@ for _ in range(6):
 """
 
 
+def _default_sigint() -> None:
+    # a suite started in the background of a non-interactive shell inherits SIGINT
+    # ignored, and so would the child: Python then never raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         args,
@@ -41,6 +47,7 @@ def _popen(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
