@@ -85,10 +85,7 @@ class ChunkFiles:
 
     def write(self, index: int, value: np.ndarray) -> None:
         """Write record ``index`` (shape ``row_shape``) atomically: temporary file, then rename."""
-        if value.shape != self.row_shape:
-            raise ValueError(f"record of shape {value.shape}, array rows are {self.row_shape}")
-        data = np.require(value, dtype=self.dtype, requirements="C")  # keeps 0-d scalars 0-d
-        encoded = self.codec.encode(data) if self.codec is not None else data.data.cast("B")
+        encoded = self._encode(value)
         path = self.path(index)
         folder = os.path.dirname(path)
         if folder not in self._made:
@@ -106,6 +103,22 @@ class ChunkFiles:
                 os.unlink(tmp)
             raise
 
+    def _encode(self, value: np.ndarray) -> memoryview:
+        """The stored bytes of one record (shape ``row_shape``)."""
+        if value.shape != self.row_shape:
+            raise ValueError(f"record of shape {value.shape}, array rows are {self.row_shape}")
+        data = np.require(value, dtype=self.dtype, requirements="C")  # keeps 0-d scalars 0-d
+        encoded = self.codec.encode(data) if self.codec is not None else data.data.cast("B")
+        return memoryview(encoded).cast("B")
+
+    def _locate(self, fd: int, index: int, step: int | None) -> tuple[int, int] | None:
+        """``(offset, nbytes)`` of record ``index``'s bytes in open file ``fd``; ``None``: not written."""
+        return 0, os.fstat(fd).st_size
+
+    def _short(self, size: int) -> str:
+        """What a file that ends before the record's ``size`` bytes is (for the error)."""
+        return f"is shorter than its size ({size} bytes)"
+
     def prefetch(self, index: int) -> None:
         """Ask the OS to start reading record ``index`` in the background (a hint only)."""
         if not hasattr(os, "posix_fadvise"):
@@ -115,8 +128,10 @@ class ChunkFiles:
         except OSError:
             return
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
+            where = self._locate(fd, index, None)
+            if where is not None:
+                os.posix_fadvise(fd, where[0], where[1], os.POSIX_FADV_WILLNEED)
+        except Exception:  # a hint: the read reports damage
             pass
         finally:
             os.close(fd)
@@ -136,12 +151,15 @@ class ChunkFiles:
         that message.
         """
         try:
-            fh = open(self.path(index), "rb", buffering=0)  # noqa: SIM115
+            fd = os.open(self.path(index), os.O_RDONLY)
         except FileNotFoundError:
             return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
         out = None
-        with fh:
-            size = os.fstat(fh.fileno()).st_size
+        try:
+            where = self._locate(fd, index, step)
+            if where is None:
+                return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
+            offset, size = where
             if scratch is not None:
                 if len(scratch.raw) < size:
                     scratch.raw = bytearray(size)
@@ -151,12 +169,16 @@ class ChunkFiles:
                 data: Any = memoryview(scratch.raw)[:size]
                 filled = 0
                 while filled < size:
-                    n = fh.readinto(data[filled:])
+                    n = os.preadv(fd, [data[filled:]], offset + filled)
                     if not n:
-                        raise self._corrupt(index, step, f"is shorter than its size ({size} bytes)")
+                        raise self._corrupt(index, step, self._short(size))
                     filled += n
             else:
-                data = fh.read()
+                data = os.pread(fd, size, offset)
+                if len(data) != size:
+                    raise self._corrupt(index, step, self._short(size))
+        finally:
+            os.close(fd)
         expected = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
         data = self._decode(data, out, expected, index, step)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)

@@ -238,6 +238,7 @@ class StoreWriter:
         if mode not in ("append", "create"):
             raise ConfigError(f"unknown StoreWriter mode {mode!r}; use append or create")
         require_protocol(path)
+        header: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         try:
             root = zarr.open_group(
                 path,
@@ -246,7 +247,7 @@ class StoreWriter:
                 storage_options=dict(storage_options or {}) or None,
                 # a new root is written with its attributes at once: a reader never sees
                 # a root group without them (it would take it for a foreign Zarr group)
-                attributes={"tdump": {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}},
+                attributes={"tdump": header},
             )
         except (zarr.errors.ContainsArrayError, ValueError, TypeError) as exc:
             raise NotADumpError(
@@ -260,11 +261,10 @@ class StoreWriter:
                 raise NotADumpError(
                     f"{path} is a Zarr group that tdump did not write; choose another --out path"
                 )
-            root.attrs["tdump"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+            root.attrs["tdump"] = header
             version = FORMAT_VERSION
         else:
-            _check_format(path, meta)
-            version = int(meta["format_version"])  # type: ignore[arg-type,call-overload,index]
+            version = _check_format(path, meta)
         existed = _rank_group(rank) in root
         writer = cls(root, rank)
         # format 1 stores stay format 1 (older readers keep reading them); object
@@ -495,7 +495,8 @@ def _committed_count(step: zarr.Array) -> int:
     return n
 
 
-def _check_format(path: str, meta: Any) -> None:
+def _check_format(path: str, meta: Any) -> int:
+    """The store format version of root attributes ``meta``; refuses what is not a readable dump."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise NotADumpError(
             f"{path} is a Zarr group that tdump did not write; point at a dump made by `tdump record`"
@@ -506,6 +507,7 @@ def _check_format(path: str, meta: Any) -> None:
             f"{path} has store format version {version}, this tdump reads up to {FORMAT_VERSION}; "
             "upgrade tdump (pip install -U tdump)"
         )
+    return version
 
 
 # --------------------------------------------------------------------------- reader
@@ -530,19 +532,13 @@ class StoreReader:
         # Dask workers may run in another working directory: hand them absolute paths.
         self.location = self.path if "://" in self.path else os.path.abspath(self.path)
         self._root = _open_existing(self.location, storage_options, shown=self.path)
-        _check_format(self.path, self._root.attrs.get("tdump"))
+        #: The store format version the dump was written in (1 or 2; docs/FORMAT.md).
+        self.format_version = _check_format(self.path, self._root.attrs.get("tdump"))
 
     @property
     def root(self) -> zarr.Group:
         """The root Zarr group (read-only)."""
         return self._root
-
-    @property
-    def format_version(self) -> int:
-        """The store format version the dump was written in (1 or 2; docs/FORMAT.md)."""
-        meta = self._root.attrs.get("tdump")
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        return version if isinstance(version, int) else FORMAT_VERSION
 
     def _children(self, key: str) -> list[str]:
         """Nodes directly below ``key``: listed, not opened (one damaged node spoils nothing).
@@ -700,7 +696,7 @@ class StoreReader:
         arr = self.array(mode, name, rank)
         if shard_records(arr) is not None:
             return np.array(sorted(self._shard_sizes(arr, n)), dtype=np.int64)
-        rows = self.chunk_keys(mode, name, rank)
+        rows = self._chunk_rows(arr)
         return np.array(sorted(r for r in rows if r < n), dtype=np.int64)
 
     def record_sizes(
@@ -711,7 +707,7 @@ class StoreReader:
         arr = self.array(mode, name, rank)
         if shard_records(arr) is not None:
             return self._shard_sizes(arr, n)
-        keys = {row: key for row, key in self.chunk_keys(mode, name, rank).items() if row < n}
+        keys = {row: key for row, key in self._chunk_rows(arr).items() if row < n}
         sizes = self.sizes(list(keys.values()))
         return {row: sizes[key] for row, key in keys.items() if key in sizes}
 
@@ -725,8 +721,11 @@ class StoreReader:
         """``{record: store key}`` of the chunk files of tensor ``name`` (``*.partial`` skipped).
 
         Includes records written but not yet committed; callers keep ``record < n``.
+        Format-1 arrays only (a format-2 array's keys are shards: :meth:`record_sizes`).
         """
-        arr = self.array(mode, name, rank)
+        return self._chunk_rows(self.array(mode, name, rank))
+
+    def _chunk_rows(self, arr: zarr.Array) -> dict[int, str]:
         prefix, sep = chunk_prefix(arr)
         rows: dict[int, str] = {}
         store = self._root.store

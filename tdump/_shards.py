@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from tdump._chunks import ChunkFiles, Scratch, chunk_files, numcodecs_codec
+from tdump._atomic import write_atomic
+from tdump._chunks import ChunkFiles, chunk_files, chunk_prefix, numcodecs_codec
 from tdump.errors import CorruptStoreError
 
 __all__ = [
@@ -85,12 +86,7 @@ class ShardFiles(ChunkFiles):
 
     def write(self, index: int, value: np.ndarray) -> None:
         """Append record ``index`` to its shard, then point its index entry at it."""
-        if value.shape != self.row_shape:
-            raise ValueError(f"record of shape {value.shape}, array rows are {self.row_shape}")
-        data = np.require(value, dtype=self.dtype, requirements="C")
-        encoded = memoryview(
-            self.codec.encode(data) if self.codec is not None else data.data.cast("B")
-        ).cast("B")
+        encoded = self._encode(value)
         path = self.path(index)
         try:
             fd = os.open(path, os.O_RDWR)
@@ -112,74 +108,24 @@ class ShardFiles(ChunkFiles):
         if folder not in self._made:
             os.makedirs(folder, exist_ok=True)
             self._made.add(folder)
-        tmp = f"{path}.{os.getpid()}.partial"  # readers skip *.partial (docs/FORMAT.md)
-        with open(tmp, "wb", buffering=0) as fh:
-            fh.write(self._empty_index)
-        os.replace(tmp, path)
+        index = self._empty_index
+        write_atomic(path, lambda fh: fh.write(index), tmp_prefix=".shard.")
         return os.open(path, os.O_RDWR)
 
-    def _entry(self, fd: int, index: int) -> tuple[int, int] | None:
+    def _locate(self, fd: int, index: int, step: int | None) -> tuple[int, int] | None:
+        """``(offset, nbytes)`` from the shard's index entry; ``None``: not written."""
         raw = os.pread(fd, 16, 16 * (index % self.per))
         if len(raw) != 16:
-            raise self._corrupt(index, None, "has no complete index entry (the file is truncated)")
-        offset, nbytes = _ENTRY.unpack(raw)
-        return None if offset == nbytes == _MISSING else (offset, nbytes)
+            raise self._corrupt(index, step, "has no complete index entry (the file is truncated)")
+        offset, size = _ENTRY.unpack(raw)
+        if offset == size == _MISSING:
+            return None
+        if offset + size > os.fstat(fd).st_size or offset < 16 * self.per:
+            raise self._corrupt(index, step, f"points outside its shard ({offset}+{size})")
+        return offset, size
 
-    def prefetch(self, index: int) -> None:
-        """Ask the OS to start reading record ``index`` in the background (a hint only)."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        try:
-            fd = os.open(self.path(index), os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            entry = self._entry(fd, index)
-            if entry is not None:
-                os.posix_fadvise(fd, entry[0], entry[1], os.POSIX_FADV_WILLNEED)
-        except Exception:  # a hint: the read reports damage
-            pass
-        finally:
-            os.close(fd)
-
-    def read(
-        self, index: int, scratch: Scratch | None = None, *, step: int | None = None
-    ) -> np.ndarray:
-        """Record ``index``; the fill value where it was never written (see ChunkFiles.read)."""
-        try:
-            fd = os.open(self.path(index), os.O_RDONLY)
-        except FileNotFoundError:
-            return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
-        out = None
-        try:
-            entry = self._entry(fd, index)
-            if entry is None:
-                return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
-            offset, size = entry
-            if offset + size > os.fstat(fd).st_size or offset < 16 * self.per:
-                raise self._corrupt(index, step, f"points outside its shard ({offset}+{size})")
-            if scratch is not None:
-                if len(scratch.raw) < size:
-                    scratch.raw = bytearray(size)
-                if scratch.value is None:
-                    scratch.value = np.empty(self.row_shape, dtype=self.dtype)
-                out = scratch.value
-                data: Any = memoryview(scratch.raw)[:size]
-                filled = 0
-                while filled < size:
-                    n = os.preadv(fd, [data[filled:]], offset + filled)
-                    if not n:
-                        raise self._corrupt(index, step, "is shorter than the index says")
-                    filled += n
-            else:
-                data = os.pread(fd, size, offset)
-                if len(data) != size:
-                    raise self._corrupt(index, step, "is shorter than the index says")
-        finally:
-            os.close(fd)
-        expected = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
-        data = self._decode(data, out, expected, index, step)
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)
+    def _short(self, size: int) -> str:
+        return "is shorter than the index says"
 
     def _corrupt(self, index: int, step: int | None, what: str) -> CorruptStoreError:
         tensor = self.arr.path.rsplit("/", 1)[-1]
@@ -263,10 +209,11 @@ def forget_after(arr: zarr.Array, committed: int) -> None:
     if files is None:
         return
     if not isinstance(files, ShardFiles):
-        prefix = "c."
+        prefix, sep = chunk_prefix(arr)
+        prefix = prefix.rsplit("/", 1)[-1]  # "c." within the array's folder
         if os.path.isdir(files.directory):
             for name in os.listdir(files.directory):
-                head = name[len(prefix) :].split(".", 1)[0]
+                head = name[len(prefix) :].split(sep, 1)[0]
                 if name.startswith(prefix) and head.isdigit() and int(head) >= committed:
                     os.unlink(os.path.join(files.directory, name))
         return
