@@ -152,6 +152,9 @@ def main() -> None:
     p.add_argument("--split", action="store_true", help="tdump: time the parts of a saved step")
     p.add_argument("--include", default=SEED_INCLUDE, help="selection regex (both hooks)")
     p.add_argument("--keep", action="store_true", help="keep the dump (default: deleted)")
+    p.add_argument(
+        "--store-format", type=int, default=0, help="tdump: write this store format (1: old layout)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,8 +185,11 @@ def main() -> None:
     t0 = time.perf_counter()
     hook: Any = None
     if args.hook == "tdump":
+        import tdump._format
         from tdump.capture import Hook
 
+        if args.store_format:  # a new store is written in tdump._format.FORMAT_VERSION
+            tdump._format.FORMAT_VERSION = args.store_format
         settings = {"include_regex": args.include, **json.loads(args.settings)}
         hook = Hook(args.out, save_interval=args.interval, **settings)
         hook.register_module(model)

@@ -38,8 +38,8 @@ import datetime as _dt
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import zarr
@@ -94,6 +94,7 @@ MODES: tuple[str, ...] = ("train", "eval", "predict", "global")
 #: Rows per chunk of the small ``records/*`` arrays (each commit rewrites one chunk atomically).
 RECORD_CHUNK = 1024
 _INITIAL_CAPACITY = 64
+_T = TypeVar("_T")
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.")
 
 
@@ -525,9 +526,21 @@ class StoreReader:
         Local path or fsspec URL (``file://``, ``memory://``, ``s3://`` ...).
     storage_options
         Passed to fsspec for URLs.
+    snapshot
+        Open each node, and count each mode's committed records, once and keep them:
+        one consistent view, for an analysis that selects its records up front
+        (``rank`` opens each array once instead of three times). By default every call
+        looks again, so a reader sees a live dump grow.
     """
 
-    def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        snapshot: bool = False,
+    ) -> None:
+        self._memo: dict[tuple[Any, ...], Any] | None = {} if snapshot else None
         self.path = str(path)
         # Dask workers may run in another working directory: hand them absolute paths.
         self.location = self.path if "://" in self.path else os.path.abspath(self.path)
@@ -590,10 +603,18 @@ class StoreReader:
         present = set(self._children(_rank_group(rank)))
         return [m for m in MODES if m in present and self.num_records(m, rank) > 0]
 
+    def _remember(self, key: tuple[Any, ...], make: Callable[[], _T]) -> _T:
+        """``make()``, kept under ``key`` when this is a snapshot reader."""
+        if self._memo is None:
+            return make()
+        if key not in self._memo:
+            self._memo[key] = make()
+        return cast(_T, self._memo[key])
+
     def _records_array(self, mode: str, key: str, rank: int) -> zarr.Array | None:
         node = f"{_rank_group(rank)}/{mode}/records/{key}"
         try:
-            arr = self._root[node]
+            arr = self._remember(("node", node), lambda: self._root[node])
         except KeyError:
             return None
         except DAMAGE as exc:
@@ -605,6 +626,9 @@ class StoreReader:
 
     def num_records(self, mode: str, rank: int = 0) -> int:
         """Number of committed records of ``mode`` (0 if the mode was never written)."""
+        return self._remember(("committed", mode, rank), lambda: self._count(mode, rank))
+
+    def _count(self, mode: str, rank: int) -> int:
         self._rank(rank)
         step = self._records_array(mode, "step", rank)
         if step is None:
@@ -651,6 +675,9 @@ class StoreReader:
 
     def array(self, mode: str, name: str, rank: int = 0) -> zarr.Array:
         """The raw Zarr array of tensor ``name``, validated. Only rows below ``num_records`` are data."""
+        return self._remember(("array", mode, name, rank), lambda: self._array(mode, name, rank))
+
+    def _array(self, mode: str, name: str, rank: int) -> zarr.Array:
         node = f"{_rank_group(rank)}/{mode}/tensors/{name}"
         try:
             arr = self._rank(rank)[f"{mode}/tensors/{encode_name(name)}"]
@@ -749,7 +776,7 @@ class StoreReader:
 
     def _rank(self, rank: int) -> zarr.Group:
         try:
-            grp = self._root[_rank_group(rank)]
+            grp = self._remember(("node", _rank_group(rank)), lambda: self._root[_rank_group(rank)])
         except KeyError:
             raise MissingTensorError(
                 f"{self.path} has no data for rank {rank}; ranks present: {self.ranks() or 'none'}"

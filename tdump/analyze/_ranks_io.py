@@ -20,15 +20,17 @@ import json
 import os
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from tdump._atomic import write_atomic
 from tdump._protocols import require_protocol
 from tdump._version import __version__
 from tdump.errors import ConfigError, DumpNotFoundError, FormatVersionError, RanksError
+
+if TYPE_CHECKING:  # pandas loads with the first table (tdump rank starts faster without it)
+    import pandas as pd
 
 __all__ = [
     "COLUMNS",

@@ -16,6 +16,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,11 +25,12 @@ from typing import Any
 from tdump.analyze._cluster import check_workers
 from tdump.errors import ConfigError
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "ProgressFn", "check_address", "execute"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "ProgressFn", "check_address", "execute", "runs_in_process"]
 
 ProgressFn = Callable[[int, int], None]
 _MIN_WORKER_MEMORY = 512 * 2**20
 _LOCAL = {"threads", "threading", "processes", "multiprocessing", "sync", "synchronous"}
+_IN_PROCESS = {"threads", "threading", "sync", "synchronous"}
 #: Seconds to wait for a scheduler address to answer (``--timeout``).
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Address schemes dask.distributed speaks (``distributed.comm.registry.backends``).
@@ -196,6 +198,11 @@ def _probe_tcp(address: str, host: str, port: int, timeout: float) -> None:
             )
 
 
+def runs_in_process(scheduler: Any) -> bool:
+    """Whether ``scheduler`` runs the tasks in this process (``threads``, ``sync``)."""
+    return isinstance(scheduler, str) and scheduler in _IN_PROCESS
+
+
 def execute(
     leaves: Sequence[tuple[Any, ...]],
     combine: Callable[..., Any],
@@ -220,7 +227,7 @@ def execute(
         raise ConfigError(
             f"unknown scheduler {name!r}; use threads, processes, sync, or a scheduler address like tcp://host:8786"
         )
-    in_process = name in {"threads", "threading", "sync", "synchronous"}
+    in_process = runs_in_process(scheduler)
     if str(path).startswith("memory://") and not in_process:
         raise ConfigError(
             f"{path} lives in this process's memory and cannot be read by other processes; "
@@ -254,6 +261,26 @@ def execute(
         bar.close()
 
 
+def _local_get(scheduler: str) -> Callable[..., Any]:
+    """The dask ``get`` function of a local scheduler name.
+
+    Why a function, not the name: ``dask.compute(scheduler="threads")`` first imports
+    dask.distributed to look for an active client (0.2-0.3 s on a cold start), which a
+    local run never uses.
+    """
+    if scheduler in {"sync", "synchronous"}:
+        from dask.local import get_sync
+
+        return get_sync
+    if scheduler in {"processes", "multiprocessing"}:
+        from dask.multiprocessing import get as get_processes
+
+        return get_processes
+    from dask.threaded import get as get_threads
+
+    return get_threads
+
+
 def _run_local(
     leaves: Sequence[tuple[Any, ...]],
     combine: Callable[..., Any],
@@ -268,8 +295,10 @@ def _run_local(
 
     tag = uuid.uuid4().hex[:8]
     leaf_prefix = f"tdump-record-{tag}"
+    # Arguments bound in a partial are opaque to dask: passed to the delayed call
+    # instead, each leaf's nested plans would be walked for collections (0.1-0.2 s).
     nodes = [
-        delayed(t[0], pure=False)(*t[1:], dask_key_name=f"{leaf_prefix}-{j}")
+        delayed(functools.partial(t[0], *t[1:]), pure=False)(dask_key_name=f"{leaf_prefix}-{j}")
         for j, t in enumerate(leaves)
     ]
 
@@ -285,7 +314,7 @@ def _run_local(
             if isinstance(key, str) and key.startswith(leaf_prefix):
                 bar.advance()
 
-    kwargs: dict[str, Any] = {"scheduler": scheduler}
+    kwargs: dict[str, Any] = {"scheduler": _local_get(scheduler)}
     if scheduler not in {"sync", "synchronous"}:
         kwargs["num_workers"] = workers or os.cpu_count() or 1
     with _Count():

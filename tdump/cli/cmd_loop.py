@@ -101,6 +101,11 @@ def register(app: typer.Typer) -> None:
             None, "--include", help="What `tdump record` saves [its default]."
         ),
         interval: int = typer.Option(100, "--interval", help="Save every N train steps."),
+        full_tensors: bool = typer.Option(
+            False,
+            "--full-tensors",
+            help="Record full activations and gradients, not just the Taylor term (taylor criteria).",
+        ),
         input_shape: str | None = typer.Option(
             None, "--input-shape", help="Input shape for FLOPs, e.g. 3,32,32 [from the dump]."
         ),
@@ -148,6 +153,7 @@ def register(app: typer.Typer) -> None:
             arch_kwargs=kwargs,
             include=include,
             interval=interval,
+            full_tensors=full_tensors,
             input_shape=shape,
             scheduler=scheduler,
             workers=workers,

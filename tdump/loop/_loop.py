@@ -34,7 +34,7 @@ from tdump.loop._experiment import Experiment
 from tdump.loop._settings import STOP_CHECKS, LoopSettings
 from tdump.loop._stages import StageResult, run_stage, shown, substitute, tdump_argv
 
-__all__ = ["RECORD_CONFIG", "LoopEvents", "run_loop"]
+__all__ = ["RECORD_CONFIG", "TAYLOR_CRITERIA", "LoopEvents", "record_config", "run_loop"]
 
 #: What ``tdump record`` saves besides the ``--include`` selection: losses and loss
 #: inputs at every step, so accuracy can come from logits and labels without code.
@@ -44,6 +44,32 @@ RECORD_CONFIG: dict[str, Any] = {
         {"name": "loss_inputs", "save_interval": 1},
     ]
 }
+
+
+#: Criteria that rank from the Taylor term alone: with them the loop records it at the
+#: source (``reduction="taylor"``, a few KB per layer and step) unless ``full_tensors``.
+TAYLOR_CRITERIA = frozenset({"taylor", "taylor-signed"})
+
+
+def record_config(settings: LoopSettings) -> dict[str, Any]:
+    """The ``tdump record --config`` of the loop's train stage.
+
+    Losses and loss inputs at every step (for the metrics); with a Taylor criterion,
+    the per-example Taylor term instead of full activations and their gradients, which
+    is all that ranking reads (``settings.full_tensors`` keeps the full tensors, for
+    stop checks or analyses that read them).
+
+    Examples
+    --------
+    >>> record_config(LoopSettings(script="t.py"))["reduction"]
+    'taylor'
+    >>> "reduction" in record_config(LoopSettings(script="t.py", criterion="l1"))
+    False
+    """
+    config = dict(RECORD_CONFIG)
+    if settings.criterion in TAYLOR_CRITERIA and not settings.full_tensors:
+        config["reduction"] = "taylor"
+    return config
 
 
 class LoopEvents:
@@ -219,7 +245,7 @@ class _Loop:
         argv = tdump_argv("record", "--out", _rel(dump_tmp), "--interval", str(s.interval))
         if s.include:
             argv += ["--include", s.include]
-        argv += ["--config", json.dumps(RECORD_CONFIG, separators=(",", ":")), s.script]
+        argv += ["--config", json.dumps(record_config(s), separators=(",", ":")), s.script]
         if args:
             argv += ["--", *args]
         moves = [(dump_tmp, p["dump"]), (model_tmp, p["model"])]

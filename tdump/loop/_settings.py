@@ -61,6 +61,7 @@ class LoopSettings:
     arch_kwargs: dict[str, Any] | None = None
     include: str | None = None
     interval: int = 100
+    full_tensors: bool = False
     input_shape: list[int] | None = None
     scheduler: str = "threads"
     workers: int | None = None

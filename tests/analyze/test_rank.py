@@ -228,3 +228,48 @@ def test_chunk_fast_path_matches_zarr(tmp_path, compression: str) -> None:  # ty
     np.testing.assert_array_equal(fresh, rows[2])  # a non-scratch read is its own array
     missing = reader.read(5, scratch=True)  # never written: the fill value
     assert missing.shape == (4, 3, 5, 5) and np.isnan(missing).all()
+
+
+def test_local_rank_loads_neither_distributed_nor_pandas_up_front(dump: str) -> None:
+    """A fresh process: ``import tdump.analyze`` leaves pandas for later, and a threads
+    rank never imports dask.distributed (0.2-0.3 s each of a cold ``tdump rank``)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tdump.analyze as ta\n"
+        "early = sorted(m for m in ('pandas', 'distributed', 'xarray') if m in sys.modules)\n"
+        f"df = ta.rank({dump!r}, progress=False)\n"
+        "print(early, 'distributed' in sys.modules, type(df).__name__, len(df))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = len(rank(dump, progress=False))
+    assert proc.stdout.split() == ["[]", "False", "DataFrame", str(expected)]
+
+
+def test_taylor_term_recorded_at_source_ranks_like_full_tensors(
+    tmp_path, dump: str, taylor_threads: pd.DataFrame
+) -> None:  # type: ignore[no-untyped-def]
+    """The loop's default capture (``reduction="taylor"``) gives the same Taylor ranks as
+    the full activations and gradients of the same run (torch float32 vs float64 sums)."""
+    path = make_resnet18_dump(
+        str(tmp_path / "t.zarr"), steps=5, interval=2, batch=4, last_batch=3, reduction="taylor"
+    )
+    assert not [
+        n
+        for n in StoreReader(path).tensor_names("train")
+        if "relu.output_" in n and not n.endswith(".taylor")
+    ]
+    for signed in (False, True):
+        full = rank(dump, progress=False, signed=True) if signed else taylor_threads
+        got = rank(path, progress=False, signed=signed)
+        assert list(got["layer"]) == list(full["layer"])
+        assert got["sources"].str.endswith(".taylor").all()
+        # float32 sums at the source: relative error ~1e-4, more where signed terms cancel
+        scale = float(full["score"].abs().max())
+        np.testing.assert_allclose(got["score"], full["score"], rtol=2e-4, atol=1e-5 * scale)
+        assert (got["score"].abs() > 0).all()
+        assert (got["steps"] == full["steps"]).all() and (got["examples"] == full["examples"]).all()

@@ -67,3 +67,25 @@ def test_rank_joining_after_root_was_recreated(tmp_path: Path) -> None:
     zarr.open_group(foreign, mode="w").create_group("images")
     with pytest.raises(ValueError, match="did not write"):
         StoreWriter.create(foreign)
+
+
+def test_snapshot_reader_keeps_its_first_view_while_a_plain_reader_follows(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "w.zarr")
+    w = BackgroundWriter(lambda: StoreWriter.create(path), queue_size=1)
+    for step in range(2):
+        w.submit(_record(step))
+    w.flush()
+    plain, snap = StoreReader(path), StoreReader(path, snapshot=True)
+    assert plain.num_records("train") == snap.num_records("train") == 2
+    first = snap.array("train", "fc.weight")
+    for step in range(2, 5):
+        w.submit(_record(step))
+    w.close()
+    assert plain.num_records("train") == 5
+    assert snap.num_records("train") == 2  # counted once: one consistent view
+    assert snap.array("train", "fc.weight") is first  # opened once
+    assert snap.saved_records("train", "fc.weight").tolist() == [0, 1]
+    assert plain.saved_records("train", "fc.weight").tolist() == [0, 1, 2, 3, 4]
+    assert StoreReader(path, snapshot=True).num_records("train") == 5

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import tdump
+from tdump._format import StoreReader
 from tests.loop.conftest import (
     BASE,
     SCRIPTS,
@@ -101,6 +102,21 @@ def test_three_rounds_shrink_and_every_checkpoint_runs(base: tuple[Path, str | N
     commands = (exp / "commands.sh").read_text()
     assert commands.count("tdump rank ") == 2 and commands.count("tdump prune ") == 2
     assert commands.count("tdump record ") == 3
+    # taylor ranks from the Taylor term recorded at the source, not from full tensors
+    names = StoreReader(str(exp / "round_000" / "dump.zarr")).tensor_names("train")
+    assert {"relu1.output_0.taylor", "relu2.output_0.taylor"} <= set(names)
+    assert not [n for n in names if n.startswith("relu") and not n.endswith(".taylor")]
+
+
+def test_full_tensors_records_activations_and_gradients(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    proc = run_tdump(
+        "loop", TRAIN, "--rounds", "1", "--full-tensors", *BASE, "--experiment", str(exp)
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    names = set(StoreReader(str(exp / "round_000" / "dump.zarr")).tensor_names("train"))
+    assert {"relu1.output_0", "relu1.output_0.grad", "relu2.output_0.grad"} <= names
+    assert not [n for n in names if n.endswith(".taylor")]
 
 
 def test_experiments_show_plot_compare(base: tuple[Path, str | None], tmp_path: Path) -> None:
