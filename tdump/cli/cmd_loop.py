@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         full_tensors: bool = typer.Option(
             False,
             "--full-tensors",
-            help="Record full activations and gradients, not just the Taylor term (taylor criteria).",
+            help="Taylor criteria: record full tensors, not just the ReLUs' Taylor term.",
         ),
         input_shape: str | None = typer.Option(
             None, "--input-shape", help="Input shape for FLOPs, e.g. 3,32,32 [from the dump]."

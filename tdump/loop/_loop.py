@@ -34,7 +34,14 @@ from tdump.loop._experiment import Experiment
 from tdump.loop._settings import STOP_CHECKS, LoopSettings
 from tdump.loop._stages import StageResult, run_stage, shown, substitute, tdump_argv
 
-__all__ = ["RECORD_CONFIG", "TAYLOR_CRITERIA", "LoopEvents", "record_config", "run_loop"]
+__all__ = [
+    "RECORD_CONFIG",
+    "TAYLOR_CRITERIA",
+    "TAYLOR_INCLUDE",
+    "LoopEvents",
+    "record_options",
+    "run_loop",
+]
 
 #: What ``tdump record`` saves besides the ``--include`` selection: losses and loss
 #: inputs at every step, so accuracy can come from logits and labels without code.
@@ -46,30 +53,36 @@ RECORD_CONFIG: dict[str, Any] = {
 }
 
 
-#: Criteria that rank from the Taylor term alone: with them the loop records it at the
-#: source (``reduction="taylor"``, a few KB per layer and step) unless ``full_tensors``.
+#: Criteria that rank from the Taylor term alone: with them the loop records just that,
+#: at the source (``reduction="taylor"``, a few KB per layer and step), unless
+#: ``full_tensors``.
 TAYLOR_CRITERIA = frozenset({"taylor", "taylor-signed"})
+#: What the loop records for a Taylor criterion when ``--include`` is not given: the
+#: activations of ``tdump record``'s default selection, without the parameters.
+TAYLOR_INCLUDE = ".*relu"
 
 
-def record_config(settings: LoopSettings) -> dict[str, Any]:
-    """The ``tdump record --config`` of the loop's train stage.
+def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
+    """The ``--include`` (``None``: record's default) and ``--config`` of the train stage.
 
-    Losses and loss inputs at every step (for the metrics); with a Taylor criterion,
-    the per-example Taylor term instead of full activations and their gradients, which
-    is all that ranking reads (``settings.full_tensors`` keeps the full tensors, for
-    stop checks or analyses that read them).
+    Losses and loss inputs at every step (for the metrics). With a Taylor criterion,
+    only what ranking reads: the per-example Taylor term of the ReLU outputs (or of
+    what ``settings.include`` selects) instead of full activations, their gradients
+    and the parameters. ``settings.full_tensors`` records ``tdump record``'s usual
+    full tensors instead, for stop checks or analyses that read them.
 
     Examples
     --------
-    >>> record_config(LoopSettings(script="t.py"))["reduction"]
-    'taylor'
-    >>> "reduction" in record_config(LoopSettings(script="t.py", criterion="l1"))
-    False
+    >>> record_options(LoopSettings(script="t.py"))
+    ('.*relu', {'collections': [...], 'reduction': 'taylor'})
+    >>> record_options(LoopSettings(script="t.py", criterion="l1"))[0] is None
+    True
     """
     config = dict(RECORD_CONFIG)
-    if settings.criterion in TAYLOR_CRITERIA and not settings.full_tensors:
-        config["reduction"] = "taylor"
-    return config
+    if settings.criterion not in TAYLOR_CRITERIA or settings.full_tensors:
+        return settings.include, config
+    config["reduction"] = "taylor"
+    return settings.include or TAYLOR_INCLUDE, config
 
 
 class LoopEvents:
@@ -243,9 +256,10 @@ class _Loop:
         values = {"init": self.init_of(r), "out": str(model_tmp), "round": str(r)}
         args = substitute(s.train_args, values)
         argv = tdump_argv("record", "--out", _rel(dump_tmp), "--interval", str(s.interval))
-        if s.include:
-            argv += ["--include", s.include]
-        argv += ["--config", json.dumps(record_config(s), separators=(",", ":")), s.script]
+        include, config = record_options(s)
+        if include:
+            argv += ["--include", include]
+        argv += ["--config", json.dumps(config, separators=(",", ":")), s.script]
         if args:
             argv += ["--", *args]
         moves = [(dump_tmp, p["dump"]), (model_tmp, p["model"])]

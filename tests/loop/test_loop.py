@@ -102,10 +102,11 @@ def test_three_rounds_shrink_and_every_checkpoint_runs(base: tuple[Path, str | N
     commands = (exp / "commands.sh").read_text()
     assert commands.count("tdump rank ") == 2 and commands.count("tdump prune ") == 2
     assert commands.count("tdump record ") == 3
-    # taylor ranks from the Taylor term recorded at the source, not from full tensors
+    # taylor ranks from the Taylor term recorded at the source: no full tensors, no parameters
     names = StoreReader(str(exp / "round_000" / "dump.zarr")).tensor_names("train")
     assert {"relu1.output_0.taylor", "relu2.output_0.taylor"} <= set(names)
     assert not [n for n in names if n.startswith("relu") and not n.endswith(".taylor")]
+    assert not [n for n in names if n.endswith(("weight", "weight.grad"))]
 
 
 def test_full_tensors_records_activations_and_gradients(tmp_path: Path) -> None:
@@ -116,6 +117,7 @@ def test_full_tensors_records_activations_and_gradients(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr + proc.stdout
     names = set(StoreReader(str(exp / "round_000" / "dump.zarr")).tensor_names("train"))
     assert {"relu1.output_0", "relu1.output_0.grad", "relu2.output_0.grad"} <= names
+    assert {"conv1.weight", "conv1.weight.grad"} <= names  # tdump record's default selection
     assert not [n for n in names if n.endswith(".taylor")]
 
 
