@@ -5,9 +5,11 @@ inputs) for ``--steps`` under capture, then runs ``--rounds - 1`` rounds of rank
 prune ``--ratio`` of the channels (residual groups included) -> fine-tune for
 ``--finetune-steps``. The reference is the unpruned ResNet18 trained, without
 capture, for the same total number of steps as a whole loop. Writes
-``<out>/loop_resnet18.txt`` (command, tables, reference, verdict),
-``<out>/loop_resnet18.json`` and ``<out>/loop_resnet18.png`` (both criteria on the
-seed's figure). The two loops run one after the other unless ``--parallel``.
+``<out>/<name>.txt`` (command, tables, stage costs, reference, verdict),
+``<out>/<name>.json`` and ``<out>/<name>.png`` (the criteria on the seed's figure;
+``--name`` defaults to ``loop_resnet18``). The loops run one after the other unless
+``--parallel``. ``--criteria taylor,taylor:full`` compares the loop's default capture
+for Taylor (the ReLUs' Taylor term at the source) with ``--full-tensors``.
 
 Run: ``.venv/bin/python benchmarks/loop_resnet18.py [--rounds 9] [--ratio 0.15]
 [--steps 4700] [--finetune-steps 940] [--batch-size 128] [--device cuda]``
@@ -32,10 +34,13 @@ TRAIN = "examples/loop_train.py"
 ARCH = ["--arch", "torchvision.models.resnet18", "--arch-kwargs", '{"num_classes": 10}']
 
 
-def loop_cmd(args: argparse.Namespace, criterion: str, exp: Path) -> list[str]:
+def loop_cmd(args: argparse.Namespace, variant: str, exp: Path) -> list[str]:
+    """``variant``: a criterion, or ``CRITERION:full`` for ``--full-tensors``."""
+    criterion, _, full = variant.partition(":")
     return [
         sys.executable, "-m", "tdump", "loop", TRAIN, "--rounds", str(args.rounds),
-        "--ratio", str(args.ratio), "--criterion", criterion, *ARCH,
+        "--ratio", str(args.ratio), "--criterion", criterion,
+        *(["--full-tensors"] if full == "full" else []), *ARCH,
         "--interval", str(args.interval), "--input-shape", "3,32,32",
         "--workers", str(args.workers), "--experiment", str(exp),
         "--", *train_args(args),
@@ -48,6 +53,24 @@ def train_args(args: argparse.Namespace) -> list[str]:
         "--finetune-steps", str(args.finetune_steps), "--batch-size", str(args.batch_size),
         "--test-limit", "10000", "--device", args.device, "--lr", str(args.lr),
     ]  # fmt: skip
+
+
+def stage_costs(exp: Path, rows: list[dict[str, Any]]) -> str:
+    """Seconds of the train and rank stages and the dumps' bytes, summed over the rounds."""
+    walls = [r.get("wall") or {} for r in rows]
+    dumps = [
+        sum(
+            f.stat().st_size
+            for f in (exp / f"round_{r['round']:03d}" / "dump.zarr").rglob("*")
+            if f.is_file()
+        )
+        for r in rows
+    ]
+    return (
+        f"stages over all rounds: train {sum(w.get('train', 0.0) for w in walls):.1f} s, "
+        f"rank {sum(w.get('rank', 0.0) for w in walls):.1f} s; dumps {sum(dumps) / 1e6:.1f} MB "
+        f"(round 0: {dumps[0] / 1e6:.1f} MB)"
+    )
 
 
 def reference(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -96,19 +119,20 @@ def main() -> None:
     p.add_argument("--parallel", action="store_true", help="run the loops side by side")
     p.add_argument("--work", default="out/bench_loop", help="experiments (dumps) go here")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="loop_resnet18", help="stem of the result files")
     args = p.parse_args()
 
     work, out = ROOT / args.work, ROOT / args.out
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    exps = {c: work / f"{c}-{stamp}" for c in args.criteria.split(",")}
+    exps = {c: work / f"{c.replace(':', '-')}-{stamp}" for c in args.criteria.split(",")}
     t0 = time.perf_counter()
     procs = []
     for criterion, exp in exps.items():
         cmd = loop_cmd(args, criterion, exp)
         print("$", shlex.join(["tdump", *cmd[3:]]), flush=True)
-        log = open(work / f"{criterion}-{stamp}.log", "w")  # noqa: SIM115 - closed below
+        log = open(f"{exp}.log", "w")  # noqa: SIM115 - closed below
         procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
         if not args.parallel:
             procs[-1][0].wait()
@@ -134,6 +158,7 @@ def main() -> None:
             "",
             f"## {c}: {shlex.join(['tdump', *loop_cmd(args, c, exps[c])[3:]])}",
             table(rows),
+            stage_costs(exps[c], rows),
         ]
         best = [r for r in rows if ref["accuracy"] - r["accuracy"] <= 0.005]
         smallest = min(best, key=lambda r: r["params"]) if best else None
@@ -147,11 +172,11 @@ def main() -> None:
             report.append("no round is within 0.5 points of the reference")
     text = "\n".join(report) + "\n"
     print(text)
-    (out / "loop_resnet18.txt").write_text(text)
-    (out / "loop_resnet18.json").write_text(
+    (out / f"{args.name}.txt").write_text(text)
+    (out / f"{args.name}.json").write_text(
         json.dumps({"reference": ref, "rounds": results}, indent=1)
     )
-    plot_rounds(list(results.items()), out / "loop_resnet18.png", title="ResNet18 on Fashion-MNIST")
+    plot_rounds(list(results.items()), out / f"{args.name}.png", title="ResNet18 on Fashion-MNIST")
 
 
 if __name__ == "__main__":
