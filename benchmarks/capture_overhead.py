@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-CHILD = HERE / "_train_child.py"
+sys.path.insert(0, str(HERE))
+from _common import train_child  # noqa: E402
 
 #: label -> (hook, tdump settings)
 DEFAULT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {"tdump default": ("tdump", {})}
@@ -58,7 +58,7 @@ def run_child(
 ) -> dict[str, Any]:
     out = os.path.join(args.workdir, f"{hook}-{interval}-{os.getpid()}.dump")
     cmd = [
-        python, str(CHILD), "--hook", hook, "--interval", str(interval), "--steps", str(steps),
+        "--hook", hook, "--interval", str(interval), "--steps", str(steps),
         "--size", str(args.size), "--batch", str(args.batch), "--device", args.device,
         "--threads", str(args.threads), "--out", out, "--settings", json.dumps(settings),
     ]  # fmt: skip
@@ -67,10 +67,7 @@ def run_child(
     env = dict(os.environ)
     if hook == "smdebug":  # the peer venv must not see this repo's tdump or the caller's paths
         env.pop("PYTHONPATH", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"child failed: {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return train_child(cmd, python, env)
 
 
 def split_lines(res: dict[str, Any], plain_step: float) -> list[str]:

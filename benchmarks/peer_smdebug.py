@@ -28,8 +28,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cat_seconds, drop_cache, files_of, timed, train_child
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEER = HERE / ".peer-venv" / "bin" / "python"
@@ -53,45 +55,16 @@ print(len(names), len(trial.steps()), time.perf_counter() - t0)
 """
 
 
-def drop_cache(path: Path) -> str:
-    """Evict ``path``'s files from the page cache (drop_caches when root, else fadvise)."""
-    os.sync()
-    method = "posix_fadvise(DONTNEED)"
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        method = "drop_caches"
-    except OSError:
-        pass
-    for d, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return method
-
-
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    secs = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
-    return secs
-
-
 def dir_bytes(path: Path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def record(hook: str, python: str, out: Path, steps: int, env: dict[str, str]) -> None:
-    cmd = [
-        python, str(HERE / "_train_child.py"), "--hook", hook, "--interval", "1",
-        "--steps", str(steps), "--include", ".*relu", "--keep", "--out", str(out),
-    ]  # fmt: skip
-    timed(cmd, env)
+    train_child(
+        ["--hook", hook, "--interval", "1", "--steps", str(steps), "--include", ".*relu",
+         "--keep", "--out", str(out)],
+        python, env,
+    )  # fmt: skip
 
 
 def rank_comparison(args: argparse.Namespace, peer_env: dict[str, str]) -> list[str]:
@@ -103,7 +76,7 @@ def rank_comparison(args: argparse.Namespace, peer_env: dict[str, str]) -> list[
     tdump_cmd = [sys.executable, "-c", "from tdump.cli.app import main; main()", "rank", str(td),
                  "-o", str(work / "ranks.parquet"), "--quiet"]  # fmt: skip
     seed_cmd = [args.peer_python, "-c", SEED_LOOP, str(sm)]
-    files = [os.path.join(d, f) for d, _, fs in os.walk(td) for f in fs]
+    files = files_of(td)
     times: dict[str, list[float]] = {"tdump rank": [], "smdebug seed loop": [], "cat": []}
     method = ""
     for r in range(args.rounds):
@@ -116,12 +89,7 @@ def rank_comparison(args: argparse.Namespace, peer_env: dict[str, str]) -> list[
             elif what == "smdebug seed loop":
                 times[what].append(timed(seed_cmd, peer_env))
             else:
-                t0 = time.perf_counter()
-                for i in range(0, len(files), 500):
-                    subprocess.run(
-                        ["cat", *files[i : i + 500]], stdout=subprocess.DEVNULL, check=True
-                    )
-                times[what].append(time.perf_counter() - t0)
+                times[what].append(cat_seconds(files))
             print(
                 f"# rank round {r + 1} {what:<18} {times[what][-1]:6.2f} s",
                 file=sys.stderr,

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,18 +38,17 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from peer_smdebug import drop_cache, timed  # noqa: E402 - a sibling script
+from _common import cat_seconds, drop_cache, files_of, run, timed, train_child  # noqa: E402
 
 SEED = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"
 
 
 def record(out: Path, steps: int, include: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One ``_train_child.py`` run (every step saved); its JSON result."""
-    cmd = [sys.executable, str(HERE / "_train_child.py"), "--hook", "tdump", "--interval", "1",
-           "--steps", str(steps), "--include", include, "--settings", json.dumps(settings),
-           "--keep", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return train_child(
+        ["--hook", "tdump", "--interval", "1", "--steps", str(steps), "--include", include,
+         "--settings", json.dumps(settings), "--keep", "--out", str(out)]
+    )  # fmt: skip
 
 
 def bytes_per_step(work: Path) -> list[str]:
@@ -148,10 +146,9 @@ def writer_in_training(work: Path, steps: int = 30, rounds: int = 2) -> list[str
         for what in order:
             hook = "none" if what == "no hook" else "tdump"
             fmt = what.split()[-1] if what != "no hook" else "0"
-            cmd = [sys.executable, str(HERE / "_train_child.py"), "--hook", hook, "--interval", "1",
-                   "--steps", str(steps), "--store-format", fmt, "--out", str(work / "w.zarr")]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs[what].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            child = ["--hook", hook, "--interval", "1", "--steps", str(steps),
+                     "--store-format", fmt, "--out", str(work / "w.zarr")]  # fmt: skip
+            runs[what].append(train_child(child))
     base = [run["total_s"] for run in runs["no hook"]]
     lines = [
         f"4. the writer inside training (seed's selection, interval 1, {steps} steps, "
@@ -175,7 +172,7 @@ _IN_PROCESS = """
 import os, sys, time
 sys.path.insert(0, sys.argv[2])
 import tdump.analyze as ta, pandas, pyarrow.parquet  # imports first: only rank() is timed
-from peer_smdebug import drop_cache
+from _common import drop_cache
 drop_cache(__import__("pathlib").Path(sys.argv[1]))
 t0 = time.perf_counter()
 ta.rank(sys.argv[1], progress=False)
@@ -186,7 +183,7 @@ print(time.perf_counter() - t0)
 def ranking(work: Path, steps: int, rounds: int) -> list[str]:
     dump = work / "relu.zarr"
     record(dump, steps, ".*relu", {})
-    files = [os.path.join(d, f) for d, _, fs in os.walk(dump) for f in fs]
+    files = files_of(dump)
     stored = sum(os.path.getsize(f) for f in files)
     cmd = [sys.executable, "-c", "from tdump.cli.app import main; main()", "rank", str(dump),
            "-o", str(work / "ranks.parquet"), "--quiet"]  # fmt: skip
@@ -195,20 +192,12 @@ def ranking(work: Path, steps: int, rounds: int) -> list[str]:
         order = list(times)[r % 3 :] + list(times)[: r % 3]
         for what in order:
             if what == "rank() in process":
-                proc = subprocess.run(
-                    [sys.executable, "-c", _IN_PROCESS, str(dump), str(HERE)],
-                    capture_output=True, text=True, check=True,
-                )  # fmt: skip
+                proc, _ = run([sys.executable, "-c", _IN_PROCESS, str(dump), str(HERE)])
                 times[what].append(float(proc.stdout.strip().splitlines()[-1]))
                 continue
             drop_cache(dump)
             if what == "cat":
-                t0 = time.perf_counter()
-                for i in range(0, len(files), 500):
-                    subprocess.run(
-                        ["cat", *files[i : i + 500]], stdout=subprocess.DEVNULL, check=True
-                    )
-                times[what].append(time.perf_counter() - t0)
+                times[what].append(cat_seconds(files))
             else:
                 times[what].append(timed(cmd))
     med = {k: statistics.median(v) for k, v in times.items()}
