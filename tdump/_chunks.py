@@ -220,12 +220,19 @@ class ChunkFiles:
             return target
         return decoded
 
+    #: What a user can do about a damaged record (the end of its error message).
+    _REMEDY = "re-record it, or delete that file to treat the record as not saved"
+
+    def _where(self, index: int, what: str) -> str:
+        """Which file holds record ``index`` and what is wrong with it (for the error)."""
+        return f"chunk file {self.path(index)} {what}"
+
     def _corrupt(self, index: int, step: int | None, what: str) -> CorruptStoreError:
         tensor = self.arr.path.rsplit("/", 1)[-1]
         at = f"record {index}" + (f" (step {step})" if step is not None else "")
         return CorruptStoreError(
-            f"tensor {tensor!r}, {at} does not decode: chunk file {self.path(index)} {what}; "
-            "the dump is damaged: re-record it, or delete that file to treat the record as not saved"
+            f"tensor {tensor!r}, {at} does not decode: {self._where(index, what)}; "
+            f"the dump is damaged: {self._REMEDY}"
         )
 
 

@@ -127,13 +127,10 @@ class ShardFiles(ChunkFiles):
     def _short(self, size: int) -> str:
         return "is shorter than the index says"
 
-    def _corrupt(self, index: int, step: int | None, what: str) -> CorruptStoreError:
-        tensor = self.arr.path.rsplit("/", 1)[-1]
-        at = f"record {index}" + (f" (step {step})" if step is not None else "")
-        return CorruptStoreError(
-            f"tensor {tensor!r}, {at} does not decode: in shard file {self.path(index)} it {what}; "
-            "the dump is damaged: re-record it, or restore a copy of that file"
-        )
+    _REMEDY = "re-record it, or restore a copy of that file"
+
+    def _where(self, index: int, what: str) -> str:
+        return f"in shard file {self.path(index)} it {what}"
 
 
 def shard_files(arr: zarr.Array) -> ShardFiles | None:
