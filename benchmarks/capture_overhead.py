@@ -38,12 +38,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import train_child  # noqa: E402
 
-#: label -> (hook, tdump settings)
-DEFAULT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {"tdump default": ("tdump", {})}
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "tdump float32, zstd (old default)": ("tdump", {"compression": "zstd"}),
-    "tdump float16": ("tdump", {"storage_dtype": "float16"}),
-    "tdump uncompressed": ("tdump", {"compression": "none"}),
+#: label -> (hook, tdump settings, extra arguments of _train_child.py)
+Config = tuple[str, dict[str, Any], tuple[str, ...]]
+DEFAULT_CONFIGS: dict[str, Config] = {"tdump default": ("tdump", {}, ())}
+VARIANTS: dict[str, Config] = {
+    "tdump float32, zstd (old default)": ("tdump", {"compression": "zstd"}, ()),
+    "tdump float16": ("tdump", {"storage_dtype": "float16"}, ()),
+    "tdump uncompressed": ("tdump", {"compression": "none"}, ()),
+    "tdump store format 1 (old layout)": ("tdump", {}, ("--store-format", "1")),
+    "tdump 1 writer thread": ("tdump", {"writer_threads": 1}, ()),
+    "tdump 4 writer threads": ("tdump", {"writer_threads": 4}, ()),
 }
 GOALS = {100: 1.02, 10: 1.15, 1: 2.0}
 
@@ -55,12 +59,14 @@ def run_child(
     steps: int,
     args: argparse.Namespace,
     settings: dict[str, Any],
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     out = os.path.join(args.workdir, f"{hook}-{interval}-{os.getpid()}.dump")
     cmd = [
         "--hook", hook, "--interval", str(interval), "--steps", str(steps),
         "--size", str(args.size), "--batch", str(args.batch), "--device", args.device,
         "--threads", str(args.threads), "--out", out, "--settings", json.dumps(settings),
+        *extra,
     ]  # fmt: skip
     if hook == "tdump":
         cmd.append("--split")
@@ -88,13 +94,17 @@ def split_lines(res: dict[str, Any], plain_step: float) -> list[str]:
     fs = chunk - enc
     other = write - conv - chunk - commit - create
     ms = 1e3
+    # with several writer threads encode and fs are summed over them: they overlap
+    rest = (
+        f"other {other * ms:.0f} ms" if other >= 0 else "encode and writes overlapping on threads"
+    )
     return [
         f"  training thread, per saved step: {extra * ms:6.0f} ms over an un-hooked step (mean - median) = "
         f"copies out of torch {copy * ms:.0f} ms + waiting for the writer's queue {wait * ms:.0f} ms "
         f"+ hook Python and contention {(extra - copy - wait) * ms:.0f} ms",
         f"  writer thread, per record: {write * ms:6.0f} ms = to numpy/cast {conv * ms:.0f} + encode "
         f"{enc * ms:.0f} + file-system calls {fs * ms:.0f} + creating arrays {create * ms:.0f} "
-        f"(first record) + commit {commit * ms:.0f} + other {other * ms:.0f} ms; "
+        f"(first record) + commit {commit * ms:.0f} + {rest}; "
         f"{w.get('bytes_raw', 0) / max(w.get('records', 1), 1) / 1e6:.1f} MB raw/record",
     ]
 
@@ -111,7 +121,13 @@ def main() -> None:
     p.add_argument(
         "--steps", default=None, help="steps per interval, e.g. 100,100,30 (default 200,200,30)"
     )
-    p.add_argument("--variants", action="store_true", help="also the other storage choices")
+    p.add_argument(
+        "--variants",
+        nargs="?",
+        const="all",
+        default=None,
+        help="also the other storage choices: all, or words of their labels, e.g. 'format 1,float16'",
+    )
     p.add_argument("--settings", default=None, help="JSON: run only this tdump configuration")
     p.add_argument("--peer-python", default=None, help="python of a venv with smdebug 1.0.34")
     p.add_argument("--save", default=None, help="also write the report to this file")
@@ -126,15 +142,20 @@ def main() -> None:
     if args.steps:
         steps.update(zip(intervals, (int(n) for n in args.steps.split(",")), strict=True))
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="tdump-capture-bench-")
-    configs: dict[str, tuple[str, dict[str, Any]]] = {"un-hooked": ("none", {})}
+    configs: dict[str, Config] = {"un-hooked": ("none", {}, ())}
     if args.settings:
-        configs[f"tdump {args.settings}"] = ("tdump", json.loads(args.settings))
+        configs[f"tdump {args.settings}"] = ("tdump", json.loads(args.settings), ())
     else:
         configs.update(DEFAULT_CONFIGS)
         if args.variants:
-            configs.update(VARIANTS)
+            words = [w.strip() for w in args.variants.split(",")]
+            configs.update(
+                (label, config)
+                for label, config in VARIANTS.items()
+                if args.variants == "all" or any(w in label for w in words)
+            )
     if args.peer_python:
-        configs["smdebug 1.0.34"] = ("smdebug", {})
+        configs["smdebug 1.0.34"] = ("smdebug", {}, ())
     labels = list(configs)
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     t_start = time.perf_counter()
@@ -142,9 +163,9 @@ def main() -> None:
         for interval in intervals:
             order = labels[r % len(labels) :] + labels[: r % len(labels)]
             for label in order:
-                hook, settings = configs[label]
+                hook, settings, extra = configs[label]
                 python = args.peer_python if hook == "smdebug" else sys.executable
-                res = run_child(python, hook, interval, steps[interval], args, settings)
+                res = run_child(python, hook, interval, steps[interval], args, settings, extra)
                 results.setdefault((label, interval), []).append(res)
                 print(f"# round {r + 1} interval {interval:>3} {label:<36} {res['total_s']:7.2f} s",
                       file=sys.stderr, flush=True)  # fmt: skip

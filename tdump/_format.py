@@ -39,6 +39,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -385,12 +386,16 @@ class StoreWriter:
         attrs: Mapping[str, Any] | None = None,
         compressors: Any = "auto",
         dtype: Any = None,
-    ) -> None:
+        executor: Executor | None = None,
+    ) -> Future[None] | None:
         """Write ``value`` as row ``record`` of tensor ``name`` in ``mode``.
 
         The array is created on first use with ``dims`` and ``attrs``; a later value
         whose leading (batch) extent is larger grows the array; a smaller one is padded
         with the fill value and ``records/batch_size`` says how much is data.
+
+        With ``executor``, a local record file is encoded and written there and its
+        future returned: wait for it (and leave ``value`` alone) before :meth:`commit`.
         """
         key = (mode, name)
         arr = self._arrays.get(key)
@@ -412,10 +417,13 @@ class StoreWriter:
         files = self._files.get(key)
         if key not in self._files or (files is not None and files.row_shape != shape):
             files = self._files[key] = chunk_files(arr)  # new, or the batch axis grew
-        if files is not None:
-            files.write(record, value)  # GIL-light: the training thread keeps running
-        else:
+        if files is None:
             arr[record] = value
+        elif executor is not None:
+            return executor.submit(files.write, record, value)
+        else:
+            files.write(record, value)  # GIL-light: the training thread keeps running
+        return None
 
     def _create_tensor(
         self,

@@ -19,6 +19,7 @@ from tdump.capture._config import (
     REDUCTIONS,
     CollectionConfig,
     HookConfig,
+    default_writer_threads,
     load_config,
 )
 from tdump.capture._exit import TrainingStopped
@@ -50,6 +51,7 @@ __all__ = [
     "HookConfig",
     "TrainingStopped",
     "active_hooks",
+    "default_writer_threads",
     "load_config",
     "record_loss",
     "report",

@@ -131,6 +131,20 @@ class CollectionConfig:
         return (step - start) % interval == 0
 
 
+def default_writer_threads(cpus: int | None = None) -> int:
+    """Writer threads for ``writer_threads=0``: a quarter of the CPUs, between 1 and 4.
+
+    Training needs the CPUs of a small machine (CPU training uses all of them); a larger
+    one, such as a GPU machine, has CPUs to spare for encoding a record's tensors.
+
+    >>> default_writer_threads(2), default_writer_threads(16), default_writer_threads(64)
+    (1, 4, 4)
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, (cpus or 1) // 4))
+
+
 def _check_interval(value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ConfigError(f"save_interval must be a positive integer, got {value!r}")
@@ -184,6 +198,10 @@ class HookConfig:
         ``"optimizer"``: the train step is the number of optimizer steps so far.
     queue_size
         Saved steps that may wait for the background writer before training blocks.
+    writer_threads
+        Threads that encode and write the tensors of a record on a local disk; ``0``
+        (default) picks :func:`~tdump.capture.default_writer_threads` (one on a machine
+        of four CPUs or fewer, where training needs them all).
     rank, world_size
         Override the DDP rank (default: torch.distributed, else env ``RANK``).
 
@@ -211,6 +229,7 @@ class HookConfig:
     mode_save_interval: dict[str, int] | None = None
     step_source: str = "forward"
     queue_size: int = 2
+    writer_threads: int = 0
     rank: int | None = None
     world_size: int | None = None
     _by_name: dict[str, CollectionConfig] = field(
@@ -254,6 +273,11 @@ class HookConfig:
             )
         if self.queue_size < 1:
             raise ConfigError("queue_size must be >= 1")
+        if self.writer_threads < 0:
+            raise ConfigError(
+                f"writer_threads must be >= 0 (0 picks a number from the CPUs), "
+                f"not {self.writer_threads}"
+            )
         colls = tuple(_as_collection(c) for c in self.collections)
         object.__setattr__(self, "collections", colls)
         by_name = {c: CollectionConfig(c) for c in COLLECTIONS}

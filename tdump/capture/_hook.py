@@ -166,6 +166,7 @@ class Hook(StepLifecycle):
             compression=config.compression,
             storage_dtype=config.storage_dtype,
             queue_size=config.queue_size,
+            threads=config.writer_threads,
         )
         self._meta: dict[str, Any] = {}
         # Records kept back while auto capture's model pick is provisional (None: write).

@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from tdump._format import StoreWriter
+from tdump.capture._config import default_writer_threads
 
 __all__ = ["BackgroundWriter", "HostBuffers", "PendingRecord", "make_compressors"]
 
@@ -176,6 +178,11 @@ class BackgroundWriter:
         As in :class:`~tdump.capture.HookConfig`.
     queue_size
         Records that may wait; more blocks the training thread (back-pressure).
+    threads
+        Threads encoding and writing the tensors of a record to local files (``0``:
+        :func:`~tdump.capture.default_writer_threads`). With more than one, the writer
+        thread hands each tensor to a pool of that many and commits the record once
+        all of them are written.
     """
 
     def __init__(
@@ -185,8 +192,11 @@ class BackgroundWriter:
         compression: str = "auto",
         storage_dtype: str | None = None,
         queue_size: int = 2,
+        threads: int = 0,
     ) -> None:
         self._open_store = open_store
+        self._threads = threads or default_writer_threads()
+        self._pool: ThreadPoolExecutor | None = None
         self._store: StoreWriter | None = None
         self._compression = compression
         self._compressors: dict[str | None, Any] = {}  # per collection
@@ -294,6 +304,15 @@ class BackgroundWriter:
 
     # -- writer thread
     def _run(self) -> None:
+        if self._threads > 1:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tdump-encode")
+        try:
+            self._serve()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+
+    def _serve(self) -> None:
         while True:
             kind, item = self._queue.get()
             if kind == "stop":
@@ -318,6 +337,30 @@ class BackgroundWriter:
         t0 = time.perf_counter()
         index = store.next_record(rec.mode)
         raw = 0
+        pending: list[Future[None]] = []
+        try:
+            raw = self._write_entries(store, rec, index, pending)
+        finally:
+            # every write ends before the record's buffers go back or an error is raised
+            done, _ = wait(pending)
+        for f in done:
+            f.result()
+        store.commit(
+            rec.mode, index, step=rec.step, batch_size=rec.batch_size, wall_time=rec.wall_time
+        )
+        self.buffers.limit = max(self.buffers.limit, rec.nbytes())
+        for e in rec.entries.values():
+            self.buffers.give(e.value)
+        self.committed[rec.mode] = self.committed.get(rec.mode, 0) + 1
+        self.stats["records"] += 1
+        self.stats["bytes_raw"] += raw
+        self.stats["write_seconds"] += time.perf_counter() - t0
+
+    def _write_entries(
+        self, store: StoreWriter, rec: PendingRecord, index: int, pending: list[Future[None]]
+    ) -> int:
+        """Write (or hand to the pool) each tensor of ``rec``; returns the raw bytes."""
+        raw = 0
         for e in rec.entries.values():
             if e.event is not None:
                 e.event.synchronize()
@@ -330,7 +373,7 @@ class BackgroundWriter:
             coll = attrs.get("collection")
             if coll not in self._compressors:
                 self._compressors[coll] = make_compressors(self._compression, coll)
-            store.write_tensor(
+            future = store.write_tensor(
                 rec.mode,
                 index,
                 e.name,
@@ -338,14 +381,8 @@ class BackgroundWriter:
                 dims=e.dims,
                 attrs=attrs,
                 compressors=self._compressors[coll],
+                executor=self._pool,
             )
-        store.commit(
-            rec.mode, index, step=rec.step, batch_size=rec.batch_size, wall_time=rec.wall_time
-        )
-        self.buffers.limit = max(self.buffers.limit, rec.nbytes())
-        for e in rec.entries.values():
-            self.buffers.give(e.value)
-        self.committed[rec.mode] = self.committed.get(rec.mode, 0) + 1
-        self.stats["records"] += 1
-        self.stats["bytes_raw"] += raw
-        self.stats["write_seconds"] += time.perf_counter() - t0
+            if future is not None:
+                pending.append(future)
+        return raw

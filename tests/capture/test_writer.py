@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,59 @@ def test_snapshot_reader_keeps_its_first_view_while_a_plain_reader_follows(
     assert snap.saved_records("train", "fc.weight").tolist() == [0, 1]
     assert plain.saved_records("train", "fc.weight").tolist() == [0, 1, 2, 3, 4]
     assert StoreReader(path, snapshot=True).num_records("train") == 5
+
+
+def _wide_record(step: int, names: int = 6) -> PendingRecord:
+    rec = PendingRecord("train", step, batch_size=4)
+    g = torch.Generator().manual_seed(step)
+    for i in range(names):
+        value = torch.relu(torch.randn(4, 8, 5, 5, generator=g))
+        rec.add(f"layer{i}.relu_output_0", value, dims=("batch", "c", "h", "w"),
+                attrs={"collection": "activations"})  # fmt: skip
+    return rec
+
+
+def test_writer_threads_write_every_tensor_of_a_record(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.zarr")
+    w = BackgroundWriter(lambda: StoreWriter.create(path), threads=3, compression="auto")
+    want = {}
+    for step in range(4):
+        rec = _wide_record(step)
+        want[step] = {e.name: e.value.numpy().copy() for e in rec.entries.values()}
+        w.submit(rec)
+    w.flush()
+    assert any(t.name.startswith("tdump-encode") for t in threading.enumerate())
+    w.close()
+    r = StoreReader(path)
+    assert r.steps("train").tolist() == [0, 1, 2, 3]
+    for step, tensors in want.items():
+        for name, value in tensors.items():
+            np.testing.assert_array_equal(r.array("train", name)[step], value)
+
+
+def test_a_failed_write_on_a_writer_thread_is_raised_and_not_committed(tmp_path: Path) -> None:
+    path = tmp_path / "w.zarr"
+    w = BackgroundWriter(lambda: StoreWriter.create(str(path)), threads=3)
+    w.submit(_wide_record(0))
+    w.flush()
+    # a folder where record 1's shard file of one tensor should be: opening it fails there
+    shard = next(path.rglob("layer3.relu_output_0/c.0*"))
+    shard.unlink()
+    shard.mkdir()
+    w.submit(_wide_record(1))
+    with pytest.raises(IsADirectoryError):
+        w.close()
+    r = StoreReader(str(path))
+    assert r.steps("train").tolist() == [0]  # record 1 was never committed
+    np.testing.assert_array_equal(r.array("train", "layer0.relu_output_0")[0],
+                                  _wide_record(0).entries["layer0.relu_output_0"].value.numpy())  # fmt: skip
+
+
+def test_writer_threads_default_from_the_cpus() -> None:
+    from tdump.capture import HookConfig, default_writer_threads
+    from tdump.errors import ConfigError
+
+    assert [default_writer_threads(n) for n in (1, 2, 4, 8, 12, 16, 128)] == [1, 1, 1, 2, 3, 4, 4]
+    assert BackgroundWriter(lambda: StoreWriter.create("memory://t"))._threads >= 1
+    with pytest.raises(ConfigError, match="writer_threads must be >= 0"):
+        HookConfig(writer_threads=-1)
