@@ -113,12 +113,16 @@ def skipped_notes(
     crit: Criterion,
     reasons: Mapping[str, tuple[str, list[str]]],
     recorded: str | None = None,
+    *,
+    by_type: bool = False,
 ) -> list[str]:
     """One note per distinct reason: which layers, why, and what would score them.
 
     ``recorded`` is the dump's own ``include_regex``: the hint then shows the whole
     ``--include`` to record with (the recorded selection plus the missing tensors), so
-    that following it does not drop what was recorded.
+    that following it does not drop what was recorded. ``by_type``: the dump also
+    selected activation modules by type (``include_activations``), which an explicit
+    ``--include`` turns off, so the hint turns it back on.
 
     >>> from tdump.analyze._criteria import get_criterion
     >>> why = "no activation module receives these channels alone"
@@ -141,6 +145,8 @@ def skipped_notes(
             extra = include_regex(want)
             regex = f"{recorded}|{extra}" if recorded else extra
             todo = f"to score them, record {_describe(want)}: tdump record --include '{regex}'"
+            if by_type:
+                todo += """ --config '{"include_activations": true}'"""
         else:
             todo = _WEIGHT_BASED.replace("scores it", "scores them")
         notes.append(

@@ -27,42 +27,14 @@ Examples
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tdump._modtypes import is_activation_type, is_bn_type, is_conv_type
+from tdump._modtypes import is_channel_preserving as _channel_preserving
+
 __all__ = ["Dataflow", "is_activation_type", "is_bn_type", "is_conv_type"]
-
-_CONV = re.compile(r"(^|\.)(Conv[123]d|LazyConv[123]d)$")
-_BN = re.compile(r"(^|\.)(BatchNorm[123]d|SyncBatchNorm|LazyBatchNorm[123]d)$")
-_ACT = re.compile(
-    r"(^|\.)(ReLU|ReLU6|LeakyReLU|PReLU|RReLU|ELU|SELU|CELU|GELU|SiLU|Mish|Sigmoid|Tanh|"
-    r"Hardswish|Hardsigmoid|Hardtanh|Softplus)$"
-)
-_PASS = re.compile(
-    r"(^|\.)(Identity|Dropout|Dropout[123]d|AlphaDropout|FeatureAlphaDropout|"
-    r"MaxPool[123]d|AvgPool[123]d|AdaptiveMaxPool[123]d|AdaptiveAvgPool[123]d|LPPool[12]d)$"
-)
-
-
-def is_conv_type(type_name: str) -> bool:
-    """True for (non-transposed) convolution classes, e.g. ``torch.nn.modules.conv.Conv2d``."""
-    return bool(_CONV.search(type_name))
-
-
-def is_bn_type(type_name: str) -> bool:
-    """True for BatchNorm classes."""
-    return bool(_BN.search(type_name))
-
-
-def is_activation_type(type_name: str) -> bool:
-    """True for element-wise activation classes (ReLU and friends)."""
-    return bool(_ACT.search(type_name))
-
-
-def _channel_preserving(type_name: str) -> bool:
-    return is_bn_type(type_name) or is_activation_type(type_name) or bool(_PASS.search(type_name))
 
 
 @dataclass

@@ -421,14 +421,15 @@ def _plan_jobs(
         else:
             unplanned.append(layer)
     reasons = {layer: unscored_reason(crit, ctx, layer) for layer in unplanned}
-    recorded = (reader.meta(rank0).get("config") or {}).get("include_regex") if reasons else None
+    config = (reader.meta(rank0).get("config") or {}) if reasons else {}
+    recorded, by_type = config.get("include_regex"), bool(config.get("include_activations"))
     if not planned:
         whys = {why for why, _ in reasons.values()}
         if explicit_layers or whys == {_NO_ACTIVATION}:
             # crit.missing() would hint at activations the model does not have as modules
-            raise MissingTensorError(skipped_notes(crit, reasons, recorded)[0])
+            raise MissingTensorError(skipped_notes(crit, reasons, recorded, by_type=by_type)[0])
         raise MissingTensorError(crit.missing(ctx))
-    notes.extend(skipped_notes(crit, reasons, recorded))
+    notes.extend(skipped_notes(crit, reasons, recorded, by_type=by_type))
     skipped.update({layer: why for layer, (why, _) in reasons.items()})
 
     saved: dict[tuple[int, str], set[int]] = {}

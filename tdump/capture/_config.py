@@ -53,6 +53,8 @@ COLLECTIONS: tuple[str, ...] = (
 )
 #: Collections saved whole at every save step whatever ``include_regex`` says (they are tiny).
 ALWAYS_ON: frozenset[str] = frozenset({"losses", "loss_inputs", "scalars"})
+#: The collections of module outputs and their gradients (``include_activations``).
+ACTIVATION_COLLECTIONS: frozenset[str] = frozenset({"activations", "activation_gradients"})
 #: Reduce-at-source options for activations and their gradients (see docs/capture.md).
 REDUCTIONS: tuple[str, ...] = ("mean", "abs_mean", "l2", "taylor")
 COMPRESSIONS: tuple[str, ...] = ("auto", "zstd", "lz4", "lz4-noshuffle", "zstd-plain", "none")
@@ -131,6 +133,23 @@ class CollectionConfig:
         return (step - start) % interval == 0
 
 
+def with_default_selection(data: dict[str, Any]) -> dict[str, Any]:
+    """Hook settings ``data`` with the default selection where they name none.
+
+    No ``include_regex``: the seed's (:data:`DEFAULT_INCLUDE`) plus the outputs of
+    activation modules by type (``include_activations``), what ``tdump record`` saves.
+
+    >>> with_default_selection({})["include_activations"]
+    True
+    >>> with_default_selection({"include_regex": ".*weight"})
+    {'include_regex': '.*weight'}
+    """
+    if "include_regex" not in data:
+        data["include_regex"] = DEFAULT_INCLUDE
+        data.setdefault("include_activations", True)
+    return data
+
+
 def default_writer_threads(cpus: int | None = None) -> int:
     """Writer threads for ``writer_threads=0``: a quarter of the CPUs, between 1 and 4.
 
@@ -168,6 +187,12 @@ class HookConfig:
         ``save_all``.
     exclude_regex
         Names matching this are never saved.
+    include_activations
+        Also save the outputs of activation modules (ReLU, ReLU6, GELU, SiLU, ...: by
+        type, whatever their names, e.g. ``features.1.output_0`` in an
+        ``nn.Sequential``) and their gradients, so ranking finds them in any CNN.
+        ``tdump record``, ``tdump loop`` and :mod:`tdump.capture.auto` set it when no
+        ``--include`` (``include_regex``) is given.
     save_interval
         Save every N-th step of each mode (steps counted from 0, so step 0 is saved).
     save_steps
@@ -216,6 +241,7 @@ class HookConfig:
     write_mode: str = "create"
     include_regex: str | None = None
     exclude_regex: str | None = None
+    include_activations: bool = False
     save_interval: int = 100
     save_steps: tuple[int, ...] | None = None
     start_step: int | None = None
@@ -296,14 +322,20 @@ class HookConfig:
         """Collections to save at ``step`` of ``mode`` (empty: the step is not saved)."""
         return frozenset(c for c, cc in self._by_name.items() if cc.should_save(step, self, mode))
 
-    def selects(self, name: str, collection: str) -> bool:
-        """Whether tensor ``name`` of ``collection`` is selected (ignoring the schedule)."""
+    def selects(self, name: str, collection: str, *, of_activation: bool = False) -> bool:
+        """Whether tensor ``name`` of ``collection`` is selected (ignoring the schedule).
+
+        ``of_activation``: ``name`` is an output (or its gradient) of an activation
+        module, which :attr:`include_activations` selects.
+        """
         cc = self._by_name[collection]
         if not cc.enabled:
             return False
         if self.exclude_regex and re.search(self.exclude_regex, name):
             return False
         if cc.save_all or (cc.save_all is None and collection in ALWAYS_ON):
+            return True
+        if of_activation and self.include_activations and collection in ACTIVATION_COLLECTIONS:
             return True
         for rx in (self.include_regex, cc.include_regex):
             if rx is not None and re.search(rx, name):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 import time
 import weakref
@@ -35,6 +36,7 @@ from torch import nn
 
 from tdump._control import POLL_SECONDS
 from tdump._format import StoreWriter, grad_name, output_name
+from tdump._modtypes import is_activation_type, type_name
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
     CLOSE_TIMEOUT,
@@ -56,6 +58,8 @@ from tdump.errors import ConfigError, NotADumpError, SelectionError, TdumpError
 __all__ = ["Hook", "active_hooks", "record_loss"]
 
 log = logging.getLogger("tdump.capture")
+#: An output of a module call, its gradient or its Taylor term: ``<module>.output_<k>[.grad|.taylor]``.
+_OUTPUT = re.compile(r"^(?P<module>.+)\.output_\d+(?:\.grad|\.taylor)?$")
 _HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()
 _STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Records a provisional (held) hook keeps in memory before it commits to its model.
@@ -159,6 +163,8 @@ class Hook(StepLifecycle):
         self._closed = False
         self._dtype = _STORE_DTYPES.get(config.storage_dtype or "")
         self._sel: dict[tuple[str, str], bool] = {}
+        #: Paths of the registered model's activation modules (``include_activations``).
+        self._activation_paths: frozenset[str] = frozenset()
         self._uniform = not config.collections and config.save_steps is None
         self._all = config.saved_collections(config.start_step or 0) if self._uniform else None
         self._writer = BackgroundWriter(
@@ -202,6 +208,11 @@ class Hook(StepLifecycle):
             raise TdumpError(
                 "this hook is already registered on another module; use one hook per model"
             )
+        if self.config.include_activations:
+            self._activation_paths = frozenset(
+                p for p, m in root.named_modules() if p and is_activation_type(type_name(type(m)))
+            )
+            self._sel.clear()
         self._check_selection(root)  # a refused module leaves the hook unregistered
         self._root = root
         if self._held is None:
@@ -344,7 +355,11 @@ class Hook(StepLifecycle):
         key = (name, collection)
         hit = self._sel.get(key)
         if hit is None:
-            hit = self._sel[key] = self.config.selects(name, collection)
+            act = _OUTPUT.match(name) if self._activation_paths else None
+            of_activation = act is not None and act["module"] in self._activation_paths
+            hit = self._sel[key] = self.config.selects(
+                name, collection, of_activation=of_activation
+            )
         return hit
 
     def _module_selected(self, path: str) -> bool:
@@ -361,7 +376,7 @@ class Hook(StepLifecycle):
 
     def _check_selection(self, root: nn.Module) -> None:
         cfg = self.config
-        if cfg.include_regex is None:
+        if cfg.include_regex is None or self._activation_paths:
             return
         names = [n for n, _ in root.named_parameters()]
         names += [grad_name(n) for n in names]
@@ -370,8 +385,6 @@ class Hook(StepLifecycle):
             for k in range(4):
                 names += [output_name(p, k), grad_name(output_name(p, k))]
         names += ["loss.output_0", "loss.input_0.0", "loss.input_0.1"]
-        import re
-
         rx = re.compile(cfg.include_regex)
         if not any(rx.search(n) for n in names):
             example = ", ".join(names[:3])

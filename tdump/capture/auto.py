@@ -6,7 +6,8 @@ then either
 * ``python -m tdump.capture.auto train.py ARGS`` (also ``torchrun ... -m tdump.capture.auto train.py ARGS``), or
 * put ``import tdump.capture.auto`` at the top of the script (a no-op when the variable is unset).
 
-Unset keys default as for ``tdump record`` (``include_regex`` = the seed's selection).
+Unset keys default as for ``tdump record`` (no ``include_regex``: the seed's selection and
+the outputs of activation modules by type, ``include_activations``).
 Each DDP rank writes ``rank<R>`` of the same store (rank from torch.distributed, else ``RANK``).
 
 Examples
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-from tdump.capture._config import DEFAULT_INCLUDE, ENV_VAR, HookConfig, load_config
+from tdump.capture._config import ENV_VAR, HookConfig, load_config, with_default_selection
 from tdump.capture._exit import at_exit, install_sigterm
 from tdump.capture._record import AutoCapture, run_script
 
@@ -37,8 +38,7 @@ def config_from_env() -> HookConfig | None:
     if not raw or raw.lower() in ("0", "false", "off"):
         return None
     data = {} if raw.lower() in ("1", "true", "on") else load_config(raw)
-    data.setdefault("include_regex", DEFAULT_INCLUDE)
-    return HookConfig.from_dict(data)
+    return HookConfig.from_dict(with_default_selection(data))
 
 
 def install_from_env() -> AutoCapture | None:
@@ -59,7 +59,7 @@ def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    cfg = config_from_env() or HookConfig(include_regex=DEFAULT_INCLUDE)
+    cfg = config_from_env() or HookConfig.from_dict(with_default_selection({}))
     return run_script(argv[0], argv[1:], cfg)
 
 

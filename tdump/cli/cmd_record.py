@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
             "--include",
             "-i",
             metavar="REGEX",
-            help=f"Regex of tensor names to save [default: {SEED_INCLUDE}].",
+            help=f"Regex of tensor names to save [default: {SEED_INCLUDE}, and the outputs "
+            "of activation modules (ReLU, GELU, ...) whatever their names].",
         ),
         interval: int = typer.Option(
             None, "--interval", "-n", metavar="N", help="Save every N steps [default: 100]."
@@ -71,16 +72,16 @@ def register(app: typer.Typer) -> None:
         import os
         import sys
 
-        from tdump.capture._config import HookConfig, load_config
+        from tdump.capture._config import HookConfig, load_config, with_default_selection
         from tdump.capture._out import prepare_out
         from tdump.errors import ConfigError
 
         if append and overwrite:
             raise ConfigError("--append and --overwrite exclude each other; pass one of them")
         data: dict[str, Any] = load_config(config) if config else {}
-        data.setdefault("include_regex", SEED_INCLUDE)
         if include is not None:
             data["include_regex"] = include
+        with_default_selection(data)
         if interval is not None:
             data["save_interval"] = interval
         if out != "tdump.zarr" or "out" not in data:

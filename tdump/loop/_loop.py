@@ -58,7 +58,8 @@ RECORD_CONFIG: dict[str, Any] = {
 #: ``full_tensors``.
 TAYLOR_CRITERIA = frozenset({"taylor", "taylor-signed"})
 #: What the loop records for a Taylor criterion when ``--include`` is not given: the
-#: activations of ``tdump record``'s default selection, without the parameters.
+#: activations of ``tdump record``'s default selection (with ``include_activations``,
+#: activation modules whatever their names), without the parameters.
 TAYLOR_INCLUDE = ".*relu"
 
 
@@ -74,7 +75,7 @@ def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     Examples
     --------
     >>> record_options(LoopSettings(script="t.py"))
-    ('.*relu', {'collections': [...], 'reduction': 'taylor'})
+    ('.*relu', {'collections': [...], 'reduction': 'taylor', 'include_activations': True})
     >>> record_options(LoopSettings(script="t.py", criterion="l1"))[0] is None
     True
     """
@@ -82,7 +83,10 @@ def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     if settings.criterion not in TAYLOR_CRITERIA or settings.full_tensors:
         return settings.include, config
     config["reduction"] = "taylor"
-    return settings.include or TAYLOR_INCLUDE, config
+    if settings.include is not None:
+        return settings.include, config
+    config["include_activations"] = True
+    return TAYLOR_INCLUDE, config
 
 
 class LoopEvents:

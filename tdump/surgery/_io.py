@@ -211,7 +211,9 @@ def _choose_arch(
             return found, dict(arch_kwargs or {}), False
         raise CheckpointError(
             f"{path} is a plain state_dict and the recorded model type {model_type} matches no "
-            f"registered builder ({why}); pass --arch (e.g. --arch torchvision.models.resnet18)"
+            f"registered builder ({why}); pass --arch: a registered name (e.g. --arch "
+            "torchvision.models.resnet18), or your class or a function that builds the model "
+            "(e.g. --arch train.py:Net, --arch train.py:build_model)"
         )
     raise CheckpointError(
         f"{path} is a plain state_dict; say which model it belongs to with --arch "

@@ -222,3 +222,43 @@ def test_config_validation_and_roundtrip() -> None:
     )
     assert HookConfig.from_dict(cfg.to_dict()) == cfg
     assert Hook.from_config(cfg).config is cfg
+
+
+def test_include_activations_selects_activation_modules_by_type(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 1),
+        nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4),
+    )  # fmt: skip
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        seen["3"] = output.detach().clone()  # returns None: the output stays the module's
+
+    model[3].register_forward_hook(keep)
+    out = str(tmp_path / "d.zarr")
+    cfg = HookConfig(out=out, include_regex=r".*weight", exclude_regex=r"^5\.",
+                     include_activations=True, save_interval=1, strict=True)  # fmt: skip
+    with Hook.from_config(cfg) as hook:
+        _train(hook, model, [4])
+    r = StoreReader(out)
+    names = set(r.tensor_names("train"))
+    assert {"1.output_0", "1.output_0.grad", "3.output_0", "3.output_0.grad"} <= names
+    assert "0.weight" in names  # the regex still selects what it matches
+    assert not any(n.startswith(("0.output", "2.output", "4.output")) for n in names)  # convs
+    assert not any(n.startswith("5.") for n in names)  # exclude_regex wins
+    np.testing.assert_array_equal(r.array("train", "3.output_0")[0], seen["3"].numpy())
+    # with a Taylor reduction the by-type selection keeps just the Taylor term
+    out2 = str(tmp_path / "t.zarr")
+    with Hook.from_config(cfg.replace(out=out2, reduction="taylor")) as hook:
+        _train(hook, model, [4])
+    assert {"1.output_0.taylor", "3.output_0.taylor"} <= set(
+        StoreReader(out2).tensor_names("train")
+    )
+    # off (the default for an explicit Hook): only the regex
+    out3 = str(tmp_path / "off.zarr")
+    with Hook.from_config(cfg.replace(out=out3, include_activations=False)) as hook:
+        _train(hook, model, [4])
+    assert not any(
+        n[0].isdigit() and ".output_" in n for n in StoreReader(out3).tensor_names("train")
+    )

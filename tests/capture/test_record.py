@@ -227,3 +227,25 @@ def test_explicit_hook_in_the_script_takes_precedence(tmp_path) -> None:
     r = StoreReader(own_out)
     assert r.steps("train").tolist() == [0, 1, 2]
     assert r.tensor_names("train") == ["1.output_0", "1.output_0.grad"]
+
+
+def test_default_selection_finds_activation_modules_of_a_sequential(tmp_path) -> None:
+    """No --include: ReLU/GELU modules named "2" and "4" are recorded, and rank scores both convs."""
+    from tdump.analyze import rank
+
+    out = str(tmp_path / "seq.zarr")
+    script = str(SCRIPTS / "train_sequential.py")
+    res = run([TDUMP, "record", "--out", out, "--interval", "2", script])
+    assert res.returncode == 0, res.stderr
+    names = StoreReader(out).tensor_names("train")
+    for name in ("2.output_0", "2.output_0.grad", "4.output_0", "4.output_0.grad", "0.weight"):
+        assert name in names, (name, names)
+    assert not any(n.startswith(("0.output", "1.output", "5.output")) for n in names)
+    ranks = rank(out, progress=False)
+    assert sorted(ranks["layer"].unique()) == ["0", "3"]
+    # an explicit --include is taken as it is: these activations are then not selected
+    res = run([TDUMP, "record", "--out", out + "2", "-n", "2", "-i", ".*weight", script])
+    assert res.returncode == 0, res.stderr
+    assert not any(
+        n[0].isdigit() and ".output_" in n for n in StoreReader(out + "2").tensor_names("train")
+    )

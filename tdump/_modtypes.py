@@ -1,0 +1,62 @@
+"""Module classes by role, from their qualified type names (no torch import).
+
+Capture selects activation modules by type (``HookConfig.include_activations``) and
+the analyzers follow channels through the module tree a store records; both name a
+class as ``module.qualname`` (``torch.nn.modules.activation.ReLU``) and match only its
+last part, so subclasses defined elsewhere under the same name count too.
+
+Examples
+--------
+>>> is_activation_type("torch.nn.modules.activation.ReLU6"), is_conv_type("torch.nn.Linear")
+(True, False)
+>>> type_name(int)
+'builtins.int'
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "is_activation_type",
+    "is_bn_type",
+    "is_channel_preserving",
+    "is_conv_type",
+    "type_name",
+]
+
+_CONV = re.compile(r"(^|\.)(Conv[123]d|LazyConv[123]d)$")
+_BN = re.compile(r"(^|\.)(BatchNorm[123]d|SyncBatchNorm|LazyBatchNorm[123]d)$")
+_ACT = re.compile(
+    r"(^|\.)(ReLU|ReLU6|LeakyReLU|PReLU|RReLU|ELU|SELU|CELU|GELU|SiLU|Mish|Sigmoid|Tanh|"
+    r"Hardswish|Hardsigmoid|Hardtanh|Softplus)$"
+)
+_PASS = re.compile(
+    r"(^|\.)(Identity|Dropout|Dropout[123]d|AlphaDropout|FeatureAlphaDropout|"
+    r"MaxPool[123]d|AvgPool[123]d|AdaptiveMaxPool[123]d|AdaptiveAvgPool[123]d|LPPool[12]d)$"
+)
+
+
+def type_name(cls: type) -> str:
+    """``module.qualname`` of ``cls``: how the store's module tree names a module's type."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_conv_type(type_name: str) -> bool:
+    """True for (non-transposed) convolution classes, e.g. ``torch.nn.modules.conv.Conv2d``."""
+    return bool(_CONV.search(type_name))
+
+
+def is_bn_type(type_name: str) -> bool:
+    """True for BatchNorm classes."""
+    return bool(_BN.search(type_name))
+
+
+def is_activation_type(type_name: str) -> bool:
+    """True for element-wise activation classes (ReLU and friends)."""
+    return bool(_ACT.search(type_name))
+
+
+def is_channel_preserving(type_name: str) -> bool:
+    """True for modules that keep channels one to one (BN, activations, dropout, pooling)."""
+    return is_bn_type(type_name) or is_activation_type(type_name) or bool(_PASS.search(type_name))
