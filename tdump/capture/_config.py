@@ -160,8 +160,28 @@ def default_writer_threads(cpus: int | None = None) -> int:
     (1, 4, 4)
     """
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, (cpus or 1) // 4))
+        cpus = usable_cpus()
+    return max(1, min(4, cpus // 4))
+
+
+def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota.
+
+    A container limited to 2 CPUs on a 64-CPU host sees all 64 in its affinity; the
+    quota (``cpu.max``: ``"<quota> <period>"``, or ``"max ..."`` for none) says 2.
+
+    >>> 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    True
+    """
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = n or 1
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))  # a part-CPU quota counts as one
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit readable: the affinity stands
+    return n
 
 
 def _check_interval(value: int | None) -> None:

@@ -146,3 +146,19 @@ def test_writer_threads_default_from_the_cpus() -> None:
     assert BackgroundWriter(lambda: StoreWriter.create("memory://t"))._threads >= 1
     with pytest.raises(ConfigError, match="writer_threads must be >= 0"):
         HookConfig(writer_threads=-1)
+
+
+def test_usable_cpus_follow_a_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    from tdump.capture._config import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(str(cpu_max)) == affinity
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two threads may run
+    assert usable_cpus(str(cpu_max)) == min(2, affinity)
+    cpu_max.write_text("garbage\n")
+    assert usable_cpus(str(cpu_max)) == affinity
+    assert usable_cpus(str(tmp_path / "absent")) == affinity
