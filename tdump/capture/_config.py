@@ -210,7 +210,9 @@ class HookConfig:
     include_activations
         Also save the outputs of activation modules (ReLU, ReLU6, GELU, SiLU, ...: by
         type, whatever their names, e.g. ``features.1.output_0`` in an
-        ``nn.Sequential``) and their gradients, so ranking finds them in any CNN.
+        ``nn.Sequential``) and their gradients, so ranking finds them in any CNN. A
+        model with convs but no activation module (``F.relu`` everywhere) gets its conv
+        and BatchNorm outputs instead, which ranking scores as pre-activations.
         ``tdump record``, ``tdump loop`` and :mod:`tdump.capture.auto` set it when no
         ``--include`` (``include_regex``) is given.
     save_interval

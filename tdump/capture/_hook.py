@@ -36,7 +36,7 @@ from torch import nn
 
 from tdump._control import POLL_SECONDS
 from tdump._format import StoreWriter, grad_name, output_name
-from tdump._modtypes import is_activation_type, type_name
+from tdump._modtypes import is_activation_type, is_bn_type, is_conv_type, type_name
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
     CLOSE_TIMEOUT,
@@ -61,6 +61,22 @@ log = logging.getLogger("tdump.capture")
 #: An output of a module call, its gradient or its Taylor term: ``<module>.output_<k>[.grad|.taylor]``.
 _OUTPUT = re.compile(r"^(?P<module>.+)\.output_\d+(?:\.grad|\.taylor)?$")
 _HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()
+
+
+def _by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
+    """Modules whose outputs ``include_activations`` selects; and whether they are convs and BNs.
+
+    The activation modules; in a model with convs but no activation module (every
+    activation a function such as ``F.relu``), the conv and BatchNorm outputs instead:
+    ranking scores those as pre-activations (docs/ranking.md).
+    """
+    types = {p: type_name(type(m)) for p, m in root.named_modules() if p}
+    acts = frozenset(p for p, t in types.items() if is_activation_type(t))
+    if acts or not any(is_conv_type(t) for t in types.values()):
+        return acts, False
+    return frozenset(p for p, t in types.items() if is_conv_type(t) or is_bn_type(t)), True
+
+
 _STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Records a provisional (held) hook keeps in memory before it commits to its model.
 HOLD_LIMIT = 8
@@ -165,6 +181,9 @@ class Hook(StepLifecycle):
         self._sel: dict[tuple[str, str], bool] = {}
         #: Paths of the registered model's activation modules (``include_activations``).
         self._activation_paths: frozenset[str] = frozenset()
+        #: True when the model has convs but no activation module (``F.relu`` instead), so
+        #: ``include_activations`` selects the conv and BatchNorm outputs (pre-activations).
+        self.preactivations = False
         self._uniform = not config.collections and config.save_steps is None
         self._all = config.saved_collections(config.start_step or 0) if self._uniform else None
         self._writer = BackgroundWriter(
@@ -209,9 +228,7 @@ class Hook(StepLifecycle):
                 "this hook is already registered on another module; use one hook per model"
             )
         if self.config.include_activations:
-            self._activation_paths = frozenset(
-                p for p, m in root.named_modules() if p and is_activation_type(type_name(type(m)))
-            )
+            self._activation_paths, self.preactivations = _by_type(root)
             self._sel.clear()
         self._check_selection(root)  # a refused module leaves the hook unregistered
         self._root = root

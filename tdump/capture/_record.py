@@ -142,10 +142,17 @@ class AutoCapture:
             return "tdump: no trained module seen yet"
         loss = self.hook._loss
         loss_text = type(loss).__name__ if loss is not None else "none seen (a functional loss?)"
-        return (
+        line = (
             f"tdump: capturing {type(root).__name__} ({param_count(root):,} parameters), "
             f"loss {loss_text}, to {self.config.out}"
         )
+        if self.hook.preactivations:
+            line += (
+                f"\ntdump: {type(root).__name__} has no activation modules (F.relu and the like "
+                "are functions), so the conv and BatchNorm outputs are recorded instead: "
+                "ranking scores those pre-activations"
+            )
+        return line
 
     # -- global hooks
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -21,9 +21,19 @@ from tdump.errors import ConfigError
 __all__ = ["register", "summarize"]
 
 
-def _parse_shape(text: str | None, model: Any) -> tuple[int, ...]:
+def _parse_shape(text: str | None, model: Any, dump: str | None = None) -> tuple[int, ...]:
+    """``--input-shape``, else the recorded input's (from the dump), else 224x224."""
     if text:
         return shape_option(text, example="3,224,224")
+    if dump is not None:
+        from tdump.loop._metrics import infer_input_shape
+
+        try:
+            shape = infer_input_shape(dump)
+        except Exception:  # a dump we cannot read only means no inference
+            shape = None
+        if shape:
+            return tuple(shape)
     from torch import nn
 
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
@@ -166,13 +176,23 @@ def _check_order(ckpt: Path, ranks: Path) -> None:
         )
 
 
+def _recorded_dump(table: Any, dump: Path | None) -> str | None:
+    """``--dump``, else the dump the ranks file names if it is a local folder still there."""
+    if dump is not None:
+        return str(dump)
+    where = (table.attrs.get("tdump") or {}).get("dump")
+    if not isinstance(where, str) or "://" in where or not Path(where).is_dir():
+        return None  # the dump moved or is remote: --arch or --dump says which model
+    return where
+
+
 def _model_type(table: Any, dump: Path | None, read: Any) -> str | None:
     """The recorded model's class from ``--dump`` or the dump the ranks file names."""
     if dump is not None:
         return read(dump)  # type: ignore[no-any-return]
-    where = (table.attrs.get("tdump") or {}).get("dump")
-    if not isinstance(where, str) or "://" in where or not Path(where).is_dir():
-        return None  # the dump moved or is remote: --arch or --dump says which model
+    where = _recorded_dump(table, None)
+    if where is None:
+        return None
     try:
         return read(where)  # type: ignore[no-any-return]
     except Exception:  # a dump we cannot read only means no inference
@@ -274,7 +294,10 @@ def register(app: typer.Typer) -> None:
             help="Per-layer score scale before global ranking: mean, rms, l2 or none.",
         ),
         input_shape: str | None = typer.Option(
-            None, "--input-shape", metavar="C,H,W", help="Input shape for FLOPs, e.g. 3,224,224."
+            None,
+            "--input-shape",
+            metavar="C,H,W",
+            help="Input shape for FLOPs, e.g. 3,224,224 [from the dump, else 3,224,224].",
         ),
         save_plan: Path | None = typer.Option(
             None, "--save-plan", metavar="PATH", help="Also write the plan as JSON here."
@@ -340,7 +363,8 @@ def register(app: typer.Typer) -> None:
                 f"--count {count} is more than can be pruned: removed {plan.removed} "
                 "(each group keeps --min-channels, at most --max-ratio goes; --round-to rounds up)"
             )
-        summary = summarize(before, pruned, plan, _parse_shape(input_shape, before))
+        shape = _parse_shape(input_shape, before, _recorded_dump(table, dump))
+        summary = summarize(before, pruned, plan, shape)
         written = None
         if not dry_run:
             surgery.save(output, pruned)
