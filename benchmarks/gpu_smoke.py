@@ -2,8 +2,9 @@
 
 Run on a machine with a CUDA GPU: ``python benchmarks/gpu_smoke.py`` (``... cpu``: the same
 check on the CPU). It trains a few steps on the GPU under ``tdump.Hook`` (pinned,
-non-blocking copies), then reopens the dump and checks that the stored weights, gradients and activations equal what the
-model held at those steps (copied to the CPU independently, synchronously).
+non-blocking copies), then reopens the dump and checks that the stored weights,
+gradients and activations equal what the model held at those steps (copied to the CPU
+independently, synchronously), bit for bit.
 """
 
 from __future__ import annotations

@@ -61,22 +61,6 @@ log = logging.getLogger("tdump.capture")
 #: An output of a module call, its gradient or its Taylor term: ``<module>.output_<k>[.grad|.taylor]``.
 _OUTPUT = re.compile(r"^(?P<module>.+)\.output_\d+(?:\.grad|\.taylor)?$")
 _HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()
-
-
-def _by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
-    """Modules whose outputs ``include_activations`` selects; and whether they are convs and BNs.
-
-    The activation modules; in a model with convs but no activation module (every
-    activation a function such as ``F.relu``), the conv and BatchNorm outputs instead:
-    ranking scores those as pre-activations (docs/ranking.md).
-    """
-    types = {p: type_name(type(m)) for p, m in root.named_modules() if p}
-    acts = frozenset(p for p, t in types.items() if is_activation_type(t))
-    if acts or not any(is_conv_type(t) for t in types.values()):
-        return acts, False
-    return frozenset(p for p, t in types.items() if is_conv_type(t) or is_bn_type(t)), True
-
-
 _STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Records a provisional (held) hook keeps in memory before it commits to its model.
 HOLD_LIMIT = 8
@@ -99,6 +83,20 @@ def record_loss(loss: torch.Tensor, *inputs: torch.Tensor) -> None:
     """
     for h in active_hooks():
         h.record_loss(loss, *inputs)
+
+
+def _by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
+    """Modules whose outputs ``include_activations`` selects; and whether they are convs and BNs.
+
+    The activation modules; in a model with convs but no activation module (every
+    activation a function such as ``F.relu``), the conv and BatchNorm outputs instead:
+    ranking scores those as pre-activations (docs/ranking.md).
+    """
+    types = {p: type_name(type(m)) for p, m in root.named_modules() if p}
+    acts = frozenset(p for p, t in types.items() if is_activation_type(t))
+    if acts or not any(is_conv_type(t) for t in types.values()):
+        return acts, False
+    return frozenset(p for p, t in types.items() if is_conv_type(t) or is_bn_type(t)), True
 
 
 class Hook(StepLifecycle):
@@ -179,8 +177,9 @@ class Hook(StepLifecycle):
         self._closed = False
         self._dtype = _STORE_DTYPES.get(config.storage_dtype or "")
         self._sel: dict[tuple[str, str], bool] = {}
-        #: Paths of the registered model's activation modules (``include_activations``).
-        self._activation_paths: frozenset[str] = frozenset()
+        #: Modules whose outputs ``include_activations`` selects in the registered model:
+        #: its activation modules, or its convs and BNs when :attr:`preactivations`.
+        self._by_type_paths: frozenset[str] = frozenset()
         #: True when the model has convs but no activation module (``F.relu`` instead), so
         #: ``include_activations`` selects the conv and BatchNorm outputs (pre-activations).
         self.preactivations = False
@@ -228,7 +227,7 @@ class Hook(StepLifecycle):
                 "this hook is already registered on another module; use one hook per model"
             )
         if self.config.include_activations:
-            self._activation_paths, self.preactivations = _by_type(root)
+            self._by_type_paths, self.preactivations = _by_type(root)
             self._sel.clear()
         self._check_selection(root)  # a refused module leaves the hook unregistered
         self._root = root
@@ -372,8 +371,8 @@ class Hook(StepLifecycle):
         key = (name, collection)
         hit = self._sel.get(key)
         if hit is None:
-            act = _OUTPUT.match(name) if self._activation_paths else None
-            of_activation = act is not None and act["module"] in self._activation_paths
+            act = _OUTPUT.match(name) if self._by_type_paths else None
+            of_activation = act is not None and act["module"] in self._by_type_paths
             hit = self._sel[key] = self.config.selects(
                 name, collection, of_activation=of_activation
             )
@@ -393,7 +392,7 @@ class Hook(StepLifecycle):
 
     def _check_selection(self, root: nn.Module) -> None:
         cfg = self.config
-        if cfg.include_regex is None or self._activation_paths:
+        if cfg.include_regex is None or self._by_type_paths:
             return
         names = [n for n, _ in root.named_parameters()]
         names += [grad_name(n) for n in names]

@@ -336,7 +336,6 @@ class BackgroundWriter:
         assert store is not None
         t0 = time.perf_counter()
         index = store.next_record(rec.mode)
-        raw = 0
         pending: list[Future[None]] = []
         try:
             raw = self._write_entries(store, rec, index, pending)

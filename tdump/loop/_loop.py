@@ -83,7 +83,7 @@ def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     if settings.criterion not in TAYLOR_CRITERIA or settings.full_tensors:
         return settings.include, config
     config["reduction"] = "taylor"
-    if settings.include is not None:
+    if settings.include:
         return settings.include, config
     config["include_activations"] = True
     return TAYLOR_INCLUDE, config
