@@ -321,6 +321,12 @@ class HookConfig:
             )
         if self.queue_size < 1:
             raise ConfigError("queue_size must be >= 1")
+        if not isinstance(self.include_activations, bool):
+            raise ConfigError(
+                f"include_activations must be true or false, not {self.include_activations!r}"
+            )
+        if not isinstance(self.writer_threads, int) or isinstance(self.writer_threads, bool):
+            raise ConfigError(f"writer_threads must be an integer, not {self.writer_threads!r}")
         if self.writer_threads < 0:
             raise ConfigError(
                 f"writer_threads must be >= 0 (0 picks a number from the CPUs), "

@@ -146,6 +146,10 @@ def test_writer_threads_default_from_the_cpus() -> None:
     assert BackgroundWriter(lambda: StoreWriter.create("memory://t"))._threads >= 1
     with pytest.raises(ConfigError, match="writer_threads must be >= 0"):
         HookConfig(writer_threads=-1)
+    with pytest.raises(ConfigError, match="writer_threads must be an integer, not '4'"):
+        HookConfig.from_dict({"writer_threads": "4"})
+    with pytest.raises(ConfigError, match="include_activations must be true or false"):
+        HookConfig.from_dict({"include_activations": "yes"})
 
 
 def test_usable_cpus_follow_a_cgroup_quota(tmp_path: Path) -> None:
