@@ -33,40 +33,18 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from _common import drop_cache, files_of  # noqa: E402
 
 
-# --------------------------------------------------------------------------- cache + sizes
-def drop_cache(path: Path) -> str:
-    """Evict ``path``'s files from the page cache; returns the method used."""
-    os.sync()
-    methods = []
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        methods.append("drop_caches")
-    except OSError:
-        pass
-    methods.append("posix_fadvise(DONTNEED)")
-    for f in _files(path):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return " + ".join(methods)
-
-
-def _files(path: Path) -> list[str]:
-    return [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
-
-
+# --------------------------------------------------------------------------- sizes
 def _is_chunk(f: str) -> bool:
     """A chunk file: ``c.<record>...`` of a tensor array, ``c/<i>`` of a records array."""
     return os.path.basename(f).startswith("c.") or "/c/" in f
 
 
 def stored_bytes(path: Path, sub: str = "") -> int:
-    return sum(os.path.getsize(f) for f in _files(path / sub) if _is_chunk(f) or not sub)
+    return sum(os.path.getsize(f) for f in files_of(path / sub) if _is_chunk(f) or not sub)
 
 
 # --------------------------------------------------------------------------- dump making
@@ -196,7 +174,7 @@ def child_naive(dump: str) -> dict[str, Any]:
 
 def raw_read(path: Path) -> float:
     drop_cache(path)
-    files = _files(path)
+    files = files_of(path)
     t0 = time.perf_counter()
     for i in range(0, len(files), 500):
         subprocess.run(["cat", *files[i : i + 500]], stdout=subprocess.DEVNULL, check=True)
@@ -227,7 +205,7 @@ def codec_speed(path: Path, budget_bytes: int = 300 << 20) -> tuple[float, float
         elif cfg["name"] == "zstd":
             codec = numcodecs.Zstd()
             label = "zstd"
-    chunks = [f for f in _files(path / "rank0" / "train" / "tensors") if _is_chunk(f)]
+    chunks = [f for f in files_of(path / "rank0" / "train" / "tensors") if _is_chunk(f)]
     blobs, total = [], 0
     for f in chunks:
         blobs.append(Path(f).read_bytes())

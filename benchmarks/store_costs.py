@@ -15,9 +15,9 @@ Each section prints one table, measured on this machine in this run:
    no hook, interleaved: the total-time ratio (``close()`` included) and the writer
    thread's milliseconds per record.
 5. **Ranking**: a ``--steps``-step ReLU dump, page cache dropped before every run,
-   interleaved: a cold ``cat`` of its files, ``rank()`` in a process that has already
-   imported tdump, and the whole ``tdump rank`` command (interpreter start-up and
-   imports included).
+   interleaved: a cold ``cat`` of its files, ``rank_table()`` (what the command runs)
+   in a process that has already imported tdump, and the whole ``tdump rank`` command
+   (interpreter start-up and imports included).
 
     python benchmarks/store_costs.py --save benchmarks/results/store_costs.txt
 """
@@ -171,11 +171,11 @@ def writer_in_training(work: Path, steps: int = 30, rounds: int = 2) -> list[str
 _IN_PROCESS = """
 import os, sys, time
 sys.path.insert(0, sys.argv[2])
-import tdump.analyze as ta, pandas, pyarrow.parquet  # imports first: only rank() is timed
+import tdump.analyze as ta, pyarrow.parquet  # imports first: only the ranking is timed
 from _common import drop_cache
 drop_cache(__import__("pathlib").Path(sys.argv[1]))
 t0 = time.perf_counter()
-ta.rank(sys.argv[1], progress=False)
+ta.rank_table(sys.argv[1], progress=False)  # what `tdump rank` runs
 print(time.perf_counter() - t0)
 """
 
@@ -187,11 +187,11 @@ def ranking(work: Path, steps: int, rounds: int) -> list[str]:
     stored = sum(os.path.getsize(f) for f in files)
     cmd = [sys.executable, "-c", "from tdump.cli.app import main; main()", "rank", str(dump),
            "-o", str(work / "ranks.parquet"), "--quiet"]  # fmt: skip
-    times: dict[str, list[float]] = {"cat": [], "rank() in process": [], "tdump rank": []}
+    times: dict[str, list[float]] = {"cat": [], "rank_table() in process": [], "tdump rank": []}
     for r in range(rounds):
         order = list(times)[r % 3 :] + list(times)[: r % 3]
         for what in order:
-            if what == "rank() in process":
+            if what == "rank_table() in process":
                 proc, _ = run([sys.executable, "-c", _IN_PROCESS, str(dump), str(HERE)])
                 times[what].append(float(proc.stdout.strip().splitlines()[-1]))
                 continue
@@ -208,11 +208,11 @@ def ranking(work: Path, steps: int, rounds: int) -> list[str]:
     ]
     for k, v in times.items():
         lines.append(
-            f"   {k:<20} {med[k]:6.2f} s [{min(v):.2f}-{max(v):.2f}]   "
+            f"   {k:<24} {med[k]:6.2f} s [{min(v):.2f}-{max(v):.2f}]   "
             f"{med['cat'] / med[k]:.2f}x of cold cat's speed"
         )
     lines.append(
-        f"   start-up and imports of the command: {med['tdump rank'] - med['rank() in process']:.2f} s"
+        f"   start-up and imports of the command: {med['tdump rank'] - med['rank_table() in process']:.2f} s"
     )
     return lines
 

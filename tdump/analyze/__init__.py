@@ -1,7 +1,7 @@
 """Analyze: read dumps (xarray, Trial), rank filters with Dask, check rules, without training.
 
 Ranking (``rank``, criteria, the ranks file) loads only what it needs (numpy,
-pandas, zarr); the readers built on xarray and dask.array (``open_dump``, ``Trial``,
+zarr, dask; pandas with the first DataFrame: ``rank_table`` and ``tdump rank`` never); the readers built on xarray and dask.array (``open_dump``, ``Trial``,
 the xarray backend) and the rules load on first use, so ``tdump rank`` starts fast.
 """
 
@@ -11,8 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from tdump.analyze._criteria import Criterion, Plan, criteria, get_criterion, register_criterion
-from tdump.analyze._rank import rank
-from tdump.analyze._ranks_io import read_ranks, write_ranks
+from tdump.analyze._rank import rank, rank_table
+from tdump.analyze._ranks_io import RankTable, read_ranks, write_ranks
 
 if TYPE_CHECKING:
     from tdump.analyze._open import open_dump
@@ -24,6 +24,7 @@ __all__: list[str] = [
     "Criterion",
     "Firing",
     "Plan",
+    "RankTable",
     "Rule",
     "TdumpBackendEntrypoint",
     "Trial",
@@ -33,6 +34,7 @@ __all__: list[str] = [
     "get_criterion",
     "open_dump",
     "rank",
+    "rank_table",
     "read_ranks",
     "register_criterion",
     "register_rule",

@@ -214,21 +214,39 @@ def _spatial_mean(x: np.ndarray) -> np.ndarray:
 #: Products are formed per block of this many elements: a float64 block stays in L2 cache.
 _BLOCK_ELEMS = 1 << 15
 
+#: float32 x float32 products are summed in float32 over runs of at most this many
+#: elements, and the runs' sums in float64.
+_F32_RUN = 256
 
-def _dot_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+
+def _dot_sums(a: np.ndarray, b: np.ndarray, *, exact: bool = False) -> np.ndarray:
     """(rows, channel, n) x2 -> (rows, channel) float64 sums over the last axis of ``a * b``.
 
-    Straight from the stored dtype (float16/float32): a cache-sized block at a time
-    is widened to float64, multiplied (a product of two float32 values is exact in
-    float64) and summed, so no full-size float64 temporary is made and long signed
-    sums that cancel lose nothing. About 1.5x faster than a float64 einsum on large
-    records, and many times faster on float16, whose einsum runs element by element.
+    Straight from the stored dtype, with no full-size float64 temporary:
+
+    * float32 x float32 (unless ``exact``): ``einsum`` in float32 over runs of
+      ``_F32_RUN`` elements, the runs added in float64. The error stays below about
+      ``1e-6 * sum |a * b|``, the size of the error the inputs already carry (each
+      float32 value is rounded to ``6e-8``), and it is 5-8x faster than widening to
+      float64 first: the activation dot products were a third of a `tdump rank`'s
+      arithmetic.
+    * otherwise (float16, mixed, ``exact``): a cache-sized block at a time is widened
+      to float64, multiplied (exact) and summed. float16's einsum runs element by element.
     """
     rows, channels, n = a.shape
     a2 = a.reshape(rows * channels, n)
     b2 = b.reshape(rows * channels, n)
     out = np.zeros(rows * channels, dtype=np.float64)
     if n == 0 or not len(out):
+        return out.reshape(rows, channels)
+    if not exact and a2.dtype == b2.dtype == np.float32:
+        runs, rest = divmod(n, _F32_RUN)
+        if runs:  # (row, run, element) views of the same memory: no copy
+            whole = (len(out), runs, _F32_RUN)
+            a3, b3 = a2[:, : n - rest].reshape(whole), b2[:, : n - rest].reshape(whole)
+            np.add.reduce(np.einsum("ijk,ijk->ij", a3, b3), axis=1, dtype=np.float64, out=out)
+        if rest:
+            out += np.einsum("ij,ij->i", a2[:, n - rest :], b2[:, n - rest :])
         return out.reshape(rows, channels)
     step = max(1, _BLOCK_ELEMS // n)
     tmp = np.empty((min(step, len(out)), n), dtype=np.float64)
@@ -254,9 +272,13 @@ def _spatial_dot_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _filter_dot(w: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """(out_channel, ...) x2 -> (out_channel,): float64 sum over a filter's weights of ``w * g``."""
+    """(out_channel, ...) x2 -> (out_channel,): float64 sum over a filter's weights of ``w * g``.
+
+    Exact: a filter's ``sum(w * g)`` cancels to a small fraction of ``sum |w * g|``, and
+    weights are small next to activations.
+    """
     w3 = w.reshape(1, w.shape[0], -1)
-    return _dot_sums(w3, g.reshape(w3.shape))[0]
+    return _dot_sums(w3, g.reshape(w3.shape), exact=True)[0]
 
 
 def _per_filter_sum(x: np.ndarray) -> np.ndarray:

@@ -4,9 +4,11 @@ The pipeline: plan (which tensors each conv layer's criterion needs, from the st
 ``modules``/``calls`` dataflow) -> one task per saved record that, layer after layer,
 reads that record's chunk of each source tensor (one chunk = one record of one tensor)
 and reduces it at once to a per-channel float64 vector -> tree-reduction of the
-per-record ``{layer: (sum, count)}`` partials -> scores -> a :class:`pandas.DataFrame`
-(``docs/FORMAT.md`` §2). Peak memory is about (one record of the largest tensor pair,
-plus its float64 product) x (workers), however big the dump is.
+per-record ``{layer: (sum, count)}`` partials (:mod:`tdump.analyze._tasks`) -> scores
+-> a :class:`~tdump.analyze.RankTable` (``rank_table``) or its
+:class:`pandas.DataFrame` (``rank``), ``docs/FORMAT.md`` §2. Peak memory is about
+(one record of the largest tensor pair, plus its working set) x (workers), however
+big the dump is.
 
 Examples
 --------
@@ -20,23 +22,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tdump._chunks import Scratch, chunk_files
 from tdump._format import StoreReader
 from tdump._preload import preload
-from tdump._validate import DAMAGE, damaged_chunk
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
 from tdump.analyze._diagnose import _NO_ACTIVATION, skipped_notes, unscored_reason
 from tdump.analyze._mapping import Dataflow
-from tdump.analyze._ranks_io import COLUMNS, RANKS_FORMAT, RANKS_VERSION, normalize_scores
+from tdump.analyze._ranks_io import RANKS_FORMAT, RANKS_VERSION, RankTable
 from tdump.analyze._schedule import (
     DEFAULT_CONNECT_TIMEOUT,
     ProgressFn,
@@ -44,19 +43,27 @@ from tdump.analyze._schedule import (
     execute,
     runs_in_process,
 )
+from tdump.analyze._tasks import (
+    _ARRAYS,
+    _ARRAYS_LOCK,
+    NonFinite,
+    Partials,
+    _combine,
+    _record_task,
+    _RecordReader,
+)
 from tdump.errors import (
     ConfigError,
     MissingTensorError,
     NonFiniteWarning,
     SelectionError,
-    TdumpError,
     compile_regex,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["parse_steps", "rank"]
+__all__ = ["parse_steps", "rank", "rank_table"]
 
 StepsArg = str | slice | int | Sequence[int] | None
 
@@ -135,24 +142,7 @@ def _describe_steps(steps: StepsArg) -> str:
     return str(steps)
 
 
-# --------------------------------------------------------------------------- chunk tasks
-_ARRAYS: dict[tuple[str, str, int, str, str], _RecordReader] = {}
-_ARRAYS_LOCK = threading.Lock()
-
-
-def _open_array(path: str, so_json: str, rank: int, mode: str, name: str) -> _RecordReader:
-    """A reader of ``name``'s records, opened once per worker process."""
-    key = (path, so_json, rank, mode, name)
-    with _ARRAYS_LOCK:
-        arr = _ARRAYS.get(key)
-    if arr is None:
-        reader = StoreReader(path, storage_options=json.loads(so_json) or None)
-        arr = _RecordReader(reader.array(mode, name, rank), reader.path)
-        with _ARRAYS_LOCK:
-            _ARRAYS[key] = arr
-    return arr
-
-
+# --------------------------------------------------------------------------- tasks
 def _share_arrays(reader: StoreReader, so_json: str, mode: str, jobs: Sequence[LayerJob]) -> None:
     """Hand the arrays the planner opened to the tasks of an in-process scheduler.
 
@@ -168,142 +158,9 @@ def _share_arrays(reader: StoreReader, so_json: str, mode: str, jobs: Sequence[L
                     _ARRAYS[key] = arr
 
 
-class _RecordReader:
-    """Read one record (row 0-axis) of a tensor array.
-
-    Fast path: on a local disk with tdump's codecs a record is one file
-    (:mod:`tdump._chunks`), read and decoded with numcodecs in one call, skipping
-    zarr's async machinery (about 2x faster per chunk). Anything else (object stores,
-    sharding, filters, a grown batch axis) goes through zarr. A missing chunk reads as
-    the fill value either way.
-
-    With ``scratch=True`` the file bytes and the decoded values land in buffers owned
-    by the calling thread and reused by its next ``scratch`` read of this array: no
-    fresh pages per chunk. That matters on Dask workers, whose allocator hands large
-    freed blocks back to the OS at once (``MALLOC_TRIM_THRESHOLD_``), so every new
-    chunk-sized array would page-fault all over again.
-    """
-
-    def __init__(self, arr: Any, path: str = "") -> None:
-        self.arr = arr
-        self.path = path  # the dump, for error messages
-        self.files = chunk_files(arr)
-        self._threads = threading.local()  # each thread's Scratch
-
-    def read(
-        self,
-        index: int,
-        rows: int | None = None,
-        *,
-        scratch: bool = False,
-        step: int | None = None,
-    ) -> np.ndarray:
-        """Record ``index`` (its first ``rows`` batch rows if given).
-
-        ``scratch=True``: the result is valid until this thread's next scratch read of
-        this array (see the class docstring); otherwise it is a fresh array. A chunk
-        that does not decode to exactly one record raises a one-line
-        :class:`~tdump.errors.CorruptStoreError` naming tensor, record and ``step``
-        (from the direct file path) or :class:`~tdump.errors.NotADumpError` (through zarr).
-        """
-        try:
-            return self._read(index, rows, scratch, step)
-        except TdumpError:
-            raise  # already one line naming tensor, record and step
-        except DAMAGE as exc:
-            raise damaged_chunk(self.path, self.arr, index, exc) from None
-
-    def _read(self, index: int, rows: int | None, scratch: bool, step: int | None) -> np.ndarray:
-        files = self.files
-        if files is None:
-            value = np.asarray(self.arr[index] if rows is None else self.arr[index, :rows])
-        elif scratch:
-            if not hasattr(self._threads, "scratch"):
-                self._threads.scratch = Scratch()
-            value = files.read(index, self._threads.scratch, step=step)
-        else:
-            value = files.read(index, step=step)
-        return value if rows is None or files is None else value[:rows]
-
-
-@dataclass(frozen=True)
-class NonFinite:
-    """A record left out of (or, with ``keep_nan``, kept in) one layer job's sums."""
-
-    job: int
-    tensors: tuple[str, ...]
-    step: int
-    count: int  # non-finite values in the record's tensors
-
-
-@dataclass
-class Partials:
-    """Per-job ``(per-channel float64 sum, count)`` of some records, and the non-finite records seen."""
-
-    sums: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
-    non_finite: list[NonFinite] = field(default_factory=list)
-
-
-def _record_task(
-    criterion: Criterion,
-    work: Sequence[tuple[int, Plan, Mapping[str, bool]]],
-    path: str,
-    so_json: str,
-    mode: str,
-    rank: int,
-    index: int,
-    batch_size: int,
-    step: int = -1,
-    keep_nan: bool = False,
-) -> Partials:
-    """Reduce one saved record: per layer job, read its chunk(s) and reduce them at once.
-
-    Only one layer's tensors are in memory at a time; the result is a per-channel
-    float64 vector and a count per job index. A job whose vector is not finite (the
-    record holds NaN or Inf) is left out of the sums unless ``keep_nan``, and is
-    reported in :attr:`Partials.non_finite` either way.
-    """
-    for _, plan, _ in work:  # queue the whole record's reads now: the disk works while we compute
-        for name in plan.sources.values():
-            files = _open_array(path, so_json, rank, mode, name).files
-            if files is not None:
-                files.prefetch(index)
-    out = Partials()
-    for job_index, plan, batched in work:
-        values: dict[str, np.ndarray] = {}
-        for role, name in plan.sources.items():
-            arr = _open_array(path, so_json, rank, mode, name)
-            rows = batch_size if batched.get(role) and batch_size > 0 else None
-            values[role] = arr.read(index, rows, scratch=True, step=step)
-        total, count = criterion.partial(values, plan)
-        total = np.asarray(total, dtype=np.float64)
-        if not np.isfinite(total).all():  # a per-channel check: the rare case pays the count
-            bad = sum(int(v.size - np.count_nonzero(np.isfinite(v))) for v in values.values())
-            out.non_finite.append(NonFinite(job_index, tuple(plan.sources.values()), step, bad))
-            if not keep_nan:
-                continue
-        del values
-        out.sums[job_index] = (total, int(count))
-    return out
-
-
 def _task_args(r: Record, keep_nan: bool) -> tuple[int, int, int, int, bool]:
     """The per-record arguments of :func:`_record_task`."""
     return (r.rank, r.index, r.batch_size, r.step, keep_nan)
-
-
-def _combine(*parts: Partials) -> Partials:
-    """Sum partials per job (the tree-reduction step)."""
-    out = Partials()
-    for part in parts:
-        out.non_finite.extend(part.non_finite)
-        for key, (vec, n) in part.sums.items():
-            if key in out.sums:
-                total, count = out.sums[key]
-                out.sums[key] = (total + vec, count + n)
-            else:
-                out.sums[key] = (vec, n)
-    return out
 
 
 def _warn_non_finite(
@@ -530,6 +387,54 @@ def rank(
     >>> df = rank("dump.zarr", criterion="l1", progress=False)  # doctest: +SKIP
     >>> df.groupby("layer")["score_norm"].describe()          # doctest: +SKIP
     """
+    return rank_table(
+        dump=dump,
+        criterion=criterion,
+        mode=mode,
+        steps=steps,
+        layers=layers,
+        normalize=normalize,
+        signed=signed,
+        scheduler=scheduler,
+        workers=workers,
+        memory_limit=memory_limit,
+        progress=progress,
+        storage_options=storage_options,
+        split_every=split_every,
+        connect_timeout=connect_timeout,
+        keep_nan=keep_nan,
+    ).to_frame()
+
+
+def rank_table(
+    dump: str,
+    criterion: str = "taylor",
+    mode: str = "train",
+    steps: StepsArg = None,
+    layers: str | None = None,
+    normalize: bool = True,
+    signed: bool = False,
+    scheduler: Any = "threads",
+    workers: int | None = None,
+    memory_limit: str | int | None = None,
+    progress: bool | ProgressFn = True,
+    storage_options: Mapping[str, Any] | None = None,
+    split_every: int = 8,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    keep_nan: bool = False,
+) -> RankTable:
+    """:func:`rank` without pandas: the same table as numpy columns (:class:`RankTable`).
+
+    ``tdump rank`` uses it (pandas takes 0.35 s to import, twice that from a cold page
+    cache); :func:`write_ranks` writes either. Parameters as :func:`rank`.
+
+    Examples
+    --------
+    >>> from tdump.analyze import write_ranks
+    >>> table = rank_table("dump.zarr", progress=False)      # doctest: +SKIP
+    >>> [table.columns["layer"][i] for i in table.weakest(3)]  # doctest: +SKIP
+    >>> write_ranks(table, "ranks.parquet")                  # doctest: +SKIP
+    """
     crit = get_criterion(criterion, signed=signed)
     if split_every < 2:
         raise ConfigError("split_every must be at least 2")
@@ -568,9 +473,9 @@ def rank(
         (_record_task, crit, work, reader.location, so_json, mode, *_task_args(r, keep_nan))
         for r, work in sorted(by_record.items(), key=lambda kv: (kv[0].rank, kv[0].index))
     ]
-    # pandas for the table, pyarrow for the write_ranks that usually follows: both load
-    # while the records are read (the imports would otherwise add ~0.5 s to a cold start)
-    preload("pandas", "pyarrow.parquet")
+    # pyarrow for the write_ranks that usually follows loads while the records are read
+    # (its import would otherwise add ~0.3 s to a cold start)
+    preload("pyarrow.parquet")
     combined: Partials = execute(  # type: ignore[assignment]
         leaves,
         _combine,
@@ -582,10 +487,8 @@ def rank(
         path=reader.path,
         connect_timeout=connect_timeout,
     )
-    import pandas as pd
-
     left_out = _warn_non_finite(combined.non_finite, jobs, keep_nan)
-    frames = []
+    layers_out: list[tuple[str, np.ndarray, int, int, str]] = []
     kept_jobs = []
     for i, job in enumerate(jobs):
         if i not in combined.sums:
@@ -596,30 +499,15 @@ def rank(
         n_steps = len({r.step for r in used_records})
         examples = sum(max(r.batch_size, 0) for r in used_records) if crit.uses_batch else 0
         kept_jobs.append(job)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "layer": job.layer,
-                    "channel": np.arange(score.shape[0], dtype=np.int64),
-                    "score": score.astype(np.float64),
-                    "criterion": crit.name,
-                    "steps": np.int64(n_steps),
-                    "examples": np.int64(examples),
-                    "sources": ",".join(job.plan.sources.values()),
-                    "mode": mode,
-                }
-            )
-        )
-    if not frames:
+        sources = ",".join(job.plan.sources.values())
+        layers_out.append((job.layer, np.asarray(score, np.float64), n_steps, examples, sources))
+    if not layers_out:
         raise MissingTensorError(
             f"every selected record of {reader.path} holds NaN or Inf in the tensors ranking "
             "needs; nothing finite to rank (keep_nan=True / --keep-nan ranks them as NaN)"
         )
-    jobs = kept_jobs
-    df = normalize_scores(pd.concat(frames, ignore_index=True), normalize)
-    used = [r.step for job in jobs for r in job.records]
-    df = df[list(COLUMNS)]  # the documented column order (docs/FORMAT.md section 2)
-    df.attrs["tdump"] = {
+    used = [r.step for job in kept_jobs for r in job.records]
+    meta = {
         "format": RANKS_FORMAT,
         "format_version": RANKS_VERSION,
         "criterion": crit.name,
@@ -633,4 +521,6 @@ def rank(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tdump_version": __version__,
     }
-    return df
+    return RankTable.from_layers(
+        layers_out, criterion=crit.name, mode=mode, meta=meta, normalize=normalize
+    )

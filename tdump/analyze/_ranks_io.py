@@ -19,7 +19,8 @@ import datetime as _dt
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "COLUMNS",
     "RANKS_FORMAT",
     "RANKS_VERSION",
+    "RankTable",
     "check_output_path",
     "normalize_scores",
     "read_ranks",
@@ -59,19 +61,103 @@ COLUMNS: dict[str, str] = {
 }
 
 
+def layer_normalized(score: np.ndarray, layer_codes: np.ndarray) -> np.ndarray:
+    """``score`` / the L2 norm of its layer's scores; ``score`` itself where that norm is 0.
+
+    ``layer_codes`` numbers the layers 0, 1, ... per row. NaN scores stay NaN and are
+    left out of their layer's norm.
+
+    >>> layer_normalized(np.array([3.0, 4.0, 0.0, 2.0]), np.array([0, 0, 1, 2])).tolist()
+    [0.6, 0.8, 0.0, 1.0]
+    """
+    squares = np.where(np.isnan(score), 0.0, score * score)
+    norms = np.sqrt(np.bincount(layer_codes, weights=squares))[layer_codes]
+    return np.where(norms > 0, score / np.where(norms > 0, norms, 1.0), score)
+
+
 def normalize_scores(df: pd.DataFrame, normalize: bool = True) -> pd.DataFrame:
     """Add ``score_norm``: ``score`` / L2 norm of its layer's scores (or ``score`` itself).
 
     A layer whose scores are all zero keeps ``score_norm == score``.
     """
+    import pandas as pd
+
     out = df.copy()
-    score = out["score"].astype("float64")
+    score = out["score"].to_numpy(dtype=np.float64)
     if normalize:
-        norms = np.sqrt((score * score).groupby(out["layer"], sort=False).transform("sum"))
-        out["score_norm"] = np.where(norms > 0, score / norms.where(norms > 0, 1.0), score)
+        codes, _ = pd.factorize(out["layer"])
+        out["score_norm"] = layer_normalized(score, codes)
     else:
         out["score_norm"] = score
     return out
+
+
+@dataclass(frozen=True)
+class RankTable:
+    """A ranks table as numpy columns, without pandas (``tdump rank`` never imports it).
+
+    ``columns`` holds :data:`COLUMNS` in order (text columns as object arrays of
+    ``str``); ``meta`` the ``tdump`` metadata. :meth:`to_frame` gives the DataFrame
+    that :func:`~tdump.analyze.rank` returns, and :func:`write_ranks` writes either.
+
+    Examples
+    --------
+    >>> t = RankTable.from_layers([("conv1", np.array([3.0, 4.0]), 2, 8, "a,a.grad")],
+    ...                           criterion="taylor", mode="train", meta={"normalize": True})
+    >>> t.columns["score_norm"].tolist(), t.weakest(1), len(t)
+    ([0.6, 0.8], [0], 2)
+    """
+
+    columns: Mapping[str, np.ndarray]
+    meta: Mapping[str, Any]
+
+    @classmethod
+    def from_layers(
+        cls,
+        layers: Sequence[tuple[str, np.ndarray, int, int, str]],
+        *,
+        criterion: str,
+        mode: str,
+        meta: Mapping[str, Any],
+        normalize: bool = True,
+    ) -> RankTable:
+        """Rows of ``(layer, scores, steps, examples, sources)``, one per ranked layer."""
+        sizes = np.array([len(score) for _, score, *_ in layers], dtype=np.int64)
+
+        def per_layer(values: Sequence[Any], dtype: Any) -> np.ndarray:
+            return np.repeat(np.array(values, dtype=dtype), sizes)
+
+        score = np.concatenate([np.zeros(0), *(np.asarray(x[1], np.float64) for x in layers)])
+        codes = per_layer(range(len(layers)), np.int64)
+        columns = {
+            "layer": per_layer([x[0] for x in layers], object),
+            "channel": np.concatenate([np.zeros(0, np.int64), *map(np.arange, sizes)]),
+            "score": score,
+            "score_norm": layer_normalized(score, codes) if normalize else score.copy(),
+            "criterion": per_layer([criterion] * len(layers), object),
+            "steps": per_layer([x[2] for x in layers], np.int64),
+            "examples": per_layer([x[3] for x in layers], np.int64),
+            "sources": per_layer([x[4] for x in layers], object),
+            "mode": per_layer([mode] * len(layers), object),
+        }
+        return cls(columns, dict(meta))
+
+    def __len__(self) -> int:
+        return len(self.columns["channel"])
+
+    def weakest(self, n: int) -> list[int]:
+        """Rows of the ``n`` smallest finite ``score_norm`` (ties in table order)."""
+        norm = self.columns["score_norm"]
+        order = np.argsort(norm, kind="stable")
+        return [int(i) for i in order[~np.isnan(norm[order])][:n]]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The pandas DataFrame, metadata in ``df.attrs["tdump"]``."""
+        import pandas as pd
+
+        df = pd.DataFrame({name: self.columns[name] for name in COLUMNS})
+        df.attrs["tdump"] = dict(self.meta)
+        return df
 
 
 def _coerce(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -99,7 +185,7 @@ def _coerce(df: pd.DataFrame, where: str) -> pd.DataFrame:
 
 
 def write_ranks(
-    df: pd.DataFrame,
+    df: pd.DataFrame | RankTable,
     path: str | os.PathLike[str],
     *,
     meta: Mapping[str, Any] | None = None,
@@ -107,18 +193,27 @@ def write_ranks(
 ) -> str:
     """Write the ranks table ``df`` to ``path`` as ``tdump.ranks`` version 1 parquet.
 
-    ``meta`` (criterion, normalize, dump, mode, steps) is merged over ``df.attrs["tdump"]``
-    (set by :func:`~tdump.analyze.rank`); format, version, created and tdump_version are
-    filled in. Returns ``path``.
+    ``df``: a DataFrame (:func:`~tdump.analyze.rank`'s, or one of your own with
+    :data:`COLUMNS`) or a :class:`RankTable`. ``meta`` (criterion, normalize, dump,
+    mode, steps) is merged over ``df.attrs["tdump"]`` (``RankTable.meta``); format,
+    version, created and tdump_version are filled in. Returns ``path``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = os.fspath(path)
-    table_df = _coerce(df, "ranks table")
-    info: dict[str, Any] = dict(df.attrs.get("tdump") or {})
+    if isinstance(df, RankTable):  # built to COLUMNS' types: no pandas needed
+        info: dict[str, Any] = dict(df.meta)
+        table = pa.Table.from_arrays(_arrow_columns(df.columns), names=list(COLUMNS))
+        first_criterion = str(df.columns["criterion"][0]) if len(df) else None
+    else:
+        table_df = _coerce(df, "ranks table")
+        info = dict(df.attrs.get("tdump") or {})
+        cols = list(COLUMNS) + [c for c in table_df.columns if c not in COLUMNS]
+        table = pa.Table.from_pandas(table_df[cols], preserve_index=False)
+        first_criterion = str(table_df["criterion"].iloc[0]) if len(table_df) else None
     info.update(meta or {})
-    info.setdefault("criterion", str(table_df["criterion"].iloc[0]) if len(table_df) else None)
+    info.setdefault("criterion", first_criterion)
     info.setdefault("normalize", True)
     info.setdefault("dump", None)
     info.setdefault("steps", None)
@@ -129,8 +224,6 @@ def write_ranks(
         or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         tdump_version=__version__,
     )
-    cols = list(COLUMNS) + [c for c in table_df.columns if c not in COLUMNS]
-    table = pa.Table.from_pandas(table_df[cols], preserve_index=False)
     existing = dict(table.schema.metadata or {})
     existing[_META_KEY] = json.dumps(info, default=_json_default).encode()
     table = table.replace_schema_metadata(existing)
@@ -157,6 +250,30 @@ def write_ranks(
             "free space or choose another --out"
         ) from None
     return str(path)
+
+
+def _arrow_columns(columns: Mapping[str, np.ndarray]) -> list[Any]:
+    """pyarrow arrays of :data:`COLUMNS`, built from their buffers.
+
+    Why not ``pa.array``: it imports pandas (0.35 s) to ask whether its input is a
+    pandas object, which is all ``tdump rank`` would import pandas for.
+    """
+    import pyarrow as pa
+
+    out = []
+    for name, kind in COLUMNS.items():
+        values = columns[name]
+        if kind == "object":
+            encoded = [str(v).encode() for v in values]
+            offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+            np.cumsum([len(b) for b in encoded], out=offsets[1:])
+            buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+            out.append(pa.Array.from_buffers(pa.string(), len(encoded), buffers))
+        else:
+            data = np.ascontiguousarray(values, dtype=kind)
+            arrow_type = pa.int64() if kind == "int64" else pa.float64()
+            out.append(pa.Array.from_buffers(arrow_type, len(data), [None, pa.py_buffer(data)]))
+    return out
 
 
 def check_output_path(path: str | os.PathLike[str]) -> str:

@@ -1,15 +1,16 @@
 """Help that reads cleanly: arguments by their metavar, without typer's type labels.
 
-typer 0.29 shows a required argument as ``{dump}`` in the usage line and as
-``dump <str>`` in the argument list; every tdump command uses :class:`TdumpCommand`
-instead, so ``tdump rank --help`` says ``Usage: tdump rank [OPTIONS] DUMP`` and
-``DUMP  Dump path ...``. Options show their own ``metavar=`` (``--out PATH``).
+Recent typer shows a required argument as ``{dump}`` in the usage line and types as
+``<str>`` / ``<int>`` labels; every tdump command uses :class:`TdumpCommand` instead, so
+``tdump rank --help`` (plain help: the app sets ``rich_markup_mode=None``) says
+``Usage: tdump rank [OPTIONS] DUMP`` and ``DUMP  Dump path ...``. Options show their
+own ``metavar=`` (``--out PATH``).
 
 Examples
 --------
 >>> import typer
 >>> from typer.testing import CliRunner
->>> app = typer.Typer()
+>>> app = typer.Typer(rich_markup_mode=None)  # as tdump's app
 >>> @app.command(cls=TdumpCommand)
 ... def go(dump: str = typer.Argument(..., metavar="DUMP", help="The dump.")) -> None:
 ...     pass
@@ -38,7 +39,8 @@ class TdumpCommand(TyperCommand):
         for param in self.params:
             if isinstance(param, TyperArgument):
                 param.metavar = param.metavar or (param.name or "").upper()
-                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+                # typer 0.29 adds a type label (``dump <str>``); older typer has no such method
+                setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010
             elif isinstance(param, TyperOption) and not param.is_flag and not param.metavar:
                 # an option without its own metavar= shows its name (--rounds ROUNDS), not <int>
                 param.metavar = (param.name or "value").upper()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import typer
 
 from tdump._version import __version__
@@ -61,3 +63,8 @@ def main() -> None:
         abort(str(exc))
     except KeyboardInterrupt:
         abort("interrupted", code=130)
+    finally:
+        # Why: the interpreter's last collection at exit walks every object pandas,
+        # pyarrow, dask and zarr created (0.15 s of a cold `tdump rank` on 2 cores).
+        # Frozen objects are skipped; atexit handlers and open files are unaffected.
+        gc.freeze()

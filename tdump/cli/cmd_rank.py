@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         import warnings
 
         from tdump._protocols import require_protocol
-        from tdump.analyze import rank, write_ranks
+        from tdump.analyze import rank_table, write_ranks
         from tdump.analyze._ranks_io import check_output_path
         from tdump.cli._console import console, err_console
         from tdump.errors import NonFiniteWarning
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         check_output_path(out)  # a bad --out fails now, not after the ranking
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NonFiniteWarning)
-            df = rank(
+            table = rank_table(  # numpy columns: this command never imports pandas
                 dump,
                 criterion=criterion,
                 mode=mode,
@@ -110,21 +110,26 @@ def register(app: typer.Typer) -> None:
                 err_console.print(f"warning: {w.message}", soft_wrap=True)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        path = write_ranks(df, out)
-        weakest = df.nsmallest(10, "score_norm")
-        meta = df.attrs["tdump"]
+        path = write_ranks(table, out)
+        cols, meta = table.columns, table.meta
+        weakest = table.weakest(10)
+        n_layers = len(set(cols["layer"]))
         if as_json:
             summary = {
                 "ranks": path,
                 "criterion": meta["criterion"],
                 "mode": meta["mode"],
                 "steps": meta["steps"],
-                "layers": int(df["layer"].nunique()),
-                "filters": len(df),
+                "layers": n_layers,
+                "filters": len(table),
                 "notes": list(meta.get("notes") or []),
                 "weakest": [
-                    {"layer": r.layer, "channel": int(r.channel), "score_norm": float(r.score_norm)}
-                    for r in weakest.itertuples()
+                    {
+                        "layer": str(cols["layer"][i]),
+                        "channel": int(cols["channel"][i]),
+                        "score_norm": float(cols["score_norm"][i]),
+                    }
+                    for i in weakest
                 ],
             }
             typer.echo(json.dumps(summary))
@@ -132,17 +137,18 @@ def register(app: typer.Typer) -> None:
         for note in meta.get("notes") or []:  # layers left without scores, one saved step
             err_console.print(f"note: {note}", soft_wrap=True)
         first, last = meta["steps"]
-        saved = int(df["steps"].max())
+        saved = int(cols["steps"].max())
         console.print(
-            f"ranked {len(df)} filters in {df['layer'].nunique()} conv layers by "
+            f"ranked {len(table)} filters in {n_layers} conv layers by "
             f"{meta['criterion']} ({mode} steps {first}..{last}, "
             f"{saved} saved step{'' if saved == 1 else 's'})",
             soft_wrap=True,
         )
         console.print("10 weakest filters:")
-        for r in weakest.itertuples():
+        for i in weakest:
             console.print(
-                f"  {r.layer:<28} channel {int(r.channel):>4}   score_norm {r.score_norm:.4g}",
+                f"  {cols['layer'][i]:<28} channel {int(cols['channel'][i]):>4}   "
+                f"score_norm {cols['score_norm'][i]:.4g}",
                 soft_wrap=True,
             )
         console.print(f"ranks written to {path}", soft_wrap=True)

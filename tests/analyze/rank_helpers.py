@@ -207,6 +207,14 @@ def _rows(reader: StoreReader, name: str, mode: str = "train") -> list[tuple[int
     return out
 
 
+def magnitude(reader: StoreReader, layer_sources: dict[str, str] | str) -> np.ndarray:
+    """Per channel, ``1/N sum_b 1/(HW) sum |A * G|``: the scale the Taylor sums' float32 error is bounded by."""
+    srcs = layer_sources.split(",") if isinstance(layer_sources, str) else layer_sources
+    acts = dict(_rows(reader, srcs[0]))
+    per_example = [np.abs(acts[step] * g).mean(axis=(2, 3)) for step, g in _rows(reader, srcs[1])]
+    return np.concatenate(per_example).mean(axis=0)
+
+
 def reference(reader: StoreReader, criterion: str, layer_sources: dict[str, str]) -> np.ndarray:
     """Plain numpy score of one layer (the formulas of docs/ranking.md), float64 throughout."""
     srcs = layer_sources.split(",") if isinstance(layer_sources, str) else layer_sources

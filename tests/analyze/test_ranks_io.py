@@ -1,16 +1,17 @@
-"""ranks.parquet validation: one-line RanksError / FormatVersionError for bad files."""
+"""ranks.parquet: writing (from a DataFrame or a RankTable), reading, one-line errors for bad files."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tdump.analyze import read_ranks, write_ranks
-from tdump.analyze._ranks_io import normalize_scores
+from tdump.analyze import RankTable, read_ranks, write_ranks
+from tdump.analyze._ranks_io import COLUMNS, normalize_scores
 from tdump.errors import DumpNotFoundError, FormatVersionError, RanksError
 
 
@@ -84,3 +85,39 @@ def test_duplicates_rejected(tmp_path) -> None:  # type: ignore[no-untyped-def]
     df = pd.concat([_table(), _table()])
     with pytest.raises(RanksError, match="twice"):
         write_ranks(df, tmp_path / "d.parquet")
+
+
+def test_normalize_leaves_nan_out_of_the_layer_norm() -> None:
+    df = _table()
+    df.loc[0, "score"] = float("nan")
+    got = normalize_scores(df)["score_norm"].tolist()
+    assert pd.isna(got[0]) and got[1:] == [1.0, 0.0]  # a.conv's norm is 4 (the NaN left out)
+
+
+def test_rank_table_writes_the_same_file_as_its_frame(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    layers = [
+        ("b.conv", np.array([2.0, float("nan"), 1.0]), 3, 12, "b.act,b.act.grad"),
+        ("a.conv", np.array([0.0, 0.0]), 3, 12, "a.act,a.act.grad"),
+        ("é.conv", np.array([5.0]), 3, 12, "é,é.grad"),  # non-ASCII names survive the bytes
+    ]
+    meta = {"criterion": "taylor", "normalize": True, "dump": "d.zarr", "mode": "train"}
+    table = RankTable.from_layers(layers, criterion="taylor", mode="train", meta=meta)
+    frame = table.to_frame()
+    assert list(frame.columns) == list(COLUMNS) and len(table) == 6
+    # numpy reference: each layer's scores over their L2 norm (NaN left out), 0-norm kept
+    norms = [np.sqrt(4.0 + 1.0)] * 3 + [0.0, 0.0] + [5.0]
+    raw = np.concatenate([s for _, s, *_ in layers])
+    want = np.array([r / n if n > 0 else r for r, n in zip(raw, norms, strict=True)])
+    np.testing.assert_array_equal(frame["score_norm"].to_numpy(), want)
+    assert table.weakest(3) == [3, 4, 2]  # NaN never among the weakest; ties in table order
+    from_table = read_ranks(write_ranks(table, tmp_path / "t.parquet"))
+    from_frame = read_ranks(write_ranks(frame, tmp_path / "f.parquet"))
+    pd.testing.assert_frame_equal(from_table, from_frame)
+    pd.testing.assert_frame_equal(from_table, _coerced(frame))
+    for df in (from_table, from_frame):
+        df.attrs["tdump"].pop("created")
+    assert from_table.attrs == from_frame.attrs
+
+
+def _coerced(df: pd.DataFrame) -> pd.DataFrame:
+    return df.astype({c: (str if t == "object" else t) for c, t in COLUMNS.items()})

@@ -101,10 +101,10 @@ def test_rank_through_a_scheduler_address(
     def opened() -> tuple[list[str], bool]:  # on each worker: stores its tasks opened; torch?
         import sys
 
-        from tdump.analyze import _rank
+        from tdump.analyze import _tasks
 
         torch = sys.modules.get("torch")
-        return sorted({key[0] for key in _rank._ARRAYS}), torch is not None
+        return sorted({key[0] for key in _tasks._ARRAYS}), torch is not None
 
     with Client(cluster, set_as_default=False) as client:
         on_workers = client.run(opened)

@@ -105,12 +105,12 @@ def test_rank_on_a_local_cluster_reads_s3_from_its_workers(
 ) -> None:
     from distributed import Client, LocalCluster
 
-    from tdump.analyze import _rank
+    from tdump.analyze import _tasks
 
     def opened() -> list[str]:  # runs on each worker: the stores its tasks opened
-        from tdump.analyze import _rank
+        from tdump.analyze import _tasks
 
-        return sorted({key[0] for key in _rank._ARRAYS})
+        return sorted({key[0] for key in _tasks._ARRAYS})
 
     with (
         LocalCluster(
@@ -128,7 +128,7 @@ def test_rank_on_a_local_cluster_reads_s3_from_its_workers(
     same_ranks(df, tiny_local.ranks)
     assert len(on_workers) == 2
     assert {p for paths in on_workers.values() for p in paths} == {tiny_s3}
-    assert (tiny_s3, "{}") not in {key[:2] for key in _rank._ARRAYS}  # not read here
+    assert (tiny_s3, "{}") not in {key[:2] for key in _tasks._ARRAYS}  # not read here
 
 
 def test_two_ddp_processes_write_one_s3_dump(s3: S3, tmp_path: Path) -> None:
