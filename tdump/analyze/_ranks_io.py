@@ -70,9 +70,10 @@ def layer_normalized(score: np.ndarray, layer_codes: np.ndarray) -> np.ndarray:
     >>> layer_normalized(np.array([3.0, 4.0, 0.0, 2.0]), np.array([0, 0, 1, 2])).tolist()
     [0.6, 0.8, 0.0, 1.0]
     """
-    squares = np.where(np.isnan(score), 0.0, score * score)
-    norms = np.sqrt(np.bincount(layer_codes, weights=squares))[layer_codes]
-    return np.where(norms > 0, score / np.where(norms > 0, norms, 1.0), score)
+    with np.errstate(invalid="ignore", over="ignore"):  # an Inf score (--keep-nan) gives NaN
+        squares = np.where(np.isnan(score), 0.0, score * score)
+        norms = np.sqrt(np.bincount(layer_codes, weights=squares))[layer_codes]
+        return np.where(norms > 0, score / np.where(norms > 0, norms, 1.0), score)
 
 
 def normalize_scores(df: pd.DataFrame, normalize: bool = True) -> pd.DataFrame:
