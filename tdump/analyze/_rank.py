@@ -43,15 +43,7 @@ from tdump.analyze._schedule import (
     execute,
     runs_in_process,
 )
-from tdump.analyze._tasks import (
-    _ARRAYS,
-    _ARRAYS_LOCK,
-    NonFinite,
-    Partials,
-    _combine,
-    _record_task,
-    _RecordReader,
-)
+from tdump.analyze._tasks import NonFinite, Partials, _combine, _record_task, _share_arrays
 from tdump.errors import (
     ConfigError,
     MissingTensorError,
@@ -143,21 +135,6 @@ def _describe_steps(steps: StepsArg) -> str:
 
 
 # --------------------------------------------------------------------------- tasks
-def _share_arrays(reader: StoreReader, so_json: str, mode: str, jobs: Sequence[LayerJob]) -> None:
-    """Hand the arrays the planner opened to the tasks of an in-process scheduler.
-
-    Each array is then opened once per call, and replacing what an earlier call left
-    keeps a growing dump's readers current. Worker processes open their own.
-    """
-    for job in jobs:
-        for rank_ in sorted({r.rank for r in job.records}):
-            for name in job.plan.sources.values():
-                key = (reader.location, so_json, rank_, mode, name)
-                arr = _RecordReader(reader.array(mode, name, rank_), reader.path)
-                with _ARRAYS_LOCK:
-                    _ARRAYS[key] = arr
-
-
 def _task_args(r: Record, keep_nan: bool) -> tuple[int, int, int, int, bool]:
     """The per-record arguments of :func:`_record_task`."""
     return (r.rank, r.index, r.batch_size, r.step, keep_nan)
@@ -464,7 +441,13 @@ def rank_table(
         )
     so_json = json.dumps(dict(storage_options or {}), sort_keys=True)
     if runs_in_process(scheduler):
-        _share_arrays(reader, so_json, mode, jobs)
+        planned = {
+            (r.rank, name)
+            for job in jobs
+            for r in job.records
+            for name in job.plan.sources.values()
+        }
+        _share_arrays(reader, so_json, mode, planned)
     by_record: dict[Record, list[tuple[int, Plan, Mapping[str, bool]]]] = {}
     for i, job in enumerate(jobs):
         for rec in job.records:

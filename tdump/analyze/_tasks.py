@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,20 @@ def _open_array(path: str, so_json: str, rank: int, mode: str, name: str) -> _Re
         with _ARRAYS_LOCK:
             _ARRAYS[key] = arr
     return arr
+
+
+def _share_arrays(
+    reader: StoreReader, so_json: str, mode: str, sources: Iterable[tuple[int, str]]
+) -> None:
+    """Hand the arrays the planner opened (``(rank, name)`` each) to in-process tasks.
+
+    Each array is then opened once per call, and replacing what an earlier call left
+    keeps a growing dump's readers current. Worker processes open their own.
+    """
+    for rank, name in sources:
+        arr = _RecordReader(reader.array(mode, name, rank), reader.path)
+        with _ARRAYS_LOCK:
+            _ARRAYS[(reader.location, so_json, rank, mode, name)] = arr
 
 
 class _RecordReader:
