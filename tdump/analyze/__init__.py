@@ -1,8 +1,9 @@
 """Analyze: read dumps (xarray, Trial), rank filters with Dask, check rules, without training.
 
-Ranking (``rank``, criteria, the ranks file) loads only what it needs (numpy,
-zarr, dask; pandas with the first DataFrame: ``rank_table`` and ``tdump rank`` never); the readers built on xarray and dask.array (``open_dump``, ``Trial``,
-the xarray backend) and the rules load on first use, so ``tdump rank`` starts fast.
+Ranking (``rank``, criteria, the ranks file) loads only what it needs (numpy, zarr,
+dask; pandas with the first DataFrame, which ``rank_table`` and ``tdump rank`` never
+make); the readers built on xarray and dask.array (``open_dump``, ``Trial``, the
+xarray backend) and the rules load on first use, so ``tdump rank`` starts fast.
 """
 
 from __future__ import annotations
