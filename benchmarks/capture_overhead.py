@@ -19,6 +19,8 @@ time goes on the training thread and on the writer thread.
     python benchmarks/capture_overhead.py --quick            # < 3 min: 32x32 images, fewer steps
     python benchmarks/capture_overhead.py --device cuda --quick
     python benchmarks/capture_overhead.py --variants --save benchmarks/results/capture_overhead.txt
+    git archive HEAD~1 tdump | tar -x -C /tmp/base && \
+        python benchmarks/capture_overhead.py --baseline-tree /tmp/base   # a change, side by side
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ VARIANTS: dict[str, Config] = {
     "tdump 1 writer thread": ("tdump", {"writer_threads": 1}, ()),
     "tdump 4 writer threads": ("tdump", {"writer_threads": 4}, ()),
 }
+#: Label of the ``--baseline-tree`` run.
+BASELINE = "tdump default, baseline tree"
 GOALS = {100: 1.02, 10: 1.15, 1: 2.0}
 
 
@@ -60,6 +64,7 @@ def run_child(
     args: argparse.Namespace,
     settings: dict[str, Any],
     extra: tuple[str, ...] = (),
+    tree: str | None = None,
 ) -> dict[str, Any]:
     out = os.path.join(args.workdir, f"{hook}-{interval}-{os.getpid()}.dump")
     cmd = [
@@ -73,6 +78,8 @@ def run_child(
     env = dict(os.environ)
     if hook == "smdebug":  # the peer venv must not see this repo's tdump or the caller's paths
         env.pop("PYTHONPATH", None)
+    if tree is not None:  # another checkout's tdump package shadows this one's
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
     return train_child(cmd, python, env)
 
 
@@ -130,6 +137,13 @@ def main() -> None:
     )
     p.add_argument("--settings", default=None, help="JSON: run only this tdump configuration")
     p.add_argument("--peer-python", default=None, help="python of a venv with smdebug 1.0.34")
+    p.add_argument(
+        "--baseline-tree",
+        default=None,
+        metavar="DIR",
+        help="also run tdump's defaults from another checkout's tdump package in DIR (e.g. the\n"
+        "previous commit: git archive HEAD~1 tdump | tar -x -C DIR), side by side",
+    )
     p.add_argument("--save", default=None, help="also write the report to this file")
     p.add_argument("--workdir", default=None, help="where dumps go (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the raw results as JSON too")
@@ -154,6 +168,8 @@ def main() -> None:
                 for label, config in VARIANTS.items()
                 if args.variants == "all" or any(w in label for w in words)
             )
+    if args.baseline_tree:
+        configs[BASELINE] = ("tdump", {}, ())
     if args.peer_python:
         configs["smdebug 1.0.34"] = ("smdebug", {}, ())
     labels = list(configs)
@@ -165,7 +181,10 @@ def main() -> None:
             for label in order:
                 hook, settings, extra = configs[label]
                 python = args.peer_python if hook == "smdebug" else sys.executable
-                res = run_child(python, hook, interval, steps[interval], args, settings, extra)
+                tree = args.baseline_tree if label == BASELINE else None
+                res = run_child(
+                    python, hook, interval, steps[interval], args, settings, extra, tree
+                )
                 results.setdefault((label, interval), []).append(res)
                 print(f"# round {r + 1} interval {interval:>3} {label:<36} {res['total_s']:7.2f} s",
                       file=sys.stderr, flush=True)  # fmt: skip

@@ -177,29 +177,42 @@ def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def snapshot(
-    t: torch.Tensor, dtype: torch.dtype | None = None, buffers: HostBuffers | None = None
+    t: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    buffers: HostBuffers | None = None,
+    *,
+    event: bool = True,
 ) -> tuple[torch.Tensor, Any]:
     """A private host copy of ``t`` as it is now; ``(copy, cuda_event or None)``.
 
-    On CUDA the copy goes non-blocking into pinned memory (the returned event says
-    when it is complete); on the CPU it is a plain copy (values that in-place ops
-    overwrite later are kept), into a reused buffer of ``buffers`` when given.
+    On CUDA the copy goes non-blocking into pinned memory, queued on the current
+    stream: the returned event says when it is complete (with ``event=False`` the
+    caller records one event after all its copies instead, and gets ``None``). On the
+    CPU it is a plain copy (values that in-place ops overwrite later are kept). Into a
+    reused buffer of ``buffers`` when given.
     """
     t = t.detach()
-    if buffers is not None and t.device.type == "cpu":
-        cast = dtype if dtype is not None and t.is_floating_point() else None
-        return buffers.copy_of(t, cast), None
-    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        t = t.to(dtype)  # a new tensor: serves as the copy, halves the transfer
+    cast = dtype if dtype is not None and t.is_floating_point() else None
+    cuda = t.device.type == "cuda"
+    if buffers is not None and (cuda or t.device.type == "cpu"):
+        host = buffers.copy_of(t, cast)
+        return host, _copied_event() if cuda and event else None
+    if cast is not None and t.dtype != cast:
+        t = t.to(cast)  # a new tensor: serves as the copy, halves the transfer
         fresh = True
     else:
         fresh = False
-    if t.device.type == "cuda":
+    if cuda:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+        return host, _copied_event() if event else None
     if t.device.type != "cpu":
         return t.to("cpu"), None
     return (t if fresh else t.clone()), None
+
+
+def _copied_event() -> Any:
+    """A CUDA event recorded now on the current stream, after the copy just queued."""
+    event = torch.cuda.Event()
+    event.record()
+    return event

@@ -70,6 +70,8 @@ class SavedStep:
         self.producers: dict[int, tuple[str, torch.Tensor | None]] = {}
         self.handles: list[Any] = []
         self.grad_handles: list[Any] = []
+        #: CUDA streams this step queued copies on: one event each at close, not one per copy.
+        self.streams: dict[tuple[int, int], Any] = {}
         self.lock = threading.Lock()
 
     def close(self) -> PendingRecord:
@@ -81,6 +83,9 @@ class SavedStep:
         self.grad_handles.clear()
         self.producers.clear()
         with self.lock:
+            # recorded after every copy queued on its stream: the writer waits on these
+            self.record.events = [s.record_event() for s in self.streams.values()]
+            self.streams.clear()
             return self.record
 
     def saw_backward(self, *_: Any) -> None:
@@ -121,7 +126,8 @@ class SavedStep:
         reduced: bool = False,
     ) -> None:
         dtype = self.dtype if not reduced else None
-        host, event = snapshot(t, dtype, None if reduced else self.buffers)
+        host, _ = snapshot(t, dtype, None if reduced else self.buffers, event=False)
+        stream = torch.cuda.current_stream(t.device) if t.is_cuda else None
         attrs = {
             "collection": coll,
             "kind": kind,
@@ -130,7 +136,9 @@ class SavedStep:
             **(extra or {}),
         }
         with self.lock:
-            self.record.add(name, host, dims=dims, attrs=attrs, event=event)
+            if stream is not None:
+                self.streams.setdefault((stream.device_index, stream.stream_id), stream)
+            self.record.add(name, host, dims=dims, attrs=attrs)
 
     def _make_param_grad(self, gname: str, local: str, module: str) -> Any:
         def on_grad(p: torch.Tensor) -> None:

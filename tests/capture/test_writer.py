@@ -166,3 +166,37 @@ def test_usable_cpus_follow_a_cgroup_quota(tmp_path: Path) -> None:
     cpu_max.write_text("garbage\n")
     assert usable_cpus(str(cpu_max)) == affinity
     assert usable_cpus(str(tmp_path / "absent")) == affinity
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+def test_reused_host_buffers_store_what_the_model_held(tmp_path: Path, device: str) -> None:
+    from tdump import Hook
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    model = model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    hook = Hook(str(tmp_path / "c.zarr"), include_regex=".*weight", save_interval=1, strict=True)
+    hook.register_module(model)
+    held: list[np.ndarray] = []
+    for _ in range(4):
+        held.append(model[0].weight.detach().cpu().numpy().copy())
+        model(torch.randn(4, 8, device=device)).sum().backward()
+        opt.step()  # changes the weights in place right after the (non-blocking) copies
+        opt.zero_grad()
+    hook.close()
+    r = StoreReader(str(tmp_path / "c.zarr"))
+    assert r.steps("train").tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(r.array("train", "0.weight")[:4], np.stack(held))
+    free = [t for ts in hook.writer.buffers._free.values() for t in ts]
+    assert free  # the records' buffers went back to the pool for the next saved step
+    assert all(t.is_pinned() == (device == "cuda") for t in free)
