@@ -34,9 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from tdump._version import __version__
-from tdump.errors import FormatVersionError, LoopError
+from tdump.errors import ConfigError, FormatVersionError, LoopError
 
-__all__ = ["EXPERIMENT_FORMAT", "EXPERIMENT_VERSION", "Experiment", "atomic_write"]
+__all__ = [
+    "EXPERIMENT_FORMAT",
+    "EXPERIMENT_VERSION",
+    "Experiment",
+    "atomic_write",
+    "check_resumed_arch",
+]
 
 EXPERIMENT_FORMAT = "tdump.experiment"
 EXPERIMENT_VERSION = 1
@@ -227,3 +233,27 @@ class Experiment:
                 )
             fh.write(f"\n# round {r}: {stage}  ({_now()})\n")
             fh.write("".join(line + "\n" for line in lines))
+
+
+def check_resumed_arch(stored: str | None, given: str | None, path: Path) -> None:
+    """Refuse to import an architecture read from experiment.json that the user did not name.
+
+    A registered builder (torchvision, :func:`~tdump.surgery.register_arch`) is only
+    looked up; anything else is an import path, i.e. code, and a file is not the user.
+    """
+    from tdump.surgery import registered_archs
+
+    if not stored or given == stored:
+        return
+    if given is None and stored in registered_archs():
+        return
+    if given is None:
+        raise ConfigError(
+            f"{path}/experiment.json names the architecture {stored!r}, which tdump would "
+            f"import; tdump never imports a name read from a file: resume with --arch {stored} "
+            "if you trust it"
+        )
+    raise ConfigError(
+        f"--arch {given} differs from the architecture {path}/experiment.json was started "
+        f"with ({stored}); resume with --arch {stored}, or start a new --experiment"
+    )

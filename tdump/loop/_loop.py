@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -30,9 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from tdump.errors import ConfigError, LoopError, TdumpError
-from tdump.loop._experiment import Experiment
+from tdump.loop._experiment import Experiment, check_resumed_arch
 from tdump.loop._settings import STOP_CHECKS, LoopSettings
-from tdump.loop._stages import StageResult, run_stage, shown, substitute, tdump_argv
+from tdump.loop._stages import (
+    StageResult,
+    prune_removed,
+    rel_path,
+    remove_path,
+    run_stage,
+    shown,
+    substitute,
+    tdump_argv,
+)
 
 __all__ = [
     "RECORD_CONFIG",
@@ -109,21 +117,6 @@ class LoopEvents:
         print(f"note: {text}", file=sys.stderr, flush=True)
 
 
-def _rel(path: Path) -> str:
-    """``path`` relative to the working directory when inside it (shorter commands)."""
-    try:
-        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
-    except ValueError:
-        return str(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 @contextmanager
 def _script_importable(script: str) -> Iterator[None]:
     """The script's folder on ``sys.path`` (architectures named like ``mynets.Net``)."""
@@ -184,12 +177,12 @@ class _Loop:
         self, r: int, stage: str, argv: list[str], moves: list[tuple[Path, Path]]
     ) -> StageResult:
         p = self.paths(r)
-        lines = [shown(argv)] + [f"mv {_rel(a)} {_rel(b)}" for a, b in moves]
+        lines = [shown(argv)] + [f"mv {rel_path(a)} {rel_path(b)}" for a, b in moves]
         self.exp.log_command(r, stage, lines)
         self.events.stage_started(r, stage, shown(argv))
         result = run_stage(argv, p["dir"] / f"{stage}.log", env=self._stage_env(r, stage))
         if result.code != 0:
-            log = _rel(p["dir"] / f"{stage}.log")
+            log = rel_path(p["dir"] / f"{stage}.log")
             raise self._fail(
                 r,
                 stage,
@@ -220,7 +213,7 @@ class _Loop:
         p, prev = self.paths(r), self.paths(r - 1)
         tmp = self._partial(p["ranks"])
         argv = tdump_argv(
-            "rank", _rel(prev["dump"]), "-o", _rel(tmp), "--criterion", self.s.criterion
+            "rank", rel_path(prev["dump"]), "-o", rel_path(tmp), "--criterion", self.s.criterion
         )
         argv += ["--scheduler", self.s.scheduler, "--quiet"]
         if self.s.workers:
@@ -235,7 +228,9 @@ class _Loop:
         s = self.s
         # measure() saved the previous round's model as a tdump checkpoint (its keep-lists
         # included), so every round prunes a self-describing file
-        argv = tdump_argv("prune", _rel(prev["checkpoint"]), _rel(p["ranks"]), "-o", _rel(tmp))
+        argv = tdump_argv(
+            "prune", rel_path(prev["checkpoint"]), rel_path(p["ranks"]), "-o", rel_path(tmp)
+        )
         if s.arch:  # given on the loop's command line: trusted, as with tdump prune --arch
             argv += ["--arch", s.arch]
             if s.arch_kwargs:
@@ -259,7 +254,7 @@ class _Loop:
         dump_tmp, model_tmp = self._partial(p["dump"]), self._partial(p["model"])
         values = {"init": self.init_of(r), "out": str(model_tmp), "round": str(r)}
         args = substitute(s.train_args, values)
-        argv = tdump_argv("record", "--out", _rel(dump_tmp), "--interval", str(s.interval))
+        argv = tdump_argv("record", "--out", rel_path(dump_tmp), "--interval", str(s.interval))
         include, config = record_options(s)
         if include:
             argv += ["--include", include]
@@ -274,7 +269,7 @@ class _Loop:
             raise self._fail(
                 r,
                 "train",
-                f"{s.script} exited 0 but saved no checkpoint at {_rel(model_tmp)} in round {r}; "
+                f"{s.script} exited 0 but saved no checkpoint at {rel_path(model_tmp)} in round {r}; "
                 "save with torch.save(model.state_dict(), os.environ['TDUMP_OUT']) or pass {out} in TRAIN_ARGS",
             )
         if not dump_tmp.exists():
@@ -282,7 +277,7 @@ class _Loop:
                 r,
                 "train",
                 f"nothing was recorded in round {r}: {s.script} trained no model that capture saw "
-                f"(log: {_rel(p['dir'] / 'train.log')})",
+                f"(log: {rel_path(p['dir'] / 'train.log')})",
             )
         for a, b in moves:
             os.replace(a, b)
@@ -333,7 +328,7 @@ class _Loop:
         base_acc = base["accuracy"] if base else accuracy
         removed = None
         if r > 0:
-            removed = _prune_removed(p["dir"] / "prune.log")
+            removed = prune_removed(p["dir"] / "prune.log")
         row: dict[str, Any] = {
             "round": r,
             "status": "done",
@@ -420,8 +415,8 @@ class _Loop:
                 if stage in done:
                     continue
                 for path in self._outputs(r, stage):  # what an interrupted run of it left
-                    _remove(self._partial(path))
-                    _remove(path)
+                    remove_path(self._partial(path))
+                    remove_path(path)
                 self._save_state(running={"stage": stage, "pid": os.getpid()})
                 result = getattr(self, f"stage_{stage}")(r)
                 done[stage] = round(result.seconds, 3)
@@ -461,45 +456,6 @@ class _Loop:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _prune_removed(log: Path) -> int | None:
-    """``removed_channels`` from ``tdump prune --json``'s output in its log."""
-    try:
-        lines = log.read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        if line.startswith("{"):
-            try:
-                return int(json.loads(line)["removed_channels"])
-            except (ValueError, KeyError, TypeError):
-                return None
-    return None
-
-
-def _check_resumed_arch(stored: str | None, given: str | None, path: Path) -> None:
-    """Refuse to import an architecture read from experiment.json that the user did not name.
-
-    A registered builder (torchvision, :func:`~tdump.surgery.register_arch`) is only
-    looked up; anything else is an import path, i.e. code, and a file is not the user.
-    """
-    from tdump.surgery import registered_archs
-
-    if not stored or given == stored:
-        return
-    if given is None and stored in registered_archs():
-        return
-    if given is None:
-        raise ConfigError(
-            f"{path}/experiment.json names the architecture {stored!r}, which tdump would "
-            f"import; tdump never imports a name read from a file: resume with --arch {stored} "
-            "if you trust it"
-        )
-    raise ConfigError(
-        f"--arch {given} differs from the architecture {path}/experiment.json was started "
-        f"with ({stored}); resume with --arch {stored}, or start a new --experiment"
-    )
 
 
 def run_loop(
@@ -544,7 +500,7 @@ def run_loop(
                 raise LoopError(f"{path} already holds an experiment; continue it with --resume")
             exp = Experiment.open(path)
             stored = LoopSettings.from_dict(exp.settings)
-            _check_resumed_arch(stored.arch, settings.arch, path)
+            check_resumed_arch(stored.arch, settings.arch, path)
             settings = stored
             settings.check()
         else:

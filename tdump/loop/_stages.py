@@ -13,8 +13,10 @@ Examples
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["StageResult", "run_stage", "shown", "substitute", "tdump_argv"]
+__all__ = [
+    "StageResult",
+    "prune_removed",
+    "rel_path",
+    "remove_path",
+    "run_stage",
+    "shown",
+    "substitute",
+    "tdump_argv",
+]
 
 _PREFIX = [sys.executable, "-m", "tdump"]
 
@@ -134,3 +145,34 @@ def run_stage(
     except OSError:
         tail = []
     return StageResult(code, seconds, tail)
+
+
+def rel_path(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (shorter commands)."""
+    try:
+        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+    except ValueError:
+        return str(path)
+
+
+def remove_path(path: Path) -> None:
+    """Delete ``path``: a folder with its contents, a file or a link; nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def prune_removed(log: Path) -> int | None:
+    """``removed_channels`` from ``tdump prune --json``'s output in its log."""
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return int(json.loads(line)["removed_channels"])
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
