@@ -71,25 +71,18 @@ def seed_tensors(dev: torch.device, batch: int, size: int) -> list[torch.Tensor]
     return [*params, *pgrads, *bufs, *acts, *grads]
 
 
-def fresh(ts: list[torch.Tensor], event_each: bool) -> tuple[list[torch.Tensor], list[Any]]:
-    hosts, events = [], []
-    for t in ts:
-        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        h.copy_(t, non_blocking=True)
-        hosts.append(h)
-        if event_each:
-            e = torch.cuda.Event()
-            e.record()
-            events.append(e)
-    return hosts, events
+def fresh_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A new pinned tensor (PyTorch's caching host allocator) filled non-blocking."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
-def reused(
-    pool: HostBuffers, ts: list[torch.Tensor], event_each: bool
+def queue_copies(
+    copy: Callable[[torch.Tensor], torch.Tensor], ts: list[torch.Tensor], event_each: bool
 ) -> tuple[list[torch.Tensor], list[Any]]:
+    """``copy`` of every tensor, with a CUDA event recorded after each when ``event_each``."""
     hosts, events = [], []
     for t in ts:
-        hosts.append(pool.copy_of(t))
+        hosts.append(copy(t))
         if event_each:
             e = torch.cuda.Event()
             e.record()
@@ -144,10 +137,19 @@ def main() -> int:
     big = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
     big_host = torch.empty(nbytes // 4, dtype=torch.float32, pin_memory=True)
     ways: dict[str, tuple[Callable[[], Any], Callable[[list[torch.Tensor]], None]]] = {
-        "pinned, fresh (event per tensor)": (lambda: fresh(ts, True), lambda hs: None),
-        "pinned, fresh, one event": (lambda: fresh(ts, False), lambda hs: None),
-        "pinned, reused (event per tensor)": (lambda: reused(pool, ts, True), give_all),
-        "pinned, reused, one event": (lambda: reused(pool, ts, False), give_all),
+        "pinned, fresh (event per tensor)": (
+            lambda: queue_copies(fresh_pinned, ts, True),
+            lambda hs: None,
+        ),
+        "pinned, fresh, one event": (
+            lambda: queue_copies(fresh_pinned, ts, False),
+            lambda hs: None,
+        ),
+        "pinned, reused (event per tensor)": (
+            lambda: queue_copies(pool.copy_of, ts, True),
+            give_all,
+        ),
+        "pinned, reused, one event": (lambda: queue_copies(pool.copy_of, ts, False), give_all),
         "pageable, blocking (t.cpu())": (lambda: ([t.cpu() for t in ts], []), lambda hs: None),
         "one copy of all bytes": (
             lambda: ([big_host.copy_(big, non_blocking=True)], []),

@@ -24,14 +24,10 @@ tdump.errors.CheckpointError: the checkpoint names architecture 'os.system', whi
 
 from __future__ import annotations
 
-import ast
 import functools
-import importlib
-import importlib.util
 import inspect
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,6 +36,7 @@ import torch
 from torch import nn
 
 from tdump.errors import CheckpointError, ConfigError
+from tdump.surgery._user_code import import_attr
 
 __all__ = [
     "Builder",
@@ -57,8 +54,6 @@ Builder = Callable[..., nn.Module]
 _USER: dict[str, Builder] = {}
 #: Keyword arguments a file may not pass to a builder: torchvision would download weights.
 _NO_FILE_KWARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
-#: Calls a module may make at import time (set-up, not training).
-_SETUP_CALLS = ("sys", "os", "warnings", "logging", "torch", "np", "numpy", "random", "matplotlib")
 
 
 def register_arch(name: str, builder: Builder) -> None:
@@ -198,140 +193,7 @@ def _split(arch: str) -> tuple[str, str]:
 
 def _import(arch: str) -> Any:
     module_name, attr = _split(arch)
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # so `mymodels.Net` works from a project root
-    try:
-        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
-            module = _import_file(module_name)
-        else:
-            if module_name not in sys.modules:
-                _check_source(_origin(module_name), module_name)
-            module = importlib.import_module(module_name)
-        obj: Any = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, SyntaxError, OSError) as exc:
-        raise ConfigError(f"cannot import architecture {arch!r}: {exc}") from None
-    return obj
-
-
-def _origin(module_name: str) -> str | None:
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError):
-        return None
-    return spec.origin if spec is not None else None
-
-
-def _import_file(path: str) -> Any:
-    """Import a script by path under a private module name, so its ``__main__`` block never runs."""
-    full = os.path.abspath(path)
-    if not os.path.isfile(full):
-        raise ImportError(f"no file {path}")
-    _check_source(full, path)
-    name = "_tdump_user_" + os.path.splitext(os.path.basename(full))[0].replace("-", "_")
-    if name in sys.modules:
-        return sys.modules[name]
-    folder = os.path.dirname(full)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)  # the script's own sibling imports (`from common import ...`)
-    spec = importlib.util.spec_from_file_location(name, full)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
-
-def _check_source(origin: str | None, shown: str) -> None:
-    """Refuse a module of the user's project whose import would run more than set-up code."""
-    if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
-        return
-    if not os.path.abspath(origin).startswith(os.getcwd() + os.sep) and not shown.endswith(".py"):
-        return  # installed packages are imported as they are
-    with open(origin, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read(), filename=origin)
-    bad = _first_action(tree.body, _defined_functions(tree))
-    if bad is not None:
-        code = ast.unparse(bad).splitlines()[0][:60]
-        raise ConfigError(
-            f"{shown} runs code when imported (line {bad.lineno}: {code}), so building the model "
-            'would re-run your training: move that code under `if __name__ == "__main__":` '
-            "or put the model class in its own module"
-        )
-
-
-def _defined_functions(tree: ast.Module) -> set[str]:
-    return {
-        n.name
-        for n in ast.walk(tree)
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.col_offset == 0
-    }
-
-
-def _is_main_guard(node: ast.If) -> bool:
-    t = node.test
-    return (
-        isinstance(t, ast.Compare)
-        and isinstance(t.left, ast.Name)
-        and t.left.id == "__name__"
-        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in t.comparators)
-    )
-
-
-def _calls_own(node: ast.AST, own: set[str]) -> bool:
-    return any(
-        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in own
-        for n in ast.walk(node)
-    )
-
-
-def _root_name(node: ast.expr) -> str | None:
-    while isinstance(node, ast.Attribute):
-        node = node.value
-    return node.id if isinstance(node, ast.Name) else None
-
-
-def _first_action(body: list[ast.stmt], own: set[str]) -> ast.stmt | None:
-    """The first top-level statement that does work on import (loops, calls, with blocks)."""
-    quiet = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-    for node in body:
-        if isinstance(node, (*quiet, ast.Pass)):
-            continue
-        if isinstance(node, ast.If):
-            if _is_main_guard(node):
-                continue
-            inner = _first_action(node.body + node.orelse, own)
-            if inner is not None:
-                return inner
-            continue
-        if isinstance(node, ast.Try):
-            blocks = node.body + node.orelse + node.finalbody
-            blocks += [s for h in node.handlers for s in h.body]
-            inner = _first_action(blocks, own)
-            if inner is not None:
-                return inner
-            continue
-        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            if _calls_own(node, own):
-                return node
-            continue
-        if isinstance(node, ast.Expr):
-            if isinstance(node.value, ast.Constant):
-                continue  # docstrings
-            if (
-                isinstance(node.value, ast.Call)
-                and isinstance(node.value.func, ast.Attribute)
-                and _root_name(node.value.func) in _SETUP_CALLS
-            ):
-                continue
-        return node
-    return None
+    return import_attr(module_name, attr, arch)
 
 
 def _is_plain(value: Any) -> bool:
