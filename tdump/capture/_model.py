@@ -177,26 +177,21 @@ def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def snapshot(
-    t: torch.Tensor,
-    dtype: torch.dtype | None = None,
-    buffers: HostBuffers | None = None,
-    *,
-    event: bool = True,
-) -> tuple[torch.Tensor, Any]:
-    """A private host copy of ``t`` as it is now; ``(copy, cuda_event or None)``.
+    t: torch.Tensor, dtype: torch.dtype | None = None, buffers: HostBuffers | None = None
+) -> torch.Tensor:
+    """A private host copy of ``t`` as it is now, into a reused buffer of ``buffers`` if given.
 
     On CUDA the copy goes non-blocking into pinned memory, queued on the current
-    stream: the returned event says when it is complete (with ``event=False`` the
-    caller records one event after all its copies instead, and gets ``None``). On the
-    CPU it is a plain copy (values that in-place ops overwrite later are kept). Into a
-    reused buffer of ``buffers`` when given.
+    stream: the caller records an event on that stream after its copies and waits on
+    it before reading (:class:`~tdump.capture._step.SavedStep` records one per saved
+    step). On the CPU it is a plain copy (values that in-place ops overwrite later
+    are kept).
     """
     t = t.detach()
     cast = dtype if dtype is not None and t.is_floating_point() else None
     cuda = t.device.type == "cuda"
     if buffers is not None and (cuda or t.device.type == "cpu"):
-        host = buffers.copy_of(t, cast)
-        return host, _copied_event() if cuda and event else None
+        return buffers.copy_of(t, cast)
     if cast is not None and t.dtype != cast:
         t = t.to(cast)  # a new tensor: serves as the copy, halves the transfer
         fresh = True
@@ -204,15 +199,7 @@ def snapshot(
         fresh = False
     if cuda:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return host, _copied_event() if event else None
+        return host.copy_(t, non_blocking=True)
     if t.device.type != "cpu":
-        return t.to("cpu"), None
-    return (t if fresh else t.clone()), None
-
-
-def _copied_event() -> Any:
-    """A CUDA event recorded now on the current stream, after the copy just queued."""
-    event = torch.cuda.Event()
-    event.record()
-    return event
+        return t.to("cpu")
+    return t if fresh else t.clone()

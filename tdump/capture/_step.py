@@ -126,7 +126,7 @@ class SavedStep:
         reduced: bool = False,
     ) -> None:
         dtype = self.dtype if not reduced else None
-        host, _ = snapshot(t, dtype, None if reduced else self.buffers, event=False)
+        host = snapshot(t, dtype, None if reduced else self.buffers)
         stream = torch.cuda.current_stream(t.device) if t.is_cuda else None
         attrs = {
             "collection": coll,

@@ -47,7 +47,6 @@ class _Entry:
     value: torch.Tensor
     dims: tuple[str, ...]
     attrs: dict[str, Any]
-    event: Any = None  # torch.cuda.Event when filled by a non-blocking copy
 
 
 @dataclass
@@ -69,10 +68,12 @@ class PendingRecord:
         *,
         dims: Sequence[str],
         attrs: Mapping[str, Any],
-        event: Any = None,
     ) -> None:
-        """Add (or replace) tensor ``name``; ``value`` must already be a private host copy."""
-        self.entries[name] = _Entry(name, value, tuple(dims), dict(attrs), event)
+        """Add (or replace) tensor ``name``; ``value`` must already be a private host copy.
+
+        A non-blocking CUDA copy still in flight is waited on through :attr:`events`.
+        """
+        self.entries[name] = _Entry(name, value, tuple(dims), dict(attrs))
 
     def nbytes(self) -> int:
         """Bytes of host memory the record holds."""
@@ -374,8 +375,6 @@ class BackgroundWriter:
         for event in rec.events:
             event.synchronize()
         for e in rec.entries.values():
-            if e.event is not None:
-                e.event.synchronize()
             arr, _ = _to_numpy(e.value, self._storage_dtype)
             raw += arr.nbytes
             attrs = dict(e.attrs)
