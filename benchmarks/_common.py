@@ -19,6 +19,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 #: The training child every capture measurement runs (one configuration per process).
 CHILD = HERE / "_train_child.py"
+#: The seed's selection (tdump's ``DEFAULT_INCLUDE``), which every side-by-side run records.
+SEED_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"
 
 
 def run(

@@ -32,10 +32,8 @@ from typing import Any
 
 import torch
 import torchvision
+from _common import SEED_INCLUDE  # stdlib only: this file may run without tdump (peer venv)
 from torch import nn
-
-#: The seed's selection (tdump's DEFAULT_INCLUDE; repeated here: this file may run without tdump).
-SEED_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"
 
 
 class _Timers:

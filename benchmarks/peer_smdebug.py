@@ -13,15 +13,22 @@ Needs a virtualenv with smdebug (it wants numpy < 2, so it cannot share tdump's)
   seed's Taylor loop over smdebug's ``create_trial`` (a Python loop over steps and
   tensors, float64 numpy), each a fresh process; and a cold ``cat`` of the files
   ``tdump rank`` reads (the disk's limit for those bytes).
+* ``--bytes``: the same 3 steps of the seed's selection recorded by each hook (every
+  step saved): the stored MB per saved step, and the **lossless floor** for tdump's
+  tensors of one step: per tensor the smallest of Blosc zstd-9 + byte shuffle and
+  LZMA-6 over byte-shuffled planes, and for weights, biases and BN statistics also the
+  same codecs over the XOR with the previous step's bits (interval 1 is where that
+  temporal delta gains most). It shows how far any lossless default could go.
 
     bash benchmarks/setup_peer_venv.sh
-    python benchmarks/peer_smdebug.py --capture --rank --save benchmarks/results/peer_smdebug.txt
+    python benchmarks/peer_smdebug.py --capture --rank --bytes --save benchmarks/results/peer_smdebug.txt
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import shlex
 import shutil
@@ -30,8 +37,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cat_seconds, drop_cache, files_of, timed, train_child
+from _common import SEED_INCLUDE, cat_seconds, drop_cache, files_of, timed, train_child
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEER = HERE / ".peer-venv" / "bin" / "python"
@@ -59,12 +68,95 @@ def dir_bytes(path: Path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def record(hook: str, python: str, out: Path, steps: int, env: dict[str, str]) -> None:
+def record(
+    hook: str, python: str, out: Path, steps: int, env: dict[str, str], include: str = ".*relu"
+) -> None:
     train_child(
-        ["--hook", hook, "--interval", "1", "--steps", str(steps), "--include", ".*relu",
+        ["--hook", hook, "--interval", "1", "--steps", str(steps), "--include", include,
          "--keep", "--out", str(out)],
         python, env,
     )  # fmt: skip
+
+
+def _plane_bytes(a: np.ndarray) -> bytes:
+    """``a``'s bytes regrouped by byte position (all first bytes, then all second ...)."""
+    planes = np.ascontiguousarray(a).view(np.uint8).reshape(-1, a.dtype.itemsize)
+    return np.ascontiguousarray(planes.T).tobytes()
+
+
+def lossless_sizes(a: np.ndarray) -> dict[str, int]:
+    """Stored bytes of ``a`` under each strong lossless codec of the floor's panel."""
+    from numcodecs import Blosc
+
+    a = np.ascontiguousarray(a)
+    zstd = Blosc(cname="zstd", clevel=9, shuffle=Blosc.SHUFFLE, typesize=a.dtype.itemsize)
+    return {
+        "zstd-9 shuffle": len(zstd.encode(a)),
+        "lzma-6 shuffle": len(lzma.compress(_plane_bytes(a), preset=6)),
+    }
+
+
+#: Collections whose values at one step are close to the previous step's (the temporal delta).
+SLOW_CHANGING = ("weights", "biases", "running_stats")
+
+
+def lossless_floor(dump: Path) -> tuple[dict[str, tuple[float, float, str]], float, float]:
+    """Per collection (raw MB, floor MB, best codec) for record 1 of ``dump``; total floor MB
+    with the temporal delta, and without it (each record on its own)."""
+    from tdump._format import StoreReader
+
+    reader = StoreReader(str(dump))
+    by: dict[str, list[float]] = {}
+    best_of: dict[str, dict[str, int]] = {}
+    alone = 0.0
+    for name in reader.tensor_names("train"):
+        coll = str(reader.tensor_attrs("train", name).get("collection", "?"))
+        value = np.ascontiguousarray(reader.read("train", name, 1))
+        sizes = lossless_sizes(value)
+        alone += min(sizes.values()) / 1e6
+        if coll in SLOW_CHANGING and value.dtype.itemsize == 4:
+            prev = np.ascontiguousarray(reader.read("train", name, 0))
+            delta = (value.view(np.uint32) ^ prev.view(np.uint32)).view(value.dtype)
+            sizes.update({f"xor-previous + {k}": v for k, v in lossless_sizes(delta).items()})
+        codec = min(sizes, key=lambda k: sizes[k])
+        raw_floor = by.setdefault(coll, [0.0, 0.0])
+        raw_floor[0] += value.nbytes / 1e6
+        raw_floor[1] += sizes[codec] / 1e6
+        counts = best_of.setdefault(coll, {})
+        counts[codec] = counts.get(codec, 0) + value.nbytes
+    out = {
+        c: (raw, floor, max(best_of[c], key=lambda k: best_of[c][k]))
+        for c, (raw, floor) in by.items()
+    }
+    return out, sum(v[1] for v in out.values()), alone
+
+
+def bytes_comparison(args: argparse.Namespace, peer_env: dict[str, str]) -> list[str]:
+    work = Path(args.workdir) / "bytes"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    td, sm, steps = work / "tdump.zarr", work / "smdebug", 3
+    record("tdump", sys.executable, td, steps, dict(os.environ), SEED_INCLUDE)
+    record("smdebug", args.peer_python, sm, steps, peer_env, SEED_INCLUDE)
+    td_mb, sm_mb = dir_bytes(td) / steps / 1e6, dir_bytes(sm) / steps / 1e6
+    per_coll, floor, alone = lossless_floor(td)
+    lines = [
+        f"bytes: the same {steps} steps (resnet18 batch 32x3x64x64, the seed's selection, every "
+        "step saved) recorded by each hook with its defaults, MB per saved step:",
+        f"  smdebug 1.0.34             {sm_mb:7.1f}",
+        f"  tdump default              {td_mb:7.1f}   {td_mb / sm_mb:.2f}x smdebug",
+        f"  lossless floor (see below) {floor:7.1f}   {floor / sm_mb:.2f}x smdebug (goal <= 0.5x)",
+        f"  the floor without the delta to the previous step (each record readable on its own): "
+        f"{alone:.1f} MB, {alone / sm_mb:.2f}x",
+        "  the floor, per collection of one saved step (the smallest of the panel per tensor):",
+        f"    {'collection':<22} {'raw MB':>7} {'floor MB':>9} {'ratio':>6}  codec that won most bytes",
+    ]
+    for coll, (raw, low, codec) in sorted(per_coll.items(), key=lambda kv: -kv[1][0]):
+        if raw >= 0.01:
+            lines.append(f"    {coll:<22} {raw:7.2f} {low:9.2f} {raw / low:6.2f}  {codec}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return lines
 
 
 def rank_comparison(args: argparse.Namespace, peer_env: dict[str, str]) -> list[str]:
@@ -124,6 +216,9 @@ def main() -> None:
         "--steps", type=int, default=60, help="recorded steps for the ranking comparison"
     )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ranking runs")
+    p.add_argument(
+        "--bytes", action="store_true", help="bytes per saved step and the lossless floor"
+    )
     p.add_argument("--workdir", default="/tmp/tdump-peer-bench")
     p.add_argument("--keep", action="store_true", help="keep the recorded dumps")
     p.add_argument("--save", default=None, help="also write the report to this file")
@@ -143,6 +238,8 @@ def main() -> None:
         lines += ["", "capture:", proc.stdout.rstrip()]
     if args.rank:
         lines += ["", *rank_comparison(args, peer_env)]
+    if args.bytes:
+        lines += ["", *bytes_comparison(args, peer_env)]
     report = "\n".join(lines)
     print(report)
     if args.save:

@@ -38,9 +38,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import SEED_INCLUDE as SEED  # noqa: E402
 from _common import cat_seconds, drop_cache, files_of, run, timed, train_child  # noqa: E402
-
-SEED = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"
 
 
 def record(out: Path, steps: int, include: str, settings: dict[str, Any]) -> dict[str, Any]:
