@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import HookConfig
 from tdump.capture._exit import install_sigterm, mark_exiting
-from tdump.capture._hook import Hook, active_hooks, log
+from tdump.capture._hook import Hook, active_hooks
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.capture._out import local_path, resolve_rank
 from tdump.errors import ConfigError, TdumpError
@@ -277,8 +277,6 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
         finally:
             restore()
     hook = auto.hook
-    if hook._root is None and auto.active is False and not active_hooks(explicit_only=True):
-        log.warning("tdump: no trained model was seen, nothing recorded")
     counts = hook.writer.committed
     if counts:
         summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))

@@ -55,6 +55,13 @@ cmd_loop.register(app)
 cmd_experiments.register(app)
 
 
+def _interrupted(exc: SystemExit) -> bool:
+    """Whether typer turned Ctrl-C into this exit (it raises ``Exit(130)`` from the
+    KeyboardInterrupt, then exits); a command's own ``abort(..., 130)`` is not this."""
+    inner = exc.__context__
+    return isinstance(inner, typer.Exit) and isinstance(inner.__cause__, KeyboardInterrupt)
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning tdump errors into one-line messages."""
     try:
@@ -63,6 +70,10 @@ def main() -> None:
         abort(str(exc))
     except KeyboardInterrupt:
         abort("interrupted", code=130)
+    except SystemExit as exc:
+        if exc.code == 130 and _interrupted(exc):
+            abort("interrupted", code=130)
+        raise
     finally:
         # Why: the interpreter's last collection at exit walks every object pandas,
         # pyarrow, dask and zarr created (0.15 s of a cold `tdump rank` on 2 cores).

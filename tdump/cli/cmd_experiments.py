@@ -74,6 +74,72 @@ def _load(path: Path) -> tuple[Any, list[dict[str, Any]]]:
     return exp, exp.rows()
 
 
+def _alive(pid: Any) -> bool:
+    """Whether process ``pid`` still exists (a loop killed with SIGKILL leaves "running")."""
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # nothing to check: believe the state
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _status_line(experiment: Path, state: dict[str, Any]) -> str:
+    """``status: ...`` with what to do next when the loop was interrupted or killed."""
+    status = state.get("status") or "not started"
+    line = f"status: {status}"
+    if state.get("stop_reason"):
+        line += f" ({state['stop_reason']})"
+    if state.get("error"):
+        line += f": {state['error']}"
+    resume = f"continue with tdump loop --resume --experiment {experiment}"
+    running = state.get("running")
+    if status == "interrupted":
+        stage = state.get("interrupted")
+        where = f" in round {state.get('round')} {stage}" if stage else ""
+        line += f" (Ctrl-C{where}); {resume}"
+    elif status == "running" and running:
+        line += f"; round {state.get('round')} {running.get('stage')}"
+        if _alive(running.get("pid")):
+            line += " in progress"
+        else:
+            line += f" was killed (process {running.get('pid')} is gone); {resume}"
+    return line
+
+
+def _show(experiment: Path, as_json: bool) -> None:
+    exp, rows = _load(experiment)
+    state = exp.state()
+    if as_json:
+        out = {
+            "experiment": str(experiment),
+            "status": state.get("status"),
+            "stop_reason": state.get("stop_reason"),
+            "error": state.get("error"),
+            "settings": exp.settings,
+            "rounds": rows,
+        }
+        typer.echo(json.dumps(out))
+        return
+    s = exp.settings
+    console.print(
+        f"{experiment}: {s.get('script')} {' '.join(s.get('train_args') or [])}".rstrip(),
+        soft_wrap=True,
+    )
+    console.print(rounds_table(rows))
+    for r in rows:
+        if r.get("stop_reason"):
+            console.print(
+                f"round {r['round']} stopped the loop: {r['stop_reason']}", soft_wrap=True
+            )
+    console.print(_status_line(experiment, state), soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``experiments`` command group to ``app``."""
     group = typer.Typer(
@@ -84,43 +150,20 @@ def register(app: typer.Typer) -> None:
 
     @group.command("show", cls=TdumpCommand)
     def show_cmd(
-        experiment: Path = typer.Argument(..., help="Experiment directory."),
-        as_json: bool = typer.Option(False, "--json", help="Print state and rows as JSON."),
+        experiments: list[Path] = typer.Argument(
+            ..., help="Experiment directories (a shell glob such as experiments/train-* works)."
+        ),
+        as_json: bool = typer.Option(
+            False,
+            "--json",
+            help="Print state and rows as JSON (one object per line and experiment).",
+        ),
     ) -> None:
-        """Print the table of rounds and where the loop stands."""
-        exp, rows = _load(experiment)
-        state = exp.state()
-        if as_json:
-            out = {
-                "experiment": str(experiment),
-                "status": state.get("status"),
-                "stop_reason": state.get("stop_reason"),
-                "error": state.get("error"),
-                "settings": exp.settings,
-                "rounds": rows,
-            }
-            typer.echo(json.dumps(out))
-            return
-        s = exp.settings
-        console.print(
-            f"{experiment}: {s.get('script')} {' '.join(s.get('train_args') or [])}".rstrip(),
-            soft_wrap=True,
-        )
-        console.print(rounds_table(rows))
-        for r in rows:
-            if r.get("stop_reason"):
-                console.print(
-                    f"round {r['round']} stopped the loop: {r['stop_reason']}", soft_wrap=True
-                )
-        status = state.get("status") or "not started"
-        line = f"status: {status}"
-        if state.get("stop_reason"):
-            line += f" ({state['stop_reason']})"
-        if state.get("error"):
-            line += f": {state['error']}"
-        if state.get("running") and status == "running":
-            line += f"; round {state.get('round')} {state['running'].get('stage')} in progress"
-        console.print(line, soft_wrap=True)
+        """Print the table of rounds and where the loop stands, for each experiment."""
+        for i, experiment in enumerate(experiments):
+            if i and not as_json:
+                console.print()
+            _show(experiment, as_json)
 
     @group.command("plot", cls=TdumpCommand)
     def plot_cmd(

@@ -53,6 +53,27 @@ class _LiveEvents:
         self.live.console.print(f"note: {text}", soft_wrap=True)
 
 
+def _ignored_on_resume(given: Any, stored: dict[str, Any]) -> str:
+    """The options given with ``--resume`` that differ from the stored settings, as flags."""
+    from tdump.loop import LoopSettings
+
+    defaults = LoopSettings(script="").to_dict()
+    flags = []
+    for key, value in given.to_dict().items():
+        if key in ("arch", "arch_kwargs") or value == defaults[key] or value == stored.get(key):
+            continue
+        if key == "script":
+            flags.append(str(value))
+        elif key == "train_args":
+            flags.append("-- " + " ".join(value))
+        elif isinstance(value, bool):
+            flags.append(f"--{key.replace('_', '-')}")
+        else:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            flags.append(f"--{key.replace('_', '-')} {shown}")
+    return " ".join(flags)
+
+
 def register(app: typer.Typer) -> None:
     """Add the command to ``app``."""
 
@@ -92,7 +113,8 @@ def register(app: typer.Typer) -> None:
         arch: str | None = typer.Option(
             None,
             "--arch",
-            help="Import path of the model, for plain state_dicts of round 0 (give it again with --resume).",
+            help="Model builder for a plain state_dict of round 0 [inferred from the dump for "
+            "torchvision models]; with --resume: an import path again, or to add one.",
         ),
         arch_kwargs: str | None = typer.Option(
             None, "--arch-kwargs", help="JSON keyword arguments for --arch."
@@ -131,6 +153,11 @@ def register(app: typer.Typer) -> None:
         if resume and experiment is None:
             raise ConfigError("--resume needs --experiment DIR (the experiment to continue)")
         resuming = resume and Experiment.is_experiment(experiment or "")
+        if resume and not resuming and script is None:
+            raise ConfigError(
+                f"no experiment to resume at {experiment} (no experiment.json there); check "
+                "--experiment, or start one: tdump loop TRAIN.py --rounds N --count C"
+            )
         if not resuming and script is None:
             raise ConfigError("name the training script: tdump loop TRAIN.py --rounds N --count C")
         train_args = list(args or [])
@@ -165,6 +192,14 @@ def register(app: typer.Typer) -> None:
         if not resuming:
             settings.check()
         console.print(f"experiment: {experiment}", soft_wrap=True)
+        if resuming:
+            ignored = _ignored_on_resume(settings, Experiment.open(experiment).settings)
+            if ignored:
+                console.print(
+                    f"note: --resume continues with the settings in {experiment}/experiment.json; "
+                    f"ignored: {ignored}",
+                    soft_wrap=True,
+                )
         prior = Experiment.open(experiment).rows() if resuming else []
         with Live(console=console, refresh_per_second=1, transient=True) as live:
             events = _LiveEvents(live, prior)
@@ -174,6 +209,12 @@ def register(app: typer.Typer) -> None:
             except LoopError as exc:
                 live.stop()
                 abort(str(exc), code=exc.exit_code)
+            except KeyboardInterrupt:
+                live.stop()
+                abort(
+                    f"interrupted; continue with tdump loop --resume --experiment {experiment}",
+                    code=130,
+                )
         from tdump.cli.cmd_experiments import rounds_table
 
         final = Experiment.open(experiment).state()

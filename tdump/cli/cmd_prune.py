@@ -22,14 +22,14 @@ __all__ = ["register", "summarize"]
 
 
 def _parse_shape(text: str | None, model: Any, dump: str | None = None) -> tuple[int, ...]:
-    """``--input-shape``, else the recorded input's (from the dump), else 224x224."""
+    """``--input-shape``, else the recorded input's (from the dump's dataflow), else 224x224."""
     if text:
         return shape_option(text, example="3,224,224")
     if dump is not None:
-        from tdump.loop._metrics import infer_input_shape
+        from tdump.surgery._input_shape import recorded_input_shape
 
         try:
-            shape = infer_input_shape(dump)
+            shape = recorded_input_shape(dump)
         except Exception:  # a dump we cannot read only means no inference
             shape = None
         if shape:
@@ -121,25 +121,33 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None, source: s
     from rich.table import Table
 
     table = Table(title="dry run: nothing written" if dry_run else None, show_edge=False)
-    width = min(48, max([len(r["layer"]) for r in summary["layers"]] + [5]))
-    table.add_column("layer", min_width=width, no_wrap=True)
-    for col in ("channels", "params", "FLOPs"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for r in summary["layers"]:
-        table.add_row(
+    pb, pa = summary["params_before"], summary["params_after"]
+    fb, fa = summary["flops_before"], summary["flops_after"]
+    rows = [
+        (
             r["layer"],
             f"{r['channels_before']} -> {r['channels_after']}",
             f"{_fmt(r['params_before'])} -> {_fmt(r['params_after'])}",
             f"{_fmt(r['flops_before'])} -> {_fmt(r['flops_after'])}",
         )
-    pb, pa = summary["params_before"], summary["params_after"]
-    fb, fa = summary["flops_before"], summary["flops_after"]
-    table.add_row(
-        "total",
-        f"-{summary['removed_channels']}",
-        f"{_fmt(pb)} -> {_fmt(pa)}",
-        f"{_fmt(fb)} -> {_fmt(fa)}",
+        for r in summary["layers"]
+    ]
+    rows.append(
+        (
+            "total",
+            f"-{summary['removed_channels']}",
+            f"{_fmt(pb)} -> {_fmt(pa)}",
+            f"{_fmt(fb)} -> {_fmt(fa)}",
+        )
     )
+    # the numbers keep their width on a narrow terminal; long layer names are cut instead
+    width = min(48, max(len(r[0]) for r in rows))
+    table.add_column("layer", min_width=min(width, 20), overflow="ellipsis")
+    for i, col in enumerate(("channels", "params", "FLOPs"), start=1):
+        widest = max([len(col)] + [len(r[i]) for r in rows])
+        table.add_column(col, justify="right", no_wrap=True, min_width=widest)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     shape = summary["input_shape"]
     f0, f1 = summary["filters_before"], summary["filters_after"]
@@ -353,16 +361,9 @@ def register(app: typer.Typer) -> None:
                 normalize=normalize,
                 inplace=True,
             )
-        plan.notes[:0] = inferred  # what was inferred is said first, in the table and in --json
-        if (
-            count is not None
-            and plan.removed < count
-            and not any("asked to remove" in n for n in plan.notes)
-        ):
-            plan.notes.append(
-                f"--count {count} is more than can be pruned: removed {plan.removed} "
-                "(each group keeps --min-channels, at most --max-ratio goes; --round-to rounds up)"
-            )
+        # what was inferred is said first, in the table and in --json; the plan's notes say
+        # why fewer channels went than asked (the caps, grouped convs, --round-to)
+        plan.notes[:0] = inferred
         shape = _parse_shape(input_shape, before, _recorded_dump(table, dump))
         summary = summarize(before, pruned, plan, shape)
         written = None

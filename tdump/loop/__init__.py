@@ -11,9 +11,9 @@ True
 
 from tdump.loop._experiment import EXPERIMENT_FORMAT, EXPERIMENT_VERSION, Experiment
 from tdump.loop._expr import STOP_NAMES, StopCondition, parse_stop
-from tdump.loop._loop import RECORD_CONFIG, LoopEvents, run_loop
+from tdump.loop._loop import LoopEvents, run_loop
 from tdump.loop._metrics import dump_metrics
-from tdump.loop._settings import STOP_CHECKS, LoopSettings, register_stop_check
+from tdump.loop._settings import RECORD_CONFIG, STOP_CHECKS, LoopSettings, register_stop_check
 
 __all__ = [
     "EXPERIMENT_FORMAT",

@@ -146,6 +146,16 @@ class Experiment:
         """The loop's settings as stored when the experiment was created."""
         return dict(self.meta.get("settings") or {})
 
+    def add_arch(self, arch: str, arch_kwargs: dict[str, Any] | None) -> None:
+        """Record the ``--arch`` a resume supplied for an experiment started without one.
+
+        The only change ever made to ``experiment.json`` after :meth:`create`, atomic;
+        the settings that were stored stay as they were.
+        """
+        settings = {**self.settings, "arch": arch, "arch_kwargs": arch_kwargs}
+        self.meta = {**self.meta, "settings": settings, "arch_added": _now()}
+        atomic_write(self.path / _META, json.dumps(self.meta, indent=2) + "\n")
+
     def round_dir(self, r: int) -> Path:
         """The folder of round ``r`` (``round_002``), created on demand."""
         d = self.path / f"round_{r:03d}"

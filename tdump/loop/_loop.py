@@ -30,7 +30,7 @@ from typing import Any
 
 from tdump.errors import ConfigError, LoopError, TdumpError
 from tdump.loop._experiment import Experiment, check_resumed_arch
-from tdump.loop._settings import STOP_CHECKS, LoopSettings
+from tdump.loop._settings import STOP_CHECKS, LoopSettings, record_options
 from tdump.loop._stages import (
     StageResult,
     prune_removed,
@@ -42,59 +42,7 @@ from tdump.loop._stages import (
     tdump_argv,
 )
 
-__all__ = [
-    "RECORD_CONFIG",
-    "TAYLOR_CRITERIA",
-    "TAYLOR_INCLUDE",
-    "LoopEvents",
-    "record_options",
-    "run_loop",
-]
-
-#: What ``tdump record`` saves besides the ``--include`` selection: losses and loss
-#: inputs at every step, so accuracy can come from logits and labels without code.
-RECORD_CONFIG: dict[str, Any] = {
-    "collections": [
-        {"name": "losses", "save_interval": 1},
-        {"name": "loss_inputs", "save_interval": 1},
-    ]
-}
-
-
-#: Criteria that rank from the Taylor term alone: with them the loop records just that,
-#: at the source (``reduction="taylor"``, a few KB per layer and step), unless
-#: ``full_tensors``.
-TAYLOR_CRITERIA = frozenset({"taylor", "taylor-signed"})
-#: What the loop records for a Taylor criterion when ``--include`` is not given: the
-#: activations of ``tdump record``'s default selection (with ``include_activations``,
-#: activation modules whatever their names), without the parameters.
-TAYLOR_INCLUDE = ".*relu"
-
-
-def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
-    """The ``--include`` (``None``: record's default) and ``--config`` of the train stage.
-
-    Losses and loss inputs at every step (for the metrics). With a Taylor criterion,
-    only what ranking reads: the per-example Taylor term of the ReLU outputs (or of
-    what ``settings.include`` selects) instead of full activations, their gradients
-    and the parameters. ``settings.full_tensors`` records ``tdump record``'s usual
-    full tensors instead, for stop checks or analyses that read them.
-
-    Examples
-    --------
-    >>> record_options(LoopSettings(script="t.py"))
-    ('.*relu', {'collections': [...], 'reduction': 'taylor', 'include_activations': True})
-    >>> record_options(LoopSettings(script="t.py", criterion="l1"))[0] is None
-    True
-    """
-    config = dict(RECORD_CONFIG)
-    if settings.criterion not in TAYLOR_CRITERIA or settings.full_tensors:
-        return settings.include, config
-    config["reduction"] = "taylor"
-    if settings.include:
-        return settings.include, config
-    config["include_activations"] = True
-    return TAYLOR_INCLUDE, config
+__all__ = ["LoopEvents", "run_loop"]
 
 
 class LoopEvents:
@@ -288,11 +236,11 @@ class _Loop:
         import tdump.surgery as surgery
         from tdump.loop._metrics import (
             dump_metrics,
-            infer_input_shape,
             load_round_model,
             model_stats,
             prunable_channels,
         )
+        from tdump.surgery._input_shape import recorded_input_shape
 
         p, s = self.paths(r), self.s
         self.events.stage_started(r, "measure", None)
@@ -300,15 +248,19 @@ class _Loop:
         with _script_importable(s.script):
             try:
                 init = self.init_of(r)
-                model = load_round_model(p["model"], init, s.arch, s.arch_kwargs)
+                model = load_round_model(p["model"], init, s.arch, s.arch_kwargs, p["dump"])
             except TdumpError as exc:
-                hint = (
-                    "; pass --arch (and --arch-kwargs) or save it with tdump.surgery.save"
-                    if r == 0 and "plain state_dict" in str(exc)
-                    else ""
-                )
-                raise self._fail(r, "measure", f"round {r}'s checkpoint: {exc}{hint}") from None
-            shape = s.input_shape or infer_input_shape(p["dump"])
+                message = f"round {r}'s checkpoint: {exc}"
+                if r == 0 and "plain state_dict" in str(exc):
+                    message = (
+                        f"round 0's checkpoint {rel_path(p['model'])} is a plain state_dict of a "
+                        "model tdump cannot rebuild by itself (the recorded model type matches no "
+                        "registered builder); continue with tdump loop --resume --experiment "
+                        f"{rel_path(self.exp.path)} --arch MODULE.BUILDER (and --arch-kwargs "
+                        "JSON), or save it with tdump.surgery.save in the script"
+                    )
+                raise self._fail(r, "measure", message) from None
+            shape = s.input_shape or recorded_input_shape(p["dump"])
             try:
                 stats = model_stats(model, shape)
             except Exception as exc:
@@ -319,7 +271,10 @@ class _Loop:
             prunable = None
             if r + 1 < s.rounds:
                 prunable = prunable_channels(
-                    model, min_channels=s.min_channels, conv_only_groups=s.conv_only_groups
+                    model,
+                    min_channels=s.min_channels,
+                    conv_only_groups=s.conv_only_groups,
+                    max_ratio=s.prune_max_ratio(),
                 )
         wall["measure"] = round(time.perf_counter() - t0, 3)
         self.events.stage_finished(r, "measure", wall["measure"])
@@ -391,8 +346,13 @@ class _Loop:
         prunable = row.get("prunable")
         if s.count is not None and prunable is not None and s.count > prunable:
             message = (
-                f"--count {s.count} is more than the {prunable} channels that can still be pruned "
-                f"from round {r}'s model (each layer keeps --min-channels {s.min_channels})"
+                f"--count {s.count} is more than the {prunable} channels one round can prune "
+                f"from round {r}'s model (each layer keeps --min-channels {s.min_channels}"
+                + (
+                    f" and loses at most --max-ratio {s.prune_max_ratio()} of its channels)"
+                    if s.prune_max_ratio() is not None
+                    else ")"
+                )
             )
             if r == 0:
                 raise self._fail(r, "measure", message + "; lower --count or use --ratio")
@@ -404,7 +364,16 @@ class _Loop:
         if self.rows and self.rows[-1].get("stop_reason"):
             self.events.note(f"{self.exp.path} is finished ({self.rows[-1]['stop_reason']})")
             return self.rows
-        self._save_state(status="running", error=None)
+        self._save_state(status="running", error=None, interrupted=None)
+        try:
+            return self._rounds()
+        except KeyboardInterrupt:
+            # the stage's process is already killed (run_stage); say so for show/--resume
+            stage = (self.state.get("running") or {}).get("stage")
+            self._save_state(status="interrupted", running=None, interrupted=stage)
+            raise
+
+    def _rounds(self) -> list[dict[str, Any]]:
         r = len(self.rows)
         while True:
             if self.state.get("round") != r:
@@ -501,6 +470,10 @@ def run_loop(
             exp = Experiment.open(path)
             stored = LoopSettings.from_dict(exp.settings)
             check_resumed_arch(stored.arch, settings.arch, path)
+            if stored.arch is None and settings.arch is not None:
+                # started without --arch (round 0 could not rebuild its model): adopt it
+                exp.add_arch(settings.arch, settings.arch_kwargs)
+                stored = LoopSettings.from_dict(exp.settings)
             settings = stored
             settings.check()
         else:

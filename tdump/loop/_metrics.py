@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from tdump.errors import TdumpError
+
 __all__ = [
     "TRAIN_WINDOW",
     "dump_metrics",
-    "infer_input_shape",
     "load_round_model",
     "model_stats",
     "prunable_channels",
@@ -120,65 +121,45 @@ def dump_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def infer_input_shape(path: str | os.PathLike[str]) -> list[int] | None:
-    """The model's input shape (batch excluded) from the dump's dataflow, if it shows one.
-
-    Taken from the first conv that reads the model's input: its output size, stride,
-    padding and kernel give the smallest input of the same output size (FLOPs only
-    depend on output sizes).
-    """
-    from tdump.analyze import Trial
-
-    trial = Trial(path)
-    modules = trial.modules
-    for call in trial.calls("train"):
-        if call.get("inputs") != ["<input>"]:
-            continue
-        cfg = (modules.get(call.get("module", "")) or {}).get("config") or {}
-        shape = call.get("shape") or []
-        if "kernel_size" not in cfg or len(shape) < 3:
-            return None
-        dims = len(shape) - 2
-        k = _per_dim(cfg.get("kernel_size"), dims, 1)
-        s = _per_dim(cfg.get("stride"), dims, 1)
-        p = _per_dim(cfg.get("padding"), dims, 0)
-        spatial = [
-            (o - 1) * st - 2 * pd + kk for o, st, pd, kk in zip(shape[2:], s, p, k, strict=True)
-        ]
-        return [int(cfg.get("in_channels", 3)), *spatial]
-    return None
-
-
-def _per_dim(value: Any, dims: int, default: int) -> list[int]:
-    if value is None or isinstance(value, str):
-        return [default] * dims
-    if isinstance(value, (int, float)):
-        return [int(value)] * dims
-    return [int(v) for v in value]
-
-
 def load_round_model(
     ckpt: str | os.PathLike[str],
     init: str | os.PathLike[str] | None,
     arch: str | None,
     arch_kwargs: dict[str, Any] | None,
+    dump: str | os.PathLike[str] | None = None,
 ) -> Any:
     """The model a round's script saved, rebuilt without unpickling anything.
 
     A tdump checkpoint describes itself; a plain state_dict is loaded into the
     round's starting model (``init``, a tdump checkpoint of the same pruned shape),
-    or into ``arch`` built with ``arch_kwargs`` for round 0.
+    or into ``arch`` built with ``arch_kwargs`` for round 0, or without ``arch``
+    into the registered builder that matches the model type ``dump`` recorded and
+    the state_dict's shapes (as ``tdump prune`` infers it).
     """
     import tdump.surgery as surgery
     from tdump.surgery._checkpoint import load_state, read_checkpoint
+    from tdump.surgery._io import dump_model_type
 
     sd, info = read_checkpoint(ckpt)
     # ``arch`` came from the loop's command line: trusted, and it overrides the files'
     if info.kind == "tdump" or init is None:
-        return surgery.load(ckpt, arch, arch_kwargs if info.kind != "tdump" else None)
+        model_type = None
+        if arch is None and info.kind != "tdump" and dump is not None:
+            try:
+                model_type = dump_model_type(dump)
+            except TdumpError:  # an unreadable dump only means no inference
+                model_type = None
+        return surgery.load(
+            ckpt, arch, arch_kwargs if info.kind != "tdump" else None, model_type=model_type
+        )
     model = surgery.load(init, arch)
     load_state(
-        model, sd, surgery.provenance(model).arch or "the round's starting model", os.fspath(ckpt)
+        model,
+        sd,
+        surgery.provenance(model).arch or "the round's starting model",
+        os.fspath(ckpt),
+        hint=f"the script must train the pruned model the loop starts it from ({os.fspath(init)}): "
+        "model = tdump.load(os.environ['TDUMP_INIT']), or {init} in TRAIN_ARGS",
     )
     return model
 
@@ -201,9 +182,18 @@ def model_stats(model: Any, input_shape: list[int] | None) -> dict[str, Any]:
 
 
 def prunable_channels(
-    model: Any, *, min_channels: int = 1, conv_only_groups: bool = False, ignore: str | None = None
+    model: Any,
+    *,
+    min_channels: int = 1,
+    conv_only_groups: bool = False,
+    max_ratio: float | None = None,
+    ignore: str | None = None,
 ) -> int:
-    """How many channels pruning could still remove (each group keeps ``min_channels``)."""
+    """How many channels one pruning could remove: each group keeps ``min_channels``,
+    loses at most ``max_ratio`` of its channels, and a grouped conv's group loses them
+    in whole blocks (the caps `tdump prune` applies)."""
+    import math
+
     from tdump.surgery import build_graph
 
     graph = build_graph(model, ignore)
@@ -211,5 +201,8 @@ def prunable_channels(
     for grp in graph.groups:
         if grp.frozen or (conv_only_groups and grp.residual):
             continue
-        total += max(0, grp.size - max(min_channels, grp.blocks))
+        cap = grp.size - max(min_channels, grp.blocks)
+        if max_ratio is not None:
+            cap = min(cap, math.floor(max_ratio * grp.size + 1e-9))
+        total += max(cap, 0) // grp.blocks * grp.blocks
     return total

@@ -17,7 +17,16 @@ from typing import Any
 
 from tdump.errors import ConfigError
 
-__all__ = ["STOP_CHECKS", "LoopSettings", "StopCheck", "register_stop_check"]
+__all__ = [
+    "RECORD_CONFIG",
+    "STOP_CHECKS",
+    "TAYLOR_CRITERIA",
+    "TAYLOR_INCLUDE",
+    "LoopSettings",
+    "StopCheck",
+    "record_options",
+    "register_stop_check",
+]
 
 #: A stop check: ``(row, dump_path) -> reason`` (``None``: go on). ``row`` is the
 #: round's row as written to rounds.jsonl (metrics, params, ...).
@@ -92,6 +101,20 @@ class LoopSettings:
                 known = ", ".join(sorted(STOP_CHECKS)) or "none registered"
                 raise ConfigError(f"unknown stop check {name!r}; known: {known}")
 
+    def prune_max_ratio(self) -> float | None:
+        """The ``--max-ratio`` each prune stage applies (``tdump prune``'s default if unset).
+
+        Examples
+        --------
+        >>> LoopSettings(script="t.py").prune_max_ratio(), LoopSettings(script="t.py", scope="per-layer").prune_max_ratio()
+        (0.8, None)
+        """
+        from tdump.surgery._plan import DEFAULT_MAX_RATIO
+
+        if self.max_ratio is None and self.scope == "global":
+            return DEFAULT_MAX_RATIO
+        return self.max_ratio
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``experiment.json``'s ``settings``)."""
         return dataclasses.asdict(self)
@@ -101,3 +124,49 @@ class LoopSettings:
         """Settings from :meth:`to_dict` (unknown keys from newer writers are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+#: What ``tdump record`` saves besides the ``--include`` selection: losses and loss
+#: inputs at every step, so accuracy can come from logits and labels without code.
+RECORD_CONFIG: dict[str, Any] = {
+    "collections": [
+        {"name": "losses", "save_interval": 1},
+        {"name": "loss_inputs", "save_interval": 1},
+    ]
+}
+
+
+#: Criteria that rank from the Taylor term alone: with them the loop records just that,
+#: at the source (``reduction="taylor"``, a few KB per layer and step), unless
+#: ``full_tensors``.
+TAYLOR_CRITERIA = frozenset({"taylor", "taylor-signed"})
+#: What the loop records for a Taylor criterion when ``--include`` is not given: the
+#: activations of ``tdump record``'s default selection (with ``include_activations``,
+#: activation modules whatever their names), without the parameters.
+TAYLOR_INCLUDE = ".*relu"
+
+
+def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
+    """The ``--include`` (``None``: record's default) and ``--config`` of the train stage.
+
+    Losses and loss inputs at every step (for the metrics). With a Taylor criterion,
+    only what ranking reads: the per-example Taylor term of the ReLU outputs (or of
+    what ``settings.include`` selects) instead of full activations, their gradients
+    and the parameters. ``settings.full_tensors`` records ``tdump record``'s usual
+    full tensors instead, for stop checks or analyses that read them.
+
+    Examples
+    --------
+    >>> record_options(LoopSettings(script="t.py"))
+    ('.*relu', {'collections': [...], 'reduction': 'taylor', 'include_activations': True})
+    >>> record_options(LoopSettings(script="t.py", criterion="l1"))[0] is None
+    True
+    """
+    config = dict(RECORD_CONFIG)
+    if settings.criterion not in TAYLOR_CRITERIA or settings.full_tensors:
+        return settings.include, config
+    config["reduction"] = "taylor"
+    if settings.include:
+        return settings.include, config
+    config["include_activations"] = True
+    return TAYLOR_INCLUDE, config

@@ -24,12 +24,13 @@ tdump.errors.CheckpointError: the checkpoint names architecture 'os.system', whi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -266,27 +267,72 @@ def build_arch(
     return model
 
 
-@functools.lru_cache(maxsize=256)
-def _meta_info(builder: Builder, kwargs_json: str) -> tuple[str, dict[str, tuple[int, ...]]] | None:
-    """Class name and state-dict shapes of ``builder(**kwargs)``, built on the meta device.
+@contextlib.contextmanager
+def _weights_on_meta() -> Iterator[None]:
+    """Parameters and buffers go to the meta device as modules register them.
 
-    The meta device allocates nothing and skips the weights' initial values, so
-    comparing a dozen candidate architectures costs little; results are cached.
+    For builders that compute with tensors while they build (RegNet's block widths:
+    ``.tolist()`` of a tensor), which the meta device refuses: everything else stays on
+    the CPU, and the weights are neither kept nor initialised. It swaps ``nn.Module``'s
+    registration methods while the builder runs, so only a builder that failed on the
+    meta device is built this way.
     """
+    register_param, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def param(self: nn.Module, name: str, value: nn.Parameter | None) -> None:
+        register_param(self, name, value)
+        if value is not None:
+            self._parameters[name] = nn.Parameter(value.to("meta"), value.requires_grad)
+
+    def buffer(
+        self: nn.Module, name: str, value: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        register_buffer(self, name, value, persistent)
+        if value is not None:
+            self._buffers[name] = value.to("meta")
+
+    nn.Module.register_parameter = param  # type: ignore[method-assign, assignment]
+    nn.Module.register_buffer = buffer  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_param  # type: ignore[method-assign]
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:100] if text else type(exc).__name__
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_info(builder: Builder, kwargs_json: str) -> tuple[str, dict[str, tuple[int, ...]]] | str:
+    """Class name and state-dict shapes of ``builder(**kwargs)``, or why it cannot be built.
+
+    Built on the meta device, which allocates nothing and skips the weights' initial
+    values, so comparing a dozen candidate architectures costs little; a builder that
+    computes with tensors (RegNet) is built again on the CPU with only its weights on
+    the meta device. Results are cached.
+    """
+    kwargs = json.loads(kwargs_json)
     try:
         with torch.device("meta"):
-            model = builder(**json.loads(kwargs_json))
-    except Exception:  # a builder that cannot build with these arguments: nothing to infer
-        return None
+            model = builder(**kwargs)
+    except Exception:  # tensors computed while building (RegNet): weights on meta only
+        try:
+            with _weights_on_meta():
+                model = builder(**kwargs)
+        except Exception as exc:  # cannot build with these arguments: nothing to infer
+            return f"{type(exc).__name__}: {_first_line(exc)}"
     if not isinstance(model, nn.Module):
-        return None
+        return f"returned a {type(model).__name__}, not an nn.Module"
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
     return kind, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _shapes(builder: Builder, kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
     info = _meta_info(builder, json.dumps(dict(kwargs), sort_keys=True))
-    return None if info is None else info[1]
+    return None if isinstance(info, str) else info[1]
 
 
 def infer_num_classes(
@@ -337,9 +383,10 @@ def arch_for_type(
 
     ``type_name`` is a recorded model's class (a dump's ``modules[""].type``, e.g.
     ``torchvision.models.resnet.ResNet``). Candidates are registered builders from that
-    class's module (or the class itself); each is built on the meta device and kept when
-    its state_dict has the same keys, and shapes equal to (or, for a pruned state_dict,
-    not smaller than) the checkpoint's. Returns ``(None, reason)`` unless exactly one fits.
+    class's module (or the class itself); each is built without weights (meta device) and
+    kept when its state_dict has the same keys, and shapes equal to (or, for a pruned
+    state_dict, not smaller than) the checkpoint's. Returns ``(None, reason)`` unless
+    exactly one fits; the reason says when candidates raised while being built.
 
     Examples
     --------
@@ -357,11 +404,14 @@ def arch_for_type(
             seen.setdefault(id(fn), fn)
     if not seen:
         return None, "no registered builder makes it"
-    exact, fits = [], []
+    exact, fits, failed = [], [], []
     keys = set(state)
     for key, fn in seen.items():
         info = _meta_info(fn, json.dumps(dict(kwargs), sort_keys=True))
-        if info is None or info[0] != type_name or set(info[1]) != keys:
+        if isinstance(info, str):
+            failed.append(f"{names[key]}: {info}")
+            continue
+        if info[0] != type_name or set(info[1]) != keys:
             continue
         n = infer_num_classes(fn, kwargs, state)
         shapes = (_shapes(fn, {**kwargs, "num_classes": n}) if n else info[1]) or {}
@@ -379,4 +429,11 @@ def arch_for_type(
         return picked, f"the recorded model is a {type_name} and {picked} matches the state_dict"
     if exact or fits:
         return None, f"several builders match: {', '.join(sorted(exact or fits))}"
+    if failed:
+        rest = len(seen) - len(failed)
+        others = f"; the other {rest} do not have the state_dict's keys and shapes" if rest else ""
+        return None, (
+            f"{len(failed)} of {len(seen)} candidate builders raised when built to compare "
+            f"(e.g. {sorted(failed)[0]}){others}"
+        )
     return None, f"none of {len(seen)} candidate builders has the state_dict's keys and shapes"

@@ -110,11 +110,13 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> OrderedDict[str
     return _with_meta(items, meta)
 
 
-def _strip(sd: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+def _strip(sd: Mapping[str, torch.Tensor], info: CheckpointInfo) -> OrderedDict[str, torch.Tensor]:
+    """``sd`` without the prefixes of DataParallel/DDP (``module.``) and torch.compile."""
     out = _with_meta(sd.items(), getattr(sd, "_metadata", None))
     for prefix in _PREFIXES:
-        if all(k.startswith(prefix) for k in out):
+        if out and all(k.startswith(prefix) for k in out):
             out = strip_prefix(out, prefix)
+            info.notes.append(f"stripped the prefix {prefix!r} from the checkpoint's keys")
     return out
 
 
@@ -130,11 +132,18 @@ def _sniff(path: str) -> None:
     if zipfile.is_zipfile(path):
         return
     with open(path, "rb") as fh:
-        head = fh.read(2)
+        head = fh.read(4)
+    if (
+        head[:2] == b"PK"
+    ):  # a zip archive (torch.save) whose central directory, at its end, is missing
+        raise CheckpointError(
+            f"{path} looks truncated (a zip archive that ends early, {size} bytes): was it fully "
+            "written? Wait for the save to finish or use a complete copy"
+        )
     if head[:1] != b"\x80":  # torch.save writes a zip archive, or (legacy) a pickle
         raise CheckpointError(
             f"{path} is not a torch checkpoint: neither the zip archive nor the pickle torch.save writes "
-            f"({size} bytes starting {head.hex()}); check the path"
+            f"({size} bytes starting {head[:2].hex()}); check the path"
         )
 
 
@@ -244,7 +253,8 @@ def read_checkpoint(
             )
         return _tdump_info(obj, path)
     if _is_state_dict(obj):
-        return _strip(obj), CheckpointInfo("state_dict")
+        info = CheckpointInfo("state_dict")
+        return _strip(obj, info), info
     if isinstance(obj, dict):
         for key in _WRAPPER_KEYS:
             if _is_state_dict(obj.get(key)):
@@ -258,7 +268,8 @@ def read_checkpoint(
                     raise CheckpointError(
                         f"{path} has an 'arch_kwargs' entry that is a {type(kwargs).__name__}, not a dict"
                     )
-                return _strip(obj[key]), CheckpointInfo("wrapped", arch, dict(kwargs or {}))
+                info = CheckpointInfo("wrapped", arch, dict(kwargs or {}))
+                return _strip(obj[key], info), info
         keys = ", ".join(sorted(str(k) for k in obj)[:8])
         raise CheckpointError(
             f"{path} holds a dict without a state_dict (keys: {keys}); expected a state_dict or one under 'state_dict'/'model'"
@@ -273,16 +284,26 @@ def _listed(names: list[str], n: int = 3) -> str:
 
 
 def load_state(
-    model: nn.Module, sd: Mapping[str, torch.Tensor], arch: str, path: str, hint: str = ""
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    arch: str,
+    path: str,
+    hint: str = "",
+    *,
+    keys_only: bool = False,
 ) -> None:
-    """``model.load_state_dict(sd, strict=True)`` with a one-line :class:`CheckpointError`."""
+    """``model.load_state_dict(sd, strict=True)`` with a one-line :class:`CheckpointError`.
+
+    ``keys_only`` only checks that the keys are the model's (loads nothing): a
+    state_dict of another architecture is said before its shapes are compared.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [
         f"{k} {list(sd[k].shape)} vs {list(v.shape)}"
         for k, v in own.items()
-        if k in sd and sd[k].shape != v.shape
+        if k in sd and sd[k].shape != v.shape and not keys_only
     ]
     fix = hint or "check --arch and --arch-kwargs"
     if missing or unexpected or shapes:
@@ -294,6 +315,8 @@ def load_state(
         if shapes:
             parts.append(f"shape {_listed(shapes, 2)} (checkpoint vs arch)")
         raise CheckpointError(f"{path} does not match {arch}: {'; '.join(parts)}; {fix}")
+    if keys_only:
+        return
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as exc:  # a module's own _load_from_state_dict refusing (versions, dtypes)

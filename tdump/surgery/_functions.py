@@ -113,7 +113,7 @@ class FunctionRules:
             why = (
                 f"torch.cat along dim {dim}, not their channel axis"
                 if known
-                else f"torch.cat (dim {dim}) with a tensor of unknown channels (a class token?)"
+                else f"torch.cat (dim {dim}) with a tensor of untracked channels (a chunk or slice of channels, a class token, ...)"
             )
             for p in parts:
                 self._freeze_layout(p, why)

@@ -107,6 +107,14 @@ def _auto_prefix(
     return stripped, prefix
 
 
+def _common_prefix(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """The one first key component every key has (``model.``), if there is one."""
+    heads = {k.split(".", 1)[0] for k in sd}
+    if len(heads) != 1 or not all("." in k for k in sd):
+        return None
+    return heads.pop() + "."
+
+
 def _fit_shapes(
     model: nn.Module, sd: Mapping[str, torch.Tensor], ignore: str | None
 ) -> Plan | None:
@@ -206,20 +214,64 @@ def _choose_arch(
         return info.arch, check_kwargs(info.arch_kwargs, path, from_file=True), False
     if model_type:
         found, why = arch_for_type(model_type, sd, arch_kwargs or {})
+        wrapped = _common_prefix(sd)
+        if found is None and wrapped:  # a wrapper's keys (``model.`` of a LightningModule)
+            unwrapped, why_unwrapped = arch_for_type(
+                model_type, strip_prefix(sd, wrapped), arch_kwargs or {}
+            )
+            if unwrapped is not None:
+                found, why = unwrapped, f"{why_unwrapped}, its keys under {wrapped!r}"
         if found is not None:
             notes.append(f"architecture {found} inferred ({why})")
             return found, dict(arch_kwargs or {}), False
         raise CheckpointError(
-            f"{path} is a plain state_dict and the recorded model type {model_type} matches no "
-            f"registered builder ({why}); pass --arch: a registered name (e.g. --arch "
+            f"{path} is a plain state_dict and tdump cannot tell which registered builder of the "
+            f"recorded model type {model_type} made it ({why}); pass --arch: a registered name (e.g. --arch "
             "torchvision.models.resnet18), or your class or a function that builds the model "
-            "(e.g. --arch train.py:Net, --arch train.py:build_model)"
+            "(e.g. --arch train.py:Net, --arch train.py:build_model; in Python arch=Net)"
         )
     raise CheckpointError(
         f"{path} is a plain state_dict; say which model it belongs to with --arch "
-        "(e.g. --arch torchvision.models.resnet18 --arch-kwargs '{\"num_classes\": 10}'), "
-        "or --like the previous round's tdump checkpoint"
+        "(e.g. --arch torchvision.models.resnet18 --arch-kwargs '{\"num_classes\": 10}'; "
+        "in Python arch=, arch_kwargs=), or --like (like=) the previous round's tdump checkpoint"
     )
+
+
+def _check_plan_shapes(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    plan: Plan,
+    shown: str,
+    source: str,
+    name: str,
+    arch_given: bool,
+) -> None:
+    """Each layer the plan prunes has the kept channel count in ``shown``'s state_dict."""
+    mods = dict(model.named_modules())
+    fix = "give the matching previous-round checkpoint with --like"
+    for layer, lp in plan.layers.items():
+        mod = mods.get(layer)  # a conv's output channels, or a Linear's features
+        got = getattr(mod, "out_channels", getattr(mod, "out_features", None))
+        if got == len(lp.keep):
+            continue
+        if not isinstance(got, int):
+            has = (
+                "lacks" if mod is None else f"has as a {type(mod).__name__}, not a conv or Linear,"
+            )
+            raise CheckpointError(
+                f"{source}'s plan prunes {layer}, which {name} {has} so the plan is another "
+                f"architecture's; {fix}" + (" or drop --arch" if arch_given else "")
+            )
+        weight = sd.get(f"{layer}.weight")
+        have = (
+            f"{shown}'s {layer}.weight has {int(weight.shape[0])} output channels"
+            if weight is not None and weight.ndim
+            else f"{shown} has no {layer}.weight"
+        )
+        raise CheckpointError(
+            f"{shown} does not have the shapes {source}'s plan gives ({have}; the plan keeps "
+            f"{len(lp.keep)} of {lp.channels}); {fix}"
+        )
 
 
 def load(
@@ -280,7 +332,7 @@ def load(
     """
     shown = os.fspath(path)
     sd, info = read_checkpoint(path)
-    notes: list[str] = []
+    notes: list[str] = list(info.notes)
     if like is not None and info.kind != "tdump":
         _, base = read_checkpoint(like)
         if base.kind != "tdump":
@@ -313,6 +365,15 @@ def load(
     ignore = base.ignore or ignore
     cumulative = Plan.from_dict({"layers": base.plan}) if base.plan else Plan()
     source = os.fspath(like or path)
+    hint = "check --arch and --arch-kwargs"
+    if like is not None or base.plan:
+        hint = "give the matching previous-round checkpoint with --like"
+        hint = f"check --arch, or {hint}" if arch is not None else hint
+    if cumulative.layers:  # another architecture's keys: say so before comparing channels
+        shown_arch = (
+            name if arch is not None or like is None else f"{name} ({source}'s architecture)"
+        )
+        load_state(model, sd, shown_arch, shown, hint, keys_only=True)
     # shapes come from the state_dict, module by module: no fx trace while loading
     resized = resize_to(model, sd)
     if resized is None:  # a module type without a resize rule: the channel graph instead
@@ -321,24 +382,10 @@ def load(
         if not cumulative.layers:
             cumulative = provenance_plan(model)
     else:
-        mods = dict(model.named_modules())
-        for layer, lp in cumulative.layers.items():
-            mod = mods.get(layer)  # a conv's output channels, or a Linear's features
-            got = getattr(mod, "out_channels", getattr(mod, "out_features", None))
-            if got != len(lp.keep):
-                raise CheckpointError(
-                    f"{shown} does not have the shapes {source}'s plan gives ({layer}: {got} "
-                    f"channels, the plan keeps {len(lp.keep)}); give the matching previous-round "
-                    "checkpoint with --like"
-                )
+        _check_plan_shapes(model, sd, cumulative, shown, source, name, arch is not None)
         if not cumulative.layers and resized:
             cumulative = Plan(layers=resized)
             notes.append(_INFERRED.format(len(resized)))
-    hint = (
-        "give the matching previous-round checkpoint with --like"
-        if like is not None or base.plan
-        else "check --arch and --arch-kwargs"
-    )
     load_state(model, sd, name, shown, hint)
     model.register_load_state_dict_pre_hook(_unwrap_tdump_checkpoint)
     model.__dict__[_ATTR] = Provenance(name, dict(kwargs), cumulative, base.rounds, ignore, notes)
@@ -384,8 +431,8 @@ def strip_ranks_prefix(
     """Map a ranks DataFrame's layer names onto ``model``: drop a wrapper's prefix.
 
     A LightningModule (or any wrapper) records ``model.conv1`` where the checkpoint's
-    model has ``conv1``. ``prefix`` strips that text from the names that start with it;
-    without it, a prefix is stripped when no ranked layer is in ``model`` but all of
+    model has ``conv1``. ``prefix`` strips that text from the names that start with it
+    (ranks that name the model's layers already are left as they are); without it, a prefix is stripped when no ranked layer is in ``model`` but all of
     them are once their shared first component is removed. Returns ``(ranks, prefix
     stripped or None)``.
 
@@ -408,6 +455,8 @@ def strip_ranks_prefix(
         if not all(n[len(prefix) :] in names for n in layers):
             return ranks, None
     elif not any(n.startswith(prefix) for n in layers):
+        if any(n in names for n in layers):
+            return ranks, None  # the prefix is the checkpoint's only: the ranks fit as they are
         raise ConfigError(
             f"--prefix {prefix!r} starts no ranked layer name (they look like {layers[0]!r})"
         )

@@ -285,7 +285,8 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
     ``ratio``) from each group. Each group keeps at least ``min_channels`` and loses
     at most ``max_ratio`` of its channels (global default :data:`DEFAULT_MAX_RATIO`);
     ``round_to`` then rounds each kept count up to a multiple (so slightly fewer
-    channels may go than asked). A group left with fewer than :data:`FEW_CHANNELS`
+    channels may go than asked). Every shortfall is said in ``notes``: the caps, and
+    grouped convs losing channels only in equal numbers per group. A group left with fewer than :data:`FEW_CHANNELS`
     channels gets a note and a :class:`FewChannelsWarning`.
     """
     settings.check()
@@ -342,6 +343,7 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
             notes.append(f"ranks of {layer} not used: {why}")
     removed: dict[int, int] = {}
     if settings.scope == "per-layer":
+        capped = []
         for grp, _, cap in cands:
             want = (
                 settings.count
@@ -349,6 +351,18 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
                 else _half_up((settings.ratio or 0.0) * grp.size)
             )
             removed[grp.gid] = min(int(want), cap)
+            if want > cap:
+                capped.append(grp.members[0])
+        if capped:
+            asked = (
+                f"{settings.count} channels"
+                if settings.count is not None
+                else f"{settings.ratio:.0%} of the channels"
+            )
+            notes.append(
+                f"asked to remove {asked} per group but min_channels/max_ratio allow fewer in "
+                f"{len(capped)} of {len(cands)} groups (e.g. {capped[0]})"
+            )
     else:
         total = sum(g.size for g, _, _ in cands)
         want = (
@@ -372,9 +386,14 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
 
     plan = Plan(settings={**vars(settings), "max_ratio": max_ratio}, notes=notes)
     few: list[str] = []
+    short = {"blocks": 0, "round_to": 0, "groups": 0}
     for grp, (order, _), _ in cands:
-        r = removed.get(grp.gid, 0) // grp.blocks * grp.blocks
-        r = _round_kept(grp.size, r, math.lcm(grp.blocks, settings.round_to or 1))
+        chosen = removed.get(grp.gid, 0)
+        whole = chosen // grp.blocks * grp.blocks
+        r = _round_kept(grp.size, whole, math.lcm(grp.blocks, settings.round_to or 1))
+        short["blocks"] += chosen - whole
+        short["round_to"] += whole - max(r, 0)
+        short["groups"] += r < chosen
         if r <= 0:
             continue
         keep = np.sort(order[r:]).tolist()
@@ -383,6 +402,7 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
         plan.groups.append(list(grp.members))
         if len(keep) < FEW_CHANNELS and len(keep) * 8 <= grp.size:  # a wide layer nearly emptied
             few.append(f"{grp.members[0]} {grp.size} -> {len(keep)}")
+    _say_shortfall(plan, short, sum(removed.values()), settings.scope)
     if few:
         msg = (
             f"{len(few)} group(s) keep fewer than {FEW_CHANNELS} channels ({', '.join(few[:4])}"
@@ -392,6 +412,23 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
         plan.notes.append(msg)
         warnings.warn(msg, FewChannelsWarning, stacklevel=3)
     return plan
+
+
+def _say_shortfall(plan: Plan, short: dict[str, int], chosen: int, scope: str) -> None:
+    """A note on why fewer channels went than were chosen: grouped convs, ``round_to``."""
+    reasons = []
+    if short["blocks"]:
+        reasons.append("grouped convs lose channels only in multiples of their groups")
+    if short["round_to"]:
+        reasons.append("round_to rounds kept counts up")
+    if not reasons:
+        return
+    if scope == "per-layer":
+        plan.notes.append(
+            f"{short['groups']} groups lost fewer channels than asked: {'; '.join(reasons)}"
+        )
+    else:
+        plan.notes.append(f"removed {plan.removed} of {chosen}: {'; '.join(reasons)}")
 
 
 def keeps_for(graph: ChannelGraph, plan: Plan) -> dict[int, np.ndarray]:

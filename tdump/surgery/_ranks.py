@@ -55,28 +55,49 @@ def scores_for(
         df = read_ranks_table(ranks) if isinstance(ranks, (str, os.PathLike)) else ranks
         raw = _from_frame(df, criterion)
     modules = dict(model.named_modules())
+    _check_layers(raw, modules)
     for layer, scores in raw.items():
-        mod = modules.get(layer)
-        if mod is None:
-            hint = ", ".join(n for n, m in modules.items() if isinstance(m, nn.Conv2d))[:120]
-            raise RanksError(
-                f"ranks name layer '{layer}' that the model lacks (its convs: {hint}...); rank a dump of this model"
-            )
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            width = int(mod.out_channels)
-        elif isinstance(mod, nn.Linear):
-            width = int(mod.out_features)
-        else:
-            raise RanksError(
-                f"ranks name layer '{layer}', a {type(mod).__name__}; only the output channels "
-                "of conv and Linear layers can be pruned"
-            )
+        width = _width(modules[layer])
         if scores.shape[0] != width:
             raise RanksError(
                 f"ranks give layer '{layer}' {scores.shape[0]} channels but the checkpoint has {width}; "
                 "rank a dump recorded with this checkpoint"
             )
     return raw
+
+
+def _width(mod: nn.Module | None) -> int | None:
+    """Output channels of a conv, ``out_features`` of a Linear, else None (not prunable)."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return int(mod.out_channels)
+    if isinstance(mod, nn.Linear):
+        return int(mod.out_features)
+    return None
+
+
+def _check_layers(raw: Mapping[str, np.ndarray], modules: Mapping[str, nn.Module]) -> None:
+    """Every ranked layer must be a conv or Linear of the model; several that are not: another model's."""
+    bad = [layer for layer in raw if _width(modules.get(layer)) is None]
+    if not bad:
+        return
+    layer = bad[0]
+    mod = modules.get(layer)
+    convs = ", ".join(n for n, m in modules.items() if isinstance(m, nn.Conv2d))[:120]
+    if len(bad) > 1:  # one odd name may be a typo; several: the ranks are not this model's
+        what = "absent" if mod is None else f"a {type(mod).__name__}"
+        raise RanksError(
+            f"the ranks look like another model's: {len(bad)} of {len(raw)} ranked layers are not "
+            f"convs or Linears of this model (e.g. '{layer}': {what}; its convs: {convs}...); "
+            "rank a dump of this model"
+        )
+    if mod is None:
+        raise RanksError(
+            f"ranks name layer '{layer}' that the model lacks (its convs: {convs}...); rank a dump of this model"
+        )
+    raise RanksError(
+        f"ranks name layer '{layer}', a {type(mod).__name__}; only the output channels "
+        "of conv and Linear layers can be pruned"
+    )
 
 
 def _from_frame(df: Any, criterion: str | None) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -284,3 +285,19 @@ def test_watch_json_no_stop(sick: str, capsys, monkeypatch) -> None:
     assert code == 3 and json.loads(out)["stop_request_step"] == BAD
     req = read_stop_request(sick)
     assert req is not None and req.step == BAD
+
+
+def test_ctrl_c_while_watching_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C in any command: ``error: interrupted``, exit 130 (typer would exit silently)."""
+    dump = str(ROOT / "sample_dumps" / "tiny.zarr")
+    proc = subprocess.Popen(
+        [TDUMP, "check", dump, "-r", "dead_relu", "--watch", "--quiet"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    assert proc.stderr.readline().startswith("watching ")  # past start-up, inside the command
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert rest.strip().splitlines() == ["error: interrupted"]

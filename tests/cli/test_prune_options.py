@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import tdump.surgery as surgery
+from tests.cli.inproc import run_main
 from tests.surgery.helpers import random_scores, write_ranks
 from tests.surgery.nets import SmallNet
 
@@ -19,16 +19,7 @@ ARCH = ["--arch", "tests.surgery.nets.SmallNet", "--input-shape", "3,8,8", "--js
 def _cli(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
-    from tdump.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["tdump", "prune", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(monkeypatch, capsys, "prune", *args)
 
 
 @pytest.mark.parametrize("scope", ["global", "per-layer"])

@@ -3,7 +3,6 @@ checkpoint holds ``stem`` (the inner model) or ``model.stem`` (Lightning's own c
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from torch import nn
 
 import tdump
 import tdump.surgery as surgery
+from tests.cli.inproc import run_main
 from tests.surgery.nets import SmallNet
 
 ARCH = ["--arch", "tests.surgery.nets.SmallNet"]
@@ -20,16 +20,7 @@ ARCH = ["--arch", "tests.surgery.nets.SmallNet"]
 def _cli(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
-    from tdump.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["tdump", "prune", *args, "--input-shape", "3,8,8"])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(monkeypatch, capsys, "prune", *args, "--input-shape", "3,8,8")
 
 
 def test_lightning_prefix(
@@ -133,3 +124,58 @@ def test_lightning_prefix(
         "3",
     )
     assert code == 1 and "--prefix 'net.' starts no ranked layer name" in err
+
+
+def test_prefixed_plain_state_dict_of_a_torchvision_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --arch: the dump's model type and the keys under a wrapper's prefix pick resnet18;
+    DataParallel's ``module.`` is stripped and said; --prefix fits ranks that lack it."""
+    import json
+
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    dump = str(tmp_path / "d.zarr")
+    with tdump.Hook(dump, include_regex=".*relu", save_interval=1, strict=True) as hook:
+        hook.register_module(model)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(2, 3, 32, 32)).sum().backward()
+            opt.step()
+    ranks = tdump.rank(dump, criterion="taylor", scheduler="sync", progress=False)
+    from tdump.analyze import write_ranks
+
+    write_ranks(ranks, tmp_path / "r.parquet", meta=ranks.attrs["tdump"])
+    sd = model.state_dict()
+    for prefix in ("model.", "module."):
+        torch.save({prefix + k: v for k, v in sd.items()}, tmp_path / f"{prefix}pt")
+    common = [str(tmp_path / "r.parquet"), "--count", "20", "--dump", dump, "--json"]
+
+    code, out, err = _cli(
+        monkeypatch, capsys, str(tmp_path / "model.pt"), *common, "-o", str(tmp_path / "a.pt")
+    )
+    assert code == 0, err
+    notes = " ".join(json.loads(out)["notes"])
+    assert "architecture torchvision.models.resnet18 inferred" in notes
+    assert "its keys under 'model.'" in notes and "stripped the prefix 'model.'" in notes
+    pruned = tdump.load(tmp_path / "a.pt")
+    assert isinstance(pruned, torchvision.models.ResNet)
+    assert pruned.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+    code, out, err = _cli(
+        monkeypatch, capsys, str(tmp_path / "module.pt"), *common, "-o", str(tmp_path / "b.pt")
+    )
+    assert code == 0, err
+    assert "stripped the prefix 'module.' from the checkpoint's keys" in json.loads(out)["notes"]
+
+    code, out, err = _cli(
+        monkeypatch, capsys, str(tmp_path / "model.pt"), *common, "--prefix", "model.",
+        "-o", str(tmp_path / "c.pt"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert torch.equal(
+        tdump.load(tmp_path / "c.pt").conv1.weight, tdump.load(tmp_path / "a.pt").conv1.weight
+    )

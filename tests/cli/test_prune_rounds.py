@@ -9,7 +9,6 @@ entry points (in this process), real Dask ranking, resnet18 at 32x32.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from torch import nn
 
 import tdump
 import tdump.surgery as surgery
+from tests.cli.inproc import run_main
 
 RELU = ".*relu"  # what the taylor criterion reads (outputs and their gradients)
 
@@ -58,16 +58,7 @@ def cli(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
     """``tdump ARGS`` through the console-script entry point, in this process."""
-    from tdump.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["tdump", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(monkeypatch, capsys, *args)
 
 
 def record(

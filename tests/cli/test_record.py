@@ -131,3 +131,13 @@ def test_script_crash_shows_its_traceback_and_keeps_the_records(tmp_path: Path) 
     from tdump._format import StoreReader
 
     assert StoreReader(str(out)).steps("train", 0).tolist() == [0, 1, 2, 3]
+
+
+def test_a_script_that_trains_no_model_says_so_once(tmp_path: Path) -> None:
+    script = tmp_path / "no_model.py"
+    script.write_text("print('only data preparation here')\n")
+    proc = _record("--out", str(tmp_path / "d.zarr"), str(script))
+    assert proc.returncode == 0 and "only data preparation here" in proc.stdout
+    said = [ln for ln in proc.stderr.splitlines() if "nothing recorded" in ln]
+    assert said == ["tdump: no trained module was seen; nothing recorded"], proc.stderr
+    assert not (tmp_path / "d.zarr").exists()

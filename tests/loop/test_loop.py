@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +136,14 @@ def test_experiments_show_plot_compare(base: tuple[Path, str | None], tmp_path: 
     text = runner.invoke(app, ["experiments", "show", str(exp)])
     assert "round 2 stopped the loop: stop-when" in text.stdout
     assert "status: stopped" in text.stdout
+    # several experiments (what a shell glob such as experiments/train-* expands to)
+    other = tmp_path / "copy"
+    shutil.copytree(exp, other)
+    both = runner.invoke(app, ["experiments", "show", str(exp), str(other)])
+    assert both.exit_code == 0, both.output
+    assert both.stdout.count("status: stopped") == 2 and f"{other}: " in both.stdout
+    lines = runner.invoke(app, ["experiments", "show", str(exp), str(other), "--json"]).stdout
+    assert [json.loads(x)["experiment"] for x in lines.splitlines()] == [str(exp), str(other)]
     pytest.importorskip("matplotlib")
     png = tmp_path / "curve.png"
     plot = runner.invoke(app, ["experiments", "plot", str(exp), "-o", str(png)])
@@ -195,18 +204,28 @@ def _wait_for_stage(exp: Path, r: int, stage: str, proc: subprocess.Popen[str]) 
     pytest.fail(f"round {r} {stage} never started")
 
 
+def _loop_until(exp: Path, r: int, stage: str) -> subprocess.Popen[str]:
+    """The base loop in ``exp``, in its own process group, once round ``r``'s ``stage`` runs."""
+    args = ["loop", TRAIN, *STOP, *BASE, "--experiment", str(exp)]
+    proc = subprocess.Popen(tdump_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    _wait_for_stage(exp, r, stage, proc)
+    return proc
+
+
 def test_sigkill_in_rank_then_crash_then_resume(
     base: tuple[Path, str | None], tmp_path: Path
 ) -> None:
     exp = tmp_path / "exp"
-    args = ["loop", TRAIN, *STOP, *BASE, "--experiment", str(exp)]
-    proc = subprocess.Popen(tdump_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            text=True, start_new_session=True)  # fmt: skip
-    _wait_for_stage(exp, 2, "rank", proc)
-    time.sleep(0.5)  # well inside the rank process
+    proc = _loop_until(exp, 2, "rank")
+    time.sleep(0.5)  # inside the rank process, or the stage after it (rank can be quicker)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(rows_of(exp)) == 2
+    killed_in = json.loads((exp / "state.json").read_text())["running"]["stage"]  # rank, or later
+    shown = run_tdump("experiments", "show", str(exp)).stdout
+    assert f"round 2 {killed_in} was killed (process {proc.pid} is gone)" in shown
+    assert f"continue with tdump loop --resume --experiment {exp}" in shown
     round1 = {
         p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (exp / "round_001").iterdir()
     }
@@ -238,4 +257,29 @@ def test_sigkill_in_rank_then_crash_then_resume(
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (exp / "round_001").iterdir()}
     assert after == round1  # round 1 neither redone nor touched
     assert (exp / "commands.sh").read_text().count("# round 1:") == rounds1_logged
+    assert not list(exp.rglob("*.partial*"))
+
+
+def test_ctrl_c_marks_the_experiment_interrupted_and_resume_finishes_it(
+    base: tuple[Path, str | None], tmp_path: Path
+) -> None:
+    exp = tmp_path / "exp"
+    proc = _loop_until(exp, 1, "train")
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == (
+        f"error: interrupted; continue with tdump loop --resume --experiment {exp}"
+    )
+    state = json.loads((exp / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["interrupted"] == "train"
+    assert state["running"] is None and len(rows_of(exp)) == 1
+    shown = run_tdump("experiments", "show", str(exp)).stdout
+    assert "status: interrupted (Ctrl-C in round 1 train); continue with tdump loop" in shown
+
+    resumed = run_tdump("loop", "--resume", "--experiment", str(exp), "--arch", "tinynet.TinyNet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(rows_of(exp)) == comparable(rows_of(base[0]))
+    assert json.loads((exp / "state.json").read_text())["status"] == "stopped"
     assert not list(exp.rglob("*.partial*"))

@@ -89,11 +89,61 @@ def test_script_that_never_saves_its_checkpoint(tmp_path: Path) -> None:
 def test_count_larger_than_what_can_be_pruned(tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     proc = run_tdump(
-        "loop", TRAIN, *[a if a != "6" else "31" for a in BASE], "--experiment", str(exp)
+        "loop", TRAIN, *[a if a != "6" else "25" for a in BASE], "--experiment", str(exp)
     )
     line = _one_line_error(proc)
-    # TinyNet: 16 + 16 conv channels, each layer keeps one: 30 can go
-    assert "--count 31 is more than the 30 channels" in line
+    # TinyNet: 16 + 16 conv channels; a prune stage's default --max-ratio 0.8 lets
+    # floor(0.8 * 16) = 12 go from each layer in one round: 24, not the 30 --min-channels allows
+    assert "--count 25 is more than the 24 channels one round can prune" in line
+    assert "--max-ratio 0.8" in line
     assert (exp / "round_000" / "checkpoint.pt").exists() and not (
         exp / "round_001" / "ranks.parquet"
     ).exists()
+
+
+def test_resume_of_no_experiment_says_so(tmp_path: Path) -> None:
+    line = _one_line_error(run_tdump("loop", "--resume", "--experiment", str(tmp_path / "none")))
+    assert "no experiment to resume at" in line and "--experiment" in line
+    assert not (tmp_path / "none").exists()
+
+
+def test_started_without_arch_then_resumed_with_it(tmp_path: Path) -> None:
+    """Round 0's plain state_dict of an unregistered class: the loop says how to go on,
+    and ``--resume --arch`` continues from the measure stage without retraining."""
+    exp = tmp_path / "exp"
+    no_arch = [a for a in BASE if a not in ("--arch", "tinynet.TinyNet")]
+    line = _one_line_error(
+        run_tdump("loop", TRAIN, "--rounds", "2", *no_arch, "--experiment", str(exp))
+    )
+    assert "round 0's checkpoint" in line and "plain state_dict" in line
+    assert f"tdump loop --resume --experiment {exp}" in line and "--arch MODULE.BUILDER" in line
+    assert "--like" not in line  # a `tdump prune` option the loop does not have
+    model = exp / "round_000" / "model.pt"
+    trained = model.stat().st_mtime_ns
+    assert json.loads((exp / "experiment.json").read_text())["settings"]["arch"] is None
+
+    resumed = run_tdump(
+        "loop", "--resume", "--experiment", str(exp), "--arch", "tinynet.TinyNet", "--rounds", "5"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "ignored: --rounds 5" in resumed.stdout  # the stored settings win, and it says so
+    settings = json.loads((exp / "experiment.json").read_text())["settings"]
+    assert settings["arch"] == "tinynet.TinyNet" and settings["rounds"] == 2
+    rows = [json.loads(x) for x in (exp / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["params"] < rows[0]["params"]
+    assert model.stat().st_mtime_ns == trained  # round 0 was not trained again
+    # the added import path is still a name read from a file: a later resume must re-give it
+    again = run_tdump("loop", "--resume", "--experiment", str(exp))
+    assert again.returncode != 0 and "--arch tinynet.TinyNet" in again.stderr
+
+
+def test_script_that_ignores_the_pruned_model_it_is_given(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    proc = run_tdump(
+        "loop", TRAIN, "--rounds", "2", *BASE, "--experiment", str(exp), "--", "--ignore-init"
+    )
+    line = _one_line_error(proc)
+    assert "round 1's checkpoint" in line
+    assert "the script must train the pruned model the loop starts it from" in line
+    assert "tdump.load(os.environ['TDUMP_INIT'])" in line and "check --arch" not in line
+    assert [json.loads(x)["round"] for x in (exp / "rounds.jsonl").read_text().splitlines()] == [0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import runpy
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import tdump
 import tdump.surgery as surgery
 from tdump.errors import CheckpointError, ConfigError, TdumpError
 from tdump.surgery import _arch
+from tests.cli.inproc import run_main
 from tests.surgery.helpers import random_scores, write_ranks
 from tests.surgery.nets import SmallNet
 
@@ -61,16 +61,7 @@ def cli(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
     """Run ``tdump ARGS`` in this process through the console-script entry point."""
-    from tdump.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["tdump", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(monkeypatch, capsys, *args)
 
 
 @pytest.mark.parametrize("which", ["evil1", "evil2"])
@@ -168,6 +159,8 @@ def test_bad_checkpoints_one_line_nothing_written(
     raw = dict(torch.load(tmp_path / "good.pt", weights_only=True))
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "random.pt").write_bytes(bytes(range(7, 250)) * 3)
+    whole = (tmp_path / "good.pt").read_bytes()  # a save cut short: the zip's directory is missing
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
     cases = {
         "noarch": ({k: v for k, v in raw.items() if k != "arch"}, "without 'arch'"),
         "v1": ({**raw, "format_version": "v1"}, "'format_version' should be an integer"),
@@ -180,7 +173,11 @@ def test_bad_checkpoints_one_line_nothing_written(
     }
     for name, (obj, _) in cases.items():
         torch.save(obj, tmp_path / f"{name}.pt")
-    needles = {"empty": "is empty (0 bytes)", "random": "neither the zip archive nor the pickle"}
+    needles = {
+        "empty": "is empty (0 bytes)",
+        "random": "neither the zip archive nor the pickle",
+        "truncated": "looks truncated (a zip archive that ends early",
+    }
     needles.update({k: v[1] for k, v in cases.items()})
     ranks = write_ranks(tmp_path / "ranks.parquet", random_scores(good))
     before = _digest(tmp_path)

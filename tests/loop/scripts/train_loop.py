@@ -3,8 +3,10 @@
 Starts from ``TDUMP_INIT`` (a tdump checkpoint) when set, else builds ``TinyNet``;
 trains a few deterministic steps on synthetic data; reports eval accuracy and loss
 with ``tdump.report`` (unless ``--no-report``); saves ``model.state_dict()`` to
-``TDUMP_OUT`` (unless ``--no-save``). With ``LOOP_TEST_CRASH_ROUND=R`` in the
-environment it exits with status 3 in round R (the crash test).
+``TDUMP_OUT`` (unless ``--no-save``; ``--ignore-init`` builds a fresh TinyNet in
+every round, as a script that forgets ``TDUMP_INIT`` does). With
+``LOOP_TEST_CRASH_ROUND=R`` in the environment it exits with status 3 in round R
+(the crash test).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--ignore-init", action="store_true", help="a script that forgets TDUMP_INIT")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -40,7 +43,7 @@ def main() -> None:
     if rnd == int(os.environ.get("LOOP_TEST_CRASH_ROUND", "-1")):
         print(f"injected failure in round {rnd}", file=sys.stderr)
         sys.exit(3)
-    init = os.environ.get("TDUMP_INIT")
+    init = None if args.ignore_init else os.environ.get("TDUMP_INIT")
     model = tdump.load(init, arch=TinyNet) if init else TinyNet()  # our own class: named here
     x, y = data(256, seed=1)
     xt, yt = data(128, seed=2)

@@ -1,0 +1,148 @@
+"""The model's input shape, worked out from a dump's recorded dataflow (for FLOP counts).
+
+A dump records, per mode, the first saved forward pass's module calls: their output
+shapes and which call produced each input (``"<input>"`` for the model's input;
+docs/FORMAT.md, ``calls``). It does not record the input itself, so its shape is
+taken from the calls that read it: a shape-keeping module (BatchNorm, an activation,
+``Identity``) reading the input gives it exactly; a conv or pooling layer gives, per
+spatial dim, the range of sizes its output size comes from (a stride-2 stem maps 31
+and 32 to 16). The calls that read the input narrow the range together, and the size
+picked from it is the one divisible by the largest power of two (32, not 31; 224, not
+223): the size a user picks, and the one whose output is exactly size / stride.
+FLOPs depend only on output sizes, so every size in the range counts the same.
+
+Examples
+--------
+>>> calls = [{"name": "conv1.output_0", "module": "conv1", "call": 0, "inputs": ["<input>"],
+...           "shape": [8, 64, 16, 16]}]
+>>> conv = {"type": "torch.nn.modules.conv.Conv2d", "config": {"in_channels": 3,
+...         "kernel_size": [7, 7], "stride": [2, 2], "padding": [3, 3]}}
+>>> input_shape_from_calls(calls, {"conv1": conv})
+[3, 32, 32]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["input_shape_from_calls", "recorded_input_shape"]
+
+#: Module classes (``torch.nn``) whose output has their input's shape.
+_SHAPE_KEEPING = frozenset(
+    {
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "GroupNorm",
+        "Identity",
+        "Dropout",
+        "Dropout1d",
+        "Dropout2d",
+        "Dropout3d",
+        "ReLU",
+        "ReLU6",
+        "LeakyReLU",
+        "ELU",
+        "GELU",
+        "SiLU",
+        "Mish",
+        "Hardswish",
+        "Hardsigmoid",
+        "Sigmoid",
+        "Tanh",
+    }
+)
+
+Bounds = list[tuple[int, int]]  # per spatial dim, the smallest and largest input size
+
+
+def _per_dim(value: Any, dims: int, default: int) -> list[int]:
+    if value is None or isinstance(value, str):
+        return [default] * dims
+    if isinstance(value, (int, float)):
+        return [int(value)] * dims
+    values = [int(v) for v in value]
+    return values if len(values) == dims else [values[0]] * dims
+
+
+def _reads_input(module: Mapping[str, Any], out: Sequence[int]) -> tuple[int, Bounds] | None:
+    """``(channels, bounds)`` of the input a call of ``module`` with output shape ``out`` read."""
+    kind = str(module.get("type") or "")
+    cfg = module.get("config") or {}
+    dims = len(out) - 2
+    if dims < 1:
+        return None
+    if kind.startswith("torch.nn.modules.") and kind.rpartition(".")[2] in _SHAPE_KEEPING:
+        return int(out[1]), [(int(o), int(o)) for o in out[2:]]
+    if "kernel_size" not in cfg:
+        return None
+    k = _per_dim(cfg.get("kernel_size"), dims, 1)
+    s = _per_dim(cfg.get("stride") or cfg.get("kernel_size"), dims, 1)
+    d = _per_dim(cfg.get("dilation"), dims, 1)
+    pad = cfg.get("padding")
+    if pad == "same":
+        bounds = [(int(o), int(o)) for o in out[2:]]
+    else:
+        p = _per_dim(pad, dims, 0)
+        # out = floor((in + 2p - d(k-1) - 1) / s) + 1, solved for in
+        lows = [
+            (o - 1) * st - 2 * pd + dl * (kk - 1) + 1
+            for o, st, pd, dl, kk in zip(out[2:], s, p, d, k, strict=True)
+        ]
+        bounds = [(lo, lo + st - 1) for lo, st in zip(lows, s, strict=True)]
+    channels = int(cfg.get("in_channels", out[1]))  # pooling keeps the channels
+    return channels, bounds
+
+
+def _likely(lo: int, hi: int) -> int:
+    """The size in ``lo..hi`` divisible by the largest power of two (the smallest on a tie)."""
+    return max(range(lo, hi + 1), key=lambda v: ((v & -v) if v > 0 else 0, -v))
+
+
+def input_shape_from_calls(
+    calls: Sequence[Mapping[str, Any]], modules: Mapping[str, Mapping[str, Any]]
+) -> list[int] | None:
+    """The input shape (batch excluded) the calls reading ``"<input>"`` agree on, if any."""
+    channels: int | None = None
+    bounds: Bounds | None = None
+    for call in calls:
+        if call.get("inputs") != ["<input>"]:
+            continue
+        out = call.get("shape") or []
+        found = _reads_input(modules.get(str(call.get("module", ""))) or {}, out)
+        if found is None:
+            continue
+        ch, b = found
+        if bounds is None:
+            channels, bounds = ch, b
+            continue
+        if ch != channels or len(b) != len(bounds):
+            return None  # calls that disagree: no shape rather than a wrong one
+        bounds = [(max(a[0], c[0]), min(a[1], c[1])) for a, c in zip(bounds, b, strict=True)]
+    if channels is None or bounds is None or any(lo > hi or hi < 1 for lo, hi in bounds):
+        return None
+    return [channels, *(_likely(max(lo, 1), hi) for lo, hi in bounds)]
+
+
+def recorded_input_shape(dump: str | os.PathLike[str]) -> list[int] | None:
+    """The model's input shape (batch excluded) from the dump's recorded dataflow, if it shows one.
+
+    Uses rank 0's ``train`` calls, else another mode's (see the module docstring).
+    """
+    from tdump._format import StoreReader
+
+    reader = StoreReader(os.fspath(dump))
+    ranks = reader.ranks()
+    meta = reader.meta(ranks[0] if ranks else 0)
+    calls = meta.get("calls") or {}
+    modules = meta.get("modules") or {}
+    for mode in ("train", *sorted(m for m in calls if m != "train")):
+        shape = input_shape_from_calls(calls.get(mode) or [], modules)
+        if shape:
+            return shape
+    return None
