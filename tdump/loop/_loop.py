@@ -260,6 +260,9 @@ class _Loop:
                         "JSON), or save it with tdump.surgery.save in the script"
                     )
                 raise self._fail(r, "measure", message) from None
+            if r == 0 and s.arch is None:  # what was inferred for the plain state_dict
+                for note in surgery.provenance(model).notes:
+                    self.events.note(note)
             shape = s.input_shape or recorded_input_shape(p["dump"])
             try:
                 stats = model_stats(model, shape)

@@ -283,3 +283,39 @@ def test_ctrl_c_marks_the_experiment_interrupted_and_resume_finishes_it(
     assert comparable(rows_of(exp)) == comparable(rows_of(base[0]))
     assert json.loads((exp / "state.json").read_text())["status"] == "stopped"
     assert not list(exp.rglob("*.partial*"))
+
+
+TORCHVISION_SCRIPT = """import os, torch, torchvision, tdump
+from torch import nn
+torch.manual_seed(0)
+init = os.environ.get("TDUMP_INIT")
+model = tdump.load(init) if init else torchvision.models.resnet18(num_classes=3)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+for _ in range(2):
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+model.eval()
+with torch.no_grad():
+    tdump.report(accuracy=(model(x).argmax(1) == y).float().mean())
+torch.save(model.state_dict(), os.environ["TDUMP_OUT"])
+"""
+
+
+def test_a_torchvision_model_needs_no_arch(tmp_path: Path) -> None:
+    """Round 0's plain state_dict: the architecture comes from the dump, and is said."""
+    script = tmp_path / "train.py"
+    script.write_text(TORCHVISION_SCRIPT)
+    exp = tmp_path / "exp"
+    proc = run_tdump(
+        "loop", str(script), "--rounds", "1", "--interval", "1", "--experiment", str(exp)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "note: architecture torchvision.models.resnet18 inferred" in proc.stdout
+    assert "note: num_classes=3 inferred" in proc.stdout
+    raw = torch.load(exp / "round_000" / "checkpoint.pt", weights_only=True)
+    assert raw["arch"] == "torchvision.models.resnet18" and raw["arch_kwargs"] == {"num_classes": 3}
+    assert rows_of(exp)[0]["params"] == sum(
+        p.numel() for p in tdump.load(exp / "round_000" / "checkpoint.pt").parameters()
+    )
