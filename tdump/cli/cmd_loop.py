@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from tdump.cli._console import abort, console
 from tdump.cli._help import TdumpCommand
 from tdump.cli._options import json_object_option, shape_option
+
+if TYPE_CHECKING:
+    from tdump.loop import LoopSettings
 
 __all__ = ["register"]
 
@@ -53,7 +56,7 @@ class _LiveEvents:
         self.live.console.print(f"note: {text}", soft_wrap=True)
 
 
-def _ignored_on_resume(given: Any, stored: dict[str, Any]) -> str:
+def _ignored_on_resume(given: LoopSettings, stored: dict[str, Any]) -> str:
     """The options given with ``--resume`` that differ from the stored settings, as flags."""
     from tdump.loop import LoopSettings
 
@@ -192,15 +195,17 @@ def register(app: typer.Typer) -> None:
         if not resuming:
             settings.check()
         console.print(f"experiment: {experiment}", soft_wrap=True)
+        prior: list[dict[str, Any]] = []
         if resuming:
-            ignored = _ignored_on_resume(settings, Experiment.open(experiment).settings)
+            resumed = Experiment.open(experiment)
+            prior = resumed.rows()
+            ignored = _ignored_on_resume(settings, resumed.settings)
             if ignored:
                 console.print(
                     f"note: --resume continues with the settings in {experiment}/experiment.json; "
                     f"ignored: {ignored}",
                     soft_wrap=True,
                 )
-        prior = Experiment.open(experiment).rows() if resuming else []
         with Live(console=console, refresh_per_second=1, transient=True) as live:
             events = _LiveEvents(live, prior)
             live.update(events)

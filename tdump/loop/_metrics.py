@@ -189,20 +189,14 @@ def prunable_channels(
     max_ratio: float | None = None,
     ignore: str | None = None,
 ) -> int:
-    """How many channels one pruning could remove: each group keeps ``min_channels``,
-    loses at most ``max_ratio`` of its channels, and a grouped conv's group loses them
-    in whole blocks (the caps `tdump prune` applies)."""
-    import math
-
+    """How many channels one pruning could remove: the sum of each group's cap
+    (:func:`tdump.surgery._plan.group_cap`, what ``tdump prune`` applies)."""
     from tdump.surgery import build_graph
+    from tdump.surgery._plan import group_cap
 
     graph = build_graph(model, ignore)
-    total = 0
-    for grp in graph.groups:
-        if grp.frozen or (conv_only_groups and grp.residual):
-            continue
-        cap = grp.size - max(min_channels, grp.blocks)
-        if max_ratio is not None:
-            cap = min(cap, math.floor(max_ratio * grp.size + 1e-9))
-        total += max(cap, 0) // grp.blocks * grp.blocks
-    return total
+    return sum(
+        group_cap(grp, min_channels, max_ratio)
+        for grp in graph.groups
+        if not (grp.frozen or (conv_only_groups and grp.residual))
+    )

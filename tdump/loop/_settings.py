@@ -109,11 +109,9 @@ class LoopSettings:
         >>> LoopSettings(script="t.py").prune_max_ratio(), LoopSettings(script="t.py", scope="per-layer").prune_max_ratio()
         (0.8, None)
         """
-        from tdump.surgery._plan import DEFAULT_MAX_RATIO
+        from tdump.surgery._plan import resolve_max_ratio
 
-        if self.max_ratio is None and self.scope == "global":
-            return DEFAULT_MAX_RATIO
-        return self.max_ratio
+        return resolve_max_ratio(self.max_ratio, self.scope)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``experiment.json``'s ``settings``)."""

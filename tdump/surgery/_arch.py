@@ -273,31 +273,32 @@ def _weights_on_meta() -> Iterator[None]:
 
     For builders that compute with tensors while they build (RegNet's block widths:
     ``.tolist()`` of a tensor), which the meta device refuses: everything else stays on
-    the CPU, and the weights are neither kept nor initialised. It swaps ``nn.Module``'s
-    registration methods while the builder runs, so only a builder that failed on the
+    the CPU, and the weights are neither kept nor initialised. Uses torch's global
+    registration hooks while the builder runs, so only a builder that failed on the
     meta device is built this way.
     """
-    register_param, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    from torch.nn.modules.module import (
+        register_module_buffer_registration_hook,
+        register_module_parameter_registration_hook,
+    )
 
-    def param(self: nn.Module, name: str, value: nn.Parameter | None) -> None:
-        register_param(self, name, value)
-        if value is not None:
-            self._parameters[name] = nn.Parameter(value.to("meta"), value.requires_grad)
+    def param(module: nn.Module, name: str, value: nn.Parameter | None) -> nn.Parameter | None:
+        return None if value is None else nn.Parameter(value.to("meta"), value.requires_grad)
 
-    def buffer(
-        self: nn.Module, name: str, value: torch.Tensor | None, persistent: bool = True
-    ) -> None:
-        register_buffer(self, name, value, persistent)
-        if value is not None:
-            self._buffers[name] = value.to("meta")
+    def buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+        return None if value is None else value.to("meta")
 
-    nn.Module.register_parameter = param  # type: ignore[method-assign, assignment]
-    nn.Module.register_buffer = buffer  # type: ignore[method-assign, assignment]
+    # torch documents that such a hook may return the value to register; its annotation
+    # (Callable[..., None]) does not say so
+    handles = [
+        register_module_parameter_registration_hook(param),  # type: ignore[arg-type]
+        register_module_buffer_registration_hook(buffer),  # type: ignore[arg-type]
+    ]
     try:
         yield
     finally:
-        nn.Module.register_parameter = register_param  # type: ignore[method-assign]
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+        for handle in handles:
+            handle.remove()
 
 
 def _first_line(exc: BaseException) -> str:

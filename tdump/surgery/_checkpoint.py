@@ -133,9 +133,9 @@ def _sniff(path: str) -> None:
         return
     with open(path, "rb") as fh:
         head = fh.read(4)
-    if (
-        head[:2] == b"PK"
-    ):  # a zip archive (torch.save) whose central directory, at its end, is missing
+    # a zip archive (torch.save) that is_zipfile refused: its central directory, at its
+    # end, is missing
+    if head[:2] == b"PK":
         raise CheckpointError(
             f"{path} looks truncated (a zip archive that ends early, {size} bytes): was it fully "
             "written? Wait for the save to finish or use a complete copy"

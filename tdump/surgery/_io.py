@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,11 +95,8 @@ def _auto_prefix(
     """Strip a wrapper's prefix (``model.`` of a LightningModule) the architecture lacks."""
     if not sd or all(k in own for k in sd):
         return sd, None
-    heads = {k.split(".", 1)[0] for k in sd}
-    if len(heads) != 1 or "." not in next(iter(sd)):
-        return sd, None
-    prefix = heads.pop() + "."
-    if any(k.startswith(prefix) for k in own) or not all(k.startswith(prefix) for k in sd):
+    prefix = _common_prefix(sd)
+    if prefix is None or any(k.startswith(prefix) for k in own):
         return sd, None
     stripped = strip_prefix(sd, prefix)
     if set(stripped) != set(own):
@@ -107,10 +104,11 @@ def _auto_prefix(
     return stripped, prefix
 
 
-def _common_prefix(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """The one first key component every key has (``model.``), if there is one."""
-    heads = {k.split(".", 1)[0] for k in sd}
-    if len(heads) != 1 or not all("." in k for k in sd):
+def _common_prefix(names: Iterable[str]) -> str | None:
+    """The one first component every dotted name has (``model.``), if there is one."""
+    names = list(names)
+    heads = {n.split(".", 1)[0] for n in names}
+    if len(heads) != 1 or not all("." in n for n in names):
         return None
     return heads.pop() + "."
 
@@ -432,8 +430,9 @@ def strip_ranks_prefix(
 
     A LightningModule (or any wrapper) records ``model.conv1`` where the checkpoint's
     model has ``conv1``. ``prefix`` strips that text from the names that start with it
-    (ranks that name the model's layers already are left as they are); without it, a prefix is stripped when no ranked layer is in ``model`` but all of
-    them are once their shared first component is removed. Returns ``(ranks, prefix
+    (ranks that name the model's layers already are left as they are); without it, a
+    prefix is stripped when no ranked layer is in ``model`` but all of them are once
+    their shared first component is removed. Returns ``(ranks, prefix
     stripped or None)``.
 
     Examples
@@ -448,11 +447,8 @@ def strip_ranks_prefix(
     if prefix is None:
         if not layers or any(n in names for n in layers):
             return ranks, None
-        heads = {n.split(".", 1)[0] for n in layers}
-        if len(heads) != 1 or not all("." in n for n in layers):
-            return ranks, None
-        prefix = heads.pop() + "."
-        if not all(n[len(prefix) :] in names for n in layers):
+        prefix = _common_prefix(layers)
+        if prefix is None or not all(n[len(prefix) :] in names for n in layers):
             return ranks, None
     elif not any(n.startswith(prefix) for n in layers):
         if any(n in names for n in layers):

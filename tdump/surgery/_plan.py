@@ -37,7 +37,9 @@ __all__ = [
     "LayerPlan",
     "Plan",
     "Settings",
+    "group_cap",
     "keeps_for",
+    "resolve_max_ratio",
     "select",
 ]
 
@@ -46,6 +48,26 @@ PLAN_FORMAT = "tdump.plan"
 FEW_CHANNELS = 4
 #: ``scope="global"`` with ``max_ratio=None``: no group loses more than this fraction.
 DEFAULT_MAX_RATIO = 0.8
+
+
+def resolve_max_ratio(max_ratio: float | None, scope: str) -> float | None:
+    """The ``max_ratio`` a selection applies: :data:`DEFAULT_MAX_RATIO` for an unset global one.
+
+    >>> resolve_max_ratio(None, "global"), resolve_max_ratio(None, "per-layer"), resolve_max_ratio(0.5, "global")
+    (0.8, None, 0.5)
+    """
+    if max_ratio is None and scope == "global":
+        return DEFAULT_MAX_RATIO
+    return max_ratio
+
+
+def group_cap(grp: Group, min_channels: int, max_ratio: float | None) -> int:
+    """Channels one selection may remove from ``grp``: it keeps ``min_channels`` (and a
+    channel per block), loses at most ``max_ratio`` of its channels, in whole blocks."""
+    cap = grp.size - max(min_channels, grp.blocks)
+    if max_ratio is not None:
+        cap = min(cap, math.floor(max_ratio * grp.size + 1e-9))
+    return max(cap, 0) // grp.blocks * grp.blocks
 
 
 class FewChannelsWarning(UserWarning):
@@ -286,13 +308,11 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
     at most ``max_ratio`` of its channels (global default :data:`DEFAULT_MAX_RATIO`);
     ``round_to`` then rounds each kept count up to a multiple (so slightly fewer
     channels may go than asked). Every shortfall is said in ``notes``: the caps, and
-    grouped convs losing channels only in equal numbers per group. A group left with fewer than :data:`FEW_CHANNELS`
-    channels gets a note and a :class:`FewChannelsWarning`.
+    grouped convs losing channels only in equal numbers per group. A group left with
+    fewer than :data:`FEW_CHANNELS` channels gets a note and a :class:`FewChannelsWarning`.
     """
     settings.check()
-    max_ratio = settings.max_ratio
-    if max_ratio is None and settings.scope == "global":
-        max_ratio = DEFAULT_MAX_RATIO
+    max_ratio = resolve_max_ratio(settings.max_ratio, settings.scope)
     notes: list[str] = list(graph.notes)
     frozen: list[Group] = []
     cands: list[tuple[Group, tuple[np.ndarray, np.ndarray], int]] = []
@@ -312,10 +332,7 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
                 "conv_only_groups skips channels coupled through additions"
             )
             continue
-        cap = grp.size - max(settings.min_channels, grp.blocks)
-        if max_ratio is not None:
-            cap = min(cap, math.floor(max_ratio * grp.size + 1e-9))
-        cap = max(cap, 0) // grp.blocks * grp.blocks
+        cap = group_cap(grp, settings.min_channels, max_ratio)
         cands.append((grp, _removal_order(grp, s), cap))
     notes[len(graph.notes) : len(graph.notes)] = _summarize(frozen, "left alone")
     if not cands:
