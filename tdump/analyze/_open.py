@@ -325,3 +325,9 @@ def open_dump(
     if mode is not None:
         nodes["/"].attrs.update(attrs)
     return xr.DataTree.from_dict(nodes)
+
+
+# The ``.tdump`` accessors live with the backend; whatever opens a dump through this
+# module (``tdump.open_dump``, ``Trial``) gets them without importing the backend itself.
+# Imported last: the backend module imports this one.
+import tdump.analyze._xarray  # noqa: E402, F401

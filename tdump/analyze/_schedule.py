@@ -39,7 +39,11 @@ _DEFAULT_PORT = 8786
 
 
 class _Bar:
-    """Progress sink: a rich bar on stderr, a user callback, or nothing."""
+    """Progress sink: a rich bar on stderr, a user callback, or nothing.
+
+    The bar is drawn only on a terminal (or in Jupyter): on a pipe or a file rich can
+    only leave a blank line behind, so there ``progress=True`` shows nothing.
+    """
 
     def __init__(self, progress: bool | ProgressFn, total: int) -> None:
         self.total = total
@@ -50,6 +54,10 @@ class _Bar:
             self._fn = progress
         elif progress:
             from rich.console import Console
+
+            console = Console(stderr=True)
+            if not (console.is_terminal or console.is_jupyter):
+                return
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -64,7 +72,7 @@ class _Bar:
                 MofNCompleteColumn(),
                 TextColumn("records"),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=console,
                 transient=True,
             )
             self._task = self._rich.add_task("rank", total=total)

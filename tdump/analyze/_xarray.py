@@ -32,6 +32,7 @@ import xarray as xr
 from xarray.backends import BackendEntrypoint
 
 from tdump._format import FORMAT_NAME
+from tdump._names import MODES
 from tdump.analyze._open import (
     did_you_mean,
     flat_dataset,
@@ -245,6 +246,11 @@ def _collections(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return {k: sorted(set(v)) for k, v in sorted(out.items())}
 
 
+def _mode_rank(mode: str) -> int:
+    """Position of ``mode`` in :data:`~tdump._names.MODES` (others after them)."""
+    return MODES.index(mode) if mode in MODES else len(MODES)
+
+
 @xr.register_datatree_accessor("tdump")
 class TdumpTreeAccessor:
     """``tree.tdump``: tensors, modes and the module tree of an :func:`open_dump` tree.
@@ -270,11 +276,12 @@ class TdumpTreeAccessor:
                 if "tensor" in arr.attrs:
                     mode = str(node.dataset.coords["mode"].item()) if "mode" in node.coords else ""
                     out.append((mode, str(arr.attrs["tensor"]), node, str(var)))
-        return out
+        # mode order as everywhere else (Trial, tdump ls): a backend may list nodes otherwise
+        return sorted(out, key=lambda e: _mode_rank(e[0]))
 
     @property
     def modes(self) -> list[str]:
-        """Modes in this tree, in the order of its nodes."""
+        """Modes in this tree: train, eval, predict, global (the order of ``Trial.modes()``)."""
         seen: list[str] = []
         for mode, *_ in self._entries():
             if mode not in seen:
@@ -297,12 +304,15 @@ class TdumpTreeAccessor:
 
     def module(self, path: str, *, mode: str | None = None) -> xr.DataTree:
         """The node of module ``path`` (in ``mode``; default the first mode that has it)."""
-        nodes = [
-            node
-            for node in self._obj.subtree
-            if node.dataset.attrs.get("module") == path
-            and mode in (None, node.dataset.attrs.get("mode"))
-        ]
+        nodes = sorted(
+            (
+                node
+                for node in self._obj.subtree
+                if node.dataset.attrs.get("module") == path
+                and mode in (None, node.dataset.attrs.get("mode"))
+            ),
+            key=lambda node: _mode_rank(str(node.dataset.attrs.get("mode", ""))),
+        )
         if not nodes:
             known = {str(n.dataset.attrs.get("module")) for n in self._obj.subtree}
             raise MissingTensorError(f"no module {path!r} in this tree{did_you_mean(path, known)}")

@@ -32,18 +32,23 @@ import os
 import runpy
 import sys
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tdump.capture._config import HookConfig
+from tdump.capture._config import ALWAYS_ON, HookConfig
 from tdump.capture._exit import install_sigterm, mark_exiting
 from tdump.capture._hook import Hook, active_hooks
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.capture._out import local_path, resolve_rank
 from tdump.errors import ConfigError, TdumpError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tdump._format import StoreReader
 
 __all__ = ["AutoCapture", "dump_size", "run_script", "summarize"]
 
@@ -319,6 +324,10 @@ def dump_size(out: str) -> int:
 def summarize(out: str, rank: int = 0) -> list[str]:
     """Lines for the end of ``tdump record``: saved steps, size, a warning for one step.
 
+    The one-step warning counts the steps that hold the model's tensors (activations,
+    gradients, weights: what ranking reads), not every record: losses saved every
+    step (``tdump loop`` does) would otherwise hide a dump whose tensors are at step 0.
+
     >>> summarize("memory://doc/none.zarr")
     []
     """
@@ -328,15 +337,35 @@ def summarize(out: str, rank: int = 0) -> list[str]:
         reader = StoreReader(out)
         train = reader.steps("train", rank) if rank in reader.ranks() else None
         size = dump_size(out)
+        tensors = _tensor_steps(reader, rank, train) if train is not None else None
     except (TdumpError, OSError):
         return []
-    if train is None:
+    if train is None or tensors is None:
         return []
-    lines = [f"tdump: {out} holds {len(train)} saved train step(s), {size / 1e6:.1f} MB"]
-    if len(train) == 1:
+    held = f"{len(train)} saved train step(s)"
+    if len(tensors) != len(train):
+        held += f", {len(tensors)} of them with the model's tensors (the others: losses or scalars only)"
+    lines = [f"tdump: {out} holds {held}, {size / 1e6:.1f} MB"]
+    if len(tensors) == 1:
+        only = "only one saved train step" + (
+            "" if len(train) == 1 else " with the model's tensors"
+        )
         lines.append(
-            f"tdump: warning: only one saved train step (step {int(train[0])}), so ranking sees "
+            f"tdump: warning: {only} (step {int(tensors[0])}), so ranking sees "
             "the model at that one step (at step 0: untrained); save more steps with a smaller "
             "--interval (e.g. --interval 10) or --config '{\"save_steps\": [...]}'"
         )
     return lines
+
+
+def _tensor_steps(reader: StoreReader, rank: int, steps: np.ndarray) -> list[int]:
+    """The train steps at which a tensor other than the losses and scalars was saved."""
+    n = len(steps)
+    held: set[int] = set()
+    for name in reader.tensor_names("train", rank):
+        if reader.tensor_attrs("train", name, rank).get("collection") in ALWAYS_ON:
+            continue  # tiny, often saved every step; ranking reads none of them
+        held.update(int(i) for i in reader.saved_records("train", name, rank, committed=n))
+        if len(held) == n:
+            break  # every step already holds tensors
+    return sorted(int(steps[i]) for i in held)

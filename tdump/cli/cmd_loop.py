@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from tdump.cli._console import abort, console
+from tdump.cli._console import abort, console, err_console
 from tdump.cli._help import TdumpCommand
 from tdump.cli._options import json_object_option, shape_option
 
@@ -55,26 +55,67 @@ class _LiveEvents:
     def note(self, text: str) -> None:
         self.live.console.print(f"note: {text}", soft_wrap=True)
 
+    def stage_note(self, r: int, stage: str, line: str) -> None:
+        text = f"round {r} {stage}: {line}"
+        if self.live.console.is_terminal and err_console.is_terminal:
+            # one screen: through the live display's console, which lifts the table
+            # first (rich writes err_console past the display, into the table)
+            self.live.console.print(text, soft_wrap=True, markup=False)
+        else:  # on stderr, where the stages print them (2>notes.txt keeps them)
+            err_console.print(text, soft_wrap=True, markup=False)
 
-def _ignored_on_resume(given: LoopSettings, stored: dict[str, Any]) -> str:
-    """The options given with ``--resume`` that differ from the stored settings, as flags."""
-    from tdump.loop import LoopSettings
 
-    defaults = LoopSettings(script="").to_dict()
-    flags = []
+def _ignored_on_resume(
+    ctx: typer.Context, given: LoopSettings, stored: dict[str, Any]
+) -> dict[str, str]:
+    """``{setting: flag}`` for the options given with ``--resume`` that the stored settings override.
+
+    An option counts when it was given (on the command line or from the environment,
+    as the parameter source of ``ctx`` says), whatever its value: ``--rounds 3`` is as
+    much ignored as ``--rounds 4`` when the experiment was started with 2.
+    """
+    flags = {}
     for key, value in given.to_dict().items():
-        if key in ("arch", "arch_kwargs") or value == defaults[key] or value == stored.get(key):
+        param = "args" if key == "train_args" else key
+        if key in ("arch", "arch_kwargs") or value == stored.get(key):
             continue
+        source = ctx.get_parameter_source(param)
+        # by name: typer 0.28 has a copy of click of its own, whose enum is not click's
+        if source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
+            continue  # a default (stop_checks: no option at all)
         if key == "script":
-            flags.append(str(value))
+            flags[key] = str(value)
         elif key == "train_args":
-            flags.append("-- " + " ".join(value))
+            flags[key] = "-- " + " ".join(value)
         elif isinstance(value, bool):
-            flags.append(f"--{key.replace('_', '-')}")
+            flags[key] = f"--{key.replace('_', '-')}"
         else:
             shown = ",".join(map(str, value)) if isinstance(value, list) else value
-            flags.append(f"--{key.replace('_', '-')} {shown}")
-    return " ".join(flags)
+            flags[key] = f"--{key.replace('_', '-')} {shown}"
+    return flags
+
+
+def _resume_note(
+    experiment: str, ignored: dict[str, str], stored: dict[str, Any], rows: list[dict[str, Any]]
+) -> str:
+    """The note for options ``--resume`` ignores; for ``--rounds``, how to prune further."""
+    note = (
+        f"note: --resume continues with the settings in {experiment}/experiment.json; "
+        f"ignored: {' '.join(ignored.values())}"
+    )
+    if "rounds" in ignored:
+        last = (
+            f"{experiment}/{rows[-1]['checkpoint']}"
+            if rows
+            else f"{experiment}/round_NNN/checkpoint.pt"
+        )
+        arch = f" --arch {stored['arch']}" if stored.get("arch") else ""
+        note += (
+            f"; --rounds is fixed when an experiment starts ({experiment} has "
+            f"{stored.get('rounds')}): to prune further, start a new experiment from its last "
+            f"checkpoint: tdump loop {stored.get('script')} --init {last}{arch} ..."
+        )
+    return note
 
 
 def register(app: typer.Typer) -> None:
@@ -82,6 +123,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("loop", cls=TdumpCommand)
     def loop_cmd(
+        ctx: typer.Context,
         script: str = typer.Argument(None, help="The training script (not needed with --resume)."),
         args: list[str] = typer.Argument(
             None, help="TRAIN_ARGS after `--`; {init}, {out}, {round} are filled in."
@@ -199,13 +241,10 @@ def register(app: typer.Typer) -> None:
         if resuming:
             resumed = Experiment.open(experiment)
             prior = resumed.rows()
-            ignored = _ignored_on_resume(settings, resumed.settings)
+            ignored = _ignored_on_resume(ctx, settings, resumed.settings)
             if ignored:
-                console.print(
-                    f"note: --resume continues with the settings in {experiment}/experiment.json; "
-                    f"ignored: {ignored}",
-                    soft_wrap=True,
-                )
+                note = _resume_note(experiment, ignored, resumed.settings, prior)
+                console.print(note, soft_wrap=True, markup=False)
         with Live(console=console, refresh_per_second=1, transient=True) as live:
             events = _LiveEvents(live, prior)
             live.update(events)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import typer
@@ -18,6 +19,28 @@ class _RecordCommand(TdumpCommand):
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return ["[OPTIONS]", "SCRIPT", "[-- ARGS...]"]
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Refuse a SCRIPT that looks like an option: it is a mistyped tdump option.
+
+        ``ignore_unknown_options`` lets the script's own options through, but it also
+        turns ``--intervall 5 train.py`` into SCRIPT ``--intervall``; say what click says
+        for any other command (``No such option: ... (Possible options: ...)``) instead of
+        "no training script". A SCRIPT after an explicit ``--`` is taken as written.
+        """
+        given = list(args)
+        rest: list[str] = super().parse_args(ctx, args)
+        script = ctx.params.get("script")
+        looks_like_option = isinstance(script, str) and script.startswith("-") and script != "-"
+        if looks_like_option and not ("--" in given and given.index("--") < given.index(script)):
+            name = script.split("=", 1)[0]
+            opts = [o for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts)]
+            close = difflib.get_close_matches(name, [o for o in opts if o.startswith("--")])
+            hint = f" (Possible options: {', '.join(sorted(close))})" if close else ""
+            # ctx.fail: the UsageError of whichever click typer runs on (typer 0.28 vendors
+            # its own), so the usage block and exit status 2 match prune's
+            ctx.fail(f"No such option: {name}{hint}")
+        return rest
 
 
 def register(app: typer.Typer) -> None:

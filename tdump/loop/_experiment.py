@@ -40,6 +40,7 @@ __all__ = [
     "EXPERIMENT_FORMAT",
     "EXPERIMENT_VERSION",
     "Experiment",
+    "arch_needed",
     "atomic_write",
     "check_resumed_arch",
 ]
@@ -266,4 +267,35 @@ def check_resumed_arch(stored: str | None, given: str | None, path: Path) -> Non
     raise ConfigError(
         f"--arch {given} differs from the architecture {path}/experiment.json was started "
         f"with ({stored}); resume with --arch {stored}, or start a new --experiment"
+    )
+
+
+def arch_needed(model: str, experiment: str, script: str, dump: Path) -> str:
+    """What to do when round 0's plain state_dict ``model`` cannot be rebuilt without --arch.
+
+    Both forms ``--arch`` takes are named, with the recorded model type filled in where
+    it says which (``__main__.Net``: a class defined in the script itself).
+
+    >>> text = arch_needed("m.pt", "exp", "train.py", Path("none.zarr"))
+    >>> "--arch MODULE.BUILDER" in text and "--arch SCRIPT.py:CLASS" in text
+    True
+    """
+    from tdump.errors import TdumpError
+    from tdump.surgery._io import dump_model_type
+
+    try:
+        recorded = dump_model_type(dump) if dump.exists() else None
+    except TdumpError:  # an unreadable dump only means no example from it
+        recorded = None
+    module, _, name = (recorded or "").rpartition(".")
+    in_module = recorded if recorded and module != "__main__" else "mynets.Net"
+    in_script = f"{script}:{name if module == '__main__' else 'Net'}"
+    return (
+        f"round 0's checkpoint {model} is a plain state_dict of a model tdump cannot rebuild "
+        f"by itself (the recorded model type{f' {recorded}' if recorded else ''} matches no "
+        f"registered builder); continue with tdump loop --resume --experiment {experiment} "
+        "--arch MODULE.BUILDER (a class or function in a module of the script's folder, e.g. "
+        f"{in_module}) or --arch SCRIPT.py:CLASS (a class defined in the script itself, e.g. "
+        f"{in_script}), with --arch-kwargs JSON if it takes arguments; or save it with "
+        "tdump.surgery.save in the script"
     )

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tdump.errors import ConfigError, LoopError, TdumpError
-from tdump.loop._experiment import Experiment, check_resumed_arch
+from tdump.loop._experiment import Experiment, arch_needed, check_resumed_arch
 from tdump.loop._settings import STOP_CHECKS, LoopSettings, record_options
 from tdump.loop._stages import (
     StageResult,
@@ -38,6 +38,7 @@ from tdump.loop._stages import (
     remove_path,
     run_stage,
     shown,
+    stage_notes,
     substitute,
     tdump_argv,
 )
@@ -59,6 +60,10 @@ class LoopEvents:
 
     def round_finished(self, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         """A round's row was written (``rows``: every row so far)."""
+
+    def stage_note(self, r: int, stage: str, line: str) -> None:
+        """A ``note: ...`` or ``warning: ...`` line the stage's process wrote to its log."""
+        print(f"round {r} {stage}: {line}", file=sys.stderr, flush=True)
 
     def note(self, text: str) -> None:
         """Something the user should know."""
@@ -85,6 +90,7 @@ class _Loop:
         folder = os.path.dirname(os.path.abspath(s.script))
         path = os.environ.get("PYTHONPATH")
         self.env = {"PYTHONPATH": folder + (os.pathsep + path if path else "")}
+        self.relayed: set[tuple[str, str]] = set()  # (stage, line): said once per loop run
 
     # ------------------------------------------------------------------ state
     def _save_state(self, **changes: Any) -> None:
@@ -98,7 +104,7 @@ class _Loop:
     # ------------------------------------------------------------------ paths
     def paths(self, r: int) -> dict[str, Path]:
         d = self.exp.round_dir(r)
-        p = {
+        return {
             "dir": d,
             "ranks": d / "ranks.parquet",
             "init": d / "init.pt",
@@ -106,7 +112,6 @@ class _Loop:
             "model": d / "model.pt",
             "checkpoint": d / "checkpoint.pt",
         }
-        return p
 
     def _partial(self, path: Path) -> Path:
         return path.with_name(f"{path.stem}.partial{path.suffix}")
@@ -146,11 +151,8 @@ class _Loop:
         return env
 
     def train_env(self, r: int) -> dict[str, str]:
-        p = self.paths(r)
-        init = self.init_of(r)
-        env = {"TDUMP_OUT": str(self._partial(p["model"])), "TDUMP_ROUND": str(r)}
-        env["TDUMP_INIT"] = init or ""
-        return env
+        out = str(self._partial(self.paths(r)["model"]))
+        return {"TDUMP_OUT": out, "TDUMP_ROUND": str(r), "TDUMP_INIT": self.init_of(r) or ""}
 
     def init_of(self, r: int) -> str | None:
         if r > 0:
@@ -231,6 +233,15 @@ class _Loop:
             os.replace(a, b)
         return result
 
+    def _relay(self, r: int, stage: str) -> None:
+        # the logs keep everything, but a note there is one nobody reads (rank's "scores
+        # rest on one saved step, the untrained model"): say each on the console once
+        log = self.paths(r)["dir"] / f"{stage}.log"
+        for line in stage_notes(log, own_only=stage == "train"):
+            if (stage, line) not in self.relayed:
+                self.relayed.add((stage, line))
+                self.events.stage_note(r, stage, line)
+
     # ------------------------------------------------------------------ measure
     def measure(self, r: int, wall: dict[str, float]) -> dict[str, Any]:
         import tdump.surgery as surgery
@@ -252,12 +263,8 @@ class _Loop:
             except TdumpError as exc:
                 message = f"round {r}'s checkpoint: {exc}"
                 if r == 0 and "plain state_dict" in str(exc):
-                    message = (
-                        f"round 0's checkpoint {rel_path(p['model'])} is a plain state_dict of a "
-                        "model tdump cannot rebuild by itself (the recorded model type matches no "
-                        "registered builder); continue with tdump loop --resume --experiment "
-                        f"{rel_path(self.exp.path)} --arch MODULE.BUILDER (and --arch-kwargs "
-                        "JSON), or save it with tdump.surgery.save in the script"
+                    message = arch_needed(
+                        rel_path(p["model"]), rel_path(self.exp.path), s.script, p["dump"]
                     )
                 raise self._fail(r, "measure", message) from None
             if r == 0 and s.arch is None:  # what was inferred for the plain state_dict
@@ -365,7 +372,11 @@ class _Loop:
     # ------------------------------------------------------------------ driver
     def run(self) -> list[dict[str, Any]]:
         if self.rows and self.rows[-1].get("stop_reason"):
-            self.events.note(f"{self.exp.path} is finished ({self.rows[-1]['stop_reason']})")
+            last = self.rows[-1]
+            self.events.note(
+                f"{self.exp.path} is finished ({last['stop_reason']}); to prune further, start "
+                f"a new experiment from its last round: --init {self.exp.path}/{last['checkpoint']}"
+            )
             return self.rows
         self._save_state(status="running", error=None, interrupted=None)
         try:
@@ -394,6 +405,7 @@ class _Loop:
                 done[stage] = round(result.seconds, 3)
                 self._save_state(done=done, running=None)
                 self.events.stage_finished(r, stage, result.seconds)
+                self._relay(r, stage)
             self._save_state(running={"stage": "measure", "pid": os.getpid()})
             row = self.measure(r, dict(done))
             reason = self.stop_reason(row)

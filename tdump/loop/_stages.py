@@ -32,6 +32,7 @@ __all__ = [
     "remove_path",
     "run_stage",
     "shown",
+    "stage_notes",
     "substitute",
     "tdump_argv",
 ]
@@ -176,3 +177,45 @@ def prune_removed(log: Path) -> int | None:
             except (ValueError, KeyError, TypeError):
                 return None
     return None
+
+
+_SAID = ("note: ", "warning: ")
+
+
+def stage_notes(log: Path, *, own_only: bool = False) -> list[str]:
+    """The ``note:`` and ``warning:`` lines a stage wrote to its log, in order, each once.
+
+    Lines printed as ``tdump: warning: ...`` (by ``tdump record``) lose the ``tdump: ``;
+    the notes in a ``--json`` summary (``tdump prune --json``) become ``note:`` lines.
+    ``own_only``: only tdump's own ``tdump: ...`` lines (a training script's output
+    is the script's business).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> log = Path(tempfile.mkdtemp()) / "prune.log"
+    >>> _ = log.write_text('$ tdump prune\\nnote: a\\n{"notes": ["b", "a"]}\\ntdump: warning: c\\n')
+    >>> stage_notes(log)
+    ['note: a', 'note: b', 'warning: c']
+    """
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("{") and not own_only:
+            try:
+                notes = json.loads(text).get("notes")
+            except (ValueError, AttributeError):
+                continue
+            found += [f"note: {n}" for n in notes or [] if isinstance(n, str)]
+            continue
+        if text.startswith("tdump: "):
+            text = text.removeprefix("tdump: ")
+        elif own_only:
+            continue
+        if text.startswith(_SAID):
+            found.append(text)
+    return list(dict.fromkeys(found))

@@ -145,7 +145,9 @@ def prune(
         At most this fraction of any one group is removed (a real cap); with
         ``scope="global"`` it defaults to 0.8 (``max_ratio=1.0`` lifts it).
     round_to : int, optional
-        Kept counts are rounded up to multiples of this (hardware-friendly).
+        Kept counts stay multiples of this (hardware-friendly): the global scope
+        removes whole steps, as close to ``count``/``ratio`` as they allow without
+        passing it; per-layer rounds each kept count up.
     ignore : str, optional
         Regex of module paths to leave alone (also keeps untraceable modules whole).
     conv_only_groups : bool

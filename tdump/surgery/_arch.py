@@ -110,11 +110,16 @@ def _canonical(arch: str) -> str:
     return arch.replace(":", ".") if arch.count(":") == 1 and "/" not in arch else arch
 
 
-def _refuse(arch: str, where: str) -> CheckpointError:
+def _refuse(arch: str, where: str, load_args: str | None) -> CheckpointError:
+    # the class's own name for the Python fix (``arch=Net``): a file's name is never imported
+    attr = arch.rpartition(":" if ":" in arch else ".")[2].rpartition(".")[2]
+    cls = attr if attr.isidentifier() else "YourModel"
+    python = f"tdump.load({load_args}, arch={cls})" if load_args else f"arch={cls}"
     return CheckpointError(
         f"{where} names architecture {arch!r}, which is not a registered model builder; "
         "tdump never imports a name read from a file: if you trust it pass --arch "
-        f"{arch} (arch= in Python), or call tdump.surgery.register_arch({arch!r}, builder)"
+        f"{arch} (in Python {python} with the class itself, or arch={arch!r}), "
+        f"or call tdump.surgery.register_arch({arch!r}, {cls})"
     )
 
 
@@ -133,10 +138,18 @@ def arch_name(arch: str | Builder) -> str:
     return f"{getattr(arch, '__module__', '?')}.{getattr(arch, '__qualname__', repr(arch))}"
 
 
-def resolve_arch(arch: str | Builder, *, trusted: bool, where: str = "the checkpoint") -> Builder:
+def resolve_arch(
+    arch: str | Builder,
+    *,
+    trusted: bool,
+    where: str = "the checkpoint",
+    load_args: str | None = None,
+) -> Builder:
     """Return the builder of ``arch``; import it only when ``trusted`` (the user named it).
 
-    ``arch`` may also be the model class (or builder) itself, which is trusted.
+    ``arch`` may also be the model class (or builder) itself, which is trusted. ``where``
+    names the file ``arch`` was read from; ``load_args`` (``'ft.pt', like='pruned.pt'``)
+    are the arguments of the :func:`tdump.load` call a refusal shows Python users.
 
     Raises
     ------
@@ -152,7 +165,7 @@ def resolve_arch(arch: str | Builder, *, trusted: bool, where: str = "the checkp
             if key in known:
                 return known[key]
         if not trusted:
-            raise _refuse(arch, where)
+            raise _refuse(arch, where, load_args)
         obj = _import(arch)
     elif not callable(arch):
         raise ConfigError(f"an architecture must be a name or a model class, got {arch!r}")

@@ -193,23 +193,29 @@ def _choose_arch(
     arch_kwargs: dict[str, Any] | None,
     model_type: str | None,
     notes: list[str],
+    like: str | None = None,
 ) -> tuple[str, dict[str, Any], bool]:
-    """``(arch, kwargs, trusted)``: the user's arch wins; a file's must be registered."""
+    """``(arch, kwargs, trusted)``: the user's arch wins; a file's must be registered.
+
+    ``info`` is ``like``'s when given (a fine-tuned state_dict takes the previous round's
+    architecture), so errors about a name read from a file name that file.
+    """
+    source = f"{like} (--like)" if like is not None else path
     if arch is not None:
         if info.arch and info.arch != arch:
             notes.append(f"--arch {arch} overrides the checkpoint's {info.arch}")
         if arch_kwargs is not None:
             return arch, check_kwargs(arch_kwargs, "--arch-kwargs", from_file=False), True
         same = info.arch == arch
-        kwargs = check_kwargs(info.arch_kwargs if same else {}, path, from_file=True)
+        kwargs = check_kwargs(info.arch_kwargs if same else {}, source, from_file=True)
         return arch, kwargs, True
     if info.arch:
-        resolve_arch(
-            info.arch, trusted=False, where=path
-        )  # refuses an unregistered name before anything runs
+        load_args = repr(path) + (f", like={like!r}" if like is not None else "")
+        # refuses an unregistered name before anything runs
+        resolve_arch(info.arch, trusted=False, where=source, load_args=load_args)
         if arch_kwargs is not None:
             return info.arch, check_kwargs(arch_kwargs, "--arch-kwargs", from_file=False), False
-        return info.arch, check_kwargs(info.arch_kwargs, path, from_file=True), False
+        return info.arch, check_kwargs(info.arch_kwargs, source, from_file=True), False
     if model_type:
         found, why = arch_for_type(model_type, sd, arch_kwargs or {})
         wrapped = _common_prefix(sd)
@@ -347,7 +353,10 @@ def load(
     if prefix:
         sd = strip_prefix(sd, prefix)
     given = None if arch is None else arch_name(arch)
-    name, kwargs, trusted = _choose_arch(shown, base, sd, given, arch_kwargs, model_type, notes)
+    from_like = os.fspath(like) if like is not None and base is not info else None
+    name, kwargs, trusted = _choose_arch(
+        shown, base, sd, given, arch_kwargs, model_type, notes, from_like
+    )
     builder = resolve_arch(arch if arch is not None else name, trusted=trusted)
     model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
     if not prefix:

@@ -29,6 +29,8 @@ import numpy as np
 from tdump.errors import ConfigError, RanksError
 from tdump.surgery._aggregate import NORMALIZATIONS, Aggregation, aggregate, normalize
 from tdump.surgery._graph import ChannelGraph, Group
+from tdump.surgery._plan_notes import global_shortfall, pooled, say_shortfall, unranked_notes
+from tdump.surgery._units import pick_global, removal_bounds, removal_order, round_removal
 
 __all__ = [
     "DEFAULT_MAX_RATIO",
@@ -272,31 +274,6 @@ def _half_up(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
 
 
-def _round_kept(n: int, removed: int, round_to: int | None) -> int:
-    """Fewer removals so the kept count is a multiple of ``round_to`` (never more)."""
-    if not round_to or removed <= 0:
-        return removed
-    kept = math.ceil((n - removed) / round_to) * round_to
-    return max(0, n - kept)
-
-
-def _removal_order(grp: Group, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Channels in the order they go, and the score of each position (non-decreasing).
-
-    A blocked group (a grouped conv's outputs) loses one channel per block at a time:
-    the k-th weakest of every block, scored by the mean of those ``blocks`` scores.
-    """
-    if grp.blocks <= 1:
-        order = np.argsort(s, kind="stable")
-        return order, s[order]
-    rows = s.reshape(grp.blocks, -1)
-    row_order = np.argsort(rows, axis=1, kind="stable")
-    unit = np.take_along_axis(rows, row_order, axis=1).mean(axis=0)
-    offsets = (np.arange(grp.blocks) * rows.shape[1])[:, None]
-    order = (row_order + offsets).T.reshape(-1)  # unit 0 of every block, then unit 1, ...
-    return order, np.repeat(unit, grp.blocks)
-
-
 def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Settings) -> Plan:
     """Choose the channels to remove, as a :class:`Plan` (nothing is modified).
 
@@ -305,10 +282,11 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
     ``global`` ranks all candidate channels together and removes the lowest ``count``
     (or ``ratio`` of all candidate channels); ``per-layer`` removes ``count`` (or
     ``ratio``) from each group. Each group keeps at least ``min_channels`` and loses
-    at most ``max_ratio`` of its channels (global default :data:`DEFAULT_MAX_RATIO`);
-    ``round_to`` then rounds each kept count up to a multiple (so slightly fewer
-    channels may go than asked). Every shortfall is said in ``notes``: the caps, and
-    grouped convs losing channels only in equal numbers per group. A group left with
+    at most ``max_ratio`` of its channels (global default :data:`DEFAULT_MAX_RATIO`).
+    A group loses channels in steps that keep it whole (a grouped conv's blocks equal,
+    kept counts multiples of ``round_to``; :mod:`tdump.surgery._units`): ``global``
+    takes whole steps, weakest first, up to ``count``; ``per-layer`` rounds each
+    group's removal down to a step. Every shortfall is said in ``notes``. A group left with
     fewer than :data:`FEW_CHANNELS` channels gets a note and a :class:`FewChannelsWarning`.
     """
     settings.check()
@@ -333,8 +311,10 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
             )
             continue
         cap = group_cap(grp, settings.min_channels, max_ratio)
-        cands.append((grp, _removal_order(grp, s), cap))
+        cands.append((grp, removal_order(grp.blocks, s), cap))
     notes[len(graph.notes) : len(graph.notes)] = _summarize(frozen, "left alone")
+    if cands:
+        notes.extend(unranked_notes(cands, unranked, scores))
     if not cands:
         if scores:
             hint = (
@@ -387,19 +367,24 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
             if settings.count is not None
             else _half_up((settings.ratio or 0.0) * total)
         )
-        pool_s, pool_g = [], []
-        for grp, (_, pos_scores), cap in cands:
-            lowest = pos_scores[:cap]
-            pool_s.append(lowest)
-            pool_g.append(np.full(lowest.shape, grp.gid, dtype=np.int64))
-        all_s, all_g = np.concatenate(pool_s), np.concatenate(pool_g)
-        if want > all_s.size:
+        steps = [
+            (grp.gid, pos_scores, removal_bounds(grp.size, grp.blocks, cap, settings.round_to))
+            for grp, (_, pos_scores), cap in cands
+        ]
+        pool = sum(bounds[-1] for _, _, bounds in steps if bounds)
+        if want > pool:
             notes.append(
-                f"asked to remove {want} channels but min_channels/max_ratio allow {all_s.size}"
+                (
+                    f"asked to remove {want} channels"
+                    if settings.count is not None
+                    else f"asked to remove {settings.ratio:.0%} of the channels ({want} of {total})"
+                )
+                + f" but min_channels/max_ratio allow {pool}"
+                + (" in whole steps (grouped convs, round_to)" if pool < pooled(cands) else "")
             )
-        take = all_g[np.argsort(all_s, kind="stable")[: int(want)]]
-        gids, counts = np.unique(take, return_counts=True)
-        removed = dict(zip(gids.tolist(), counts.tolist(), strict=True))
+        removed = pick_global(steps, int(want))
+        if sum(removed.values()) < min(want, pool):
+            notes.append(global_shortfall(cands, removed, int(want), settings.round_to))
 
     plan = Plan(settings={**vars(settings), "max_ratio": max_ratio}, notes=notes)
     few: list[str] = []
@@ -407,7 +392,7 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
     for grp, (order, _), _ in cands:
         chosen = removed.get(grp.gid, 0)
         whole = chosen // grp.blocks * grp.blocks
-        r = _round_kept(grp.size, whole, math.lcm(grp.blocks, settings.round_to or 1))
+        r = round_removal(grp.size, whole, grp.blocks, settings.round_to)
         short["blocks"] += chosen - whole
         short["round_to"] += whole - max(r, 0)
         short["groups"] += r < chosen
@@ -419,7 +404,7 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
         plan.groups.append(list(grp.members))
         if len(keep) < FEW_CHANNELS and len(keep) * 8 <= grp.size:  # a wide layer nearly emptied
             few.append(f"{grp.members[0]} {grp.size} -> {len(keep)}")
-    _say_shortfall(plan, short, sum(removed.values()), settings.scope)
+    say_shortfall(plan, short, sum(removed.values()), settings.scope)
     if few:
         msg = (
             f"{len(few)} group(s) keep fewer than {FEW_CHANNELS} channels ({', '.join(few[:4])}"
@@ -429,23 +414,6 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
         plan.notes.append(msg)
         warnings.warn(msg, FewChannelsWarning, stacklevel=3)
     return plan
-
-
-def _say_shortfall(plan: Plan, short: dict[str, int], chosen: int, scope: str) -> None:
-    """A note on why fewer channels went than were chosen: grouped convs, ``round_to``."""
-    reasons = []
-    if short["blocks"]:
-        reasons.append("grouped convs lose channels only in multiples of their groups")
-    if short["round_to"]:
-        reasons.append("round_to rounds kept counts up")
-    if not reasons:
-        return
-    if scope == "per-layer":
-        plan.notes.append(
-            f"{short['groups']} groups lost fewer channels than asked: {'; '.join(reasons)}"
-        )
-    else:
-        plan.notes.append(f"removed {plan.removed} of {chosen}: {'; '.join(reasons)}")
 
 
 def keeps_for(graph: ChannelGraph, plan: Plan) -> dict[int, np.ndarray]:

@@ -48,12 +48,44 @@ def import_attr(module_name: str, attr: str, arch: str) -> Any:
             if module_name not in sys.modules:
                 check_source(_origin(module_name), module_name)
             module = importlib.import_module(module_name)
-        obj: Any = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
     except (ImportError, AttributeError, SyntaxError, OSError) as exc:
         raise ConfigError(f"cannot import architecture {arch!r}: {exc}") from None
+    obj: Any = module
+    done: list[str] = []
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            # said in the user's terms: a script's private module name means nothing to them
+            owner = ":".join([module_name, ".".join(done)]) if done else module_name
+            raise ConfigError(_missing(obj, part, owner, module_name))
+        obj = getattr(obj, part)
+        done.append(part)
     return obj
+
+
+def _missing(owner: Any, name: str, shown: str, module_name: str) -> str:
+    """``shown has no class or function 'name'``, with the closest of ``owner``'s public ones."""
+    import difflib
+    import inspect
+
+    from torch import nn
+
+    found = sorted(
+        key
+        for key, value in vars(owner).items()
+        if not key.startswith("_")
+        and (
+            (isinstance(value, type) and issubclass(value, nn.Module))
+            or (inspect.isfunction(value) and inspect.ismodule(owner))  # not a class's methods
+        )
+    )
+    close = difflib.get_close_matches(name, found, n=1)
+    if close:
+        hint = f"; did you mean {close[0]}? (--arch {module_name}:{close[0]})"
+    elif found:
+        hint = f"; it has {', '.join(found[:6])}" + (" ..." if len(found) > 6 else "")
+    else:
+        hint = "; it defines no nn.Module class or function"
+    return f"{shown} has no class or function {name!r}{hint}"
 
 
 def _origin(module_name: str) -> str | None:

@@ -289,3 +289,28 @@ def test_taylor_term_recorded_at_source_ranks_like_full_tensors(
         np.testing.assert_allclose(got["score"], full["score"], rtol=2e-4, atol=1e-5 * scale)
         assert (got["score"].abs() > 0).all()
         assert (got["steps"] == full["steps"]).all() and (got["examples"] == full["examples"]).all()
+
+
+def test_progress_on_a_pipe_writes_nothing(dump: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With stderr piped, ``rank(progress=True)`` and ``tdump rank`` leave no blank line
+    (an empty rich bar); on a terminal (rich's TTY_COMPATIBLE=1) the bar is still drawn."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    code = f"import tdump\ntdump.rank({dump!r}, progress=True)\n"
+    tdump_cli = str(Path(sys.executable).parent / "tdump")
+    out = str(tmp_path / "r.parquet")
+    for argv in ([sys.executable, "-c", code], [tdump_cli, "rank", dump, "-o", out]):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "ranking" not in proc.stderr and "" not in proc.stderr.splitlines(), proc.stderr
+    drawn = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "TTY_COMPATIBLE": "1"},
+    )
+    assert drawn.returncode == 0 and "ranking" in drawn.stderr, drawn.stderr

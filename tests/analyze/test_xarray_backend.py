@@ -87,3 +87,24 @@ def test_memory_url_via_xarray(memory_dump: SmallDump) -> None:
     np.testing.assert_array_equal(
         ds["relu.output_0"].sel(step=0).values, memory_dump.values[("eval", "relu.output_0", 0)]
     )
+
+
+def test_modes_in_one_order_everywhere(small_dump: SmallDump) -> None:
+    """train, eval, global: the accessor, open_dump and Trial agree, however nodes are listed."""
+    import tdump
+    from tdump.analyze import Trial
+
+    assert small_dump.writer is not None
+    # a scalar of no module sits on the mode's own node, which a breadth-first walk meets
+    # before any module node of train or eval
+    small_dump.writer.write_tensor(
+        "global", 0, "scalars.accuracy", np.asarray(0.5), dims=(),
+        attrs={"collection": "scalars", "kind": "scalar", "module": ""},
+    )  # fmt: skip
+    small_dump.writer.commit("global", 0, step=30, batch_size=0)
+    want = ["train", "eval", "global"]
+    assert Trial(small_dump.path).modes() == want
+    for dt in (tdump.open_dump(small_dump.path), xr.open_datatree(small_dump.path, engine="tdump")):
+        assert dt.tdump.modes == want
+        assert dt.tdump.tensor("scalars.accuracy").values.tolist() == [0.5]
+        assert dt.tdump.tensor("conv1.weight").coords["mode"].item() == "train"

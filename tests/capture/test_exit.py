@@ -16,6 +16,7 @@ from torch import nn
 from tdump._control import STOPPED_EXIT_CODE, read_stop_request, write_stop_request
 from tdump._format import StoreReader
 from tdump.capture import Hook, TrainingStopped
+from tests.procs import default_sigint
 
 from .conftest import ROOT, SCRIPTS, TDUMP
 
@@ -33,12 +34,6 @@ for _ in range(6):
 """
 
 
-def _default_sigint() -> None:
-    # a suite started in the background of a non-interactive shell inherits SIGINT
-    # ignored, and so would the child: Python then never raises KeyboardInterrupt
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _popen(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         args,
@@ -47,7 +42,7 @@ def _popen(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_default_sigint,
+        preexec_fn=default_sigint,
     )
 
 

@@ -249,3 +249,21 @@ def test_default_selection_finds_activation_modules_of_a_sequential(tmp_path) ->
     assert not any(
         n[0].isdigit() and ".output_" in n for n in StoreReader(out + "2").tensor_names("train")
     )
+
+
+def test_one_step_warning_counts_tensor_steps_not_loss_steps(tmp_path) -> None:
+    """Losses saved every step (as `tdump loop` asks) do not hide tensors saved once."""
+    out = str(tmp_path / "losses.zarr")
+    config = '{"collections":[{"name":"losses","save_interval":1}]}'
+    proc = run([TDUMP, "record", "--out", out, "--config", config, SCRIPT, "--", "--steps", "4"])
+    assert proc.returncode == 0, proc.stderr
+    assert StoreReader(out).steps("train").tolist() == [0, 1, 2, 3]  # loss records
+    assert "holds 4 saved train step(s), 1 of them with the model's tensors" in proc.stderr
+    warning = "warning: only one saved train step with the model's tensors (step 0)"
+    assert warning in proc.stderr and "--interval" in proc.stderr
+    out2 = str(tmp_path / "every2.zarr")
+    proc = run([TDUMP, "record", "--out", out2, "--config", config, "--interval", "2", SCRIPT,
+                "--", "--steps", "4"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "holds 4 saved train step(s), 2 of them with the model's tensors" in proc.stderr
+    assert "warning:" not in proc.stderr

@@ -18,6 +18,7 @@ from tdump._control import STOPPED_EXIT_CODE, read_stop_request
 from tdump.analyze import Trial
 from tdump.cli.app import main
 from tests.analyze.rules_helpers import append, tensor, write
+from tests.procs import default_sigint
 
 ROOT = Path(__file__).resolve().parents[2]
 TDUMP = str(Path(sys.executable).parent / "tdump")
@@ -293,11 +294,15 @@ def test_ctrl_c_while_watching_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [TDUMP, "check", dump, "-r", "dead_relu", "--watch", "--quiet"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(),
+        preexec_fn=default_sigint,
     )  # fmt: skip
     assert proc.stderr is not None
     assert proc.stderr.readline().startswith("watching ")  # past start-up, inside the command
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130
+    try:
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
     assert rest.strip().splitlines() == ["error: interrupted"]

@@ -84,18 +84,24 @@ def test_builders_that_raise_are_said() -> None:
     assert "keys and shapes" not in why
 
 
-def test_grouped_convs_shortfall_is_said(
+def test_grouped_convs_and_round_to_reach_the_count(
     regnet: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Grouped convs lose channels per group: fewer go than asked, and that is the reason given."""
+    """Grouped convs lose channels per group, --round-to keeps multiples: whole steps still reach the count."""
     args = [str(regnet["ckpt"]), str(regnet["ranks"]), "--arch", REGNET, "--dry-run", "--json"]
     code, stdout, err = _cli(monkeypatch, capsys, *args, "--count", "1000")
     assert code == 0, err
     summary = json.loads(stdout)
+    assert summary["removed_channels"] == 1000, summary["notes"]
+    # with --round-to 8 every step is a multiple of 8 (a 25-group conv's is 200): 1000 still fits
+    code, stdout, err = _cli(monkeypatch, capsys, *args, "--count", "1001", "--round-to", "8")
+    assert code == 0, err
+    summary = json.loads(stdout)
     removed = summary["removed_channels"]
-    assert removed < 1000
+    assert removed == 1000, summary["notes"]
     said = " ".join(summary["notes"])
-    assert f"removed {removed} of 1000: grouped convs lose channels only in multiples" in said
+    assert f"removed {removed} of 1001: grouped convs lose channels only in multiples" in said
+    assert "round_to keeps channel counts multiples of 8" in said
     assert "more than can be pruned" not in said and "allow" not in said
     # more than the caps allow: that is said, with what they allow
     code, stdout, err = _cli(monkeypatch, capsys, *args, "--count", "100000")

@@ -141,3 +141,40 @@ def test_a_script_that_trains_no_model_says_so_once(tmp_path: Path) -> None:
     said = [ln for ln in proc.stderr.splitlines() if "nothing recorded" in ln]
     assert said == ["tdump: no trained module was seen; nothing recorded"], proc.stderr
     assert not (tmp_path / "d.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--intervall", "5"], "No such option: --intervall (Possible options: --interval)"),
+        (["--intervall=5"], "No such option: --intervall (Possible options: --interval)"),
+        (["--ot", "x.zarr"], "No such option: --ot (Possible options: --out)"),
+        (["-N", "5"], "No such option: -N"),
+    ],
+)
+def test_mistyped_option_is_an_unknown_option_not_a_script(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    """Before SCRIPT, a word starting with '-' is a mistyped tdump option: click's own error
+    (as `tdump prune --cout` gives), exit 2, the script never runs and nothing is written."""
+    marker = tmp_path / "ran"
+    script = tmp_path / "s.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    proc = _record("--out", str(tmp_path / "d.zarr"), *args, str(script))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "no training script" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert errors == [f"Error: {needle}"], proc.stderr
+    assert "Usage: tdump record [OPTIONS] SCRIPT [-- ARGS...]" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "d.zarr").exists()
+
+
+def test_script_options_pass_through_with_and_without_dashes(tmp_path: Path) -> None:
+    """Options after SCRIPT are the script's own, whether or not `--` comes first."""
+    script = tmp_path / "args.py"
+    script.write_text("import sys\nprint('ARGV', sys.argv[1:])\n")
+    for args in (["--epochs", "2", "--intervall", "5"], ["--", "--epochs", "2", "-n", "1"]):
+        proc = _record("--out", str(tmp_path / "d.zarr"), "-n", "3", str(script), *args)
+        assert proc.returncode == 0, proc.stderr
+        shown = [a for a in args if a != "--"]
+        assert f"ARGV {shown!r}" in proc.stdout, proc.stdout

@@ -30,6 +30,7 @@ from tests.loop.conftest import (
     run_tdump,
     tdump_cmd,
 )
+from tests.procs import default_sigint
 
 
 def _tinynet() -> Any:
@@ -208,7 +209,7 @@ def _loop_until(exp: Path, r: int, stage: str) -> subprocess.Popen[str]:
     """The base loop in ``exp``, in its own process group, once round ``r``'s ``stage`` runs."""
     args = ["loop", TRAIN, *STOP, *BASE, "--experiment", str(exp)]
     proc = subprocess.Popen(tdump_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+                            text=True, start_new_session=True, preexec_fn=default_sigint)  # fmt: skip
     _wait_for_stage(exp, r, stage, proc)
     return proc
 

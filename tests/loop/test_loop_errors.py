@@ -9,7 +9,7 @@ import pytest
 
 from tdump.errors import ConfigError
 from tdump.loop import Experiment, parse_stop
-from tests.loop.conftest import BASE, TRAIN, run_tdump
+from tests.loop.conftest import BASE, TRAIN, rows_of, run_tdump
 
 
 def _one_line_error(proc: object) -> str:
@@ -117,6 +117,9 @@ def test_started_without_arch_then_resumed_with_it(tmp_path: Path) -> None:
     )
     assert "round 0's checkpoint" in line and "plain state_dict" in line
     assert f"tdump loop --resume --experiment {exp}" in line and "--arch MODULE.BUILDER" in line
+    # both forms --arch takes: a module's class (the recorded type) and a script's own class
+    assert "e.g. tinynet.TinyNet" in line and "--arch SCRIPT.py:CLASS" in line
+    assert f"e.g. {TRAIN}:Net" in line
     assert "--like" not in line  # a `tdump prune` option the loop does not have
     model = exp / "round_000" / "model.pt"
     trained = model.stat().st_mtime_ns
@@ -135,6 +138,15 @@ def test_started_without_arch_then_resumed_with_it(tmp_path: Path) -> None:
     # the added import path is still a name read from a file: a later resume must re-give it
     again = run_tdump("loop", "--resume", "--experiment", str(exp))
     assert again.returncode != 0 and "--arch tinynet.TinyNet" in again.stderr
+    # --rounds 3 is the option's default, but given: as ignored as --rounds 5, and the
+    # note says how to go on from the finished experiment
+    more = ["--arch", "tinynet.TinyNet", "--rounds", "3"]
+    finished = run_tdump("loop", "--resume", "--experiment", str(exp), *more)
+    assert finished.returncode == 0, finished.stderr
+    assert "ignored: --rounds 3; --rounds is fixed when an experiment starts" in finished.stdout
+    assert f"--init {exp}/round_001/checkpoint.pt --arch tinynet.TinyNet" in finished.stdout
+    assert "is finished (rounds: 2 of 2 done)" in finished.stdout
+    assert len(rows_of(exp)) == 2
 
 
 def test_script_that_ignores_the_pruned_model_it_is_given(tmp_path: Path) -> None:

@@ -96,3 +96,67 @@ def test_unknown_bare_arch_says_what_would_work(arch: str, hint: str) -> None:
         resolve_arch(arch, trusted=True)
     text = str(err.value)
     assert "\n" not in text and "neither a registered builder" in text and hint in text
+
+
+def test_like_files_arch_is_named_with_the_fix_and_never_imported(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fine-tuned state_dict whose architecture comes from the --like checkpoint: the
+    refusal names that file, and says the fix for the CLI and for Python (walk2 #5)."""
+    import tdump
+    from tdump.errors import CheckpointError
+    from tests.cli.inproc import run_main
+    from tests.surgery.helpers import random_scores, write_ranks
+
+    model = surgery.build_arch("mytrain.py:Net")
+    surgery.save("pruned.pt", model, arch="mytrain.py:Net")
+    torch.save(model.state_dict(), "ft.pt")
+    for name in [m for m in sys.modules if "_tdump_user_" in m]:
+        del sys.modules[name]  # a fresh session: the user's script not imported yet
+    fix = (
+        "pass --arch mytrain.py:Net (in Python tdump.load('ft.pt', like='pruned.pt', arch=Net) "
+        "with the class itself, or arch='mytrain.py:Net')"
+    )
+    with pytest.raises(CheckpointError) as err:
+        tdump.load("ft.pt", like="pruned.pt")
+    text = str(err.value)
+    assert text.startswith("pruned.pt (--like) names architecture 'mytrain.py:Net'"), text
+    assert fix in text and "\n" not in text
+    with pytest.raises(CheckpointError) as err:
+        tdump.load("pruned.pt")
+    assert "in Python tdump.load('pruned.pt', arch=Net) with the class itself" in str(err.value)
+
+    write_ranks(project / "ranks.parquet", random_scores(model))
+    args = ["prune", "ft.pt", "ranks.parquet", "--like", "pruned.pt", "-o", "p2.pt", "--count", "2"]
+    code, _, stderr = run_main(monkeypatch, capsys, *args)
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1, stderr
+    assert lines[0].startswith("error: pruned.pt (--like) names architecture") and fix in lines[0]
+    assert not (project / "p2.pt").exists() and not (project / "TRAINED").exists()
+    assert not [m for m in sys.modules if "_tdump_user_" in m]  # nothing was imported
+    # the fix the message gives works
+    code, _, stderr = run_main(monkeypatch, capsys, *args, "--arch", "mytrain.py:Net")
+    assert code == 0 and (project / "p2.pt").exists(), stderr
+
+
+@pytest.mark.parametrize(
+    ("arch", "said"),
+    [
+        (
+            "mytrain.py:Nett",
+            "mytrain.py has no class or function 'Nett'; did you mean Net? (--arch mytrain.py:Net)",
+        ),
+        ("mytrain:mian", "mytrain has no class or function 'mian'; did you mean main?"),
+        ("mytrain.py:Zzz", "mytrain.py has no class or function 'Zzz'; it has Net, main"),
+        ("torch.nn:Conv2", "torch.nn has no class or function 'Conv2'; did you mean Conv2d?"),
+    ],
+)
+def test_mistyped_name_says_the_module_as_given_and_a_near_miss(
+    project: Path, arch: str, said: str
+) -> None:
+    """No private module name (`_tdump_user_mytrain`) in the message (walk2 #3)."""
+    with pytest.raises(ConfigError) as err:
+        surgery.build_arch(arch)
+    text = str(err.value)
+    assert text.startswith(said) and "_tdump_user_" not in text and "\n" not in text, text
+    assert not (project / "TRAINED").exists()

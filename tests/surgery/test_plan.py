@@ -197,3 +197,16 @@ def test_two_criteria_file_and_directory(resnet: nn.Module, tmp_path: object) ->
     assert surgery.plan(resnet, path, count=4, criterion="l2").layers["conv1"].keep[-1] == 59
     with pytest.raises(RanksError, match="is a directory"):
         surgery.plan(resnet, str(tmp_path), count=4)
+
+
+def test_groups_without_ranks_are_said(resnet: nn.Module) -> None:
+    """A group with no ranks keeps its channels; a group ranked by some members follows them."""
+    scores = random_scores(resnet)
+    del scores["layer1.0.conv1"]  # a group of its own: nothing decides for it
+    del scores["layer2.0.downsample.0"]  # coupled by the addition to layer2.0.conv2, layer2.1.conv2
+    small, plan = surgery.prune(resnet, scores, ratio=0.3)
+    said = " ".join(plan.notes)
+    assert "1 prunable group(s) have no ranks and keep all their channels (layer1.0.conv1)" in said
+    assert "e.g. layer2.0.downsample.0 (no ranks) follows layer2.0.conv2" in said
+    assert _convs(small)["layer1.0.conv1"] == 64
+    assert _convs(small)["layer2.0.downsample.0"] == _convs(small)["layer2.0.conv2"] < 128
