@@ -30,7 +30,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -83,6 +83,9 @@ class PlanContext:
     names: frozenset[str]
     mode: str
     attrs: Callable[[str], Mapping[str, Any]]
+    #: Tensor names of the dump's ``train`` mode when planning another mode (``None``:
+    #: unknown): a hint then tells "eval steps have no gradients" from "not recorded".
+    train_names: frozenset[str] | None = None
     _acts: dict[str, list[str]] | None = field(default=None, repr=False)
     _calls: dict[str, list[str]] | None = field(default=None, repr=False)
 
@@ -184,7 +187,9 @@ def get_criterion(name: str, *, signed: bool = False) -> Criterion:
         return _REGISTRY[name]()
     except KeyError:
         raise ConfigError(
-            f"unknown criterion {name!r}; choose one of {', '.join(criteria())}"
+            f"unknown criterion {name!r}; choose one of {', '.join(criteria())}, or install "
+            f"a plug-in that registers it under the entry-point group {ENTRY_POINT_GROUP!r} "
+            "(docs/ranking.md)"
         ) from None
 
 
@@ -286,14 +291,41 @@ def _per_filter_sum(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1).sum(axis=1, dtype=np.float64)
 
 
-def _need_grad(ctx: PlanContext, act: str) -> str:
+def _no_grad_mode_hint(
+    crit: str, ctx: PlanContext, wanted: Iterable[str], include: str = ".*relu"
+) -> str | None:
+    """The message for gradients missing because ``ctx.mode`` never has them, else ``None``.
+
+    ``wanted``: names that would do in ``train``; if its train steps hold one, ranking
+    them is the remedy, not recording again.
+    """
+    if ctx.mode not in ("eval", "predict"):  # the modes without a backward pass
+        return None
+    todo = "rank --mode train"
+    if frozenset(wanted).isdisjoint(ctx.train_names or ()):
+        todo = f"record them in train steps (e.g. --include '{include}') and {todo}"
+    return (
+        f"{crit} needs gradients, which {ctx.mode} steps never have: {todo}, "
+        f"or use -c l1 / apoz / bn-gamma for {ctx.mode}"
+    )
+
+
+def _need_grad(ctx: PlanContext, act: str, crit: str) -> str:
     g = grad_name(act)
     if g not in ctx.names:
         raise MissingTensorError(
-            f"dump has no gradients for {act!r}; record with include_regex matching it and "
+            _no_grad_mode_hint(crit, ctx, [g, act + TAYLOR_SUFFIX])
+            or f"dump has no gradients for {act!r}; record with include_regex matching it and "
             f"activation gradients, e.g. --include '.*relu'"
         )
     return g
+
+
+#: How to record full activations again (no capture reduction keeps the zeros).
+_RECORD_FULL = (
+    "record without the reduction (tdump loop --full-tensors; tdump record without "
+    "\"reduction\" in --config, whose default --include '.*relu' stores the ReLU outputs)"
+)
 
 
 # --------------------------------------------------------------------------- criteria
@@ -312,8 +344,9 @@ class Taylor(Criterion):
                     stored = ctx.reduction(name)
                     if stored is not None:
                         raise MissingTensorError(
-                            f"{name!r} is stored reduced ({stored!r}); the taylor criterion needs "
-                            f"the full {role} or reduction='taylor' at capture"
+                            f"{name!r} is stored reduced (reduction={stored!r}); {self.name} "
+                            f"needs the full {role} or its Taylor term: record without the "
+                            """reduction, or with --config '{"reduction": "taylor"}'"""
                         )
                 return Plan({"act": cand, "grad": g})
             term = cand + TAYLOR_SUFFIX
@@ -321,7 +354,7 @@ class Taylor(Criterion):
                 return Plan({"term": term}, {"term": "taylor"})
         act = ctx.activation(layer)
         if act is not None:
-            _need_grad(ctx, act)
+            _need_grad(ctx, act, self.name)
         return None
 
     def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
@@ -334,7 +367,8 @@ class Taylor(Criterion):
         return t.sum(axis=0), t.shape[0]
 
     def missing(self, ctx: PlanContext) -> str:
-        return (
+        grads = (n for n in ctx.train_names or () if n.endswith((".grad", TAYLOR_SUFFIX)))
+        return _no_grad_mode_hint(self.name, ctx, (n for n in grads if ".output_" in n)) or (
             f"dump has no activations of conv layers (e.g. ReLU outputs) with gradients in mode "
             f"{ctx.mode!r}; record with include_regex matching them and activation gradients, "
             f"e.g. --include '.*relu'"
@@ -400,12 +434,21 @@ class APoZ(Criterion):
     def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
         act = ctx.activation(layer, activation_only=True)
         if act is None:
+            if any(o + TAYLOR_SUFFIX in ctx.names for o in ctx.call_outputs(layer)):
+                # recorded, but only as a*g (reduction="taylor"): no zeros left to count
+                raise MissingTensorError(
+                    "this dump stores only taylor terms (reduction='taylor'); apoz needs full "
+                    f"activations or reduction='zero_fraction': {_RECORD_FULL}"
+                )
             return None
         red = ctx.reduction(act)
+        # a per-example zero fraction (reduction="zero_fraction") is what APoZ averages;
+        # mean/abs_mean/l2/taylor lose the zeros
         if red is not None and red not in ("zero_fraction", "apoz"):
             raise MissingTensorError(
-                f"{act!r} is stored reduced ({red!r}); apoz needs full activations or "
-                "reduction 'zero_fraction'"
+                f"{act!r} is stored reduced (reduction={red!r}); apoz needs full activations "
+                "or reduction='zero_fraction': "
+                f"{_RECORD_FULL}"
             )
         return Plan({"act": act}, {"act": red} if red else {})
 
@@ -437,7 +480,8 @@ class TaylorWeight(Criterion):
         g = grad_name(w)
         if g not in ctx.names:
             raise MissingTensorError(
-                f"dump has no gradient for {w!r}; record parameter gradients with include_regex "
+                _no_grad_mode_hint(self.name, ctx, [g], ".*weight")
+                or f"dump has no gradient for {w!r}; record parameter gradients with include_regex "
                 f"matching them, e.g. --include '.*weight'"
             )
         return Plan({"w": w, "grad": g})

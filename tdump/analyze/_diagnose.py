@@ -29,14 +29,22 @@ Examples
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tdump._format import grad_name
 from tdump.analyze._criteria import Criterion, PlanContext
-from tdump.errors import MissingTensorError
+from tdump.analyze._tasks import NonFinite
+from tdump.errors import MissingTensorError, NonFiniteWarning
 
-__all__ = ["include_regex", "skipped_notes", "unscored_reason"]
+__all__ = [
+    "include_regex",
+    "one_step_note",
+    "skipped_notes",
+    "unscored_reason",
+    "warn_non_finite",
+]
 
 _NO_ACTIVATION = (
     "no activation module receives these channels alone "
@@ -63,7 +71,7 @@ def _plans_with(crit: Criterion, ctx: PlanContext, layer: str, extra: Sequence[s
     def attrs(name: str) -> Mapping[str, Any]:
         return ctx.attrs(name) if name in real else {}
 
-    trial = PlanContext(ctx.dataflow, real | frozenset(extra), ctx.mode, attrs)
+    trial = PlanContext(ctx.dataflow, real | frozenset(extra), ctx.mode, attrs, ctx.train_names)
     try:
         return crit.plan(layer, trial) is not None
     except MissingTensorError:
@@ -161,3 +169,56 @@ def _describe(names: Sequence[str]) -> str:
         grads = any(n.endswith(".grad") for n in names)
         return "the module outputs before the activation" + (" with gradients" if grads else "")
     return "their weights" + (" with gradients" if any(n.endswith(".grad") for n in names) else "")
+
+
+def one_step_note(crit: str, mode: str, step: int) -> str:
+    """The note for scores that rest on one saved step.
+
+    Only train step 0 is the untrained model: each mode counts its own steps, so eval
+    step 0 usually ran after training steps.
+
+    >>> one_step_note("apoz", "eval", 0)[:54]
+    'apoz scores rest on one saved step (eval step 0); save'
+    """
+    where = "step 0, the untrained model" if mode == "train" and step == 0 else f"step {step}"
+    if mode != "train":
+        where = f"{mode} {where}"
+    return (
+        f"{crit} scores rest on one saved step ({where}); save more steps "
+        "(a smaller --interval when recording) for scores that reflect training"
+    )
+
+
+def warn_non_finite(
+    seen: Sequence[NonFinite], layers: Sequence[str], keep_nan: bool
+) -> dict[int, set[int]]:
+    """Warn once per layer about records holding NaN/Inf; return ``{job: steps left out}``.
+
+    ``layers[i]`` is the layer of job ``i``. The warning points at the caller of
+    :func:`~tdump.analyze.rank_table` (``stacklevel=3``), so call it from there.
+    """
+    by_job: dict[int, list[NonFinite]] = {}
+    for nf in seen:
+        by_job.setdefault(nf.job, []).append(nf)
+    left_out: dict[int, set[int]] = {}
+    for i, found in sorted(by_job.items()):
+        steps = sorted({nf.step for nf in found})
+        tensors = sorted({t for nf in found for t in nf.tensors})
+        shown = ", ".join(map(str, steps[:5])) + (
+            f" and {len(steps) - 5} more" if len(steps) > 5 else ""
+        )
+        what = (
+            "its scores are NaN (keep_nan)"
+            if keep_nan
+            else "left out of its scores (keep_nan=True / --keep-nan keeps them)"
+        )
+        warnings.warn(
+            f"{', '.join(tensors)} hold{'s' if len(tensors) == 1 else ''} "
+            f"{sum(nf.count for nf in found)} NaN/Inf values at step{'s' if len(steps) > 1 else ''} "
+            f"{shown}; layer {layers[i]!r}: {what}",
+            NonFiniteWarning,
+            stacklevel=3,
+        )
+        if not keep_nan:
+            left_out[i] = set(steps)
+    return left_out

@@ -175,6 +175,7 @@ def _tensor_info(
         "dims": list(attrs.get("dims", [])),
         "dtype": str(arr.dtype),
         "source_dtype": attrs.get("source_dtype"),
+        "storage_dtype": attrs.get("storage_dtype"),
         "reduction": attrs.get("reduction"),
         "records": len(saved),
         "first_step": int(steps[0]) if len(steps) else None,

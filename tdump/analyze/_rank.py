@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,13 @@ from tdump._format import StoreReader
 from tdump._preload import preload
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
-from tdump.analyze._diagnose import _NO_ACTIVATION, skipped_notes, unscored_reason
+from tdump.analyze._diagnose import (
+    _NO_ACTIVATION,
+    one_step_note,
+    skipped_notes,
+    unscored_reason,
+    warn_non_finite,
+)
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._ranks_io import RANKS_FORMAT, RANKS_VERSION, RankTable
 from tdump.analyze._schedule import (
@@ -41,13 +46,13 @@ from tdump.analyze._schedule import (
     ProgressFn,
     check_address,
     execute,
+    ignored_workers_note,
     runs_in_process,
 )
-from tdump.analyze._tasks import NonFinite, Partials, _combine, _record_task, _share_arrays
+from tdump.analyze._tasks import Partials, _combine, _record_task, _share_arrays
 from tdump.errors import (
     ConfigError,
     MissingTensorError,
-    NonFiniteWarning,
     SelectionError,
     compile_regex,
 )
@@ -140,37 +145,6 @@ def _task_args(r: Record, keep_nan: bool) -> tuple[int, int, int, int, bool]:
     return (r.rank, r.index, r.batch_size, r.step, keep_nan)
 
 
-def _warn_non_finite(
-    seen: Sequence[NonFinite], jobs: Sequence[LayerJob], keep_nan: bool
-) -> dict[int, set[int]]:
-    """Warn once per layer about records holding NaN/Inf; return ``{job: steps left out}``."""
-    by_job: dict[int, list[NonFinite]] = {}
-    for nf in seen:
-        by_job.setdefault(nf.job, []).append(nf)
-    left_out: dict[int, set[int]] = {}
-    for i, found in sorted(by_job.items()):
-        steps = sorted({nf.step for nf in found})
-        tensors = sorted({t for nf in found for t in nf.tensors})
-        shown = ", ".join(map(str, steps[:5])) + (
-            f" and {len(steps) - 5} more" if len(steps) > 5 else ""
-        )
-        what = (
-            "its scores are NaN (keep_nan)"
-            if keep_nan
-            else "left out of its scores (keep_nan=True / --keep-nan keeps them)"
-        )
-        warnings.warn(
-            f"{', '.join(tensors)} hold{'s' if len(tensors) == 1 else ''} "
-            f"{sum(nf.count for nf in found)} NaN/Inf values at step{'s' if len(steps) > 1 else ''} "
-            f"{shown}; layer {jobs[i].layer!r}: {what}",
-            NonFiniteWarning,
-            stacklevel=3,
-        )
-        if not keep_nan:
-            left_out[i] = set(steps)
-    return left_out
-
-
 # --------------------------------------------------------------------------- planning
 def _dataflow(reader: StoreReader, mode: str) -> Dataflow:
     meta = reader.meta(reader.ranks()[0] if reader.ranks() else 0)
@@ -245,7 +219,10 @@ def _plan_jobs(
             attrs_cache[name] = reader.tensor_attrs(mode, name, rank0)
         return attrs_cache[name]
 
-    ctx = PlanContext(_dataflow(reader, mode), names, mode, attrs)
+    train_names = None
+    if mode != "train":  # an eval/predict hint says whether the train steps hold gradients
+        train_names = frozenset(reader.tensor_names("train", rank0))
+    ctx = PlanContext(_dataflow(reader, mode), names, mode, attrs, train_names)
     planned: list[tuple[str, Plan]] = []
     unplanned: list[str] = []
     for layer in layers:
@@ -434,11 +411,10 @@ def rank_table(
     )
     used_steps = sorted({r.step for job in jobs for r in job.records})
     if crit.all_records and len(used_steps) == 1:
-        notes.append(
-            f"{crit.name} scores rest on one saved step (step {used_steps[0]}"
-            f"{', the untrained model' if used_steps[0] == 0 else ''}); save more steps "
-            "(a smaller --interval when recording) for scores that reflect training"
-        )
+        notes.append(one_step_note(crit.name, mode, used_steps[0]))
+    workers_note = ignored_workers_note(scheduler, workers)
+    if workers_note is not None:
+        notes.append(workers_note)
     so_json = json.dumps(dict(storage_options or {}), sort_keys=True)
     if runs_in_process(scheduler):
         planned = {
@@ -470,7 +446,7 @@ def rank_table(
         path=reader.path,
         connect_timeout=connect_timeout,
     )
-    left_out = _warn_non_finite(combined.non_finite, jobs, keep_nan)
+    left_out = warn_non_finite(combined.non_finite, [j.layer for j in jobs], keep_nan)
     layers_out: list[tuple[str, np.ndarray, int, int, str]] = []
     kept_jobs = []
     for i, job in enumerate(jobs):

@@ -25,12 +25,20 @@ from typing import Any
 from tdump.analyze._cluster import check_workers
 from tdump.errors import ConfigError
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "ProgressFn", "check_address", "execute", "runs_in_process"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "ProgressFn",
+    "check_address",
+    "execute",
+    "ignored_workers_note",
+    "runs_in_process",
+]
 
 ProgressFn = Callable[[int, int], None]
 _MIN_WORKER_MEMORY = 512 * 2**20
 _LOCAL = {"threads", "threading", "processes", "multiprocessing", "sync", "synchronous"}
 _IN_PROCESS = {"threads", "threading", "sync", "synchronous"}
+_SYNC = {"sync", "synchronous"}
 #: Seconds to wait for a scheduler address to answer (``--timeout``).
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Address schemes dask.distributed speaks (``distributed.comm.registry.backends``).
@@ -209,6 +217,27 @@ def _probe_tcp(address: str, host: str, port: int, timeout: float) -> None:
 def runs_in_process(scheduler: Any) -> bool:
     """Whether ``scheduler`` runs the tasks in this process (``threads``, ``sync``)."""
     return isinstance(scheduler, str) and scheduler in _IN_PROCESS
+
+
+def ignored_workers_note(scheduler: Any, workers: int | None) -> str | None:
+    """A note when ``workers`` is set but ``scheduler`` does not use it, else ``None``.
+
+    ``sync`` runs one task at a time; an address or a ``Client`` brings its cluster's
+    own workers. Only ``threads`` and ``processes`` start workers here.
+
+    >>> ignored_workers_note("sync", 4)
+    '--workers 4 ignored: the sync scheduler runs one task at a time (use threads or processes)'
+    >>> ignored_workers_note("threads", 4) is None
+    True
+    """
+    if workers is None or (isinstance(scheduler, str) and scheduler in _LOCAL - _SYNC):
+        return None
+    if isinstance(scheduler, str) and scheduler in _SYNC:
+        return (
+            f"--workers {workers} ignored: the {scheduler} scheduler runs one task at a time "
+            "(use threads or processes)"
+        )
+    return f"--workers {workers} ignored: a cluster runs the tasks on the workers it has"
 
 
 def execute(

@@ -56,7 +56,7 @@ ALWAYS_ON: frozenset[str] = frozenset({"losses", "loss_inputs", "scalars"})
 #: The collections of module outputs and their gradients (``include_activations``).
 ACTIVATION_COLLECTIONS: frozenset[str] = frozenset({"activations", "activation_gradients"})
 #: Reduce-at-source options for activations and their gradients (see docs/capture.md).
-REDUCTIONS: tuple[str, ...] = ("mean", "abs_mean", "l2", "taylor")
+REDUCTIONS: tuple[str, ...] = ("mean", "abs_mean", "l2", "taylor", "zero_fraction")
 COMPRESSIONS: tuple[str, ...] = ("auto", "zstd", "lz4", "lz4-noshuffle", "zstd-plain", "none")
 #: What ``compression="auto"`` (the default) stores each collection with; others: ``none``.
 #: Measured on resnet18 (benchmarks/results/capture_overhead.txt): weights and gradients

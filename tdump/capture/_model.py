@@ -164,10 +164,14 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:
     """Per-example per-channel reduction over the spatial dims (dims >= 2).
 
-    ``mean``, ``abs_mean``, ``l2`` (root of the sum of squares). Tensors with fewer
-    than 3 dims are returned as they are (``abs`` for ``abs_mean``).
+    ``mean``, ``abs_mean``, ``l2`` (root of the sum of squares), ``zero_fraction``
+    (the fraction of exact zeros: what APoZ averages). Tensors with fewer than 3 dims
+    are returned as they are (``abs`` for ``abs_mean``, 0/1 for ``zero_fraction``).
     """
     t = t.detach()
+    if how == "zero_fraction":
+        zeros = (t == 0).float()
+        return zeros.mean(tuple(range(2, t.dim()))) if t.dim() > 2 else zeros
     if how == "abs_mean":
         t = t.abs()
     dims = tuple(range(2, t.dim()))

@@ -200,7 +200,8 @@ class SavedStep:
         if want_act:
             value = reduce_channels(out, red) if red else out
             self.add(name, value, dims, "activations", "output", path, extra, bool(red))
-        if want_grad and out.requires_grad:
+        # a gradient's fraction of zeros means nothing: zero_fraction stores outputs only
+        if want_grad and out.requires_grad and red != "zero_fraction":
             out.register_hook(self.guard(self._make_out_grad(gname, path, dims, extra)))
 
     def _make_out_grad(

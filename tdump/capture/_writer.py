@@ -133,25 +133,34 @@ class HostBuffers:
                 self._bytes += t.nbytes
 
 
-def make_compressors(spec: str, collection: str | None = None) -> Any:
+def make_compressors(
+    spec: str, collection: str | None = None, storage_dtype: str | None = None
+) -> Any:
     """Zarr v3 compressors for a spec and the tensor's collection.
 
     Specs: ``auto`` (per collection, :data:`~tdump.capture.AUTO_COMPRESSION`; else
     none), ``zstd[:level]``, ``lz4[:level]``, ``lz4-noshuffle[:level]``,
     ``zstd-plain[:level]``, ``none``. ``zstd`` and ``lz4`` are Blosc with byte shuffle
     (zstd level 1, lz4 level 5 by default); ``zstd-plain`` is the bare zstd codec.
+    With ``storage_dtype="bfloat16"`` (float32 whose two low bytes are zero) ``auto``
+    is LZ4 with byte shuffle for every collection: the zero bytes become whole zero
+    planes, which is where that option's halving of the bytes comes from.
 
     >>> make_compressors("none") is None, make_compressors("auto", "weights") is None
     (True, True)
     >>> make_compressors("auto", "activations")[0].cname.value
     'lz4'
+    >>> make_compressors("auto", "weights", "bfloat16")[0].shuffle.value
+    'shuffle'
     """
     from zarr.codecs import BloscCodec, ZstdCodec
 
     from tdump.capture._config import AUTO_COMPRESSION
 
     if spec == "auto":
-        spec = AUTO_COMPRESSION.get(collection or "", "none")
+        spec = (
+            "lz4" if storage_dtype == "bfloat16" else AUTO_COMPRESSION.get(collection or "", "none")
+        )
     name, _, level = spec.partition(":")
     if name == "none":
         return None
@@ -383,7 +392,9 @@ class BackgroundWriter:
                 attrs["storage_dtype"] = self._storage_dtype
             coll = attrs.get("collection")
             if coll not in self._compressors:
-                self._compressors[coll] = make_compressors(self._compression, coll)
+                self._compressors[coll] = make_compressors(
+                    self._compression, coll, self._storage_dtype
+                )
             future = store.write_tensor(
                 rec.mode,
                 index,

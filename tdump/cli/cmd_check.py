@@ -23,7 +23,13 @@ def _where(step: int, mode: str | None) -> str:
     return f"step {step}" + (f" ({mode})" if mode else "")
 
 
-def _report(dump: str, names: list[str], firings: list[Any], evaluated: dict[str, int]) -> dict:
+def _report(
+    dump: str,
+    names: list[str],
+    firings: list[Any],
+    evaluated: dict[str, int],
+    notes: dict[str, str],
+) -> dict:
     rules = []
     for name in names:
         mine = [f for f in firings if f.rule == name and not f.error]
@@ -32,6 +38,7 @@ def _report(dump: str, names: list[str], firings: list[Any], evaluated: dict[str
             {
                 "rule": name,
                 "steps_checked": evaluated.get(name, 0),
+                "note": notes.get(name) if not evaluated.get(name, 0) else None,
                 "fired": [{"step": f.step, "mode": f.mode, "why": f.why} for f in mine],
                 "error": None
                 if error is None
@@ -59,6 +66,9 @@ def _render(report: dict) -> None:
                 console.print(f"  {_where(f['step'], f['mode'])}: {f['why']}", soft_wrap=True)
             if len(fired) > _SHOWN:
                 console.print(f"  ... {len(fired) - _SHOWN} more (--json lists all)")
+        elif r["error"] is None and r["note"]:
+            # it evaluated nothing for lack of saved steps: "no firing" would mislead
+            console.print(f"[bold]{r['rule']}[/]: {r['note']}", soft_wrap=True)
         elif r["error"] is None:
             hint = "" if n else " (it found no data to read in this dump)"
             console.print(
@@ -144,6 +154,7 @@ def register(app: typer.Typer) -> None:
         params = parse_params(param)
         names = [load_rule(r).name for r in rule]
         evaluated: dict[str, int] = {}
+        notes: dict[str, str] = {}
 
         def on_firing(f: Any) -> None:
             if f.error:
@@ -168,6 +179,7 @@ def register(app: typer.Typer) -> None:
                 stop=not no_stop,
                 on_firing=on_firing,
                 evaluated=evaluated,
+                notes=notes,
             )
         else:
             firings = check(
@@ -179,8 +191,9 @@ def register(app: typer.Typer) -> None:
                 on_firing=on_firing,
                 progress=not (quiet or as_json) and console.is_terminal,
                 evaluated=evaluated,
+                notes=notes,
             )
-        report = _report(dump, names, firings, evaluated)
+        report = _report(dump, names, firings, evaluated, notes)
         fired = [f for f in firings if not f.error]
         if watch:
             stopped = fired and not no_stop

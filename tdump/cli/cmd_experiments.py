@@ -179,7 +179,9 @@ def register(app: typer.Typer) -> None:
 
     @group.command("compare", cls=TdumpCommand)
     def compare_cmd(
-        experiments: list[Path] = typer.Argument(..., help="Two or more experiment directories."),
+        experiments: list[Path] = typer.Argument(
+            ..., help="Experiment directories (one or more; several share one figure)."
+        ),
         out: Path = typer.Option(Path("compare.png"), "-o", "--out", help="Figure to write."),
     ) -> None:
         """Put several experiments on one figure (taylor vs l1, say) and print their tables."""

@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
         full_tensors: bool = typer.Option(
             False,
             "--full-tensors",
-            help="Taylor criteria: record full tensors, not just the ReLUs' Taylor term.",
+            help="Taylor criteria and apoz: record full tensors, not the ReLUs' reduction.",
         ),
         input_shape: str | None = typer.Option(
             None, "--input-shape", help="Input shape for FLOPs, e.g. 3,32,32 [from the dump]."

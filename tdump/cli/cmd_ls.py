@@ -56,7 +56,8 @@ _MIN_NAME = 24
 def _rows(info: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     for t in info["tensors"]:
-        dtype = t["dtype"]
+        # bfloat16 is stored as float32 with zeroed low bytes (numpy has no bfloat16)
+        dtype = "bfloat16" if t.get("storage_dtype") == "bfloat16" else t["dtype"]
         if t.get("source_dtype") and t["source_dtype"] != dtype:
             dtype = f"{dtype} ({t['source_dtype']})"
         rows.append(

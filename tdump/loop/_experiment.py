@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ __all__ = [
     "Experiment",
     "arch_needed",
     "atomic_write",
+    "check_arch_now",
     "check_resumed_arch",
 ]
 
@@ -244,6 +246,25 @@ class Experiment:
                 )
             fh.write(f"\n# round {r}: {stage}  ({_now()})\n")
             fh.write("".join(line + "\n" for line in lines))
+
+
+def check_arch_now(arch: str, script: str) -> None:
+    """Resolve ``--arch`` before round 0 trains, so a name that cannot be built fails at once.
+
+    The user named it, so importing it is allowed (as ``tdump prune --arch`` does);
+    the script's folder is on the path, as it is for the stages.
+    """
+    from tdump.surgery._arch import resolve_arch
+
+    folder = os.path.dirname(os.path.abspath(script))
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        resolve_arch(arch, trusted=True)
+    finally:
+        if added:
+            sys.path.remove(folder)
 
 
 def check_resumed_arch(stored: str | None, given: str | None, path: Path) -> None:

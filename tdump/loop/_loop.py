@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from tdump.errors import ConfigError, LoopError, TdumpError
-from tdump.loop._experiment import Experiment, arch_needed, check_resumed_arch
+from tdump.loop._experiment import (
+    Experiment,
+    arch_needed,
+    check_arch_now,
+    check_resumed_arch,
+)
 from tdump.loop._settings import STOP_CHECKS, LoopSettings, record_options
 from tdump.loop._stages import (
     StageResult,
@@ -478,6 +483,8 @@ def run_loop(
             raise LoopError(
                 f"{path} is a non-empty directory that is not a tdump experiment; choose another --experiment"
             )
+    if not resume and settings.arch:  # a name that cannot be built fails now, not after round 0
+        check_arch_now(settings.arch, settings.script)
     with Experiment.lock(path):
         if Experiment.is_experiment(path):
             if not resume:
@@ -485,6 +492,8 @@ def run_loop(
             exp = Experiment.open(path)
             stored = LoopSettings.from_dict(exp.settings)
             check_resumed_arch(stored.arch, settings.arch, path)
+            if settings.arch or stored.arch:  # before anything is written or trained
+                check_arch_now(settings.arch or stored.arch or "", stored.script)
             if stored.arch is None and settings.arch is not None:
                 # started without --arch (round 0 could not rebuild its model): adopt it
                 exp.add_arch(settings.arch, settings.arch_kwargs)

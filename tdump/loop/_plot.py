@@ -32,6 +32,25 @@ def _pyplot() -> Any:
     return plt
 
 
+def _check_out(out: str) -> None:
+    """Refuse, before drawing, a path matplotlib cannot write (a folder, an unknown suffix)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if os.path.isdir(out):
+        raise ConfigError(
+            f"{out} is a directory; give a file name, e.g. {os.path.join(out, 'curve.png')}"
+        )
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = os.path.splitext(out)[1].lstrip(".").lower()
+    if suffix not in kinds:
+        found = f"suffix '.{suffix}'" if suffix else "no suffix"
+        raise ConfigError(
+            f"cannot write a figure to {out} ({found}); the suffix picks the format: "
+            + ", ".join(f".{k}" for k in ("png", "svg", "pdf") if k in kinds)
+            + f" (or {', '.join('.' + k for k in sorted(kinds) if k not in ('png', 'svg', 'pdf'))})"
+        )
+
+
 def _millions(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
@@ -48,6 +67,7 @@ def plot_rounds(
     Rounds without an accuracy are left out of the accuracy panels.
     """
     plt = _pyplot()
+    _check_out(os.fspath(out))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     curve, acc_ax, par_ax = axes
     for label, rows in experiments:

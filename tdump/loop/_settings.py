@@ -134,10 +134,11 @@ RECORD_CONFIG: dict[str, Any] = {
 }
 
 
-#: Criteria that rank from the Taylor term alone: with them the loop records just that,
-#: at the source (``reduction="taylor"``, a few KB per layer and step), unless
-#: ``full_tensors``.
-TAYLOR_CRITERIA = frozenset({"taylor", "taylor-signed"})
+#: Criteria that rank from a per-example, per-channel reduction alone: with them the
+#: loop records just that, at the source (a few KB per layer and step), unless
+#: ``full_tensors``: the Taylor term, or the fraction of zeros ``apoz`` averages.
+SOURCE_REDUCTIONS = {"taylor": "taylor", "taylor-signed": "taylor", "apoz": "zero_fraction"}
+TAYLOR_CRITERIA = frozenset(c for c, r in SOURCE_REDUCTIONS.items() if r == "taylor")
 #: What the loop records for a Taylor criterion when ``--include`` is not given: the
 #: activations of ``tdump record``'s default selection (with ``include_activations``,
 #: activation modules whatever their names), without the parameters.
@@ -147,10 +148,10 @@ TAYLOR_INCLUDE = ".*relu"
 def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     """The ``--include`` (``None``: record's default) and ``--config`` of the train stage.
 
-    Losses and loss inputs at every step (for the metrics). With a Taylor criterion,
-    only what ranking reads: the per-example Taylor term of the ReLU outputs (or of
-    what ``settings.include`` selects) instead of full activations, their gradients
-    and the parameters. ``settings.full_tensors`` records ``tdump record``'s usual
+    Losses and loss inputs at every step (for the metrics). With a Taylor criterion
+    or ``apoz``, only what ranking reads: the per-example Taylor term (or fraction of
+    zeros) of the ReLU outputs (or of what ``settings.include`` selects) instead of
+    full activations, their gradients and the parameters. ``settings.full_tensors`` records ``tdump record``'s usual
     full tensors instead, for stop checks or analyses that read them.
 
     Examples
@@ -159,11 +160,14 @@ def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     ('.*relu', {'collections': [...], 'reduction': 'taylor', 'include_activations': True})
     >>> record_options(LoopSettings(script="t.py", criterion="l1"))[0] is None
     True
+    >>> record_options(LoopSettings(script="t.py", criterion="apoz"))[1]["reduction"]
+    'zero_fraction'
     """
     config = dict(RECORD_CONFIG)
-    if settings.criterion not in TAYLOR_CRITERIA or settings.full_tensors:
+    reduction = SOURCE_REDUCTIONS.get(settings.criterion)
+    if reduction is None or settings.full_tensors:
         return settings.include, config
-    config["reduction"] = "taylor"
+    config["reduction"] = reduction
     if settings.include:
         return settings.include, config
     config["include_activations"] = True

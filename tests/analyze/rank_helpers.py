@@ -241,3 +241,64 @@ def reference(reader: StoreReader, criterion: str, layer_sources: dict[str, str]
         ]
         return np.mean(vals, axis=0)
     raise ValueError(criterion)
+
+
+# --------------------------------------------------------------------------- small Hook dumps
+#: `tdump record`'s default ``--include``.
+RECORD_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"
+
+
+class SmallNet(nn.Module):
+    """Conv-BN-ReLU x2 on 1x8x8 inputs, like a user's first script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = (
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+        )
+        self.conv2, self.bn2, self.relu2 = (
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def record_small(
+    path: str, *, train_steps: int = 4, eval_steps: int = 1, **hook_settings: Any
+) -> str:
+    """Train :class:`SmallNet` ``train_steps`` steps, then run ``eval_steps`` eval batches.
+
+    Every step of each mode is saved (``save_interval=1``), by default with `tdump
+    record`'s selection; ``hook_settings`` go to :class:`tdump.capture.Hook` (e.g.
+    ``reduction="taylor"``, ``include_regex``).
+    """
+    from tdump.capture import Hook
+
+    torch.manual_seed(0)
+    model, loss_fn = SmallNet(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    settings = {"include_regex": RECORD_INCLUDE, "include_activations": True, **hook_settings}
+    hook = Hook(path, save_interval=1, **settings)
+    hook.register_module(model)
+    hook.register_loss(loss_fn)
+    for step in range(train_steps + eval_steps):
+        x, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+        if step < train_steps:
+            model.train()
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        else:
+            model.eval()
+            with torch.no_grad():
+                loss_fn(model(x), y)
+    hook.close()
+    return path

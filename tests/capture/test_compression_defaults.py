@@ -73,3 +73,24 @@ def test_explicit_codecs_apply_to_every_collection(
 def test_unknown_codec_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown compression 'brotli'"):
         HookConfig(compression="brotli")
+
+
+def test_bfloat16_storage_halves_the_bytes_of_every_collection(tmp_path: Path) -> None:
+    """storage_dtype="bfloat16": bf16-rounded values, byte-shuffled LZ4, half the bytes or less."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 36, 64))
+    out = str(tmp_path / "bf.zarr")
+    hook = Hook(out, include_regex=r".*", save_interval=1, storage_dtype="bfloat16")
+    hook.register_module(model)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    hook.close()
+    r = StoreReader(out)
+    for name in ("0.weight", "3.weight", "0.weight.grad"):
+        assert _codec(r, name) == "lz4-shuffle", name
+        sizes = r.record_sizes("train", name)
+        stored = sum(sizes.values())
+        logical = np.asarray(r.array("train", name)[0]).nbytes
+        assert stored <= 0.55 * logical, (name, stored, logical)
+    want = model[3].weight.detach().to(torch.bfloat16).float().numpy()  # torch's own rounding
+    np.testing.assert_array_equal(np.asarray(r.array("train", "3.weight")[0]), want)
+    assert r.tensor_attrs("train", "3.weight")["storage_dtype"] == "bfloat16"

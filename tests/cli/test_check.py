@@ -103,6 +103,21 @@ def test_healthy_dump_exits_0(tmp_path: Path, capsys, monkeypatch) -> None:
     assert code == 0 and out.strip() == "exploding_tensor: no firing, 3 steps checked" and err == ""
 
 
+def test_unfilled_window_says_what_it_needs(sick: str, capsys, monkeypatch) -> None:
+    # 6 saved losses: window 5 needs 10; window 3 fills at the 6th (NaN from step 3: fires)
+    code, out, _ = _main(capsys, monkeypatch, "check", sick, "-r", "loss_not_decreasing", "-q")
+    assert code == 0 and out.strip() == (
+        "loss_not_decreasing: needs 10 saved steps (2 x window 5) of loss.output_0 (train), "
+        "the dump has 6: set -p window=N with N <= 3"
+    )
+    code, out, _ = _main(
+        capsys, monkeypatch, "check", sick, "-r", "loss_not_decreasing", "-p", "window=3", "--json"
+    )
+    [rule] = json.loads(out)["rules"]
+    assert code == 3 and rule["steps_checked"] == 1 and rule["note"] is None
+    assert [f["step"] for f in rule["fired"]] == [5]
+
+
 BROKEN = "class Rule:\n    def invoke_at_step(self, step)\n        return True\n"
 RULES = """
 class NoInvoke:
@@ -136,6 +151,11 @@ class Raises:
             "layer_threshold must be in [0, 1), got 2",
         ),
         (["-r", "dead_relu", "--watch", "--poll", "0"], "--poll must be > 0 seconds, got 0"),
+        (
+            ["-r", "exploding_tensor", "--mode", "evl"],
+            "has no saved 'evl' steps; modes present: train",
+        ),
+        (["-r", "dead_relu", "-p", "mode=evl"], "has no saved 'evl' steps; modes present: train"),
     ],
 )
 def test_bad_input_is_one_line(

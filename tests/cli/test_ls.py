@@ -125,3 +125,23 @@ def test_ls_fits_the_width(small_dump: SmallDump, columns: int) -> None:
     assert any(ln.startswith("tensor") and "records" in ln and "stored" in ln for ln in lines)
     if columns == 80:
         assert "hidden to fit 80 columns; --json has all" in lines[-1]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_ls_says_the_storage_dtype(tmp_path: Path, dtype: str) -> None:
+    """A lossy storage dtype shows as `STORED (TRAINING)`, bfloat16 too (kept in float32 arrays)."""
+    import torch
+    from torch import nn
+
+    from tdump.capture import Hook
+
+    out = str(tmp_path / "d.zarr")
+    model = nn.Conv2d(3, 4, 3)
+    with Hook(out, include_regex=r".*weight", save_interval=1, storage_dtype=dtype) as hook:
+        hook.register_module(model)
+        model(torch.randn(1, 3, 5, 5)).sum().backward()
+    res = _run("ls", out)
+    assert res.returncode == 0, res.stderr
+    assert f"{dtype} (float32)" in res.stdout
+    info = json.loads(_run("ls", out, "--json").stdout)
+    assert {t["storage_dtype"] for t in info["tensors"]} == {dtype}

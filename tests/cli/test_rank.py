@@ -88,6 +88,7 @@ def test_rank_json_options(dump: str, tmp_path: Path) -> None:
     [
         (("--steps", "100:2000"), "no saved 'train' steps in 100:2000"),
         (("--criterion", "bogus"), "unknown criterion 'bogus'"),
+        (("--criterion", "bogus"), "under the entry-point group 'tdump.criteria'"),
         (("--layers", "^zzz"), "matches no conv layer"),
         (("--scheduler", "processes", "--workers", "0"), "--workers must be at least 1"),
         (("--scheduler", "processes", "--memory-limit", "100MB"), "too small"),
@@ -140,3 +141,17 @@ def test_rank_out_with_another_suffix_says_it_is_parquet(dump: str, tmp_path: Pa
         "rank", dump, "-o", str(tmp_path / "r.parquet"), "--quiet", "--layers", "^layer1"
     )
     assert plain.returncode == 0 and "holds Parquet" not in plain.stderr
+
+
+def test_rank_ignored_workers_is_a_note(dump: str, tmp_path: Path) -> None:
+    """`--scheduler sync --workers 4`: one note line, as for other ignored options."""
+    out = str(tmp_path / "r.parquet")
+    proc = _tdump("rank", dump, "-o", out, "-q", "--scheduler", "sync", "--workers", "4")
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if "--workers" in ln]
+    assert notes == [
+        "note: --workers 4 ignored: the sync scheduler runs one task at a time "
+        "(use threads or processes)"
+    ]
+    plain = _tdump("rank", dump, "-o", out, "-q", "--workers", "2")
+    assert plain.returncode == 0 and "--workers" not in plain.stderr

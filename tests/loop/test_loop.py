@@ -20,6 +20,7 @@ import torch
 
 import tdump
 from tdump._format import StoreReader
+from tests.cli.inproc import run_main
 from tests.loop.conftest import (
     BASE,
     SCRIPTS,
@@ -123,7 +124,12 @@ def test_full_tensors_records_activations_and_gradients(tmp_path: Path) -> None:
     assert not [n for n in names if n.endswith(".taylor")]
 
 
-def test_experiments_show_plot_compare(base: tuple[Path, str | None], tmp_path: Path) -> None:
+def test_experiments_show_plot_compare(
+    base: tuple[Path, str | None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from typer.testing import CliRunner
 
     from tdump.cli.app import app
@@ -153,6 +159,14 @@ def test_experiments_show_plot_compare(base: tuple[Path, str | None], tmp_path: 
     cmp_png = tmp_path / "cmp.png"
     cmp = runner.invoke(app, ["experiments", "compare", str(exp), str(exp), "-o", str(cmp_png)])
     assert cmp.exit_code == 0 and cmp_png.stat().st_size > 10_000
+    # a suffix matplotlib cannot write, or a folder: one line before any drawing, nothing written
+    for bad, said in ((tmp_path / "curve.xyz", "suffix '.xyz'"), (tmp_path, "is a directory")):
+        code, _, err = run_main(
+            monkeypatch, capsys, "experiments", "plot", str(exp), "-o", str(bad)
+        )
+        assert code == 1 and err.startswith("error: ") and said in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "curve.xyz").exists()
 
 
 def test_mlflow_runs_read_back_from_the_server(

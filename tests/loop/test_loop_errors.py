@@ -47,6 +47,38 @@ def test_bad_stop_when_is_refused_and_never_run(tmp_path: Path, expr: str) -> No
         parse_stop(expr)
 
 
+UNGUARDED = """import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return self.c(x)
+
+
+open("TRAINED", "w").write("trained")  # training at the top level: not importable
+"""
+
+
+@pytest.mark.parametrize("name", ["Net", "Nett"])
+def test_arch_that_cannot_be_built_fails_before_round_0(tmp_path: Path, name: str) -> None:
+    """`--arch train.py:Net` from a script that trains when imported: said at once, not after training."""
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED)
+    exp = tmp_path / "exp"
+    line = _one_line_error(
+        run_tdump(
+            "loop", str(script), *BASE, "--arch", f"{script}:{name}", "--experiment", str(exp)
+        )
+    )
+    assert "runs code when imported" in line and 'if __name__ == "__main__"' in line
+    assert not exp.exists() and not (tmp_path / "TRAINED").exists()
+
+
 def test_stop_expression_semantics() -> None:
     cond = parse_stop("not (accuracy_drop > 0.1) and 0.2 <= params_ratio < 0.5 or round >= 7")
     assert cond.evaluate({"accuracy_drop": 0.05, "params_ratio": 0.3, "round": 1}) is True

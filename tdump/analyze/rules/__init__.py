@@ -9,8 +9,10 @@ Examples
 ['accuracy_drop', 'dead_relu', 'exploding_tensor', 'loss_not_decreasing', 'vanishing_gradient', 'weight_update_ratio']
 """
 
+from tdump.analyze.rules._accuracy import AccuracyDrop
 from tdump.analyze.rules._base import (
     Firing,
+    NotEnoughSteps,
     Rule,
     RuleSkip,
     builtin_rules,
@@ -18,7 +20,6 @@ from tdump.analyze.rules._base import (
     register_rule,
 )
 from tdump.analyze.rules._builtin import (
-    AccuracyDrop,
     DeadRelu,
     ExplodingTensor,
     LossNotDecreasing,
@@ -37,6 +38,7 @@ __all__ = [
     "Firing",
     "LoadedRule",
     "LossNotDecreasing",
+    "NotEnoughSteps",
     "Rule",
     "RuleSkip",
     "VanishingGradient",

@@ -44,6 +44,7 @@ from tdump.errors import ConfigError, MissingTensorError, compile_regex
 
 __all__ = [
     "Firing",
+    "NotEnoughSteps",
     "Rule",
     "RuleSkip",
     "builtin_rules",
@@ -58,7 +59,17 @@ _R = TypeVar("_R", bound="type[Rule]")
 class RuleSkip(Exception):
     """Raised inside ``invoke_at_step``: the data this rule needs is not at this step.
 
-    The checker skips the step silently (smdebug's ``TensorUnavailableForStep``).
+    The checker skips the step silently (smdebug's ``TensorUnavailableForStep``);
+    a skipped step does not count as checked.
+    """
+
+
+class NotEnoughSteps(RuleSkip):
+    """Raised inside ``invoke_at_step``: the rule needs more saved steps than it has so far.
+
+    The message says what it needs and how to change that (``needs 10 saved steps
+    (2 x window 5), the dump has 8 ...: set -p window=N``); when a rule checked no
+    step at all, ``tdump check`` shows the last such message instead of a count.
     """
 
 

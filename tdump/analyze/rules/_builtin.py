@@ -1,4 +1,4 @@
-"""The built-in rules. Exact formulas and defaults: ``docs/rules.md``.
+"""The built-in rules (``accuracy_drop``: ``_accuracy.py``); formulas: ``docs/rules.md``.
 
 Every rule here is stateless between calls: ``invoke_at_step(step)`` reads what it
 needs at ``step`` (and at earlier saved steps, cached), so steps may be visited in
@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from tdump.analyze._trial import Trial
-from tdump.analyze.rules._base import Rule, RuleSkip, register_rule
+from tdump.analyze.rules._base import NotEnoughSteps, Rule, RuleSkip, register_rule
 from tdump.capture._config import COLLECTIONS
-from tdump.errors import ConfigError, MissingTensorError
+from tdump.errors import ConfigError, compile_regex
 
 __all__ = [
-    "AccuracyDrop",
     "DeadRelu",
     "ExplodingTensor",
     "LossNotDecreasing",
@@ -45,14 +44,32 @@ EXPLODING_COLLECTIONS = tuple(c for c in COLLECTIONS if c != "scalars")
 _RELU_TYPES = ("ReLU", "ReLU6")
 
 
-def _select(rule: Rule, tensor_regex: str | None, collections: tuple[str, ...]) -> None:
-    """A ``tensor_regex`` parameter replaces the rule's default collections."""
-    if tensor_regex is not None:
-        rule.tensors = (tensor_regex,)
-        rule.collections = ()
-    else:
-        rule.tensors = ()
-        rule.collections = collections
+class _Selecting(Rule):
+    """A rule reading its default collections, narrowed by an optional ``tensor_regex``.
+
+    The regex is ANDed with the collection filter, never a replacement for it: a
+    regex written to drop one layer (``^(?!conv1)``) must not pull in running stats
+    or gradients that the rule would then misread as weights.
+    """
+
+    tensor_regex: str | None = None
+
+    def _select(self, tensor_regex: str | None, collections: tuple[str, ...]) -> None:
+        compile_regex(tensor_regex, "tensor regex")  # a bad regex is one line now
+        self.tensor_regex = tensor_regex
+        self.tensors = ()
+        self.collections = collections
+
+    def keep(self, name: str) -> bool:
+        """Whether a tensor of the default collections is read (beyond ``tensor_regex``)."""
+        return True
+
+    def needed(self) -> list[str]:
+        """Tensors of :attr:`collections` that :meth:`keep` keeps and ``tensor_regex`` matches."""
+        pattern = compile_regex(self.tensor_regex, "tensor regex")
+        return [
+            n for n in super().needed() if self.keep(n) and (pattern is None or pattern.search(n))
+        ]
 
 
 def _positive(name: str, value: Any) -> float:
@@ -83,12 +100,12 @@ def _earlier(trial: Trial, name: str, mode: str | None, step: int, count: int) -
 
 
 @register_rule("vanishing_gradient")
-class VanishingGradient(Rule):
+class VanishingGradient(_Selecting):
     """Fires when a gradient's mean absolute value falls below ``threshold``.
 
     ``m = mean(|g|)`` over all elements of each tensor read (default: the
-    ``gradients`` collection, i.e. parameter gradients); fires when ``m < threshold``
-    for any of them.
+    ``gradients`` collection less the gradients of biases, see ``biases``); fires
+    when ``m < threshold`` for any of them. ``tensor_regex`` narrows that selection.
     """
 
     def __init__(
@@ -96,12 +113,26 @@ class VanishingGradient(Rule):
         trial: Trial,
         threshold: float = 1e-7,
         tensor_regex: str | None = None,
+        biases: bool = False,
         mode: str = "train",
     ) -> None:
         super().__init__(trial)
         self.threshold = _positive("threshold", threshold)
+        if not isinstance(biases, bool):
+            raise ConfigError(f"parameter biases must be true or false, got {biases!r}")
+        self.biases = biases
         self.mode = mode
-        _select(self, tensor_regex, ("gradients",))
+        self._select(tensor_regex, ("gradients",))
+
+    def keep(self, name: str) -> bool:
+        """Weights' gradients; biases' too with ``biases=True``.
+
+        Why: a conv or linear bias followed by BatchNorm gets a ~0 gradient by
+        construction (BN subtracts the per-channel mean, the bias with it), so every
+        healthy Conv->BN net would fire. Capture names a parameter ending in ``bias``
+        a bias (collection ``biases``); its gradient is ``<name>.grad``.
+        """
+        return self.biases or not name.removesuffix(".grad").endswith("bias")
 
     def invoke_at_step(self, step: int) -> bool:
         low = []
@@ -120,11 +151,11 @@ class VanishingGradient(Rule):
 
 
 @register_rule("exploding_tensor")
-class ExplodingTensor(Rule):
+class ExplodingTensor(_Selecting):
     """Fires on a NaN, an Inf, or ``max |x| > threshold`` in any tensor read.
 
-    Reads the floating-point tensors of :data:`EXPLODING_COLLECTIONS` (or those
-    matching ``tensor_regex``); ``threshold=None`` checks NaN and Inf only.
+    Reads the floating-point tensors of :data:`EXPLODING_COLLECTIONS` (those matching
+    ``tensor_regex`` when given); ``threshold=None`` checks NaN and Inf only.
     """
 
     def __init__(
@@ -137,7 +168,7 @@ class ExplodingTensor(Rule):
         super().__init__(trial)
         self.threshold = None if threshold is None else _positive("threshold", threshold)
         self.mode = mode
-        _select(self, tensor_regex, EXPLODING_COLLECTIONS)
+        self._select(tensor_regex, EXPLODING_COLLECTIONS)
 
     def invoke_at_step(self, step: int) -> bool:
         bad = []
@@ -265,8 +296,16 @@ class LossNotDecreasing(Rule):
     def invoke_at_step(self, step: int) -> bool:
         name = self._loss_name()
         steps = _earlier(self.trial, name, self.mode, step, 2 * self.window)
-        if len(steps) < 2 * self.window or steps[-1] != step:
-            return False
+        if not steps or steps[-1] != step:
+            raise RuleSkip(name)
+        if len(steps) < 2 * self.window:
+            # two windows not filled yet: nothing was compared, say so (not "checked")
+            saved = len(self.trial.tensor(name).steps(mode=self.mode))
+            fix = f": set -p window=N with N <= {saved // 2}" if saved >= 2 else ""
+            raise NotEnoughSteps(
+                f"needs {2 * self.window} saved steps (2 x window {self.window}) of {name} "
+                f"({self.mode}), the dump has {saved}{fix}"
+            )
         for s in steps:
             if s not in self._cache:
                 self._cache[s] = float(np.mean(self.value(name, s), dtype=np.float64))
@@ -283,14 +322,13 @@ class LossNotDecreasing(Rule):
 
 
 @register_rule("weight_update_ratio")
-class WeightUpdateRatio(Rule):
+class WeightUpdateRatio(_Selecting):
     """Fires when ``||w_s - w_p|| / (||w_p|| + eps)`` is ``< small`` or ``> large``.
 
     ``w_s`` is a weight at ``step``, ``w_p`` the same weight at its previous saved
     step (L2 norms over all elements); the first saved step has nothing to compare.
+    Reads the ``weights`` collection (those matching ``tensor_regex`` when given).
     """
-
-    collections: tuple[str, ...] = ("weights",)
 
     def __init__(
         self,
@@ -306,7 +344,7 @@ class WeightUpdateRatio(Rule):
         self.large = _positive("large", large)
         self.eps = float(eps)
         self.mode = mode
-        _select(self, tensor_regex, ("weights",))
+        self._select(tensor_regex, ("weights",))
         self._last: tuple[str, int, np.ndarray] | None = None
 
     def _read(self, name: str, step: int) -> np.ndarray:
@@ -316,135 +354,26 @@ class WeightUpdateRatio(Rule):
 
     def invoke_at_step(self, step: int) -> bool:
         bad = []
-        for name in self.needed():
+        names = self.needed()
+        compared = 0
+        for name in names:
             steps = _earlier(self.trial, name, self.mode, step, 2)
             if len(steps) < 2 or steps[-1] != step:
                 continue
+            compared += 1
             prev = self._read(name, steps[0])
             cur = self.value(name, step).astype(np.float64)
             self._last = (name, step, cur)
             ratio = float(np.linalg.norm(cur - prev) / (np.linalg.norm(prev) + self.eps))
             if ratio < self.small or ratio > self.large:
                 bad.append(f"{name}: ||dw||/||w|| {ratio:.3g} since step {steps[0]}")
+        if not compared:
+            # a step with no earlier saved weight compares nothing: not a checked step
+            saved = max((len(self.trial.tensor(n).steps(mode=self.mode)) for n in names), default=0)
+            raise NotEnoughSteps(
+                f"needs 2 saved steps of a weight ({self.mode}), the dump has {saved}: "
+                "record with a save interval that saves at least 2 steps"
+            )
         return bool(bad) and self.fire(
             f"update ratio outside [{self.small:g}, {self.large:g}]: " + _listing(bad)
         )
-
-
-@register_rule("accuracy_drop")
-class AccuracyDrop(Rule):
-    """Fires when accuracy falls more than ``threshold`` below ``baseline``.
-
-    Accuracy at a step, pooled over the last ``window`` saved steps ``<= step``:
-    from a saved scalar (``scalar``, default ``accuracy`` when the dump has
-    ``scalars.accuracy``) the mean of its values; else from the loss inputs of
-    ``mode`` (default ``eval``): ``sum(argmax(predictions, 1) == labels) / examples``
-    (``predictions > 0`` for one logit per example; labels given as one row per
-    example are argmax-ed). ``baseline=None``: the accuracy at the first saved step.
-    Fires when ``baseline - accuracy > threshold``.
-    """
-
-    def __init__(
-        self,
-        trial: Trial,
-        baseline: float | None = None,
-        threshold: float = 0.05,
-        window: int = 1,
-        scalar: str | None = None,
-        predictions: str | None = None,
-        labels: str | None = None,
-        mode: str | None = None,
-    ) -> None:
-        super().__init__(trial)
-        self.baseline = None if baseline is None else float(baseline)
-        self.threshold = float(threshold)
-        self.window = _count("window", window)
-        if scalar is None and predictions is None and trial.has_tensor("scalars.accuracy"):
-            scalar = "accuracy"
-        self.scalar: str | None = None
-        self.predictions, self.labels = predictions, labels
-        if scalar is not None:
-            self.scalar = scalar if scalar.startswith("scalars.") else f"scalars.{scalar}"
-            modes = trial.tensor(self.scalar).modes()  # MissingTensorError: one line
-            self.mode = mode or modes[0]
-        else:
-            self.mode = mode or "eval"
-            for given in (predictions, labels):
-                if given is not None:
-                    trial.tensor(given)  # a wrong name is a one-line error now
-        self._resolve()
-        self._cache: dict[int, tuple[float, int]] = {}
-
-    def _resolve(self) -> str | None:
-        """The tensor whose saved steps are the rule's steps (``None``: not in the dump yet)."""
-        if self.scalar is not None:
-            self.tensors, self.source = (f"^{re.escape(self.scalar)}$",), self.scalar
-            return self.scalar
-        if self.predictions is None or self.labels is None:
-            if self.mode not in self.trial.modes():
-                self.tensors = ("^$",)  # nothing to read yet: a watcher waits for eval steps
-                return None
-            self.predictions, self.labels = self._loss_inputs(self.predictions, self.labels)
-        self.tensors = (f"^{re.escape(self.predictions)}$",)
-        self.source = f"{self.predictions} vs {self.labels}"
-        return self.predictions
-
-    def needed(self) -> list[str]:
-        """The scalar, or the predictions (labels are read alongside)."""
-        return [] if self._resolve() is None else super().needed()
-
-    def _loss_inputs(self, predictions: str | None, labels: str | None) -> tuple[str, str]:
-        inputs = self.trial.tensor_names(collection="loss_inputs", mode=self.mode)
-        for name in inputs:
-            head, _, arg = name.rpartition(".")
-            if arg == "0" and f"{head}.1" in inputs:
-                return predictions or name, labels or f"{head}.1"
-        raise MissingTensorError(
-            f"accuracy_drop: no loss inputs (predictions and labels) in mode {self.mode!r} of "
-            f"{self.trial.path}; record eval steps with a loss, or save a scalar and pass "
-            "--param scalar=NAME"
-        )
-
-    def _at(self, step: int) -> tuple[float, int]:
-        """(correct or summed scalar, examples or count) at one saved step."""
-        if step not in self._cache:
-            if self.scalar is not None:
-                self._cache[step] = (float(self.value(self.scalar, step)), 1)
-            else:
-                assert self.predictions is not None and self.labels is not None
-                pred = self.value(self.predictions, step)
-                lab = self.value(self.labels, step)
-                if pred.ndim >= 2 and pred.shape[1] > 1:
-                    hit = np.argmax(pred, axis=1)
-                else:
-                    hit = (pred.reshape(pred.shape[0], -1)[:, 0] > 0).astype(np.int64)
-                if lab.ndim >= 2 and lab.shape[1] > 1:
-                    lab = np.argmax(lab, axis=1)
-                lab = lab.reshape(lab.shape[0], -1)[:, 0]
-                self._cache[step] = (float(np.sum(hit == lab)), int(lab.shape[0]))
-        return self._cache[step]
-
-    def accuracy(self, step: int) -> float:
-        """Accuracy at ``step`` pooled over the last ``window`` saved steps (see class doc)."""
-        name = self._resolve()
-        if name is None:
-            raise RuleSkip("no data yet")
-        steps = _earlier(self.trial, name, self.mode, step, self.window)
-        if not steps or steps[-1] != step:
-            raise RuleSkip(name)
-        parts = [self._at(s) for s in steps]
-        total = sum(n for _, n in parts)
-        return sum(c for c, _ in parts) / total if total else float("nan")
-
-    def invoke_at_step(self, step: int) -> bool:
-        acc = self.accuracy(step)
-        if self.baseline is None:
-            first = self.steps()
-            self.baseline = self.accuracy(first[0]) if first else acc
-        drop = self.baseline - acc
-        if drop > self.threshold:
-            return self.fire(
-                f"accuracy {acc:.4f} is {drop:.4f} below baseline {self.baseline:.4f} "
-                f"(threshold {self.threshold:g}; {self.source})"
-            )
-        return False

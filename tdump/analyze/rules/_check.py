@@ -22,7 +22,7 @@ from typing import Any
 
 from tdump._control import write_stop_request
 from tdump.analyze._trial import Trial
-from tdump.analyze.rules._base import Firing, RuleSkip
+from tdump.analyze.rules._base import Firing, NotEnoughSteps, RuleSkip
 from tdump.analyze.rules._load import LoadedRule, load_rule, split_params
 from tdump.errors import (
     ConfigError,
@@ -79,8 +79,26 @@ class Checker:
         self.rules: list[tuple[str, Any]] = []
         for r in loaded:
             self.rules.append((r.name, _construct(r, self.trial, per_rule[r.name], mode)))
+        # modes the user named (--mode, or a rule's mode parameter), not rules' defaults
+        self.asked_modes = {mode} | {p.get("mode") for p in per_rule.values()}
+        self.asked_modes.discard(None)
         self.seen: dict[str, set[int]] = {name: set() for name, _ in self.rules}
+        #: steps each rule answered at (a skipped step was seen, not checked)
+        self.checked: dict[str, set[int]] = {name: set() for name, _ in self.rules}
+        #: per rule, why it could not evaluate (the last :class:`NotEnoughSteps` message)
+        self.notes: dict[str, str] = {}
         self.failed: set[str] = set()
+
+    def missing_mode(self) -> str | None:
+        """A one-line error when a mode the user asked for has no saved steps, else ``None``."""
+        present = self.trial.modes()
+        for m in sorted(str(m) for m in self.asked_modes):
+            if m not in present:
+                return (
+                    f"{self.trial.path} has no saved {m!r} steps; modes present: "
+                    f"{', '.join(sorted(present)) or 'none'} (pass one with --mode or -p mode=...)"
+                )
+        return None
 
     def pending(self) -> list[tuple[str, Any, int]]:
         """(rule name, rule, step) not evaluated yet, per rule in step order."""
@@ -103,11 +121,15 @@ class Checker:
             if hasattr(rule, "why"):
                 rule.why = ""
             fired = rule.invoke_at_step(step)
+        except NotEnoughSteps as exc:
+            self.notes[name] = str(exc)
+            return None
         except RuleSkip:
             return None
         except Exception as exc:
             self.failed.add(name)
             return Firing(name, step, mode, f"raised {type(exc).__name__}: {exc}", error=True)
+        self.checked[name].add(step)
         if not fired:
             return None
         why = str(getattr(rule, "why", "") or "invoke_at_step returned True")
@@ -165,21 +187,29 @@ def check(
     on_firing: OnFiring | None = None,
     progress: bool = False,
     evaluated: dict[str, int] | None = None,
+    notes: dict[str, str] | None = None,
 ) -> list[Firing]:
     """Evaluate ``rules`` at every committed step of ``dump``; the firings, in rule then step order.
 
     A rule that raises is reported once (``Firing.error``), not invoked again; the
     other rules go on. Parameters as for :class:`Checker`; ``evaluated``, when given,
-    is filled with the number of steps each rule was invoked at.
+    is filled with the number of steps each rule answered at (a step it skipped, for
+    lack of data or of earlier saved steps, is not counted); ``notes`` with why a
+    rule could not evaluate (:class:`~tdump.analyze.rules.NotEnoughSteps`).
 
     Raises
     ------
     ConfigError
-        A rule that cannot be loaded or created, or bad parameters (one line).
+        A rule that cannot be loaded or created, bad parameters, or a ``mode`` the
+        dump has no steps of (one line).
     """
     checker = Checker(
         dump, rules, params=params, mode=mode, rank=rank, storage_options=storage_options
     )
+    missing = checker.missing_mode()
+    if missing is not None:
+        # offline the dump is complete: a mode it lacks is a typo, not "nothing fired"
+        raise ConfigError(missing)
     todo = checker.pending()
     out: list[Firing] = []
     bar = _progress(len(todo)) if progress and todo else None
@@ -197,9 +227,17 @@ def check(
     finally:
         if bar is not None:
             bar[0].stop()
-    if evaluated is not None:
-        evaluated.update({name: len(steps) for name, steps in checker.seen.items()})
+    _outputs(checker, evaluated, notes)
     return out
+
+
+def _outputs(
+    checker: Checker, evaluated: dict[str, int] | None, notes: dict[str, str] | None
+) -> None:
+    if evaluated is not None:
+        evaluated.update({name: len(steps) for name, steps in checker.checked.items()})
+    if notes is not None:
+        notes.update(checker.notes)
 
 
 def _progress(total: int) -> tuple[Any, Any]:
@@ -227,6 +265,7 @@ def watch(
     requested_by: str = "tdump check --watch",
     on_firing: OnFiring | None = None,
     evaluated: dict[str, int] | None = None,
+    notes: dict[str, str] | None = None,
 ) -> list[Firing]:
     """Follow a dump that training is still writing; evaluate each step as it commits.
 
@@ -234,7 +273,9 @@ def watch(
     see :mod:`tdump._control`) and return. Also returns when no new record has
     committed for ``timeout`` seconds (``None``: never), or once a mode's last
     committed step is ``>= until_step``. Before the dump exists, waits for it (up to
-    ``timeout``). Rule errors are reported through ``on_firing`` and in the result.
+    ``timeout``); a ``mode`` it has no steps of yet is waited for too. Rule errors
+    are reported through ``on_firing`` and in the result; ``evaluated`` and
+    ``notes`` as for :func:`check`.
 
     Returns
     -------
@@ -262,8 +303,7 @@ def watch(
     try:
         return _follow(checker, url, poll, timeout, until_step, stop, requested_by, on_firing)
     finally:
-        if evaluated is not None:
-            evaluated.update({name: len(steps) for name, steps in checker.seen.items()})
+        _outputs(checker, evaluated, notes)
 
 
 def _follow(
