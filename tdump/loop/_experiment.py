@@ -45,6 +45,7 @@ __all__ = [
     "atomic_write",
     "check_arch_now",
     "check_resumed_arch",
+    "check_start",
 ]
 
 EXPERIMENT_FORMAT = "tdump.experiment"
@@ -246,6 +247,31 @@ class Experiment:
                 )
             fh.write(f"\n# round {r}: {stage}  ({_now()})\n")
             fh.write("".join(line + "\n" for line in lines))
+
+
+def check_start(path: Path, settings: Any, resume: bool) -> None:
+    """Refuse, before the lock is taken or anything written, what cannot start a loop.
+
+    ``settings`` is the :class:`~tdump.loop.LoopSettings` given (a resumed loop uses
+    the stored ones, checked once the experiment is open).
+    """
+    if path.exists() and not path.is_dir():
+        raise LoopError(
+            f"{path} is a file, not an experiment directory; choose another --experiment"
+        )
+    if resume:
+        return
+    settings.check()
+    if Experiment.is_experiment(path):
+        raise LoopError(
+            f"{path} already holds an experiment; continue it with --resume or choose another --experiment"
+        )
+    if path.is_dir() and any(c.name != ".lock" for c in path.iterdir()):
+        raise LoopError(
+            f"{path} is a non-empty directory that is not a tdump experiment; choose another --experiment"
+        )
+    if settings.arch:  # a name that cannot be built fails now, not after round 0 trains
+        check_arch_now(settings.arch, settings.script)
 
 
 def check_arch_now(arch: str, script: str) -> None:

@@ -34,6 +34,7 @@ from tdump.loop._experiment import (
     arch_needed,
     check_arch_now,
     check_resumed_arch,
+    check_start,
 )
 from tdump.loop._settings import STOP_CHECKS, LoopSettings, record_options
 from tdump.loop._stages import (
@@ -469,22 +470,7 @@ def run_loop(
     """
     events = events or LoopEvents()
     path = Path(experiment)
-    if path.exists() and not path.is_dir():
-        raise LoopError(
-            f"{path} is a file, not an experiment directory; choose another --experiment"
-        )
-    if not resume:
-        settings.check()
-        if Experiment.is_experiment(path):
-            raise LoopError(
-                f"{path} already holds an experiment; continue it with --resume or choose another --experiment"
-            )
-        if path.is_dir() and any(c.name != ".lock" for c in path.iterdir()):
-            raise LoopError(
-                f"{path} is a non-empty directory that is not a tdump experiment; choose another --experiment"
-            )
-    if not resume and settings.arch:  # a name that cannot be built fails now, not after round 0
-        check_arch_now(settings.arch, settings.script)
+    check_start(path, settings, resume)
     with Experiment.lock(path):
         if Experiment.is_experiment(path):
             if not resume:
