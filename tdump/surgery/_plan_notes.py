@@ -17,12 +17,15 @@ if TYPE_CHECKING:
 
 __all__ = ["global_shortfall", "pooled", "say_shortfall", "unranked_notes"]
 
+#: The reason a grouped conv's group removes fewer channels than chosen, in either scope.
+_GROUPED = "grouped convs lose channels only in multiples of their groups"
+
 
 def say_shortfall(plan: Plan, short: dict[str, int], chosen: int, scope: str) -> None:
     """A note on why fewer channels went than were chosen: grouped convs, ``round_to``."""
     reasons = []
     if short["blocks"]:
-        reasons.append("grouped convs lose channels only in multiples of their groups")
+        reasons.append(_GROUPED)
     if short["round_to"]:
         reasons.append("round_to rounds kept counts up")
     if not reasons:
@@ -77,7 +80,7 @@ def global_shortfall(
     """Why a global selection removed fewer than ``want``: the steps its groups lose in."""
     reasons = []
     if any(grp.blocks > 1 for grp, _, _ in cands):
-        reasons.append("grouped convs lose channels only in multiples of their groups")
+        reasons.append(_GROUPED)
     if round_to and round_to > 1:
         reasons.append(f"round_to keeps channel counts multiples of {round_to}")
     why = "; ".join(reasons) or "no remaining step fits"
