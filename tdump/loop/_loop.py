@@ -42,6 +42,7 @@ from tdump.loop._stages import (
     prune_removed,
     rel_path,
     remove_path,
+    remove_write_leftovers,
     run_stage,
     shown,
     stage_notes,
@@ -399,6 +400,7 @@ class _Loop:
             if self.state.get("round") != r:
                 self._save_state(round=r, done={}, running=None)
             done: dict[str, float] = dict(self.state.get("done") or {})
+            remove_write_leftovers(self.exp.round_dir(r))  # of a run killed mid-write
             stages = ["train"] if r == 0 else ["rank", "prune", "train"]
             for stage in stages:
                 if stage in done:

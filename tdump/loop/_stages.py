@@ -30,6 +30,7 @@ __all__ = [
     "prune_removed",
     "rel_path",
     "remove_path",
+    "remove_write_leftovers",
     "run_stage",
     "shown",
     "stage_notes",
@@ -162,6 +163,18 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_write_leftovers(folder: Path) -> None:
+    """Delete the temporary files of writes killed in ``folder`` (``.<name>.<hex>.partial``).
+
+    tdump writes a file whole or not at all (:func:`tdump._atomic.write_atomic`): a
+    hidden temporary beside it, then a rename. A stage killed mid-write leaves that
+    temporary behind, under a name of its own, which the stage's rerun never reuses.
+    """
+    for tmp in folder.glob(".*.partial"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def prune_removed(log: Path) -> int | None:
