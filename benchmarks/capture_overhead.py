@@ -50,6 +50,12 @@ VARIANTS: dict[str, Config] = {
     "tdump store format 1 (old layout)": ("tdump", {}, ("--store-format", "1")),
     "tdump 1 writer thread": ("tdump", {"writer_threads": 1}, ()),
     "tdump 4 writer threads": ("tdump", {"writer_threads": 4}, ()),
+    # what `tdump loop` records for a Taylor criterion: the ReLUs' act*grad per example, channel
+    "tdump ReLUs, reduction taylor (loop)": (
+        "tdump",
+        {"reduction": "taylor"},
+        ("--include", ".*relu"),
+    ),
 }
 #: Label of the ``--baseline-tree`` run.
 BASELINE = "tdump default, baseline tree"
