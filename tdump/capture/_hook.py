@@ -173,6 +173,7 @@ class Hook(StepLifecycle):
         self._cur: SavedStep | None = None
         self._traced: set[str] = set()
         self._calls: dict[str, list[dict[str, Any]]] = {}
+        self._input_shapes: dict[str, list[list[int]]] = {}
         self._enabled = True
         self._closed = False
         self._dtype = _STORE_DTYPES.get(config.storage_dtype or "")

@@ -40,6 +40,7 @@ class StepLifecycle:
     _cur: SavedStep | None
     _traced: set[str]
     _calls: dict[str, list[dict[str, Any]]]
+    _input_shapes: dict[str, list[list[int]]]
     _meta: dict[str, Any]
     _uniform: bool
     _all: frozenset[str] | None
@@ -160,6 +161,7 @@ class StepLifecycle:
             for a in args:
                 if isinstance(a, torch.Tensor):
                     cur.producers[id(a)] = ("<input>", a)
+                    cur.input_shapes.append([int(n) for n in a.shape])
         cur.save_params(root)
         want_outputs = colls & {"activations", "activation_gradients"}
         modules = self._candidates if want_outputs else []
@@ -189,6 +191,9 @@ class StepLifecycle:
             self._traced.add(cur.mode)
             self._calls[cur.mode] = cur.calls
             self._meta["calls"] = dict(self._calls)
+            if cur.input_shapes:
+                self._input_shapes[cur.mode] = cur.input_shapes
+                self._meta["input_shapes"] = dict(self._input_shapes)
             cur.producers.clear()
 
     def _finish(self) -> None:

@@ -67,6 +67,8 @@ class SavedStep:
         self.record = PendingRecord(mode, step)
         self.counts: dict[str, int] = {}
         self.calls: list[dict[str, Any]] = []
+        #: Shapes of the traced forward's tensor arguments (batch included): FLOPs need them.
+        self.input_shapes: list[list[int]] = []
         self.producers: dict[int, tuple[str, torch.Tensor | None]] = {}
         self.handles: list[Any] = []
         self.grad_handles: list[Any] = []

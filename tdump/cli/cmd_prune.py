@@ -22,7 +22,7 @@ __all__ = ["register", "summarize"]
 
 
 def _parse_shape(text: str | None, model: Any, dump: str | None = None) -> tuple[int, ...]:
-    """``--input-shape``, else the recorded input's (from the dump's dataflow), else 224x224."""
+    """``--input-shape``, else the recorded input's (from the dump), else 224x224."""
     if text:
         return shape_option(text, example="3,224,224")
     if dump is not None:

@@ -1,15 +1,17 @@
-"""The model's input shape, worked out from a dump's recorded dataflow (for FLOP counts).
+"""The model's input shape, as a dump recorded it or worked out from its dataflow (for FLOPs).
 
-A dump records, per mode, the first saved forward pass's module calls: their output
-shapes and which call produced each input (``"<input>"`` for the model's input;
-docs/FORMAT.md, ``calls``). It does not record the input itself, so its shape is
-taken from the calls that read it: a shape-keeping module (BatchNorm, an activation,
-``Identity``) reading the input gives it exactly; a conv or pooling layer gives, per
-spatial dim, the range of sizes its output size comes from (a stride-2 stem maps 31
-and 32 to 16). The calls that read the input narrow the range together, and the size
-picked from it is the one divisible by the largest power of two (32, not 31; 224, not
-223): the size a user picks, and the one whose output is exactly size / stride.
-FLOPs depend only on output sizes, so every size in the range counts the same.
+A dump records, per mode, the shapes of the first traced forward pass's tensor
+arguments (``input_shapes``, docs/FORMAT.md): the first one, batch dropped, is the
+input shape. Dumps written before that was recorded only have the module calls:
+their output shapes and which call produced each input (``"<input>"`` for the model's
+input; ``calls``). Then the shape is taken from the calls that read the input: a
+shape-keeping module (BatchNorm, an activation, ``Identity``) reading it gives it
+exactly; a conv or pooling layer gives, per spatial dim, the range of sizes its output
+size comes from (a stride-2 stem maps 31 and 32 to 16). The calls that read the input
+narrow the range together, and the size picked from it is the one divisible by the
+largest power of two (32, not 31; 224, not 223): the size a user picks, and the one
+whose output is exactly size / stride. FLOPs depend only on output sizes, so every
+size in the range counts the same.
 
 Examples
 --------
@@ -129,17 +131,34 @@ def input_shape_from_calls(
     return [channels, *(_likely(max(lo, 1), hi) for lo, hi in bounds)]
 
 
-def recorded_input_shape(dump: str | os.PathLike[str]) -> list[int] | None:
-    """The model's input shape (batch excluded) from the dump's recorded dataflow, if it shows one.
+def _first_input(shapes: Any) -> list[int] | None:
+    """``[C, *spatial]`` of the first recorded input shape, if it is an image-like batch."""
+    if not isinstance(shapes, list) or not shapes or not isinstance(shapes[0], list):
+        return None
+    first = shapes[0]
+    if len(first) < 3 or not all(isinstance(n, int) and n > 0 for n in first):
+        return None
+    return [int(n) for n in first[1:]]
 
-    Uses rank 0's ``train`` calls, else another mode's (see the module docstring).
+
+def recorded_input_shape(dump: str | os.PathLike[str]) -> list[int] | None:
+    """The model's input shape (batch excluded) as the dump recorded it, if it shows one.
+
+    Uses rank 0's ``input_shapes`` (the first tensor argument of the first traced
+    forward, ``train`` first); a dump without them (written before they were recorded)
+    has the shape worked back from its ``calls`` (see the module docstring).
     """
     from tdump._format import StoreReader
 
     reader = StoreReader(os.fspath(dump))
     ranks = reader.ranks()
     meta = reader.meta(ranks[0] if ranks else 0)
-    calls = meta.get("calls") or {}
+    recorded = meta.get("input_shapes") or {}
+    for mode in ("train", *sorted(m for m in recorded if m != "train")):
+        shape = _first_input(recorded.get(mode))
+        if shape:
+            return shape
+    calls = meta.get("calls") or {}  # dumps written before input_shapes was recorded
     modules = meta.get("modules") or {}
     for mode in ("train", *sorted(m for m in calls if m != "train")):
         shape = input_shape_from_calls(calls.get(mode) or [], modules)

@@ -220,3 +220,36 @@ def test_input_shape_from_the_recorded_calls() -> None:
     calls = [call("bn", [2, 3, 31, 31]), call("c", [2, 16, 16, 16])]
     assert input_shape_from_calls(calls, {"bn": bn, "c": conv(3, 2, 1)}) == [3, 31, 31]
     assert input_shape_from_calls([], {}) is None
+
+
+def test_input_shape_recorded_by_the_hook(tmp_path: Path) -> None:
+    """A 31x31 input under a stride-2 stem: recorded as 31 (the calls alone would say 32)."""
+    import zarr
+
+    from tdump.surgery._input_shape import recorded_input_shape
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    )
+    dump = str(tmp_path / "d.zarr")
+    with tdump.Hook(dump, include_regex=r".*\.weight", save_interval=1, strict=True) as hook:
+        hook.register_module(model)
+        for _ in range(2):
+            model(torch.randn(5, 3, 31, 31)).sum().backward()
+            hook.set_mode("eval")
+            model(torch.randn(2, 3, 31, 31))
+            hook.set_mode("train")
+    meta = zarr.open_group(dump, mode="r")["rank0"].attrs["tdump"]
+    assert meta["input_shapes"] == {"train": [[5, 3, 31, 31]], "eval": [[2, 3, 31, 31]]}
+    assert recorded_input_shape(dump) == [3, 31, 31]
+
+    # a dump written before input_shapes existed: worked back from the stem's output
+    grp = zarr.open_group(dump, mode="r+")["rank0"]
+    old = dict(grp.attrs["tdump"])
+    del old["input_shapes"]
+    grp.attrs["tdump"] = old
+    assert recorded_input_shape(dump) == [3, 32, 32]
