@@ -9,7 +9,7 @@ imports neither zarr nor torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +33,7 @@ __all__ = [
     "encode_name",
     "grad_name",
     "input_name",
+    "no_mode_steps",
     "output_name",
     "rank_group",
     "scalar_name",
@@ -138,6 +139,17 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     return mode
+
+
+def no_mode_steps(path: object, mode: str, present: Iterable[str]) -> str:
+    """The one wording of "``path`` has no saved steps of ``mode``", naming the modes it has.
+
+    >>> no_mode_steps("d.zarr", "evl", ["eval", "train"])
+    "d.zarr has no saved 'evl' steps; modes present: train, eval"
+    """
+    have = set(present)
+    ordered = [m for m in MODES if m in have] + sorted(have.difference(MODES))
+    return f"{path} has no saved {mode!r} steps; modes present: {', '.join(ordered) or 'none'}"
 
 
 def rank_group(rank: int) -> str:

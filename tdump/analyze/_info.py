@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from tdump._format import FORMAT_NAME, StoreReader
+from tdump._names import no_mode_steps
 from tdump._version import __version__
 from tdump.analyze._open import open_reader
 from tdump.errors import MissingTensorError, SelectionError, compile_regex
@@ -91,10 +92,7 @@ def summarize(
         meta = reader.meta(r)
         present = reader.modes(r)
         if mode is not None and mode not in present and len(ranks) == 1:
-            raise MissingTensorError(
-                f"no records for mode {mode!r} in {reader.path}; modes present: "
-                f"{', '.join(present) or 'none'}"
-            )
+            raise MissingTensorError(no_mode_steps(reader.path, mode, present))
         r_modes = [m for m in present if mode in (None, m)]
         out_ranks.append(
             {

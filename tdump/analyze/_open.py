@@ -43,6 +43,7 @@ import pandas as pd
 import xarray as xr
 
 from tdump._format import FORMAT_NAME, StoreReader
+from tdump._names import no_mode_steps
 from tdump._validate import DAMAGE, damaged_chunk
 from tdump.errors import MissingTensorError
 
@@ -79,10 +80,7 @@ def resolve_modes(reader: StoreReader, mode: str | None, rank: int) -> list[str]
     if mode is None:
         return present
     if mode not in present:
-        raise MissingTensorError(
-            f"no records for mode {mode!r} in {reader.path}; modes present: "
-            f"{', '.join(present) or 'none'}"
-        )
+        raise MissingTensorError(no_mode_steps(reader.path, mode, present))
     return [mode]
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tdump._format import StoreReader
+from tdump._names import no_mode_steps
 from tdump._preload import preload
 from tdump._version import __version__
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
@@ -164,10 +165,8 @@ def _dataflow(reader: StoreReader, mode: str) -> Dataflow:
 def _select_records(reader: StoreReader, mode: str, steps: StepsArg) -> list[Record]:
     ranks = reader.ranks()
     if not any(reader.num_records(mode, r) for r in ranks):
-        present = sorted({m for r in ranks for m in reader.modes(r)})
-        raise MissingTensorError(
-            f"{reader.path} has no saved {mode!r} steps; modes present: {', '.join(present) or 'none'}"
-        )
+        present = {m for r in ranks for m in reader.modes(r)}
+        raise MissingTensorError(no_mode_steps(reader.path, mode, present))
     mask = parse_steps(steps)
     out: list[Record] = []
     all_steps: list[int] = []

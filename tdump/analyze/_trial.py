@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tdump._format import MODES, StoreReader
+from tdump._names import no_mode_steps
 from tdump.analyze._open import did_you_mean, open_reader
 from tdump.errors import ConfigError, MissingTensorError, compile_regex
 
@@ -102,10 +103,7 @@ class Trial:
         if mode not in self._modes:
             if mode not in MODES:
                 raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-            raise MissingTensorError(
-                f"no records for mode {mode!r} in {self.path}; modes present: "
-                f"{', '.join(self._modes) or 'none'}"
-            )
+            raise MissingTensorError(no_mode_steps(self.path, mode, self._modes))
         return mode
 
     def _modes_for(self, mode: str | None) -> list[str]:

@@ -157,7 +157,7 @@ def test_accuracy_drop_uses_each_modes_own_source(tmp_path: Path) -> None:
 def test_a_mode_the_dump_lacks_is_an_error_offline_and_waited_for_live(tmp_path: Path) -> None:
     path = str(tmp_path / "g.zarr")
     _acc_dump(path, "global")
-    msg = "has no saved 'evl' steps; modes present: eval, global, train"
+    msg = "has no saved 'evl' steps; modes present: train, eval, global"
     with pytest.raises(ConfigError, match=msg):
         check(path, ["exploding_tensor", "dead_relu"], mode="evl")
     with pytest.raises(ConfigError, match=msg):

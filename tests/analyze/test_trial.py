@@ -106,7 +106,7 @@ def test_one_line_errors(small_dump: SmallDump) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(MissingTensorError, match="not stored for mode 'eval'"):
         trial.tensor("conv1.weight").value(0, mode="eval")
-    with pytest.raises(MissingTensorError, match="no records for mode 'predict'"):
+    with pytest.raises(MissingTensorError, match="has no saved 'predict' steps"):
         trial.steps(mode="predict")
     with pytest.raises(ConfigError, match="unknown mode 'test'"):
         trial.steps(mode="test")

@@ -108,7 +108,9 @@ def test_ls_bad_paths(tmp_path: Path, kind: str, words: list[str]) -> None:
 def test_ls_bad_regex_and_no_match(small_dump: SmallDump) -> None:
     _assert_one_line_error(_run("ls", small_dump.path, "--match", "relu("), "invalid regex")
     _assert_one_line_error(_run("ls", small_dump.path, "--match", "^nothing$"), "matches none")
-    _assert_one_line_error(_run("ls", small_dump.path, "--mode", "predict"), "no records for mode")
+    _assert_one_line_error(
+        _run("ls", small_dump.path, "--mode", "predict"), "has no saved 'predict' steps"
+    )
 
 
 @pytest.mark.parametrize("columns", [80, 100])

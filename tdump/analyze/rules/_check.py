@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tdump._control import write_stop_request
+from tdump._names import no_mode_steps
 from tdump.analyze._trial import Trial
 from tdump.analyze.rules._base import Firing, NotEnoughSteps, RuleSkip
 from tdump.analyze.rules._load import LoadedRule, load_rule, split_params
@@ -95,8 +96,8 @@ class Checker:
         for m in sorted(str(m) for m in self.asked_modes):
             if m not in present:
                 return (
-                    f"{self.trial.path} has no saved {m!r} steps; modes present: "
-                    f"{', '.join(sorted(present)) or 'none'} (pass one with --mode or -p mode=...)"
+                    f"{no_mode_steps(self.trial.path, m, present)} "
+                    "(pass one with --mode or -p mode=...)"
                 )
         return None
 
