@@ -83,11 +83,23 @@ class PlanContext:
     names: frozenset[str]
     mode: str
     attrs: Callable[[str], Mapping[str, Any]]
-    #: Tensor names of the dump's ``train`` mode when planning another mode (``None``:
-    #: unknown): a hint then tells "eval steps have no gradients" from "not recorded".
-    train_names: frozenset[str] | None = None
+    #: Lists the tensor names of the dump's ``train`` mode when planning another mode
+    #: (``None``: unknown); read through :attr:`train_names`, only when a hint needs it.
+    list_train: Callable[[], frozenset[str] | None] | None = None
+    _train: frozenset[str] | None = field(default=None, repr=False)
     _acts: dict[str, list[str]] | None = field(default=None, repr=False)
     _calls: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    @property
+    def train_names(self) -> frozenset[str] | None:
+        """The ``train`` mode's tensor names (listed on first use), or ``None`` if unknown.
+
+        A hint for a mode without gradients then tells "eval steps have no gradients,
+        rank train" from "not recorded at all".
+        """
+        if self._train is None and self.list_train is not None:
+            self._train = self.list_train()
+        return self._train
 
     def activations(self, layer: str) -> list[str]:
         """Stored module outputs carrying ``layer``'s channels, best first (ReLU after bn)."""

@@ -71,7 +71,9 @@ def _plans_with(crit: Criterion, ctx: PlanContext, layer: str, extra: Sequence[s
     def attrs(name: str) -> Mapping[str, Any]:
         return ctx.attrs(name) if name in real else {}
 
-    trial = PlanContext(ctx.dataflow, real | frozenset(extra), ctx.mode, attrs, ctx.train_names)
+    trial = PlanContext(
+        ctx.dataflow, real | frozenset(extra), ctx.mode, attrs, lambda: ctx.train_names
+    )
     try:
         return crit.plan(layer, trial) is not None
     except MissingTensorError:

@@ -218,10 +218,12 @@ def _plan_jobs(
             attrs_cache[name] = reader.tensor_attrs(mode, name, rank0)
         return attrs_cache[name]
 
-    train_names = None
-    if mode != "train":  # an eval/predict hint says whether the train steps hold gradients
-        train_names = frozenset(reader.tensor_names("train", rank0))
-    ctx = PlanContext(_dataflow(reader, mode), names, mode, attrs, train_names)
+    def list_train() -> frozenset[str]:  # only a failed plan's hint needs it
+        return frozenset(reader.tensor_names("train", rank0))
+
+    ctx = PlanContext(
+        _dataflow(reader, mode), names, mode, attrs, list_train if mode != "train" else None
+    )
     planned: list[tuple[str, Plan]] = []
     unplanned: list[str] = []
     for layer in layers:
