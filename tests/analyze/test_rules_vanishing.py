@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tdump.analyze import Trial, check
+from tdump.analyze.rules import VanishingGradient
 from tdump.capture import Hook
 
 
@@ -58,6 +59,10 @@ def test_healthy_conv_bn_net_does_not_fire(tmp_path: Path) -> None:
     ]
     assert max(biases) < 1e-7 < min(weights), (biases, weights)
     assert check(path, ["vanishing_gradient"]) == []
+    # left out: the biases BatchNorm follows (from the recorded dataflow), not the head's
+    read = VanishingGradient(trial).needed()
+    assert "8.bias.grad" in read and "0.bias.grad" not in read and "3.bias.grad" not in read
+    assert not any(n.endswith("bias.grad") for n in VanishingGradient(trial, biases=False).needed())
     # with biases=true the rule reads them, and they are below the threshold
     hits = check(path, ["vanishing_gradient"], params={"biases": True})
     assert [f.step for f in hits] == [0, 1, 2, 3] and ".bias.grad" in hits[0].why
@@ -79,4 +84,8 @@ def test_deep_sigmoid_chain_fires(tmp_path: Path) -> None:
     assert max(first) < 1e-7 < last, (first, last)  # the sigmoid chain shrinks it
     hits = check(path, ["vanishing_gradient"])
     assert [f.step for f in hits] == [0, 1, 2, 3]
-    assert f"0.weight.grad: mean |g| {first[0]:.3g}" in hits[0].why
+    # no norm follows these Linear layers: their biases are read too, and vanish as well
+    bias = _mean_abs(trial, "0.bias.grad", 0)
+    assert bias < 1e-7 and "0.bias.grad" in VanishingGradient(trial).needed()
+    low = sorted([(first[0], "0.weight.grad"), (bias, "0.bias.grad")])
+    assert f"{low[0][1]}: mean |g| {low[0][0]:.3g}" in hits[0].why

@@ -99,13 +99,38 @@ def _earlier(trial: Trial, name: str, mode: str | None, step: int, count: int) -
     return saved[-count:]
 
 
+#: Norms that subtract a per-channel mean: a constant per-channel bias before them is cancelled.
+_PER_CHANNEL_NORMS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
+
+
+def _normalised_modules(trial: Trial, mode: str | None) -> frozenset[str] | None:
+    """Modules whose output feeds a BatchNorm/InstanceNorm call in ``mode``'s recorded dataflow.
+
+    ``None`` when the dump recorded no module calls for ``mode`` (nor ``train``).
+    """
+    calls = trial.calls(mode or "train") or trial.calls("train")
+    if not calls:
+        return None
+    modules = trial.modules
+    out: set[str] = set()
+    for call in calls:
+        kind = str((modules.get(str(call.get("module"))) or {}).get("type") or "")
+        if not kind.rpartition(".")[2].startswith(_PER_CHANNEL_NORMS):
+            continue
+        for producer in call.get("inputs") or []:
+            if isinstance(producer, str) and ".output_" in producer:
+                out.add(producer.rpartition(".output_")[0])
+    return frozenset(out)
+
+
 @register_rule("vanishing_gradient")
 class VanishingGradient(_Selecting):
     """Fires when a gradient's mean absolute value falls below ``threshold``.
 
     ``m = mean(|g|)`` over all elements of each tensor read (default: the
-    ``gradients`` collection less the gradients of biases, see ``biases``); fires
-    when ``m < threshold`` for any of them. ``tensor_regex`` narrows that selection.
+    ``gradients`` collection less the gradients of biases that a BatchNorm cancels,
+    see ``biases``); fires when ``m < threshold`` for any of them. ``tensor_regex``
+    narrows that selection.
     """
 
     def __init__(
@@ -113,26 +138,38 @@ class VanishingGradient(_Selecting):
         trial: Trial,
         threshold: float = 1e-7,
         tensor_regex: str | None = None,
-        biases: bool = False,
+        biases: bool | None = None,
         mode: str = "train",
     ) -> None:
         super().__init__(trial)
         self.threshold = _positive("threshold", threshold)
-        if not isinstance(biases, bool):
+        if biases is not None and not isinstance(biases, bool):
             raise ConfigError(f"parameter biases must be true or false, got {biases!r}")
         self.biases = biases
         self.mode = mode
+        #: Modules a norm follows (``None``: unknown, every bias left out); read once.
+        self._cancelled: frozenset[str] | None = None
+        self._looked = False
         self._select(tensor_regex, ("gradients",))
 
     def keep(self, name: str) -> bool:
-        """Weights' gradients; biases' too with ``biases=True``.
+        """Weights' gradients; biases' unless a BatchNorm cancels them (``biases=None``).
 
         Why: a conv or linear bias followed by BatchNorm gets a ~0 gradient by
         construction (BN subtracts the per-channel mean, the bias with it), so every
         healthy Conv->BN net would fire. Capture names a parameter ending in ``bias``
-        a bias (collection ``biases``); its gradient is ``<name>.grad``.
+        a bias (collection ``biases``); its gradient is ``<name>.grad``. ``True``
+        reads every bias, ``False`` none.
         """
-        return self.biases or not name.removesuffix(".grad").endswith("bias")
+        param = name.removesuffix(".grad")
+        if not param.endswith("bias") or self.biases is True:
+            return True
+        if self.biases is False:
+            return False
+        if not self._looked:
+            self._cancelled, self._looked = _normalised_modules(self.trial, self.mode), True
+        module = param.rpartition(".")[0]
+        return self._cancelled is not None and module not in self._cancelled
 
     def invoke_at_step(self, step: int) -> bool:
         low = []
