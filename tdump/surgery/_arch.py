@@ -30,6 +30,7 @@ import inspect
 import json
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -288,18 +289,25 @@ def _weights_on_meta() -> Iterator[None]:
     ``.tolist()`` of a tensor), which the meta device refuses: everything else stays on
     the CPU, and the weights are neither kept nor initialised. Uses torch's global
     registration hooks while the builder runs, so only a builder that failed on the
-    meta device is built this way.
+    meta device is built this way; the hooks act on this thread's modules only (a
+    model another thread builds meanwhile keeps its weights).
     """
     from torch.nn.modules.module import (
         register_module_buffer_registration_hook,
         register_module_parameter_registration_hook,
     )
 
+    owner = threading.get_ident()
+
     def param(module: nn.Module, name: str, value: nn.Parameter | None) -> nn.Parameter | None:
-        return None if value is None else nn.Parameter(value.to("meta"), value.requires_grad)
+        if value is None or threading.get_ident() != owner:
+            return None  # None: registered unchanged
+        return nn.Parameter(value.to("meta"), value.requires_grad)
 
     def buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
-        return None if value is None else value.to("meta")
+        if value is None or threading.get_ident() != owner:
+            return None
+        return value.to("meta")
 
     # torch documents that such a hook may return the value to register; its annotation
     # (Callable[..., None]) does not say so

@@ -160,3 +160,30 @@ def test_mistyped_name_says_the_module_as_given_and_a_near_miss(
     text = str(err.value)
     assert text.startswith(said) and "_tdump_user_" not in text and "\n" not in text, text
     assert not (project / "TRAINED").exists()
+
+
+def test_weights_on_meta_only_for_the_building_thread() -> None:
+    """The global registration hooks leave a model another thread builds meanwhile alone."""
+    import threading
+
+    from tdump.surgery._arch import _weights_on_meta
+
+    built: dict[str, torch.nn.Module] = {}
+    started, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        started.wait()
+        built["other"] = torch.nn.Linear(3, 2)
+        release.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with _weights_on_meta():
+        built["own"] = torch.nn.Linear(3, 2)
+        started.set()
+        release.wait(10)  # the other thread builds while the hooks are installed
+    thread.join()
+    assert built["own"].weight.device.type == "meta"
+    assert built["other"].weight.device.type == "cpu"
+    assert torch.isfinite(built["other"].weight).all()
+    assert torch.nn.Linear(3, 2).weight.device.type == "cpu"  # hooks gone afterwards
