@@ -36,7 +36,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# The slow tests (the torchvision models over 50 M parameters) run in CI after `make test`.
+# The slow tests (torchvision models over 50 M parameters, three long loop runs) run in CI after `make test`.
 pytest: install
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -60,8 +60,17 @@ def save(model: Any, path: Any, *, arch: Any = None, arch_kwargs: Any = None) ->
     >>> tdump.save(torchvision.models.resnet18(), "ckpt.pt", arch="resnet18")  # doctest: +SKIP
     >>> model = tdump.load("ckpt.pt")  # doctest: +SKIP
     """
+    import os
+
     from tdump.surgery import save as _save
 
+    if isinstance(model, (str, os.PathLike)) and not isinstance(path, (str, os.PathLike)):
+        from tdump.errors import ConfigError
+
+        raise ConfigError(
+            "tdump.save takes (model, path), as torch.save does; tdump.surgery.save takes "
+            "(path, model): swap the arguments"
+        )
     _save(path, model, arch=arch, arch_kwargs=arch_kwargs)
 
 

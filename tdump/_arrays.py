@@ -23,8 +23,12 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,8 +36,11 @@ import numpy as np
 import zarr
 
 from tdump._atomic import write_atomic
+from tdump.errors import CorruptStoreError
 
-__all__ = ["ArrayFactory"]
+__all__ = ["ArrayFactory", "drop_stale_chunks", "regrow"]
+
+log = logging.getLogger("tdump")
 
 
 class ArrayFactory:
@@ -173,26 +180,179 @@ class ArrayFactory:
 
     def _write(self, meta: Any, key: str, config: Any) -> zarr.Array:
         """Write ``meta`` as ``key``'s ``zarr.json`` and return the array (no other I/O)."""
-        from zarr.core.array import AsyncArray
-        from zarr.core.array_spec import ArrayConfig
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-        from zarr.storage import LocalStore, StorePath
-
         path = f"{self.group.path}/{key}" if self.group.path else key
-        document = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"]
-        store = self.group.store
-        if isinstance(store, LocalStore):
-            folder = os.path.join(str(store.root), path)
-            os.makedirs(folder, exist_ok=True)
-            body = document.to_bytes()
-            write_atomic(
-                os.path.join(folder, "zarr.json"), lambda fh: fh.write(body), tmp_prefix="."
-            )
+        return _put_metadata(self.group.store, path, meta, config)
+
+
+def _put_metadata(store: Any, path: str, meta: Any, config: Any = None) -> zarr.Array:
+    """Write ``meta`` as ``<path>/zarr.json`` (whole: atomic locally) and return that array."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+    from zarr.storage import LocalStore
+
+    document = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+    if isinstance(store, LocalStore):
+        folder = os.path.join(str(store.root), path)
+        os.makedirs(folder, exist_ok=True)
+        body = document.to_bytes()
+        write_atomic(os.path.join(folder, "zarr.json"), lambda fh: fh.write(body), tmp_prefix=".")
+    else:
+        sync(store.set(f"{path}/zarr.json", document))
+    return _array(store, path, meta, config)
+
+
+def _array(store: Any, path: str, meta: Any, config: Any = None) -> zarr.Array:
+    """A :class:`zarr.Array` for ``meta`` at ``path`` (no I/O: nothing is written)."""
+    from zarr.core.array import AsyncArray
+    from zarr.core.array_spec import ArrayConfig
+    from zarr.storage import StorePath
+
+    if config is None:
+        # a record equal to the fill value must still be written: readers find saved
+        # records from the chunks that exist (StoreReader.saved_records)
+        config = ArrayConfig.from_dict({"write_empty_chunks": True})
+    return zarr.Array(AsyncArray(metadata=meta, store_path=StorePath(store, path), config=config))
+
+
+# --------------------------------------------------------------------------- growth
+def regrow(arr: zarr.Array, row: Sequence[int], keep: int) -> zarr.Array:
+    """Rebuild tensor array ``arr`` with rows of shape ``row``, one chunk per record as before.
+
+    A Zarr array's chunk shape is fixed when it is created, and a tensor array's chunk
+    (a shard's inner chunk in format 2) is one whole record ``(1, *row)``; resizing the
+    array alone would leave records larger than their chunk. So the records below
+    ``keep`` that hold data are copied, padded with the fill value, into the same
+    folder under the other chunk-key separator (``.`` <-> ``/``: keys the live
+    ``zarr.json`` never names, so readers do not see them), and then one atomic write
+    of ``zarr.json`` makes the new array live. A writer killed before that write leaves
+    the old array as it was, killed after it the new one, complete; the unused keys are
+    removed by the next growth or the next writer that opens the rank
+    (:func:`drop_stale_chunks`). The old chunks stay until then, so a reader that opened
+    the array before the switch still reads its records. Shards and codecs are kept.
+
+    Parameters
+    ----------
+    arr
+        A tensor array (records along axis 0), as tdump writes them.
+    row
+        The new row shape; no extent smaller than ``arr``'s.
+    keep
+        Records ``0 .. keep - 1`` are carried over (the committed ones).
+
+    Returns
+    -------
+    zarr.Array
+        The live array (same path, same attributes and capacity).
+    """
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    from tdump._chunks import chunk_files
+
+    row = tuple(int(n) for n in row)
+    document = _document(arr)
+    document["shape"] = [int(arr.shape[0]), *row]
+    grid = document["chunk_grid"]["configuration"]
+    grid["chunk_shape"] = [int(grid["chunk_shape"][0]), *row]
+    for codec in document["codecs"]:
+        if codec.get("name") == "sharding_indexed":
+            codec["configuration"]["chunk_shape"] = [1, *row]
+    separator = "/" if _separator(arr) == "." else "."
+    document["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": separator}}
+    meta = ArrayV3Metadata.from_dict(document)
+    new = _array(arr.store, arr.path, meta)
+    # leftovers of a killed growth, or the old chunks of the one before: not data
+    _drop_chunks(arr.store, arr.path, separator)
+    source, target = chunk_files(arr), chunk_files(new)
+    for index in _held_records(arr, keep):
+        try:
+            old = source.read(index) if source is not None else np.asarray(arr[index])
+        except (CorruptStoreError, ValueError, TypeError, RuntimeError) as exc:
+            # damaged already (readers refuse it): carried over as "not saved", so
+            # one bad record does not stop the recording
+            log.warning("tdump: %s record %d not carried over on growth: %s", arr.path, index, exc)
+            continue
+        value = np.full(row, arr.fill_value, dtype=arr.dtype)
+        value[tuple(slice(0, n) for n in old.shape)] = old
+        if target is not None:
+            target.write(index, value)
         else:
-            sync(store.set(f"{path}/zarr.json", document))
-        if config is None:
-            config = ArrayConfig.from_dict({"write_empty_chunks": True})
-        return zarr.Array(
-            AsyncArray(metadata=meta, store_path=StorePath(store, path), config=config)
-        )
+            new[index] = value
+    return _put_metadata(arr.store, arr.path, meta)
+
+
+def drop_stale_chunks(arr: zarr.Array) -> None:
+    """Remove ``arr``'s chunk keys under the separator it does not use (see :func:`regrow`)."""
+    separator = _separator(arr)
+    if separator:
+        _drop_chunks(arr.store, arr.path, "/" if separator == "." else ".")
+
+
+def _document(arr: zarr.Array) -> dict[str, Any]:
+    """``arr``'s ``zarr.json`` as a JSON object."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    body = arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+    return dict(json.loads(body.to_bytes()))
+
+
+def _separator(arr: zarr.Array) -> str:
+    """The chunk-key separator of a ``default``-encoded array (``""`` for another encoding)."""
+    encoding = arr.metadata.chunk_key_encoding  # type: ignore[union-attr]
+    if getattr(encoding, "name", "default") != "default":
+        return ""
+    sep = getattr(encoding, "separator", "/")
+    return str(getattr(sep, "value", sep))
+
+
+def _keys(store: Any, path: str) -> list[str]:
+    """Every key below the array at ``path`` (stores list by path segments: list the folder)."""
+    from zarr.core.sync import sync
+
+    async def collect() -> list[str]:
+        return [k async for k in store.list_prefix(f"{path}/")]
+
+    return list(sync(collect()))
+
+
+def _drop_chunks(store: Any, path: str, separator: str) -> None:
+    """Delete the chunk keys ``c<separator>...`` of the array at ``path`` (any store)."""
+    from zarr.core.sync import sync
+    from zarr.storage import LocalStore
+
+    if isinstance(store, LocalStore):
+        folder = os.path.join(str(store.root), path)
+        if separator == "/":
+            shutil.rmtree(os.path.join(folder, "c"), ignore_errors=True)
+        elif os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith("c."):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
+        return
+    prefix = f"{path}/c{separator}"
+    doomed = [k for k in _keys(store, path) if k.startswith(prefix)]
+
+    async def delete() -> None:
+        import asyncio
+
+        await asyncio.gather(*(store.delete(k) for k in doomed))
+
+    if doomed:
+        sync(delete())
+
+
+def _held_records(arr: zarr.Array, keep: int) -> list[int]:
+    """Records below ``keep`` that hold data in ``arr`` (its shard indexes, or chunk keys)."""
+    from tdump._chunks import chunk_prefix
+    from tdump._shards import record_sizes, shard_records
+
+    if shard_records(arr) is not None:
+        return sorted(record_sizes(arr, keep))
+    prefix, sep = chunk_prefix(arr)
+    held: set[int] = set()
+    for key in _keys(arr.store, arr.path):
+        if key.startswith(prefix) and not key.endswith(".partial"):
+            head = key[len(prefix) :].split(sep, 1)[0]
+            if head.isdigit() and int(head) < keep:
+                held.add(int(head))
+    return sorted(held)

@@ -203,8 +203,9 @@ class ChunkFiles:
                 raise self._corrupt(
                     index,
                     step,
-                    f"holds {size} bytes claiming {cbytes} that decode to {nbytes}, "
-                    f"a record is {expected}",
+                    f"has an invalid compression header (the file holds {size} bytes, "
+                    f"its header says {cbytes} compressed and {nbytes} decoded; "
+                    f"a record is {expected} bytes)",
                 )
         target, out = out, (out if self._blosc_sizes is not None else None)
         # zstd (no header read here): decode to a fresh buffer whose length is checked

@@ -47,7 +47,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from tdump._arrays import ArrayFactory
+from tdump._arrays import ArrayFactory, drop_stale_chunks, regrow
 from tdump._chunks import CHUNK_KEY_ENCODING, ChunkFiles, chunk_files
 from tdump._names import (
     FORMAT_NAME,
@@ -213,6 +213,7 @@ class StoreWriter:
             tensors = self._rank.get(f"{mode}/tensors")
             if isinstance(tensors, zarr.Group):
                 for _, arr in tensors.arrays():
+                    drop_stale_chunks(arr)  # what a growth (regrow) left of the old array
                     forget_after(arr, committed)
 
     # -- metadata
@@ -290,8 +291,10 @@ class StoreWriter:
         """Write ``value`` as row ``record`` of tensor ``name`` in ``mode``.
 
         The array is created on first use with ``dims`` and ``attrs``; a later value
-        whose leading (batch) extent is larger grows the array; a smaller one is padded
-        with the fill value and ``records/batch_size`` says how much is data.
+        larger along any axis (a larger batch) grows the array: its earlier records are
+        copied into rows of the new shape (:func:`tdump._arrays.regrow`), a cost of one
+        pass over them. A smaller value is padded with the fill value and
+        ``records/batch_size`` says how much is data.
 
         With ``executor``, a local record file is encoded and written there and its
         future returned: wait for it (and leave ``value`` alone) before :meth:`commit`.
@@ -307,15 +310,19 @@ class StoreWriter:
         if value.shape != shape:
             grown = tuple(max(a, b) for a, b in zip(shape, value.shape, strict=True))
             if grown != shape:
-                arr.resize((arr.shape[0], *grown))
+                # a chunk is one whole record and its shape is fixed: resizing alone would
+                # write records larger than their chunk, so the array is rebuilt (its
+                # earlier records copied, padded) and made live atomically
+                arr = self._arrays[key] = regrow(arr, grown, record)
+                self._files.pop(key, None)
                 shape = grown
             padded = np.full(shape, arr.fill_value, dtype=arr.dtype)
             padded[tuple(slice(0, n) for n in value.shape)] = value
             value = padded
         _ensure_rows(arr, record + 1)
-        files = self._files.get(key)
-        if key not in self._files or (files is not None and files.row_shape != shape):
-            files = self._files[key] = chunk_files(arr)  # new, or the batch axis grew
+        if key not in self._files:
+            self._files[key] = chunk_files(arr)
+        files = self._files[key]
         if files is None:
             arr[record] = value
         elif executor is not None:

@@ -30,7 +30,9 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import struct
 from typing import Any
 
@@ -138,6 +140,9 @@ def shard_files(arr: zarr.Array) -> ShardFiles | None:
     per = shard_records(arr)
     if per is None:
         return None
+    outer = tuple(getattr(arr.metadata.chunk_grid, "chunk_shape", ()))
+    if outer[1:] != tuple(arr.shape[1:]):
+        return None  # a record spans several shards (not tdump's layout): zarr reads it
     try:
         from zarr.storage import LocalStore
 
@@ -166,11 +171,15 @@ def record_sizes(arr: zarr.Array, committed: int) -> dict[int, int]:
     per = shard_records(arr)
     if per is None:
         raise ValueError(f"{arr.path} does not keep its records in shard files")
-    zeros = (0,) * (arr.ndim - 1)
-    keys = [
-        f"{arr.path}/{arr.metadata.encode_chunk_key((k, *zeros))}"
-        for k in range((committed + per - 1) // per)
-    ]
+    # tdump's shards span whole rows (one column); any other grid is summed over its columns
+    outer = tuple(getattr(arr.metadata.chunk_grid, "chunk_shape", ()))
+    columns = list(
+        itertools.product(
+            *(range(-(-n // c)) for n, c in zip(arr.shape[1:], outer[1:], strict=True))
+        )
+    )
+    shards = [(k, col) for k in range((committed + per - 1) // per) for col in columns]
+    keys = [f"{arr.path}/{arr.metadata.encode_chunk_key((k, *col))}" for k, col in shards]
 
     async def indexes() -> list[Any]:
         import asyncio
@@ -180,20 +189,20 @@ def record_sizes(arr: zarr.Array, committed: int) -> dict[int, int]:
         return await asyncio.gather(*(arr.store.get(k, proto, byte_range=want) for k in keys))
 
     out: dict[int, int] = {}
-    for shard, buf in enumerate(sync(indexes())):
+    for (shard, _), key, buf in zip(shards, keys, sync(indexes()), strict=True):
         if buf is None:
             continue  # no record of this shard written yet
         raw = buf.to_bytes()
         if len(raw) != 16 * per:
             raise CorruptStoreError(
-                f"shard file {keys[shard]} has a truncated index ({len(raw)} of {16 * per} "
+                f"shard file {key} has a truncated index ({len(raw)} of {16 * per} "
                 "bytes); the dump is damaged: re-record it, or delete that file"
             )
         idx = np.frombuffer(raw, dtype="<u8").reshape(per, 2)
         for j in np.flatnonzero(idx[:, 1] != _MISSING):
             record = shard * per + int(j)
             if record < committed:
-                out[record] = int(idx[j, 1])
+                out[record] = out.get(record, 0) + int(idx[j, 1])
     return out
 
 
@@ -206,13 +215,21 @@ def forget_after(arr: zarr.Array, committed: int) -> None:
     if files is None:
         return
     if not isinstance(files, ShardFiles):
-        prefix, sep = chunk_prefix(arr)
-        prefix = prefix.rsplit("/", 1)[-1]  # "c." within the array's folder
-        if os.path.isdir(files.directory):
-            for name in os.listdir(files.directory):
+        _, sep = chunk_prefix(arr)
+        # "." keys are files c.<record>.0... in the array's folder; "/" keys (an array
+        # that grew, tdump._arrays.regrow) are c/<record>/0/... below its folder c/
+        folder, prefix = (
+            (files.directory, "c.") if sep == "." else (os.path.join(files.directory, "c"), "")
+        )
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
                 head = name[len(prefix) :].split(sep, 1)[0]
                 if name.startswith(prefix) and head.isdigit() and int(head) >= committed:
-                    os.unlink(os.path.join(files.directory, name))
+                    path = os.path.join(folder, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.unlink(path)
         return
     shard = committed // files.per
     while True:

@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "CheckpointError",
@@ -31,7 +32,9 @@ __all__ = [
     "SelectionError",
     "TdumpError",
     "UntraceableModelError",
+    "check_choice",
     "compile_regex",
+    "did_you_mean",
 ]
 
 
@@ -51,8 +54,13 @@ class FormatVersionError(TdumpError, ValueError):
     """The file was written by a newer (or unknown) format version."""
 
 
-class CorruptStoreError(TdumpError, ValueError):
-    """A file of the store is damaged: it does not decode to what its metadata says."""
+class CorruptStoreError(NotADumpError):
+    """A file of the store is damaged: a chunk does not decode to what its metadata says.
+
+    A :class:`NotADumpError` (a damaged store is not a readable dump), so ``except
+    NotADumpError`` catches it whichever reader (``rank``, ``open_dump``, ``Trial``)
+    met the damage.
+    """
 
 
 class SelectionError(TdumpError, ValueError):
@@ -116,3 +124,42 @@ def compile_regex(regex: str | None, what: str = "regex") -> re.Pattern[str] | N
         return re.compile(regex)
     except re.error as exc:
         raise SelectionError(f"invalid {what} {regex!r}: {exc}") from None
+
+
+def did_you_mean(word: object, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close.
+
+    ``word`` that is not a string is close to nothing.
+
+    >>> did_you_mean("conv1.wieght", ["conv1.weight", "conv2.bias"])
+    "; did you mean 'conv1.weight'?"
+    >>> did_you_mean(None, ["conv1.weight"])
+    ''
+    """
+    if not isinstance(word, str):
+        return ""
+    import difflib  # only when a name is wrong
+
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_choice(value: object, choices: Sequence[str], what: str) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise :class:`ConfigError`.
+
+    The message names the choices and the closest one: a misspelt mode or collection
+    fails at once instead of selecting nothing.
+
+    >>> check_choice("eval", ("train", "eval"), "mode")
+    'eval'
+    >>> check_choice("evl", ("train", "eval"), "mode")
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: unknown mode 'evl'; use one of train, eval; did you mean 'eval'?
+    """
+    if isinstance(value, str) and value in choices:
+        return value
+    shown = repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    raise ConfigError(
+        f"unknown {what} {shown}; use one of {', '.join(choices)}{did_you_mean(value, choices)}"
+    )

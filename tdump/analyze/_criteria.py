@@ -37,6 +37,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from tdump._format import grad_name
+from tdump.analyze._arith import _filter_dot, _per_filter_sum, _spatial_dot_mean, _spatial_mean
 from tdump.analyze._mapping import Dataflow
 from tdump.errors import ConfigError, MissingTensorError
 
@@ -167,10 +168,60 @@ class Criterion:
         return f"dump has no tensors criterion {self.name!r} can use in mode {ctx.mode!r}"
 
 
-def register_criterion(name: str) -> Callable[[_C], _C]:
-    """Class decorator registering a :class:`Criterion` subclass under ``name``."""
+def register_criterion(name: str, *, replace: bool = False) -> Callable[[_C], _C]:
+    """Class decorator registering a :class:`Criterion` subclass under ``name``.
+
+    Parameters
+    ----------
+    name
+        The name ``rank(criterion=...)`` and ``tdump rank -c`` take: a non-empty string.
+    replace
+        Replace a criterion already registered under ``name`` (a built-in such as
+        ``taylor``, or a plug-in). Without it, registering a taken name raises, so that
+        a plug-in cannot silently change what a built-in name computes.
+
+    Raises
+    ------
+    ConfigError
+        ``name`` is not a non-empty string, the decorated object is not a
+        :class:`Criterion` subclass (e.g. a plain function), or ``name`` is taken and
+        ``replace`` is not set.
+
+    Examples
+    --------
+    >>> @register_criterion("taylor")
+    ... class MyTaylor(Taylor):
+    ...     pass
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: a criterion named 'taylor' is registered already (tdump.analyze._criteria.Taylor); pick another name, or pass register_criterion('taylor', replace=True) to replace it
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(
+            f"register_criterion needs a criterion name (a non-empty str), got {name!r}; "
+            "use it as @register_criterion('my-name')"
+        )
 
     def deco(cls: _C) -> _C:
+        if not (isinstance(cls, type) and issubclass(cls, Criterion)):
+            raise ConfigError(
+                f"@register_criterion({name!r}) decorates {type(cls).__name__} "
+                f"{getattr(cls, '__name__', cls)!r}, not a Criterion subclass; write "
+                "class MyCriterion(tdump.analyze.Criterion) with plan() and partial()"
+            )
+        old = _REGISTRY.get(name)
+        # a module imported twice (a plug-in, a notebook cell run again) re-registers its
+        # own class (same module and name): that is no conflict
+        same = old is not None and (old.__module__, old.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )
+        if old is not None and not same and not replace:
+            raise ConfigError(
+                f"a criterion named {name!r} is registered already "
+                f"({old.__module__}.{old.__qualname__}); pick another name, or pass "
+                f"register_criterion({name!r}, replace=True) to replace it"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -192,7 +243,7 @@ def get_criterion(name: str, *, signed: bool = False) -> Criterion:
     if signed and name == "taylor":
         name = "taylor-signed"
     elif signed and not name.endswith("-signed"):
-        raise ConfigError(f"--signed applies to the taylor criterion only, not {name!r}")
+        raise ConfigError(f"signed / --signed applies to the taylor criterion only, not {name!r}")
     if name not in _REGISTRY:
         _load_plugins()
     try:
@@ -221,88 +272,6 @@ def _load_plugins() -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _spatial_mean(x: np.ndarray) -> np.ndarray:
-    """(batch, channel, *spatial) -> (batch, channel) float64 mean over spatial positions."""
-    if x.ndim <= 2:
-        return x.astype(np.float64)
-    return x.reshape(x.shape[0], x.shape[1], -1).mean(axis=-1, dtype=np.float64)
-
-
-#: Products are formed per block of this many elements: a float64 block stays in L2 cache.
-_BLOCK_ELEMS = 1 << 15
-
-#: float32 x float32 products are summed in float32 over runs of at most this many
-#: elements, and the runs' sums in float64.
-_F32_RUN = 256
-
-
-def _dot_sums(a: np.ndarray, b: np.ndarray, *, exact: bool = False) -> np.ndarray:
-    """(rows, channel, n) x2 -> (rows, channel) float64 sums over the last axis of ``a * b``.
-
-    Straight from the stored dtype, with no full-size float64 temporary:
-
-    * float32 x float32 (unless ``exact``): ``einsum`` in float32 over runs of
-      ``_F32_RUN`` elements, the runs added in float64. The error stays below about
-      ``1e-6 * sum |a * b|``, the size of the error the inputs already carry (each
-      float32 value is rounded to ``6e-8``), and it is 5-8x faster than widening to
-      float64 first: the activation dot products were a third of a `tdump rank`'s
-      arithmetic.
-    * otherwise (float16, mixed, ``exact``): a cache-sized block at a time is widened
-      to float64, multiplied (exact) and summed. float16's einsum runs element by element.
-    """
-    rows, channels, n = a.shape
-    a2 = a.reshape(rows * channels, n)
-    b2 = b.reshape(rows * channels, n)
-    out = np.zeros(rows * channels, dtype=np.float64)
-    if n == 0 or not len(out):
-        return out.reshape(rows, channels)
-    if not exact and a2.dtype == b2.dtype == np.float32:
-        runs, rest = divmod(n, _F32_RUN)
-        if runs:  # (row, run, element) views of the same memory: no copy
-            whole = (len(out), runs, _F32_RUN)
-            a3, b3 = a2[:, : n - rest].reshape(whole), b2[:, : n - rest].reshape(whole)
-            np.add.reduce(np.einsum("ijk,ijk->ij", a3, b3), axis=1, dtype=np.float64, out=out)
-        if rest:
-            out += np.einsum("ij,ij->i", a2[:, n - rest :], b2[:, n - rest :])
-        return out.reshape(rows, channels)
-    step = max(1, _BLOCK_ELEMS // n)
-    tmp = np.empty((min(step, len(out)), n), dtype=np.float64)
-    for i in range(0, len(out), step):
-        j = min(i + step, len(out))
-        prod = tmp[: j - i]
-        np.multiply(a2[i:j], b2[i:j], out=prod, dtype=np.float64)
-        np.add.reduce(prod, axis=1, out=out[i:j])
-    return out.reshape(rows, channels)
-
-
-def _spatial_dot_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(batch, channel, *spatial) x2 -> (batch, channel): float64 mean over space of ``a * b``.
-
-    >>> a = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
-    >>> _spatial_dot_mean(a, a).tolist() == (a.astype(np.float64) ** 2).mean(axis=(2, 3)).tolist()
-    True
-    """
-    if a.ndim <= 2:
-        return np.multiply(a, b, dtype=np.float64)
-    a3 = a.reshape(a.shape[0], a.shape[1], -1)
-    return _dot_sums(a3, b.reshape(a3.shape)) / a3.shape[-1]
-
-
-def _filter_dot(w: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """(out_channel, ...) x2 -> (out_channel,): float64 sum over a filter's weights of ``w * g``.
-
-    Exact: a filter's ``sum(w * g)`` cancels to a small fraction of ``sum |w * g|``, and
-    weights are small next to activations.
-    """
-    w3 = w.reshape(1, w.shape[0], -1)
-    return _dot_sums(w3, g.reshape(w3.shape), exact=True)[0]
-
-
-def _per_filter_sum(x: np.ndarray) -> np.ndarray:
-    """(out_channel, ...) -> (out_channel,) float64 sum over the filter's weights."""
-    return x.reshape(x.shape[0], -1).sum(axis=1, dtype=np.float64)
-
-
 def _no_grad_mode_hint(
     crit: str, ctx: PlanContext, wanted: Iterable[str], include: str = ".*relu"
 ) -> str | None:

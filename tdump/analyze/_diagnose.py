@@ -35,10 +35,12 @@ from typing import Any
 
 from tdump._format import grad_name
 from tdump.analyze._criteria import Criterion, PlanContext
+from tdump.analyze._mapping import Dataflow
 from tdump.analyze._tasks import NonFinite
 from tdump.errors import MissingTensorError, NonFiniteWarning
 
 __all__ = [
+    "bn_scale_note",
     "include_regex",
     "one_step_note",
     "skipped_notes",
@@ -83,21 +85,79 @@ def _plans_with(crit: Criterion, ctx: PlanContext, layer: str, extra: Sequence[s
 def unscored_reason(crit: Criterion, ctx: PlanContext, layer: str) -> tuple[str, list[str]]:
     """``(why, tensors to record)`` for a layer ``crit`` could not plan.
 
-    ``tensors`` is empty when no recordable tensor would help (then a weight-based
-    criterion is the way).
+    ``why`` says what is missing (the same words for every layer missing the same
+    kind of tensor, so that :func:`skipped_notes` groups them); ``tensors`` is empty
+    when no recordable tensor would help (then a weight-based criterion is the way).
     """
     flow = ctx.dataflow
     outputs = ctx.call_outputs(layer)
     acts = [o for o in outputs if flow.is_activation_output(o)]
-    if acts:
-        why = f"its activation {acts[0]!r} is not stored with what {crit.name} needs"
-    else:
-        why = _NO_ACTIVATION
     for extra in _candidates(ctx, layer):
         missing = [n for n in extra if n not in ctx.names]
         if missing and _plans_with(crit, ctx, layer, extra):
-            return why, missing
-    return why, []
+            kinds = _kinds(ctx, layer, missing)
+            if kinds <= {"activations", "activation gradients"} and not acts:
+                return _NO_ACTIVATION, missing  # the pre-activation is the way: say why
+            return (
+                f"their {' and '.join(sorted(kinds, key=_KIND_ORDER.index))} are not stored",
+                missing,
+            )
+    if acts:
+        return f"their activations (e.g. {acts[0]!r}) are not stored in a form {crit.name} uses", []
+    return _NO_ACTIVATION, []
+
+
+#: The kinds of tensor a layer's score may need, in the order a note names them.
+_KIND_ORDER = (
+    "weights",
+    "weight gradients",
+    "BatchNorm weights",
+    "activations",
+    "activation gradients",
+)
+
+
+def _kinds(ctx: PlanContext, layer: str, names: Sequence[str]) -> set[str]:
+    """What ``names`` are to ``layer``: its weights, their gradients, its BatchNorm's weights, outputs."""
+    weight = f"{layer}.weight"
+    bn = ctx.dataflow.following_bn(layer)
+    out: set[str] = set()
+    for name in names:
+        if name == weight:
+            out.add("weights")
+        elif name == grad_name(weight):
+            out.add("weight gradients")
+        elif bn is not None and name == f"{bn}.weight":
+            out.add("BatchNorm weights")
+        elif name.endswith(".grad"):
+            out.add("activation gradients")
+        else:
+            out.add("activations")
+    return out
+
+
+def bn_scale_note(crit: Criterion, flow: Dataflow, layers: Sequence[str]) -> str | None:
+    """The note for ``taylor-weight`` scores of convs whose output feeds a BatchNorm, else ``None``.
+
+    BatchNorm (with batch statistics, as in training) makes the loss invariant to the
+    scale of each of the conv's filters, so ``d/da L(a * W_k) = sum W_k * dL/dW_k = 0``
+    at ``a = 1``: the filter sum ``taylor-weight`` squares is zero by construction and
+    what is left is rounding noise (measured ``|sum W dW| / sum |W dW|`` of 1e-5 to 3e-4).
+    """
+    from tdump.analyze._criteria import TaylorWeight
+
+    if not isinstance(crit, TaylorWeight):
+        return None
+    with_bn = [layer for layer in layers if flow.following_bn(layer) is not None]
+    if not with_bn:
+        return None
+    shown = ", ".join(with_bn[:6]) + (f" and {len(with_bn) - 6} more" if len(with_bn) > 6 else "")
+    n = len(with_bn)
+    return (
+        f"{crit.name} scores of {n} conv layer{'s' if n > 1 else ''} followed by BatchNorm "
+        f"({shown}) are ~0 by construction, rounding noise: BatchNorm cancels a filter's "
+        "scale, so the sum of w x dL/dw over a filter is 0; use taylor or bn-gamma for them"
+    )
 
 
 def include_regex(names: Iterable[str]) -> str:
@@ -151,6 +211,8 @@ def skipped_notes(
         why = key.rsplit("|", 1)[0]
         shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
         want = wanted[key]
+        if want and why != _NO_ACTIVATION:  # name what is missing ("their weight gradients ...")
+            why += " (" + ", ".join(map(repr, want[:3])) + (", ..." if len(want) > 3 else "") + ")"
         if want:
             extra = include_regex(want)
             regex = f"{recorded}|{extra}" if recorded else extra

@@ -31,7 +31,6 @@ Examples
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,11 +42,20 @@ import pandas as pd
 import xarray as xr
 
 from tdump._format import FORMAT_NAME, StoreReader
-from tdump._names import no_mode_steps
-from tdump._validate import DAMAGE, damaged_chunk
-from tdump.errors import MissingTensorError
+from tdump._names import MODES, no_mode_steps
+from tdump._validate import DAMAGE
+from tdump.analyze._tasks import corrupt_chunk
+from tdump.errors import ConfigError, MissingTensorError, check_choice, did_you_mean
 
-__all__ = ["STEP_DIM", "flat_dataset", "mode_datasets", "open_dump", "open_reader"]
+__all__ = [
+    "STEP_DIM",
+    "check_mode_name",
+    "did_you_mean",
+    "flat_dataset",
+    "mode_datasets",
+    "open_dump",
+    "open_reader",
+]
 
 #: Name of the leading dimension of every tensor variable.
 STEP_DIM = "step"
@@ -58,20 +66,39 @@ def open_reader(
     path: str | os.PathLike[str] | StoreReader,
     storage_options: Mapping[str, Any] | None = None,
 ) -> StoreReader:
-    """Return a :class:`StoreReader` for ``path`` (a path, an fsspec URL, or a reader)."""
+    """Return a :class:`StoreReader` for ``path`` (a path, an fsspec URL, or a reader).
+
+    Raises :class:`~tdump.errors.ConfigError` for anything else (a number, ``None``).
+    """
     if isinstance(path, StoreReader):
         return path
-    return StoreReader(os.fspath(path), storage_options)
+    return StoreReader(dump_path(path), storage_options)
 
 
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close.
+def dump_path(path: object, what: str = "the dump") -> str:
+    """``path`` as a string if it is a ``str`` or ``os.PathLike``, else a one-line :class:`ConfigError`.
 
-    >>> did_you_mean("conv1.wieght", ["conv1.weight", "conv2.bias"])
-    "; did you mean 'conv1.weight'?"
+    >>> dump_path(42)
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: the dump must be a path or URL (str or os.PathLike), got int 42
     """
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    if isinstance(path, str | os.PathLike):
+        fs = os.fspath(path)
+        if isinstance(fs, str):
+            return fs
+    raise ConfigError(
+        f"{what} must be a path or URL (str or os.PathLike), got {type(path).__name__} {path!r}"
+    )
+
+
+def check_mode_name(mode: object) -> str:
+    """``mode`` if it names a mode (train, eval, predict, global), else a :class:`ConfigError`.
+
+    A misspelt mode fails the same way in every reader, with the closest name; a real
+    mode the dump has no records of is :class:`~tdump.errors.MissingTensorError` instead.
+    """
+    return check_choice(mode, MODES, "mode")
 
 
 def resolve_modes(reader: StoreReader, mode: str | None, rank: int) -> list[str]:
@@ -79,6 +106,7 @@ def resolve_modes(reader: StoreReader, mode: str | None, rank: int) -> list[str]
     present = reader.modes(rank)
     if mode is None:
         return present
+    check_mode_name(mode)
     if mode not in present:
         raise MissingTensorError(no_mode_steps(reader.path, mode, present))
     return [mode]
@@ -100,7 +128,7 @@ class _CheckedArray:
         except DAMAGE as exc:
             first = key[0] if isinstance(key, tuple) and key else key
             index = first.start if isinstance(first, slice) else first
-            raise damaged_chunk(self.path, self.arr, int(index or 0), exc) from None
+            raise corrupt_chunk(self.path, self.arr, int(index or 0), exc) from None
 
 
 @dataclass(frozen=True)
@@ -295,10 +323,14 @@ def open_dump(
 
     Raises
     ------
+    ConfigError
+        ``path`` is not a path or URL, or ``mode`` names no mode (``"evl"``).
     DumpNotFoundError, NotADumpError, FormatVersionError
         Missing path, not a dump, a newer format.
     MissingTensorError
         ``mode`` has no records, or ``rank`` wrote nothing.
+    CorruptStoreError
+        When values are computed: a chunk does not decode (a ``NotADumpError`` too).
 
     Examples
     --------
@@ -311,6 +343,8 @@ def open_dump(
     """
     reader = open_reader(path, storage_options)
     modes = resolve_modes(reader, mode, rank)
+    if isinstance(drop_variables, str):  # one name, not its characters
+        drop_variables = (drop_variables,)
     attrs = root_attrs(reader, rank)
     nodes: dict[str, xr.Dataset] = {}
     if mode is None:

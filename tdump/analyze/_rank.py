@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tdump._format import StoreReader
-from tdump._names import no_mode_steps
+from tdump._names import MODES, no_mode_steps
 from tdump._preload import preload
 from tdump._version import __version__
+from tdump.analyze._args import StepsArg, check_args, describe_steps, parse_steps
 from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
 from tdump.analyze._diagnose import (
     _NO_ACTIVATION,
+    bn_scale_note,
     one_step_note,
     skipped_notes,
     unscored_reason,
@@ -46,15 +49,16 @@ from tdump.analyze._schedule import (
     DEFAULT_CONNECT_TIMEOUT,
     ProgressFn,
     check_address,
+    check_options,
     execute,
     ignored_workers_note,
     runs_in_process,
 )
-from tdump.analyze._tasks import Partials, _combine, _record_task, _share_arrays
+from tdump.analyze._tasks import Partials, Work, _combine, _record_task, _share_arrays, check_scores
 from tdump.errors import (
-    ConfigError,
     MissingTensorError,
     SelectionError,
+    check_choice,
     compile_regex,
 )
 
@@ -62,8 +66,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["parse_steps", "rank", "rank_table"]
-
-StepsArg = str | slice | int | Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -84,62 +86,10 @@ class LayerJob:
     plan: Plan
     records: tuple[Record, ...]
     batched: Mapping[str, bool]
+    channels: int | None = None  # output channels (None: not recorded), checked per record
 
 
 # --------------------------------------------------------------------------- steps
-def parse_steps(steps: StepsArg) -> Callable[[np.ndarray], np.ndarray]:
-    """Turn a step selection into a mask function over saved step numbers.
-
-    ``"100:2000"`` keeps saved steps ``100 <= s < 2000`` (Python slice semantics,
-    either end may be omitted); ``"500"`` or ``500`` keeps step 500; a ``slice`` or
-    a list of step numbers works too.
-
-    >>> parse_steps("2:5")(np.arange(8)).nonzero()[0].tolist()
-    [2, 3, 4]
-    """
-    if steps is None:
-        return lambda s: np.ones(s.shape, bool)
-    if isinstance(steps, str):
-        text = steps.strip()
-        try:
-            if ":" in text:
-                parts = text.split(":")
-                if len(parts) > 3:
-                    raise ValueError(text)
-                vals = [int(p) if p.strip() else None for p in parts]
-                steps = slice(*vals)
-            else:
-                steps = int(text)
-        except ValueError:
-            raise SelectionError(
-                f"invalid step range {text!r}; use START:STOP (e.g. 100:2000), START:, :STOP or STEP"
-            ) from None
-    if isinstance(steps, slice):
-        lo, hi, every = steps.start, steps.stop, steps.step or 1
-        if every <= 0:
-            raise SelectionError(f"invalid step stride {every}; use a positive number")
-
-        def mask(s: np.ndarray) -> np.ndarray:
-            keep = np.ones(s.shape, bool)
-            if lo is not None:
-                keep &= s >= lo
-            if hi is not None:
-                keep &= s < hi
-            return keep & ((s - (lo or 0)) % every == 0)
-
-        return mask
-    if isinstance(steps, int | np.integer):
-        return lambda s: s == int(steps)  # type: ignore[arg-type]
-    wanted = np.asarray(list(steps), dtype=np.int64)
-    return lambda s: np.isin(s, wanted)
-
-
-def _describe_steps(steps: StepsArg) -> str:
-    if isinstance(steps, slice):
-        return f"{'' if steps.start is None else steps.start}:{'' if steps.stop is None else steps.stop}"
-    return str(steps)
-
-
 # --------------------------------------------------------------------------- tasks
 def _task_args(r: Record, keep_nan: bool) -> tuple[int, int, int, int, bool]:
     """The per-record arguments of :func:`_record_task`."""
@@ -163,6 +113,7 @@ def _dataflow(reader: StoreReader, mode: str) -> Dataflow:
 
 
 def _select_records(reader: StoreReader, mode: str, steps: StepsArg) -> list[Record]:
+    check_choice(mode, MODES, "mode")  # a misspelt mode is not "no saved steps"
     ranks = reader.ranks()
     if not any(reader.num_records(mode, r) for r in ranks):
         present = {m for r in ranks for m in reader.modes(r)}
@@ -177,7 +128,7 @@ def _select_records(reader: StoreReader, mode: str, steps: StepsArg) -> list[Rec
             out.append(Record(r, int(i), int(rec["step"][i]), int(rec["batch_size"][i])))
     if not out:
         raise SelectionError(
-            f"no saved {mode!r} steps in {_describe_steps(steps)}; the dump has {len(all_steps)} "
+            f"no saved {mode!r} steps in {describe_steps(steps)}; the dump has {len(all_steps)} "
             f"saved {mode!r} steps from {min(all_steps)} to {max(all_steps)}"
         )
     return out
@@ -187,12 +138,13 @@ def _select_layers(flow: Dataflow, layers: str | None) -> list[str]:
     convs = flow.convs()
     if layers is None:
         return convs
-    rx = compile_regex(layers, "--layers regex")
+    rx = compile_regex(layers, "layers / --layers regex")
     assert rx is not None
     picked = [c for c in convs if rx.search(c)]
     if not picked:
         raise SelectionError(
-            f"--layers {layers!r} matches no conv layer; conv layers are e.g. {', '.join(convs[:4])}"
+            f"layers / --layers {layers!r} matches no conv layer; conv layers are e.g. "
+            f"{', '.join(convs[:4])}"
         )
     return picked
 
@@ -243,6 +195,9 @@ def _plan_jobs(
         raise MissingTensorError(crit.missing(ctx))
     notes.extend(skipped_notes(crit, reasons, recorded, by_type=by_type))
     skipped.update({layer: why for layer, (why, _) in reasons.items()})
+    bn_note = bn_scale_note(crit, ctx.dataflow, [layer for layer, _ in planned])
+    if bn_note is not None:
+        notes.append(bn_note)
 
     saved: dict[tuple[int, str], set[int]] = {}
     jobs: list[LayerJob] = []
@@ -267,7 +222,7 @@ def _plan_jobs(
             role: bool(attrs(name).get("dims")) and attrs(name)["dims"][0] == "batch"
             for role, name in plan.sources.items()
         }
-        jobs.append(LayerJob(layer, plan, tuple(use), batched))
+        jobs.append(LayerJob(layer, plan, tuple(use), batched, ctx.dataflow.out_channels(layer)))
     return jobs
 
 
@@ -302,7 +257,9 @@ def rank(
         Store mode whose saved steps are used.
     steps
         Saved steps to use: ``None`` (all), ``"100:2000"`` (``100 <= step < 2000``), a slice,
-        a step number or a list of them.
+        a step number or a list of them. A stride ``"START:STOP:K"`` keeps the saved steps
+        whose number is ``START + n*K`` (``START`` omitted: 0), not every K-th saved step
+        (saved steps 0, 3, 7 with ``"0:10:2"``: step 0 only); ``K`` must be positive.
     layers
         Regex (``re.search``) on conv module paths; ``None`` ranks every conv with data.
     normalize
@@ -390,12 +347,13 @@ def rank_table(
     >>> [table.columns["layer"][i] for i in table.weakest(3)]  # doctest: +SKIP
     >>> write_ranks(table, "ranks.parquet")                  # doctest: +SKIP
     """
+    check_args(dump, criterion, mode, layers, split_every, connect_timeout, progress)
     crit = get_criterion(criterion, signed=signed)
-    if split_every < 2:
-        raise ConfigError("split_every must be at least 2")
+    parse_steps(steps)  # a bad selection fails before the dump is opened
+    check_options(scheduler, workers, memory_limit)
     if isinstance(scheduler, str) and "://" in scheduler:
         check_address(scheduler, connect_timeout)  # before any reading: fail at once
-    reader = StoreReader(dump, storage_options=storage_options, snapshot=True)
+    reader = StoreReader(os.fspath(dump), storage_options=storage_options, snapshot=True)
     records = _select_records(reader, mode, steps)
     flow = _dataflow(reader, mode)
     notes: list[str] = []
@@ -425,10 +383,12 @@ def rank_table(
             for name in job.plan.sources.values()
         }
         _share_arrays(reader, so_json, mode, planned)
-    by_record: dict[Record, list[tuple[int, Plan, Mapping[str, bool]]]] = {}
+    by_record: dict[Record, list[Work]] = {}
     for i, job in enumerate(jobs):
         for rec in job.records:
-            by_record.setdefault(rec, []).append((i, job.plan, job.batched))
+            by_record.setdefault(rec, []).append(
+                (i, job.plan, job.batched, job.layer, job.channels)
+            )
     leaves = [
         (_record_task, crit, work, reader.location, so_json, mode, *_task_args(r, keep_nan))
         for r, work in sorted(by_record.items(), key=lambda kv: (kv[0].rank, kv[0].index))
@@ -454,13 +414,14 @@ def rank_table(
         if i not in combined.sums:
             continue  # every record of this layer was non-finite (warned above)
         total, count = combined.sums[i]
-        score = crit.finish(total, count)
+        channels = len(total) if job.channels is None else job.channels
+        score = check_scores(crit, "finish", crit.finish(total, count), job.layer, channels)
         used_records = [r for r in job.records if r.step not in left_out.get(i, ())]
         n_steps = len({r.step for r in used_records})
         examples = sum(max(r.batch_size, 0) for r in used_records) if crit.uses_batch else 0
         kept_jobs.append(job)
         sources = ",".join(job.plan.sources.values())
-        layers_out.append((job.layer, np.asarray(score, np.float64), n_steps, examples, sources))
+        layers_out.append((job.layer, score, n_steps, examples, sources))
     if not layers_out:
         raise MissingTensorError(
             f"every selected record of {reader.path} holds NaN or Inf in the tensors ranking "

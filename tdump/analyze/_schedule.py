@@ -199,7 +199,7 @@ def _probe_tcp(address: str, host: str, port: int, timeout: float) -> None:
             if not first:
                 raise ConfigError(
                     f"nothing at {address} answered the Dask handshake within {timeout:g} s; "
-                    "is it a Dask scheduler? (raise --timeout for a slow network)"
+                    "is it a Dask scheduler? (raise connect_timeout / --timeout for a slow network)"
                 )
         if not first:
             raise ConfigError(
@@ -240,6 +240,79 @@ def ignored_workers_note(scheduler: Any, workers: int | None) -> str | None:
     return f"--workers {workers} ignored: a cluster runs the tasks on the workers it has"
 
 
+def check_options(scheduler: Any, workers: Any, memory_limit: Any) -> None:
+    """Refuse a bad ``scheduler``, ``workers`` or ``memory_limit`` with one line, before any work.
+
+    Messages name the Python parameter and the ``tdump rank`` option
+    (``workers / --workers``): these errors reach users of both.
+
+    >>> check_options("threads", 0, None)
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: workers / --workers must be at least 1, got 0
+    """
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise ConfigError(
+                f"workers / --workers must be a whole number, got {type(workers).__name__} "
+                f"{workers!r}"
+            )
+        if workers < 1:
+            raise ConfigError(f"workers / --workers must be at least 1, got {workers}")
+    if isinstance(scheduler, str):
+        if scheduler not in _LOCAL and "://" not in scheduler:
+            raise ConfigError(
+                f"unknown scheduler {scheduler!r}; use threads, processes, sync, or a scheduler "
+                "address like tcp://host:8786"
+            )
+    elif not _is_client(scheduler):
+        raise ConfigError(
+            f"scheduler must be a name (threads, processes, sync), an address like "
+            f"tcp://host:8786 or a distributed.Client, got {type(scheduler).__name__}"
+        )
+    if memory_limit is None:
+        return
+    if runs_in_process(scheduler):
+        raise ConfigError(
+            "memory_limit / --memory-limit applies to worker processes; use "
+            "scheduler='processes' (--scheduler processes) or a cluster"
+        )
+    limit = _parse_memory(memory_limit)
+    if limit < _MIN_WORKER_MEMORY:
+        raise ConfigError(
+            f"memory_limit / --memory-limit {memory_limit} is too small: a Dask worker process "
+            "needs about 200 MB itself and pauses at 80% of its limit; use at least 512MB"
+        )
+
+
+def _parse_memory(memory_limit: Any) -> int:
+    """Bytes of a size like ``"2GB"`` or a byte count; a one-line :class:`ConfigError` otherwise."""
+    bad = ConfigError(
+        f"memory_limit / --memory-limit {memory_limit!r} is not a size; use e.g. '2GB', "
+        "'512MB' or a number of bytes"
+    )
+    if isinstance(memory_limit, bool):
+        raise bad
+    if isinstance(memory_limit, int):
+        return memory_limit
+    if not isinstance(memory_limit, str):
+        raise bad
+    from dask.utils import parse_bytes
+
+    try:
+        return int(parse_bytes(memory_limit))
+    except (ValueError, TypeError):
+        raise bad from None
+
+
+def _is_client(obj: Any) -> bool:
+    """Whether ``obj`` is a ``distributed.Client`` (without importing distributed for the check)."""
+    import sys
+
+    dist = sys.modules.get("distributed")
+    return dist is not None and isinstance(obj, dist.Client)
+
+
 def execute(
     leaves: Sequence[tuple[Any, ...]],
     combine: Callable[..., Any],
@@ -256,33 +329,15 @@ def execute(
 
     ``connect_timeout``: seconds a scheduler address gets to answer (:func:`check_address`).
     """
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    check_options(scheduler, workers, memory_limit)
     name = scheduler if isinstance(scheduler, str) else None
     local = name in _LOCAL
-    if name is not None and not local and "://" not in name:
-        raise ConfigError(
-            f"unknown scheduler {name!r}; use threads, processes, sync, or a scheduler address like tcp://host:8786"
-        )
     in_process = runs_in_process(scheduler)
     if str(path).startswith("memory://") and not in_process:
         raise ConfigError(
             f"{path} lives in this process's memory and cannot be read by other processes; "
             "use scheduler='threads' or a file:// / object-store URL"
         )
-    if memory_limit is not None and in_process:
-        raise ConfigError(
-            "--memory-limit applies to worker processes; use --scheduler processes or a cluster"
-        )
-    if memory_limit is not None:
-        from dask.utils import parse_bytes
-
-        limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
-        if limit < _MIN_WORKER_MEMORY:
-            raise ConfigError(
-                f"--memory-limit {memory_limit} is too small: a Dask worker process needs about "
-                "200 MB itself and pauses at 80% of its limit; use at least 512MB"
-            )
     if not leaves:
         raise ConfigError("nothing to compute")
     if name is not None and not local:

@@ -29,9 +29,9 @@ from tdump._chunks import Scratch, chunk_files
 from tdump._format import StoreReader
 from tdump._validate import DAMAGE, damaged_chunk
 from tdump.analyze._criteria import Criterion, Plan
-from tdump.errors import TdumpError
+from tdump.errors import ConfigError, CorruptStoreError, TdumpError
 
-__all__ = ["NonFinite", "Partials"]
+__all__ = ["NonFinite", "Partials", "corrupt_chunk"]
 
 _ARRAYS: dict[tuple[str, str, int, str, str], _RecordReader] = {}
 _ARRAYS_LOCK = threading.Lock()
@@ -62,6 +62,15 @@ def _share_arrays(
         arr = _RecordReader(reader.array(mode, name, rank), reader.path)
         with _ARRAYS_LOCK:
             _ARRAYS[(reader.location, so_json, rank, mode, name)] = arr
+
+
+def corrupt_chunk(path: str, arr: Any, index: int, exc: BaseException) -> CorruptStoreError:
+    """The one-line error for record ``index`` of ``arr`` that zarr cannot decode.
+
+    Every reader (``rank``, ``open_dump``, ``Trial``) raises :class:`CorruptStoreError`
+    for a damaged chunk; it is a :class:`~tdump.errors.NotADumpError` too.
+    """
+    return CorruptStoreError(str(damaged_chunk(path, arr, index, exc)))
 
 
 class _RecordReader:
@@ -140,9 +149,74 @@ class Partials:
     non_finite: list[NonFinite] = field(default_factory=list)
 
 
+#: One layer job of a record task: ``(job index, plan, batched roles, layer, out channels)``.
+Work = tuple[int, Plan, Mapping[str, bool], str, int | None]
+
+
+def check_scores(
+    criterion: Criterion, what: str, value: Any, layer: str, channels: int | None
+) -> np.ndarray:
+    """``value`` as a float64 vector of ``channels`` entries, else a one-line :class:`ConfigError`.
+
+    A plug-in criterion whose ``partial``/``finish`` returns the wrong length would
+    otherwise give a table with too few rows (or, through numpy broadcasting, the
+    same number for every channel).
+
+    >>> from tdump.analyze._criteria import get_criterion
+    >>> check_scores(get_criterion("l1"), "partial", [1, 2], "conv1", 3)
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: criterion 'l1': partial() returned 2 values for layer 'conv1', which has 3 output channels; return one value per output channel
+    """
+    try:
+        vec = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        vec = None
+    if vec is None or vec.ndim != 1 or (channels is not None and vec.shape[0] != channels):
+        got = (
+            f"a {type(value).__name__}"
+            if vec is None
+            else (f"{vec.shape[0]} values" if vec.ndim == 1 else f"an array of shape {vec.shape}")
+        )
+        has = f", which has {channels} output channels" if channels is not None else ""
+        raise ConfigError(
+            f"criterion {criterion.name!r}: {what}() returned {got} for layer {layer!r}{has}; "
+            "return one value per output channel"
+        )
+    return vec
+
+
+def _partial(
+    criterion: Criterion,
+    values: Mapping[str, np.ndarray],
+    plan: Plan,
+    layer: str,
+    channels: int | None,
+) -> tuple[np.ndarray, int]:
+    """``criterion.partial`` with its result checked: ``(one float per channel, count)``."""
+    out = criterion.partial(values, plan)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise ConfigError(
+            f"criterion {criterion.name!r}: partial() returned {type(out).__name__} for layer "
+            f"{layer!r}; return a (per-channel sums, count) tuple"
+        )
+    total, count = out
+    try:
+        n = int(count)
+        ok = n == count and n >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"criterion {criterion.name!r}: partial() returned count {count!r} for layer "
+            f"{layer!r}; return the number of examples it sums over (or 1), an int >= 0"
+        )
+    return check_scores(criterion, "partial", total, layer, channels), n
+
+
 def _record_task(
     criterion: Criterion,
-    work: Sequence[tuple[int, Plan, Mapping[str, bool]]],
+    work: Sequence[Work],
     path: str,
     so_json: str,
     mode: str,
@@ -159,27 +233,26 @@ def _record_task(
     record holds NaN or Inf) is left out of the sums unless ``keep_nan``, and is
     reported in :attr:`Partials.non_finite` either way.
     """
-    for _, plan, _ in work:  # queue the whole record's reads now: the disk works while we compute
+    for _, plan, *_ in work:  # queue the whole record's reads now: the disk works while we compute
         for name in plan.sources.values():
             files = _open_array(path, so_json, rank, mode, name).files
             if files is not None:
                 files.prefetch(index)
     out = Partials()
-    for job_index, plan, batched in work:
+    for job_index, plan, batched, layer, channels in work:
         values: dict[str, np.ndarray] = {}
         for role, name in plan.sources.items():
             arr = _open_array(path, so_json, rank, mode, name)
             rows = batch_size if batched.get(role) and batch_size > 0 else None
             values[role] = arr.read(index, rows, scratch=True, step=step)
-        total, count = criterion.partial(values, plan)
-        total = np.asarray(total, dtype=np.float64)
+        total, count = _partial(criterion, values, plan, layer, channels)
         if not np.isfinite(total).all():  # a per-channel check: the rare case pays the count
             bad = sum(int(v.size - np.count_nonzero(np.isfinite(v))) for v in values.values())
             out.non_finite.append(NonFinite(job_index, tuple(plan.sources.values()), step, bad))
             if not keep_nan:
                 continue
         del values
-        out.sums[job_index] = (total, int(count))
+        out.sums[job_index] = (total, count)
     return out
 
 

@@ -31,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from tdump._format import MODES, StoreReader
+from tdump._format import StoreReader
 from tdump._names import no_mode_steps
-from tdump.analyze._open import did_you_mean, open_reader
-from tdump.errors import ConfigError, MissingTensorError, compile_regex
+from tdump._validate import DAMAGE
+from tdump.analyze._open import check_mode_name, did_you_mean, dump_path, open_reader
+from tdump.analyze._tasks import corrupt_chunk
+from tdump.errors import ConfigError, MissingTensorError, check_choice, compile_regex
 
 __all__ = ["Trial", "TrialTensor"]
 
@@ -66,7 +68,7 @@ class Trial:
         rank: int = 0,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self._path = os.fspath(path)
+        self._path = dump_path(path)
         self._storage_options = storage_options
         self.rank = rank
         self._reader: StoreReader = open_reader(self._path, storage_options)
@@ -100,9 +102,10 @@ class Trial:
         return list(self._modes)
 
     def _check_mode(self, mode: str) -> str:
+        """``mode`` if it has records; a misspelt name is a :class:`ConfigError` (with the
+        closest name), a mode without records a :class:`MissingTensorError`."""
         if mode not in self._modes:
-            if mode not in MODES:
-                raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+            check_mode_name(mode)
             raise MissingTensorError(no_mode_steps(self.path, mode, self._modes))
         return mode
 
@@ -135,7 +138,12 @@ class Trial:
         return dict(self.meta().get("config") or {})
 
     def calls(self, mode: str = "train") -> list[dict[str, Any]]:
-        """The dataflow of the first saved forward pass of ``mode`` (see docs/FORMAT.md)."""
+        """The dataflow of the first saved forward pass of ``mode`` (see docs/FORMAT.md).
+
+        Empty when the hook recorded none for ``mode``; a misspelt mode raises
+        :class:`~tdump.errors.ConfigError`.
+        """
+        check_mode_name(mode)
         return list((self.meta().get("calls") or {}).get(mode, []))
 
     # -- tensors
@@ -168,8 +176,13 @@ class Trial:
         ------
         SelectionError
             ``regex`` does not compile.
+        ConfigError
+            ``collection`` names no collection (they are plural: ``weights``, not
+            ``weight``) or ``mode`` no mode.
         """
         pattern = compile_regex(regex)
+        if collection is not None:
+            self._check_collection(collection)
         out: set[str] = set()
         for m in self._modes_for(mode):
             for name in self._names[m]:
@@ -182,6 +195,17 @@ class Trial:
                     continue
                 out.add(name)
         return sorted(out)
+
+    def _check_collection(self, collection: object) -> None:
+        """A collection this dump has, or one tdump records (then it is just empty here)."""
+        from tdump.capture._config import COLLECTIONS  # the names docs/FORMAT.md lists
+
+        present = tuple(self.collections())
+        if isinstance(collection, str) and collection in present:
+            return
+        check_choice(
+            collection, (*COLLECTIONS, *(c for c in present if c not in COLLECTIONS)), "collection"
+        )
 
     def collections(self) -> dict[str, list[str]]:
         """``{collection: [tensor names]}`` over all modes."""
@@ -204,6 +228,10 @@ class Trial:
         MissingTensorError
             No mode stores ``name``; the message suggests the closest name.
         """
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"tensor name must be a str (e.g. 'conv1.weight'), got {type(name).__name__} {name!r}"
+            )
         if not self.has_tensor(name):
             known = {n for m in self._modes for n in self._names[m]}
             raise MissingTensorError(
@@ -227,6 +255,8 @@ class Trial:
 
         ``name`` may be given with or without the ``scalars.`` prefix.
         """
+        if not isinstance(name, str):
+            raise ConfigError(f"scalar name must be a str (e.g. 'lr'), got {type(name).__name__}")
         full = name if self.has_tensor(name) or name.startswith("scalars.") else f"scalars.{name}"
         tensor = self.tensor(full)
         if tensor.shape(tensor.modes()[0]) != ():
@@ -260,6 +290,7 @@ class TrialTensor:
         if mode is None:
             return modes[0]
         if mode not in modes:
+            check_mode_name(mode)
             raise MissingTensorError(
                 f"tensor {self.name!r} is not stored for mode {mode!r}; it is for {', '.join(modes)}"
             )
@@ -304,9 +335,14 @@ class TrialTensor:
 
         Raises
         ------
+        ConfigError
+            ``step`` is not a whole number (``"5"``, ``2.5``).
         MissingTensorError
             The tensor was not saved at ``step`` (in ``mode``); the message lists nearby steps.
+        CorruptStoreError
+            The record's chunk does not decode (a :class:`~tdump.errors.NotADumpError`).
         """
+        step = _step_number(step)
         modes = self.modes() if mode is None else [self._mode(mode)]
         for m in modes:
             rec = self._trial._records[m]
@@ -314,7 +350,7 @@ class TrialTensor:
             hit = rows[rec["step"][rows] == step]
             if hit.size:
                 row = int(hit[-1])
-                out = self._trial.reader.read(m, self.name, row, self._trial.rank)
+                out = self._read(m, row)
                 bs = int(rec["batch_size"][row])
                 if bs >= 0 and self.dims(m)[:1] == ("batch",):
                     out = out[:bs]
@@ -325,7 +361,28 @@ class TrialTensor:
         hint = f"; nearest saved steps: {sorted(near)}" if near else "; it holds no data yet"
         raise MissingTensorError(f"tensor {self.name!r} has no value at step {step}{where}{hint}")
 
+    def _read(self, mode: str, row: int) -> np.ndarray:
+        """Record ``row`` of ``mode``; a damaged chunk is a :class:`CorruptStoreError`, as in ``rank``."""
+        trial = self._trial
+        arr = trial.reader.array(mode, self.name, trial.rank)
+        try:
+            return np.asarray(arr[row])
+        except DAMAGE as exc:
+            raise corrupt_chunk(trial.path, arr, row, exc) from None
+
     def values(self, mode: str | None = None) -> dict[int, np.ndarray]:
         """``{step: value}`` for every saved step of ``mode`` (default: the first mode storing it)."""
         m = self._mode(mode)
         return {s: self.value(s, mode=m) for s in self.steps(mode=m)}
+
+
+def _step_number(step: object) -> int:
+    """``step`` as an int: an int, a numpy integer or a whole float; else :class:`ConfigError`."""
+    if isinstance(step, int | np.integer) and not isinstance(step, bool):
+        return int(step)
+    if isinstance(step, float | np.floating) and float(step).is_integer():
+        return int(step)
+    raise ConfigError(
+        f"step must be a step number (an int), got {type(step).__name__} {step!r}; "
+        "tensor.steps() lists the saved ones"
+    )

@@ -32,16 +32,18 @@ import xarray as xr
 from xarray.backends import BackendEntrypoint
 
 from tdump._format import FORMAT_NAME
-from tdump._names import MODES
+from tdump._names import MODES, no_mode_steps
 from tdump.analyze._open import (
+    check_mode_name,
     did_you_mean,
+    dump_path,
     flat_dataset,
     mode_datasets,
     open_dump,
     open_reader,
     resolve_modes,
 )
-from tdump.errors import MissingTensorError, compile_regex
+from tdump.errors import ConfigError, MissingTensorError, compile_regex
 
 __all__ = ["TdumpBackendEntrypoint", "TdumpDatasetAccessor", "TdumpTreeAccessor"]
 
@@ -49,9 +51,7 @@ _PARAMS = ("filename_or_obj", "drop_variables", "mode", "group", "rank", "storag
 
 
 def _path(filename_or_obj: Any) -> str:
-    if isinstance(filename_or_obj, str | os.PathLike):
-        return os.fspath(filename_or_obj)
-    raise TypeError(f"engine='tdump' opens a path or URL, not {type(filename_or_obj).__name__}")
+    return dump_path(filename_or_obj, "what engine='tdump' opens")
 
 
 class TdumpBackendEntrypoint(BackendEntrypoint):
@@ -64,6 +64,9 @@ class TdumpBackendEntrypoint(BackendEntrypoint):
     description = "Open tdump tensor dumps (Zarr) as lazy Dask-backed xarray objects"
     url = "https://github.com/tdump/tdump/blob/main/docs/reading.md"
     open_dataset_parameters = _PARAMS
+    # xr.open_datatree / open_groups without engine= only ask backends that declare
+    # groups; without this a local dump fell through to xarray's zarr engine
+    supports_groups = True
 
     def open_dataset(  # type: ignore[override]
         self,
@@ -91,6 +94,11 @@ class TdumpBackendEntrypoint(BackendEntrypoint):
         if mode is None:
             mode = parts[0]
             node = parts[1] if len(parts) > 1 else ""
+            if mode not in MODES:
+                raise ConfigError(
+                    f"group {group!r} does not start with a mode; use group='train/{group.strip('/')}' "
+                    f"or pass mode= (one of {', '.join(MODES)}){did_you_mean(mode, MODES)}"
+                )
         else:
             node = "" if parts[0] == mode and len(parts) == 1 else group.strip("/")
             if node.startswith(mode + "/"):
@@ -158,7 +166,7 @@ class TdumpBackendEntrypoint(BackendEntrypoint):
         """True for a local directory whose ``zarr.json`` says it is a tdump store."""
         try:
             path = _path(filename_or_obj)
-        except TypeError:
+        except ConfigError:
             return False
         meta = os.path.join(path, "zarr.json")
         if "://" in path or not os.path.isfile(meta):
@@ -217,6 +225,8 @@ class TdumpDatasetAccessor:
 
     def tensor(self, name: str) -> xr.DataArray:
         """The variable holding tensor ``name`` (its full name, e.g. ``layer1.0.relu.output_0``)."""
+        if not isinstance(name, str):
+            raise ConfigError(f"tensor name must be a str, got {type(name).__name__} {name!r}")
         found = _tensor_vars(self._obj)
         if name not in found:
             raise MissingTensorError(
@@ -288,13 +298,38 @@ class TdumpTreeAccessor:
                 seen.append(mode)
         return seen
 
+    def _check_mode(
+        self, mode: str | None, entries: list[tuple[str, str, xr.DataTree, str]]
+    ) -> None:
+        """A misspelt ``mode`` is a :class:`ConfigError`, one this tree lacks a
+        :class:`MissingTensorError`, as in :class:`~tdump.analyze.Trial`: never an empty answer."""
+        if mode is None:
+            return
+        check_mode_name(mode)
+        present = [m for m in dict.fromkeys(e[0] for e in entries) if m]
+        if present and mode not in present:
+            raise MissingTensorError(no_mode_steps("this tree", mode, present))
+
     def names(self, regex: str | None = None, *, mode: str | None = None) -> list[str]:
-        """Full tensor names below this node, sorted; ``regex`` filters with ``re.search``."""
-        return _match({n for m, n, _, _ in self._entries() if mode in (None, m)}, regex)
+        """Full tensor names below this node, sorted; ``regex`` filters with ``re.search``.
+
+        Raises
+        ------
+        ConfigError
+            ``mode`` is not a mode name (``train``, ``eval``, ``predict``, ``global``).
+        MissingTensorError
+            This tree holds no tensors of ``mode``.
+        """
+        entries = self._entries()
+        self._check_mode(mode, entries)
+        return _match({n for m, n, _, _ in entries if mode in (None, m)}, regex)
 
     def tensor(self, name: str, *, mode: str | None = None) -> xr.DataArray:
         """The DataArray of tensor ``name`` (full name) in ``mode`` (default: the first mode holding it)."""
+        if not isinstance(name, str):
+            raise ConfigError(f"tensor name must be a str, got {type(name).__name__} {name!r}")
         entries = self._entries()
+        self._check_mode(mode, entries)
         for m, n, node, var in entries:
             if n == name and mode in (None, m):
                 return node[var]  # type: ignore[return-value]
@@ -304,6 +339,7 @@ class TdumpTreeAccessor:
 
     def module(self, path: str, *, mode: str | None = None) -> xr.DataTree:
         """The node of module ``path`` (in ``mode``; default the first mode that has it)."""
+        self._check_mode(mode, self._entries())
         nodes = sorted(
             (
                 node

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tdump.errors import ConfigError, compile_regex
+from tdump.capture._checks import check_collection, check_hook
+from tdump.errors import ConfigError
 
 __all__ = [
     "ALWAYS_ON",
@@ -108,14 +109,8 @@ class CollectionConfig:
     save_steps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in COLLECTIONS:
-            raise ConfigError(
-                f"unknown collection {self.name!r}; use one of {', '.join(COLLECTIONS)}"
-            )
-        if self.save_steps is not None:
-            object.__setattr__(self, "save_steps", tuple(int(s) for s in self.save_steps))
-        _check_interval(self.save_interval)
-        compile_regex(self.include_regex, f"include_regex of collection {self.name}")
+        for name, value in check_collection(self).items():
+            object.__setattr__(self, name, value)
 
     def should_save(self, step: int, hook: HookConfig, mode: str = "train") -> bool:
         """Whether this collection is saved at ``step`` of ``mode`` under ``hook``'s schedule."""
@@ -184,11 +179,6 @@ def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return n
 
 
-def _check_interval(value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise ConfigError(f"save_interval must be a positive integer, got {value!r}")
-
-
 @dataclass(frozen=True)
 class HookConfig:
     """All settings of a :class:`~tdump.capture.Hook`.
@@ -218,7 +208,7 @@ class HookConfig:
     save_interval
         Save every N-th step of each mode (steps counted from 0, so step 0 is saved).
     save_steps
-        Explicit steps to save instead of the interval.
+        Explicit steps to save (integers >= 0) instead of the interval.
     start_step, end_step
         Save only steps in ``[start_step, end_step)``.
     collections
@@ -285,54 +275,15 @@ class HookConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_interval(self.save_interval)
-        if self.write_mode not in WRITE_MODES:
+        for name, value in check_hook(self).items():  # every field, one-line errors
+            object.__setattr__(self, name, value)
+        colls = tuple(_collections_arg(self.collections))
+        names = [c.name for c in colls]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
             raise ConfigError(
-                f"unknown write_mode {self.write_mode!r}; use one of {', '.join(WRITE_MODES)}"
+                f"collections name {', '.join(twice)} more than once; give each collection once"
             )
-        if self.save_steps is not None:
-            object.__setattr__(self, "save_steps", tuple(int(s) for s in self.save_steps))
-        compile_regex(self.include_regex, "include_regex")
-        compile_regex(self.exclude_regex, "exclude_regex")
-        codec = self.compression.split(":")[0]
-        if codec not in COMPRESSIONS:
-            raise ConfigError(
-                f"unknown compression {self.compression!r}; use one of {', '.join(COMPRESSIONS)}"
-            )
-        if self.storage_dtype not in (None, *STORAGE_DTYPES):
-            raise ConfigError(
-                f"unknown storage_dtype {self.storage_dtype!r}; use float16, bfloat16 or none"
-            )
-        if self.reduction not in (None, *REDUCTIONS):
-            raise ConfigError(
-                f"unknown reduction {self.reduction!r}; use one of {', '.join(REDUCTIONS)}"
-            )
-        if self.mode not in (None, "train", "eval", "predict"):
-            raise ConfigError(f"unknown mode {self.mode!r}; use train, eval or predict")
-        for m, n in (self.mode_save_interval or {}).items():
-            if m not in ("train", "eval", "predict"):
-                raise ConfigError(
-                    f"mode_save_interval: unknown mode {m!r}; use train, eval or predict"
-                )
-            _check_interval(n)
-        if self.step_source not in ("forward", "optimizer"):
-            raise ConfigError(
-                f"step_source must be 'forward' or 'optimizer', not {self.step_source!r}"
-            )
-        if self.queue_size < 1:
-            raise ConfigError("queue_size must be >= 1")
-        if not isinstance(self.include_activations, bool):
-            raise ConfigError(
-                f"include_activations must be true or false, not {self.include_activations!r}"
-            )
-        if not isinstance(self.writer_threads, int) or isinstance(self.writer_threads, bool):
-            raise ConfigError(f"writer_threads must be an integer, not {self.writer_threads!r}")
-        if self.writer_threads < 0:
-            raise ConfigError(
-                f"writer_threads must be >= 0 (0 picks a number from the CPUs), "
-                f"not {self.writer_threads}"
-            )
-        colls = tuple(_as_collection(c) for c in self.collections)
         object.__setattr__(self, "collections", colls)
         by_name = {c: CollectionConfig(c) for c in COLLECTIONS}
         by_name.update({c.name: c for c in colls})
@@ -413,21 +364,62 @@ class HookConfig:
 def _as_collection(value: Any) -> CollectionConfig:
     if isinstance(value, CollectionConfig):
         return value
-    if isinstance(value, Mapping):
-        try:
-            return CollectionConfig(**value)
-        except TypeError as exc:
-            raise ConfigError(f"invalid collection settings {dict(value)!r}: {exc}") from None
-    raise ConfigError(f"a collection override must be a CollectionConfig or a dict, not {value!r}")
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            "a collection override must be a mapping of settings such as "
+            f'{{"name": "losses", "save_interval": 1}}, not {value!r}'
+        )
+    known = [f.name for f in dataclasses.fields(CollectionConfig)]
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)} in collection override {dict(value)!r}; "
+            f"known: {', '.join(known)}"
+        )
+    if "name" not in value:
+        raise ConfigError(
+            f"collection override {dict(value)!r} has no name; add one of {', '.join(COLLECTIONS)}"
+        )
+    return CollectionConfig(**value)
 
 
 def _collections_arg(value: Any) -> Iterable[CollectionConfig]:
     """Accept ``[{"name": ...}, ...]``, ``{"activations": {...}}`` or CollectionConfigs."""
     if isinstance(value, Mapping):
-        return [_as_collection({"name": k, **dict(v or {})}) for k, v in value.items()]
+        out = []
+        for name, settings in value.items():
+            if settings is not None and not isinstance(settings, Mapping):
+                raise ConfigError(
+                    f"collections: the settings of {name!r} must be a mapping such as "
+                    f'{{"save_interval": 1}}, not {settings!r}'
+                )
+            out.append(_as_collection({"name": name, **dict(settings or {})}))
+        return out
     if isinstance(value, (list, tuple)):
         return [_as_collection(v) for v in value]
-    raise ConfigError(f"collections must be a list or a mapping, not {type(value).__name__}")
+    raise ConfigError(
+        f"collections must be a list of collection overrides or a mapping of them, not {value!r}"
+    )
+
+
+def _kind(data: Any) -> str:
+    """What a parsed config that is not a mapping holds, in words."""
+    if data is None:
+        return "nothing"
+    if isinstance(data, list):
+        return "a list"
+    if isinstance(data, str):
+        return "a string"
+    if isinstance(data, bool):
+        return "a boolean"
+    return "a number" if isinstance(data, (int, float)) else type(data).__name__
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a long inline text is no file name (ENAMETOOLONG)
+        return False
 
 
 def load_config(source: str | os.PathLike[str]) -> dict[str, Any]:
@@ -440,29 +432,43 @@ def load_config(source: str | os.PathLike[str]) -> dict[str, Any]:
     --------
     >>> load_config('{"save_interval": 5}')
     {'save_interval': 5}
+    >>> load_config('[1, 2]')
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: hook config '[1, 2]' is JSON, but a list, not an object of settings; pass e.g. '{"save_interval": 10}'
     """
     text = str(source).strip()
-    if text.startswith("{"):
+    example = "pass e.g. '{\"save_interval\": 10}'"
+    path = Path(text)
+    if text.startswith("{") or not _is_file(path):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"inline hook config is not valid JSON: {exc}") from None
-    else:
-        path = Path(text)
-        if not path.is_file():
-            raise ConfigError(f"config file {text} not found; pass a JSON or YAML file")
-        raw = path.read_text()
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(raw)
-            else:
-                data = json.loads(raw)
-        except Exception as exc:
+            if text.startswith("{"):
+                raise ConfigError(f"inline hook config is not valid JSON: {exc}") from None
             raise ConfigError(
-                f"cannot parse config file {text}: {str(exc).splitlines()[0]}"
+                f"config file {text} not found; pass a JSON or YAML file, or inline JSON "
+                f"({example[5:]})"
             ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"hook config {text[:60]!r} is JSON, but {_kind(data)}, not an object of "
+                f"settings; {example}"
+            )
+        return data
+    raw = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(raw)
+        else:
+            data = json.loads(raw)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse config file {text}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"hook config {text[:60]!r} must be a mapping of settings")
+        raise ConfigError(
+            f"config file {text} holds {_kind(data)}, not a mapping of settings "
+            "(save_interval: 10, ...)"
+        )
     return data

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import re
 import threading
 import time
@@ -31,6 +32,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,11 +42,11 @@ from tdump._modtypes import is_activation_type, is_bn_type, is_conv_type, type_n
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
     CLOSE_TIMEOUT,
-    TrainingStopped,
     at_exit,
     exiting,
     install_sigterm,
 )
+from tdump.capture._guard import Guarded
 from tdump.capture._lifecycle import StepLifecycle
 from tdump.capture._model import (
     module_tree,
@@ -134,10 +136,10 @@ class Hook(StepLifecycle):
     ) -> None:
         data: dict[str, Any] = dict(settings)
         data.update(
-            out=str(out),
+            out=out,  # HookConfig refuses what is not a path (None, a number) in one line
             include_regex=include_regex,
             save_interval=save_interval,
-            save_steps=None if save_steps is None else tuple(save_steps),
+            save_steps=save_steps,  # HookConfig checks and stores it as a tuple
             start_step=start_step,
             end_step=end_step,
         )
@@ -219,7 +221,14 @@ class Hook(StepLifecycle):
         return dict(self._next)
 
     def register_module(self, module: nn.Module) -> Hook:
-        """Capture from ``module`` (wrappers are unwrapped; names are relative to it)."""
+        """Capture from ``module`` (wrappers are unwrapped; names are relative to it).
+
+        Raises
+        ------
+        ConfigError
+            ``module`` is not an ``nn.Module`` instance (a name, a class).
+        """
+        _check_module("register_module", module, "the model, e.g. hook.register_module(model)")
         root = unwrap(module)
         if self._root is root:
             return self
@@ -248,7 +257,25 @@ class Hook(StepLifecycle):
         return self
 
     def register_loss(self, loss_module: nn.Module) -> Hook:
-        """Save the loss value (``losses``) and its inputs (``loss_inputs``) of ``loss_module``."""
+        """Save the loss value (``losses``) and its inputs (``loss_inputs``) of ``loss_module``.
+
+        A loss computed by a function (``F.cross_entropy``) is not a module: wrap it
+        (``criterion = nn.CrossEntropyLoss()``) or call :meth:`record_loss` after it.
+
+        Raises
+        ------
+        ConfigError
+            ``loss_module`` is not an ``nn.Module`` instance (a function, a class).
+        """
+        if callable(loss_module) and not isinstance(loss_module, (nn.Module, type)):
+            name = getattr(loss_module, "__name__", None)
+            wrapper = _loss_module_for(name)
+            raise ConfigError(
+                f"register_loss takes a loss module, not {_described(loss_module)}; "
+                f"use {f'its module, {wrapper},' if wrapper else 'a loss module'} or keep "
+                "the function and call hook.record_loss(loss, logits, targets) after it"
+            )
+        _check_module("register_loss", loss_module, "a loss module such as nn.CrossEntropyLoss()")
         if self._loss is loss_module:
             return self
         self._loss = loss_module
@@ -258,7 +285,18 @@ class Hook(StepLifecycle):
         return self
 
     def register_optimizer(self, optimizer: torch.optim.Optimizer) -> Hook:
-        """Count train steps from ``optimizer.step()`` calls (``step_source="optimizer"``)."""
+        """Count train steps from ``optimizer.step()`` calls (``step_source="optimizer"``).
+
+        Raises
+        ------
+        ConfigError
+            ``optimizer`` is not a ``torch.optim`` optimizer.
+        """
+        if not callable(getattr(optimizer, "register_step_post_hook", None)):
+            raise ConfigError(
+                f"register_optimizer takes a torch.optim optimizer, not {_described(optimizer)}; "
+                "pass the optimizer whose step() ends a train step, e.g. torch.optim.SGD(...)"
+            )
         self._handles.append(
             optimizer.register_step_post_hook(lambda *_: self.optimizer_step())  # type: ignore[arg-type]
         )
@@ -277,12 +315,39 @@ class Hook(StepLifecycle):
         self._mode = mode
 
     def save_scalar(self, name: str, value: float | torch.Tensor) -> None:
-        """Save a scalar as ``scalars.<name>`` in the record of the step in progress, if saved."""
+        """Save a scalar as ``scalars.<name>`` in the record of the step in progress, if saved.
+
+        Raises
+        ------
+        ConfigError
+            At every call, saved step or not, whatever ``strict`` says: a ``name`` that
+            is not a non-empty string, a ``value`` that is not a real number or a
+            one-element tensor (a string, a list, a batch of values).
+        """
+        value = _scalar_value(name, value)
         if self._cur is not None:
             self._guard(self._cur.scalar)(name, value)
 
     def record_loss(self, loss: torch.Tensor, *inputs: torch.Tensor) -> None:
-        """Save a loss computed by a function (``F.cross_entropy``) and its inputs."""
+        """Save a loss computed by a function (``F.cross_entropy``) and its inputs.
+
+        Raises
+        ------
+        ConfigError
+            ``loss`` or one of ``inputs`` is not a tensor (``loss.item()``, say).
+        """
+        if not isinstance(loss, torch.Tensor):
+            raise ConfigError(
+                f"record_loss takes the loss tensor, not {_described(loss)}; pass the tensor "
+                "the loss function returned (before .item()), then its inputs"
+            )
+        for i, a in enumerate(inputs):
+            if not isinstance(a, torch.Tensor):
+                raise ConfigError(
+                    f"record_loss takes the loss's inputs as tensors, but input {i} is "
+                    f"{_described(a)}; pass the tensors given to the loss function "
+                    "(record_loss(loss, logits, targets))"
+                )
         self._guard(self._loss_post)(None, inputs, loss)
 
     def _loss_post(self, module: nn.Module | None, args: tuple[Any, ...], output: Any) -> None:
@@ -411,19 +476,8 @@ class Hook(StepLifecycle):
             )
 
     # ------------------------------------------------------------------ errors
-    def _guard(self, fn: Any) -> Any:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if not self._enabled:
-                return None
-            try:
-                return fn(*args, **kwargs)
-            except TrainingStopped:
-                raise  # ends training on purpose
-            except Exception as exc:
-                self._fail(exc)
-                return None
-
-        return wrapped
+    def _guard(self, fn: Callable[..., Any]) -> Guarded:
+        return Guarded(self, fn)
 
     def _fail(self, exc: BaseException) -> None:
         if self.config.strict:
@@ -476,6 +530,71 @@ class Hook(StepLifecycle):
             meta, self._meta = self._meta, {}
             self._writer.update_meta(**meta)
         self._writer.submit(rec)
+
+
+def _described(value: Any) -> str:
+    """``value`` for an error message: its type and a short repr (a function by its name)."""
+    if isinstance(value, type):
+        return f"the class {value.__name__}"
+    if callable(value) and hasattr(value, "__name__"):
+        return f"the function {getattr(value, '__qualname__', value.__name__)}"
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _loss_module_for(function: str | None) -> str | None:
+    """``nn.<Loss>()`` computing what ``F.<function>`` does, when the names match.
+
+    >>> _loss_module_for("cross_entropy"), _loss_module_for("mse_loss"), _loss_module_for("f")
+    ('nn.CrossEntropyLoss()', 'nn.MSELoss()', None)
+    """
+    if not function:
+        return None
+    key = function.removesuffix("_loss").replace("_", "").lower() + "loss"
+    for attr in dir(nn):
+        cls = getattr(nn, attr)
+        if attr.lower() == key and isinstance(cls, type) and issubclass(cls, nn.Module):
+            return f"nn.{attr}()"
+    return None
+
+
+def _check_module(method: str, value: Any, expected: str) -> None:
+    """Refuse (one line) a ``value`` that is not an ``nn.Module`` instance."""
+    if isinstance(value, nn.Module):
+        return
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        raise ConfigError(
+            f"{method} takes a module instance, not the class {value.__name__}; "
+            f"create it first: {value.__name__}(...)"
+        )
+    raise ConfigError(f"{method} takes an nn.Module, not {_described(value)}; pass {expected}")
+
+
+def _scalar_value(name: Any, value: Any) -> float | torch.Tensor:
+    """``value`` of ``save_scalar(name, value)`` as a float or a tensor, else a ConfigError."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"save_scalar needs a name (a non-empty string), not {_described(name)}; "
+            'e.g. hook.save_scalar("lr", lr)'
+        )
+    call = f"save_scalar({name!r}, ...)"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            what = "complex" if value.is_complex() else f"of shape {tuple(value.shape)}"
+            raise ConfigError(
+                f"{call} takes a real number or a one-element tensor, not a tensor {what}; "
+                "reduce it to one value first (value.mean())"
+            )
+        return value
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
+        return float(value.reshape(()))
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise ConfigError(
+        f"{call} takes a real number or a one-element tensor, not {_described(value)}; "
+        "save numbers only (float(value) for a numeric string)"
+    )
 
 
 def _close_quietly(ref: weakref.ReferenceType[Hook]) -> None:

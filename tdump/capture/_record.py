@@ -43,7 +43,8 @@ from tdump.capture._exit import install_sigterm, mark_exiting
 from tdump.capture._hook import Hook, active_hooks
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.capture._out import local_path, resolve_rank
-from tdump.errors import ConfigError, TdumpError
+from tdump.capture._script import check_script, print_script_traceback
+from tdump.errors import TdumpError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -244,11 +245,10 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     """Run ``script`` as ``__main__`` with ``sys.argv = [script, *args]`` under :class:`AutoCapture`.
 
     Returns the script's exit code: 130 after SIGINT, 143 after SIGTERM (queued
-    records are committed first), 75 when a stop request ended training. Bad paths
-    are refused before the script starts.
+    records are committed first), 75 when a stop request ended training. Bad paths,
+    and a file that is not a Python script, are refused before the script starts.
     """
-    if not os.path.isfile(script):
-        raise ConfigError(f"no training script at {script}; check the path")
+    check_script(script)  # a checkpoint given as the script: one line, not runpy's traceback
     if args and args[0] == "--":
         args = args[1:]
     elif "--" in args:
@@ -272,7 +272,7 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     except TdumpError:
         raise  # tdump.load & co. in the script: one line, as the CLI prints them
     except Exception as exc:  # the script's crash: its traceback, then what was recorded
-        _print_script_traceback(exc, script)
+        print_script_traceback(exc, script)
         code = 1
     finally:
         sys.argv = old_argv
@@ -291,17 +291,6 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     elif hook._root is None:
         print("tdump: no trained module was seen; nothing recorded", file=sys.stderr)
     return code
-
-
-def _print_script_traceback(exc: BaseException, script: str) -> None:
-    """Print ``exc`` as ``python script`` would: frames from the script on, not tdump's."""
-    import traceback
-
-    path = os.path.abspath(script)
-    tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != path:
-        tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
 
 
 def dump_size(out: str) -> int:
@@ -350,10 +339,13 @@ def summarize(out: str, rank: int = 0) -> list[str]:
         only = "only one saved train step" + (
             "" if len(train) == 1 else " with the model's tensors"
         )
+        step = int(tensors[0])
+        # only train step 0 is the untrained model; an appended or save_steps run's is not
+        untrained = " (at step 0: untrained)" if step == 0 else ""
         lines.append(
-            f"tdump: warning: {only} (step {int(tensors[0])}), so ranking sees "
-            "the model at that one step (at step 0: untrained); save more steps with a smaller "
-            "--interval (e.g. --interval 10) or --config '{\"save_steps\": [...]}'"
+            f"tdump: warning: {only} (step {step}), so ranking sees the model at that one "
+            f"step{untrained}; save more steps with a smaller --interval (e.g. --interval 10) "
+            "or --config '{\"save_steps\": [...]}'"
         )
     return lines
 

@@ -5,8 +5,10 @@ Each call writes one record of mode ``global`` holding ``scalars.<name>`` for ev
 keyword, through every active hook (the one ``tdump record`` or
 ``tdump.capture.auto`` installed, or the script's own :class:`~tdump.capture.Hook`).
 Its step is the number of earlier reports of that hook, so ``global`` step ``k`` is
-the ``k``-th report. Without an active hook it does nothing, prints nothing and
-never raises: the same script runs with and without capture.
+the ``k``-th report; a hook that appends to a dump (``write_mode="append"``,
+``tdump record --append``) goes on from the dump's last ``global`` step. Without an
+active hook it does nothing, prints nothing and never raises: the same script runs
+with and without capture.
 
 Examples
 --------
@@ -78,7 +80,9 @@ def _report(metrics: dict[str, Any]) -> None:
     for hook in hooks:
         if not hook._enabled:
             continue
-        step = _REPORTS.get(hook, 0)
+        step = _REPORTS.get(hook)
+        if step is None:
+            step = _first_step(hook)
         rec = PendingRecord("global", step)
         for name, number in values.items():
             sname = scalar_name(name)
@@ -89,3 +93,15 @@ def _report(metrics: dict[str, Any]) -> None:
             _REPORTS[hook] = step + 1
             rec.wall_time = hook.clock()
             hook._submit(rec)
+
+
+def _first_step(hook: Any) -> int:
+    """The ``global`` step of ``hook``'s first report: 0, or where an appended dump goes on.
+
+    An appending hook's records follow the dump's committed ones, whose ``global``
+    steps must keep increasing (readers refuse a dump whose steps do not).
+    """
+    existing = getattr(hook, "_existing", None)
+    if existing is None:
+        return 0
+    return int(existing.next_steps.get("global", 0))

@@ -89,6 +89,8 @@ class HostBuffers:
     bytes (the writer sets it to its largest record): one record's worth of memory.
     Copies of CUDA tensors go non-blocking into pinned buffers kept apart from the
     pageable ones: reusing them saves an allocation per tensor on the training thread.
+    Buffers are normal tensors even when made under ``torch.inference_mode()``, so a
+    validation pass in that mode does not poison the pool for the train steps after it.
 
     >>> pool = HostBuffers(); pool.limit = 1 << 20
     >>> a = pool.copy_of(torch.ones(2, 3)); pool.give(a)
@@ -119,12 +121,20 @@ class HostBuffers:
             if buf is not None:
                 self._bytes -= buf.nbytes
         if buf is None:
-            buf = torch.empty(key[0], dtype=key[1], pin_memory=pinned)
+            # Made in inference mode (a validation pass under torch.inference_mode()) it
+            # would be an inference tensor, which no later copy outside that mode may
+            # write into: buffers are always normal tensors, whatever the mode.
+            with torch.inference_mode(False):
+                buf = torch.empty(key[0], dtype=key[1], pin_memory=pinned)
         return buf.copy_(t, non_blocking=pinned)
 
     def give(self, t: torch.Tensor) -> None:
-        """Return ``t`` (no longer read by anyone) for reuse."""
-        if t.device.type != "cpu" or not t.is_contiguous():
+        """Return ``t`` (no longer read by anyone) for reuse.
+
+        Inference tensors (a reduction or clone made under ``torch.inference_mode()``)
+        are not kept: outside inference mode nothing may be copied into them.
+        """
+        if t.device.type != "cpu" or not t.is_contiguous() or t.is_inference():
             return
         key = (tuple(t.shape), t.dtype, t.is_pinned())
         with self._lock:

@@ -34,6 +34,11 @@ def json_object_option(text: str | None, flag: str) -> dict[str, Any] | None:
 def shape_option(text: str, *, example: str) -> tuple[int, ...]:
     """An input shape such as ``3,224,224`` or ``3x224x224`` (batch excluded)."""
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
-        raise ConfigError(f"--input-shape must look like {example}, got {text!r}") from None
+        shape = ()
+    if not shape or any(n < 1 for n in shape):  # a zero or negative size cannot be run
+        raise ConfigError(
+            f"--input-shape must look like {example} (positive sizes, batch excluded), got {text!r}"
+        )
+    return shape

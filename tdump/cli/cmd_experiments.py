@@ -104,7 +104,10 @@ def _status_line(experiment: Path, state: dict[str, Any]) -> str:
         where = f" in round {state.get('round')} {stage}" if stage else ""
         line += f" (Ctrl-C{where}); {resume}"
     elif status == "running" and running:
-        line += f"; round {state.get('round')} {running.get('stage')}"
+        if running.get("stage") == "resume":  # a resumed loop checking its settings
+            line += f"; resuming (process {running.get('pid')})"
+        else:
+            line += f"; round {state.get('round')} {running.get('stage')}"
         if _alive(running.get("pid")):
             line += " in progress"
         else:

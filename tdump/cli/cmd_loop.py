@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -65,23 +67,34 @@ class _LiveEvents:
             err_console.print(text, soft_wrap=True, markup=False)
 
 
+def _given(ctx: typer.Context, param: str) -> bool:
+    """Whether option ``param`` was given (on the command line or from the environment)."""
+    source = ctx.get_parameter_source(param)
+    # by name: typer 0.28 has a copy of click of its own, whose enum is not click's
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def _ignored_on_resume(
-    ctx: typer.Context, given: LoopSettings, stored: dict[str, Any]
+    ctx: typer.Context, given: LoopSettings, stored: dict[str, Any], finished: bool
 ) -> dict[str, str]:
     """``{setting: flag}`` for the options given with ``--resume`` that the stored settings override.
 
     An option counts when it was given (on the command line or from the environment,
     as the parameter source of ``ctx`` says), whatever its value: ``--rounds 3`` is as
-    much ignored as ``--rounds 4`` when the experiment was started with 2.
+    much ignored as ``--rounds 4`` when the experiment was started with 2. The options
+    a resume replaces (``--stop-when``, ...) are not ignored, unless the experiment is
+    ``finished`` (then nothing runs).
     """
+    from tdump.loop._settings import RESUME_REPLACEABLE
+
     flags = {}
     for key, value in given.to_dict().items():
         param = "args" if key == "train_args" else key
-        if key in ("arch", "arch_kwargs") or value == stored.get(key):
+        if key in ("arch", "arch_kwargs") or (key in RESUME_REPLACEABLE and not finished):
             continue
-        source = ctx.get_parameter_source(param)
-        # by name: typer 0.28 has a copy of click of its own, whose enum is not click's
-        if source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
+        if value == stored.get(key) and not (finished and key in RESUME_REPLACEABLE):
+            continue
+        if not _given(ctx, param):
             continue  # a default (stop_checks: no option at all)
         if key == "script":
             flags[key] = str(value)
@@ -90,32 +103,42 @@ def _ignored_on_resume(
         elif isinstance(value, bool):
             flags[key] = f"--{key.replace('_', '-')}"
         else:
-            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            if isinstance(value, dict):
+                shown = shlex.quote(json.dumps(value))
+            elif isinstance(value, list):
+                shown = ",".join(map(str, value))
+            else:
+                shown = shlex.quote(str(value))
             flags[key] = f"--{key.replace('_', '-')} {shown}"
     return flags
 
 
-def _resume_note(
-    experiment: str, ignored: dict[str, str], stored: dict[str, Any], rows: list[dict[str, Any]]
-) -> str:
-    """The note for options ``--resume`` ignores; for ``--rounds``, how to prune further."""
+def _resume_note(experiment: str, ignored: dict[str, str], stored: dict[str, Any]) -> str:
+    """The note for options ``--resume`` ignores (before the loop goes on)."""
     note = (
         f"note: --resume continues with the settings in {experiment}/experiment.json; "
         f"ignored: {' '.join(ignored.values())}"
     )
     if "rounds" in ignored:
-        last = (
-            f"{experiment}/{rows[-1]['checkpoint']}"
-            if rows
-            else f"{experiment}/round_NNN/checkpoint.pt"
-        )
-        arch = f" --arch {stored['arch']}" if stored.get("arch") else ""
         note += (
             f"; --rounds is fixed when an experiment starts ({experiment} has "
-            f"{stored.get('rounds')}): to prune further, start a new experiment from its last "
-            f"checkpoint: tdump loop {stored.get('script')} --init {last}{arch} ..."
+            f"{stored.get('rounds')})"
         )
     return note
+
+
+def _further_note(experiment: str, stored: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """How to prune further than ``--rounds``, from the last round (said once it is done)."""
+    last = (
+        f"{experiment}/{rows[-1]['checkpoint']}"
+        if rows
+        else f"{experiment}/round_NNN/checkpoint.pt"
+    )
+    arch = f" --arch {stored['arch']}" if stored.get("arch") else ""
+    return (
+        "note: to prune further, start a new experiment from the last checkpoint: "
+        f"tdump loop {stored.get('script')} --init {last}{arch} ..."
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -173,6 +196,12 @@ def register(app: typer.Typer) -> None:
             "--full-tensors",
             help="Taylor criteria and apoz: record full tensors, not the ReLUs' reduction.",
         ),
+        config: str | None = typer.Option(
+            None,
+            "--config",
+            help="Hook settings for the train stage's `tdump record` (inline JSON or a "
+            "JSON/YAML file), added to the loop's own.",
+        ),
         input_shape: str | None = typer.Option(
             None, "--input-shape", help="Input shape for FLOPs, e.g. 3,32,32 [from the dump]."
         ),
@@ -190,10 +219,13 @@ def register(app: typer.Typer) -> None:
 
         from rich.live import Live
 
+        from tdump.capture._config import load_config
         from tdump.errors import ConfigError, LoopError
         from tdump.loop import Experiment, LoopSettings, run_loop
+        from tdump.loop._settings import RESUME_REPLACEABLE
 
         kwargs = json_object_option(arch_kwargs, "--arch-kwargs")
+        record_config = load_config(config) if config else None
         shape = list(shape_option(input_shape, example="3,32,32")) if input_shape else None
         if resume and experiment is None:
             raise ConfigError("--resume needs --experiment DIR (the experiment to continue)")
@@ -226,6 +258,7 @@ def register(app: typer.Typer) -> None:
             include=include,
             interval=interval,
             full_tensors=full_tensors,
+            config=record_config,
             input_shape=shape,
             scheduler=scheduler,
             workers=workers,
@@ -238,18 +271,23 @@ def register(app: typer.Typer) -> None:
             settings.check()
         console.print(f"experiment: {experiment}", soft_wrap=True)
         prior: list[dict[str, Any]] = []
+        ignored: dict[str, str] = {}
+        stored: dict[str, Any] = {}
+        done = False  # finished before this run (the loop's note says how to go on)
         if resuming:
             resumed = Experiment.open(experiment)
-            prior = resumed.rows()
-            ignored = _ignored_on_resume(ctx, settings, resumed.settings)
+            prior, stored = resumed.rows(), resumed.settings
+            done = bool(prior and prior[-1].get("stop_reason"))
+            ignored = _ignored_on_resume(ctx, settings, stored, done)
             if ignored:
-                note = _resume_note(experiment, ignored, resumed.settings, prior)
+                note = _resume_note(experiment, ignored, stored)
                 console.print(note, soft_wrap=True, markup=False)
+        replace = [k for k in RESUME_REPLACEABLE if resuming and _given(ctx, k)]
         with Live(console=console, refresh_per_second=1, transient=True) as live:
             events = _LiveEvents(live, prior)
             live.update(events)
             try:
-                rows = run_loop(settings, experiment, resume=resume, events=events)  # type: ignore[arg-type]
+                rows = run_loop(settings, experiment, resume=resume, events=events, replace=replace)  # type: ignore[arg-type]
             except LoopError as exc:
                 live.stop()
                 abort(str(exc), code=exc.exit_code)
@@ -261,7 +299,8 @@ def register(app: typer.Typer) -> None:
                 )
         from tdump.cli.cmd_experiments import rounds_table
 
-        final = Experiment.open(experiment).state()
+        ended = Experiment.open(experiment)  # its settings now: a resume may have added --arch
+        final = ended.state()
         reason = rows[-1].get("stop_reason") if rows else None
         console.print(rounds_table(rows))
         console.print(
@@ -270,6 +309,9 @@ def register(app: typer.Typer) -> None:
             else "no round completed",
             soft_wrap=True,
         )
+        if "rounds" in ignored and not done:  # now: the run may have completed more rounds
+            note = _further_note(experiment, ended.settings, rows)
+            console.print(note, soft_wrap=True, markup=False)
         console.print(
             f"table: tdump experiments show {experiment}   figure: tdump experiments plot {experiment} -o curve.png",
             soft_wrap=True,

@@ -21,87 +21,57 @@ from tdump.errors import ConfigError
 __all__ = ["register", "summarize"]
 
 
-def _parse_shape(text: str | None, model: Any, dump: str | None = None) -> tuple[int, ...]:
-    """``--input-shape``, else the recorded input's (from the dump), else 224x224."""
-    if text:
-        return shape_option(text, example="3,224,224")
+def _input_shape(
+    shape: tuple[int, ...] | None, model: Any, dump: str | None, why_none: str
+) -> tuple[tuple[int, ...], str, str | None]:
+    """The input shape for FLOPs, where it came from, and a note when it is the fallback.
+
+    ``--input-shape`` (parsed), else the recorded input's (from ``dump``), else the
+    first conv's in-channels x 224 x 224, said in a note: ``why_none`` says why
+    there is no dump to read it from.
+    """
+    if shape:
+        return shape, "--input-shape", None
+    why = why_none
     if dump is not None:
+        from tdump.errors import TdumpError
         from tdump.surgery._input_shape import recorded_input_shape
 
         try:
-            shape = recorded_input_shape(dump)
-        except Exception:  # a dump we cannot read only means no inference
-            shape = None
-        if shape:
-            return tuple(shape)
+            recorded = recorded_input_shape(dump)
+        except TdumpError as exc:  # a damaged dump only means no shape: said below
+            recorded, why = None, f"the dump {dump} cannot be read ({exc})"
+        else:
+            why = f"the dump {dump} records no input shape"
+        if recorded:
+            return tuple(recorded), f"the shape recorded in {dump}", None
     from torch import nn
 
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    channels = int(first.in_channels) if first is not None else 3
-    return (channels, 224, 224)
+    fallback = (int(first.in_channels) if first is not None else 3, 224, 224)
+    text = "x".join(map(str, fallback))
+    note = (
+        f"FLOPs use the fallback input shape {text}: {why}; give the dump with --dump DUMP "
+        "or the shape with --input-shape C,H,W"
+    )
+    return fallback, f"the fallback shape {text}", note
 
 
 def summarize(
-    before: Any, after: Any, plan: Any, input_shape: tuple[int, ...] | None
+    before: Any,
+    after: Any,
+    plan: Any,
+    input_shape: tuple[int, ...] | None,
+    shape_source: str = "--input-shape",
 ) -> dict[str, Any]:
     """Per layer and total channels, parameters and FLOPs before/after (a JSON-able dict).
 
-    FLOPs need one forward pass of ``before`` at ``input_shape`` (batch excluded); if
-    it fails, FLOPs are reported as ``None`` with a note.
+    See :func:`tdump.surgery._stats.prune_summary` (imported here, so that ``tdump
+    --help`` does not import torch).
     """
-    from tdump.surgery import count_params, layer_flops, layer_params, output_positions
+    from tdump.surgery._stats import prune_summary
 
-    notes = list(plan.notes)
-    try:
-        positions = output_positions(before, input_shape) if input_shape else None
-    except Exception as exc:
-        positions = None
-        notes.append(
-            f"FLOPs not computed: forward at input shape {list(input_shape or ())} failed ({str(exc).splitlines()[0][:100]})"
-        )
-    p0, p1 = layer_params(before), layer_params(after)
-    filters0 = _filters(before)
-    f0 = layer_flops(before, positions) if positions else {}
-    f1 = layer_flops(after, positions) if positions else {}
-    mods0, mods1 = dict(before.named_modules()), dict(after.named_modules())
-    rows = []
-    for name, n0 in p0.items():
-        if p1.get(name) == n0 and name not in plan.layers:
-            continue
-        m0, m1 = mods0[name], mods1[name]
-        attr = "out_channels" if hasattr(m0, "out_channels") else "in_features"
-        rows.append(
-            {
-                "layer": name,
-                "channels_before": int(getattr(m0, attr)),
-                "channels_after": int(getattr(m1, attr)),
-                "params_before": n0,
-                "params_after": p1.get(name, 0),
-                "flops_before": f0.get(name),
-                "flops_after": f1.get(name),
-            }
-        )
-    return {
-        "removed_channels": plan.removed,
-        "removed_filters": filters0 - _filters(after),  # depthwise convs that follow included
-        "filters_before": filters0,
-        "filters_after": _filters(after),
-        "params_before": count_params(before),
-        "params_after": count_params(after),
-        "flops_before": sum(f0.values()) if positions else None,
-        "flops_after": sum(f1.values()) if positions else None,
-        "input_shape": list(input_shape) if input_shape else None,
-        "layers": rows,
-        "notes": notes,
-    }
-
-
-def _filters(model: Any) -> int:
-    from torch import nn
-
-    return sum(
-        int(m.out_channels) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
-    )
+    return prune_summary(before, after, plan, input_shape, shape_source)
 
 
 def _fmt(n: int | None) -> str:
@@ -135,7 +105,8 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None, source: s
     rows.append(
         (
             "total",
-            f"-{summary['removed_channels']}",
+            # removing nothing prints 0, not -0
+            f"-{summary['removed_channels']}" if summary["removed_channels"] else "0",
             f"{_fmt(pb)} -> {_fmt(pa)}",
             f"{_fmt(fb)} -> {_fmt(fa)}",
         )
@@ -184,27 +155,112 @@ def _check_order(ckpt: Path, ranks: Path) -> None:
         )
 
 
-def _recorded_dump(table: Any, dump: Path | None) -> str | None:
-    """``--dump``, else the dump the ranks file names if it is a local folder still there."""
-    if dump is not None:
-        return str(dump)
+def _named_dump(table: Any, ranks: Path) -> tuple[str | None, str]:
+    """The dump the ranks file names if it is a local folder still there, else why not."""
     where = (table.attrs.get("tdump") or {}).get("dump")
-    if not isinstance(where, str) or "://" in where or not Path(where).is_dir():
-        return None  # the dump moved or is remote: --arch or --dump says which model
-    return where
+    if not isinstance(where, str) or not where:
+        return None, "the ranks file names no dump"
+    if "://" in where:  # not opened for an inference: --arch or --dump says which model
+        return None, f"the ranks' dump {where} is remote"
+    candidates = [Path(where)]
+    if not Path(where).is_absolute():
+        # recorded as typed, relative to where `tdump rank` ran: mostly the ranks' folder
+        candidates.append(ranks.parent / where)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate), ""
+    return None, f"the dump the ranks name ({where}) is not there (moved or deleted?)"
 
 
-def _model_type(table: Any, dump: Path | None, read: Any) -> str | None:
-    """The recorded model's class from ``--dump`` or the dump the ranks file names."""
-    if dump is not None:
-        return read(dump)  # type: ignore[no-any-return]
-    where = _recorded_dump(table, None)
-    if where is None:
-        return None
+def _check_dump_option(dump: Path, named: str | None) -> None:
+    """An explicit ``--dump`` must be a dump: a typo must not silently change the FLOPs."""
+    from tdump._format import StoreReader
+    from tdump.surgery._stats import first_line
+
+    if not dump.exists():
+        instead = f", or leave --dump out to use the one the ranks name ({named})" if named else ""
+        raise ConfigError(
+            f"--dump {dump} does not exist; give the dump the ranks came from{instead}"
+        )
     try:
-        return read(where)  # type: ignore[no-any-return]
-    except Exception:  # a dump we cannot read only means no inference
+        StoreReader(str(dump)).ranks()
+    except Exception as exc:  # NotADumpError, a damaged store, a permission error
+        raise ConfigError(f"--dump {dump} is not a readable dump: {first_line(exc)}") from None
+
+
+def _next_name(ckpt: Path) -> Path:
+    """A name for the pruned checkpoint beside ``ckpt``: ``pruned.pt`` -> ``pruned2.pt``.
+
+    >>> _next_name(Path("ckpt.pt")), _next_name(Path("pruned2.pt"))
+    (PosixPath('ckpt.pruned.pt'), PosixPath('pruned3.pt'))
+    """
+    import re
+
+    head, number = re.fullmatch(r"(.*?)(\d*)", ckpt.stem).groups()  # type: ignore[union-attr]
+    if "pruned" not in head:
+        return ckpt.with_name(f"{ckpt.stem}.pruned.pt")
+    return ckpt.with_name(f"{head}{int(number or 1) + 1}.pt")
+
+
+def _check_outputs(
+    targets: list[tuple[str, Path, str]],
+    inputs: list[tuple[str, Path | None]],
+    dumps: list[str],
+    ckpt: Path,
+) -> None:
+    """Refuse ``-o`` / ``--save-plan`` paths that would replace an input or land in a dump.
+
+    ``targets``: (flag, path, what to add after the path); ``inputs``: (what it is,
+    path). Checked before anything is loaded: the run that would destroy CKPT fails
+    at once, and nothing is written.
+    """
+    from tdump.analyze._ranks_io import beside_dump, is_inside, same_path
+
+    for flag, path, extra in targets:
+        alt = (
+            _next_name(ckpt)
+            if flag == "-o"
+            else targets[0][1].with_name(f"{targets[0][1].stem}.plan.json")
+        )
+        for label, source in inputs:
+            if source is not None and same_path(path, source):
+                raise ConfigError(
+                    f"{flag} {path}{extra} is {label}: writing there would replace it; "
+                    f"choose another {flag}, e.g. {flag} {alt}"
+                )
+        for dump in dumps:
+            if same_path(path, dump) or is_inside(path, dump):
+                where = "is the dump" if same_path(path, dump) else "is inside the dump"
+                suffix = "pruned.pt" if flag == "-o" else "plan.json"
+                raise ConfigError(
+                    f"{flag} {path}{extra} {where} {dump} (recording it again deletes what is "
+                    f"inside): choose another {flag}, e.g. {flag} {beside_dump(dump, suffix)}"
+                )
+    if len(targets) == 2 and same_path(targets[0][1], targets[1][1]):
+        raise ConfigError(
+            f"--save-plan {targets[1][1]} is the -o path too: choose another --save-plan, "
+            f"e.g. --save-plan {targets[0][1].with_name(f'{targets[0][1].stem}.plan.json')}"
+        )
+
+
+def _ignore_note(model: Any, ignore: str) -> str | None:
+    """A note when ``--ignore`` matches no module path: a typo would prune what it meant to keep."""
+    import difflib
+    import re
+
+    from torch import nn
+
+    names = [n for n, _ in model.named_modules() if n]
+    pattern = re.compile(ignore)
+    if any(pattern.search(n) for n in names):
         return None
+    close = difflib.get_close_matches(ignore, names, n=3, cutoff=0.6)
+    if close:
+        hint = f"did you mean {' or '.join(close)}?"
+    else:
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        hint = f"module paths look like {', '.join((convs or names)[:3])}"
+    return f"--ignore {ignore!r} matches no module of the model, so it leaves nothing alone; {hint}"
 
 
 def register(app: typer.Typer) -> None:
@@ -218,13 +274,14 @@ def register(app: typer.Typer) -> None:
             help="Checkpoint: tdump checkpoint, state_dict, or a dict holding one.",
         ),
         ranks: Path = typer.Argument(..., metavar="RANKS", help="ranks.parquet from `tdump rank`."),
-        output: Path = typer.Option(
-            Path("pruned.pt"),
+        output: Path | None = typer.Option(
+            None,
             "-o",
             "--output",
             "--out",
             metavar="PATH",
-            help="Where to write the pruned checkpoint.",
+            help="Where to write the pruned checkpoint [default: pruned.pt]; never CKPT, "
+            "RANKS, --like or inside the dump.",
         ),
         count: int | None = typer.Option(
             None,
@@ -322,18 +379,57 @@ def register(app: typer.Typer) -> None:
 
         import tdump.surgery as surgery
         from tdump.surgery._io import dump_model_type, strip_ranks_prefix
+        from tdump.surgery._plan import Settings
 
+        # values checked without reading a file come first: a bad --ratio is said before
+        # anything about the checkpoint or the architecture
+        Settings(
+            count,
+            ratio,
+            scope,
+            min_channels,
+            max_ratio,
+            round_to,
+            conv_only_groups,
+            aggregate,
+            normalize,
+        ).check()
         kwargs = json_object_option(arch_kwargs, "--arch-kwargs")
         if ignore:
             try:
                 re.compile(ignore)
             except re.error as exc:
                 raise ConfigError(f"--ignore is not a valid regex ({exc}): {ignore}") from None
+        shape = shape_option(input_shape, example="3,224,224") if input_shape else None
         _check_order(ckpt, ranks)
         table = surgery.read_ranks_table(ranks)
+        named, why_none = _named_dump(table, ranks)
+        if dump is not None:
+            _check_dump_option(dump, named)
+        out = output if output is not None else Path("pruned.pt")
+        targets = (
+            [] if dry_run and output is None else [("-o", out, "" if output else " (the default)")]
+        )
+        if save_plan is not None and not dry_run:
+            targets.append(("--save-plan", save_plan, ""))
+        _check_outputs(
+            targets,
+            [
+                ("the checkpoint being pruned (CKPT)", ckpt),
+                ("the ranks file being read (RANKS)", ranks),
+                ("the previous round's checkpoint (--like)", like),
+            ],
+            [str(d) for d in (dump, named) if d is not None],
+            ckpt,
+        )
+        source = str(dump) if dump is not None else named
         model_type = None
-        if arch is None:
-            model_type = _model_type(table, dump, dump_model_type)
+        if arch is None and source is not None:
+            try:
+                model_type = dump_model_type(source)
+            except Exception:  # the named dump is damaged: --arch says which model
+                if dump is not None:
+                    raise
         model = surgery.load(
             ckpt, arch, kwargs, ignore=ignore, like=like, prefix=prefix, model_type=model_type
         )
@@ -341,6 +437,9 @@ def register(app: typer.Typer) -> None:
         table, stripped = strip_ranks_prefix(table, model, prefix)
         if stripped and not prefix:
             inferred.append(f"stripped the prefix {stripped!r} from ranked layer names")
+        unmatched = _ignore_note(model, ignore) if ignore else None
+        if unmatched:
+            inferred.append(unmatched)
         model.eval()
         before = copy.deepcopy(model)
         with warnings.catch_warnings():  # the plan's notes say it, printed below
@@ -364,12 +463,14 @@ def register(app: typer.Typer) -> None:
         # what was inferred is said first, in the table and in --json; the plan's notes say
         # why fewer channels went than asked (the caps, grouped convs, --round-to)
         plan.notes[:0] = inferred
-        shape = _parse_shape(input_shape, before, _recorded_dump(table, dump))
-        summary = summarize(before, pruned, plan, shape)
+        shape, shape_from, fallback = _input_shape(shape, before, source, why_none)
+        if fallback:
+            plan.notes.append(fallback)
+        summary = summarize(before, pruned, plan, shape, shape_from)
         written = None
         if not dry_run:
-            surgery.save(output, pruned)
-            written = str(output)
+            surgery.save(out, pruned)
+            written = str(out)
             if save_plan is not None:
                 plan.save(save_plan)
         summary["output"] = written

@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
             "--out",
             "--output",
             metavar="PATH",
-            help="Where to write the ranks (checked before ranking; replaced atomically).",
+            help="Where to write the ranks, beside the dump (checked before ranking; an "
+            "existing ranks file is replaced atomically, any other file is refused).",
         ),
         criterion: str = typer.Option(
             "taylor",
@@ -41,7 +42,8 @@ def register(app: typer.Typer) -> None:
             None,
             "--steps",
             metavar="RANGE",
-            help="Saved steps START:STOP (stop exclusive), START:, :STOP or STEP.",
+            help="Saved steps START:STOP (stop exclusive), START:, :STOP, STEP, or "
+            "START:STOP:K (step numbers START, START+K, ...).",
         ),
         layers: str | None = typer.Option(
             None, "--layers", metavar="REGEX", help="Regex on conv module paths (re.search)."
@@ -91,7 +93,9 @@ def register(app: typer.Typer) -> None:
         from tdump.errors import NonFiniteWarning
 
         require_protocol(out)  # before the ranking, not after it
-        check_output_path(out)  # a bad --out fails now, not after the ranking
+        # a bad --out fails now, not after the ranking; it never replaces a file that is not
+        # a ranks file (a checkpoint typed as -o) nor lands inside the dump (deleted with it)
+        check_output_path(out, dump=dump, only_ranks=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NonFiniteWarning)
             table = rank_table(  # numpy columns: this command never imports pandas

@@ -92,15 +92,18 @@ def register(app: typer.Typer) -> None:
 
         Example: tdump record --out run.zarr --interval 50 train.py -- --epochs 1
         """
-        import os
         import sys
 
         from tdump.capture._config import HookConfig, load_config, with_default_selection
         from tdump.capture._out import prepare_out
+        from tdump.capture._script import check_script
         from tdump.errors import ConfigError
 
         if append and overwrite:
             raise ConfigError("--append and --overwrite exclude each other; pass one of them")
+        # A missing script, or a checkpoint given in its place: refused before torch loads
+        # and before prepare_out, which deletes the dump at --out under --overwrite.
+        check_script(script)
         data: dict[str, Any] = load_config(config) if config else {}
         if include is not None:
             data["include_regex"] = include
@@ -114,8 +117,6 @@ def register(app: typer.Typer) -> None:
         if append or overwrite:
             data["write_mode"] = "append" if append else "overwrite"
         cfg = HookConfig.from_dict(data)
-        if not os.path.isfile(script):
-            raise ConfigError(f"no training script at {script}; check the path")
         prepare_out(cfg)  # a bad --out: one line before torch loads and the script starts
 
         from tdump.capture._record import run_script

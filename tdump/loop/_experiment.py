@@ -44,6 +44,7 @@ __all__ = [
     "arch_needed",
     "atomic_write",
     "check_arch_now",
+    "check_input_shape",
     "check_resumed_arch",
     "check_start",
 ]
@@ -153,11 +154,30 @@ class Experiment:
     def add_arch(self, arch: str, arch_kwargs: dict[str, Any] | None) -> None:
         """Record the ``--arch`` a resume supplied for an experiment started without one.
 
-        The only change ever made to ``experiment.json`` after :meth:`create`, atomic;
-        the settings that were stored stay as they were.
+        One of the two changes ever made to ``experiment.json`` after :meth:`create`
+        (with :meth:`replace_settings`), atomic; the other settings stay as they were.
         """
         settings = {**self.settings, "arch": arch, "arch_kwargs": arch_kwargs}
         self.meta = {**self.meta, "settings": settings, "arch_added": _now()}
+        atomic_write(self.path / _META, json.dumps(self.meta, indent=2) + "\n")
+
+    def replace_settings(self, changes: dict[str, Any]) -> None:
+        """Record settings a resume replaced (``--stop-when``, ``--scheduler``, ``--workers``).
+
+        The old values are kept in ``replaced``, a list of ``{"time", "from", "to"}``,
+        so ``experiment.json`` still says what earlier rounds ran under.
+        """
+        old = self.settings
+        record = {
+            "time": _now(),
+            "from": {k: old.get(k) for k in changes},
+            "to": dict(changes),
+        }
+        self.meta = {
+            **self.meta,
+            "settings": {**old, **changes},
+            "replaced": [*(self.meta.get("replaced") or []), record],
+        }
         atomic_write(self.path / _META, json.dumps(self.meta, indent=2) + "\n")
 
     def round_dir(self, r: int) -> Path:
@@ -212,6 +232,20 @@ class Experiment:
         except FileNotFoundError:
             return {}
 
+    def state_text(self) -> str | None:
+        """``state.json`` as it is on disk (``None``: absent), for :meth:`restore_state`."""
+        try:
+            return (self.path / _STATE).read_text()
+        except FileNotFoundError:
+            return None
+
+    def restore_state(self, text: str | None) -> None:
+        """Put back ``state.json`` as :meth:`state_text` read it (atomically; ``None``: none)."""
+        if text is None:
+            (self.path / _STATE).unlink(missing_ok=True)
+        else:
+            atomic_write(self.path / _STATE, text)
+
     def write_state(self, state: dict[str, Any]) -> None:
         """Replace ``state.json`` atomically (``updated`` is set here)."""
         state = {**state, "updated": _now()}
@@ -237,13 +271,19 @@ class Experiment:
 
     # ------------------------------------------------------------------ commands
     def log_command(self, r: int, stage: str, lines: list[str]) -> None:
-        """Append a stage's command lines to ``commands.sh`` (a log, rerunnable by hand)."""
+        """Append a completed stage's command lines to ``commands.sh``.
+
+        Only stages that succeeded are appended, so ``sh commands.sh`` in an empty
+        folder (with the script) redoes the experiment's completed stages in order.
+        """
         path = self.path / _COMMANDS
         new = not path.exists()
         with open(path, "a") as fh:
             if new:
                 fh.write(
-                    "#!/bin/sh\n# The stages tdump loop ran, in order; rerun any by hand.\nset -e\n"
+                    "#!/bin/sh\n# The stages tdump loop completed, in order (a stage retried "
+                    "after a failure or a kill\n# is listed once); rerun them by hand, or all "
+                    "with sh commands.sh\n# from the folder tdump loop ran in.\nset -e\n"
                 )
             fh.write(f"\n# round {r}: {stage}  ({_now()})\n")
             fh.write("".join(line + "\n" for line in lines))
@@ -272,6 +312,10 @@ def check_start(path: Path, settings: Any, resume: bool) -> None:
         )
     if settings.arch:  # a name that cannot be built fails now, not after round 0 trains
         check_arch_now(settings.arch, settings.script)
+        if settings.input_shape:
+            check_input_shape(
+                settings.arch, settings.arch_kwargs, settings.input_shape, settings.script
+            )
 
 
 def check_arch_now(arch: str, script: str) -> None:
@@ -288,6 +332,47 @@ def check_arch_now(arch: str, script: str) -> None:
         sys.path.insert(0, folder)
     try:
         resolve_arch(arch, trusted=True)
+    finally:
+        if added:
+            sys.path.remove(folder)
+
+
+def check_input_shape(
+    arch: str, arch_kwargs: dict[str, Any] | None, shape: list[int], script: str
+) -> None:
+    """Refuse an ``--input-shape`` that ``arch`` cannot take, before round 0 trains.
+
+    The model is built and run on PyTorch's meta device (shapes only: no weights, no
+    arithmetic). Only an error that is not the meta device's own (a model reading
+    values: ``.item()``, ``if x.sum() > 0``) refuses; a model that cannot be built or
+    run that way is left to the measure step, which counts FLOPs only where it can.
+    """
+    import torch
+
+    from tdump.surgery._arch import build_arch
+
+    folder = os.path.dirname(os.path.abspath(script))
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        try:
+            with torch.device("meta"):
+                model = build_arch(arch, arch_kwargs).eval()
+        except Exception:  # built in measure from the checkpoint, with what it infers
+            return
+        with torch.no_grad():
+            model(torch.zeros(1, *shape, device="meta"))
+    except Exception as exc:
+        text = str(exc).strip()
+        if "meta" in text.lower() or not isinstance(exc, (RuntimeError, ValueError)):
+            return  # the meta device's limit, not the shape's: measure will say if it fails
+        line = text.splitlines()[0][:160] if text else type(exc).__name__
+        raise ConfigError(
+            f"--input-shape {','.join(map(str, shape))} does not fit {arch}: a forward at "
+            f"input ({', '.join(map(str, [1, *shape]))}) fails ({line}); give one example's "
+            "shape, batch excluded, e.g. 3,32,32 for 32x32 RGB images"
+        ) from None
     finally:
         if added:
             sys.path.remove(folder)

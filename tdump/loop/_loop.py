@@ -21,21 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import shlex
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from tdump.errors import ConfigError, LoopError, TdumpError
-from tdump.loop._experiment import (
-    Experiment,
-    arch_needed,
-    check_arch_now,
-    check_resumed_arch,
-    check_start,
-)
+from tdump.loop._events import LoopEvents
+from tdump.loop._experiment import Experiment, arch_needed, check_start
+from tdump.loop._replay import checkpoint_command, save_round_checkpoint, script_importable
+from tdump.loop._resume import prepare_resume, resume_hint
 from tdump.loop._settings import STOP_CHECKS, LoopSettings, record_options
 from tdump.loop._stages import (
     StageResult,
@@ -52,41 +48,8 @@ from tdump.loop._stages import (
 
 __all__ = ["LoopEvents", "run_loop"]
 
-
-class LoopEvents:
-    """What the loop tells its caller; the default prints one line per stage."""
-
-    def stage_started(self, r: int, stage: str, command: str | None) -> None:
-        """A stage begins (``command`` is its shell line, ``None`` for in-process stages)."""
-        if command:
-            print(f"$ {command}", flush=True)
-
-    def stage_finished(self, r: int, stage: str, seconds: float) -> None:
-        """A stage completed."""
-        print(f"round {r} {stage:<8} {seconds:7.1f} s", flush=True)
-
-    def round_finished(self, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        """A round's row was written (``rows``: every row so far)."""
-
-    def stage_note(self, r: int, stage: str, line: str) -> None:
-        """A ``note: ...`` or ``warning: ...`` line the stage's process wrote to its log."""
-        print(f"round {r} {stage}: {line}", file=sys.stderr, flush=True)
-
-    def note(self, text: str) -> None:
-        """Something the user should know."""
-        print(f"note: {text}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _script_importable(script: str) -> Iterator[None]:
-    """The script's folder on ``sys.path`` (architectures named like ``mynets.Net``)."""
-    folder = os.path.dirname(os.path.abspath(script))
-    sys.path.insert(0, folder)
-    try:
-        yield
-    finally:
-        if folder in sys.path:
-            sys.path.remove(folder)
+#: How commands.sh adds the stages' PYTHONPATH to the one the shell has.
+_PYTHONPATH = "${PYTHONPATH:+:$PYTHONPATH}"
 
 
 class _Loop:
@@ -98,6 +61,7 @@ class _Loop:
         path = os.environ.get("PYTHONPATH")
         self.env = {"PYTHONPATH": folder + (os.pathsep + path if path else "")}
         self.relayed: set[tuple[str, str]] = set()  # (stage, line): said once per loop run
+        self.logged: set[int] = set()  # rounds with a line in commands.sh from this run
 
     # ------------------------------------------------------------------ state
     def _save_state(self, **changes: Any) -> None:
@@ -105,7 +69,9 @@ class _Loop:
         self.exp.write_state(self.state)
 
     def _fail(self, r: int, stage: str, message: str, code: int = 1) -> LoopError:
-        self._save_state(status="failed", running=None, error=f"round {r} {stage}: {message}")
+        where = f"round {r} {stage}"
+        error = message if message.startswith(where) else f"{where}: {message}"
+        self._save_state(status="failed", running=None, error=error)
         return LoopError(message, exit_code=code)
 
     # ------------------------------------------------------------------ paths
@@ -133,12 +99,8 @@ class _Loop:
         }[stage]
 
     # ------------------------------------------------------------------ stages
-    def _run(
-        self, r: int, stage: str, argv: list[str], moves: list[tuple[Path, Path]]
-    ) -> StageResult:
+    def _run(self, r: int, stage: str, argv: list[str]) -> StageResult:
         p = self.paths(r)
-        lines = [shown(argv)] + [f"mv {rel_path(a)} {rel_path(b)}" for a, b in moves]
-        self.exp.log_command(r, stage, lines)
         self.events.stage_started(r, stage, shown(argv))
         result = run_stage(argv, p["dir"] / f"{stage}.log", env=self._stage_env(r, stage))
         if result.code != 0:
@@ -150,6 +112,30 @@ class _Loop:
                 result.code,
             )
         return result
+
+    def _completed(
+        self, r: int, stage: str, argv: list[str], moves: list[tuple[Path, Path]]
+    ) -> None:
+        """Rename the stage's outputs into place and list it in commands.sh (what completed
+        only, so that ``sh commands.sh`` redoes the experiment)."""
+        for a, b in moves:
+            os.replace(a, b)
+        if stage == "train":
+            env_line = " ".join(f"{k}={v}" for k, v in self.train_env(r).items())
+            self._log(r, "train (environment)", [f"export {env_line}"])
+        self._log(r, stage, [shown(argv)] + [f"mv {rel_path(a)} {rel_path(b)}" for a, b in moves])
+
+    def _log(self, r: int, stage: str, lines: list[str]) -> None:
+        """Append a completed stage's lines to commands.sh, after what a rerun in an
+        empty folder needs first: the stages' PYTHONPATH (--arch mynets.Net), the round's
+        folder (each once per run of the loop)."""
+        if not self.logged:
+            folder = shlex.quote(self.env["PYTHONPATH"].split(os.pathsep)[0])
+            self.exp.log_command(r, "environment", [f"export PYTHONPATH={folder}{_PYTHONPATH}"])
+        if r not in self.logged:
+            self.logged.add(r)
+            lines = [f"mkdir -p {shlex.quote(rel_path(self.paths(r)['dir']))}", *lines]
+        self.exp.log_command(r, stage, lines)
 
     def _stage_env(self, r: int, stage: str) -> dict[str, str]:
         env = dict(self.env)
@@ -175,8 +161,8 @@ class _Loop:
         argv += ["--scheduler", self.s.scheduler, "--quiet"]
         if self.s.workers:
             argv += ["--workers", str(self.s.workers)]
-        result = self._run(r, "rank", argv, [(tmp, p["ranks"])])
-        os.replace(tmp, p["ranks"])
+        result = self._run(r, "rank", argv)
+        self._completed(r, "rank", argv, [(tmp, p["ranks"])])
         return result
 
     def stage_prune(self, r: int) -> StageResult:
@@ -202,8 +188,8 @@ class _Loop:
         if shape:
             argv += ["--input-shape", ",".join(str(v) for v in shape)]
         argv += ["--json"]
-        result = self._run(r, "prune", argv, [(tmp, p["init"])])
-        os.replace(tmp, p["init"])
+        result = self._run(r, "prune", argv)
+        self._completed(r, "prune", argv, [(tmp, p["init"])])
         return result
 
     def stage_train(self, r: int) -> StageResult:
@@ -219,9 +205,7 @@ class _Loop:
         if args:
             argv += ["--", *args]
         moves = [(dump_tmp, p["dump"]), (model_tmp, p["model"])]
-        env_line = " ".join(f"{k}={v}" for k, v in self.train_env(r).items())
-        self.exp.log_command(r, "train (environment)", [f"export {env_line}"])
-        result = self._run(r, "train", argv, moves)
+        result = self._run(r, "train", argv)
         if not model_tmp.exists():
             raise self._fail(
                 r,
@@ -236,8 +220,7 @@ class _Loop:
                 f"nothing was recorded in round {r}: {s.script} trained no model that capture saw "
                 f"(log: {rel_path(p['dir'] / 'train.log')})",
             )
-        for a, b in moves:
-            os.replace(a, b)
+        self._completed(r, "train", argv, moves)
         return result
 
     def _relay(self, r: int, stage: str) -> None:
@@ -252,21 +235,18 @@ class _Loop:
     # ------------------------------------------------------------------ measure
     def measure(self, r: int, wall: dict[str, float]) -> dict[str, Any]:
         import tdump.surgery as surgery
-        from tdump.loop._metrics import (
-            dump_metrics,
-            load_round_model,
-            model_stats,
-            prunable_channels,
-        )
+        from tdump.loop._metrics import dump_metrics, model_stats, prunable_channels
         from tdump.surgery._input_shape import recorded_input_shape
 
         p, s = self.paths(r), self.s
         self.events.stage_started(r, "measure", None)
         t0 = time.perf_counter()
-        with _script_importable(s.script):
-            try:
-                init = self.init_of(r)
-                model = load_round_model(p["model"], init, s.arch, s.arch_kwargs, p["dump"])
+        init = self.init_of(r)
+        with script_importable(s.script):
+            try:  # what `python -m tdump.loop checkpoint` does, logged below
+                model = save_round_checkpoint(
+                    p["model"], p["checkpoint"], init, s.arch, s.arch_kwargs, p["dump"]
+                )
             except TdumpError as exc:
                 message = f"round {r}'s checkpoint: {exc}"
                 if r == 0 and "plain state_dict" in str(exc):
@@ -284,7 +264,6 @@ class _Loop:
                 self.events.note(f"FLOPs not counted (forward at input {shape} failed: {exc})")
                 stats = model_stats(model, None)
             metrics = dump_metrics(p["dump"])
-            surgery.save(p["checkpoint"], model)
             prunable = None
             if r + 1 < s.rounds:
                 prunable = prunable_channels(
@@ -293,6 +272,7 @@ class _Loop:
                     conv_only_groups=s.conv_only_groups,
                     max_ratio=s.prune_max_ratio(),
                 )
+        self._log(r, "measure", [checkpoint_command(p, init, s.arch, s.arch_kwargs)])
         wall["measure"] = round(time.perf_counter() - t0, 3)
         self.events.stage_finished(r, "measure", wall["measure"])
         base = self.rows[0] if self.rows else None
@@ -349,8 +329,15 @@ class _Loop:
             values["round"] = r
             try:
                 fired = cond.evaluate(values)
-            except ConfigError as exc:
-                raise self._fail(r, "measure", str(exc)) from None
+            except ConfigError as exc:  # round r's row is kept: a new condition can decide
+                have = ", ".join(n for n in sorted(values) if values[n] is not None)
+                raise self._fail(
+                    r,
+                    "measure",
+                    f"{exc} and start a new experiment, or go on with this one: "
+                    f"{resume_hint(self.exp.path, s)} --stop-when EXPR (over what its rounds "
+                    f"have: {have}), or --stop-when '' for no condition",
+                ) from None
             if fired:
                 shown_values = ", ".join(f"{n}={_fmt(values[n])}" for n in sorted(cond.names))
                 return f"stop-when: {s.stop_when} ({shown_values})"
@@ -379,10 +366,11 @@ class _Loop:
     # ------------------------------------------------------------------ driver
     def run(self) -> list[dict[str, Any]]:
         if self.rows and self.rows[-1].get("stop_reason"):
-            last = self.rows[-1]
+            last, arch = self.rows[-1], f" --arch {self.s.arch}" if self.s.arch else ""
             self.events.note(
                 f"{self.exp.path} is finished ({last['stop_reason']}); to prune further, start "
-                f"a new experiment from its last round: --init {self.exp.path}/{last['checkpoint']}"
+                f"a new experiment from its last round: tdump loop {self.s.script} --init "
+                f"{self.exp.path}/{last['checkpoint']}{arch} ..."
             )
             return self.rows
         self._save_state(status="running", error=None, interrupted=None)
@@ -395,6 +383,11 @@ class _Loop:
             raise
 
     def _rounds(self) -> list[dict[str, Any]]:
+        if self.rows and self.state.get("deciding") == self.rows[-1]["round"]:
+            # measured, but its stop decision failed (or was killed): decide it now
+            self._save_state(running={"stage": "measure", "pid": os.getpid()})
+            if self._decide(self.rows[-1]):
+                return self.rows
         r = len(self.rows)
         while True:
             if self.state.get("round") != r:
@@ -416,19 +409,29 @@ class _Loop:
                 self._relay(r, stage)
             self._save_state(running={"stage": "measure", "pid": os.getpid()})
             row = self.measure(r, dict(done))
-            reason = self.stop_reason(row)
-            row["stop_reason"] = reason
+            # the row is kept before the stop decision, which can fail (a --stop-when
+            # over a metric the script does not report) and be made again on --resume;
+            # "deciding" first: a kill before the row is written measures again
+            self._save_state(deciding=r)
             self.rows.append(row)
             self.exp.write_rows(self.rows)
-            self._save_state(running=None)
-            self.events.round_finished(row, self.rows)
-            if self.s.mlflow:
-                self._log_mlflow(row)
-            if reason:
-                status = "finished" if reason.startswith("rounds:") else "stopped"
-                self._save_state(status=status, stop_reason=reason, running=None)
+            if self._decide(row):
                 return self.rows
             r += 1
+
+    def _decide(self, row: dict[str, Any]) -> bool:
+        """Whether the loop stops after ``row`` (the last of ``self.rows``); recorded."""
+        reason = self.stop_reason(row)
+        row["stop_reason"] = reason
+        self.exp.write_rows(self.rows)
+        self._save_state(running=None, deciding=None)
+        self.events.round_finished(row, self.rows)
+        if self.s.mlflow:
+            self._log_mlflow(row)
+        if reason:
+            status = "finished" if reason.startswith("rounds:") else "stopped"
+            self._save_state(status=status, stop_reason=reason, running=None)
+        return reason is not None
 
     def _log_mlflow(self, row: dict[str, Any]) -> None:
         logged = list(self.state.get("mlflow_logged") or [])
@@ -456,11 +459,15 @@ def run_loop(
     *,
     resume: bool = False,
     events: LoopEvents | None = None,
+    replace: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Run (or with ``resume=True`` continue) the pruning loop in ``experiment``.
 
     Returns the rows of rounds.jsonl. A resumed loop uses the settings stored in the
-    experiment (``settings`` is only used to start a new one).
+    experiment (``settings`` starts a new one), except its ``arch`` (an import path
+    must be given again) and the settings named in ``replace`` (of
+    ``RESUME_REPLACEABLE``: ``stop_when``, ``scheduler``, ``workers``), whose values in
+    ``settings`` replace the stored ones (``stop_when=""``: none).
 
     Raises
     ------
@@ -478,16 +485,7 @@ def run_loop(
             if not resume:
                 raise LoopError(f"{path} already holds an experiment; continue it with --resume")
             exp = Experiment.open(path)
-            stored = LoopSettings.from_dict(exp.settings)
-            check_resumed_arch(stored.arch, settings.arch, path)
-            if settings.arch or stored.arch:  # before anything is written or trained
-                check_arch_now(settings.arch or stored.arch or "", stored.script)
-            if stored.arch is None and settings.arch is not None:
-                # started without --arch (round 0 could not rebuild its model): adopt it
-                exp.add_arch(settings.arch, settings.arch_kwargs)
-                stored = LoopSettings.from_dict(exp.settings)
-            settings = stored
-            settings.check()
+            settings = prepare_resume(exp, settings, events, replace)
         else:
             settings.check()
             exp = Experiment.create(path, settings.to_dict())

@@ -10,15 +10,17 @@ Examples
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tdump.errors import ConfigError
+from tdump.errors import ConfigError, SelectionError
 
 __all__ = [
     "RECORD_CONFIG",
+    "RESUME_REPLACEABLE",
     "STOP_CHECKS",
     "TAYLOR_CRITERIA",
     "TAYLOR_INCLUDE",
@@ -71,6 +73,7 @@ class LoopSettings:
     include: str | None = None
     interval: int = 100
     full_tensors: bool = False
+    config: dict[str, Any] | None = None
     input_shape: list[int] | None = None
     scheduler: str = "threads"
     workers: int | None = None
@@ -100,6 +103,12 @@ class LoopSettings:
             if name not in STOP_CHECKS:
                 known = ", ".join(sorted(STOP_CHECKS)) or "none registered"
                 raise ConfigError(f"unknown stop check {name!r}; known: {known}")
+        check_input_shape_form(self.input_shape)
+        # what the stages would refuse, refused now: after round 0 has trained, a stored
+        # setting can no longer be changed (each is checked by the stage's own code)
+        check_record(self)
+        check_rank(self.criterion, self.scheduler, self.workers)
+        check_prune(self)
 
     def prune_max_ratio(self) -> float | None:
         """The ``--max-ratio`` each prune stage applies (``tdump prune``'s default if unset).
@@ -124,6 +133,12 @@ class LoopSettings:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+#: Settings a ``--resume`` may replace (each only decides whether the loop goes on,
+#: or where ranking runs, never what a completed stage produced); the others are
+#: fixed when the experiment starts.
+RESUME_REPLACEABLE = ("stop_when", "scheduler", "workers")
+
+
 #: What ``tdump record`` saves besides the ``--include`` selection: losses and loss
 #: inputs at every step, so accuracy can come from logits and labels without code.
 RECORD_CONFIG: dict[str, Any] = {
@@ -144,6 +159,21 @@ TAYLOR_CRITERIA = frozenset(c for c, r in SOURCE_REDUCTIONS.items() if r == "tay
 #: activation modules whatever their names), without the parameters.
 TAYLOR_INCLUDE = ".*relu"
 
+#: Hook settings the loop's own options set: refused in ``--config`` (which option to use).
+_LOOP_KEYS = {
+    "out": "the loop names each round's dump",
+    "write_mode": "the loop names each round's dump",
+    "include_regex": "use --include",
+    "save_interval": "use --interval",
+}
+#: Why the loop sets the other keys it sets (a different value in ``--config`` is refused).
+_WHY = {
+    "reduction": "what --criterion ranks from; --full-tensors records full tensors instead",
+    "include_activations": "set when --include is not given; give --include to choose "
+    "what is recorded",
+    "collections": "the loop saves losses and loss inputs at every step for the round's metrics",
+}
+
 
 def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     """The ``--include`` (``None``: record's default) and ``--config`` of the train stage.
@@ -151,8 +181,10 @@ def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     Losses and loss inputs at every step (for the metrics). With a Taylor criterion
     or ``apoz``, only what ranking reads: the per-example Taylor term (or fraction of
     zeros) of the ReLU outputs (or of what ``settings.include`` selects) instead of
-    full activations, their gradients and the parameters. ``settings.full_tensors`` records ``tdump record``'s usual
-    full tensors instead, for stop checks or analyses that read them.
+    full activations, their gradients and the parameters. ``settings.full_tensors``
+    records ``tdump record``'s usual full tensors instead, for stop checks or analyses
+    that read them. ``settings.config`` (the loop's ``--config``) is merged in; a key
+    that contradicts what the loop sets is a :class:`ConfigError`.
 
     Examples
     --------
@@ -162,13 +194,143 @@ def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     True
     >>> record_options(LoopSettings(script="t.py", criterion="apoz"))[1]["reduction"]
     'zero_fraction'
+    >>> s = LoopSettings(script="t.py", include="bn1", config={"include_activations": True})
+    >>> record_options(s)
+    ('bn1', {'collections': [...], 'reduction': 'taylor', 'include_activations': True})
     """
-    config = dict(RECORD_CONFIG)
+    config: dict[str, Any] = {"collections": [dict(c) for c in RECORD_CONFIG["collections"]]}
+    include = settings.include
     reduction = SOURCE_REDUCTIONS.get(settings.criterion)
-    if reduction is None or settings.full_tensors:
-        return settings.include, config
-    config["reduction"] = reduction
-    if settings.include:
-        return settings.include, config
-    config["include_activations"] = True
-    return TAYLOR_INCLUDE, config
+    if reduction is not None and not settings.full_tensors:
+        config["reduction"] = reduction
+        if not include:
+            config["include_activations"] = True
+            include = TAYLOR_INCLUDE
+    return include, merge_record_config(config, settings.config)
+
+
+def merge_record_config(own: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+    """The loop's hook settings ``own`` with the user's ``--config`` ``given`` added.
+
+    A key the loop sets from its own options, or sets to another value, is refused
+    with a one-line :class:`ConfigError` saying which option to use (nothing is
+    silently overridden either way); ``collections`` are merged by name.
+
+    Examples
+    --------
+    >>> merge_record_config({"reduction": "taylor"}, {"storage_dtype": "float16"})
+    {'reduction': 'taylor', 'storage_dtype': 'float16'}
+    >>> merge_record_config({"reduction": "taylor"}, {"save_interval": 5})
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: --config sets save_interval, which tdump loop sets itself (use --interval); drop it from --config
+    """
+    merged = dict(own)
+    for key, value in (given or {}).items():
+        if key in _LOOP_KEYS:
+            raise ConfigError(
+                f"--config sets {key}, which tdump loop sets itself ({_LOOP_KEYS[key]}); "
+                "drop it from --config"
+            )
+        if key == "collections" and key in own:
+            merged[key] = _merge_collections(own[key], value)
+        elif key in own and own[key] != value:
+            raise ConfigError(
+                f"--config sets {key} to {json.dumps(value)}, but tdump loop sets it to "
+                f"{json.dumps(own[key])} ({_WHY.get(key, 'the loop needs it')}); "
+                "drop it from --config"
+            )
+        else:
+            merged[key] = value
+    return merged
+
+
+def _merge_collections(own: list[dict[str, Any]], given: Any) -> list[Any]:
+    """The loop's collection settings plus the user's (a list, or a mapping by name as
+    ``tdump record --config`` takes); one for a collection the loop sets must agree."""
+    if isinstance(given, Mapping):
+        given = [{"name": k, **dict(v or {})} for k, v in given.items()]
+    if not isinstance(given, list):
+        raise ConfigError(
+            f"--config collections must be a list or a mapping, not {type(given).__name__}"
+        )
+    mine = {c["name"]: c for c in own}
+    merged: list[Any] = list(own)
+    for entry in given:
+        name = entry.get("name") if isinstance(entry, Mapping) else None
+        if name in mine:
+            if dict(entry) != mine[name]:
+                raise ConfigError(
+                    f"--config sets collection {name} to {json.dumps(entry)}, but tdump loop "
+                    f"sets it to {json.dumps(mine[name])} ({_WHY['collections']}); drop it "
+                    "from --config"
+                )
+            continue
+        merged.append(entry)  # anything malformed: HookConfig says what is wrong
+    return merged
+
+
+def check_record(settings: LoopSettings) -> None:
+    """Refuse the train stage's hook settings as ``tdump record`` would, before it runs.
+
+    Builds the :class:`~tdump.capture.HookConfig` the stage's ``--include``,
+    ``--interval`` and ``--config`` make (bad regexes, unknown keys, bad values).
+    """
+    from tdump.capture._config import HookConfig, with_default_selection
+
+    include, config = record_options(settings)
+    data = dict(config)
+    if include is not None:
+        data["include_regex"] = include
+    with_default_selection(data)
+    data["save_interval"] = settings.interval
+    try:
+        HookConfig.from_dict(data)
+    except SelectionError as exc:  # a bad regex: a bad setting, like every other here
+        raise ConfigError(str(exc)) from None
+
+
+def check_rank(criterion: str, scheduler: str, workers: int | None) -> None:
+    """Refuse what ``tdump rank`` would: an unknown criterion (plug-ins included), an
+    unknown scheduler, ``workers < 1``. A ``tcp://`` address is not contacted here: its
+    scheduler may be started while round 0 trains (``--resume --scheduler`` replaces it).
+    """
+    from tdump.analyze._criteria import get_criterion
+    from tdump.analyze._schedule import check_address, check_options
+
+    get_criterion(criterion)
+    check_options(scheduler, workers, None)
+    scheme = scheduler.partition("://")[0] if "://" in scheduler else None
+    if scheme is not None and scheme != "tcp":  # its scheme (and TLS settings): no network
+        check_address(scheduler)
+
+
+def check_prune(settings: LoopSettings) -> None:
+    """Refuse ``--scope``, ``--min-channels``, ``--max-ratio`` as ``tdump prune`` would."""
+    from tdump.surgery._plan import Settings
+
+    count = settings.count if settings.count is not None else (0 if not settings.ratio else None)
+    Settings(
+        count=count,
+        ratio=settings.ratio if count is None else None,
+        scope=settings.scope,
+        min_channels=settings.min_channels,
+        max_ratio=settings.max_ratio,
+    ).check()
+
+
+def check_input_shape_form(shape: list[int] | None) -> None:
+    """``--input-shape``: one example's shape, ``C,H,W`` (or ``C,L``, ``C,D,H,W``), sizes >= 1.
+
+    >>> check_input_shape_form([1, 0, 8])
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: --input-shape must be C,H,W (channels, then 1 to 3 spatial sizes, batch excluded), each at least 1, e.g. 3,32,32; got 1,0,8
+    """
+    if shape is None:
+        return
+    if not 2 <= len(shape) <= 4 or any(not isinstance(v, int) or v < 1 for v in shape):
+        raise ConfigError(
+            "--input-shape must be C,H,W (channels, then 1 to 3 spatial sizes, batch "
+            f"excluded), each at least 1, e.g. 3,32,32; got {','.join(map(str, shape))}"
+        )

@@ -421,6 +421,13 @@ def save(
     >>> small, _ = prune(torchvision.models.resnet18(), {"conv1": np.arange(64.0)}, count=8)
     >>> save("pruned.pt", small, arch="torchvision.models.resnet18")  # doctest: +SKIP
     """
+    if isinstance(path, nn.Module) and isinstance(model, (str, os.PathLike)):
+        raise ConfigError(
+            "tdump.surgery.save takes (path, model); tdump.save takes (model, path), "
+            "as torch.save does: swap the arguments"
+        )
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"save needs the model (an nn.Module), got a {type(model).__name__}")
     prov = provenance(model)
     name = arch_name(arch) if arch is not None else prov.arch
     if name is None:

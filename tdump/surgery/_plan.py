@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from tdump.errors import ConfigError, RanksError
-from tdump.surgery._aggregate import NORMALIZATIONS, Aggregation, aggregate, normalize
+from tdump.surgery._aggregate import (
+    NORMALIZATIONS,
+    Aggregation,
+    aggregate,
+    aggregations,
+    normalize,
+)
 from tdump.surgery._graph import ChannelGraph, Group
 from tdump.surgery._plan_notes import global_shortfall, pooled, say_shortfall, unranked_notes
 from tdump.surgery._units import pick_global, removal_bounds, removal_order, round_removal
@@ -121,6 +127,11 @@ class Settings:
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(
                 f"unknown normalize {self.normalize!r}; choose one of {', '.join(NORMALIZATIONS)}"
+            )
+        # a name is looked up only when a group has several members: say it before that
+        if isinstance(self.aggregate, str) and self.aggregate not in aggregations():
+            raise ConfigError(
+                f"unknown aggregation {self.aggregate!r}; choose one of {', '.join(aggregations())}"
             )
 
 
@@ -332,11 +343,17 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
 
     for layer in scores:
         if graph.group_of(layer) is None:
-            why = (
-                "its channels follow its inputs' (depthwise conv over a concatenation)"
-                if layer in graph.uses
-                else "the traced forward never calls it"
-            )
+            # an ignored module (or one inside it) is traced whole: no call of its own
+            parts = layer.split(".")
+            prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            pattern = graph.ignore or ""
+            ignored = bool(pattern) and any(re.search(pattern, p) for p in prefixes)
+            if layer in graph.uses:
+                why = "its channels follow its inputs' (depthwise conv over a concatenation)"
+            elif ignored:
+                why = f"ignore {graph.ignore!r} leaves it alone"
+            else:
+                why = "the traced forward never calls it"
             notes.append(f"ranks of {layer} not used: {why}")
     removed: dict[int, int] = {}
     if settings.scope == "per-layer":

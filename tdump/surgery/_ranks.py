@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from tdump.errors import RanksError
+from tdump.errors import ConfigError, RanksError
 
 __all__ = ["RanksLike", "read_ranks_table", "scores_for"]
 
@@ -49,11 +49,23 @@ def scores_for(
         Missing columns, several criteria without ``criterion``, layers the model
         lacks or that are not convs, or channel counts that differ from the model's.
     """
+    if not isinstance(model, nn.Module):
+        what = "a path" if isinstance(model, (str, os.PathLike)) else f"a {type(model).__name__}"
+        raise ConfigError(
+            f"prune takes the model (an nn.Module), got {what}; load a checkpoint first: "
+            "tdump.load(path) (or tdump.load(path, arch=...) for a plain state_dict)"
+        )
     if isinstance(ranks, Mapping):
-        raw = {str(k): np.asarray(v, dtype=np.float64) for k, v in ranks.items()}
+        raw = {str(k): _layer_scores(k, v) for k, v in ranks.items()}
+    elif isinstance(ranks, (str, os.PathLike)):
+        raw = _from_frame(read_ranks_table(ranks), criterion)
+    elif hasattr(ranks, "columns"):
+        raw = _from_frame(ranks, criterion)
     else:
-        df = read_ranks_table(ranks) if isinstance(ranks, (str, os.PathLike)) else ranks
-        raw = _from_frame(df, criterion)
+        raise RanksError(
+            f"ranks must be a ranks.parquet path, its DataFrame or {{layer: scores}}, "
+            f"got a {type(ranks).__name__}"
+        )
     modules = dict(model.named_modules())
     _check_layers(raw, modules)
     for layer, scores in raw.items():
@@ -63,7 +75,28 @@ def scores_for(
                 f"ranks give layer '{layer}' {scores.shape[0]} channels but the checkpoint has {width}; "
                 "rank a dump recorded with this checkpoint"
             )
+        bad = int(np.count_nonzero(~np.isfinite(scores)))
+        if bad:  # NaN has no order: which channels go would be arbitrary
+            raise RanksError(
+                f"ranks give {bad} of layer '{layer}''s {width} channels a NaN or Inf score "
+                "(a diverged step kept by --keep-nan / keep_nan=True?); pruning cannot order "
+                "them: rank again without keep_nan, or leave the layer out of the ranks"
+            )
     return raw
+
+
+def _layer_scores(layer: object, values: Any) -> np.ndarray:
+    """One layer's scores of a ``{layer: scores}`` dict as a 1-d float64 array."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.ndim != 1:
+        raise RanksError(
+            f"ranks for layer '{layer}' must be one number per output channel (1-d), "
+            f"got {type(values).__name__}" + ("" if arr is None else f" of shape {arr.shape}")
+        )
+    return arr
 
 
 def _width(mod: nn.Module | None) -> int | None:

@@ -17,11 +17,42 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-__all__ = ["count_params", "layer_flops", "layer_params", "output_positions"]
+from tdump.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tdump.surgery._plan import Plan
+
+__all__ = [
+    "InputChannelsError",
+    "count_params",
+    "first_line",
+    "layer_flops",
+    "layer_params",
+    "output_positions",
+    "prune_summary",
+]
+
+
+class InputChannelsError(ConfigError):
+    """The conv that reads the model's input wants another channel count than it has.
+
+    Attributes ``layer``, ``expected`` and ``got`` say which conv and how many
+    channels; the message says it in words (torch's own message names neither the
+    layer nor, cut short, the count it got).
+    """
+
+    def __init__(self, layer: str, expected: int, got: int) -> None:
+        self.layer, self.expected, self.got = layer, expected, got
+        super().__init__(
+            f"the model's first conv{f' ({layer})' if layer else ''} expects {expected} "
+            f"input channels, the input has {got}"
+        )
+
 
 _COUNTED = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -45,10 +76,35 @@ def output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[str, 
     """Output positions (product of non-channel, non-batch dims) of each conv/linear call.
 
     ``input_shape`` excludes the batch dimension. A module called several times sums.
+
+    Raises
+    ------
+    InputChannelsError
+        A conv reads the input unchanged (same shape) and wants other channels.
+
+    Examples
+    --------
+    >>> output_positions(torch.nn.Conv2d(1, 4, 3), (3, 8, 8))
+    Traceback (most recent call last):
+    ...
+    tdump.surgery._stats.InputChannelsError: the model's first conv expects 1 input channels, the input has 3
     """
     pos: dict[str, int] = {}
     handles = []
+    shape = (1, *input_shape)
     for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.conv._ConvNd):
+
+            def check(m: nn.Module, args: tuple[object, ...], name: str = name) -> None:
+                x = args[0] if args else None
+                # only a conv fed the input as it came: a model that makes its own
+                # channels first (grayscale -> RGB) fails later, in torch's words
+                wanted = int(getattr(m, "in_channels", 0))
+                fed_input = isinstance(x, torch.Tensor) and tuple(x.shape) == shape
+                if fed_input and shape[1] != wanted:
+                    raise InputChannelsError(name, wanted, shape[1])
+
+            handles.append(mod.register_forward_pre_hook(check))
         if isinstance(mod, _COUNTED):
 
             def hook(m: nn.Module, args: object, out: torch.Tensor, name: str = name) -> None:
@@ -77,3 +133,86 @@ def layer_flops(model: nn.Module, positions: dict[str, int]) -> dict[str, int]:
     """Multiply-accumulates per conv/linear module, from :func:`output_positions`."""
     mods = dict(model.named_modules())
     return {n: int(mods[n].weight.numel()) * p for n, p in positions.items() if n in mods}
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """``exc``'s first line, cut at a sentence or clause boundary when it is long."""
+    text = str(exc).splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(sep, 0, limit) for sep in (". ", "; ", ", "))
+    return text[:cut] if cut > 0 else text[:limit] + "..."
+
+
+def prune_summary(
+    before: nn.Module,
+    after: nn.Module,
+    plan: Plan,
+    input_shape: tuple[int, ...] | None,
+    shape_source: str = "--input-shape",
+) -> dict[str, Any]:
+    """Per layer and total channels, parameters and FLOPs before/after (a JSON-able dict).
+
+    FLOPs need one forward pass of ``before`` at ``input_shape`` (batch excluded); if
+    it fails, FLOPs are reported as ``None`` with a note naming ``shape_source`` (where
+    the shape came from: ``--input-shape``, the dump, the fallback), and, for a channel
+    count the model does not take, the ``--input-shape`` that fits.
+    """
+    notes = list(plan.notes)
+    try:
+        positions = output_positions(before, input_shape) if input_shape else None
+    except InputChannelsError as exc:
+        positions = None
+        fixed = ",".join(map(str, (exc.expected, *(input_shape or ())[1:])))
+        where = f" ({exc.layer})" if exc.layer else ""
+        notes.append(
+            f"FLOPs not computed: the model's first conv{where} expects {exc.expected} input "
+            f"channels, {shape_source} gives {exc.got}; pass --input-shape {fixed}"
+        )
+    except Exception as exc:  # any model error: the summary still prints, without FLOPs
+        positions = None
+        notes.append(
+            f"FLOPs not computed: forward at input shape {'x'.join(map(str, input_shape or ()))} "
+            f"({shape_source}) failed: {first_line(exc)}"
+        )
+    p0, p1 = layer_params(before), layer_params(after)
+    filters0 = _filters(before)
+    f0 = layer_flops(before, positions) if positions else {}
+    f1 = layer_flops(after, positions) if positions else {}
+    mods0, mods1 = dict(before.named_modules()), dict(after.named_modules())
+    rows = []
+    for name, n0 in p0.items():
+        if p1.get(name) == n0 and name not in plan.layers:
+            continue
+        m0, m1 = mods0[name], mods1[name]
+        attr = "out_channels" if hasattr(m0, "out_channels") else "in_features"
+        rows.append(
+            {
+                "layer": name,
+                "channels_before": int(getattr(m0, attr)),
+                "channels_after": int(getattr(m1, attr)),
+                "params_before": n0,
+                "params_after": p1.get(name, 0),
+                "flops_before": f0.get(name),
+                "flops_after": f1.get(name),
+            }
+        )
+    return {
+        "removed_channels": plan.removed,
+        "removed_filters": filters0 - _filters(after),  # depthwise convs that follow included
+        "filters_before": filters0,
+        "filters_after": _filters(after),
+        "params_before": count_params(before),
+        "params_after": count_params(after),
+        "flops_before": sum(f0.values()) if positions else None,
+        "flops_after": sum(f1.values()) if positions else None,
+        "input_shape": list(input_shape) if input_shape else None,
+        "layers": rows,
+        "notes": notes,
+    }
+
+
+def _filters(model: nn.Module) -> int:
+    return sum(
+        int(m.out_channels) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
+    )

@@ -188,7 +188,7 @@ def test_bad_options(dump: str) -> None:
         rank(dump, criterion="nope", progress=False)
     with pytest.raises(SelectionError, match="matches no conv layer"):
         rank(dump, layers="^nothing$", progress=False)
-    with pytest.raises(SelectionError, match="invalid --layers regex"):
+    with pytest.raises(SelectionError, match="invalid layers / --layers regex"):
         rank(dump, layers="(", progress=False)
     with pytest.raises(ConfigError, match="unknown scheduler"):
         rank(dump, scheduler="gpu", progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -121,3 +122,9 @@ def test_rank_table_writes_the_same_file_as_its_frame(tmp_path) -> None:  # type
 
 def _coerced(df: pd.DataFrame) -> pd.DataFrame:
     return df.astype({c: (str if t == "object" else t) for c, t in COLUMNS.items()})
+
+
+def test_write_ranks_refuses_what_is_not_a_table(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(RanksError, match=r"needs a ranks DataFrame .* got a dict"):
+        write_ranks({"a": 1}, tmp_path / "r.parquet")  # type: ignore[arg-type]
+    assert not (tmp_path / "r.parquet").exists()

@@ -120,3 +120,33 @@ def test_bad_paths(tmp_path: object, kind: str) -> None:
     with pytest.raises(exc) as e:
         Trial(path)
     assert "\n" not in str(e.value) and path in str(e.value)
+
+
+def test_typos_and_wrong_types_are_one_line_config_errors(small_dump: SmallDump) -> None:
+    """A misspelt collection or mode raises (never an empty list); so do wrong types."""
+    trial = Trial(small_dump.path)
+    t = trial.tensor("conv1.weight")
+    cases = [
+        (
+            lambda: trial.tensor_names(collection="weight"),
+            r"unknown collection 'weight'; .*'weights'\?",
+        ),
+        (lambda: trial.tensor_names(mode="evl"), r"unknown mode 'evl'; .*did you mean 'eval'\?"),
+        (lambda: trial.steps(mode="evl"), r"unknown mode 'evl'; .*did you mean 'eval'\?"),
+        (lambda: trial.calls("evl"), r"unknown mode 'evl'; .*did you mean 'eval'\?"),
+        (lambda: t.value(10, mode="evl"), r"unknown mode 'evl'; .*did you mean 'eval'\?"),
+        (lambda: trial.tensor(None), r"tensor name must be a str .*got NoneType None"),
+        (lambda: t.value("10"), r"step must be a step number \(an int\), got str '10'"),
+        (lambda: t.value(2.5), r"got float 2.5"),
+        (lambda: Trial(42), r"the dump must be a path or URL \(str or os.PathLike\), got int 42"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern) as exc:
+            call()  # type: ignore[no-untyped-call]
+        assert "\n" not in str(exc.value)
+    # a collection tdump records but this dump lacks is just empty; whole floats are steps
+    assert trial.tensor_names(collection="running_stats") == []
+    assert trial.calls("predict") == []
+    np.testing.assert_array_equal(
+        t.value(10.0, mode="train"), small_dump.values[("train", "conv1.weight", 10)]
+    )

@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 
 from tdump.analyze import TdumpBackendEntrypoint
-from tdump.errors import MissingTensorError
+from tdump.errors import ConfigError, MissingTensorError
 from tests.conftest import SmallDump
 
 
@@ -108,3 +108,50 @@ def test_modes_in_one_order_everywhere(small_dump: SmallDump) -> None:
         assert dt.tdump.modes == want
         assert dt.tdump.tensor("scalars.accuracy").values.tolist() == [0.5]
         assert dt.tdump.tensor("conv1.weight").coords["mode"].item() == "train"
+
+
+def test_open_datatree_without_engine_in_a_fresh_process(small_dump: SmallDump) -> None:
+    """xarray asks only backends with ``supports_groups`` for trees: the installed entry
+    point must say so, or a local dump falls through to xarray's zarr engine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, xarray as xr; p = sys.argv[1]; "
+        "print(list(xr.open_datatree(p).children), sorted(xr.open_groups(p, mode='eval')), "
+        "xr.backends.plugins.guess_engine(p, must_support_groups=True))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, small_dump.path], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['train', 'eval'] ['/', '/loss', '/relu'] tdump"
+    assert TdumpBackendEntrypoint.supports_groups
+
+
+def test_misspelt_modes_and_groups_are_config_errors(small_dump: SmallDump) -> None:
+    dt = xr.open_datatree(small_dump.path, engine="tdump")
+    for call in (
+        lambda: dt.tdump.names("relu", mode="evl"),
+        lambda: dt.tdump.tensor("conv1.weight", mode="evl"),
+        lambda: dt.tdump.module("relu", mode="evl"),
+        lambda: xr.open_dataset(small_dump.path, engine="tdump", mode="evl"),
+        lambda: xr.open_datatree(small_dump.path, engine="tdump", mode="evl"),
+    ):
+        with pytest.raises(ConfigError, match=r"unknown mode 'evl'; .*did you mean 'eval'\?$"):
+            call()
+    # a real mode this (sub)tree lacks is missing data, not an empty answer
+    with pytest.raises(MissingTensorError, match="no saved 'predict' steps; modes present"):
+        dt.tdump.names(mode="predict")
+    with pytest.raises(MissingTensorError, match="no saved 'eval' steps; modes present: train"):
+        dt["train"].tdump.names(mode="eval")
+    assert dt.tdump.names("relu", mode="eval") == ["relu.output_0"]
+    # a group must start with its mode unless mode= is given
+    with pytest.raises(
+        ConfigError, match=r"group 'relu' does not start with a mode; .*'train/relu'"
+    ):
+        xr.open_dataset(small_dump.path, engine="tdump", group="relu")
+    with pytest.raises(ConfigError, match="tensor name must be a str"):
+        dt.tdump.tensor(None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a path or URL"):
+        xr.open_dataset(42, engine="tdump")  # type: ignore[arg-type]

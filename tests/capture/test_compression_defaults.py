@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tdump._format import StoreReader
+from tdump.analyze import Trial
 from tdump.capture import AUTO_COMPRESSION, Hook, HookConfig
 from tdump.capture._writer import make_compressors
 from tdump.errors import ConfigError
@@ -71,8 +72,54 @@ def test_explicit_codecs_apply_to_every_collection(
 
 
 def test_unknown_codec_is_refused() -> None:
-    with pytest.raises(ConfigError, match="unknown compression 'brotli'"):
+    with pytest.raises(ConfigError, match="unknown compression 'brotli'") as e:
         HookConfig(compression="brotli")
+    assert "or name:level such as 'zstd:3' (levels: zstd 0 to 9, lz4 0 to 9" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("zstd:99", "the level of zstd must be an integer from 0 to 9, not '99'"),
+        ("zstd:abc", "the level of zstd must be an integer from 0 to 9, not 'abc'"),
+        ("lz4:-5", "the level of lz4 must be an integer from 0 to 9, not '-5'"),
+        ("lz4-noshuffle:10", "the level of lz4-noshuffle must be an integer from 0 to 9"),
+        ("zstd-plain:23", "the level of zstd-plain must be an integer from -131072 to 22"),
+        ("zstd:", "the level of zstd must be an integer from 0 to 9, not ''"),
+        ("none:3", "none takes no level; pass 'none'"),
+    ],
+)
+def test_bad_levels_are_refused_when_the_hook_is_made(
+    tmp_path: Path, spec: str, message: str
+) -> None:
+    """Not at the first write, which would switch capture off and leave a dump of no steps."""
+    out = tmp_path / "d.zarr"
+    with pytest.raises(ConfigError, match=f"compression {spec!r}") as e:
+        Hook(str(out), include_regex="weight", save_interval=1, compression=spec)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "spec", ["zstd:0", "zstd:9", "lz4:0", "lz4-noshuffle:9", "zstd-plain:22", "zstd-plain:-5"]
+)
+def test_every_accepted_level_writes(tmp_path: Path, spec: str) -> None:
+    """The bounds the check allows are levels the codecs take: written, reread equal."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    out = str(tmp_path / "d.zarr")
+    weights = []
+    with Hook(out, include_regex="weight", save_interval=1, compression=spec, strict=True) as h:
+        h.register_module(model)
+        for _ in range(2):
+            weights.append(model.weight.detach().clone().numpy())
+            model(torch.randn(2, 8)).sum().backward()
+            with torch.no_grad():
+                model.weight -= 0.1 * model.weight.grad
+    trial = Trial(out)
+    assert trial.steps(mode="train") == [0, 1]
+    for step, w in enumerate(weights):
+        np.testing.assert_array_equal(trial.tensor("weight").value(step, mode="train"), w)
 
 
 def test_bfloat16_storage_halves_the_bytes_of_every_collection(tmp_path: Path) -> None:

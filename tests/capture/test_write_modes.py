@@ -131,3 +131,35 @@ def test_append_forgets_a_killed_writers_uncommitted_record(
     assert r.saved_records("train", "b").tolist() == [0, 1, 2]
     assert np.isnan(r.read("train", "a", 2)).all() and r.read("train", "b", 2).tolist() == [2] * 3
     assert sorted(r.record_sizes("train", "a")) == [0, 1]
+
+
+def test_appended_reports_continue_the_global_steps(tmp_path: Path) -> None:
+    """`tdump record --append` of a script that calls tdump.report: global steps go on."""
+    script = tmp_path / "reporting.py"
+    script.write_text(
+        f"exec(open({str(SCRIPT)!r}).read())\n"
+        "import sys, tdump\n"
+        "tdump.report(accuracy=float(sys.argv[1]))\n"
+        "tdump.report(accuracy=float(sys.argv[1]) + 0.5)\n"
+    )
+    out = str(tmp_path / "d.zarr")
+    for run, mode in enumerate(("create", "append", "append")):
+        cfg = HookConfig(out=out, include_regex=".*weight", save_interval=1, write_mode=mode)
+        assert run_script(str(script), [str(run)], cfg) == 0
+    r = StoreReader(out)  # validates: steps of every mode increase
+    assert r.steps("global").tolist() == [0, 1, 2, 3, 4, 5]
+    assert r.steps("train").tolist() == list(range(9))
+    accuracy = r.array("global", "scalars.accuracy")[:6]
+    np.testing.assert_array_equal(accuracy, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+
+
+def test_one_step_warning_says_untrained_only_at_step_0(tmp_path, capfd) -> None:
+    cfg = HookConfig(out=str(tmp_path / "three.zarr"), include_regex=".*", save_steps=[2])
+    assert run_script(SCRIPT, [], cfg) == 0
+    err = capfd.readouterr().err
+    assert "warning: only one saved train step (step 2), so ranking sees the model at" in err
+    assert "untrained" not in err
+    assert run_script(SCRIPT, [], cfg.replace(out=str(tmp_path / "zero.zarr"), save_steps=[0])) == 0
+    assert "(step 0), so ranking sees the model at that one step (at step 0: untrained)" in (
+        capfd.readouterr().err
+    )

@@ -155,3 +155,49 @@ def test_rank_ignored_workers_is_a_note(dump: str, tmp_path: Path) -> None:
     ]
     plain = _tdump("rank", dump, "-o", out, "-q", "--workers", "2")
     assert plain.returncode == 0 and "--workers" not in plain.stderr
+
+
+def test_rank_output_never_replaces_another_file(
+    dump: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint (or any file that is not a ranks file) given as -o stays as it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from tests.cli.inproc import run_main
+
+    ckpt, text, plain = tmp_path / "ckpt.pt", tmp_path / "notes.txt", tmp_path / "plain.parquet"
+    torch.save({"w": torch.ones(2)}, ckpt)
+    text.write_text("keep me")
+    pq.write_table(pa.table({"a": [1]}), plain)
+    for path, what in (
+        (ckpt, "a torch checkpoint"),
+        (text, "not Parquet"),
+        (plain, "Parquet without tdump's ranks metadata"),
+    ):
+        before = path.read_bytes()
+        code, _, err = run_main(monkeypatch, capsys, "rank", dump, "-o", str(path), "-q")
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {path} exists and is not a ranks file ({what}); ")
+        assert "choose another -o (e.g. " in err
+        assert path.read_bytes() == before
+
+
+def test_rank_output_in_the_dump_is_refused(
+    dump: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-o DUMP` and `-o DUMP/ranks.parquet` suggest a file beside the dump, not in it
+    (`tdump record --overwrite` deletes the dump's folder)."""
+    from tests.cli.inproc import run_main
+
+    beside = os.path.join(os.path.dirname(dump), "d.ranks.parquet")
+    listing = sorted(os.listdir(dump))
+    for out, where in (
+        (dump, "is the dump being ranked"),
+        (os.path.join(dump, "ranks.parquet"), f"is inside the dump {dump}"),
+    ):
+        code, _, err = run_main(monkeypatch, capsys, "rank", dump, "-o", out, "-q")
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {out} {where}; write the ranks beside it, e.g. -o {beside}")
+    assert sorted(os.listdir(dump)) == listing

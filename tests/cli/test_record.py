@@ -85,6 +85,38 @@ def test_bad_out_is_refused_before_training(tmp_path) -> None:
     assert sorted(p.name for p in Path(dump).rglob("*")) == before
 
 
+def test_bad_script_with_overwrite_keeps_the_existing_dump(tmp_path: Path) -> None:
+    """The script is checked before --overwrite deletes anything at --out."""
+    import torch
+    from torch import nn
+
+    from tdump.analyze import Trial
+    from tdump.capture import Hook
+
+    dump = str(tmp_path / "d.zarr")
+    model = nn.Linear(3, 2)
+    with Hook(dump, include_regex="weight", save_interval=1, strict=True) as hook:
+        hook.register_module(model)
+        for _ in range(2):
+            model(torch.randn(4, 3)).sum().backward()
+    before = sorted(str(p.relative_to(dump)) for p in Path(dump).rglob("*"))
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), ckpt)
+    cases = [
+        (str(ckpt), f"{ckpt} is not a Python script but a zip archive"),
+        (str(tmp_path / "missing.py"), "no training script at"),
+    ]
+    for script, needle in cases:
+        proc = _record("--overwrite", "--out", dump, script)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 1, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+        assert sorted(str(p.relative_to(dump)) for p in Path(dump).rglob("*")) == before
+    trial = Trial(dump)
+    assert trial.steps(mode="train") == [0, 1]
+    assert trial.tensor("weight").steps(mode="train") == [0, 1]
+
+
 def test_out_that_is_not_a_dump(tmp_path) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")

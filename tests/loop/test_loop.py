@@ -228,6 +228,7 @@ def _loop_until(exp: Path, r: int, stage: str) -> subprocess.Popen[str]:
     return proc
 
 
+@pytest.mark.slow  # a long loop run: in CI's `make test-slow`, kept out of `make test`'s 10 minutes
 def test_sigkill_in_rank_then_crash_then_resume(
     base: tuple[Path, str | None], tmp_path: Path
 ) -> None:
@@ -268,6 +269,7 @@ def test_sigkill_in_rank_then_crash_then_resume(
     show = run_tdump("experiments", "show", str(exp), "--json")
     shown = json.loads(show.stdout)
     assert shown["status"] == "failed" and "injected failure" in shown["error"]
+    assert shown["error"].startswith("round 2 train failed (exit 3)")  # said once
     assert [r["round"] for r in shown["rounds"]] == [0, 1]
 
     resumed = run_tdump("loop", "--resume", "--experiment", str(exp), *arch)
@@ -338,3 +340,32 @@ def test_a_torchvision_model_needs_no_arch(tmp_path: Path) -> None:
     assert rows_of(exp)[0]["params"] == sum(
         p.numel() for p in tdump.load(exp / "round_000" / "checkpoint.pt").parameters()
     )
+
+
+@pytest.mark.slow  # a long loop run: in CI's `make test-slow`, kept out of `make test`'s 10 minutes
+def test_commands_sh_reruns_the_experiment_in_an_empty_folder(
+    base: tuple[Path, str | None], tmp_path: Path
+) -> None:
+    """`sh commands.sh` elsewhere redoes the stages, the in-process checkpoint step
+    included, into the same files: here up to round 1's prune, whose input is the
+    round 0 checkpoint that only the loop's measure step used to make."""
+    exp, _ = base
+    text = (exp / "commands.sh").read_text()
+    assert text.count("python -m tdump.loop checkpoint ") == 3  # one per round
+    head = text[: text.index("# round 1: train (environment)")]
+    script = tmp_path / "replay" / "commands.sh"
+    script.parent.mkdir()
+    script.write_text(head.replace(str(exp), "exp"))  # the same commands, here
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["sh", str(script)], cwd=script.parent, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("round_000/checkpoint.pt", "round_001/ranks.parquet", "round_001/init.pt"):
+        assert (script.parent / "exp" / name).is_file(), name
+    for name in ("round_000/checkpoint.pt", "round_001/init.pt"):
+        again = torch.load(script.parent / "exp" / name, weights_only=True)
+        first = torch.load(exp / name, weights_only=True)
+        assert again["arch"] == first["arch"] and again["plan"] == first["plan"]
+        assert again["state_dict"].keys() == first["state_dict"].keys()
+        assert all(torch.equal(v, first["state_dict"][k]) for k, v in again["state_dict"].items())

@@ -139,6 +139,7 @@ def test_resume_of_no_experiment_says_so(tmp_path: Path) -> None:
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow  # a long loop run: in CI's `make test-slow`, kept out of `make test`'s 10 minutes
 def test_started_without_arch_then_resumed_with_it(tmp_path: Path) -> None:
     """Round 0's plain state_dict of an unregistered class: the loop says how to go on,
     and ``--resume --arch`` continues from the measure stage without retraining."""
@@ -162,14 +163,18 @@ def test_started_without_arch_then_resumed_with_it(tmp_path: Path) -> None:
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "ignored: --rounds 5" in resumed.stdout  # the stored settings win, and it says so
+    # how to go on, named once the run is done: from the round this run completed
+    assert f"--init {exp}/round_001/checkpoint.pt --arch tinynet.TinyNet" in resumed.stdout
     settings = json.loads((exp / "experiment.json").read_text())["settings"]
     assert settings["arch"] == "tinynet.TinyNet" and settings["rounds"] == 2
     rows = [json.loads(x) for x in (exp / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["params"] < rows[0]["params"]
     assert model.stat().st_mtime_ns == trained  # round 0 was not trained again
-    # the added import path is still a name read from a file: a later resume must re-give it
+    # finished: a resume only shows it, importing nothing, so the import path (still a
+    # name read from a file) is not asked for
     again = run_tdump("loop", "--resume", "--experiment", str(exp))
-    assert again.returncode != 0 and "--arch tinynet.TinyNet" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert "is finished (rounds: 2 of 2 done)" in again.stdout
     # --rounds 3 is the option's default, but given: as ignored as --rounds 5, and the
     # note says how to go on from the finished experiment
     more = ["--arch", "tinynet.TinyNet", "--rounds", "3"]

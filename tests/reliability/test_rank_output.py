@@ -73,8 +73,11 @@ def test_disk_full_keeps_old_ranks(
 
 
 def test_existing_file_replaced(tiny_dump: str, tmp_path: Path, run_cli: Any) -> None:
+    """An earlier ranks file is replaced whole (another kind of file is refused: test_rank)."""
     target = tmp_path / "ranks.parquet"
-    target.write_bytes(b"old contents")
+    first = run_cli("rank", tiny_dump, "-o", str(target), "-q", "-c", "l1")
+    assert first.code == 0, first.err
+    assert read_ranks(target).attrs["tdump"]["criterion"] == "l1"
     res = run_cli("rank", tiny_dump, "-o", str(target), "-q", "-c", "apoz")
     assert res.code == 0, res.err
     assert read_ranks(target).attrs["tdump"]["criterion"] == "apoz"

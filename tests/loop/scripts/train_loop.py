@@ -2,7 +2,9 @@
 
 Starts from ``TDUMP_INIT`` (a tdump checkpoint) when set, else builds ``TinyNet``;
 trains a few deterministic steps on synthetic data; reports eval accuracy and loss
-with ``tdump.report`` (unless ``--no-report``); saves ``model.state_dict()`` to
+with ``tdump.report`` (unless ``--no-report``; with ``--functional-eval`` as well,
+the eval loss is computed without the loss module, so capture sees no eval logits and
+the round has no accuracy at all); saves ``model.state_dict()`` to
 ``TDUMP_OUT`` (unless ``--no-save``; ``--ignore-init`` builds a fresh TinyNet in
 every round, as a script that forgets ``TDUMP_INIT`` does). With
 ``LOOP_TEST_CRASH_ROUND=R`` in the environment it exits with status 3 in round R
@@ -34,6 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--functional-eval", action="store_true", help="eval loss not by the module")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--ignore-init", action="store_true", help="a script that forgets TDUMP_INIT")
     args = p.parse_args()
@@ -59,7 +62,7 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         logits = model(xt)
-        loss = crit(logits, yt)
+        loss = nn.functional.cross_entropy(logits, yt) if args.functional_eval else crit(logits, yt)
     if not args.no_report:
         tdump.report(accuracy=(logits.argmax(1) == yt).float().mean(), loss=loss)
     if not args.no_save:
