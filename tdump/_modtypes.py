@@ -22,11 +22,13 @@ __all__ = [
     "is_bn_type",
     "is_channel_preserving",
     "is_conv_type",
+    "is_mean_cancelling_norm_type",
     "type_name",
 ]
 
 _CONV = re.compile(r"(^|\.)(Conv[123]d|LazyConv[123]d)$")
 _BN = re.compile(r"(^|\.)(BatchNorm[123]d|SyncBatchNorm|LazyBatchNorm[123]d)$")
+_INSTANCE_NORM = re.compile(r"(^|\.)(Lazy)?InstanceNorm[123]d$")
 _ACT = re.compile(
     r"(^|\.)(ReLU|ReLU6|LeakyReLU|PReLU|RReLU|ELU|SELU|CELU|GELU|SiLU|Mish|Sigmoid|Tanh|"
     r"Hardswish|Hardsigmoid|Hardtanh|Softplus)$"
@@ -50,6 +52,14 @@ def is_conv_type(type_name: str) -> bool:
 def is_bn_type(type_name: str) -> bool:
     """True for BatchNorm classes."""
     return bool(_BN.search(type_name))
+
+
+def is_mean_cancelling_norm_type(type_name: str) -> bool:
+    """True for norms that subtract a per-channel mean (BatchNorm, InstanceNorm).
+
+    A constant per-channel bias before one of them is cancelled (its gradient is ~0).
+    """
+    return is_bn_type(type_name) or bool(_INSTANCE_NORM.search(type_name))
 
 
 def is_activation_type(type_name: str) -> bool:

@@ -27,7 +27,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,18 @@ class Dataflow:
                 if is_bn_type(self.module_type(mod)):
                     return mod
         return None
+
+    def modules_read_by(self, accepts: Callable[[str], bool]) -> set[str]:
+        """Modules whose output a call of a module whose type ``accepts`` reads."""
+        out: set[str] = set()
+        for c in self.calls:
+            if not accepts(self.module_type(str(c["module"]))):
+                continue
+            for src in c.get("inputs") or ():
+                producer = self._by_name.get(str(src)) if src is not None else None
+                if producer is not None:
+                    out.add(str(producer["module"]))
+        return out
 
     def is_activation_output(self, output: str) -> bool:
         """True if ``output`` is the output of an element-wise activation module call."""

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from tdump._modtypes import is_mean_cancelling_norm_type
+from tdump.analyze._mapping import Dataflow
 from tdump.analyze._trial import Trial
 from tdump.analyze.rules._base import NotEnoughSteps, Rule, RuleSkip, register_rule
 from tdump.capture._config import COLLECTIONS
@@ -99,10 +101,6 @@ def _earlier(trial: Trial, name: str, mode: str | None, step: int, count: int) -
     return saved[-count:]
 
 
-#: Norms that subtract a per-channel mean: a constant per-channel bias before them is cancelled.
-_PER_CHANNEL_NORMS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm")
-
-
 def _normalised_modules(trial: Trial, mode: str | None) -> frozenset[str] | None:
     """Modules whose output feeds a BatchNorm/InstanceNorm call in ``mode``'s recorded dataflow.
 
@@ -111,16 +109,8 @@ def _normalised_modules(trial: Trial, mode: str | None) -> frozenset[str] | None
     calls = trial.calls(mode or "train") or trial.calls("train")
     if not calls:
         return None
-    modules = trial.modules
-    out: set[str] = set()
-    for call in calls:
-        kind = str((modules.get(str(call.get("module"))) or {}).get("type") or "")
-        if not kind.rpartition(".")[2].startswith(_PER_CHANNEL_NORMS):
-            continue
-        for producer in call.get("inputs") or []:
-            if isinstance(producer, str) and ".output_" in producer:
-                out.add(producer.rpartition(".output_")[0])
-    return frozenset(out)
+    flow = Dataflow(trial.modules, calls)
+    return frozenset(flow.modules_read_by(is_mean_cancelling_norm_type))
 
 
 @register_rule("vanishing_gradient")
