@@ -38,7 +38,7 @@ import zarr
 from tdump._atomic import write_atomic
 from tdump.errors import CorruptStoreError
 
-__all__ = ["ArrayFactory", "drop_stale_chunks", "regrow"]
+__all__ = ["ArrayFactory", "drop_stale_chunks", "first_shard", "regrow"]
 
 log = logging.getLogger("tdump")
 
@@ -110,6 +110,7 @@ class ArrayFactory:
         Each shard holds ``records_per_shard`` records (default
         :data:`~tdump._shards.SHARD_RECORDS`) as inner chunks ``(1, *row)`` encoded with
         ``bytes`` and ``compressors``; its index is at the start and has no checksum.
+        Shard 0 is created (no record written) before ``zarr.json``: :func:`first_shard`.
         """
         from zarr.core.metadata.v3 import ArrayV3Metadata
 
@@ -151,6 +152,7 @@ class ArrayFactory:
             "dimension_names": list(dimension_names),
         }
         meta = ArrayV3Metadata.from_dict(document)  # type: ignore[arg-type]
+        first_shard(self.group.store, f"{self.group.path}/{key}" if self.group.path else key, meta)
         arr = self._write(meta, key, None)
         self.existing().add(key)
         return arr
@@ -199,6 +201,29 @@ def _put_metadata(store: Any, path: str, meta: Any, config: Any = None) -> zarr.
     else:
         sync(store.set(f"{path}/zarr.json", document))
     return _array(store, path, meta, config)
+
+
+def first_shard(store: Any, path: str, meta: Any) -> None:
+    """Create shard 0 of the local format-2 array at ``path``, no record written, unless it exists.
+
+    Called before ``zarr.json`` names the array (a new array, or a grown one before the
+    switch), so every array a reader can open has a shard file, even when a writer was
+    killed before the array's first record reached it, and readers can take a missing
+    shard for damage (:func:`tdump._shards.record_sizes` with ``strict``). Other stores
+    and layouts: nothing.
+    """
+    from zarr.storage import LocalStore
+
+    codecs: Any = getattr(meta, "codecs", ())
+    if not isinstance(store, LocalStore) or [type(c).__name__ for c in codecs] != ["ShardingCodec"]:
+        return
+    grid = tuple(meta.chunk_grid.chunk_shape)
+    shard = os.path.join(str(store.root), path, meta.encode_chunk_key((0,) * len(grid)))
+    if os.path.exists(shard):
+        return
+    os.makedirs(os.path.dirname(shard), exist_ok=True)
+    index = b"\xff" * (16 * int(grid[0]))  # every (offset, nbytes) 2**64 - 1: not written
+    write_atomic(shard, lambda fh: fh.write(index), tmp_prefix=".shard.")
 
 
 def _array(store: Any, path: str, meta: Any, config: Any = None) -> zarr.Array:
@@ -277,6 +302,7 @@ def regrow(arr: zarr.Array, row: Sequence[int], keep: int) -> zarr.Array:
             target.write(index, value)
         else:
             new[index] = value
+    first_shard(arr.store, arr.path, meta)  # when no record of shard 0 was carried over
     return _put_metadata(arr.store, arr.path, meta)
 
 

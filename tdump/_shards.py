@@ -14,6 +14,11 @@ record (unreferenced bytes a killed writer appended are skipped). Appending afte
 kill clears the entries of records that were never committed
 (:func:`forget_after`).
 
+A shard file is never removed, and an array's shard 0 is created before its
+``zarr.json`` (:func:`tdump._arrays.first_shard`), so readers
+(``record_sizes(..., strict=True)``) take a shard file that is missing where the
+store says records are for damage, not for records never saved.
+
 Examples
 --------
 >>> import numpy as np, os, tempfile, zarr
@@ -46,6 +51,7 @@ from tdump.errors import CorruptStoreError
 __all__ = [
     "SHARD_RECORDS",
     "ShardFiles",
+    "all_fill",
     "forget_after",
     "record_sizes",
     "shard_files",
@@ -159,10 +165,13 @@ def shard_files(arr: zarr.Array) -> ShardFiles | None:
         return None
 
 
-def record_sizes(arr: zarr.Array, committed: int) -> dict[int, int]:
+def record_sizes(arr: zarr.Array, committed: int, *, strict: bool = False) -> dict[int, int]:
     """``{record: stored bytes}`` of a format-2 array's records below ``committed`` that hold data.
 
-    Reads each shard's index through the array's store (any store, byte ranges).
+    Reads each shard's index through the array's store (any store, byte ranges). A
+    shard file that does not exist holds no record; with ``strict`` (readers), one
+    that the store says must exist raises :class:`~tdump.errors.CorruptStoreError`
+    (see :func:`_missing_shard`). The writer (growth) passes ``strict=False``.
     """
     from zarr.abc.store import RangeByteRequest
     from zarr.core.buffer import default_buffer_prototype
@@ -189,21 +198,112 @@ def record_sizes(arr: zarr.Array, committed: int) -> dict[int, int]:
         return await asyncio.gather(*(arr.store.get(k, proto, byte_range=want) for k in keys))
 
     out: dict[int, int] = {}
+    held: dict[int, np.ndarray] = {}  # shard -> which of its records hold data
     for (shard, _), key, buf in zip(shards, keys, sync(indexes()), strict=True):
         if buf is None:
-            continue  # no record of this shard written yet
+            continue  # no record of this shard written (or the file is missing: below)
         raw = buf.to_bytes()
         if len(raw) != 16 * per:
             raise CorruptStoreError(
-                f"shard file {key} has a truncated index ({len(raw)} of {16 * per} "
-                "bytes); the dump is damaged: re-record it, or delete that file"
+                f"shard file {_shown(arr, key)} has a truncated index ({len(raw)} of "
+                f"{16 * per} bytes); the dump is damaged: re-record it, or restore a copy "
+                "of that file"
             )
         idx = np.frombuffer(raw, dtype="<u8").reshape(per, 2)
-        for j in np.flatnonzero(idx[:, 1] != _MISSING):
+        written = idx[:, 1] != _MISSING
+        held[shard] = held[shard] | written if shard in held else written
+        for j in np.flatnonzero(written):
             record = shard * per + int(j)
             if record < committed:
                 out[record] = out.get(record, 0) + int(idx[j, 1])
+    if strict:
+        problem = _missing_shard(arr, per, committed, held)
+        if problem is not None:
+            raise CorruptStoreError(problem)
     return out
+
+
+def _missing_shard(
+    arr: zarr.Array, per: int, committed: int, held: dict[int, np.ndarray]
+) -> str | None:
+    """What is wrong when a shard file is missing where the store says records are, else ``None``.
+
+    ``held``: the shard files of the committed records that exist, each with which of
+    its records hold data. Missing shards are damage in two cases:
+
+    * none exists: the array's ``zarr.json`` exists, and the writer creates shard 0
+      before it (a killed writer leaves shard 0, all records "not written");
+    * shard ``k`` is missing but the tensor holds the records either side of it
+      (``k * per - 1`` and ``(k + 1) * per``).
+
+    Any other missing shard is records not saved (a collection saved on its own
+    schedule, a tensor that first appears, or stops, at a later record).
+    """
+    count = -(-committed // per)
+    if count == 0:
+        return None
+    if not held:
+        first = _shown(arr, _key(arr, 0))
+        files = (
+            f"shard file {first} is missing"
+            if count == 1
+            else f"shard files {first} to {_key(arr, count - 1).rsplit('/', 1)[-1]} are missing"
+        )
+        return _missing_message(
+            arr,
+            f"has no shard file for its {committed} committed records ({files}), "
+            "though its zarr.json says it was recorded",
+        )
+    for k in range(1, count - 1):
+        before, after = held.get(k - 1), held.get(k + 1)
+        if k not in held and before is not None and after is not None and before[-1] and after[0]:
+            return _missing_message(
+                arr,
+                f"is missing shard file {_shown(arr, _key(arr, k))} (records {k * per} to "
+                f"{(k + 1) * per - 1}), though it holds records {k * per - 1} and "
+                f"{(k + 1) * per} either side of it",
+            )
+    return None
+
+
+def _missing_message(arr: zarr.Array, what: str) -> str:
+    tensor = arr.path.rsplit("/", 1)[-1]
+    return (
+        f"tensor {tensor!r} {what}; the dump is damaged: restore the file from a copy, "
+        f"re-record the run, or delete the folder {_shown(arr, arr.path)} to drop that tensor"
+    )
+
+
+def _key(arr: zarr.Array, shard: int) -> str:
+    """Store key of shard ``shard`` (column 0) of ``arr``."""
+    zeros = (0,) * (arr.ndim - 1)
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *zeros))}"
+
+
+def _shown(arr: zarr.Array, key: str) -> str:
+    """``key`` as the user finds it: a file path on a local store, else the store key."""
+    if type(arr.store).__name__ == "LocalStore":
+        return os.path.join(str(getattr(arr.store, "root", "")), key)
+    return key
+
+
+def all_fill(value: np.ndarray, fill: Any) -> bool:
+    """Whether every element of ``value`` is ``fill`` (NaN counts as equal to a NaN fill).
+
+    What a record of a missing shard file reads as through zarr: readers then check the
+    array's shard files (``record_sizes(..., strict=True)``).
+
+    >>> all_fill(np.full(3, np.nan, "f4"), np.float32("nan")), all_fill(np.zeros(2), 0.0)
+    (True, True)
+    >>> all_fill(np.array([0.0, 1.0]), 0.0)
+    False
+    """
+    fill = np.asarray(fill)
+    flat = np.asarray(value).reshape(-1)
+    if fill.dtype.kind in "fc" and bool(np.isnan(fill)):
+        # the first element settles almost every real record without a pass over all of it
+        return not (flat.size and not np.isnan(flat[0])) and bool(np.isnan(flat).all())
+    return not (flat.size and flat[0] != fill) and bool((flat == fill).all())
 
 
 def forget_after(arr: zarr.Array, committed: int) -> None:

@@ -34,7 +34,7 @@ from tdump._names import (
     rank_group,
 )
 from tdump._protocols import require_protocol
-from tdump._shards import record_sizes, shard_records
+from tdump._shards import all_fill, record_sizes, shard_records
 from tdump._validate import (
     DAMAGE,
     META_TYPES,
@@ -46,7 +46,7 @@ from tdump._validate import (
     first_line,
 )
 from tdump._validate import sizes as store_sizes
-from tdump.errors import DumpNotFoundError, MissingTensorError, NotADumpError
+from tdump.errors import CorruptStoreError, DumpNotFoundError, MissingTensorError, NotADumpError
 
 __all__ = ["StoreReader"]
 
@@ -59,7 +59,9 @@ class StoreReader:
     Every read is validated against ``docs/FORMAT.md`` ("Validation by readers"): a
     damaged node (unparsable metadata, wrong types, an undecodable chunk, step numbers
     that are not non-negative and increasing) raises :class:`NotADumpError` with one
-    line naming the part, never a traceback from zarr or a wrong value.
+    line naming the part, never a traceback from zarr or a wrong value; a shard file
+    missing where the store says records are raises :class:`CorruptStoreError`
+    naming the file.
 
     Parameters
     ----------
@@ -236,13 +238,18 @@ class StoreReader:
     def read(self, mode: str, name: str, index: int, rank: int = 0) -> np.ndarray:
         """Row ``index`` (one record) of tensor ``name`` as numpy, decoded through zarr.
 
-        A chunk that does not decode raises :class:`NotADumpError` naming it.
+        A chunk that does not decode raises :class:`NotADumpError` naming it; a record
+        that reads as the fill value in a format-2 array has its shard files checked
+        (a missing one where records are raises :class:`CorruptStoreError`).
         """
         arr = self.array(mode, name, rank)
         try:
-            return np.asarray(arr[index])
+            value = np.asarray(arr[index])
         except DAMAGE as exc:
             raise damaged_chunk(self.path, arr, index, exc) from None
+        if shard_records(arr) is not None and all_fill(value, arr.fill_value):
+            self._shard_sizes(arr, self.num_records(mode, rank))  # a missing shard file?
+        return value
 
     def tensor_attrs(self, mode: str, name: str, rank: int = 0) -> dict[str, Any]:
         """The tensor's ``tdump`` attributes (collection, kind, module, call, dims ...)."""
@@ -258,7 +265,8 @@ class StoreReader:
 
         ``committed``: the record count the caller read earlier (default: count now).
         Pass it when combining with other reads of a store that is being written, so
-        every answer is about the same committed records.
+        every answer is about the same committed records. A format-2 shard file missing
+        where the store says records are raises :class:`CorruptStoreError`.
         """
         n = self.num_records(mode, rank) if committed is None else committed
         arr = self.array(mode, name, rank)
@@ -281,7 +289,9 @@ class StoreReader:
 
     def _shard_sizes(self, arr: zarr.Array, committed: int) -> dict[int, int]:
         try:
-            return record_sizes(arr, committed)
+            return record_sizes(arr, committed, strict=True)
+        except CorruptStoreError:
+            raise  # one line naming the shard file
         except DAMAGE as exc:
             raise damaged(self.path, f"{arr.path}: a shard index cannot be read", exc) from None
 

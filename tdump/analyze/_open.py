@@ -43,6 +43,7 @@ import xarray as xr
 
 from tdump._format import FORMAT_NAME, StoreReader
 from tdump._names import MODES, no_mode_steps
+from tdump._shards import all_fill, record_sizes, shard_records
 from tdump._validate import DAMAGE
 from tdump.analyze._tasks import corrupt_chunk
 from tdump.errors import ConfigError, MissingTensorError, check_choice, did_you_mean
@@ -113,22 +114,33 @@ def resolve_modes(reader: StoreReader, mode: str | None, rank: int) -> list[str]
 
 
 class _CheckedArray:
-    """A zarr array for :func:`dask.array.from_array` whose undecodable chunks raise one line."""
+    """A zarr array for :func:`dask.array.from_array` whose undecodable chunks raise one line.
 
-    def __init__(self, arr: Any, path: str) -> None:
+    A read that finds only the fill value in a format-2 array checks, once, that no
+    shard file of the ``committed`` records is missing where the store says records
+    are (zarr reads a missing file as the fill value): :class:`~tdump.errors.CorruptStoreError`.
+    """
+
+    def __init__(self, arr: Any, path: str, committed: int = 0) -> None:
         self.arr = arr
         self.path = path
+        self.committed = committed
         self.shape = tuple(arr.shape)
         self.dtype = arr.dtype
         self.ndim = arr.ndim
+        self._shards_checked = shard_records(arr) is None  # format 1: a missing chunk is no record
 
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
-            return np.asarray(self.arr[key])
+            out = np.asarray(self.arr[key])
         except DAMAGE as exc:
             first = key[0] if isinstance(key, tuple) and key else key
             index = first.start if isinstance(first, slice) else first
             raise corrupt_chunk(self.path, self.arr, int(index or 0), exc) from None
+        if not self._shards_checked and out.size and all_fill(out, self.arr.fill_value):
+            record_sizes(self.arr, self.committed, strict=True)
+            self._shards_checked = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,8 @@ def _tensor_var(
     dims = tuple(str(d) for d in (arr.metadata.dimension_names or ())[1:])  # type: ignore[union-attr]
     if len(dims) != arr.ndim - 1:
         dims = tuple(f"dim_{i}" for i in range(arr.ndim - 1))
-    data = da.from_array(_CheckedArray(arr, reader.path), chunks=arr.chunks, asarray=True)[:n]
+    checked = _CheckedArray(arr, reader.path, n)
+    data = da.from_array(checked, chunks=arr.chunks, asarray=True)[:n]
     if data.shape[0] < n:  # saved only in early records: rows past its capacity are not data
         pad = da.full((n - data.shape[0], *data.shape[1:]), arr.fill_value, dtype=data.dtype)
         data = da.concatenate([data, pad])
@@ -330,7 +343,9 @@ def open_dump(
     MissingTensorError
         ``mode`` has no records, or ``rank`` wrote nothing.
     CorruptStoreError
-        When values are computed: a chunk does not decode (a ``NotADumpError`` too).
+        When values are computed: a chunk does not decode, or a shard file is missing
+        where the store says records are (a ``NotADumpError`` too; integer tensors:
+        when opening).
 
     Examples
     --------
