@@ -379,21 +379,21 @@ def register(app: typer.Typer) -> None:
 
         import tdump.surgery as surgery
         from tdump.surgery._io import dump_model_type, strip_ranks_prefix
-        from tdump.surgery._plan import Settings
 
         # values checked without reading a file come first: a bad --ratio is said before
-        # anything about the checkpoint or the architecture
-        Settings(
-            count,
-            ratio,
-            scope,
-            min_channels,
-            max_ratio,
-            round_to,
-            conv_only_groups,
-            aggregate,
-            normalize,
-        ).check()
+        # anything about the checkpoint or the architecture (Settings checks as it is made),
+        # and this one Settings is what surgery.prune selects with
+        settings = surgery.Settings(
+            count=count,
+            ratio=ratio,
+            scope=scope,
+            min_channels=min_channels,
+            max_ratio=max_ratio,
+            round_to=round_to,
+            conv_only_groups=conv_only_groups,
+            aggregate=aggregate,
+            normalize=normalize,
+        )
         kwargs = json_object_option(arch_kwargs, "--arch-kwargs")
         if ignore:
             try:
@@ -445,20 +445,7 @@ def register(app: typer.Typer) -> None:
         with warnings.catch_warnings():  # the plan's notes say it, printed below
             warnings.simplefilter("ignore", surgery.FewChannelsWarning)
             pruned, plan = surgery.prune(
-                model,
-                table,
-                count=count,
-                ratio=ratio,
-                scope=scope,
-                min_channels=min_channels,
-                max_ratio=max_ratio,
-                round_to=round_to,
-                ignore=ignore,
-                conv_only_groups=conv_only_groups,
-                criterion=criterion,
-                aggregate=aggregate,
-                normalize=normalize,
-                inplace=True,
+                model, table, settings=settings, ignore=ignore, criterion=criterion, inplace=True
             )
         # what was inferred is said first, in the table and in --json; the plan's notes say
         # why fewer channels went than asked (the caps, grouped convs, --round-to)

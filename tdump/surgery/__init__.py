@@ -3,7 +3,8 @@
 :func:`prune` removes the lowest-ranked conv filters and everything coupled to them
 (BatchNorm entries, consumers' input channels, residual partners, concatenation
 slices, depthwise convs); :func:`save` writes a pickle-free checkpoint and
-:func:`load` rebuilds the model from it. See docs/surgery.md.
+:func:`load` rebuilds the model from it. The selection keywords of :func:`prune` and
+:func:`plan` may come as one checked :class:`Settings` (``settings=``). See docs/surgery.md.
 
 Examples
 --------
@@ -31,6 +32,7 @@ from tdump.surgery._plan import (
     Plan,
     Settings,
     keeps_for,
+    resolve_settings,
     select,
 )
 from tdump.surgery._ranks import RanksLike, read_ranks_table, scores_for
@@ -46,6 +48,7 @@ __all__ = [
     "LayerPlan",
     "Plan",
     "Provenance",
+    "Settings",
     "apply",
     "build_arch",
     "build_graph",
@@ -80,10 +83,12 @@ def plan(
     criterion: str | None = None,
     aggregate: str = "mean",
     normalize: str = "mean",
+    settings: Settings | None = None,
 ) -> Plan:
     """Choose what :func:`prune` would remove, without touching ``model``.
 
-    Parameters are those of :func:`prune`.
+    Parameters are those of :func:`prune`: the selection keywords, or one
+    :class:`Settings` as ``settings=``.
 
     Examples
     --------
@@ -91,21 +96,24 @@ def plan(
     >>> p = plan(torchvision.models.vgg11_bn(), {"features.0": np.arange(64.0)}, ratio=0.25, scope="per-layer")
     >>> len(p.layers["features.0"].keep)
     48
+    >>> s = Settings(ratio=0.25, scope="per-layer")
+    >>> plan(torchvision.models.vgg11_bn(), {"features.0": np.arange(64.0)}, settings=s).layers == p.layers
+    True
     """
-    settings = Settings(
-        count,
-        ratio,
-        scope,
-        min_channels,
-        max_ratio,
-        round_to,
-        conv_only_groups,
-        aggregate,
-        normalize,
+    chosen = resolve_settings(
+        settings,
+        count=count,
+        ratio=ratio,
+        scope=scope,
+        min_channels=min_channels,
+        max_ratio=max_ratio,
+        round_to=round_to,
+        conv_only_groups=conv_only_groups,
+        aggregate=aggregate,
+        normalize=normalize,
     )
-    settings.check()
     graph = build_graph(model, ignore)
-    return select(graph, scores_for(model, ranks, criterion), settings)
+    return select(graph, scores_for(model, ranks, criterion), chosen)
 
 
 def prune(
@@ -123,6 +131,7 @@ def prune(
     criterion: str | None = None,
     aggregate: str = "mean",
     normalize: str = "mean",
+    settings: Settings | None = None,
     inplace: bool = False,
 ) -> tuple[nn.Module, Plan]:
     """Remove the lowest-ranked output channels of convs, and everything coupled to them.
@@ -161,6 +170,10 @@ def prune(
         root mean square, their L2 norm (width-biased: wide layers look weak) or
         nothing, before groups are aggregated and ranked; the same for a ranks file
         (its raw ``score``) and a dict.
+    settings : Settings, optional
+        All the selection keywords above but ``ignore`` and ``criterion`` as one
+        :class:`Settings`, already checked (``tdump prune`` builds one from its options
+        before reading any file); used as it is. Give it or those keywords, not both.
     inplace : bool
         Rewrite ``model`` itself instead of a deep copy.
 
@@ -180,19 +193,22 @@ def prune(
     >>> small, p = prune(m, {"features.1.conv.0.0": np.arange(32.0)}, ratio=0.5, scope="per-layer")
     >>> small.features[1].conv[0][0].groups
     16
+    >>> _, q = prune(m, {"features.1.conv.0.0": np.arange(32.0)}, settings=Settings(count=8))
+    >>> q.removed
+    8
     """
-    settings = Settings(
-        count,
-        ratio,
-        scope,
-        min_channels,
-        max_ratio,
-        round_to,
-        conv_only_groups,
-        aggregate,
-        normalize,
+    chosen = resolve_settings(
+        settings,
+        count=count,
+        ratio=ratio,
+        scope=scope,
+        min_channels=min_channels,
+        max_ratio=max_ratio,
+        round_to=round_to,
+        conv_only_groups=conv_only_groups,
+        aggregate=aggregate,
+        normalize=normalize,
     )
-    settings.check()
     scores = scores_for(model, ranks, criterion)
     if inplace:
         target = model
@@ -200,7 +216,7 @@ def prune(
         with single_threaded():
             target = _copy.deepcopy(model)
     graph = build_graph(target, ignore)
-    p = select(graph, scores, settings)
+    p = select(graph, scores, chosen)
     apply_keeps(target, graph, keeps_for(graph, p))
     prev = provenance(model)
     target.__dict__[_ATTR] = Provenance(

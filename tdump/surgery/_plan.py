@@ -28,14 +28,13 @@ import numpy as np
 
 from tdump.errors import ConfigError, RanksError
 from tdump.surgery._aggregate import (
-    NORMALIZATIONS,
     Aggregation,
     aggregate,
-    aggregations,
     normalize,
 )
 from tdump.surgery._graph import ChannelGraph, Group
 from tdump.surgery._plan_notes import global_shortfall, pooled, say_shortfall, unranked_notes
+from tdump.surgery._settings import Settings, resolve_settings
 from tdump.surgery._units import pick_global, removal_bounds, removal_order, round_removal
 
 __all__ = [
@@ -48,6 +47,7 @@ __all__ = [
     "group_cap",
     "keeps_for",
     "resolve_max_ratio",
+    "resolve_settings",
     "select",
 ]
 
@@ -88,51 +88,6 @@ class LayerPlan:
 
     channels: int
     keep: list[int]
-
-
-@dataclass
-class Settings:
-    """How channels are selected (see :func:`tdump.surgery.prune`)."""
-
-    count: int | None = None
-    ratio: float | None = None
-    scope: str = "global"
-    min_channels: int = 1
-    max_ratio: float | None = None
-    round_to: int | None = None
-    conv_only_groups: bool = False
-    aggregate: str = "mean"
-    normalize: str = "mean"
-
-    def check(self) -> None:
-        """Raise :class:`ConfigError` for inconsistent settings."""
-        if (self.count is None) == (self.ratio is None):
-            raise ConfigError("give exactly one of count (--count) and ratio (--ratio)")
-        if self.count is not None and (not isinstance(self.count, int) or self.count < 0):
-            raise ConfigError(f"count must be a non-negative integer, got {self.count!r}")
-        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(
-                f"ratio must be in [0, 1) (a ratio of 1 would empty layers), got {self.ratio}"
-            )
-        if self.scope not in ("global", "per-layer"):
-            raise ConfigError(f"scope must be 'global' or 'per-layer', got {self.scope!r}")
-        if self.min_channels < 1:
-            raise ConfigError(
-                f"min_channels must be >= 1 (a layer cannot be emptied), got {self.min_channels}"
-            )
-        if self.max_ratio is not None and not 0.0 < self.max_ratio <= 1.0:
-            raise ConfigError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
-        if self.round_to is not None and self.round_to < 1:
-            raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ConfigError(
-                f"unknown normalize {self.normalize!r}; choose one of {', '.join(NORMALIZATIONS)}"
-            )
-        # a name is looked up only when a group has several members: say it before that
-        if isinstance(self.aggregate, str) and self.aggregate not in aggregations():
-            raise ConfigError(
-                f"unknown aggregation {self.aggregate!r}; choose one of {', '.join(aggregations())}"
-            )
 
 
 @dataclass
@@ -299,8 +254,8 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
     takes whole steps, weakest first, up to ``count``; ``per-layer`` rounds each
     group's removal down to a step. Every shortfall is said in ``notes``. A group left with
     fewer than :data:`FEW_CHANNELS` channels gets a note and a :class:`FewChannelsWarning`.
+    ``settings`` was checked when it was made (:class:`Settings`).
     """
-    settings.check()
     max_ratio = resolve_max_ratio(settings.max_ratio, settings.scope)
     notes: list[str] = list(graph.notes)
     frozen: list[Group] = []

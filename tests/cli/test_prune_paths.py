@@ -7,6 +7,7 @@ writer naming that dump, pruned through the console-script entry point in this p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -194,6 +195,11 @@ def test_recorded_input_shape_and_a_moved_dump(
         (["--count", "1", "--aggregate", "bogus"], "unknown aggregation 'bogus'"),
         (["--count", "1", "--input-shape", "3,0,8"], "--input-shape must look like"),
         (["--count", "1", "--scope", "layers"], "scope must be 'global' or 'per-layer'"),
+        (["--count", "1", "--ratio", "0.3"], "give exactly one of count (--count) and ratio"),
+        (["--ratio", "0.3", "--min-channels", "0"], "min_channels must be >= 1"),
+        (["--ratio", "0.3", "--max-ratio", "0"], "max_ratio must be in (0, 1]"),
+        (["--ratio", "0.3", "--round-to", "0"], "round_to must be >= 1"),
+        (["--ratio", "0.3", "--normalize", "bogus"], "unknown normalize 'bogus'"),
     ],
 )
 def test_option_values_come_before_files(
@@ -209,6 +215,53 @@ def test_option_values_come_before_files(
         *_cli(monkeypatch, capsys, "ckpt.pt", "ranks.parquet", "--like", "gone.pt", *args)[::2]
     )
     assert needle in line, line
+
+
+def test_bad_settings_read_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CKPT and RANKS that do not exist, and every reader replaced by a tripwire: a bad
+    option value is the error, so nothing was opened before the Settings were checked."""
+    import tdump.surgery as surgery
+
+    opened: list[str] = []
+    for name in ("read_ranks_table", "load", "prune", "plan"):
+        monkeypatch.setattr(surgery, name, lambda *a, _n=name, **k: opened.append(_n))
+    monkeypatch.chdir(tmp_path)
+    line = _one_line(
+        *_cli(monkeypatch, capsys, "gone.pt", "gone.parquet", "--ratio", "0.3", "--round-to", "0")[
+            ::2
+        ]
+    )
+    assert "round_to must be >= 1, got 0" in line and opened == []
+
+
+def test_cli_settings_reach_prune_as_they_are(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Settings made from the options (before any file) is the one surgery.prune selects
+    with: passed as ``settings=``, not rebuilt from the options, and the plan says them."""
+    import tdump.surgery as surgery
+
+    calls: list[dict[str, object]] = []
+    prune = surgery.prune
+
+    def spy(model: object, ranks: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return prune(model, ranks, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(surgery, "prune", spy)
+    args = ["--ratio", "0.5", "--scope", "per-layer", "--round-to", "2", "--normalize", "rms"]
+    code, _, err = _cli(
+        monkeypatch, capsys, "ckpt.pt", "ranks.parquet", *ARCH, *args, "--save-plan", "p.json"
+    )
+    assert code == 0, err
+    (kwargs,) = calls
+    expected = surgery.Settings(ratio=0.5, scope="per-layer", round_to=2, normalize="rms")
+    assert kwargs["settings"] == expected
+    assert set(kwargs) == {"settings", "ignore", "criterion", "inplace"}
+    saved = json.loads((files["dir"] / "p.json").read_text())["settings"]
+    assert saved == {**dataclasses.asdict(expected), "max_ratio": None}
 
 
 def test_summary_notes_and_total(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torch import nn
 
 import tdump.surgery as surgery
 from tdump.errors import ConfigError, RanksError
-from tdump.surgery import Plan
+from tdump.surgery import Plan, Settings
 from tests.surgery.helpers import random_scores, ranks_frame
 
 
@@ -106,6 +109,65 @@ def test_plan_is_data_and_replays(resnet: nn.Module, tmp_path: object) -> None:
     assert p2.layers == p.layers
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_settings_object_is_used_as_is(resnet: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``settings=Settings(...)`` selects exactly as the same keywords, with that very object."""
+    scores = random_scores(resnet, 5)
+    table = ranks_frame(scores)  # a real ranks table, as `tdump rank` writes
+    options: dict[str, Any] = {
+        "ratio": 0.3,
+        "scope": "per-layer",
+        "min_channels": 4,
+        "max_ratio": 0.5,
+        "round_to": 8,
+        "normalize": "rms",
+        "aggregate": "min",
+    }
+    settings = Settings(**options)
+    by_keywords = surgery.plan(resnet, table, **options)
+    seen: list[Settings] = []
+    select = surgery.select
+
+    def spy(graph: Any, scores: Any, chosen: Settings) -> Plan:
+        seen.append(chosen)
+        return select(graph, scores, chosen)
+
+    monkeypatch.setattr(surgery, "select", spy)
+    by_settings = surgery.plan(resnet, table, settings=settings)
+    pruned, pruned_plan = surgery.prune(resnet, table, settings=settings, criterion="l1")
+    assert seen[0] is settings and seen[1] is settings  # not rebuilt, not copied
+    assert by_settings.to_dict() == by_keywords.to_dict() and by_settings.removed > 0
+    assert by_settings.settings == {**dataclasses.asdict(settings), "max_ratio": 0.5}
+    assert pruned_plan.layers == by_keywords.layers
+    assert pruned.layer1[0].conv1.out_channels == len(by_keywords.layers["layer1.0.conv1"].keep)
+    # the global default cap is resolved in the plan, not written into the Settings
+    glob = Settings(count=40)
+    assert surgery.plan(resnet, table, settings=glob).to_dict() == (
+        surgery.plan(resnet, table, count=40).to_dict()
+    )
+    assert glob.max_ratio is None
+
+
+def test_settings_are_checked_when_made_and_not_mixed(resnet: nn.Module) -> None:
+    scores = random_scores(resnet)
+    with pytest.raises(ConfigError, match=r"ratio must be in \[0, 1\)"):
+        Settings(ratio=1.5)
+    with pytest.raises(ConfigError, match="give exactly one of count"):
+        Settings()
+    settings = Settings(ratio=0.3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.ratio = 2.0  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="min_channels must be >= 1"):
+        dataclasses.replace(settings, min_channels=0)
+    with pytest.raises(ConfigError, match=r"not both \(got scope='per-layer' too\)"):
+        surgery.plan(resnet, scores, settings=settings, scope="per-layer")
+    with pytest.raises(ConfigError, match="not both"):
+        surgery.prune(resnet, scores, settings=settings, ratio=0.3)
+    with pytest.raises(ConfigError, match=r"settings must be a tdump\.surgery\.Settings, got dict"):
+        surgery.plan(resnet, scores, settings={"ratio": 0.3})  # type: ignore[arg-type]
+    # a keyword left at its default (as given or not) is no conflict
+    assert surgery.plan(resnet, scores, settings=settings, scope="global").removed > 0
 
 
 def test_ranks_errors(resnet: nn.Module) -> None:
