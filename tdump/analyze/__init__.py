@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from tdump.analyze._criteria import Criterion, Plan, criteria, get_criterion, register_criterion
-from tdump.analyze._rank import rank, rank_table
+from tdump.analyze._rank import rank, rank_table, scored_layers
 from tdump.analyze._ranks_io import RankTable, read_ranks, write_ranks
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ __all__: list[str] = [
     "read_ranks",
     "register_criterion",
     "register_rule",
+    "scored_layers",
     "watch",
     "write_ranks",
 ]

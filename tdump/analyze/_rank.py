@@ -65,7 +65,7 @@ from tdump.errors import (
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["parse_steps", "rank", "rank_table"]
+__all__ = ["parse_steps", "rank", "rank_table", "scored_layers"]
 
 
 @dataclass(frozen=True)
@@ -316,6 +316,41 @@ def rank(
         connect_timeout=connect_timeout,
         keep_nan=keep_nan,
     ).to_frame()
+
+
+def scored_layers(
+    dump: str | os.PathLike[str],
+    criterion: str = "taylor",
+    mode: str = "train",
+    layers: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The conv layers :func:`rank` would score from ``dump``, reading no tensor values.
+
+    :func:`rank`'s own plan over what ``dump`` recorded (``tdump loop`` checks its
+    ``--count`` with it before ranking). A layer whose every selected record holds NaN
+    or Inf, which the ranking leaves out, is still listed. Parameters as :func:`rank`.
+
+    Raises
+    ------
+    TdumpError
+        What :func:`rank` would raise before reading values (no steps in ``mode``,
+        nothing the criterion can score, ...).
+
+    Examples
+    --------
+    >>> scored_layers("sample_dumps/tiny.zarr")  # doctest: +SKIP
+    ['conv1', 'conv2']
+    """
+    check_args(dump, criterion, mode, layers, 8, DEFAULT_CONNECT_TIMEOUT, False)
+    crit = get_criterion(criterion)
+    reader = StoreReader(os.fspath(dump), storage_options=storage_options, snapshot=True)
+    records = _select_records(reader, mode, None)
+    flow = _dataflow(reader, mode)
+    jobs = _plan_jobs(
+        reader, crit, mode, _select_layers(flow, layers), records, layers is not None, [], {}
+    )
+    return [job.layer for job in jobs]
 
 
 def rank_table(

@@ -235,7 +235,12 @@ class _Loop:
     # ------------------------------------------------------------------ measure
     def measure(self, r: int, wall: dict[str, float]) -> dict[str, Any]:
         import tdump.surgery as surgery
-        from tdump.loop._metrics import dump_metrics, model_stats, prunable_channels
+        from tdump.loop._metrics import (
+            dump_metrics,
+            model_stats,
+            prunable_channels,
+            rankable_layers,
+        )
         from tdump.surgery._input_shape import recorded_input_shape
 
         p, s = self.paths(r), self.s
@@ -265,13 +270,22 @@ class _Loop:
                 stats = model_stats(model, None)
             metrics = dump_metrics(p["dump"])
             prunable = None
-            if r + 1 < s.rounds:
-                prunable = prunable_channels(
-                    model,
-                    min_channels=s.min_channels,
-                    conv_only_groups=s.conv_only_groups,
-                    max_ratio=s.prune_max_ratio(),
-                )
+            # the next round ranks this round's dump and prunes this model: count what its
+            # prune stage can remove, given the layers that ranking will score (None: the
+            # ranking or the prune would fail, and that stage says why)
+            ranked = rankable_layers(p["dump"], s.criterion) if r + 1 < s.rounds else None
+            if ranked is not None:
+                try:
+                    prunable = prunable_channels(
+                        model,
+                        ranked,
+                        scope=s.scope,
+                        min_channels=s.min_channels,
+                        max_ratio=s.max_ratio,
+                        conv_only_groups=s.conv_only_groups,
+                    )
+                except TdumpError:  # ranked layers the model lacks: tdump prune refuses them
+                    prunable = None
         self._log(r, "measure", [checkpoint_command(p, init, s.arch, s.arch_kwargs)])
         wall["measure"] = round(time.perf_counter() - t0, 3)
         self.events.stage_finished(r, "measure", wall["measure"])
@@ -351,12 +365,16 @@ class _Loop:
         if s.count is not None and prunable is not None and s.count > prunable:
             message = (
                 f"--count {s.count} is more than the {prunable} channels one round can prune "
-                f"from round {r}'s model (each layer keeps --min-channels {s.min_channels}"
+                f"from round {r}'s model (only convs that --criterion {s.criterion} can score "
+                f"from round {r}'s dump are ranked, the others keep their channels; each "
+                f"layer keeps --min-channels {s.min_channels}"
                 + (
-                    f" and loses at most --max-ratio {s.prune_max_ratio()} of its channels)"
+                    f" and loses at most --max-ratio {s.prune_max_ratio()} of its channels"
                     if s.prune_max_ratio() is not None
-                    else ")"
+                    else ""
                 )
+                + ("; residual groups are left alone" if s.conv_only_groups else "")
+                + ")"
             )
             if r == 0:
                 raise self._fail(r, "measure", message + "; lower --count or use --ratio")

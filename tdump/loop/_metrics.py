@@ -33,6 +33,7 @@ __all__ = [
     "load_round_model",
     "model_stats",
     "prunable_channels",
+    "rankable_layers",
 ]
 
 #: Saved train records (the most recent) that train accuracy and loss average over.
@@ -183,20 +184,97 @@ def model_stats(model: Any, input_shape: list[int] | None) -> dict[str, Any]:
 
 def prunable_channels(
     model: Any,
+    ranks: Any,
     *,
+    scope: str = "global",
     min_channels: int = 1,
-    conv_only_groups: bool = False,
     max_ratio: float | None = None,
+    conv_only_groups: bool = False,
     ignore: str | None = None,
+    criterion: str | None = None,
 ) -> int:
-    """How many channels one pruning could remove: the sum of each group's cap
-    (:func:`tdump.surgery._plan.group_cap`, what ``tdump prune`` applies)."""
-    from tdump.surgery import build_graph
-    from tdump.surgery._plan import group_cap
+    """How many channels one ``tdump prune`` of ``model`` with ``ranks`` can remove at most.
 
-    graph = build_graph(model, ignore)
-    return sum(
-        group_cap(grp, min_channels, max_ratio)
-        for grp in graph.groups
-        if not (grp.frozen or (conv_only_groups and grp.residual))
-    )
+    ``ranks`` is what ``tdump prune`` reads (a ranks.parquet path or its DataFrame,
+    whose layer names lose a wrapper's prefix as there), a ``{layer: scores}`` dict, or
+    only the names of the ranked layers (a list: what they score does not change the
+    number). The surgery's own selection (:func:`tdump.surgery.plan`) is asked for more
+    channels than the ranked layers have, with these settings (those of ``tdump
+    prune``, ``max_ratio=None`` its default of 0.8 for ``scope="global"``); the number is
+    what it removes. So it counts only the groups that selection prunes: groups with
+    ranks (a group none of whose convs is ranked keeps all its channels), not frozen,
+    not residual with ``conv_only_groups``, each up to its cap (``min_channels``,
+    ``max_ratio``, whole blocks of a grouped conv). 0 when no ranked layer can be pruned
+    (``tdump prune`` then refuses).
+
+    Raises
+    ------
+    RanksError
+        Ranks that do not fit ``model`` (as ``tdump prune`` would say).
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> m = torchvision.models.vgg11_bn()
+    >>> prunable_channels(m, ["features.0", "features.4"])  # 0.8 of 64 and of 128
+    153
+    """
+    import warnings
+    from collections.abc import Mapping
+
+    import tdump.surgery as surgery
+    from tdump.errors import RanksError
+    from tdump.surgery._io import strip_ranks_prefix
+    from tdump.surgery._ranks import scores_for
+
+    if isinstance(ranks, (list, tuple, set, frozenset)):
+        import pandas as pd
+
+        layers = strip_ranks_prefix(pd.DataFrame({"layer": sorted(map(str, ranks))}), model)[0]
+        modules = dict(model.named_modules())
+        ranks = {
+            name: np.zeros(_width(modules.get(name)), dtype=np.float64) for name in layers["layer"]
+        }
+    elif not isinstance(ranks, Mapping):
+        if isinstance(ranks, (str, os.PathLike)):
+            ranks = surgery.read_ranks_table(ranks)
+        ranks = strip_ranks_prefix(ranks, model)[0]
+    scores = scores_for(model, ranks, criterion)
+    more_than_ranked = sum(len(s) for s in scores.values()) + 1
+    try:
+        with warnings.catch_warnings():  # a nearly emptied group: the plan is not applied
+            warnings.simplefilter("ignore", surgery.FewChannelsWarning)
+            plan = surgery.plan(
+                model,
+                scores,
+                count=more_than_ranked,
+                scope=scope,
+                min_channels=min_channels,
+                max_ratio=max_ratio,
+                conv_only_groups=conv_only_groups,
+                ignore=ignore,
+            )
+    except RanksError:  # the scores fit: no ranked group can be pruned (or none is ranked)
+        return 0
+    return int(plan.removed)
+
+
+def _width(module: Any) -> int:
+    """Output channels of a conv or Linear (0 for anything else: ``scores_for`` says so)."""
+    return int(getattr(module, "out_channels", None) or getattr(module, "out_features", 0) or 0)
+
+
+def rankable_layers(dump: str | os.PathLike[str], criterion: str) -> list[str] | None:
+    """The conv layers the loop's rank stage (``tdump rank DUMP --criterion CRITERION``) scores.
+
+    The ranker's own plan over the tensors ``dump`` recorded in its train steps, reading
+    no tensor values: a layer whose every record holds NaN or Inf, which the ranking
+    leaves out, is still listed. ``None`` when that ranking would fail (no train step,
+    nothing the criterion can score: the rank stage then says why).
+    """
+    from tdump.analyze import scored_layers
+
+    try:
+        return scored_layers(dump, criterion)
+    except TdumpError:
+        return None

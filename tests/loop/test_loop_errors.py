@@ -133,6 +133,19 @@ def test_count_larger_than_what_can_be_pruned(tmp_path: Path) -> None:
     ).exists()
 
 
+def test_count_check_counts_only_the_layers_the_next_rank_stage_scores(tmp_path: Path) -> None:
+    """Only relu1 recorded: ranking scores conv1 alone, so tdump prune can take 12 channels
+    (0.8 of conv1's 16), not the 24 of both convs: --count 13 is refused after round 0."""
+    exp = tmp_path / "exp"
+    base = [a if a != "6" else "13" for a in BASE]
+    proc = run_tdump("loop", TRAIN, *base, "--include", r"(?:^|\.)relu1", "--experiment", str(exp))
+    line = _one_line_error(proc)
+    assert "--count 13 is more than the 12 channels one round can prune" in line
+    assert "only convs that --criterion taylor can score from round 0's dump" in line
+    assert rows_of(exp)[0]["prunable"] == 12  # round 0's row is kept
+    assert not (exp / "round_001" / "ranks.parquet").exists()
+
+
 def test_resume_of_no_experiment_says_so(tmp_path: Path) -> None:
     line = _one_line_error(run_tdump("loop", "--resume", "--experiment", str(tmp_path / "none")))
     assert "no experiment to resume at" in line and "--experiment" in line
