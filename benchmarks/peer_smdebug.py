@@ -40,7 +40,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SEED_INCLUDE, cat_seconds, drop_cache, files_of, timed, train_child
+from _common import (
+    SEED_INCLUDE,
+    cat_seconds,
+    compile_tdump,
+    drop_cache,
+    files_of,
+    timed,
+    train_child,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEER = HERE / ".peer-venv" / "bin" / "python"
@@ -169,6 +177,7 @@ def rank_comparison(args: argparse.Namespace, peer_env: dict[str, str]) -> list[
                  "-o", str(work / "ranks.parquet"), "--quiet"]  # fmt: skip
     seed_cmd = [args.peer_python, "-c", SEED_LOOP, str(sm)]
     files = files_of(td)
+    compile_tdump()  # smdebug's modules were compiled by pip; tdump's editable ones were not
     times: dict[str, list[float]] = {"tdump rank": [], "smdebug seed loop": [], "cat": []}
     method = ""
     for r in range(args.rounds):

@@ -26,6 +26,7 @@ Examples
 
 from __future__ import annotations
 
+import mmap
 import os
 import uuid
 from typing import Any, Literal
@@ -48,6 +49,13 @@ __all__ = [
 #: file per record and no folder to create per record and tensor (creating folders is
 #: the costliest part of writing a record on many file systems).
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+
+#: A record's bytes are mapped with their page-table entries made at once: faulting
+#: them in page by page cost more than the copy the mapping saves. ``None`` (Windows):
+#: records are read with ``pread`` instead.
+_MAP_FLAGS: int | None = (
+    mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0) if hasattr(mmap, "MAP_SHARED") else None
+)
 
 
 def chunk_prefix(arr: zarr.Array) -> tuple[str, str]:
@@ -155,18 +163,34 @@ class ChunkFiles:
         except FileNotFoundError:
             return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
         out = None
+        mapped: mmap.mmap | None = None
+        view: memoryview | None = None
         try:
             where = self._locate(fd, index, step)
             if where is None:
                 return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
             offset, size = where
-            if scratch is not None:
+            if scratch is not None and scratch.value is None:
+                scratch.value = np.empty(self.row_shape, dtype=self.dtype)
+            out = scratch.value if scratch is not None else None
+            if (
+                _MAP_FLAGS is not None
+                and self.codec is not None
+                and size
+                and offset + size <= os.fstat(fd).st_size
+            ):
+                # decode straight from the page cache: copying the compressed bytes out
+                # first cost about 0.2 s of CPU per compressed GB (2.2 GB ranking dump)
+                start = offset - offset % mmap.ALLOCATIONGRANULARITY
+                mapped = mmap.mmap(
+                    fd, offset + size - start, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=start
+                )
+                view = memoryview(mapped)
+                data: Any = view[offset - start :]
+            elif scratch is not None:
                 if len(scratch.raw) < size:
                     scratch.raw = bytearray(size)
-                if scratch.value is None:
-                    scratch.value = np.empty(self.row_shape, dtype=self.dtype)
-                out = scratch.value
-                data: Any = memoryview(scratch.raw)[:size]
+                data = memoryview(scratch.raw)[:size]
                 filled = 0
                 while filled < size:
                     n = os.preadv(fd, [data[filled:]], offset + filled)
@@ -180,7 +204,11 @@ class ChunkFiles:
         finally:
             os.close(fd)
         expected = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
-        data = self._decode(data, out, expected, index, step)
+        try:
+            data = self._decode(data, out, expected, index, step)
+        finally:
+            if mapped is not None and view is not None:
+                _unmap(mapped, view)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)
 
     def _decode(
@@ -235,6 +263,15 @@ class ChunkFiles:
             f"tensor {tensor!r}, {at} does not decode: {self._where(index, what)}; "
             f"the dump is damaged: {self._REMEDY}"
         )
+
+
+def _unmap(mapped: mmap.mmap, view: memoryview) -> None:
+    """Unmap ``mapped`` now, or, while a view of it is still alive, when the last one goes."""
+    try:
+        view.release()
+        mapped.close()
+    except BufferError:  # an error's traceback still holds a slice: garbage collection unmaps
+        pass
 
 
 def _blosc_header_reader(codec: Any) -> Any:
