@@ -163,8 +163,7 @@ class ChunkFiles:
         except FileNotFoundError:
             return np.full(self.row_shape, self.arr.fill_value, dtype=self.arr.dtype)
         out = None
-        mapped: mmap.mmap | None = None
-        view: memoryview | None = None
+        view: memoryview | None = None  # of the record's mapped bytes
         try:
             where = self._locate(fd, index, step)
             if where is None:
@@ -173,19 +172,20 @@ class ChunkFiles:
             if scratch is not None and scratch.value is None:
                 scratch.value = np.empty(self.row_shape, dtype=self.dtype)
             out = scratch.value if scratch is not None else None
-            if (
-                _MAP_FLAGS is not None
-                and self.codec is not None
-                and size
-                and offset + size <= os.fstat(fd).st_size
-            ):
+            if _MAP_FLAGS is not None and self.codec is not None and size:
                 # decode straight from the page cache: copying the compressed bytes out
-                # first cost about 0.2 s of CPU per compressed GB (2.2 GB ranking dump)
+                # first cost about 0.2 s of CPU per compressed GB (2.2 GB ranking dump);
+                # _locate has checked that the record lies inside the file
                 start = offset - offset % mmap.ALLOCATIONGRANULARITY
-                mapped = mmap.mmap(
-                    fd, offset + size - start, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=start
+                view = memoryview(
+                    mmap.mmap(
+                        fd,
+                        offset + size - start,
+                        flags=_MAP_FLAGS,
+                        prot=mmap.PROT_READ,
+                        offset=start,
+                    )
                 )
-                view = memoryview(mapped)
                 data: Any = view[offset - start :]
             elif scratch is not None:
                 if len(scratch.raw) < size:
@@ -207,8 +207,8 @@ class ChunkFiles:
         try:
             data = self._decode(data, out, expected, index, step)
         finally:
-            if mapped is not None and view is not None:
-                _unmap(mapped, view)
+            if view is not None:
+                _unmap(view)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape)
 
     def _decode(
@@ -265,8 +265,9 @@ class ChunkFiles:
         )
 
 
-def _unmap(mapped: mmap.mmap, view: memoryview) -> None:
-    """Unmap ``mapped`` now, or, while a view of it is still alive, when the last one goes."""
+def _unmap(view: memoryview) -> None:
+    """Unmap the mapping ``view`` shows now, or, while a slice of it is alive, when the last goes."""
+    mapped: Any = view.obj
     try:
         view.release()
         mapped.close()
