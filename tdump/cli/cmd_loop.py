@@ -152,7 +152,9 @@ def register(app: typer.Typer) -> None:
             None, help="TRAIN_ARGS after `--`; {init}, {out}, {round} are filled in."
         ),
         rounds: int = typer.Option(3, "--rounds", "-r", help="Rounds, round 0 included."),
-        count: int | None = typer.Option(None, "--count", help="Channels to prune per round."),
+        count: int | None = typer.Option(
+            None, "--count", help="Channels to prune per round (per group with --scope per-layer)."
+        ),
         ratio: float | None = typer.Option(
             None, "--ratio", help="Fraction of channels to prune per round."
         ),

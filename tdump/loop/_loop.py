@@ -238,7 +238,7 @@ class _Loop:
         from tdump.loop._metrics import (
             dump_metrics,
             model_stats,
-            prunable_channels,
+            prunable_counts,
             rankable_layers,
         )
         from tdump.surgery._input_shape import recorded_input_shape
@@ -269,14 +269,15 @@ class _Loop:
                 self.events.note(f"FLOPs not counted (forward at input {shape} failed: {exc})")
                 stats = model_stats(model, None)
             metrics = dump_metrics(p["dump"])
-            prunable = None
+            prunable = one_group = None
             # the next round ranks this round's dump and prunes this model: count what its
-            # prune stage can remove, given the layers that ranking will score (None: the
-            # ranking or the prune would fail, and that stage says why)
+            # prune stage can remove, in all and from one group (what a per-layer --count
+            # asks of each), given the layers that ranking will score (None: the ranking
+            # or the prune would fail, and that stage says why)
             ranked = rankable_layers(p["dump"], s.criterion) if r + 1 < s.rounds else None
             if ranked is not None:
                 try:
-                    prunable = prunable_channels(
+                    prunable, one_group = prunable_counts(
                         model,
                         ranked,
                         scope=s.scope,
@@ -285,7 +286,7 @@ class _Loop:
                         conv_only_groups=s.conv_only_groups,
                     )
                 except TdumpError:  # ranked layers the model lacks: tdump prune refuses them
-                    prunable = None
+                    prunable = one_group = None
         self._log(r, "measure", [checkpoint_command(p, init, s.arch, s.arch_kwargs)])
         wall["measure"] = round(time.perf_counter() - t0, 3)
         self.events.stage_finished(r, "measure", wall["measure"])
@@ -327,6 +328,7 @@ class _Loop:
             "checkpoint": f"round_{r:03d}/checkpoint.pt",
             "stop_reason": None,
             "prunable": prunable,
+            "prunable_per_group": one_group,
         }
         return row
 
@@ -361,11 +363,17 @@ class _Loop:
                 return f"{name}: {reason}"
         if r + 1 >= s.rounds:
             return f"rounds: {s.rounds} of {s.rounds} done"
-        prunable = row.get("prunable")
+        per_layer = s.scope == "per-layer"
+        prunable = row.get("prunable_per_group" if per_layer else "prunable")
         if s.count is not None and prunable is not None and s.count > prunable:
+            what = (
+                f"--count {s.count} (per group with --scope per-layer) is more than the "
+                f"{prunable} channels any one group can lose in one round"
+                if per_layer
+                else f"--count {s.count} is more than the {prunable} channels one round can prune"
+            )
             message = (
-                f"--count {s.count} is more than the {prunable} channels one round can prune "
-                f"from round {r}'s model (only convs that --criterion {s.criterion} can score "
+                f"{what} from round {r}'s model (only convs that --criterion {s.criterion} can score "
                 f"from round {r}'s dump are ranked, the others keep their channels; each "
                 f"layer keeps --min-channels {s.min_channels}"
                 + (

@@ -33,6 +33,7 @@ __all__ = [
     "load_round_model",
     "model_stats",
     "prunable_channels",
+    "prunable_counts",
     "rankable_layers",
 ]
 
@@ -195,17 +196,53 @@ def prunable_channels(
 ) -> int:
     """How many channels one ``tdump prune`` of ``model`` with ``ranks`` can remove at most.
 
+    The first number of :func:`prunable_counts`, which says how it is worked out.
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> m = torchvision.models.vgg11_bn()
+    >>> prunable_channels(m, ["features.0", "features.4"])  # 0.8 of 64 and of 128
+    153
+    """
+    return prunable_counts(
+        model,
+        ranks,
+        scope=scope,
+        min_channels=min_channels,
+        max_ratio=max_ratio,
+        conv_only_groups=conv_only_groups,
+        ignore=ignore,
+        criterion=criterion,
+    )[0]
+
+
+def prunable_counts(
+    model: Any,
+    ranks: Any,
+    *,
+    scope: str = "global",
+    min_channels: int = 1,
+    max_ratio: float | None = None,
+    conv_only_groups: bool = False,
+    ignore: str | None = None,
+    criterion: str | None = None,
+) -> tuple[int, int]:
+    """Channels one ``tdump prune`` of ``model`` with ``ranks`` can remove: in all, and from one group.
+
     ``ranks`` is what ``tdump prune`` reads (a ranks.parquet path or its DataFrame,
     whose layer names lose a wrapper's prefix as there), a ``{layer: scores}`` dict, or
     only the names of the ranked layers (a list: what they score does not change the
-    number). The surgery's own selection (:func:`tdump.surgery.plan`) is asked for more
+    numbers). The surgery's own selection (:func:`tdump.surgery.plan`) is asked for more
     channels than the ranked layers have, with these settings (those of ``tdump
-    prune``, ``max_ratio=None`` its default of 0.8 for ``scope="global"``); the number is
-    what it removes. So it counts only the groups that selection prunes: groups with
-    ranks (a group none of whose convs is ranked keeps all its channels), not frozen,
-    not residual with ``conv_only_groups``, each up to its cap (``min_channels``,
-    ``max_ratio``, whole blocks of a grouped conv). 0 when no ranked layer can be pruned
-    (``tdump prune`` then refuses).
+    prune``, ``max_ratio=None`` its default of 0.8 for ``scope="global"``); the numbers
+    are what it removes in all and from the group that loses most. With
+    ``scope="per-layer"``, where ``count`` is per group, a ``count`` above the second
+    number is more than any group can lose. Only the groups that selection prunes
+    count: groups with ranks (a group none of whose convs is ranked keeps all its
+    channels), not frozen, not residual with ``conv_only_groups``, each up to its cap
+    (``min_channels``, ``max_ratio``, whole blocks of a grouped conv). ``(0, 0)`` when
+    no ranked layer can be pruned (``tdump prune`` then refuses).
 
     Raises
     ------
@@ -216,8 +253,8 @@ def prunable_channels(
     --------
     >>> import torchvision
     >>> m = torchvision.models.vgg11_bn()
-    >>> prunable_channels(m, ["features.0", "features.4"])  # 0.8 of 64 and of 128
-    153
+    >>> prunable_counts(m, ["features.0", "features.4"], scope="per-layer")  # each keeps 1
+    (190, 127)
     """
     import warnings
     from collections.abc import Mapping
@@ -255,8 +292,13 @@ def prunable_channels(
                 ignore=ignore,
             )
     except RanksError:  # the scores fit: no ranked group can be pruned (or none is ranked)
-        return 0
-    return int(plan.removed)
+        return 0, 0
+    per_group = [
+        plan.layers[g[0]].channels - len(plan.layers[g[0]].keep)
+        for g in plan.groups
+        if g[0] in plan.layers
+    ]
+    return int(plan.removed), max(per_group, default=0)
 
 
 def _width(module: Any) -> int:

@@ -146,6 +146,23 @@ def test_count_check_counts_only_the_layers_the_next_rank_stage_scores(tmp_path:
     assert not (exp / "round_001" / "ranks.parquet").exists()
 
 
+def test_per_layer_count_is_checked_against_one_group(tmp_path: Path) -> None:
+    """--scope per-layer: --count is per group. TinyNet's two 16-channel convs can each
+    lose 15 (--min-channels 1, no --max-ratio default in that scope): 30 in all, so
+    --count 16 passed the old check against the total, and every group fell short."""
+    exp = tmp_path / "exp"
+    base = [a if a != "6" else "16" for a in BASE]
+    proc = run_tdump("loop", TRAIN, *base, "--scope", "per-layer", "--experiment", str(exp))
+    line = _one_line_error(proc)
+    assert (
+        "--count 16 (per group with --scope per-layer) is more than the 15 channels "
+        "any one group can lose in one round" in line
+    )
+    row = rows_of(exp)[0]
+    assert (row["prunable"], row["prunable_per_group"]) == (30, 15)
+    assert not (exp / "round_001" / "ranks.parquet").exists()
+
+
 def test_resume_of_no_experiment_says_so(tmp_path: Path) -> None:
     line = _one_line_error(run_tdump("loop", "--resume", "--experiment", str(tmp_path / "none")))
     assert "no experiment to resume at" in line and "--experiment" in line

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import tdump.surgery as surgery
-from tdump.loop._metrics import prunable_channels, rankable_layers
+from tdump.loop._metrics import prunable_channels, prunable_counts, rankable_layers
 from tdump.loop._settings import LoopSettings, record_options
 from tests.loop.conftest import SCRIPTS, TRAIN, run_tdump
 from tests.surgery.helpers import random_scores, write_ranks
@@ -72,6 +72,7 @@ def test_prunable_is_what_the_surgery_removes_with_those_ranks(
     ckpt, ranks = partly_ranked
     model = surgery.load(ckpt)
     prunable = prunable_channels(model, ranks, **settings)
+    total, one_group = prunable_counts(model, ranks, **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", surgery.FewChannelsWarning)
         plan = surgery.plan(model, ranks, count=HUGE, **settings)
@@ -80,11 +81,13 @@ def test_prunable_is_what_the_surgery_removes_with_those_ranks(
     # ... the channels actually gone from the pruned model, each group counted once
     before = dict(model.named_modules())
     after = dict(pruned.named_modules())
-    gone = sum(
+    gone_per_group = [
         before[g[0]].out_channels - after[g[0]].out_channels  # type: ignore[operator]
         for g in applied.groups
-    )
-    assert gone == prunable
+    ]
+    assert sum(gone_per_group) == prunable == total
+    # ... and the most one group lost: what a per-layer --count asks of every group
+    assert one_group == max(gone_per_group) > 0
     # unranked groups (layer4, most of layer3) are not counted: the old number was larger
     assert prunable < _all_groups_cap(model, settings)
     # the layer names alone give the same count (how the loop asks, before ranking)
