@@ -6,6 +6,7 @@ import copy
 import io
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -58,3 +59,50 @@ def test_saved_and_copied_models_run_without_recording(tmp_path: Path) -> None:
     # the copied criterion added no second loss call to step 1
     assert [n for n in r.tensor_names("train") if n.startswith("loss.output")] == ["loss.output_0"]
     assert r.saved_records("train", "0.weight.grad").tolist() == [0, 1, 2]
+
+
+#: Loads a whole-model pickle where ``import tdump`` fails, trains it one step, and
+#: counts the calls of its (disarmed) hooks through the audit event they raise.
+_LOAD_WITHOUT_TDUMP = """
+import sys
+sys.modules["tdump"] = None  # any import of tdump, or of a module under it, fails
+import pytest
+import torch
+events = []
+sys.addaudithook(lambda name, args: events.append(name) if name == "tdump.disarmed_hook" else None)
+model, x, y = torch.load(sys.argv[1], weights_only=False)
+out = model(x)
+torch.nn.functional.cross_entropy(out, y).backward()
+try:
+    import tdump  # noqa
+except ImportError:
+    print("no tdump", len(events), out.sum().item())
+"""
+
+
+def test_a_whole_model_saved_under_capture_loads_where_tdump_is_not_installed(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    model, saved = _model(), tmp_path / "model.pt"
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    with Hook(str(tmp_path / "d.zarr"), include_regex=".*", save_interval=1, strict=True) as hook:
+        hook.register_module(model)
+        model(x).sum().backward()  # hooks on every module, gradient hooks attached
+        torch.save((model, x, y), saved)
+        with torch.no_grad():
+            expected = model(x).sum().item()
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_TDUMP, str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    word, events, total = proc.stdout.strip().rsplit(" ", 2)
+    assert word == "no tdump"
+    assert int(events) > 0  # the disarmed hooks ran, in forward and backward ...
+    assert float(total) == pytest.approx(expected, rel=1e-6)  # ... and left outputs alone
