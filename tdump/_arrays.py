@@ -148,7 +148,7 @@ class ArrayFactory:
                     },
                 }
             ],
-            "attributes": dict(attributes),
+            "attributes": _with_shard0(dict(attributes), self.group.store),
             "dimension_names": list(dimension_names),
         }
         meta = ArrayV3Metadata.from_dict(document)  # type: ignore[arg-type]
@@ -201,6 +201,20 @@ def _put_metadata(store: Any, path: str, meta: Any, config: Any = None) -> zarr.
     else:
         sync(store.set(f"{path}/zarr.json", document))
     return _array(store, path, meta, config)
+
+
+def _with_shard0(attributes: dict[str, Any], store: Any) -> dict[str, Any]:
+    """``attributes`` saying, on a local store, that shard 0 exists before ``zarr.json``.
+
+    ``"shard0": true`` under ``"tdump"`` lets readers take a missing shard 0 for damage
+    even when later shards exist (arrays written before the key, and other stores, may
+    legitimately lack it: a tensor that first appeared at a later record).
+    """
+    from zarr.storage import LocalStore
+
+    if isinstance(store, LocalStore):
+        attributes["tdump"] = {**attributes.get("tdump", {}), "shard0": True}
+    return attributes
 
 
 def first_shard(store: Any, path: str, meta: Any) -> None:

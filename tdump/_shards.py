@@ -233,6 +233,8 @@ def _missing_shard(
 
     * none exists: the array's ``zarr.json`` exists, and the writer creates shard 0
       before it (a killed writer leaves shard 0, all records "not written");
+    * shard 0 is missing from an array whose attributes say ``"shard0": true`` (its
+      writer created shard 0 before ``zarr.json``);
     * shard ``k`` is missing but the tensor holds the records either side of it
       (``k * per - 1`` and ``(k + 1) * per``).
 
@@ -253,6 +255,13 @@ def _missing_shard(
             arr,
             f"has no shard file for its {committed} committed records ({files}), "
             "though its zarr.json says it was recorded",
+        )
+    attrs = arr.metadata.attributes.get("tdump")
+    if 0 not in held and isinstance(attrs, dict) and attrs.get("shard0") is True:
+        return _missing_message(
+            arr,
+            f"is missing shard file {_shown(arr, _key(arr, 0))} (records 0 to {per - 1}), "
+            "which its writer created before its zarr.json",
         )
     for k in range(1, count - 1):
         before, after = held.get(k - 1), held.get(k + 1)

@@ -157,6 +157,46 @@ def test_deleted_middle_shard_is_damage(small_shards: str, tmp_path: Path, run_c
         assert "holds records 1 and 4 either side of it" in line, line
 
 
+def test_deleted_first_shard_is_damage_when_the_writer_made_it_first(
+    small_shards: str, tmp_path: Path, run_cli: Any
+) -> None:
+    """Shard 0 is created before zarr.json (``"shard0": true`` in the attributes): gone
+    while later shards hold records, it is damage, also for a tensor that first
+    appeared later (scalars.late, whose shard 0 holds no record)."""
+    dump = copy_dump(small_shards, tmp_path / "d.zarr")
+    for name, node, local in ((ACT, "5", "output_0"), ("scalars.late", "scalars", "late")):
+        meta = json.loads(Path(dump, TENSORS, name, "zarr.json").read_text())
+        assert meta["attributes"]["tdump"]["shard0"] is True
+        shard = next(Path(dump, TENSORS, name).glob("c.0*"))
+        shard.unlink()
+        readers = _readers(dump, name, node, local)
+        if name == "scalars.late":  # a mode-level variable; ranking never reads it
+            readers["open_dump"] = lambda: tdump.open_dump(dump)["train"]["scalars.late"].values
+            del readers["tdump.rank"]
+        _assert_damaged(dump, shard, readers)
+        assert f"is missing shard file {shard} (records 0 to 1)" in one_line_error(
+            run_cli("ls", dump)
+        )
+        shard.write_bytes(Path(small_shards, TENSORS, name, shard.name).read_bytes())
+    assert Trial(dump).tensor("scalars.late").steps() == [4, 5, 6]  # restored: reads again
+
+
+def test_first_shard_missing_without_the_attribute_reads_as_not_saved(
+    small_shards: str, tmp_path: Path
+) -> None:
+    """Arrays written before the attribute: a tensor that first appeared later may have
+    no shard 0, so its absence stays "records not saved" there."""
+    dump = copy_dump(small_shards, tmp_path / "d.zarr")
+    folder = Path(dump, TENSORS, "scalars.late")
+    meta = json.loads((folder / "zarr.json").read_text())
+    del meta["attributes"]["tdump"]["shard0"]
+    (folder / "zarr.json").write_text(json.dumps(meta))
+    (folder / "c.0").unlink()
+    assert Trial(dump).tensor("scalars.late").steps() == [4, 5, 6]
+    late = xr.open_dataset(dump, engine="tdump")["scalars.late"].values
+    assert np.isnan(late[:4]).all() and late[4:].tolist() == [4.0, 5.0, 6.0]
+
+
 @pytest.fixture
 def killed(tmp_path: Path) -> dict[str, str]:
     """``{point: store}``: recordings SIGKILLed at each point while writing record 4."""
