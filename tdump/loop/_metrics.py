@@ -32,7 +32,6 @@ __all__ = [
     "dump_metrics",
     "load_round_model",
     "model_stats",
-    "prunable_channels",
     "prunable_counts",
     "rankable_layers",
 ]
@@ -183,40 +182,6 @@ def model_stats(model: Any, input_shape: list[int] | None) -> dict[str, Any]:
     return {"params": int(count_params(model)), "flops": flops, "channels": channels}
 
 
-def prunable_channels(
-    model: Any,
-    ranks: Any,
-    *,
-    scope: str = "global",
-    min_channels: int = 1,
-    max_ratio: float | None = None,
-    conv_only_groups: bool = False,
-    ignore: str | None = None,
-    criterion: str | None = None,
-) -> int:
-    """How many channels one ``tdump prune`` of ``model`` with ``ranks`` can remove at most.
-
-    The first number of :func:`prunable_counts`, which says how it is worked out.
-
-    Examples
-    --------
-    >>> import torchvision
-    >>> m = torchvision.models.vgg11_bn()
-    >>> prunable_channels(m, ["features.0", "features.4"])  # 0.8 of 64 and of 128
-    153
-    """
-    return prunable_counts(
-        model,
-        ranks,
-        scope=scope,
-        min_channels=min_channels,
-        max_ratio=max_ratio,
-        conv_only_groups=conv_only_groups,
-        ignore=ignore,
-        criterion=criterion,
-    )[0]
-
-
 def prunable_counts(
     model: Any,
     ranks: Any,
@@ -253,6 +218,8 @@ def prunable_counts(
     --------
     >>> import torchvision
     >>> m = torchvision.models.vgg11_bn()
+    >>> prunable_counts(m, ["features.0", "features.4"])  # 0.8 of 64 and of 128
+    (153, 102)
     >>> prunable_counts(m, ["features.0", "features.4"], scope="per-layer")  # each keeps 1
     (190, 127)
     """

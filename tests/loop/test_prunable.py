@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import tdump.surgery as surgery
-from tdump.loop._metrics import prunable_channels, prunable_counts, rankable_layers
+from tdump.loop._metrics import prunable_counts, rankable_layers
 from tdump.loop._settings import LoopSettings, record_options
 from tests.loop.conftest import SCRIPTS, TRAIN, run_tdump
 from tests.surgery.helpers import random_scores, write_ranks
@@ -29,6 +29,11 @@ SETTINGS: list[dict[str, Any]] = [
     {"scope": "per-layer", "max_ratio": 0.25},
     {"conv_only_groups": True},
 ]
+
+
+def prunable_channels(model: torch.nn.Module, ranks: Any, **settings: Any) -> int:
+    """The loop's ``prunable``: the first number of :func:`prunable_counts`."""
+    return prunable_counts(model, ranks, **settings)[0]
 
 
 def _all_groups_cap(model: torch.nn.Module, settings: dict[str, Any]) -> int:
