@@ -260,12 +260,7 @@ def prunable_counts(
             )
     except RanksError:  # the scores fit: no ranked group can be pruned (or none is ranked)
         return 0, 0
-    per_group = [
-        plan.layers[g[0]].channels - len(plan.layers[g[0]].keep)
-        for g in plan.groups
-        if g[0] in plan.layers
-    ]
-    return int(plan.removed), max(per_group, default=0)
+    return int(plan.removed), max(plan.removed_per_group, default=0)
 
 
 def _width(module: Any) -> int:

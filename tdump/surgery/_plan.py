@@ -114,11 +114,16 @@ class Plan:
     @property
     def removed(self) -> int:
         """Channels removed, counting each group's channel once."""
-        return sum(
+        return sum(self.removed_per_group)
+
+    @property
+    def removed_per_group(self) -> list[int]:
+        """Channels each group in ``groups`` loses (its first member's), in that order."""
+        return [
             self.layers[g[0]].channels - len(self.layers[g[0]].keep)
             for g in self.groups
             if g[0] in self.layers
-        )
+        ]
 
     @property
     def removed_filters(self) -> int:

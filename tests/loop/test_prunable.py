@@ -91,6 +91,7 @@ def test_prunable_is_what_the_surgery_removes_with_those_ranks(
         for g in applied.groups
     ]
     assert sum(gone_per_group) == prunable == total
+    assert applied.removed_per_group == gone_per_group
     # ... and the most one group lost: what a per-layer --count asks of every group
     assert one_group == max(gone_per_group) > 0
     # unranked groups (layer4, most of layer3) are not counted: the old number was larger
