@@ -22,11 +22,13 @@ __all__ = [
     "is_bn_type",
     "is_channel_preserving",
     "is_conv_type",
+    "is_linear_type",
     "is_mean_cancelling_norm_type",
     "type_name",
 ]
 
 _CONV = re.compile(r"(^|\.)(Conv[123]d|LazyConv[123]d)$")
+_LINEAR = re.compile(r"(^|\.)(Linear|LazyLinear)$")
 _BN = re.compile(r"(^|\.)(BatchNorm[123]d|SyncBatchNorm|LazyBatchNorm[123]d)$")
 _INSTANCE_NORM = re.compile(r"(^|\.)(Lazy)?InstanceNorm[123]d$")
 _ACT = re.compile(
@@ -47,6 +49,11 @@ def type_name(cls: type) -> str:
 def is_conv_type(type_name: str) -> bool:
     """True for (non-transposed) convolution classes, e.g. ``torch.nn.modules.conv.Conv2d``."""
     return bool(_CONV.search(type_name))
+
+
+def is_linear_type(type_name: str) -> bool:
+    """True for fully connected classes, e.g. ``torch.nn.modules.linear.Linear``."""
+    return bool(_LINEAR.search(type_name))
 
 
 def is_bn_type(type_name: str) -> bool:

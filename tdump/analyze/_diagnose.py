@@ -185,6 +185,7 @@ def skipped_notes(
     recorded: str | None = None,
     *,
     by_type: bool = False,
+    linears: frozenset[str] = frozenset(),
 ) -> list[str]:
     """One note per distinct reason: which layers, why, and what would score them.
 
@@ -192,7 +193,8 @@ def skipped_notes(
     ``--include`` to record with (the recorded selection plus the missing tensors), so
     that following it does not drop what was recorded. ``by_type``: the dump also
     selected activation modules by type (``include_activations``), which an explicit
-    ``--include`` turns off, so the hint turns it back on.
+    ``--include`` turns off, so the hint turns it back on. ``linears``: the layers
+    that are hidden Linears, not convs (the note then says "layers").
 
     >>> from tdump.analyze._criteria import get_criterion
     >>> why = "no activation module receives these channels alone"
@@ -221,8 +223,9 @@ def skipped_notes(
                 todo += """ --config '{"include_activations": true}'"""
         else:
             todo = _WEIGHT_BASED.replace("scores it", "scores them")
+        kind = "layer" if linears.intersection(layers) else "conv layer"
         notes.append(
-            f"no {crit.name} scores for {len(layers)} conv layer{'s' if len(layers) > 1 else ''} "
+            f"no {crit.name} scores for {len(layers)} {kind}{'s' if len(layers) > 1 else ''} "
             f"({shown}): {why}; {todo}"
         )
     return notes

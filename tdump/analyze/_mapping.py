@@ -1,10 +1,12 @@
-"""Map activations to the conv layer whose output channels they carry.
+"""Map activations to the layer (conv, or hidden Linear) whose output channels they carry.
 
 The store's rank-group attributes hold the module tree (``modules``) and the
 dataflow of one forward pass (``calls``, see ``docs/FORMAT.md``). Starting at a
 module call's output we follow the first tensor input back through modules that
 keep channels one-to-one (BatchNorm, activations, dropout, pooling, identity) until
-a convolution is reached. Names are never parsed for structure.
+a convolution, or a Linear with a 2-D output (a hidden layer of an MLP head, whose
+features are channels on axis 1 like a conv's), is reached. Names are never parsed
+for structure.
 
 Examples
 --------
@@ -31,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tdump._modtypes import is_activation_type, is_bn_type, is_conv_type
+from tdump._modtypes import is_activation_type, is_bn_type, is_conv_type, is_linear_type
 from tdump._modtypes import is_channel_preserving as _channel_preserving
 
 __all__ = ["Dataflow", "is_activation_type", "is_bn_type", "is_conv_type"]
@@ -78,6 +80,43 @@ class Dataflow:
                 seen.setdefault(path, None)
         return list(seen)
 
+    def layers(self) -> list[str]:
+        """The layers whose output channels rank: :meth:`convs`, then the hidden Linears.
+
+        A hidden Linear (:meth:`is_hidden_linear`) is listed in execution order after
+        the convs, so that a conv model's layers read as before.
+        """
+        linears = {str(c["module"]): None for c in self.calls if self.is_hidden_linear(c)}
+        return self.convs() + list(linears)
+
+    def is_linear(self, path: str) -> bool:
+        """True if module ``path`` is a Linear (ranked as a layer when :meth:`is_hidden_linear`)."""
+        return is_linear_type(self.module_type(path))
+
+    def is_hidden_linear(self, call: Mapping[str, Any]) -> bool:
+        """True for a call of a Linear whose 2-D ``(batch, features)`` output feeds another layer.
+
+        Its features are channels on axis 1, as a conv's, and every criterion reads
+        them the same way. A Linear on a channels-last tensor (ViT's MLP, ``(batch,
+        tokens, features)``) is not one, nor the model's last Linear (its outputs are
+        the classes, even when a ``Softmax`` module follows): only module calls that
+        lead to another conv or Linear make it hidden.
+        """
+        if not is_linear_type(self.module_type(str(call["module"]))) or not _is_2d(call):
+            return False
+        todo, seen = [str(call["name"])], set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for consumer in self._consumers.get(name, []):
+                typ = self.module_type(str(consumer["module"]))
+                if is_conv_type(typ) or is_linear_type(typ):
+                    return True
+                todo.append(str(consumer["name"]))
+        return False
+
     def out_channels(self, conv: str) -> int | None:
         """``out_channels`` of ``conv`` from its recorded config or weight shape."""
         info = self.modules.get(conv) or {}
@@ -88,10 +127,12 @@ class Dataflow:
         return int(shape[0]) if shape else None
 
     def chain(self, output: str) -> list[str] | None:
-        """Module paths from ``output``'s module back to the producing conv (inclusive).
+        """Module paths from ``output``'s module back to the producing layer (inclusive).
 
-        ``None`` when the chain leaves channel-preserving modules before a conv (a
-        linear layer, a concatenation, the model input, a non-module operation).
+        The producing layer is a conv, or a hidden Linear (:meth:`is_hidden_linear`).
+        ``None`` when the chain leaves channel-preserving modules before one (the
+        model's last Linear, a Linear on a channels-last tensor, a concatenation, the
+        model input, a non-module operation).
         """
         path: list[str] = []
         name: str | None = output
@@ -102,7 +143,7 @@ class Dataflow:
             mod = str(call["module"])
             typ = self.module_type(mod)
             path.append(mod)
-            if is_conv_type(typ):
+            if is_conv_type(typ) or self.is_hidden_linear(call):
                 return path
             if not _channel_preserving(typ):
                 return None
@@ -111,7 +152,8 @@ class Dataflow:
         return None
 
     def producing_conv(self, output: str) -> str | None:
-        """Conv whose output channels ``output`` (``<module>.output_<k>``) carries, or ``None``."""
+        """Layer (conv, or hidden Linear) whose output channels ``output`` (``<module>.output_<k>``)
+        carries, or ``None``."""
         chain = self.chain(output)
         return chain[-1] if chain else None
 
@@ -156,3 +198,9 @@ class Dataflow:
                 rank = 0 if self.is_activation_output(name) else 1
                 found.setdefault(chain[-1], []).append((rank, -len(chain), name))
         return {conv: [t[2] for t in sorted(items)] for conv, items in found.items()}
+
+
+def _is_2d(call: Mapping[str, Any]) -> bool:
+    """Whether a recorded call's output is ``(batch, features)`` (its ``shape`` has 2 dims)."""
+    shape = call.get("shape")
+    return isinstance(shape, (list, tuple)) and len(shape) == 2

@@ -135,16 +135,16 @@ def _select_records(reader: StoreReader, mode: str, steps: StepsArg) -> list[Rec
 
 
 def _select_layers(flow: Dataflow, layers: str | None) -> list[str]:
-    convs = flow.convs()
+    found = flow.layers()
     if layers is None:
-        return convs
+        return found
     rx = compile_regex(layers, "layers / --layers regex")
     assert rx is not None
-    picked = [c for c in convs if rx.search(c)]
+    picked = [c for c in found if rx.search(c)]
     if not picked:
         raise SelectionError(
-            f"layers / --layers {layers!r} matches no conv layer; conv layers are e.g. "
-            f"{', '.join(convs[:4])}"
+            f"layers / --layers {layers!r} matches no conv or hidden Linear layer; they are "
+            f"e.g. {', '.join(found[:4])}"
         )
     return picked
 
@@ -187,13 +187,16 @@ def _plan_jobs(
     reasons = {layer: unscored_reason(crit, ctx, layer) for layer in unplanned}
     config = (reader.meta(rank0).get("config") or {}) if reasons else {}
     recorded, by_type = config.get("include_regex"), bool(config.get("include_activations"))
+    linears = frozenset(layer for layer in unplanned if ctx.dataflow.is_linear(layer))
     if not planned:
         whys = {why for why, _ in reasons.values()}
         if explicit_layers or whys == {_NO_ACTIVATION}:
             # crit.missing() would hint at activations the model does not have as modules
-            raise MissingTensorError(skipped_notes(crit, reasons, recorded, by_type=by_type)[0])
+            raise MissingTensorError(
+                skipped_notes(crit, reasons, recorded, by_type=by_type, linears=linears)[0]
+            )
         raise MissingTensorError(crit.missing(ctx))
-    notes.extend(skipped_notes(crit, reasons, recorded, by_type=by_type))
+    notes.extend(skipped_notes(crit, reasons, recorded, by_type=by_type, linears=linears))
     skipped.update({layer: why for layer, (why, _) in reasons.items()})
     bn_note = bn_scale_note(crit, ctx.dataflow, [layer for layer, _ in planned])
     if bn_note is not None:
@@ -244,7 +247,7 @@ def rank(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     keep_nan: bool = False,
 ) -> pd.DataFrame:
-    """Rank every conv filter of a dump by ``criterion``.
+    """Rank every conv filter (and hidden Linear feature) of a dump by ``criterion``.
 
     Parameters
     ----------
@@ -261,7 +264,8 @@ def rank(
         whose number is ``START + n*K`` (``START`` omitted: 0), not every K-th saved step
         (saved steps 0, 3, 7 with ``"0:10:2"``: step 0 only); ``K`` must be positive.
     layers
-        Regex (``re.search``) on conv module paths; ``None`` ranks every conv with data.
+        Regex (``re.search``) on layer paths; ``None`` ranks every layer with data: the
+        convs and the hidden Linears (2-D outputs that feed another layer).
     normalize
         Layer-wise L2 normalisation into ``score_norm``.
     signed
@@ -325,7 +329,7 @@ def scored_layers(
     layers: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """The conv layers :func:`rank` would score from ``dump``, reading no tensor values.
+    """The layers :func:`rank` would score from ``dump``, reading no tensor values.
 
     :func:`rank`'s own plan over what ``dump`` recorded (``tdump loop`` checks its
     ``--count`` with it before ranking). A layer whose every selected record holds NaN
@@ -472,6 +476,7 @@ def rank_table(
         "mode": mode,
         "steps": [int(min(used)), int(max(used))],
         "layers": layers,
+        "linear_layers": [job.layer for job in kept_jobs if flow.is_linear(job.layer)],
         "skipped": skipped,
         "notes": notes,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

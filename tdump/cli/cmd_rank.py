@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 
@@ -46,7 +47,10 @@ def register(app: typer.Typer) -> None:
             "START:STOP:K (step numbers START, START+K, ...).",
         ),
         layers: str | None = typer.Option(
-            None, "--layers", metavar="REGEX", help="Regex on conv module paths (re.search)."
+            None,
+            "--layers",
+            metavar="REGEX",
+            help="Regex on layer paths: convs, hidden Linears (re.search).",
         ),
         signed: bool = typer.Option(False, "--signed", help="Signed Taylor variant (no abs)."),
         no_normalize: bool = typer.Option(
@@ -79,7 +83,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
-        """Rank every conv filter of DUMP and write a ranks.parquet (docs/FORMAT.md §2)."""
+        """Rank every conv filter and hidden Linear feature of DUMP; write ranks.parquet (FORMAT.md §2)."""
         import warnings
 
         from tdump._preload import preload
@@ -147,7 +151,7 @@ def register(app: typer.Typer) -> None:
         first, last = meta["steps"]
         saved = int(cols["steps"].max())
         console.print(
-            f"ranked {len(table)} filters in {n_layers} conv layers by "
+            f"ranked {_counted(cols['layer'], meta.get('linear_layers') or [])} by "
             f"{meta['criterion']} ({mode} steps {first}..{last}, "
             f"{saved} saved step{'' if saved == 1 else 's'})",
             soft_wrap=True,
@@ -166,3 +170,26 @@ def register(app: typer.Typer) -> None:
                 "for CSV: tdump.analyze.read_ranks(PATH).to_csv(...)",
                 soft_wrap=True,
             )
+
+
+def _counted(layer_col: Any, linears: list[str]) -> str:
+    """``"3904 filters in 17 conv layers"``, plus the hidden Linears' features when ranked.
+
+    >>> _counted(["c", "c", "fc", "fc", "fc"], ["fc"])
+    '2 filters in 1 conv layer and 3 features of 1 Linear layer'
+    """
+    lin = set(linears)
+    rows = [str(x) for x in layer_col]
+    conv_rows = [r for r in rows if r not in lin]
+    lin_rows = len(rows) - len(conv_rows)
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    out = f"{plural(len(conv_rows), 'filter')} in {plural(len(set(conv_rows)), 'conv layer')}"
+    if lin_rows:
+        out += (
+            f" and {plural(lin_rows, 'feature')} of "
+            f"{plural(len(set(rows) - set(conv_rows)), 'Linear layer')}"
+        )
+    return out

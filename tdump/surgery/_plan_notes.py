@@ -51,7 +51,7 @@ def unranked_notes(
         )
         out.append(
             f"{len(unranked)} prunable group(s) have no ranks and keep all their channels "
-            f"({names}): rank their convs to prune them"
+            f"({names}): rank their layers (convs, hidden Linears) to prune them"
         )
     partial = [g for g, _, _ in cands if any(m not in scores for m in g.members)]
     if partial:

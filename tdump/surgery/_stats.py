@@ -185,7 +185,14 @@ def prune_summary(
         if p1.get(name) == n0 and name not in plan.layers:
             continue
         m0, m1 = mods0[name], mods1[name]
-        attr = "out_channels" if hasattr(m0, "out_channels") else "in_features"
+        # a Linear whose outputs the plan prunes (an MLP's hidden layer) shows them, as a conv
+        attr = (
+            "out_channels"
+            if hasattr(m0, "out_channels")
+            else "out_features"
+            if name in plan.layers
+            else "in_features"
+        )
         rows.append(
             {
                 "layer": name,

@@ -5,11 +5,15 @@ outputs (per call) with their gradients, conv weights with their gradients and B
 weights. It uses ``tdump.capture.Hook`` when it is available; otherwise a small
 hook-based recorder that writes the same layout through ``tdump._format.StoreWriter``
 (modules + calls dataflow per docs/FORMAT.md).
+
+``record_mlp`` trains a small conv model with an MLP head (a hidden Linear) and a
+Linear on channels-last tokens beside it, under the real hook.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -302,3 +306,56 @@ def record_small(
                 loss_fn(model(x), y)
     hook.close()
     return path
+
+
+class MLPHead(nn.Module):
+    """conv -> bn -> relu -> pool -> fc1 -> relu -> dropout -> fc2, plus a token MLP beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(8, 12)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(12, 4)
+        # a Linear on a (batch, tokens, features) tensor: its features sit on the last axis
+        self.tok = nn.Linear(8, 6)
+        self.tok_act = nn.GELU()
+        self.tok_out = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn(self.conv(x)))
+        head = self.fc2(self.drop(self.act(self.fc1(self.pool(y).flatten(1)))))
+        tokens = y.flatten(2).transpose(1, 2)  # (batch, 36 positions, 8)
+        return head + self.tok_out(self.tok_act(self.tok(tokens))).mean(1)
+
+
+def record_mlp(path: Path, reduction: str | None = None) -> MLPHead:
+    """Train :class:`MLPHead` 5 steps under the real hook, saving every 2nd; return the model."""
+    from tdump.capture import Hook
+
+    torch.manual_seed(0)
+    model = MLPHead()
+    lossf = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    extra = {"reduction": reduction} if reduction else {}
+    g = torch.Generator().manual_seed(1)
+    with Hook(
+        str(path),
+        include_regex=r".*relu|(?:^|\.)(?:act|tok_act)$|.*weight",
+        include_activations=True,
+        save_interval=2,
+        strict=True,
+        **extra,
+    ) as hook:
+        hook.register_module(model)
+        hook.register_loss(lossf)
+        for _ in range(5):
+            x, y = torch.randn(6, 3, 6, 6, generator=g), torch.randint(0, 4, (6,), generator=g)
+            opt.zero_grad()
+            lossf(model(x), y).backward()
+            opt.step()
+    return model

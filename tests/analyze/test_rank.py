@@ -186,7 +186,7 @@ def test_missing_gradients_and_tensors(acts_only: str) -> None:
 def test_bad_options(dump: str) -> None:
     with pytest.raises(ConfigError, match="unknown criterion 'nope'"):
         rank(dump, criterion="nope", progress=False)
-    with pytest.raises(SelectionError, match="matches no conv layer"):
+    with pytest.raises(SelectionError, match="matches no conv or hidden Linear layer"):
         rank(dump, layers="^nothing$", progress=False)
     with pytest.raises(SelectionError, match="invalid layers / --layers regex"):
         rank(dump, layers="(", progress=False)

@@ -128,7 +128,7 @@ def test_layer_errors_name_the_parameter(full: str) -> None:
     _one_line(
         SelectionError,
         lambda: _rank(full, layers="^zzz"),
-        r"^layers / --layers '\^zzz' matches no conv layer",
+        r"^layers / --layers '\^zzz' matches no conv or hidden Linear layer",
     )
     _one_line(
         SelectionError, lambda: _rank(full, layers="("), r"^invalid layers / --layers regex '\('"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tdump.analyze import read_ranks
-from tests.analyze.rank_helpers import make_resnet18_dump
+from tests.analyze.rank_helpers import make_resnet18_dump, record_mlp
 
 
 def _tdump(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -24,6 +24,17 @@ def _tdump(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
 def dump(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = str(tmp_path_factory.mktemp("cli-rank") / "d.zarr")
     return make_resnet18_dump(path, steps=3, interval=1, batch=2)
+
+
+def test_rank_counts_hidden_linear_features_apart(tmp_path: Path) -> None:
+    dump = tmp_path / "mlp.zarr"
+    record_mlp(dump)
+    proc = _tdump("rank", str(dump), "-o", str(tmp_path / "r.parquet"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "ranked 8 filters in 1 conv layer and 12 features of 1 Linear layer by taylor" in (
+        proc.stdout
+    )
+    assert read_ranks(tmp_path / "r.parquet").attrs["tdump"]["linear_layers"] == ["fc1"]
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
@@ -89,7 +100,7 @@ def test_rank_json_options(dump: str, tmp_path: Path) -> None:
         (("--steps", "100:2000"), "no saved 'train' steps in 100:2000"),
         (("--criterion", "bogus"), "unknown criterion 'bogus'"),
         (("--criterion", "bogus"), "under the entry-point group 'tdump.criteria'"),
-        (("--layers", "^zzz"), "matches no conv layer"),
+        (("--layers", "^zzz"), "matches no conv or hidden Linear layer"),
         (("--scheduler", "processes", "--workers", "0"), "--workers must be at least 1"),
         (("--scheduler", "processes", "--memory-limit", "100MB"), "too small"),
     ],
