@@ -48,9 +48,9 @@ __all__ = [
     "warn_non_finite",
 ]
 
+_NO_ACTIVATION_HEAD = "no activation module receives these channels alone"
 _NO_ACTIVATION = (
-    "no activation module receives these channels alone "
-    "(F.relu, or an addition such as act(y + x), is not a module)"
+    f"{_NO_ACTIVATION_HEAD} (F.relu, or an addition such as act(y + x), is not a module)"
 )
 _WEIGHT_BASED = "a weight-based criterion (l1, bn-gamma, taylor-weight) scores it"
 
@@ -218,7 +218,8 @@ def skipped_notes(
         if want:
             extra = include_regex(want)
             regex = f"{recorded}|{extra}" if recorded else extra
-            todo = f"to score them, record {_describe(want)}: tdump record --include '{regex}'"
+            said = _describe(want, pre_activation=why.startswith(_NO_ACTIVATION_HEAD))
+            todo = f"to score them, record {said}: tdump record --include '{regex}'"
             if by_type:
                 todo += """ --config '{"include_activations": true}'"""
         else:
@@ -231,10 +232,11 @@ def skipped_notes(
     return notes
 
 
-def _describe(names: Sequence[str]) -> str:
+def _describe(names: Sequence[str], *, pre_activation: bool) -> str:
     if any(n.rsplit(".", 1)[-1].startswith("output_") or ".output_" in n for n in names):
         grads = any(n.endswith(".grad") for n in names)
-        return "the module outputs before the activation" + (" with gradients" if grads else "")
+        what = "the module outputs before the activation" if pre_activation else "those outputs"
+        return what + (" with gradients" if grads else "")
     return "their weights" + (" with gradients" if any(n.endswith(".grad") for n in names) else "")
 
 

@@ -35,6 +35,7 @@ from tdump.loop._resume import prepare_resume, resume_hint
 from tdump.loop._settings import STOP_CHECKS, LoopSettings, record_options
 from tdump.loop._stages import (
     StageResult,
+    for_the_loop,
     prune_removed,
     rel_path,
     remove_path,
@@ -227,7 +228,8 @@ class _Loop:
         # the logs keep everything, but a note there is one nobody reads (rank's "scores
         # rest on one saved step, the untrained model"): say each on the console once
         log = self.paths(r)["dir"] / f"{stage}.log"
-        for line in stage_notes(log, own_only=stage == "train"):
+        for said in stage_notes(log, own_only=stage == "train"):
+            line = for_the_loop(said) if stage == "rank" else said
             if (stage, line) not in self.relayed:
                 self.relayed.add((stage, line))
                 self.events.stage_note(r, stage, line)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 __all__ = [
     "StageResult",
+    "for_the_loop",
     "prune_removed",
     "rel_path",
     "remove_path",
@@ -232,3 +233,22 @@ def stage_notes(log: Path, *, own_only: bool = False) -> list[str]:
         if text.startswith(_SAID):
             found.append(text)
     return list(dict.fromkeys(found))
+
+
+def for_the_loop(line: str) -> str:
+    """A rank note's ``tdump record --include ...`` hint, said as the loop's own option.
+
+    The loop records through ``tdump record`` itself, so the user's remedy is the
+    same ``--include`` (and ``--config``) given to ``tdump loop``.
+
+    Examples
+    --------
+    >>> for_the_loop("note: ...; to score them, record X: tdump record --include '.*relu|a'")
+    "note: ...; to score them, record X: tdump loop SCRIPT --include '.*relu|a' (a new experiment)"
+    >>> for_the_loop("note: taylor scores rest on one saved step")
+    'note: taylor scores rest on one saved step'
+    """
+    head, sep, tail = line.partition(": tdump record --include ")
+    if not sep:
+        return line
+    return f"{head}: tdump loop SCRIPT --include {tail} (a new experiment)"

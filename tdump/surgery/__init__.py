@@ -134,14 +134,14 @@ def prune(
     settings: Settings | None = None,
     inplace: bool = False,
 ) -> tuple[nn.Module, Plan]:
-    """Remove the lowest-ranked output channels of convs, and everything coupled to them.
+    """Remove the lowest-ranked output channels of convs and Linears, and all coupled to them.
 
     Parameters
     ----------
     model : nn.Module
         A model torch.fx can trace (see ``ignore``).
     ranks : path, DataFrame or dict
-        ``ranks.parquet`` (tdump.ranks v1), its DataFrame, or ``{conv: scores}``.
+        ``ranks.parquet`` (tdump.ranks v1), its DataFrame, or ``{layer: scores}``.
         Higher score = more important; a table's raw ``score`` is used (see ``normalize``).
     count, ratio : int or float
         Exactly one: channels to remove (a coupled group's channel counts once), or
