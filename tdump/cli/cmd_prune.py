@@ -122,9 +122,17 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None, source: s
     console.print(table)
     shape = summary["input_shape"]
     f0, f1 = summary["filters_before"], summary["filters_after"]
+    n_lin, l0, l1 = (
+        summary[k] for k in ("linear_layers", "linear_features_before", "linear_features_after")
+    )
+    linear = (
+        f", {l0 - l1} of {l0} features of {n_lin} Linear layer{'s' if n_lin > 1 else ''}"
+        if n_lin
+        else ""
+    )
     console.print(
         f"{'would remove' if dry_run else 'removed'} {summary['removed_channels']} channels of "
-        f"coupled groups = {f0 - f1} of {f0} conv filters ({(f0 - f1) / max(f0, 1):.1%}) "
+        f"coupled groups = {f0 - f1} of {f0} conv filters ({(f0 - f1) / max(f0, 1):.1%}){linear} "
         f"and {_fmt(pb - pa)} of {_fmt(pb)} parameters ({(pb - pa) / max(pb, 1):.1%})",
         soft_wrap=True,
     )

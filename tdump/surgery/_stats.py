@@ -204,11 +204,18 @@ def prune_summary(
                 "flops_after": f1.get(name),
             }
         )
+    # the Linears whose outputs the plan prunes (hidden layers of an MLP head)
+    linears = [n for n in plan.layers if isinstance(mods0.get(n), nn.Linear)]
     return {
         "removed_channels": plan.removed,
         "removed_filters": filters0 - _filters(after),  # depthwise convs that follow included
         "filters_before": filters0,
         "filters_after": _filters(after),
+        "linear_layers": len(linears),
+        "linear_features_before": sum(int(mods0[n].out_features) for n in linears),
+        "linear_features_after": sum(
+            int(getattr(mods1.get(n), "out_features", 0)) for n in linears
+        ),
         "params_before": count_params(before),
         "params_after": count_params(after),
         "flops_before": sum(f0.values()) if positions else None,

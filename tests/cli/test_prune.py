@@ -144,3 +144,28 @@ def test_bad_input_one_line_nothing_written(files: dict[str, Path], case: str, n
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert res.stderr.startswith("error:") and needle in res.stderr
     assert not out.exists() and not list(files["dir"].glob(".tdump-*"))
+
+
+def test_summary_counts_the_linear_features_it_prunes(tmp_path: Path) -> None:
+    """MobileNetV3's hidden Linear (classifier.0) ranked: the summary says what it lost."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=4)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    scores = np.random.default_rng(0).uniform(0.1, 1.0, 1024)
+    ranks = write_ranks(tmp_path / "ranks.parquet", {"classifier.0": scores})
+    common = [str(tmp_path / "ckpt.pt"), str(ranks), "--count", "100", "--dry-run"]
+    common += ["--arch", "torchvision.models.mobilenet_v3_small", "--input-shape", "3,32,32"]
+    common += ["--arch-kwargs", '{"num_classes": 4}', "-o", str(tmp_path / "p.pt")]
+    summary = json.loads(_run(*common, "--json").stdout)
+    assert summary["linear_layers"] == 1
+    assert (summary["linear_features_before"], summary["linear_features_after"]) == (1024, 924)
+    assert summary["filters_before"] == summary["filters_after"]  # no conv lost a filter
+    row = {r["layer"]: r for r in summary["layers"]}["classifier.0"]
+    assert (row["channels_before"], row["channels_after"]) == (1024, 924)  # its outputs
+    text = " ".join(_run(*common).stdout.split())
+    assert (
+        "= 0 of " in text
+        and " conv filters (0.0%), 100 of 1024 features of 1 Linear layer and " in (text)
+    )
