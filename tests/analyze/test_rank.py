@@ -174,11 +174,13 @@ def test_missing_gradients_and_tensors(acts_only: str) -> None:
     msg = str(exc.value)
     assert "\n" not in msg
     assert "no gradients for 'relu.output_0'" in msg and "--include '.*relu'" in msg
-    with pytest.raises(MissingTensorError, match=r"no conv weights .*--include '\.\*weight'"):
+    with pytest.raises(
+        MissingTensorError, match=r"no conv or Linear weights .*--include '\.\*weight'"
+    ):
         rank(acts_only, criterion="l1", progress=False)
     with pytest.raises(MissingTensorError, match="no BatchNorm weights"):
         rank(acts_only, criterion="bn-gamma", progress=False)
-    with pytest.raises(MissingTensorError, match="no conv weights with gradients"):
+    with pytest.raises(MissingTensorError, match="no conv or Linear weights with gradients"):
         rank(acts_only, criterion="taylor-weight", progress=False)
     assert len(rank(acts_only, criterion="apoz", progress=False)) == 3904
 
