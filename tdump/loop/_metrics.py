@@ -269,11 +269,12 @@ def _width(module: Any) -> int:
 
 
 def rankable_layers(dump: str | os.PathLike[str], criterion: str) -> list[str] | None:
-    """The conv layers the loop's rank stage (``tdump rank DUMP --criterion CRITERION``) scores.
+    """The layers (convs, hidden Linears) the loop's rank stage scores.
 
-    The ranker's own plan over the tensors ``dump`` recorded in its train steps, reading
-    no tensor values: a layer whose every record holds NaN or Inf, which the ranking
-    leaves out, is still listed. ``None`` when that ranking would fail (no train step,
+    That stage is ``tdump rank DUMP --criterion CRITERION``; this is the ranker's own
+    plan over the tensors ``dump`` recorded in its train steps, reading no tensor
+    values: a layer whose every record holds NaN or Inf, which the ranking leaves
+    out, is still listed. ``None`` when that ranking would fail (no train step,
     nothing the criterion can score: the rank stage then says why).
     """
     from tdump.analyze import scored_layers
