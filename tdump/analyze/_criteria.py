@@ -350,9 +350,9 @@ class Taylor(Criterion):
     def missing(self, ctx: PlanContext) -> str:
         grads = (n for n in ctx.train_names or () if n.endswith((".grad", TAYLOR_SUFFIX)))
         return _no_grad_mode_hint(self.name, ctx, (n for n in grads if ".output_" in n)) or (
-            f"dump has no activations of conv or hidden Linear layers (e.g. ReLU outputs) with gradients in mode "
-            f"{ctx.mode!r}; record with include_regex matching them and activation gradients, "
-            f"e.g. --include '.*relu'"
+            "dump has no activations of conv or hidden Linear layers (e.g. ReLU outputs) "
+            f"with gradients in mode {ctx.mode!r}; record with include_regex matching them "
+            "and activation gradients, e.g. --include '.*relu'"
         )
 
 
@@ -378,8 +378,8 @@ class L1(Criterion):
 
     def missing(self, ctx: PlanContext) -> str:
         return (
-            f"dump has no conv or Linear weights in mode {ctx.mode!r}; record them with include_regex "
-            f"matching them, e.g. --include '.*weight'"
+            f"dump has no conv or Linear weights in mode {ctx.mode!r}; record them with "
+            "include_regex matching them, e.g. --include '.*weight'"
         )
 
 
@@ -401,8 +401,8 @@ class BNGamma(Criterion):
 
     def missing(self, ctx: PlanContext) -> str:
         return (
-            f"dump has no BatchNorm weights following a conv or Linear in mode {ctx.mode!r}; record them "
-            f"with include_regex matching them, e.g. --include '.*bn.*weight'"
+            f"dump has no BatchNorm weights following a conv or Linear in mode {ctx.mode!r}; "
+            "record them with include_regex matching them, e.g. --include '.*bn.*weight'"
         )
 
 
@@ -443,8 +443,8 @@ class APoZ(Criterion):
 
     def missing(self, ctx: PlanContext) -> str:
         return (
-            f"dump has no ReLU outputs of conv or hidden Linear layers in mode {ctx.mode!r}; record them with "
-            f"include_regex matching them, e.g. --include '.*relu'"
+            f"dump has no ReLU outputs of conv or hidden Linear layers in mode {ctx.mode!r}; "
+            "record them with include_regex matching them, e.g. --include '.*relu'"
         )
 
 
@@ -473,6 +473,6 @@ class TaylorWeight(Criterion):
 
     def missing(self, ctx: PlanContext) -> str:
         return (
-            f"dump has no conv or Linear weights with gradients in mode {ctx.mode!r}; record them with "
-            f"include_regex matching them, e.g. --include '.*weight'"
+            f"dump has no conv or Linear weights with gradients in mode {ctx.mode!r}; record "
+            "them with include_regex matching them, e.g. --include '.*weight'"
         )

@@ -83,7 +83,10 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
-        """Rank every conv filter and hidden Linear feature of DUMP; write ranks.parquet (FORMAT.md §2)."""
+        """Rank every conv filter and hidden Linear feature of DUMP; write a ranks.parquet.
+
+        The file's format: docs/FORMAT.md §2.
+        """
         import warnings
 
         from tdump._preload import preload
