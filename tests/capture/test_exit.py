@@ -67,7 +67,9 @@ def test_queued_records_are_committed_at_exit(tmp_path) -> None:
 
 def _start(out: str) -> subprocess.Popen[str]:
     script = str(SCRIPTS / "train_forever.py")
-    return _popen([TDUMP, "record", "-o", out, "-n", "1", "-i", ".*", script])
+    # faulthandler: a run that outlives the test is aborted with every thread's stack shown
+    args = [TDUMP, "record", "-o", out, "-n", "1", "-i", ".*", script]
+    return _popen(args, env={"PYTHONFAULTHANDLER": "1"})
 
 
 def _wait_records(proc: subprocess.Popen[str], out: str, n: int) -> int:
@@ -104,11 +106,15 @@ def _finish(proc: subprocess.Popen[str], case: str) -> tuple[str, str]:
     try:
         return proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
         tail = out.splitlines()[-3:]
         raise AssertionError(
-            f"{case}: still running 60 s later; stdout {tail}, stderr:\n{err[-3000:]}"
+            f"{case}: still running 60 s later; stdout {tail}, stderr:\n{err[-6000:]}"
         ) from None
 
 
