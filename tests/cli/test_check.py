@@ -15,7 +15,6 @@ import pytest
 
 import tdump.capture
 from tdump._control import STOPPED_EXIT_CODE, read_stop_request
-from tdump._format import StoreReader
 from tdump.analyze import Trial
 from tdump.cli.app import main
 from tests.analyze.rules_helpers import append, tensor, write
@@ -295,7 +294,7 @@ def test_live_training_is_stopped(tmp_path: Path) -> None:
     steps = trial.steps("train")
     assert steps == list(range(len(steps))) and k <= steps[-1], steps[-5:]
     # stopped within a few steps of the request (when the watcher came up is its own affair)
-    after = StoreReader(path).records("train")["time"] > req.time
+    after = trial.reader.records("train")["time"] > req.time
     assert after.sum() <= 5, (steps[-5:], after.sum())
     assert np.isnan(trial.tensor("3.weight").value(k)).sum() == 1
 
