@@ -121,11 +121,7 @@ class HostBuffers:
             if buf is not None:
                 self._bytes -= buf.nbytes
         if buf is None:
-            # Made in inference mode (a validation pass under torch.inference_mode()) it
-            # would be an inference tensor, which no later copy outside that mode may
-            # write into: buffers are always normal tensors, whatever the mode.
-            with torch.inference_mode(False):
-                buf = torch.empty(key[0], dtype=key[1], pin_memory=pinned)
+            buf = _normal_empty(key[0], key[1], pinned)
         return buf.copy_(t, non_blocking=pinned)
 
     def give(self, t: torch.Tensor) -> None:
@@ -141,6 +137,20 @@ class HostBuffers:
             if self._bytes + t.nbytes <= self.limit:
                 self._free.setdefault(key, []).append(t)
                 self._bytes += t.nbytes
+
+
+def _normal_empty(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """An empty tensor that is never an inference tensor.
+
+    Made in inference mode (a validation pass under ``torch.inference_mode()``) it
+    would be one, and no later copy outside that mode may write into it. The context
+    manager is entered only then: a Ctrl-C landing between its ``__enter__`` and
+    ``__exit__`` would leave the training thread's autograd mode switched.
+    """
+    if not torch.is_inference_mode_enabled():
+        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
 
 
 def make_compressors(
