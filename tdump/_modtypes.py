@@ -22,6 +22,7 @@ __all__ = [
     "is_bn_type",
     "is_channel_preserving",
     "is_conv_type",
+    "is_elementwise_type",
     "is_linear_type",
     "is_mean_cancelling_norm_type",
     "type_name",
@@ -34,6 +35,9 @@ _INSTANCE_NORM = re.compile(r"(^|\.)(Lazy)?InstanceNorm[123]d$")
 _ACT = re.compile(
     r"(^|\.)(ReLU|ReLU6|LeakyReLU|PReLU|RReLU|ELU|SELU|CELU|GELU|SiLU|Mish|Sigmoid|Tanh|"
     r"Hardswish|Hardsigmoid|Hardtanh|Softplus)$"
+)
+_ELEMENTWISE = re.compile(
+    r"(^|\.)(Identity|Dropout|Dropout[123]d|AlphaDropout|FeatureAlphaDropout)$"
 )
 _PASS = re.compile(
     r"(^|\.)(Identity|Dropout|Dropout[123]d|AlphaDropout|FeatureAlphaDropout|"
@@ -72,6 +76,19 @@ def is_mean_cancelling_norm_type(type_name: str) -> bool:
 def is_activation_type(type_name: str) -> bool:
     """True for element-wise activation classes (ReLU and friends)."""
     return bool(_ACT.search(type_name))
+
+
+def is_elementwise_type(type_name: str) -> bool:
+    """True for modules whose every output element reads only the same input element.
+
+    Activations, dropout and ``Identity``: the modules that keep the features of a
+    channels-last tensor (a Linear's ``(batch, tokens, features)``) one to one.
+    BatchNorm and pooling work along dim 1 and the dims after it, so they do not.
+
+    >>> is_elementwise_type("torch.nn.GELU"), is_elementwise_type("torch.nn.BatchNorm1d")
+    (True, False)
+    """
+    return is_activation_type(type_name) or bool(_ELEMENTWISE.search(type_name))
 
 
 def is_channel_preserving(type_name: str) -> bool:

@@ -4,9 +4,11 @@ The store's rank-group attributes hold the module tree (``modules``) and the
 dataflow of one forward pass (``calls``, see ``docs/FORMAT.md``). Starting at a
 module call's output we follow the first tensor input back through modules that
 keep channels one-to-one (BatchNorm, activations, dropout, pooling, identity) until
-a convolution, or a Linear with a 2-D output (a hidden layer of an MLP head, whose
-features are channels on axis 1 like a conv's), is reached. Names are never parsed
-for structure.
+a convolution, or a hidden Linear, is reached: one whose output feeds another layer,
+either 2-D (an MLP head, whose features are channels on axis 1 like a conv's) or
+**channels-last** (``(batch, tokens, features)``: ViT's, Swin's and ConvNeXt's MLPs,
+whose features are the last axis; only element-wise modules keep those one-to-one).
+Names are never parsed for structure.
 
 Examples
 --------
@@ -33,7 +35,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tdump._modtypes import is_activation_type, is_bn_type, is_conv_type, is_linear_type
+from tdump._modtypes import (
+    is_activation_type,
+    is_bn_type,
+    is_conv_type,
+    is_elementwise_type,
+    is_linear_type,
+)
 from tdump._modtypes import is_channel_preserving as _channel_preserving
 
 __all__ = ["Dataflow", "is_activation_type", "is_bn_type", "is_conv_type"]
@@ -94,15 +102,15 @@ class Dataflow:
         return is_linear_type(self.module_type(path))
 
     def is_hidden_linear(self, call: Mapping[str, Any]) -> bool:
-        """True for a call of a Linear whose 2-D ``(batch, features)`` output feeds another layer.
+        """True for a call of a Linear whose output feeds another layer.
 
-        Its features are channels on axis 1, as a conv's, and every criterion reads
-        them the same way. A Linear on a channels-last tensor (ViT's MLP, ``(batch,
-        tokens, features)``) is not one, nor the model's last Linear (its outputs are
-        the classes, even when a ``Softmax`` module follows): only module calls that
-        lead to another conv or Linear make it hidden.
+        A 2-D ``(batch, features)`` output has its features on axis 1, as a conv's
+        channels; a channels-last one (ViT's MLP, ``(batch, tokens, features)``) on its
+        last axis (:meth:`channels_last`). The model's last Linear is not hidden (its
+        outputs are the classes, even when a ``Softmax`` module follows): only module
+        calls that lead to another conv or Linear make it hidden.
         """
-        if not is_linear_type(self.module_type(str(call["module"]))) or not _is_2d(call):
+        if not is_linear_type(self.module_type(str(call["module"]))) or _ndim(call) < 2:
             return False
         todo, seen = [str(call["name"])], set()
         while todo:
@@ -116,6 +124,16 @@ class Dataflow:
                     return True
                 todo.append(str(consumer["name"]))
         return False
+
+    def channels_last(self, layer: str) -> bool:
+        """True if Linear ``layer``'s recorded output has 3+ dims: its features are the last axis.
+
+        Its stored outputs (and their gradients) are ``(batch, ..., features)``; the
+        ranking moves that axis to 1 before a criterion reads them.
+        """
+        if not self.is_linear(layer):
+            return False
+        return any(str(c["module"]) == layer and _ndim(c) >= 3 for c in self.calls)
 
     def out_channels(self, conv: str) -> int | None:
         """``out_channels`` of ``conv`` from its recorded config or weight shape."""
@@ -131,8 +149,8 @@ class Dataflow:
 
         The producing layer is a conv, or a hidden Linear (:meth:`is_hidden_linear`).
         ``None`` when the chain leaves channel-preserving modules before one (the
-        model's last Linear, a Linear on a channels-last tensor, a concatenation, the
-        model input, a non-module operation).
+        model's last Linear, a concatenation, the model input, a non-module operation,
+        a BatchNorm or pooling after a channels-last Linear).
         """
         path: list[str] = []
         name: str | None = output
@@ -144,6 +162,10 @@ class Dataflow:
             typ = self.module_type(mod)
             path.append(mod)
             if is_conv_type(typ) or self.is_hidden_linear(call):
+                # channels-last features: BatchNorm and pooling mix them (dim 1 is tokens)
+                last = _ndim(call) >= 3 and is_linear_type(typ)
+                if last and not all(is_elementwise_type(self.module_type(m)) for m in path[:-1]):
+                    return None
                 return path
             if not _channel_preserving(typ):
                 return None
@@ -158,7 +180,12 @@ class Dataflow:
         return chain[-1] if chain else None
 
     def following_bn(self, conv: str) -> str | None:
-        """The BatchNorm module whose call consumes ``conv``'s output, or ``None``."""
+        """The BatchNorm module whose call consumes ``conv``'s output, or ``None``.
+
+        Never one after a channels-last Linear: a BatchNorm's channels are dim 1.
+        """
+        if self.channels_last(conv):
+            return None
         for c in self.calls:
             if str(c["module"]) != conv:
                 continue
@@ -200,7 +227,7 @@ class Dataflow:
         return {conv: [t[2] for t in sorted(items)] for conv, items in found.items()}
 
 
-def _is_2d(call: Mapping[str, Any]) -> bool:
-    """Whether a recorded call's output is ``(batch, features)`` (its ``shape`` has 2 dims)."""
+def _ndim(call: Mapping[str, Any]) -> int:
+    """The number of dims of a recorded call's output (its ``shape``; 0 when not recorded)."""
     shape = call.get("shape")
-    return isinstance(shape, (list, tuple)) and len(shape) == 2
+    return len(shape) if isinstance(shape, (list, tuple)) else 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,9 @@ class LayerJob:
     records: tuple[Record, ...]
     batched: Mapping[str, bool]
     channels: int | None = None  # output channels (None: not recorded), checked per record
+    #: Roles whose stored tensors hold the channels on their last axis (a channels-last
+    #: Linear's outputs): each task moves it to axis 1 before the criterion reads them.
+    last: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------- steps
@@ -225,8 +228,37 @@ def _plan_jobs(
             role: bool(attrs(name).get("dims")) and attrs(name)["dims"][0] == "batch"
             for role, name in plan.sources.items()
         }
-        jobs.append(LayerJob(layer, plan, tuple(use), batched, ctx.dataflow.out_channels(layer)))
+        last = _channels_last_roles(ctx.dataflow, layer, plan, attrs)
+        channels = ctx.dataflow.out_channels(layer)
+        jobs.append(LayerJob(layer, plan, tuple(use), batched, channels, last))
     return jobs
+
+
+def _channels_last_roles(
+    flow: Dataflow, layer: str, plan: Plan, attrs: Callable[[str], Mapping[str, Any]]
+) -> frozenset[str]:
+    """The roles of ``plan`` whose full tensors hold ``layer``'s channels on their last axis.
+
+    Only a channels-last Linear's module outputs (and their gradients) have any; its
+    weights are ``(out, in)`` as usual. A stored reduction of such an output must have
+    been taken over the tokens (``channel_axis`` -1), not over the features.
+    """
+    if not flow.channels_last(layer):
+        return frozenset()
+    last = set()
+    for role, name in plan.sources.items():
+        a = attrs(name)
+        if a.get("kind") not in ("output", "output_grad", "output_taylor"):
+            continue
+        if not a.get("reduction"):
+            last.add(role)
+        elif a.get("channel_axis") != -1:
+            raise MissingTensorError(
+                f"{name!r} of channels-last Linear {layer!r} was stored reduced over its "
+                "features, not its tokens (an earlier tdump's reduction); record it again "
+                "with this one, or rank the other layers (--layers)"
+            )
+    return frozenset(last)
 
 
 # --------------------------------------------------------------------------- public API
@@ -426,7 +458,7 @@ def rank_table(
     for i, job in enumerate(jobs):
         for rec in job.records:
             by_record.setdefault(rec, []).append(
-                (i, job.plan, job.batched, job.layer, job.channels)
+                (i, job.plan, job.batched, job.layer, job.channels, job.last)
             )
     leaves = [
         (_record_task, crit, work, reader.location, so_json, mode, *_task_args(r, keep_nan))

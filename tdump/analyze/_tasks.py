@@ -149,8 +149,9 @@ class Partials:
     non_finite: list[NonFinite] = field(default_factory=list)
 
 
-#: One layer job of a record task: ``(job index, plan, batched roles, layer, out channels)``.
-Work = tuple[int, Plan, Mapping[str, bool], str, int | None]
+#: One layer job of a record task: ``(job index, plan, batched roles, layer, out channels,
+#: roles with channels last)``.
+Work = tuple[int, Plan, Mapping[str, bool], str, int | None, frozenset[str]]
 
 
 def check_scores(
@@ -239,12 +240,14 @@ def _record_task(
             if files is not None:
                 files.prefetch(index)
     out = Partials()
-    for job_index, plan, batched, layer, channels in work:
+    for job_index, plan, batched, layer, channels, last in work:
         values: dict[str, np.ndarray] = {}
         for role, name in plan.sources.items():
             arr = _open_array(path, so_json, rank, mode, name)
             rows = batch_size if batched.get(role) and batch_size > 0 else None
-            values[role] = arr.read(index, rows, scratch=True, step=step)
+            value = arr.read(index, rows, scratch=True, step=step)
+            # a channels-last Linear's (batch, tokens, features): criteria read channels at 1
+            values[role] = np.moveaxis(value, -1, 1) if role in last and value.ndim > 2 else value
         total, count = _partial(criterion, values, plan, layer, channels)
         if not np.isfinite(total).all():  # a per-channel check: the rare case pays the count
             bad = sum(int(v.size - np.count_nonzero(np.isfinite(v))) for v in values.values())

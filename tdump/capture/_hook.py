@@ -174,6 +174,7 @@ class Hook(StepLifecycle):
         self._last_train_step = self._opt_steps - 1
         self._cur: SavedStep | None = None
         self._traced: set[str] = set()
+        self._channels_last: set[str] = set()
         self._calls: dict[str, list[dict[str, Any]]] = {}
         self._input_shapes: dict[str, list[list[int]]] = {}
         self._enabled = True

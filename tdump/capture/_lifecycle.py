@@ -39,6 +39,8 @@ class StepLifecycle:
     _last_train_step: int
     _cur: SavedStep | None
     _traced: set[str]
+    #: Module outputs whose channels are their last dim, as the traced steps found them.
+    _channels_last: set[str]
     _calls: dict[str, list[dict[str, Any]]]
     _input_shapes: dict[str, list[list[int]]]
     _meta: dict[str, Any]
@@ -152,6 +154,7 @@ class StepLifecycle:
             reduction=self.config.reduction,
             dtype=self._dtype,
             buffers=self._writer.buffers,
+            channels_last=self._channels_last,
         )
         self._cur = cur
         x = first_tensor(args)

@@ -119,8 +119,17 @@ def module_tree(root: nn.Module) -> dict[str, dict[str, Any]]:
     return tree
 
 
-def output_dims(ndim: int) -> tuple[str, ...]:
-    """Dimension names of a module output / activation with ``ndim`` dims."""
+def output_dims(ndim: int, channels_last: bool = False) -> tuple[str, ...]:
+    """Dimension names of a module output / activation with ``ndim`` dims.
+
+    ``channels_last``: the features are the last dim, as a Linear's on a ``(batch,
+    tokens, features)`` tensor.
+
+    >>> output_dims(4), output_dims(3, channels_last=True)
+    (('batch', 'channel', 'y', 'x'), ('batch', 'x', 'feature'))
+    """
+    if channels_last and ndim >= 3:
+        return ("batch", *output_dims(ndim)[2:], "feature")
     known = {
         0: (),
         1: ("batch",),
@@ -161,14 +170,15 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:
+def reduce_channels(t: torch.Tensor, how: str, channels_last: bool = False) -> torch.Tensor:
     """Per-example per-channel reduction over the spatial dims (dims >= 2).
 
     ``mean``, ``abs_mean``, ``l2`` (root of the sum of squares), ``zero_fraction``
     (the fraction of exact zeros: what APoZ averages). Tensors with fewer than 3 dims
     are returned as they are (``abs`` for ``abs_mean``, 0/1 for ``zero_fraction``).
+    ``channels_last``: the channels are the last dim (reduced over dims 1 to -2).
     """
-    t = t.detach()
+    t = channels_first(t.detach(), channels_last)
     if how == "zero_fraction":
         zeros = (t == 0).float()
         return zeros.mean(tuple(range(2, t.dim()))) if t.dim() > 2 else zeros
@@ -178,6 +188,11 @@ def reduce_channels(t: torch.Tensor, how: str) -> torch.Tensor:
     if how == "l2":
         return t.float().pow(2).sum(dims).sqrt() if dims else t.abs()
     return t.float().mean(dims) if dims else t.clone()
+
+
+def channels_first(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` with its last dim moved to dim 1 when ``channels_last`` (a view), else ``t``."""
+    return t.movedim(-1, 1) if channels_last and t.dim() > 2 else t
 
 
 def snapshot(

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from tdump._format import grad_name, input_name, output_name, scalar_name
-from tdump.capture._model import first_tensor, output_dims, param_dims, reduce_channels, snapshot
+from tdump._modtypes import is_elementwise_type, is_linear_type, type_name
+from tdump.capture._model import (
+    channels_first,
+    first_tensor,
+    output_dims,
+    param_dims,
+    reduce_channels,
+    snapshot,
+)
 from tdump.capture._writer import HostBuffers, PendingRecord
 
 __all__ = ["SavedStep"]
@@ -36,6 +44,11 @@ class SavedStep:
         Reused host buffers for the copies (the writer's), or ``None``.
     trace
         Record the ``calls`` dataflow of this forward pass.
+    channels_last
+        The hook's set of module outputs (``<module>.output_<k>``) whose channels are
+        their last dim: a Linear's ``(batch, tokens, features)`` output and what
+        element-wise modules make of it. A traced step fills it; later steps read it
+        (reductions run over the other dims).
     """
 
     def __init__(
@@ -50,6 +63,7 @@ class SavedStep:
         reduction: str | None,
         dtype: torch.dtype | None,
         buffers: HostBuffers | None = None,
+        channels_last: set[str] | None = None,
     ) -> None:
         self.mode = mode
         self.step = step
@@ -60,6 +74,7 @@ class SavedStep:
         self.reduction = reduction
         self.dtype = dtype
         self.buffers = buffers
+        self.channels_last = channels_last if channels_last is not None else set()
         self.open = True
         #: Whether a backward pass reached this step's outputs or parameters (a forward
         #: without one, a dry run, is replaced by the next forward of the same step).
@@ -176,16 +191,35 @@ class SavedStep:
                 )
                 if out is not None:
                     self.producers[id(out)] = (name, out)
+                    self._note_layout(module, name, out, inputs)
             if out is None or not out.is_floating_point():
                 return
             self._save_output(path, k, name, out)
 
         return fwd
 
+    def _note_layout(
+        self, module: nn.Module, name: str, out: torch.Tensor, inputs: list[str | None]
+    ) -> None:
+        """Note whether output ``name`` is channels-last: a Linear's on 3+ dims, or an
+        element-wise module's (GELU, Dropout) on such an output."""
+        typ = type_name(type(module))
+        last = out.dim() >= 3 and (
+            is_linear_type(typ)
+            or (is_elementwise_type(typ) and bool(inputs) and inputs[0] in self.channels_last)
+        )
+        if last:
+            self.channels_last.add(name)
+        else:
+            self.channels_last.discard(name)
+
     def _save_output(self, path: str, k: int, name: str, out: torch.Tensor) -> None:
         red = self.reduction
         colls = self.collections
         extra: dict[str, Any] = {"call": k}
+        last = out.dim() >= 3 and name in self.channels_last
+        if last:
+            extra["channel_axis"] = -1
         want_act = "activations" in colls and self.selected(name, "activations")
         gname = grad_name(name)
         want_grad = "activation_gradients" in colls and self.selected(gname, "activation_gradients")
@@ -193,27 +227,27 @@ class SavedStep:
             tname = name + ".taylor"
             if (want_act or want_grad) and out.requires_grad:
                 act = out.detach().clone()
-                out.register_hook(self.guard(self._make_taylor(tname, path, act, extra)))
+                out.register_hook(self.guard(self._make_taylor(tname, path, act, extra, last)))
             return
-        dims = output_dims(out.dim())
+        dims = output_dims(out.dim(), last)
         if red is not None:
-            dims = dims[:2]
+            dims = ("batch", "feature") if last else dims[:2]
             extra = {**extra, "reduction": red}
         if want_act:
-            value = reduce_channels(out, red) if red else out
+            value = reduce_channels(out, red, last) if red else out
             self.add(name, value, dims, "activations", "output", path, extra, bool(red))
         # a gradient's fraction of zeros means nothing: zero_fraction stores outputs only
         if want_grad and out.requires_grad and red != "zero_fraction":
-            out.register_hook(self.guard(self._make_out_grad(gname, path, dims, extra)))
+            out.register_hook(self.guard(self._make_out_grad(gname, path, dims, extra, last)))
 
     def _make_out_grad(
-        self, gname: str, path: str, dims: tuple[str, ...], extra: dict[str, Any]
+        self, gname: str, path: str, dims: tuple[str, ...], extra: dict[str, Any], last: bool
     ) -> Any:
         red = self.reduction
 
         def on_grad(g: torch.Tensor) -> None:
             if self.open:
-                value = reduce_channels(g, red) if red else g
+                value = reduce_channels(g, red, last) if red else g
                 self.add(
                     gname,
                     value,
@@ -227,12 +261,14 @@ class SavedStep:
 
         return on_grad
 
-    def _make_taylor(self, tname: str, path: str, act: torch.Tensor, extra: dict[str, Any]) -> Any:
+    def _make_taylor(
+        self, tname: str, path: str, act: torch.Tensor, extra: dict[str, Any], last: bool
+    ) -> Any:
         def on_grad(g: torch.Tensor) -> None:
             if self.open:
-                prod = act.float() * g.detach().float()
+                prod = channels_first(act.float() * g.detach().float(), last)
                 value = prod.mean(tuple(range(2, prod.dim()))) if prod.dim() > 2 else prod
-                dims = output_dims(act.dim())[:2]
+                dims = ("batch", "feature") if last else output_dims(act.dim())[:2]
                 attrs = {**extra, "reduction": "taylor"}
                 self.add(
                     tname,

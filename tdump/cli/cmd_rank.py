@@ -180,6 +180,8 @@ def _counted(layer_col: Any, linears: list[str]) -> str:
 
     >>> _counted(["c", "c", "fc", "fc", "fc"], ["fc"])
     '2 filters in 1 conv layer and 3 features of 1 Linear layer'
+    >>> _counted(["fc", "fc"], ["fc"])  # a ViT: its MLPs alone
+    '2 features of 1 Linear layer'
     """
     lin = set(linears)
     rows = [str(x) for x in layer_col]
@@ -189,10 +191,11 @@ def _counted(layer_col: Any, linears: list[str]) -> str:
     def plural(n: int, word: str) -> str:
         return f"{n} {word}{'' if n == 1 else 's'}"
 
-    out = f"{plural(len(conv_rows), 'filter')} in {plural(len(set(conv_rows)), 'conv layer')}"
-    if lin_rows:
-        out += (
-            f" and {plural(lin_rows, 'feature')} of "
-            f"{plural(len(set(rows) - set(conv_rows)), 'Linear layer')}"
-        )
-    return out
+    convs = f"{plural(len(conv_rows), 'filter')} in {plural(len(set(conv_rows)), 'conv layer')}"
+    if not lin_rows:
+        return convs
+    feats = (
+        f"{plural(lin_rows, 'feature')} of "
+        f"{plural(len(set(rows) - set(conv_rows)), 'Linear layer')}"
+    )
+    return f"{convs} and {feats}" if conv_rows else feats

@@ -206,7 +206,8 @@ def _choose_arch(
             notes.append(f"--arch {arch} overrides the checkpoint's {info.arch}")
         if arch_kwargs is not None:
             return arch, check_kwargs(arch_kwargs, "--arch-kwargs", from_file=False), True
-        same = info.arch == arch
+        # "pkg.mod:Cls" (as --arch wrote it) and "pkg.mod.Cls" (a class passed in Python)
+        same = info.arch is not None and info.arch.replace(":", ".") == arch.replace(":", ".")
         kwargs = check_kwargs(info.arch_kwargs if same else {}, source, from_file=True)
         return arch, kwargs, True
     if info.arch:

@@ -311,7 +311,7 @@ def record_small(
 class MLPHead(nn.Module):
     """conv -> bn -> relu -> pool -> fc1 -> relu -> dropout -> fc2, plus a token MLP beside it."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_act: str = "gelu") -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
@@ -323,7 +323,7 @@ class MLPHead(nn.Module):
         self.fc2 = nn.Linear(12, 4)
         # a Linear on a (batch, tokens, features) tensor: its features sit on the last axis
         self.tok = nn.Linear(8, 6)
-        self.tok_act = nn.GELU()
+        self.tok_act: nn.Module = nn.ReLU() if token_act == "relu" else nn.GELU()
         self.tok_out = nn.Linear(6, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,12 +333,12 @@ class MLPHead(nn.Module):
         return head + self.tok_out(self.tok_act(self.tok(tokens))).mean(1)
 
 
-def record_mlp(path: Path, reduction: str | None = None) -> MLPHead:
+def record_mlp(path: Path, reduction: str | None = None, token_act: str = "gelu") -> MLPHead:
     """Train :class:`MLPHead` 5 steps under the real hook, saving every 2nd; return the model."""
     from tdump.capture import Hook
 
     torch.manual_seed(0)
-    model = MLPHead()
+    model = MLPHead(token_act)
     lossf = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     extra = {"reduction": reduction} if reduction else {}

@@ -2,9 +2,10 @@
 
 A model whose head is ``Linear -> ReLU -> Dropout -> Linear`` (VGG's, AlexNet's and
 MobileNetV3's shape) is trained under the real hook; ``tdump.rank`` must score the
-hidden Linear's features exactly as numpy does from the stored tensors, leave the
-last Linear (the classes) and Linears on channels-last tensors alone, and its ranks
-must prune the hidden features through the surgery.
+hidden Linear's features exactly as numpy does from the stored tensors, score a
+Linear on a channels-last ``(batch, tokens, features)`` tensor along its last axis
+(ViT's, Swin's and ConvNeXt's MLPs), leave the last Linears (the classes) alone, and
+its ranks must prune the hidden features through the surgery.
 """
 
 from __future__ import annotations
@@ -37,28 +38,59 @@ def _by_layer(ranks: object) -> dict[str, np.ndarray]:
 def test_taylor_scores_the_hidden_linear_like_numpy(dump: tuple[Path, MLPHead]) -> None:
     path, _ = dump
     scores = _by_layer(tdump.rank(path))
-    # the hidden Linear is ranked; the classes (fc2) and the token Linears are not
-    assert sorted(scores) == ["conv", "fc1"]
+    # the hidden Linears are ranked; the classes (fc2, tok_out) are not
+    assert sorted(scores) == ["conv", "fc1", "tok"]
     reader = StoreReader(str(path))
     steps = reader.records("train")["step"]
-    terms = [
-        reader.read("train", "act.output_0", i).astype(np.float64)
-        * reader.read("train", "act.output_0.grad", i).astype(np.float64)
-        for i in range(len(steps))
-    ]
-    expected = np.abs(np.concatenate(terms)).mean(axis=0)  # per feature, over every example
+
+    def products(act: str) -> np.ndarray:
+        return np.concatenate(
+            [
+                reader.read("train", act, i).astype(np.float64)
+                * reader.read("train", act + ".grad", i).astype(np.float64)
+                for i in range(len(steps))
+            ]
+        )
+
+    expected = np.abs(products("act.output_0")).mean(axis=0)  # per feature, over every example
     assert len(steps) == 3 and expected.shape == (12,)
     np.testing.assert_allclose(scores["fc1"], expected, rtol=1e-12)
+    # (examples, 36 tokens, 6 features): the mean over tokens, then |.| over examples
+    tok = products("tok_act.output_0")
+    assert tok.shape == (18, 36, 6)
+    # float32 a*g summed in float32 runs (docs/ranking.md): within 1e-6 of sum |a*g|
+    bound = 1e-6 * np.abs(tok).mean(axis=1).mean(axis=0)
+    np.testing.assert_allclose(
+        scores["tok"], np.abs(tok.mean(axis=1)).mean(axis=0), atol=bound.max()
+    )
 
 
 def test_l1_scores_the_hidden_linear_rows(dump: tuple[Path, MLPHead]) -> None:
     path, _ = dump
     scores = _by_layer(tdump.rank(path, criterion="l1"))
-    assert sorted(scores) == ["conv", "fc1"]
+    assert sorted(scores) == ["conv", "fc1", "tok"]
     reader = StoreReader(str(path))
     last = len(reader.records("train")["step"]) - 1
-    w = reader.read("train", "fc1.weight", last).astype(np.float64)
-    np.testing.assert_allclose(scores["fc1"], np.abs(w).sum(axis=1), rtol=1e-12)
+    for layer in ("fc1", "tok"):
+        w = reader.read("train", f"{layer}.weight", last).astype(np.float64)
+        np.testing.assert_allclose(scores[layer], np.abs(w).sum(axis=1), rtol=1e-12)
+
+
+def test_apoz_reads_a_channels_last_relu_along_its_features(tmp_path: Path) -> None:
+    path = tmp_path / "relu.zarr"
+    record_mlp(path, token_act="relu")
+    scores = _by_layer(tdump.rank(path, criterion="apoz"))
+    reader = StoreReader(str(path))
+    acts = np.concatenate(
+        [reader.read("train", "tok_act.output_0", i) for i in range(len(reader.records("train")))]
+    )
+    assert acts.shape[-1] == 6 and (acts == 0).mean() > 0.1
+    np.testing.assert_allclose(scores["tok"], 1 - (acts == 0).mean(axis=(0, 1)), rtol=1e-12)
+    # at source, the fraction of zeros is taken over the tokens: the same scores
+    reduced = tmp_path / "zeros.zarr"
+    record_mlp(reduced, reduction="zero_fraction", token_act="relu")
+    at_source = _by_layer(tdump.rank(reduced, criterion="apoz"))
+    np.testing.assert_allclose(at_source["tok"], scores["tok"], rtol=1e-6)
 
 
 def test_taylor_at_source_gives_the_same_linear_scores(
@@ -69,8 +101,9 @@ def test_taylor_at_source_gives_the_same_linear_scores(
     record_mlp(reduced, reduction="taylor")  # same seed, same data: the same training
     full = _by_layer(tdump.rank(path))
     at_source = _by_layer(tdump.rank(reduced))
-    assert sorted(at_source) == ["conv", "fc1"]
+    assert sorted(at_source) == ["conv", "fc1", "tok"]
     np.testing.assert_allclose(at_source["fc1"], full["fc1"], rtol=1e-5)
+    np.testing.assert_allclose(at_source["tok"], full["tok"], rtol=1e-5)
 
 
 def test_linear_ranks_prune_the_hidden_features(dump: tuple[Path, MLPHead]) -> None:
@@ -97,6 +130,25 @@ def test_linear_ranks_prune_the_hidden_features(dump: tuple[Path, MLPHead]) -> N
         torch.testing.assert_close(pruned(x), head + tokens)
 
 
+def test_channels_last_ranks_prune_the_token_features(dump: tuple[Path, MLPHead]) -> None:
+    path, model = dump
+    ranks = tdump.rank(path, layers="^tok$")
+    tok = ranks.sort_values("score")
+    weakest = sorted(tok.channel.head(2).tolist())
+    pruned, plan = tdump.prune(model, ranks, count=2)
+    assert plan.removed == 2 and pruned.tok.out_features == 4 and pruned.tok_out.in_features == 4
+    model.eval()
+    pruned.eval()
+    x = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        mask = torch.ones(6)
+        mask[weakest] = 0  # the features are the last axis of (batch, tokens, features)
+        h = model.relu(model.bn(model.conv(x)))
+        head = model.fc2(model.act(model.fc1(model.pool(h).flatten(1))))
+        tok = model.tok_act(model.tok(h.flatten(2).transpose(1, 2))) * mask
+        torch.testing.assert_close(pruned(x), head + model.tok_out(tok).mean(1))
+
+
 def _call(name: str, inputs: list[str | None], shape: list[int]) -> dict[str, object]:
     return {"name": f"{name}.output_0", "module": name, "call": 0, "inputs": inputs, "shape": shape}
 
@@ -111,7 +163,11 @@ def test_which_linears_are_hidden() -> None:
         "fc3": "torch.nn.modules.linear.Linear",
         "soft": "torch.nn.modules.activation.Softmax",
         "tok": "torch.nn.modules.linear.Linear",
+        "gelu": "torch.nn.modules.activation.GELU",
         "tok_out": "torch.nn.modules.linear.Linear",
+        "tbn": "torch.nn.modules.linear.Linear",
+        "bn": "torch.nn.modules.batchnorm.BatchNorm1d",
+        "after_bn": "torch.nn.modules.linear.Linear",
     }
     calls = [
         _call("fc1", ["<input>"], [4, 16]),
@@ -120,10 +176,20 @@ def test_which_linears_are_hidden() -> None:
         _call("fc3", ["fc2.output_0"], [4, 3]),
         _call("soft", ["fc3.output_0"], [4, 3]),  # the classes, through a Softmax module
         _call("tok", ["<input>"], [4, 5, 6]),  # channels-last: features on the last axis
-        _call("tok_out", ["tok.output_0"], [4, 5, 2]),
+        _call("gelu", ["tok.output_0"], [4, 5, 6]),
+        _call("tok_out", ["gelu.output_0"], [4, 5, 2]),
+        # a BatchNorm1d on (batch, tokens, features) normalizes per token: it mixes features
+        _call("tbn", ["<input>"], [4, 5, 6]),
+        _call("bn", ["tbn.output_0"], [4, 5, 6]),
+        _call("after_bn", ["bn.output_0"], [4, 5, 2]),
     ]
     flow = Dataflow({k: {"type": v} for k, v in types.items()}, calls)
-    assert flow.layers() == ["fc1", "fc2"]
+    assert flow.layers() == ["fc1", "fc2", "tok", "tbn"]
     assert flow.producing_conv("fc2.output_0") == "fc2"
     assert flow.producing_conv("soft.output_0") is None
-    assert flow.producing_conv("tok.output_0") is None
+    assert flow.producing_conv("gelu.output_0") == "tok"
+    assert flow.producing_conv("tok_out.output_0") is None  # the classes
+    assert [flow.channels_last(x) for x in ("fc1", "tok", "tbn")] == [False, True, True]
+    assert flow.producing_conv("tbn.output_0") == "tbn"
+    assert flow.producing_conv("bn.output_0") is None
+    assert flow.following_bn("tbn") is None

@@ -31,10 +31,13 @@ def test_rank_counts_hidden_linear_features_apart(tmp_path: Path) -> None:
     record_mlp(dump)
     proc = _tdump("rank", str(dump), "-o", str(tmp_path / "r.parquet"), "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert "ranked 8 filters in 1 conv layer and 12 features of 1 Linear layer by taylor" in (
+    # fc1 on (batch, 8) and tok on (batch, 36 tokens, 8), channels-last
+    assert "ranked 8 filters in 1 conv layer and 18 features of 2 Linear layers by taylor" in (
         proc.stdout
     )
-    assert read_ranks(tmp_path / "r.parquet").attrs["tdump"]["linear_layers"] == ["fc1"]
+    assert read_ranks(tmp_path / "r.parquet").attrs["tdump"]["linear_layers"] == ["fc1", "tok"]
+    only = _tdump("rank", str(dump), "-o", str(tmp_path / "t.parquet"), "--layers", "^tok$")
+    assert "ranked 6 features of 1 Linear layer by taylor" in only.stdout, only.stderr
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:

@@ -222,7 +222,9 @@ class DeadRelu(Rule):
     """Fires when too many channels of a ReLU layer are (almost) never active.
 
     Per ReLU output ``a`` (dims ``(batch, channel, ...)``) and channel ``c``:
-    ``activity_c`` = fraction of non-zero values of ``a[:, c, ...]``. A channel is
+    ``activity_c`` = fraction of non-zero values of ``a[:, c, ...]`` (``a[..., c]``
+    for a channels-last tensor, ``channel_axis`` -1: a ReLU after a ViT-style
+    Linear on ``(batch, tokens, features)``). A channel is
     dead when ``activity_c < inactive_threshold``; the rule fires when the fraction
     of dead channels of a layer is ``> layer_threshold``.
     """
@@ -273,12 +275,16 @@ class DeadRelu(Rule):
                 continue
             if a.ndim < 2 or not a.size:
                 continue
-            per_channel = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+            # a channels-last Linear's (batch, tokens, features) output: features are last
+            axis = (
+                -1 if self.trial.tensor_attrs(name, str(self.mode)).get("channel_axis") == -1 else 1
+            )
+            per_channel = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
             activity = (per_channel != 0).mean(axis=1)
             dead = float((activity < self.inactive_threshold).mean())
             if dead > self.layer_threshold:
                 dead_layers.append(
-                    f"{name}: {dead:.0%} of {a.shape[1]} channels dead "
+                    f"{name}: {dead:.0%} of {a.shape[axis]} channels dead "
                     f"(active < {self.inactive_threshold:g})"
                 )
         return bool(dead_layers) and self.fire(_listing(dead_layers))
