@@ -71,6 +71,7 @@ from tdump._protocols import require_protocol
 from tdump._shards import forget_after
 from tdump._store_reader import StoreReader
 from tdump._version import __version__
+from tdump._zarrloop import start_zarr_loop
 from tdump.errors import ConfigError, NotADumpError
 
 __all__ = [
@@ -139,6 +140,7 @@ class StoreWriter:
         if mode not in ("append", "create"):
             raise ConfigError(f"unknown StoreWriter mode {mode!r}; use append or create")
         require_protocol(path)
+        start_zarr_loop()
         header: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         try:
             root = zarr.open_group(

@@ -46,6 +46,7 @@ from tdump._validate import (
     first_line,
 )
 from tdump._validate import sizes as store_sizes
+from tdump._zarrloop import start_zarr_loop
 from tdump.errors import CorruptStoreError, DumpNotFoundError, MissingTensorError, NotADumpError
 
 __all__ = ["StoreReader"]
@@ -356,6 +357,7 @@ def _open_existing(
     where = shown or path
     opts = dict(storage_options or {}) or None
     require_protocol(path)
+    start_zarr_loop()
     if "://" not in path:
         if not os.path.exists(path):
             raise DumpNotFoundError(

@@ -9,12 +9,16 @@ simulated SIGINT (``_thread.interrupt_main``) at each Python call of a step in t
 and check that every one that lands while tdump's code runs raises KeyboardInterrupt
 in the script and leaves autograd's mode as it was. (torch has windows of its own,
 such as a generator closed in a finalizer inside ``optimizer.step``: not counted.)
+A Ctrl-C while zarr starts its I/O loop (the first store opened) must not leave zarr
+waiting forever on a loop that never runs.
 """
 
 from __future__ import annotations
 
 import _thread
+import json
 import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -150,3 +154,62 @@ def test_ctrl_c_anywhere_in_a_hooked_step_reaches_the_script(
         step()  # a KeyboardInterrupt the script caught did not switch capture off
         hook.flush()
         assert hook.writer.committed["train"] == before + 1
+
+
+# Run in a fresh interpreter: zarr's loop must not exist yet, and each try leaves one behind.
+_ZARR_LOOP_SWEEP = """
+import _thread, asyncio, json, signal, sys
+import zarr.core.sync as zsync
+from tdump._zarrloop import start_zarr_loop
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+start = {"tdump": start_zarr_loop, "zarr": zsync._get_loop}[sys.argv[1]]
+broken = raised = other = n = 0
+while True:
+    n += 1
+    zsync.loop[0] = zsync.iothread[0] = None  # as in a process that has not used zarr yet
+    calls = 0
+
+    def profile(frame, event, arg):
+        global calls
+        if event == "call":
+            calls += 1
+            if calls == n:
+                _thread.interrupt_main(signal.SIGINT)
+
+    try:
+        sys.setprofile(profile)
+        try:
+            start()
+        finally:
+            sys.setprofile(None)
+        len(())  # a signal still pending is handled here at the latest
+    except KeyboardInterrupt:
+        raised += 1
+    except RuntimeError:  # threading's Python locking, interrupted ("release unlocked lock")
+        other += 1
+    if calls < n:
+        break
+    try:  # zarr's next operation must run, not wait on a loop that never started
+        zsync.sync(asyncio.sleep(0), timeout=2)
+    except TimeoutError:
+        broken += 1
+print(json.dumps({"tries": n - 1, "raised": raised, "other": other, "broken": broken}))
+"""
+
+
+@pytest.mark.parametrize("start", ["tdump", "zarr"])
+def test_ctrl_c_while_zarr_starts_its_loop_never_wedges_zarr(start: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _ZARR_LOOP_SWEEP, start],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["tries"] >= 2  # tdump's start makes 2 Python calls in the main thread, zarr's ~60
+    if start == "tdump":  # every Ctrl-C reached the caller as one, and zarr still works
+        assert out["raised"] == out["tries"] and out["broken"] == 0, out
+    else:  # zarr's own lazy start, in the main thread, is what start_zarr_loop avoids
+        assert out["broken"] > 0, out
