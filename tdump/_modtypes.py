@@ -39,9 +39,8 @@ _ACT = re.compile(
 _ELEMENTWISE = re.compile(
     r"(^|\.)(Identity|Dropout|Dropout[123]d|AlphaDropout|FeatureAlphaDropout)$"
 )
-_PASS = re.compile(
-    r"(^|\.)(Identity|Dropout|Dropout[123]d|AlphaDropout|FeatureAlphaDropout|"
-    r"MaxPool[123]d|AvgPool[123]d|AdaptiveMaxPool[123]d|AdaptiveAvgPool[123]d|LPPool[12]d)$"
+_POOL = re.compile(
+    r"(^|\.)(MaxPool[123]d|AvgPool[123]d|AdaptiveMaxPool[123]d|AdaptiveAvgPool[123]d|LPPool[12]d)$"
 )
 
 
@@ -93,4 +92,4 @@ def is_elementwise_type(type_name: str) -> bool:
 
 def is_channel_preserving(type_name: str) -> bool:
     """True for modules that keep channels one to one (BN, activations, dropout, pooling)."""
-    return is_bn_type(type_name) or is_activation_type(type_name) or bool(_PASS.search(type_name))
+    return is_bn_type(type_name) or is_elementwise_type(type_name) or bool(_POOL.search(type_name))

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_KEYS",
+    "channels_first",
     "first_tensor",
     "fx_tracing",
     "module_tree",
@@ -32,6 +33,7 @@ __all__ = [
     "param_count",
     "param_dims",
     "reduce_channels",
+    "reduced_dims",
     "snapshot",
     "unwrap",
 ]
@@ -168,6 +170,15 @@ def first_tensor(value: Any) -> torch.Tensor | None:
             if isinstance(v, torch.Tensor):
                 return v
     return None
+
+
+def reduced_dims(ndim: int, channels_last: bool = False) -> tuple[str, ...]:
+    """Dimension names of a per-example per-channel reduction of an ``ndim``-dim output.
+
+    >>> reduced_dims(4), reduced_dims(3, channels_last=True)
+    (('batch', 'channel'), ('batch', 'feature'))
+    """
+    return ("batch", "feature") if channels_last and ndim >= 3 else output_dims(ndim)[:2]
 
 
 def reduce_channels(t: torch.Tensor, how: str, channels_last: bool = False) -> torch.Tensor:

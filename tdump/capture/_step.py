@@ -22,6 +22,7 @@ from tdump.capture._model import (
     output_dims,
     param_dims,
     reduce_channels,
+    reduced_dims,
     snapshot,
 )
 from tdump.capture._writer import HostBuffers, PendingRecord
@@ -231,7 +232,7 @@ class SavedStep:
             return
         dims = output_dims(out.dim(), last)
         if red is not None:
-            dims = ("batch", "feature") if last else dims[:2]
+            dims = reduced_dims(out.dim(), last)
             extra = {**extra, "reduction": red}
         if want_act:
             value = reduce_channels(out, red, last) if red else out
@@ -268,7 +269,7 @@ class SavedStep:
             if self.open:
                 prod = channels_first(act.float() * g.detach().float(), last)
                 value = prod.mean(tuple(range(2, prod.dim()))) if prod.dim() > 2 else prod
-                dims = ("batch", "feature") if last else output_dims(act.dim())[:2]
+                dims = reduced_dims(act.dim(), last)
                 attrs = {**extra, "reduction": "taylor"}
                 self.add(
                     tname,

@@ -50,6 +50,7 @@ __all__ = [
     "register_arch",
     "registered_archs",
     "resolve_arch",
+    "same_arch",
 ]
 
 Builder = Callable[..., nn.Module]
@@ -109,6 +110,16 @@ def _known(obj: Any) -> bool:
 
 def _canonical(arch: str) -> str:
     return arch.replace(":", ".") if arch.count(":") == 1 and "/" not in arch else arch
+
+
+def same_arch(a: str | None, b: str) -> bool:
+    """Whether two names spell one builder: ``pkg.mod:Cls`` (``--arch``) and ``pkg.mod.Cls``.
+
+    >>> same_arch("torchvision.models.vision_transformer:VisionTransformer",
+    ...           "torchvision.models.vision_transformer.VisionTransformer")
+    True
+    """
+    return a is not None and _canonical(a) == _canonical(b)
 
 
 def _refuse(arch: str, where: str, load_args: str | None) -> CheckpointError:

@@ -37,6 +37,7 @@ from tdump.surgery._arch import (
     check_kwargs,
     infer_num_classes,
     resolve_arch,
+    same_arch,
 )
 from tdump.surgery._checkpoint import (
     CKPT_FORMAT,
@@ -202,12 +203,12 @@ def _choose_arch(
     """
     source = f"{like} (--like)" if like is not None else path
     if arch is not None:
-        if info.arch and info.arch != arch:
+        # "pkg.mod:Cls" (as --arch wrote it) and "pkg.mod.Cls" (a class passed in Python)
+        same = same_arch(info.arch, arch)
+        if info.arch and not same:
             notes.append(f"--arch {arch} overrides the checkpoint's {info.arch}")
         if arch_kwargs is not None:
             return arch, check_kwargs(arch_kwargs, "--arch-kwargs", from_file=False), True
-        # "pkg.mod:Cls" (as --arch wrote it) and "pkg.mod.Cls" (a class passed in Python)
-        same = info.arch is not None and info.arch.replace(":", ".") == arch.replace(":", ".")
         kwargs = check_kwargs(info.arch_kwargs if same else {}, source, from_file=True)
         return arch, kwargs, True
     if info.arch:
