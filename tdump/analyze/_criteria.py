@@ -291,15 +291,28 @@ def _no_grad_mode_hint(
     )
 
 
-def _need_grad(ctx: PlanContext, act: str, crit: str) -> str:
+def has_output_gradients(names: Iterable[str]) -> bool:
+    """Whether ``names`` hold a module output's gradient (or its Taylor term) at all."""
+    return any(
+        (n.endswith(".grad") and ".output_" in n) or n.endswith(TAYLOR_SUFFIX) for n in names
+    )
+
+
+def _need_grad(ctx: PlanContext, act: str, crit: str) -> None:
+    """Raise when the dump cannot give ``act`` a gradient: none recorded in this mode.
+
+    A dump with other outputs' gradients leaves the layer unscored instead (with a note):
+    its backward never reached it (an auxiliary head the loss leaves out) or the
+    selection left its gradient out, and the other layers still rank.
+    """
     g = grad_name(act)
-    if g not in ctx.names:
-        raise MissingTensorError(
-            _no_grad_mode_hint(crit, ctx, [g, act + TAYLOR_SUFFIX])
-            or f"dump has no gradients for {act!r}; record with include_regex matching it and "
-            f"activation gradients, e.g. --include '.*relu'"
-        )
-    return g
+    if g in ctx.names or (ctx.mode == "train" and has_output_gradients(ctx.names)):
+        return
+    raise MissingTensorError(
+        _no_grad_mode_hint(crit, ctx, [g, act + TAYLOR_SUFFIX])
+        or f"dump has no gradients for {act!r}; record with include_regex matching it and "
+        f"activation gradients, e.g. --include '.*relu'"
+    )
 
 
 #: How to record full activations again (no capture reduction keeps the zeros).

@@ -53,6 +53,12 @@ _NO_ACTIVATION = (
     f"{_NO_ACTIVATION_HEAD} (F.relu, or an addition such as act(y + x), is not a module)"
 )
 _WEIGHT_BASED = "a weight-based criterion (l1, bn-gamma, taylor-weight) scores it"
+_NO_GRADIENT = (
+    "no gradient reached them in the recorded steps, though their gradients were selected "
+    "(the loss does not use their output, e.g. an auxiliary head left out of it, or they "
+    "are frozen)"
+)
+_NO_GRADIENT_TODO = "they keep all their channels; l1 or bn-gamma scores them from their weights"
 
 
 def _candidates(ctx: PlanContext, layer: str) -> list[list[str]]:
@@ -82,13 +88,19 @@ def _plans_with(crit: Criterion, ctx: PlanContext, layer: str, extra: Sequence[s
         return False
 
 
-def unscored_reason(crit: Criterion, ctx: PlanContext, layer: str) -> tuple[str, list[str]]:
+def unscored_reason(
+    crit: Criterion, ctx: PlanContext, layer: str, config: Mapping[str, Any] | None = None
+) -> tuple[str, list[str]]:
     """``(why, tensors to record)`` for a layer ``crit`` could not plan.
 
     ``why`` says what is missing (the same words for every layer missing the same
     kind of tensor, so that :func:`skipped_notes` groups them); ``tensors`` is empty
     when no recordable tensor would help (then a weight-based criterion is the way).
+    ``config``: the dump's capture settings, which tell a gradient the selection left
+    out from one that never came.
     """
+    if _gradient_never_came(ctx, layer, config or {}):
+        return _NO_GRADIENT, []
     flow = ctx.dataflow
     outputs = ctx.call_outputs(layer)
     acts = [o for o in outputs if flow.is_activation_output(o)]
@@ -105,6 +117,37 @@ def unscored_reason(crit: Criterion, ctx: PlanContext, layer: str) -> tuple[str,
     if acts:
         return f"their activations (e.g. {acts[0]!r}) are not stored in a form {crit.name} uses", []
     return _NO_ACTIVATION, []
+
+
+def _gradient_never_came(ctx: PlanContext, layer: str, config: Mapping[str, Any]) -> bool:
+    """Whether ``layer``'s tensors are stored without gradients the capture selected.
+
+    True by construction from the dump: the weight (or a call output) is stored, the
+    recorded ``include_regex`` also matches its gradient and ``exclude_regex`` does not,
+    and other layers' gradients of the same kind are stored, so gradients were recorded
+    and this one never arrived (a hook only writes what the backward pass computes).
+    """
+    if ctx.mode != "train":
+        return False
+    include, exclude = config.get("include_regex"), config.get("exclude_regex")
+
+    def selected(tensor: str, grad: str) -> bool:
+        if exclude and re.search(exclude, grad):
+            return False
+        # a tensor taken by the regex has its gradient taken only if the regex matches it
+        # too; one taken by type (include_activations) has both
+        return not include or bool(re.search(include, grad)) or not re.search(include, tensor)
+
+    names = ctx.names
+    weight = f"{layer}.weight"
+    pairs = [(weight, grad_name(weight))] + [(o, grad_name(o)) for o in ctx.call_outputs(layer)]
+    for tensor, grad in pairs:
+        if tensor not in names or grad in names or not selected(tensor, grad):
+            continue
+        kind = ".weight.grad" if tensor == weight else ".grad"
+        if any(n.endswith(kind) and (tensor == weight or ".output_" in n) for n in names):
+            return True
+    return False
 
 
 #: The kinds of tensor a layer's score may need, in the order a note names them.
@@ -222,6 +265,8 @@ def skipped_notes(
             todo = f"to score them, record {said}: tdump record --include '{regex}'"
             if by_type:
                 todo += """ --config '{"include_activations": true}'"""
+        elif why == _NO_GRADIENT:
+            todo = _NO_GRADIENT_TODO
         else:
             todo = _WEIGHT_BASED.replace("scores it", "scores them")
         kind = "layer" if linears.intersection(layers) else "conv layer"

@@ -187,8 +187,8 @@ def _plan_jobs(
             planned.append((layer, plan))
         else:
             unplanned.append(layer)
-    reasons = {layer: unscored_reason(crit, ctx, layer) for layer in unplanned}
-    config = (reader.meta(rank0).get("config") or {}) if reasons else {}
+    config = (reader.meta(rank0).get("config") or {}) if unplanned else {}
+    reasons = {layer: unscored_reason(crit, ctx, layer, config) for layer in unplanned}
     recorded, by_type = config.get("include_regex"), bool(config.get("include_activations"))
     linears = frozenset(layer for layer in unplanned if ctx.dataflow.is_linear(layer))
     if not planned:

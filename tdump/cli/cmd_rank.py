@@ -159,7 +159,8 @@ def register(app: typer.Typer) -> None:
             f"{saved} saved step{'' if saved == 1 else 's'})",
             soft_wrap=True,
         )
-        console.print("10 weakest filters:")
+        linears = set(meta.get("linear_layers") or [])
+        console.print(f"{_weakest_title([str(cols['layer'][i]) for i in weakest], linears)}:")
         for i in weakest:
             console.print(
                 f"  {cols['layer'][i]:<28} channel {int(cols['channel'][i]):>4}   "
@@ -173,6 +174,21 @@ def register(app: typer.Typer) -> None:
                 "for CSV: tdump.analyze.read_ranks(PATH).to_csv(...)",
                 soft_wrap=True,
             )
+
+
+def _weakest_title(layers: list[str], linears: set[str]) -> str:
+    """Name the listed rows for what they are: conv filters, Linear features, or both.
+
+    >>> _weakest_title(["c", "c"], set())
+    '2 weakest filters'
+    >>> _weakest_title(["fc"] * 10, {"fc"})
+    '10 weakest features'
+    >>> _weakest_title(["c", "fc"], {"fc"})
+    '2 weakest channels'
+    """
+    n_linear = sum(layer in linears for layer in layers)
+    what = "filters" if not n_linear else "features" if n_linear == len(layers) else "channels"
+    return f"{len(layers)} weakest {what}"
 
 
 def _counted(layer_col: Any, linears: list[str]) -> str:

@@ -38,6 +38,8 @@ def test_rank_counts_hidden_linear_features_apart(tmp_path: Path) -> None:
     assert read_ranks(tmp_path / "r.parquet").attrs["tdump"]["linear_layers"] == ["fc1", "tok"]
     only = _tdump("rank", str(dump), "-o", str(tmp_path / "t.parquet"), "--layers", "^tok$")
     assert "ranked 6 features of 1 Linear layer by taylor" in only.stdout, only.stderr
+    # the listed rows are named for what they are: six Linear features, not "10 filters"
+    assert "6 weakest features:" in only.stdout and "filters" not in only.stdout
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
