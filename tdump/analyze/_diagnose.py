@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tdump._format import grad_name
-from tdump.analyze._criteria import Criterion, PlanContext
+from tdump.analyze._criteria import TAYLOR_SUFFIX, Criterion, PlanContext
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._tasks import NonFinite
 from tdump.errors import MissingTensorError, NonFiniteWarning
@@ -120,33 +120,57 @@ def unscored_reason(
 
 
 def _gradient_never_came(ctx: PlanContext, layer: str, config: Mapping[str, Any]) -> bool:
-    """Whether ``layer``'s tensors are stored without gradients the capture selected.
+    """Whether the capture selected a gradient of ``layer`` that the dump does not hold.
 
-    True by construction from the dump: the weight (or a call output) is stored, the
-    recorded ``include_regex`` also matches its gradient and ``exclude_regex`` does not,
-    and other layers' gradients of the same kind are stored, so gradients were recorded
-    and this one never arrived (a hook only writes what the backward pass computes).
+    True by construction from the dump: the capture's selection takes the gradient (the
+    recorded ``include_regex`` matches it, or ``include_activations`` took the output by
+    its module's type, as the stored gradient of another output of that type shows),
+    ``exclude_regex`` does not drop it, and gradients of the same kind were stored for
+    other layers; a capture hook only writes what the backward pass computes, so this
+    one never arrived.
     """
     if ctx.mode != "train":
         return False
-    include, exclude = config.get("include_regex"), config.get("exclude_regex")
+    names, flow = ctx.names, ctx.dataflow
+    include = str(config.get("include_regex") or "")
+    exclude = str(config.get("exclude_regex") or "")
+    taylor = config.get("reduction") == "taylor"
 
-    def selected(tensor: str, grad: str) -> bool:
-        if exclude and re.search(exclude, grad):
-            return False
-        # a tensor taken by the regex has its gradient taken only if the regex matches it
-        # too; one taken by type (include_activations) has both
-        return not include or bool(re.search(include, grad)) or not re.search(include, tensor)
+    def has_grad(out: str) -> bool:  # its gradient or its reduce-at-source Taylor term
+        return grad_name(out) in names or out + TAYLOR_SUFFIX in names
 
-    names = ctx.names
+    def by_regex(*tensors: str) -> bool:
+        return bool(include) and any(re.search(include, t) for t in tensors)
+
+    def dropped(grad: str) -> bool:
+        return bool(exclude) and bool(re.search(exclude, grad))
+
     weight = f"{layer}.weight"
-    pairs = [(weight, grad_name(weight))] + [(o, grad_name(o)) for o in ctx.call_outputs(layer)]
-    for tensor, grad in pairs:
-        if tensor not in names or grad in names or not selected(tensor, grad):
+    w_grad = grad_name(weight)
+    if (
+        weight in names
+        and w_grad not in names
+        and by_regex(w_grad)
+        and not dropped(w_grad)
+        and any(n.endswith(".weight.grad") for n in names)
+    ):
+        return True
+    stored_grads = [n for n in names if n.endswith(".grad") and ".output_" in n]
+    stored_grads += [n for n in names if n.endswith(TAYLOR_SUFFIX)]
+    for out in ctx.call_outputs(layer):
+        g = grad_name(out)
+        if has_grad(out) or dropped(g):
             continue
-        kind = ".weight.grad" if tensor == weight else ".grad"
-        if any(n.endswith(kind) and (tensor == weight or ".output_" in n) for n in names):
+        # the Taylor term is recorded when the output or its gradient is selected
+        selected = by_regex(g, out) if taylor else by_regex(g)
+        if selected and stored_grads:
             return True
+        typ = flow.output_type(out)
+        if config.get("include_activations") and typ:
+            # outputs of this type whose gradients are stored though the regex took neither
+            peers = (n.rsplit(".", 1)[0] for n in stored_grads if not by_regex(n))
+            if any(flow.output_type(p) == typ and not by_regex(p) for p in peers):
+                return True
     return False
 
 

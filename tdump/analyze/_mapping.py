@@ -207,10 +207,14 @@ class Dataflow:
                     out.add(str(producer["module"]))
         return out
 
+    def output_type(self, output: str) -> str:
+        """Qualified class name of the module whose call produced ``output`` (``""`` if unknown)."""
+        call = self._by_name.get(output)
+        return self.module_type(str(call["module"])) if call is not None else ""
+
     def is_activation_output(self, output: str) -> bool:
         """True if ``output`` is the output of an element-wise activation module call."""
-        call = self._by_name.get(output)
-        return call is not None and is_activation_type(self.module_type(str(call["module"])))
+        return is_activation_type(self.output_type(output))
 
     def outputs_by_conv(self, names: Sequence[str]) -> dict[str, list[str]]:
         """Group module-output tensor ``names`` by producing conv.

@@ -25,20 +25,24 @@ from .rank_helpers import RECORD_INCLUDE, reference
 
 
 class AuxNet(nn.Module):
-    """conv1 -> relu1 -> conv2 -> relu2 -> fc, with an auxiliary conv head on relu1."""
+    """conv1 -> relu1 -> conv2 -> act2 -> fc, with an auxiliary conv head on relu1.
+
+    The GELUs are named so that ``--include '.*relu'`` misses them: the loop's selection
+    takes them by type (``include_activations``), the ReLU by its name.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1, self.relu1 = nn.Conv2d(3, 6, 3, padding=1), nn.ReLU()
-        self.conv2, self.relu2 = nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(6, 8, 3, padding=1), nn.GELU()
         self.fc = nn.Linear(8, 3)
-        self.aux_conv, self.aux_relu = nn.Conv2d(6, 5, 1), nn.ReLU()
+        self.aux_conv, self.aux_act = nn.Conv2d(6, 5, 1), nn.GELU()
         self.aux_fc = nn.Linear(5, 3)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.relu1(self.conv1(x))
-        main = self.fc(self.relu2(self.conv2(y)).mean(dim=(2, 3)))
-        return main, self.aux_fc(self.aux_relu(self.aux_conv(y)).mean(dim=(2, 3)))
+        main = self.fc(self.act2(self.conv2(y)).mean(dim=(2, 3)))
+        return main, self.aux_fc(self.aux_act(self.aux_conv(y)).mean(dim=(2, 3)))
 
 
 def _record(path: Path, *, aux_in_loss: bool = False, **settings: object) -> AuxNet:
@@ -48,7 +52,8 @@ def _record(path: Path, *, aux_in_loss: bool = False, **settings: object) -> Aux
     model, loss_fn = AuxNet(), nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
-    kw: dict[str, object] = {"include_regex": RECORD_INCLUDE, **settings}
+    kw: dict[str, object] = {"include_regex": RECORD_INCLUDE, "include_activations": True}
+    kw.update(settings)
     with Hook(str(path), save_interval=1, strict=True, **kw) as hook:  # type: ignore[arg-type]
         hook.register_module(model)
         hook.register_loss(loss_fn)
@@ -62,12 +67,14 @@ def _record(path: Path, *, aux_in_loss: bool = False, **settings: object) -> Aux
     return model
 
 
-@pytest.mark.parametrize("reduction", [None, "taylor"])
-def test_unreached_head_is_skipped_and_the_rest_ranks(
-    tmp_path: Path, reduction: str | None
-) -> None:
+#: `tdump record`'s selection (weights too), and `tdump loop`'s (Taylor terms, no weights)
+SELECTIONS = {"record": {}, "loop": {"include_regex": ".*relu", "reduction": "taylor"}}
+
+
+@pytest.mark.parametrize("how", SELECTIONS)
+def test_unreached_head_is_skipped_and_the_rest_ranks(tmp_path: Path, how: str) -> None:
     dump = tmp_path / "aux.zarr"
-    model = _record(dump, reduction=reduction)
+    model = _record(dump, **SELECTIONS[how])
     table = rank_table(str(dump))
     layers = set(table.columns["layer"])
     assert layers == {"conv1", "conv2"}, layers  # the aux head's conv is left out
@@ -75,11 +82,11 @@ def test_unreached_head_is_skipped_and_the_rest_ranks(
     (note,) = [n for n in table.meta["notes"] if "aux_conv" in n]
     assert "no gradient reached them in the recorded steps" in note
     assert "they keep all their channels" in note and "tdump record --include" not in note
-    if reduction is None:  # the scores of the reached layers are numpy's on the same tensors
+    if how == "record":  # the scores of the reached layers are numpy's on the same tensors
         reader = StoreReader(str(dump))
         cols = table.columns
-        got = cols["score"][cols["layer"] == "conv2"]
-        want = reference(reader, "taylor", {0: "relu2.output_0", 1: "relu2.output_0.grad"})
+        got = cols["score"][cols["layer"] == "conv1"]
+        want = reference(reader, "taylor", {0: "relu1.output_0", 1: "relu1.output_0.grad"})
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
     # the surgery keeps the unscored head whole and the pruned model runs
@@ -91,9 +98,10 @@ def test_unreached_head_is_skipped_and_the_rest_ranks(
 
 
 def test_gradients_the_selection_left_out_keep_the_record_hint(tmp_path: Path) -> None:
-    # the aux head is in the loss, but --include takes relu_a's output and not its gradient
+    # the aux head is in the loss, but --include takes aux_act's output and not its gradient
     dump = tmp_path / "sel.zarr"
-    _record(dump, aux_in_loss=True, include_regex=r"relu[12]|aux_relu\.output_0$|.*weight")
+    include = r"relu1|act2|aux_act\.output_0$|.*weight"
+    _record(dump, aux_in_loss=True, include_regex=include, include_activations=False)
     table = rank_table(str(dump))
     (note,) = [n for n in table.meta["notes"] if "aux_conv" in n]
     assert "no gradient reached" not in note
@@ -102,6 +110,7 @@ def test_gradients_the_selection_left_out_keep_the_record_hint(tmp_path: Path) -
 
 def test_a_dump_without_any_output_gradient_still_fails(tmp_path: Path) -> None:
     dump = tmp_path / "nograd.zarr"
-    _record(dump, include_regex=r".*relu.*(?<!\.grad)$|.*weight")
+    no_grads = r"(?:relu1|act2|aux_act).*(?<!\.grad)$|.*weight"
+    _record(dump, include_regex=no_grads, include_activations=False)
     with pytest.raises(MissingTensorError, match="no gradients for"):
         rank_table(str(dump))
