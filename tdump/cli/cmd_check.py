@@ -95,11 +95,13 @@ def register(app: typer.Typer) -> None:
             ..., metavar="DUMP", help="Dump path or fsspec URL (file://, s3://, ...)."
         ),
         rule: list[str] = typer.Option(
-            ...,
+            [],
             "--rule",
             "-r",
             metavar="RULE",
-            help="A built-in rule name, or FILE.py:CLASS (repeat for several).",
+            help="A built-in rule name, or FILE.py:CLASS (repeat for several) "
+            "[default: every built-in rule].",
+            show_default=False,
         ),
         param: list[str] = typer.Option(
             [],
@@ -141,10 +143,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate rules at every committed step of DUMP; exit 3 if one fired, 0 if none.
 
+        Without --rule, every built-in rule runs (a rule the dump has no data for says so).
+
         Example: tdump check run.zarr --rule exploding_tensor --rule my_rules.py:CheckAccuracy
         --param CheckAccuracy.previous_accuracy=0.91
         """
-        from tdump.analyze.rules import check, load_rule, parse_params
+        from tdump.analyze.rules import builtin_rules, check, load_rule, parse_params
         from tdump.analyze.rules import watch as watch_dump
         from tdump.cli._console import console, err_console
         from tdump.errors import ConfigError
@@ -152,6 +156,7 @@ def register(app: typer.Typer) -> None:
         if watch and poll <= 0:
             raise ConfigError(f"--poll must be > 0 seconds, got {poll:g}")
         params = parse_params(param)
+        rule = rule or builtin_rules()
         names = [load_rule(r).name for r in rule]
         evaluated: dict[str, int] = {}
         notes: dict[str, str] = {}

@@ -89,6 +89,17 @@ def test_exit_codes_text_and_json(sick: str, capsys, monkeypatch) -> None:
     assert [f["step"] for f in rule["fired"]] == [3, 4, 5]
 
 
+def test_without_rule_every_builtin_runs(sick: str, capsys, monkeypatch) -> None:
+    from tdump.analyze.rules import builtin_rules
+
+    code, out, _ = _main(capsys, monkeypatch, "check", sick, "--json")
+    report = json.loads(out)
+    assert [r["rule"] for r in report["rules"]] == builtin_rules()
+    assert len(report["rules"]) >= 5 and code == 3  # the NaN loss fires exploding_tensor
+    fired = {r["rule"] for r in report["rules"] if r["fired"]}
+    assert "exploding_tensor" in fired and "dead_relu" not in fired
+
+
 def test_exit_code_constant_matches_the_library() -> None:
     from tdump.analyze.rules import FIRED_EXIT_CODE
     from tdump.cli import cmd_check
