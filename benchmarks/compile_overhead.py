@@ -60,15 +60,15 @@ def child(config: str, steps: int, interval: int, out: str) -> None:
         t = time.perf_counter()
         opt.zero_grad()
         loss_fn(forward(x), y).backward()
-        if step == 0 and hook is None:  # step 0's gradients, to compare the dumps with
-            grads = {f"{n}.grad": q.grad.numpy().copy() for n, q in model.named_parameters()}
         opt.step()
         times.append(time.perf_counter() - t)
+        if step == 0 and hook is None:  # step 0's gradients (SGD's step leaves them), untimed
+            grads = {f"{n}.grad": q.grad.numpy().copy() for n, q in model.named_parameters()}
     if hook is None:
         import numpy as np
 
         np.savez(out + ".npz", **grads)
-    if hook is not None:
+    else:
         hook.close()
     result = {
         "first5_s": sum(times[:5]),

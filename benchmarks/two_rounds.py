@@ -61,6 +61,8 @@ MODELS = [
 #: them as ``--arch-kwargs``: a state_dict does not say them; round 2 reads them from
 #: ``pruned.pt``).
 KWARGS = {"vit_b_32": {"image_size": 64}}
+#: state_dict entries that are not parameters
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -84,19 +86,20 @@ def one(name: str, size: int, root: Path) -> dict[str, object]:
     if size > 200:  # Inception v3's auxiliary head needs 299x299: fewer, smaller steps
         train += ["--batch", "2", "--steps", "2"]
     build = ["--arch", name, "--kwargs", json.dumps(KWARGS.get(name, {}))]
+    # what the first prune's error asks for when the builder took keywords
+    arch_kwargs = ["--arch-kwargs", json.dumps(KWARGS[name])] if name in KWARGS else []
+    ratio = ["--ratio", "0.2"]
+    first = [*train, *build, "--out", "ckpt.pt"]
+    second = [*train, "--init", "pruned.pt", "--out", "ft.pt"]
+    out2 = ["-o", "pruned2.pt"]
     stages = [
-        ("record", ["record", "--out", "dump.zarr", "--interval", "1", *train, *build]),
+        ("record", ["record", "--out", "dump.zarr", "--interval", "1", *first]),
         ("rank", ["rank", "dump.zarr", "-o", "ranks.parquet", "--quiet"]),
-        ("prune", ["prune", "ckpt.pt", "ranks.parquet", "-o", "pruned.pt", "--ratio", "0.2"]),
-        ("record 2", ["record", "--out", "dump2.zarr", "--interval", "1", *train]),
+        ("prune", ["prune", "ckpt.pt", "ranks.parquet", "-o", "pruned.pt", *ratio, *arch_kwargs]),
+        ("record 2", ["record", "--out", "dump2.zarr", "--interval", "1", *second]),
         ("rank 2", ["rank", "dump2.zarr", "-o", "ranks2.parquet", "--quiet"]),
-        ("prune 2", ["prune", "ft.pt", "ranks2.parquet", "--like", "pruned.pt", "-o"]),
+        ("prune 2", ["prune", "ft.pt", "ranks2.parquet", "--like", "pruned.pt", *ratio, *out2]),
     ]
-    stages[0][1].extend(["--out", "ckpt.pt"])
-    if name in KWARGS:  # what the prune's error asks for: the builder's keywords
-        stages[2][1].extend(["--arch-kwargs", json.dumps(KWARGS[name])])
-    stages[3][1].extend(["--init", "pruned.pt", "--out", "ft.pt"])
-    stages[5][1].extend(["pruned2.pt", "--ratio", "0.2"])
     row: dict[str, object] = {"model": name, "failed": None}
     t0 = time.perf_counter()
     for stage, args in stages:
@@ -133,9 +136,6 @@ def _summary(work: Path, size: int) -> dict[str, object]:
         "skipped": (skipped1, skipped2),
         "runs": tuple(out.shape) == (1, 10),
     }
-
-
-_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def main() -> None:

@@ -291,11 +291,14 @@ def _no_grad_mode_hint(
     )
 
 
+def is_output_gradient(name: str) -> bool:
+    """Whether tensor ``name`` is a module output's gradient or its Taylor term."""
+    return (name.endswith(".grad") and ".output_" in name) or name.endswith(TAYLOR_SUFFIX)
+
+
 def has_output_gradients(names: Iterable[str]) -> bool:
     """Whether ``names`` hold a module output's gradient (or its Taylor term) at all."""
-    return any(
-        (n.endswith(".grad") and ".output_" in n) or n.endswith(TAYLOR_SUFFIX) for n in names
-    )
+    return any(is_output_gradient(n) for n in names)
 
 
 def _need_grad(ctx: PlanContext, act: str, crit: str) -> None:

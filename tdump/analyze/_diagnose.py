@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tdump._format import grad_name
-from tdump.analyze._criteria import TAYLOR_SUFFIX, Criterion, PlanContext
+from tdump.analyze._criteria import TAYLOR_SUFFIX, Criterion, PlanContext, is_output_gradient
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._tasks import NonFinite
 from tdump.errors import MissingTensorError, NonFiniteWarning
@@ -155,8 +155,7 @@ def _gradient_never_came(ctx: PlanContext, layer: str, config: Mapping[str, Any]
         and any(n.endswith(".weight.grad") for n in names)
     ):
         return True
-    stored_grads = [n for n in names if n.endswith(".grad") and ".output_" in n]
-    stored_grads += [n for n in names if n.endswith(TAYLOR_SUFFIX)]
+    stored_grads = [n for n in names if is_output_gradient(n)]
     for out in ctx.call_outputs(layer):
         g = grad_name(out)
         if has_grad(out) or dropped(g):
