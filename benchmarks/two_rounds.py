@@ -4,7 +4,7 @@ Per model, what a user types (``benchmarks/_plain_train.py`` is the training scr
 
     tdump record --out dump.zarr --interval 1 _plain_train.py -- --arch A --out ckpt.pt
     tdump rank dump.zarr -o ranks.parquet
-    tdump prune ckpt.pt ranks.parquet -o pruned.pt --ratio 0.2 [--arch-kwargs JSON]
+    tdump prune ckpt.pt ranks.parquet -o pruned.pt --ratio 0.2
     tdump record --out dump2.zarr --interval 1 _plain_train.py -- --init pruned.pt --out ft.pt
     tdump rank dump2.zarr -o ranks2.parquet
     tdump prune ft.pt ranks2.parquet --like pruned.pt -o pruned2.pt --ratio 0.2
@@ -57,9 +57,9 @@ MODELS = [
     ("swin_t", 64),
     ("vit_b_32", 64),
 ]
-#: Builder keywords for models whose defaults need 224x224 inputs (round 1's prune gets
-#: them as ``--arch-kwargs``: a state_dict does not say them; round 2 reads them from
-#: ``pruned.pt``).
+#: Builder keywords for models whose defaults need 224x224 inputs (the training script
+#: gets them; round 1's prune infers ``image_size`` from the position embedding, round 2
+#: reads it from ``pruned.pt``).
 KWARGS = {"vit_b_32": {"image_size": 64}}
 #: state_dict entries that are not parameters
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -86,8 +86,6 @@ def one(name: str, size: int, root: Path) -> dict[str, object]:
     if size > 200:  # Inception v3's auxiliary head needs 299x299: fewer, smaller steps
         train += ["--batch", "2", "--steps", "2"]
     build = ["--arch", name, "--kwargs", json.dumps(KWARGS.get(name, {}))]
-    # what the first prune's error asks for when the builder took keywords
-    arch_kwargs = ["--arch-kwargs", json.dumps(KWARGS[name])] if name in KWARGS else []
     ratio = ["--ratio", "0.2"]
     first = [*train, *build, "--out", "ckpt.pt"]
     second = [*train, "--init", "pruned.pt", "--out", "ft.pt"]
@@ -95,7 +93,7 @@ def one(name: str, size: int, root: Path) -> dict[str, object]:
     stages = [
         ("record", ["record", "--out", "dump.zarr", "--interval", "1", *first]),
         ("rank", ["rank", "dump.zarr", "-o", "ranks.parquet", "--quiet"]),
-        ("prune", ["prune", "ckpt.pt", "ranks.parquet", "-o", "pruned.pt", *ratio, *arch_kwargs]),
+        ("prune", ["prune", "ckpt.pt", "ranks.parquet", "-o", "pruned.pt", *ratio]),
         ("record 2", ["record", "--out", "dump2.zarr", "--interval", "1", *second]),
         ("rank 2", ["rank", "dump2.zarr", "-o", "ranks2.parquet", "--quiet"]),
         ("prune 2", ["prune", "ft.pt", "ranks2.parquet", "--like", "pruned.pt", *ratio, *out2]),

@@ -24,17 +24,14 @@ tdump.errors.CheckpointError: the checkpoint names architecture 'os.system', whi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
 import math
 import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from tdump.errors import CheckpointError, ConfigError
@@ -42,11 +39,9 @@ from tdump.surgery._user_code import import_attr
 
 __all__ = [
     "Builder",
-    "arch_for_type",
     "arch_name",
     "build_arch",
     "check_kwargs",
-    "infer_num_classes",
     "register_arch",
     "registered_archs",
     "resolve_arch",
@@ -290,183 +285,3 @@ def build_arch(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{shown} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-@contextlib.contextmanager
-def _weights_on_meta() -> Iterator[None]:
-    """Parameters and buffers go to the meta device as modules register them.
-
-    For builders that compute with tensors while they build (RegNet's block widths:
-    ``.tolist()`` of a tensor), which the meta device refuses: everything else stays on
-    the CPU, and the weights are neither kept nor initialised. Uses torch's global
-    registration hooks while the builder runs, so only a builder that failed on the
-    meta device is built this way; the hooks act on this thread's modules only (a
-    model another thread builds meanwhile keeps its weights).
-    """
-    from torch.nn.modules.module import (
-        register_module_buffer_registration_hook,
-        register_module_parameter_registration_hook,
-    )
-
-    owner = threading.get_ident()
-
-    def param(module: nn.Module, name: str, value: nn.Parameter | None) -> nn.Parameter | None:
-        if value is None or threading.get_ident() != owner:
-            return None  # None: registered unchanged
-        return nn.Parameter(value.to("meta"), value.requires_grad)
-
-    def buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
-        if value is None or threading.get_ident() != owner:
-            return None
-        return value.to("meta")
-
-    # torch documents that such a hook may return the value to register; its annotation
-    # (Callable[..., None]) does not say so
-    handles = [
-        register_module_parameter_registration_hook(param),  # type: ignore[arg-type]
-        register_module_buffer_registration_hook(buffer),  # type: ignore[arg-type]
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:100] if text else type(exc).__name__
-
-
-@functools.lru_cache(maxsize=256)
-def _meta_info(builder: Builder, kwargs_json: str) -> tuple[str, dict[str, tuple[int, ...]]] | str:
-    """Class name and state-dict shapes of ``builder(**kwargs)``, or why it cannot be built.
-
-    Built on the meta device, which allocates nothing and skips the weights' initial
-    values, so comparing a dozen candidate architectures costs little; a builder that
-    computes with tensors (RegNet) is built again on the CPU with only its weights on
-    the meta device. Results are cached.
-    """
-    kwargs = json.loads(kwargs_json)
-    try:
-        with torch.device("meta"):
-            model = builder(**kwargs)
-    except Exception:  # tensors computed while building (RegNet): weights on meta only
-        try:
-            with _weights_on_meta():
-                model = builder(**kwargs)
-        except Exception as exc:  # cannot build with these arguments: nothing to infer
-            return f"{type(exc).__name__}: {_first_line(exc)}"
-    if not isinstance(model, nn.Module):
-        return f"returned a {type(model).__name__}, not an nn.Module"
-    kind = f"{type(model).__module__}.{type(model).__qualname__}"
-    return kind, {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _shapes(builder: Builder, kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    info = _meta_info(builder, json.dumps(dict(kwargs), sort_keys=True))
-    return None if isinstance(info, str) else info[1]
-
-
-def infer_num_classes(
-    builder: Builder, kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor]
-) -> int | None:
-    """``num_classes`` the state_dict's head says, when it differs from the builder's default.
-
-    The head is found by building the architecture twice on the meta device with two
-    class counts and seeing which tensors change; ``None`` when nothing needs changing
-    or the builder takes no ``num_classes``.
-
-    Examples
-    --------
-    >>> import torchvision
-    >>> sd = torchvision.models.resnet18(num_classes=7).state_dict()
-    >>> infer_num_classes(torchvision.models.resnet18, {}, sd)
-    7
-    """
-    if "num_classes" in kwargs:
-        return None
-    base = _shapes(builder, kwargs)
-    probe = _shapes(builder, {**kwargs, "num_classes": 3})
-    if base is None or probe is None:
-        return None
-    head = [k for k, s in base.items() if k in probe and probe[k] != s and k in state]
-    found = {int(state[k].shape[0]) for k in head if state[k].ndim == len(base[k])}
-    default = {base[k][0] for k in head}
-    if len(found) != 1 or found == default:
-        return None
-    return found.pop()
-
-
-def _public_names() -> dict[int, str]:
-    """Per builder, its shortest dotted registered name (``torchvision.models.resnet18``)."""
-    best: dict[int, str] = {}
-    for name, fn in registered_archs().items():
-        key = id(fn)
-        dots = name.count(".")
-        if key not in best or (dots and (not best[key].count(".") or dots < best[key].count("."))):
-            best[key] = name
-    return best
-
-
-def arch_for_type(
-    type_name: str, state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any]
-) -> tuple[str | None, str]:
-    """The registered builder that makes a ``type_name`` model matching ``state``, and why.
-
-    ``type_name`` is a recorded model's class (a dump's ``modules[""].type``, e.g.
-    ``torchvision.models.resnet.ResNet``). Candidates are registered builders from that
-    class's module (or the class itself); each is built without weights (meta device) and
-    kept when its state_dict has the same keys, and shapes equal to (or, for a pruned
-    state_dict, not smaller than) the checkpoint's. Returns ``(None, reason)`` unless
-    exactly one fits; the reason says when candidates raised while being built.
-
-    Examples
-    --------
-    >>> import torchvision
-    >>> sd = torchvision.models.resnet34(num_classes=5).state_dict()
-    >>> arch_for_type("torchvision.models.resnet.ResNet", sd, {})[0]
-    'torchvision.models.resnet34'
-    """
-    module = type_name.rpartition(".")[0]
-    names = _public_names()
-    seen: dict[int, Builder] = {}
-    for fn in registered_archs().values():
-        own = f"{fn.__module__}.{fn.__qualname__}" if isinstance(fn, type) else None
-        if own == type_name or (own is None and getattr(fn, "__module__", None) == module):
-            seen.setdefault(id(fn), fn)
-    if not seen:
-        return None, "no registered builder makes it"
-    exact, fits, failed = [], [], []
-    keys = set(state)
-    for key, fn in seen.items():
-        info = _meta_info(fn, json.dumps(dict(kwargs), sort_keys=True))
-        if isinstance(info, str):
-            failed.append(f"{names[key]}: {info}")
-            continue
-        if info[0] != type_name or set(info[1]) != keys:
-            continue
-        n = infer_num_classes(fn, kwargs, state)
-        shapes = (_shapes(fn, {**kwargs, "num_classes": n}) if n else info[1]) or {}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if got == shapes:
-            exact.append(names[key])
-        elif all(
-            len(got[k]) == len(s) and all(a <= b for a, b in zip(got[k], s, strict=True))
-            for k, s in shapes.items()
-            if k in got and not k.endswith("num_batches_tracked")
-        ):
-            fits.append(names[key])
-    if len(exact) == 1 or (not exact and len(fits) == 1):
-        picked = (exact or fits)[0]
-        return picked, f"the recorded model is a {type_name} and {picked} matches the state_dict"
-    if exact or fits:
-        return None, f"several builders match: {', '.join(sorted(exact or fits))}"
-    if failed:
-        rest = len(seen) - len(failed)
-        others = f"; the other {rest} do not have the state_dict's keys and shapes" if rest else ""
-        return None, (
-            f"{len(failed)} of {len(seen)} candidate builders raised when built to compare "
-            f"(e.g. {sorted(failed)[0]}){others}"
-        )
-    return None, f"none of {len(seen)} candidate builders has the state_dict's keys and shapes"

@@ -31,14 +31,13 @@ from tdump.errors import CheckpointError, ConfigError
 from tdump.surgery._apply import apply_keeps
 from tdump.surgery._arch import (
     Builder,
-    arch_for_type,
     arch_name,
     build_arch,
     check_kwargs,
-    infer_num_classes,
     resolve_arch,
     same_arch,
 )
+from tdump.surgery._arch_fit import arch_for_type, infer_image_size, infer_num_classes
 from tdump.surgery._checkpoint import (
     CKPT_FORMAT,
     CheckpointInfo,
@@ -243,6 +242,20 @@ def _choose_arch(
     )
 
 
+def _infer_kwargs(
+    builder: Builder, kwargs: Mapping[str, Any], sd: Mapping[str, torch.Tensor], notes: list[str]
+) -> dict[str, int]:
+    """Builder keywords the state_dict says and ``kwargs`` does not; each gets a note."""
+    found: dict[str, int] = {}
+    if (n := infer_num_classes(builder, kwargs, sd)) is not None:
+        found["num_classes"] = n
+        notes.append(f"num_classes={n} inferred from the state_dict's classifier")
+    if (size := infer_image_size(builder, kwargs, sd)) is not None:
+        found["image_size"] = size
+        notes.append(f"image_size={size} inferred from the state_dict's position embedding")
+    return found
+
+
 def _check_plan_shapes(
     model: nn.Module,
     sd: Mapping[str, torch.Tensor],
@@ -365,12 +378,10 @@ def load(
         sd, found = _auto_prefix(sd, {k: 0 for k in model.state_dict()})
         if found:
             notes.append(f"stripped the prefix {found!r} from the checkpoint's keys")
-    if "num_classes" not in kwargs:
-        n = infer_num_classes(builder, kwargs, sd)
-        if n is not None:
-            kwargs = {**kwargs, "num_classes": n}
-            notes.append(f"num_classes={n} inferred from the state_dict's classifier")
-            model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
+    inferred = _infer_kwargs(builder, kwargs, sd, notes)
+    if inferred:
+        kwargs = {**kwargs, **inferred}
+        model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
     ignore = base.ignore or ignore
     cumulative = Plan.from_dict({"layers": base.plan}) if base.plan else Plan()
     source = os.fspath(like or path)

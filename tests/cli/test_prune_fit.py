@@ -75,7 +75,7 @@ def test_regnet_state_dict_without_arch(
 
 def test_builders_that_raise_are_said() -> None:
     """No builder fits because they all raise: the error says so, not that keys differ."""
-    from tdump.surgery._arch import arch_for_type
+    from tdump.surgery._arch_fit import arch_for_type
 
     sd = torchvision.models.regnet_x_400mf(num_classes=10).state_dict()
     found, why = arch_for_type("torchvision.models.regnet.RegNet", sd, {"no_such_kwarg": 1})

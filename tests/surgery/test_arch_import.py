@@ -166,7 +166,7 @@ def test_weights_on_meta_only_for_the_building_thread() -> None:
     """The global registration hooks leave a model another thread builds meanwhile alone."""
     import threading
 
-    from tdump.surgery._arch import _weights_on_meta
+    from tdump.surgery._arch_fit import _weights_on_meta
 
     built: dict[str, torch.nn.Module] = {}
     started, release = threading.Event(), threading.Event()
