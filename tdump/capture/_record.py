@@ -39,7 +39,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import ALWAYS_ON, HookConfig
-from tdump.capture._exit import install_sigterm, mark_exiting
+from tdump.capture._exit import Terminated, TrainingStopped, install_sigterm, mark_exiting
 from tdump.capture._hook import Hook, active_hooks
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.capture._out import local_path, resolve_rank
@@ -259,6 +259,7 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     code = 0
+    failed: str | None = None  # how the script failed, for the last line
     try:
         runpy.run_path(script, run_name="__main__")
     except KeyboardInterrupt:
@@ -269,11 +270,15 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
+        if code and not isinstance(exc, (TrainingStopped, Terminated)):
+            failed = f"exited with status {code}"
     except TdumpError:
         raise  # tdump.load & co. in the script: one line, as the CLI prints them
     except Exception as exc:  # the script's crash: its traceback, then what was recorded
         print_script_traceback(exc, script)
         code = 1
+        text = str(exc).strip().splitlines()
+        failed = f"failed ({type(exc).__name__}{': ' + text[0][:160] if text else ''})"
     finally:
         sys.argv = old_argv
         sys.path[:] = old_path
@@ -286,10 +291,14 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     if counts:
         summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
         print(f"tdump: recorded {summary} record(s) to {config.out}", file=sys.stderr)
-        for line in summarize(config.out, resolve_rank(config)[0]):
+        # after a crash, advice on the save interval would point away from the cause
+        for line in summarize(config.out, resolve_rank(config)[0], warn=failed is None):
             print(line, file=sys.stderr)
     elif hook._root is None:
         print("tdump: no trained module was seen; nothing recorded", file=sys.stderr)
+    if failed is not None:  # last, where `tail` shows it: not a tdump line above the cause
+        kept = f"{config.out} keeps the records committed before it" if counts else "no records"
+        print(f"tdump: {os.path.basename(script)} {failed}; {kept}", file=sys.stderr)
     return code
 
 
@@ -310,10 +319,10 @@ def dump_size(out: str) -> int:
     return int(fs.du(root))
 
 
-def summarize(out: str, rank: int = 0) -> list[str]:
+def summarize(out: str, rank: int = 0, *, warn: bool = True) -> list[str]:
     """Lines for the end of ``tdump record``: saved steps, size, a warning for one step.
 
-    The one-step warning counts the steps that hold the model's tensors (activations,
+    The one-step warning (left out when ``warn`` is false) counts the steps that hold the model's tensors (activations,
     gradients, weights: what ranking reads), not every record: losses saved every
     step (``tdump loop`` does) would otherwise hide a dump whose tensors are at step 0.
 
@@ -335,7 +344,7 @@ def summarize(out: str, rank: int = 0) -> list[str]:
     if len(tensors) != len(train):
         held += f", {len(tensors)} of them with the model's tensors (the others: losses or scalars only)"
     lines = [f"tdump: {out} holds {held}, {size / 1e6:.1f} MB"]
-    if len(tensors) == 1:
+    if len(tensors) == 1 and warn:
         only = "only one saved train step" + (
             "" if len(train) == 1 else " with the model's tensors"
         )

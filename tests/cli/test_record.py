@@ -159,10 +159,39 @@ def test_script_crash_shows_its_traceback_and_keeps_the_records(tmp_path: Path) 
     trace = err[err.index("Traceback") :]
     assert "crash.py" in trace and "typer" not in trace and "tdump/" not in trace, err
     assert "tdump: recorded 4 train record(s)" in err, err
+    # the last line says the script failed and why, under tdump's summary
+    assert err.strip().splitlines()[-1] == (
+        f"tdump: crash.py failed (RuntimeError: out of memory (simulated)); {out} keeps the "
+        "records committed before it"
+    ), err
 
     from tdump._format import StoreReader
 
     assert StoreReader(str(out)).steps("train", 0).tolist() == [0, 1, 2, 3]
+
+
+def test_crash_at_the_first_step_gives_no_interval_advice(tmp_path: Path) -> None:
+    """A model that fails in its first forward (a wrong input size): one record is
+    committed, and the advice to save more steps would point away from the cause."""
+    script = tmp_path / "bad_input.py"
+    script.write_text(
+        "import sys, torch\nfrom torch import nn\n"
+        "m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "m(torch.randn(4, 3, 16, 16))\n"
+    )
+    proc = _record("--out", str(tmp_path / "d.zarr"), "--interval", "1", str(script))
+    assert proc.returncode == 1, proc.stderr
+    assert "only one saved train step" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tdump: bad_input.py failed (RuntimeError: mat1 and mat2 shapes"), last
+
+    script.write_text("import sys\nsys.exit(3)\n")
+    proc = _record("--out", str(tmp_path / "e.zarr"), str(script))
+    assert proc.returncode == 3
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "tdump: bad_input.py exited with status 3; no records"
+    ), proc.stderr
 
 
 def test_a_script_that_trains_no_model_says_so_once(tmp_path: Path) -> None:
