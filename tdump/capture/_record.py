@@ -322,9 +322,10 @@ def dump_size(out: str) -> int:
 def summarize(out: str, rank: int = 0, *, warn: bool = True) -> list[str]:
     """Lines for the end of ``tdump record``: saved steps, size, a warning for one step.
 
-    The one-step warning (left out when ``warn`` is false) counts the steps that hold the model's tensors (activations,
-    gradients, weights: what ranking reads), not every record: losses saved every
-    step (``tdump loop`` does) would otherwise hide a dump whose tensors are at step 0.
+    The one-step warning (left out when ``warn`` is false) counts the steps that hold
+    the model's tensors (activations, gradients, weights: what ranking reads), not every
+    record: losses saved every step (``tdump loop`` does) would otherwise hide a dump
+    whose tensors are at step 0.
 
     >>> summarize("memory://doc/none.zarr")
     []
