@@ -31,7 +31,13 @@ from torch import nn
 
 from tdump.surgery._arch import Builder, registered_archs
 
-__all__ = ["arch_for_type", "infer_image_size", "infer_num_classes"]
+__all__ = [
+    "INFERRED_FROM",
+    "arch_for_type",
+    "infer_image_size",
+    "infer_kwargs",
+    "infer_num_classes",
+]
 
 
 @contextlib.contextmanager
@@ -201,6 +207,35 @@ def infer_image_size(
     return size if shapes is not None and shapes.get(key) == got else None
 
 
+#: What each keyword :func:`infer_kwargs` may find is read from, for the notes.
+INFERRED_FROM = {
+    "num_classes": "the state_dict's classifier",
+    "image_size": "the state_dict's position embedding",
+}
+
+
+def infer_kwargs(
+    builder: Builder, kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> dict[str, int]:
+    """The builder keywords ``state`` says and ``kwargs`` does not give.
+
+    Each is a key of :data:`INFERRED_FROM`: ``num_classes`` (:func:`infer_num_classes`)
+    and ``image_size`` (:func:`infer_image_size`).
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> sd = torchvision.models.resnet18(num_classes=7).state_dict()
+    >>> infer_kwargs(torchvision.models.resnet18, {}, sd)
+    {'num_classes': 7}
+    """
+    found = {
+        "num_classes": infer_num_classes(builder, kwargs, state),
+        "image_size": infer_image_size(builder, kwargs, state),
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def _public_names() -> dict[int, str]:
     """Per builder, its shortest dotted registered name (``torchvision.models.resnet18``)."""
     best: dict[int, str] = {}
@@ -242,6 +277,7 @@ def arch_for_type(
         return None, "no registered builder makes it"
     exact, fits, failed = [], [], []
     keys = set(state)
+    got = {k: tuple(v.shape) for k, v in state.items()}
     for key, fn in seen.items():
         info = _meta_info(fn, json.dumps(dict(kwargs), sort_keys=True))
         if isinstance(info, str):
@@ -249,10 +285,8 @@ def arch_for_type(
             continue
         if info.kind != type_name or set(info.shapes) != keys:
             continue
-        n, size = infer_num_classes(fn, kwargs, state), infer_image_size(fn, kwargs, state)
-        found = {k: v for k, v in (("num_classes", n), ("image_size", size)) if v is not None}
+        found = infer_kwargs(fn, kwargs, state)
         shapes = (_shapes(fn, {**kwargs, **found}) if found else info.shapes) or {}
-        got = {k: tuple(v.shape) for k, v in state.items()}
         if got == shapes:
             exact.append(names[key])
         elif all(

@@ -37,7 +37,7 @@ from tdump.surgery._arch import (
     resolve_arch,
     same_arch,
 )
-from tdump.surgery._arch_fit import arch_for_type, infer_image_size, infer_num_classes
+from tdump.surgery._arch_fit import INFERRED_FROM, arch_for_type, infer_kwargs
 from tdump.surgery._checkpoint import (
     CKPT_FORMAT,
     CheckpointInfo,
@@ -246,13 +246,8 @@ def _infer_kwargs(
     builder: Builder, kwargs: Mapping[str, Any], sd: Mapping[str, torch.Tensor], notes: list[str]
 ) -> dict[str, int]:
     """Builder keywords the state_dict says and ``kwargs`` does not; each gets a note."""
-    found: dict[str, int] = {}
-    if (n := infer_num_classes(builder, kwargs, sd)) is not None:
-        found["num_classes"] = n
-        notes.append(f"num_classes={n} inferred from the state_dict's classifier")
-    if (size := infer_image_size(builder, kwargs, sd)) is not None:
-        found["image_size"] = size
-        notes.append(f"image_size={size} inferred from the state_dict's position embedding")
+    found = infer_kwargs(builder, kwargs, sd)
+    notes.extend(f"{k}={v} inferred from {INFERRED_FROM[k]}" for k, v in found.items())
     return found
 
 
