@@ -228,8 +228,10 @@ class _Loop:
         # the logs keep everything, but a note there is one nobody reads (rank's "scores
         # rest on one saved step, the untrained model"): say each on the console once
         log = self.paths(r)["dir"] / f"{stage}.log"
+        # this round prunes the last round's model: what its surgery leaves alone
+        left = self.rows[r - 1].get("left_alone") if 0 < r <= len(self.rows) else None
         for said in stage_notes(log, own_only=stage == "train"):
-            line = for_the_loop(said) if stage == "rank" else said
+            line = for_the_loop(said, left) if stage == "rank" else said
             if (stage, line) not in self.relayed:
                 self.relayed.add((stage, line))
                 self.events.stage_note(r, stage, line)
@@ -239,6 +241,7 @@ class _Loop:
         import tdump.surgery as surgery
         from tdump.loop._metrics import (
             dump_metrics,
+            left_alone,
             model_stats,
             prunable_counts,
             rankable_layers,
@@ -277,6 +280,8 @@ class _Loop:
             # asks of each), given the layers that ranking will score (None: the ranking
             # or the prune would fail, and that stage says why)
             ranked = rankable_layers(p["dump"], s.criterion) if r + 1 < s.rounds else None
+            # for the next round's rank notes (see _relay)
+            frozen = left_alone(model) if r + 1 < s.rounds else None
             if ranked is not None:
                 try:
                     prunable, one_group = prunable_counts(
@@ -331,6 +336,7 @@ class _Loop:
             "stop_reason": None,
             "prunable": prunable,
             "prunable_per_group": one_group,
+            "left_alone": frozen,
         }
         return row
 

@@ -30,6 +30,7 @@ from tdump.errors import TdumpError
 __all__ = [
     "TRAIN_WINDOW",
     "dump_metrics",
+    "left_alone",
     "load_round_model",
     "model_stats",
     "prunable_counts",
@@ -261,6 +262,30 @@ def prunable_counts(
     except RanksError:  # the scores fit: no ranked group can be pruned (or none is ranked)
         return 0, 0
     return int(plan.removed), max(plan.removed_per_group, default=0)
+
+
+def left_alone(model: Any) -> dict[str, str]:
+    """``{layer: why}`` for the convs and Linears whose output channels the surgery never removes.
+
+    Their groups are frozen in ``model``'s channel graph (:func:`tdump.surgery.build_graph`):
+    a ViT's ``conv_proj``, whose channels meet the class token in a ``torch.cat``, or the
+    classifier, whose outputs are the model's. Scoring them cannot prune them, so the loop
+    says so instead of relaying rank's advice to record what would score them. ``{}`` when
+    fx cannot trace the model (the prune stage then says why).
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> left_alone(torchvision.models.resnet18(num_classes=4))
+    {'fc': 'reaches the model output'}
+    """
+    import tdump.surgery as surgery
+
+    try:
+        graph = surgery.build_graph(model)
+    except TdumpError:
+        return {}
+    return {m: g.reason for g in graph.groups if g.frozen for m in g.members}
 
 
 def _width(module: Any) -> int:

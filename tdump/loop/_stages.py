@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -235,11 +236,31 @@ def stage_notes(log: Path, *, own_only: bool = False) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def for_the_loop(line: str) -> str:
+#: Rank's note on layers it could not score, up to its advice (``tdump.analyze._diagnose``).
+_UNSCORED = re.compile(
+    r"note: no (?P<crit>\S+) scores for \d+ (?P<kind>conv layers?|layers?) "
+    r"\((?P<layers>[^()]*)\): (?P<why>.*?); to score them, record "
+)
+
+
+def _frozen_reason(layer: str, left_alone: Mapping[str, str]) -> str | None:
+    """Why the surgery leaves ``layer`` alone; a wrapper's prefix (``module.``) is skipped."""
+    parts = layer.split(".")
+    for i in range(len(parts)):
+        why = left_alone.get(".".join(parts[i:]))
+        if why is not None:
+            return why
+    return None
+
+
+def for_the_loop(line: str, left_alone: Mapping[str, str] | None = None) -> str:
     """A rank note's ``tdump record --include ...`` hint, said as the loop's own option.
 
     The loop records through ``tdump record`` itself, so the user's remedy is the
-    same ``--include`` (and ``--config``) given to ``tdump loop``.
+    same ``--include`` (and ``--config``) given to ``tdump loop``. When every layer
+    the note names is one the surgery leaves alone (``left_alone``: the model's
+    :func:`~tdump.loop._metrics.left_alone`, the round's ``left_alone``), recording
+    more would not prune it: the note says so and why instead.
 
     Examples
     --------
@@ -247,7 +268,23 @@ def for_the_loop(line: str) -> str:
     "note: ...; to score them, record X: tdump loop SCRIPT --include '.*relu|a' (a new experiment)"
     >>> for_the_loop("note: taylor scores rest on one saved step")
     'note: taylor scores rest on one saved step'
+    >>> print(for_the_loop(
+    ...     "note: no taylor scores for 1 conv layer (conv_proj): no activation module receives "
+    ...     "these channels alone; to score them, record X: tdump record --include 'a'",
+    ...     {"conv_proj": "torch.cat (dim 1) with a class token"}))
+    note: no taylor scores for 1 conv layer (conv_proj): no activation module receives these channels alone; tdump prune leaves it alone (torch.cat (dim 1) with a class token), so recording more would not prune it
     """
+    found = _UNSCORED.match(line)
+    if found and left_alone and " more" not in found["layers"]:
+        layers = found["layers"].split(", ")
+        reasons = [_frozen_reason(layer, left_alone) for layer in layers]
+        if all(reasons):
+            it = "it" if len(layers) == 1 else "them"
+            why = "; ".join(dict.fromkeys(str(r) for r in reasons))
+            return (
+                f"{line[: found.end('why')]}; tdump prune leaves {it} alone ({why}), "
+                f"so recording more would not prune {it}"
+            )
     head, sep, tail = line.partition(": tdump record --include ")
     if not sep:
         return line

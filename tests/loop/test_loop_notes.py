@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.loop.conftest import BASE, TRAIN, run_tdump
+from tdump.loop._stages import for_the_loop
+from tests.loop.conftest import BASE, TRAIN, rows_of, run_tdump
 
 
 def test_rank_and_record_notes_reach_the_loops_stderr(tmp_path: Path) -> None:
@@ -41,3 +42,45 @@ def test_a_rank_hint_to_record_more_is_said_as_the_loops_option(tmp_path: Path) 
     assert notes[0].endswith(" (a new experiment)") and "tdump record" not in notes[0]
     # the stage's own log keeps rank's words
     assert ": tdump record --include '.*relu1|" in (exp / "round_001/rank.log").read_text()
+
+
+def test_no_advice_to_record_a_layer_the_surgery_never_prunes(tmp_path: Path) -> None:
+    """TokenNet's patch embedding, like a ViT's conv_proj, feeds a torch.cat with a class
+    token: rank cannot score it and would advise recording it, but pruning leaves it
+    alone whatever its scores, so the loop says that instead of suggesting a new run."""
+    exp = tmp_path / "exp"
+    base = [a if a != "tinynet.TinyNet" else "tinynet.TokenNet" for a in BASE]
+    proc = run_tdump(
+        "loop", TRAIN, "--rounds", "2", *base, "--experiment", str(exp), "--", "--tokens"
+    )
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("round 1 rank: note: no ")]
+    assert len(notes) == 1 and "scores for 1 conv layer (embed)" in notes[0], proc.stderr
+    assert notes[0].endswith(
+        "tdump prune leaves it alone (consumed by unsupported operation 'transpose'), "
+        "so recording more would not prune it"
+    ), notes[0]
+    assert "--include" not in notes[0] and "new experiment" not in notes[0]
+    # rank's own advice stays in its log; the rows say what the surgery leaves alone
+    assert "(?:^|\\.)embed\\.output_0" in (exp / "round_001/rank.log").read_text()
+    rows = rows_of(exp)
+    assert set(rows[0]["left_alone"]) == {"embed", "fc"} and rows[1]["left_alone"] is None
+    # and it did prune what it could: conv1 lost channels, embed kept its 16
+    assert rows[1]["channels"]["conv1"] < 16 == rows[1]["channels"]["embed"]
+
+
+def test_advice_stays_unless_every_named_layer_is_left_alone() -> None:
+    """The rewrite needs every layer of the note frozen; a wrapper's prefix is skipped."""
+    note = (
+        "note: no taylor scores for 2 conv layers (module.conv_proj, module.c2): no activation "
+        "module receives these channels alone; to score them, record X: tdump record --include 'a'"
+    )
+    kept = for_the_loop(note, {"conv_proj": "torch.cat"})
+    assert kept.endswith("tdump loop SCRIPT --include 'a' (a new experiment)")
+    both = for_the_loop(note, {"conv_proj": "torch.cat", "c2": "reaches the model output"})
+    assert both.endswith(
+        "tdump prune leaves them alone (torch.cat; reaches the model output), "
+        "so recording more would not prune them"
+    )
+    many = note.replace("module.conv_proj, module.c2", "a, b, c, d, e, f and 1 more")
+    assert for_the_loop(many, dict.fromkeys("abcdefg", "x")).endswith("(a new experiment)")

@@ -14,7 +14,8 @@ import torch
 import torchvision
 
 import tdump.surgery as surgery
-from tdump.loop._metrics import prunable_counts, rankable_layers
+from tdump.errors import RanksError
+from tdump.loop._metrics import left_alone, prunable_counts, rankable_layers
 from tdump.loop._settings import LoopSettings, record_options
 from tests.loop.conftest import SCRIPTS, TRAIN, run_tdump
 from tests.surgery.helpers import random_scores, write_ranks
@@ -155,3 +156,20 @@ def test_rankable_layers_are_those_the_rank_stage_scores(tmp_path: Path) -> None
     # l1 reads weights, which this dump did not record; bn-gamma likewise: no ranking
     assert rankable_layers(dump, "l1") is None
     assert rankable_layers(tmp_path / "missing.zarr", "taylor") is None
+
+
+def test_left_alone_is_what_pruning_never_touches_even_with_scores() -> None:
+    """A ViT's conv_proj and head are left alone; its MLP's first Linear is not. Checked
+    against the surgery itself: scores for every listed layer remove nothing from them."""
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    frozen = left_alone(vit)
+    assert set(frozen) == {"conv_proj", "encoder.layers.encoder_layer_0.mlp.3", "heads.head"}
+    assert frozen["conv_proj"].startswith("torch.cat (dim 1) with a tensor of untracked channels")
+    mlp = "encoder.layers.encoder_layer_0.mlp.0"
+    ranks = {name: np.arange(float(w)) for name, w in [("conv_proj", 16), (mlp, 32)]}
+    plan = surgery.plan(vit, ranks, count=8)
+    assert "conv_proj" not in plan.layers and len(plan.layers[mlp].keep) == 24
+    with pytest.raises(RanksError, match="no ranked layer can be pruned"):
+        surgery.plan(vit, {"conv_proj": np.arange(16.0)}, count=8)

@@ -22,3 +22,27 @@ class TinyNet(nn.Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
         return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class TokenNet(nn.Module):
+    """A conv stem, then patch tokens with a class token, as a ViT: ``embed`` is never pruned.
+
+    ``embed``'s channels meet the learned class token in a ``torch.cat``, so the
+    surgery leaves them alone (as torchvision's ViT ``conv_proj``); ``conv1`` prunes.
+    """
+
+    def __init__(self, width: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU()
+        self.embed = nn.Conv2d(width, width, 4, stride=4)
+        self.token = nn.Parameter(torch.zeros(1, 1, width))
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        tokens = self.embed(out).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.fc(self.norm(tokens)[:, 0])

@@ -6,7 +6,8 @@ with ``tdump.report`` (unless ``--no-report``; with ``--functional-eval`` as wel
 the eval loss is computed without the loss module, so capture sees no eval logits and
 the round has no accuracy at all); saves ``model.state_dict()`` to
 ``TDUMP_OUT`` (unless ``--no-save``; ``--ignore-init`` builds a fresh TinyNet in
-every round, as a script that forgets ``TDUMP_INIT`` does). With
+every round, as a script that forgets ``TDUMP_INIT`` does; ``--tokens`` trains
+``TokenNet``, whose patch-embedding conv the surgery never prunes). With
 ``LOOP_TEST_CRASH_ROUND=R`` in the environment it exits with status 3 in round R
 (the crash test).
 """
@@ -18,7 +19,7 @@ import os
 import sys
 
 import torch
-from tinynet import TinyNet
+from tinynet import TinyNet, TokenNet
 from torch import nn
 
 import tdump
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--functional-eval", action="store_true", help="eval loss not by the module")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--tokens", action="store_true", help="train TokenNet instead of TinyNet")
     p.add_argument("--ignore-init", action="store_true", help="a script that forgets TDUMP_INIT")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -47,7 +49,8 @@ def main() -> None:
         print(f"injected failure in round {rnd}", file=sys.stderr)
         sys.exit(3)
     init = None if args.ignore_init else os.environ.get("TDUMP_INIT")
-    model = tdump.load(init, arch=TinyNet) if init else TinyNet()  # our own class: named here
+    net = TokenNet if args.tokens else TinyNet
+    model = tdump.load(init, arch=net) if init else net()  # our own class: named here
     x, y = data(256, seed=1)
     xt, yt = data(128, seed=2)
     crit = nn.CrossEntropyLoss()
