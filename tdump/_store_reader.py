@@ -43,11 +43,16 @@ from tdump._validate import (
     check_tensor_array,
     damaged,
     damaged_chunk,
-    first_line,
 )
 from tdump._validate import sizes as store_sizes
 from tdump._zarrloop import start_zarr_loop
-from tdump.errors import CorruptStoreError, DumpNotFoundError, MissingTensorError, NotADumpError
+from tdump.errors import (
+    CorruptStoreError,
+    DumpNotFoundError,
+    MissingTensorError,
+    NotADumpError,
+    first_line,
+)
 
 __all__ = ["StoreReader"]
 

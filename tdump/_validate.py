@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from tdump.errors import NotADumpError
+from tdump.errors import NotADumpError, first_line
 
 __all__ = [
     "DAMAGE",
@@ -30,7 +30,6 @@ __all__ = [
     "check_tensor_array",
     "damaged",
     "damaged_chunk",
-    "first_line",
     "sizes",
 ]
 
@@ -46,11 +45,6 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "modules": (Mapping,),
     "calls": (Mapping,),
 }
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def damaged(path: str, what: str, exc: BaseException | None = None) -> NotADumpError:

@@ -35,6 +35,7 @@ __all__ = [
     "check_choice",
     "compile_regex",
     "did_you_mean",
+    "first_line",
 ]
 
 
@@ -163,3 +164,19 @@ def check_choice(value: object, choices: Sequence[str], what: str) -> str:
     raise ConfigError(
         f"unknown {what} {shown}; use one of {', '.join(choices)}{did_you_mean(value, choices)}"
     )
+
+
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), cut at ``limit``.
+
+    What tdump's one-line errors quote of an exception raised below them (zarr, torch,
+    a user's builder), so that a multi-line message cannot break the one line.
+
+    >>> first_line(ValueError("bad size\\nmore detail"))
+    'bad size'
+    >>> first_line(KeyError()), first_line(RuntimeError("x" * 50), limit=10)
+    ('KeyError', 'xxxxxxxxxx')
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    return line if limit is None else line[:limit]

@@ -28,7 +28,13 @@ import numpy as np
 from tdump._atomic import write_atomic
 from tdump._protocols import require_protocol
 from tdump._version import __version__
-from tdump.errors import ConfigError, DumpNotFoundError, FormatVersionError, RanksError
+from tdump.errors import (
+    ConfigError,
+    DumpNotFoundError,
+    FormatVersionError,
+    RanksError,
+    first_line,
+)
 
 if TYPE_CHECKING:  # pandas loads with the first table (tdump rank starts faster without it)
     import pandas as pd
@@ -484,8 +490,9 @@ def read_ranks(
                 f"{path} is a torch checkpoint, not a ranks file; make one with "
                 "`tdump rank DUMP -o ranks.parquet`"
             ) from None
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RanksError(f"{path} is not a readable parquet file ({first})") from None
+        raise RanksError(
+            f"{path} is not a readable parquet file ({first_line(exc, None)})"
+        ) from None
     raw = (table.schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise RanksError(

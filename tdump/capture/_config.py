@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tdump.capture._checks import check_collection, check_hook
-from tdump.errors import ConfigError
+from tdump.errors import ConfigError, first_line
 
 __all__ = [
     "ALWAYS_ON",
@@ -465,7 +465,7 @@ def load_config(source: str | os.PathLike[str]) -> dict[str, Any]:
         else:
             data = json.loads(raw)
     except Exception as exc:
-        raise ConfigError(f"cannot parse config file {text}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse config file {text}: {first_line(exc, None)}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {text} holds {_kind(data)}, not a mapping of settings "

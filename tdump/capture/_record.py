@@ -44,7 +44,7 @@ from tdump.capture._hook import Hook, active_hooks
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.capture._out import local_path, resolve_rank
 from tdump.capture._script import check_script, print_script_traceback
-from tdump.errors import TdumpError
+from tdump.errors import TdumpError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -277,8 +277,8 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     except Exception as exc:  # the script's crash: its traceback, then what was recorded
         print_script_traceback(exc, script)
         code = 1
-        text = str(exc).strip().splitlines()
-        failed = f"failed ({type(exc).__name__}{': ' + text[0][:160] if text else ''})"
+        said = f": {first_line(exc, 160)}" if str(exc).strip() else ""
+        failed = f"failed ({type(exc).__name__}{said})"
     finally:
         sys.argv = old_argv
         sys.path[:] = old_path

@@ -21,7 +21,7 @@ import traceback
 import zipfile
 from importlib.util import MAGIC_NUMBER
 
-from tdump.errors import ConfigError
+from tdump.errors import ConfigError, first_line
 
 __all__ = ["check_script", "print_script_traceback"]
 
@@ -67,7 +67,7 @@ def check_script(script: str) -> None:
         codecs.getincrementaldecoder(encoding)().decode(head, final=whole)
     except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
         raise ConfigError(
-            f"{script} is not a Python script: it is not text ({str(exc).splitlines()[0]}); {fix}"
+            f"{script} is not a Python script: it is not text ({first_line(exc, None)}); {fix}"
         ) from None
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tdump._version import __version__
-from tdump.errors import ConfigError, FormatVersionError, LoopError
+from tdump.errors import ConfigError, FormatVersionError, LoopError, first_line
 
 __all__ = [
     "EXPERIMENT_FORMAT",
@@ -367,7 +367,7 @@ def check_input_shape(
         text = str(exc).strip()
         if "meta" in text.lower() or not isinstance(exc, (RuntimeError, ValueError)):
             return  # the meta device's limit, not the shape's: measure will say if it fails
-        line = text.splitlines()[0][:160] if text else type(exc).__name__
+        line = first_line(exc, 160)
         raise ConfigError(
             f"--input-shape {','.join(map(str, shape))} does not fit {arch}: a forward at "
             f"input ({', '.join(map(str, [1, *shape]))}) fails ({line}); give one example's "

@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from tdump.errors import CheckpointError, ConfigError
+from tdump.errors import CheckpointError, ConfigError, first_line
 from tdump.surgery._user_code import import_attr
 
 __all__ = [
@@ -280,7 +280,7 @@ def build_arch(
         model = builder(**kw)
     except Exception as exc:
         raise ConfigError(
-            f"cannot construct {shown}(**{json.dumps(kw)}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"cannot construct {shown}(**{json.dumps(kw)}): {first_line(exc, None)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{shown} returned a {type(model).__name__}, not a torch.nn.Module")

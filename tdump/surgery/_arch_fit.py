@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from tdump.errors import first_line
 from tdump.surgery._arch import Builder, registered_archs
 
 __all__ = [
@@ -81,11 +82,6 @@ def _weights_on_meta() -> Iterator[None]:
             handle.remove()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:100] if text else type(exc).__name__
-
-
 class _Meta(NamedTuple):
     """A builder's model, built without weights: what comparing it needs."""
 
@@ -116,7 +112,7 @@ def _meta_info(builder: Builder, kwargs_json: str) -> _Meta | str:
             with _weights_on_meta():
                 model = builder(**kwargs)
         except Exception as exc:  # cannot build with these arguments: nothing to infer
-            return f"{type(exc).__name__}: {_first_line(exc)}"
+            return f"{type(exc).__name__}: {first_line(exc, 100)}"
     if not isinstance(model, nn.Module):
         return f"returned a {type(model).__name__}, not an nn.Module"
     kind = f"{type(model).__module__}.{type(model).__qualname__}"

@@ -40,7 +40,13 @@ from torch import nn
 
 from tdump._atomic import write_atomic
 from tdump._version import __version__
-from tdump.errors import CheckpointError, ConfigError, DumpNotFoundError, FormatVersionError
+from tdump.errors import (
+    CheckpointError,
+    ConfigError,
+    DumpNotFoundError,
+    FormatVersionError,
+    first_line,
+)
 
 __all__ = [
     "CKPT_FORMAT",
@@ -162,9 +168,9 @@ def _load(path: str) -> Any:
         what = str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else "unreadable"
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({what})") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path} is not a readable torch checkpoint (truncated or corrupt: {first})"
+            f"{path} is not a readable torch checkpoint (truncated or corrupt: "
+            f"{first_line(exc, 120)})"
         ) from None
 
 

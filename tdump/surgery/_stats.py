@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tdump.errors import ConfigError
+from tdump.errors import first_line as _exc_line
 
 if TYPE_CHECKING:
     from tdump.surgery._plan import Plan
@@ -137,7 +138,7 @@ def layer_flops(model: nn.Module, positions: dict[str, int]) -> dict[str, int]:
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
     """``exc``'s first line, cut at a sentence or clause boundary when it is long."""
-    text = str(exc).splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+    text = _exc_line(exc, None)
     if len(text) <= limit:
         return text
     cut = max(text.rfind(sep, 0, limit) for sep in (". ", "; ", ", "))

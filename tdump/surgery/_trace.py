@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from tdump.errors import UntraceableModelError
+from tdump.errors import UntraceableModelError, first_line
 
 __all__ = ["trace"]
 
@@ -64,9 +64,8 @@ def trace(
             if where
             else (f"model {type(model).__name__}")
         )
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UntraceableModelError(
-            f"torch.fx cannot trace {label}: {first}; pass ignore=REGEX (--ignore REGEX) "
+            f"torch.fx cannot trace {label}: {first_line(exc, None)}; pass ignore=REGEX (--ignore REGEX) "
             f"matching it to keep it whole and leave its channels alone"
         ) from None
     finally:
