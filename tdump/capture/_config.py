@@ -63,7 +63,9 @@ COMPRESSIONS: tuple[str, ...] = ("auto", "zstd", "lz4", "lz4-noshuffle", "zstd-p
 #: Measured on resnet18 (benchmarks/results/capture_overhead.txt): weights and gradients
 #: compress 1.0-1.08x with any codec, so compressing them costs CPU for nothing; ReLU
 #: outputs and their gradients compress 1.3x with LZ4 at several hundred MB/s per core
-#: and decode at GB/s for ranking (zstd-1: 1.5x, 3-4x slower both ways).
+#: and decode at GB/s for ranking (zstd-1: 1.5x, 3-4x slower both ways). That 1.3x is
+#: the collections' total: a dense tensor among them (a gradient no ReLU or max-pool
+#: masked) is stored uncompressed (``tdump.capture._writer.shrinks``).
 AUTO_COMPRESSION: dict[str, str] = {
     "activations": "lz4-noshuffle",
     "activation_gradients": "lz4-noshuffle",

@@ -159,7 +159,8 @@ def make_compressors(
     """Zarr v3 compressors for a spec and the tensor's collection.
 
     Specs: ``auto`` (per collection, :data:`~tdump.capture.AUTO_COMPRESSION`; else
-    none), ``zstd[:level]``, ``lz4[:level]``, ``lz4-noshuffle[:level]``,
+    none; the writer then stores a tensor that codec does not shrink uncompressed,
+    :func:`shrinks`), ``zstd[:level]``, ``lz4[:level]``, ``lz4-noshuffle[:level]``,
     ``zstd-plain[:level]``, ``none``. ``zstd`` and ``lz4`` are Blosc with byte shuffle
     (zstd level 1, lz4 level 5 by default); ``zstd-plain`` is the bare zstd codec.
     With ``storage_dtype="bfloat16"`` (float32 whose two low bytes are zero) ``auto``
@@ -192,6 +193,37 @@ def make_compressors(
         "noshuffle" if name.endswith("noshuffle") else "shuffle"
     )
     return (BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle),)
+
+
+#: ``compression="auto"`` stores a tensor uncompressed when its codec does not shrink its
+#: first record by at least this factor. Dense gradients (those of resnet18's block ReLU
+#: outputs) encode to 1.00x: the codec's pass over them, and the decode at ranking, buy
+#: nothing. Incompressible means no bytes are lost by storing them raw.
+WORTH_COMPRESSING = 1.01
+
+
+def shrinks(compressors: Sequence[Any], value: np.ndarray) -> bool:
+    """Whether ``compressors`` (as :func:`make_compressors` gives them) shrink ``value``.
+
+    By :data:`WORTH_COMPRESSING` or more, in a trial encode of ``value`` (one record).
+    A codec this cannot try counts as shrinking (nothing changes).
+
+    >>> lz4 = make_compressors("auto", "activation_gradients")
+    >>> rng = np.random.default_rng(0)
+    >>> shrinks(lz4, rng.standard_normal((8, 64)).astype("f4"))   # dense: stored raw
+    False
+    >>> shrinks(lz4, np.maximum(rng.standard_normal((8, 64)), 0).astype("f4"))  # ReLU zeros
+    True
+    """
+    from zarr.codecs import BytesCodec
+
+    from tdump._chunks import numcodecs_codec
+
+    found = numcodecs_codec([BytesCodec(), *compressors])
+    if found is None or found[0] is None:
+        return True
+    data = np.ascontiguousarray(value)
+    return data.nbytes >= WORTH_COMPRESSING * len(found[0].encode(data))
 
 
 def _to_numpy(value: torch.Tensor, storage_dtype: str | None) -> tuple[np.ndarray, Any]:
@@ -241,6 +273,7 @@ class BackgroundWriter:
         self._store: StoreWriter | None = None
         self._compression = compression
         self._compressors: dict[str | None, Any] = {}  # per collection
+        self._tensor_codecs: dict[tuple[str, str], Any] = {}  # "auto": per tensor, once
         self._storage_dtype = storage_dtype
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
@@ -415,6 +448,12 @@ class BackgroundWriter:
                 self._compressors[coll] = make_compressors(
                     self._compression, coll, self._storage_dtype
                 )
+            compressors = self._compressors[coll]
+            if compressors is not None and self._compression == "auto":
+                key = (rec.mode, e.name)
+                if key not in self._tensor_codecs:
+                    self._tensor_codecs[key] = compressors if shrinks(compressors, arr) else None
+                compressors = self._tensor_codecs[key]
             future = store.write_tensor(
                 rec.mode,
                 index,
@@ -422,7 +461,7 @@ class BackgroundWriter:
                 arr,
                 dims=e.dims,
                 attrs=attrs,
-                compressors=self._compressors[coll],
+                compressors=compressors,
                 executor=self._pool,
             )
             if future is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numcodecs import Blosc
 from torch import nn
 
 from tdump._format import StoreReader
@@ -25,26 +26,41 @@ def _codec(reader: StoreReader, name: str) -> str:
 
 
 def test_auto_is_the_default_and_picks_per_collection(tmp_path: Path) -> None:
+    """Activations and their gradients get LZ4 unless it cannot shrink their first record
+    (dense values: a conv's output, a gradient no ReLU or max-pool masked); the rest none."""
     assert HookConfig().compression == "auto"
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)
-    )
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(8 * 7 * 7, 2),
+    )  # fmt: skip
     loss_fn = nn.CrossEntropyLoss()
     hook = Hook(str(tmp_path / "d.zarr"), include_regex=r".*", save_interval=1)
     hook.register_module(model)
     hook.register_loss(loss_fn)
-    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 0, 1])
     loss_fn(model(x), y).backward()
     acts = {"2.output_0": model[2](model[1](model[0](x))).detach().numpy()}
     hook.close()
     r = StoreReader(str(tmp_path / "d.zarr"))
+    lz4 = Blosc(cname="lz4", clevel=5, shuffle=Blosc.NOSHUFFLE)  # the same codec, by hand
     by_coll: dict[str, set[str]] = {}
     for name in r.tensor_names("train"):
         coll = r.tensor_attrs("train", name)["collection"]
-        by_coll.setdefault(coll, set()).add(_codec(r, name))
-    assert by_coll["activations"] == {"lz4-noshuffle"}
-    assert by_coll["activation_gradients"] == {"lz4-noshuffle"}
+        codec = _codec(r, name)
+        by_coll.setdefault(coll, set()).add(codec)
+        if coll in AUTO_COMPRESSION:
+            value = np.ascontiguousarray(r.read("train", name, 0))
+            shrunk = value.nbytes >= 1.01 * len(lz4.encode(value))
+            assert codec == ("lz4-noshuffle" if shrunk else "none"), name
+            if codec == "none":  # stored as they are: not a byte more
+                assert r.record_sizes("train", name) == {0: value.nbytes}, name
+    # the ReLU's zeros compress, and so do the gradients max-pooling and the ReLU zeroed
+    for name in ("2.output_0", "2.output_0.grad", "1.output_0.grad"):
+        assert _codec(r, name) == "lz4-noshuffle", name
+    # a conv's output, and the gradient the Linear hands back, are dense
+    for name in ("0.output_0", "4.output_0.grad", "5.output_0.grad"):
+        assert _codec(r, name) == "none", name
     for coll in ("weights", "biases", "gradients", "running_stats", "losses"):
         assert by_coll[coll] == {"none"}, coll
     np.testing.assert_array_equal(np.asarray(r.array("train", "2.output_0")[0]), acts["2.output_0"])
@@ -52,6 +68,22 @@ def test_auto_is_the_default_and_picks_per_collection(tmp_path: Path) -> None:
         np.asarray(r.array("train", "0.weight")[0]), model[0].weight.detach().numpy()
     )
     assert set(AUTO_COMPRESSION) == {"activations", "activation_gradients"}
+
+
+def test_the_codec_is_chosen_once_per_tensor(tmp_path: Path) -> None:
+    """Decided at the tensor's first record: later records keep its codec, and read back equal."""
+    out = str(tmp_path / "d.zarr")
+    model = nn.Sequential(nn.Identity(), nn.ReLU())
+    values = []
+    with Hook(out, include_regex=r"1\.output", save_interval=1, strict=True) as hook:
+        hook.register_module(model)
+        for shift in (10.0, 0.0):  # step 0: all positive, no zeros; step 1: half zeros
+            values.append(model(torch.randn(64, 64) + shift).numpy())
+    r = StoreReader(out)
+    assert _codec(r, "1.output_0") == "none"  # step 0's dense floats do not compress
+    for i, want in enumerate(values):
+        np.testing.assert_array_equal(r.read("train", "1.output_0", i), want)
+    assert r.record_sizes("train", "1.output_0") == {0: values[0].nbytes, 1: values[1].nbytes}
 
 
 @pytest.mark.parametrize(
