@@ -19,6 +19,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -280,9 +281,13 @@ class _Loop:
             # asks of each), given the layers that ranking will score (None: the ranking
             # or the prune would fail, and that stage says why)
             ranked = rankable_layers(p["dump"], s.criterion) if r + 1 < s.rounds else None
-            # for the next round's rank notes (see _relay)
-            frozen = left_alone(model) if r + 1 < s.rounds else None
-            if ranked is not None:
+            graph = frozen = None
+            if r + 1 < s.rounds:  # one trace serves both: the next round prunes this model
+                with contextlib.suppress(TdumpError):  # untraceable: the next prune says why
+                    graph = surgery.build_graph(model)
+                # what it never prunes, for the next round's rank notes (see _relay)
+                frozen = left_alone(graph) if graph is not None else {}
+            if ranked is not None and graph is not None:
                 try:
                     prunable, one_group = prunable_counts(
                         model,
@@ -291,6 +296,7 @@ class _Loop:
                         min_channels=s.min_channels,
                         max_ratio=s.max_ratio,
                         conv_only_groups=s.conv_only_groups,
+                        graph=graph,
                     )
                 except TdumpError:  # ranked layers the model lacks: tdump prune refuses them
                     prunable = one_group = None

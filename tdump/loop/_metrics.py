@@ -193,6 +193,7 @@ def prunable_counts(
     conv_only_groups: bool = False,
     ignore: str | None = None,
     criterion: str | None = None,
+    graph: Any = None,
 ) -> tuple[int, int]:
     """Channels one ``tdump prune`` of ``model`` with ``ranks`` can remove: in all, and from one group.
 
@@ -208,7 +209,9 @@ def prunable_counts(
     count: groups with ranks (a group none of whose convs is ranked keeps all its
     channels), not frozen, not residual with ``conv_only_groups``, each up to its cap
     (``min_channels``, ``max_ratio``, whole blocks of a grouped conv). ``(0, 0)`` when
-    no ranked layer can be pruned (``tdump prune`` then refuses).
+    no ranked layer can be pruned (``tdump prune`` then refuses). ``graph``: ``model``'s
+    channel graph (:func:`tdump.surgery.build_graph` with ``ignore``) when the caller has
+    built it already; else it is built here.
 
     Raises
     ------
@@ -230,6 +233,7 @@ def prunable_counts(
     import tdump.surgery as surgery
     from tdump.errors import RanksError
     from tdump.surgery._io import strip_ranks_prefix
+    from tdump.surgery._plan import select
     from tdump.surgery._ranks import scores_for
 
     if isinstance(ranks, (list, tuple, set, frozenset)):
@@ -245,46 +249,39 @@ def prunable_counts(
             ranks = surgery.read_ranks_table(ranks)
         ranks = strip_ranks_prefix(ranks, model)[0]
     scores = scores_for(model, ranks, criterion)
-    more_than_ranked = sum(len(s) for s in scores.values()) + 1
+    settings = surgery.Settings(  # what surgery.plan selects with, given these keywords
+        count=sum(len(s) for s in scores.values()) + 1,  # more than are ranked
+        scope=scope,
+        min_channels=min_channels,
+        max_ratio=max_ratio,
+        conv_only_groups=conv_only_groups,
+    )
+    if graph is None:
+        graph = surgery.build_graph(model, ignore)
     try:
         with warnings.catch_warnings():  # a nearly emptied group: the plan is not applied
             warnings.simplefilter("ignore", surgery.FewChannelsWarning)
-            plan = surgery.plan(
-                model,
-                scores,
-                count=more_than_ranked,
-                scope=scope,
-                min_channels=min_channels,
-                max_ratio=max_ratio,
-                conv_only_groups=conv_only_groups,
-                ignore=ignore,
-            )
+            plan = select(graph, scores, settings)
     except RanksError:  # the scores fit: no ranked group can be pruned (or none is ranked)
         return 0, 0
     return int(plan.removed), max(plan.removed_per_group, default=0)
 
 
-def left_alone(model: Any) -> dict[str, str]:
+def left_alone(graph: Any) -> dict[str, str]:
     """``{layer: why}`` for the convs and Linears whose output channels the surgery never removes.
 
-    Their groups are frozen in ``model``'s channel graph (:func:`tdump.surgery.build_graph`):
+    Their groups are frozen in the model's channel ``graph`` (:func:`tdump.surgery.build_graph`):
     a ViT's ``conv_proj``, whose channels meet the class token in a ``torch.cat``, or the
     classifier, whose outputs are the model's. Scoring them cannot prune them, so the loop
-    says so instead of relaying rank's advice to record what would score them. ``{}`` when
-    fx cannot trace the model (the prune stage then says why).
+    says so instead of relaying rank's advice to record what would score them.
 
     Examples
     --------
     >>> import torchvision
-    >>> left_alone(torchvision.models.resnet18(num_classes=4))
+    >>> from tdump.surgery import build_graph
+    >>> left_alone(build_graph(torchvision.models.resnet18(num_classes=4)))
     {'fc': 'reaches the model output'}
     """
-    import tdump.surgery as surgery
-
-    try:
-        graph = surgery.build_graph(model)
-    except TdumpError:
-        return {}
     return {m: g.reason for g in graph.groups if g.frozen for m in g.members}
 
 

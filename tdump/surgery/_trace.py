@@ -65,8 +65,8 @@ def trace(
             else (f"model {type(model).__name__}")
         )
         raise UntraceableModelError(
-            f"torch.fx cannot trace {label}: {first_line(exc, None)}; pass ignore=REGEX (--ignore REGEX) "
-            f"matching it to keep it whole and leave its channels alone"
+            f"torch.fx cannot trace {label}: {first_line(exc, None)}; pass ignore=REGEX "
+            f"(--ignore REGEX) matching it to keep it whole and leave its channels alone"
         ) from None
     finally:
         model.train(was_training)

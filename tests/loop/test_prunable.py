@@ -164,7 +164,7 @@ def test_left_alone_is_what_pruning_never_touches_even_with_scores() -> None:
     vit = torchvision.models.VisionTransformer(
         image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
     )
-    frozen = left_alone(vit)
+    frozen = left_alone(surgery.build_graph(vit))
     assert set(frozen) == {"conv_proj", "encoder.layers.encoder_layer_0.mlp.3", "heads.head"}
     assert frozen["conv_proj"].startswith("torch.cat (dim 1) with a tensor of untracked channels")
     mlp = "encoder.layers.encoder_layer_0.mlp.0"
