@@ -34,7 +34,17 @@ __all__ = [
 ]
 
 #: What any error opening or decoding a damaged node can raise (zarr, json, numcodecs, blosc).
-DAMAGE = (ValueError, TypeError, KeyError, RuntimeError, OSError, AttributeError, IndexError)
+#: numcodecs' Blosc raises SystemError for a header claiming 2 GiB or more of decoded bytes.
+DAMAGE = (
+    ValueError,
+    TypeError,
+    KeyError,
+    RuntimeError,
+    OSError,
+    AttributeError,
+    IndexError,
+    SystemError,
+)
 #: Rank-group attributes and the JSON types they must have (``docs/FORMAT.md`` §1).
 META_TYPES: dict[str, tuple[type, ...]] = {
     "rank": (int,),
