@@ -28,7 +28,10 @@ from typing import Any
 
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
-__all__ = ["TdumpCommand"]
+__all__ = ["AFTER_DASHES", "TdumpCommand"]
+
+#: ``ctx.meta`` key: the words after ``--`` on the command line (``None`` without ``--``).
+AFTER_DASHES = "tdump.after_dashes"
 
 
 class TdumpCommand(TyperCommand):
@@ -44,6 +47,13 @@ class TdumpCommand(TyperCommand):
             elif isinstance(param, TyperOption) and not param.is_flag and not param.metavar:
                 # an option without its own metavar= shows its name (--rounds ROUNDS), not <int>
                 param.metavar = (param.name or "value").upper()
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # click hands the first word after ``--`` to an optional positional argument
+        # left empty before it (``tdump loop --resume ... -- --out {out}`` makes
+        # ``--out`` the script); keep what followed ``--`` so a command can tell
+        ctx.meta[AFTER_DASHES] = args[args.index("--") + 1 :] if "--" in args else None
+        return list(super().parse_args(ctx, args))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []

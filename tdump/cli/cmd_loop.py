@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from tdump.cli._console import abort, console, err_console
-from tdump.cli._help import TdumpCommand
+from tdump.cli._help import AFTER_DASHES, TdumpCommand
 from tdump.cli._options import json_object_option, shape_option
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ class _LiveEvents:
 
 def _given(ctx: typer.Context, param: str) -> bool:
     """Whether option ``param`` was given (on the command line or from the environment)."""
+    if param == "train_args":  # given when `--` was, even with nothing after it (none)
+        return ctx.meta.get(AFTER_DASHES) is not None or _given(ctx, "args")
     source = ctx.get_parameter_source(param)
     # by name: typer 0.28 has a copy of click of its own, whose enum is not click's
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
@@ -89,15 +91,15 @@ def _ignored_on_resume(
 
     flags = {}
     for key, value in given.to_dict().items():
-        param = "args" if key == "train_args" else key
         if key in ("arch", "arch_kwargs") or (key in RESUME_REPLACEABLE and not finished):
             continue
         if value == stored.get(key) and not (finished and key in RESUME_REPLACEABLE):
             continue
-        if not _given(ctx, param):
+        if not _given(ctx, key):
             continue  # a default (stop_checks: no option at all)
         if key == "script":
-            flags[key] = str(value)
+            if value:  # "": no SCRIPT before `--`
+                flags[key] = str(value)
         elif key == "train_args":
             flags[key] = "-- " + " ".join(value)
         elif isinstance(value, bool):
@@ -147,7 +149,9 @@ def register(app: typer.Typer) -> None:
     @app.command("loop", cls=TdumpCommand)
     def loop_cmd(
         ctx: typer.Context,
-        script: str = typer.Argument(None, help="The training script (not needed with --resume)."),
+        script: str | None = typer.Argument(
+            None, help="The training script (not needed with --resume)."
+        ),
         args: list[str] = typer.Argument(
             None, help="TRAIN_ARGS after `--`; {init}, {out}, {round} are filled in."
         ),
@@ -177,7 +181,10 @@ def register(app: typer.Typer) -> None:
             None, "--experiment", "-e", help="Experiment directory [experiments/<script>-<time>]."
         ),
         resume: bool = typer.Option(
-            False, "--resume", help="Continue the experiment from its last completed stage."
+            False,
+            "--resume",
+            help="Continue the experiment from its last completed stage; --stop-when, "
+            "--scheduler, --workers and TRAIN_ARGS given with it replace the stored ones.",
         ),
         init: str | None = typer.Option(None, "--init", help="Checkpoint round 0 starts from."),
         arch: str | None = typer.Option(
@@ -242,6 +249,10 @@ def register(app: typer.Typer) -> None:
         train_args = list(args or [])
         if train_args[:1] == ["--"]:
             train_args = train_args[1:]
+        after = ctx.meta.get(AFTER_DASHES)
+        if resume and script is not None and after and after == [script, *train_args]:
+            # no SCRIPT before `--` (a resume needs none): click took TRAIN_ARGS' first word
+            script, train_args = None, after
         settings = LoopSettings(
             script=script or "",
             train_args=train_args,

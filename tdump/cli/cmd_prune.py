@@ -183,7 +183,7 @@ def _named_dump(table: Any, ranks: Path) -> tuple[str | None, str]:
 def _check_dump_option(dump: Path, named: str | None) -> None:
     """An explicit ``--dump`` must be a dump: a typo must not silently change the FLOPs."""
     from tdump._format import StoreReader
-    from tdump.surgery._stats import first_line
+    from tdump.surgery._stats import clause_line
 
     if not dump.exists():
         instead = f", or leave --dump out to use the one the ranks name ({named})" if named else ""
@@ -193,7 +193,7 @@ def _check_dump_option(dump: Path, named: str | None) -> None:
     try:
         StoreReader(str(dump)).ranks()
     except Exception as exc:  # NotADumpError, a damaged store, a permission error
-        raise ConfigError(f"--dump {dump} is not a readable dump: {first_line(exc)}") from None
+        raise ConfigError(f"--dump {dump} is not a readable dump: {clause_line(exc)}") from None
 
 
 def _next_name(ckpt: Path) -> Path:

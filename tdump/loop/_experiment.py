@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -162,7 +163,7 @@ class Experiment:
         atomic_write(self.path / _META, json.dumps(self.meta, indent=2) + "\n")
 
     def replace_settings(self, changes: dict[str, Any]) -> None:
-        """Record settings a resume replaced (``--stop-when``, ``--scheduler``, ``--workers``).
+        """Record settings a resume replaced (``--stop-when``, ``--scheduler``, ``--workers``, TRAIN_ARGS).
 
         The old values are kept in ``replaced``, a list of ``{"time", "from", "to"}``,
         so ``experiment.json`` still says what earlier rounds ran under.
@@ -287,6 +288,23 @@ class Experiment:
                 )
             fh.write(f"\n# round {r}: {stage}  ({_now()})\n")
             fh.write("".join(line + "\n" for line in lines))
+
+    def unlog_command(self, r: int, stages: tuple[str, ...]) -> None:
+        """Take the last block of each of ``stages`` in round ``r`` out of ``commands.sh``.
+
+        For a stage that completed but whose output a later stage rejected (a training
+        that saved the wrong model): it runs again, and ``commands.sh`` lists it once.
+        """
+        path = self.path / _COMMANDS
+        if not path.exists():
+            return
+        blocks = re.split(r"(?<=\n)(?=\n# round )", path.read_text())
+        for stage in stages:
+            head = f"\n# round {r}: {stage}  ("
+            last = max((i for i, b in enumerate(blocks) if b.startswith(head)), default=None)
+            if last is not None:
+                del blocks[last]
+        atomic_write(path, "".join(blocks))
 
 
 def check_start(path: Path, settings: Any, resume: bool) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from tdump.errors import ConfigError, LoopError, TdumpError
+from tdump.errors import CheckpointError, ConfigError, LoopError, TdumpError
 from tdump.loop._events import LoopEvents
 from tdump.loop._experiment import Experiment, arch_needed, check_start
 from tdump.loop._replay import checkpoint_command, save_round_checkpoint, script_importable
@@ -263,6 +263,17 @@ class _Loop:
                 if r == 0 and "plain state_dict" in str(exc):
                     message = arch_needed(
                         rel_path(p["model"]), rel_path(self.exp.path), s.script, p["dump"]
+                    )
+                elif r > 0 and isinstance(exc, CheckpointError):
+                    # the script saved something other than the pruned model it was
+                    # started from: useless to the loop, so a resume trains the round again
+                    done = dict(self.state.get("done") or {})
+                    done.pop("train", None)
+                    self._save_state(done=done)
+                    self.exp.unlog_command(r, ("train (environment)", "train"))
+                    message += (
+                        f"; after fixing that, {resume_hint(self.exp.path, s)} trains round "
+                        f"{r} again (with new TRAIN_ARGS after --, if they were the cause)"
                     )
                 raise self._fail(r, "measure", message) from None
             if r == 0 and s.arch is None:  # what was inferred for the plain state_dict
@@ -506,7 +517,7 @@ def run_loop(
     Returns the rows of rounds.jsonl. A resumed loop uses the settings stored in the
     experiment (``settings`` starts a new one), except its ``arch`` (an import path
     must be given again) and the settings named in ``replace`` (of
-    ``RESUME_REPLACEABLE``: ``stop_when``, ``scheduler``, ``workers``), whose values in
+    ``RESUME_REPLACEABLE``: ``stop_when``, ``scheduler``, ``workers``, ``train_args``), whose values in
     ``settings`` replace the stored ones (``stop_when=""``: none).
 
     Raises

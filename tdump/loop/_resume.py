@@ -3,9 +3,10 @@
 A resumed loop runs with the settings in ``experiment.json``. Two things may change:
 an ``--arch`` added to an experiment started without one (round 0 could not rebuild
 its model), and the settings in :data:`~tdump.loop._settings.RESUME_REPLACEABLE`
-(``--stop-when``, ``--scheduler``, ``--workers``), which only decide whether the loop
-goes on or where ranking runs. Both are checked before anything is written, and
-recorded in ``experiment.json``.
+(``--stop-when``, ``--scheduler``, ``--workers``, TRAIN_ARGS), which decide whether
+the loop goes on, where ranking runs and how the trainings still to run are called,
+never what a completed stage produced. Both are checked before anything is written,
+and recorded in ``experiment.json``.
 
 Examples
 --------
@@ -104,7 +105,7 @@ def prepare_resume(
     if changes:
         exp.replace_settings(changes)
         for name, value in changes.items():
-            flag = "--" + name.replace("_", "-")
+            flag = "TRAIN_ARGS" if name == "train_args" else "--" + name.replace("_", "-")
             events.note(
                 f"{flag} is now {_shown(value)} (was {_shown(getattr(stored, name))}); "
                 f"recorded in {exp.path}/experiment.json"
@@ -113,4 +114,6 @@ def prepare_resume(
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, list):  # TRAIN_ARGS, as typed after `--`
+        return repr(" ".join(value)) if value else "none"
     return "none" if value is None else repr(value)

@@ -133,10 +133,11 @@ class LoopSettings:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-#: Settings a ``--resume`` may replace (each only decides whether the loop goes on,
-#: or where ranking runs, never what a completed stage produced); the others are
-#: fixed when the experiment starts.
-RESUME_REPLACEABLE = ("stop_when", "scheduler", "workers")
+#: Settings a ``--resume`` may replace, never what a completed stage produced: whether
+#: the loop goes on, where ranking runs, and the TRAIN_ARGS of the trainings still to
+#: run (a script that failed on its arguments, or did not start from ``{init}``, goes
+#: on with new ones); the others are fixed when the experiment starts.
+RESUME_REPLACEABLE = ("stop_when", "scheduler", "workers", "train_args")
 
 
 #: What ``tdump record`` saves besides the ``--include`` selection: losses and loss

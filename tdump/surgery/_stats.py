@@ -22,16 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from tdump.errors import ConfigError
-from tdump.errors import first_line as _exc_line
+from tdump.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
     from tdump.surgery._plan import Plan
 
 __all__ = [
     "InputChannelsError",
+    "clause_line",
     "count_params",
-    "first_line",
     "layer_flops",
     "layer_params",
     "output_positions",
@@ -136,9 +135,9 @@ def layer_flops(model: nn.Module, positions: dict[str, int]) -> dict[str, int]:
     return {n: int(mods[n].weight.numel()) * p for n, p in positions.items() if n in mods}
 
 
-def first_line(exc: BaseException, limit: int = 240) -> str:
+def clause_line(exc: BaseException, limit: int = 240) -> str:
     """``exc``'s first line, cut at a sentence or clause boundary when it is long."""
-    text = _exc_line(exc, None)
+    text = first_line(exc, None)
     if len(text) <= limit:
         return text
     cut = max(text.rfind(sep, 0, limit) for sep in (". ", "; ", ", "))
@@ -174,7 +173,7 @@ def prune_summary(
         positions = None
         notes.append(
             f"FLOPs not computed: forward at input shape {'x'.join(map(str, input_shape or ()))} "
-            f"({shape_source}) failed: {first_line(exc)}"
+            f"({shape_source}) failed: {clause_line(exc)}"
         )
     p0, p1 = layer_params(before), layer_params(after)
     filters0 = _filters(before)

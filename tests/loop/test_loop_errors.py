@@ -226,3 +226,33 @@ def test_script_that_ignores_the_pruned_model_it_is_given(tmp_path: Path) -> Non
     assert "the script must train the pruned model the loop starts it from" in line
     assert "tdump.load(os.environ['TDUMP_INIT'])" in line and "check --arch" not in line
     assert [json.loads(x)["round"] for x in (exp / "rounds.jsonl").read_text().splitlines()] == [0]
+    resume = f"tdump loop --resume --experiment {exp} --arch tinynet.TinyNet trains round 1 again"
+    assert resume in line
+    wrong = (exp / "round_001" / "model.pt").read_bytes()
+
+    # the same arguments: round 1 trains again (not only measures the old file) and fails again
+    again = run_tdump("loop", "--resume", "--experiment", str(exp), "--arch", "tinynet.TinyNet")
+    assert "round 1 train" in again.stdout + again.stderr
+    assert "round 1's checkpoint" in _one_line_error(again)
+
+    # new TRAIN_ARGS (the first one starts with "-": click must not take it for SCRIPT)
+    fixed = run_tdump(
+        "loop", "--resume", "--experiment", str(exp), "--arch", "tinynet.TinyNet",
+        "--", "--steps", "8",
+    )  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    assert "ignored" not in fixed.stdout
+    assert "TRAIN_ARGS is now '--steps 8' (was '--ignore-init')" in fixed.stdout
+    rows = rows_of(exp)
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["params_ratio"] < 0.8
+    trained = (exp / "round_001" / "model.pt").read_bytes()
+    assert trained != wrong
+    meta = json.loads((exp / "experiment.json").read_text())
+    assert meta["settings"]["train_args"] == ["--steps", "8"]
+    assert meta["replaced"][-1]["from"] == {"train_args": ["--ignore-init"]}
+    # commands.sh lists what the experiment is made of: round 1 trained once, the rejected
+    # trainings taken out (round 0 still ran with --ignore-init)
+    commands = (exp / "commands.sh").read_text()
+    assert commands.count("# round 1: train  (") == 1
+    assert commands.count("train_loop.py -- --steps 8") == 1
+    assert commands.count("train_loop.py -- --ignore-init") == 1

@@ -9,7 +9,7 @@ from torch import nn
 
 import tdump.surgery as surgery
 from tdump.errors import ConfigError
-from tdump.surgery._stats import InputChannelsError, first_line
+from tdump.surgery._stats import InputChannelsError, clause_line
 
 
 class _Gray(nn.Module):
@@ -40,13 +40,13 @@ def test_wrong_input_channels_name_the_first_conv() -> None:
     assert not isinstance(torch_error.value, InputChannelsError)
 
 
-def test_first_line_cuts_at_a_boundary() -> None:
+def test_clause_line_cuts_at_a_boundary() -> None:
     short = ValueError("one line\nand more")
-    assert first_line(short) == "one line"
+    assert clause_line(short) == "one line"
     long = ValueError("first clause is here; " + "x" * 300)
-    assert first_line(long) == "first clause is here"
-    assert first_line(ValueError("y" * 300)) == "y" * 240 + "..."
-    assert first_line(KeyError()) == "KeyError"
+    assert clause_line(long) == "first clause is here"
+    assert clause_line(ValueError("y" * 300)) == "y" * 240 + "..."
+    assert clause_line(KeyError()) == "KeyError"
 
 
 def test_unknown_aggregation_is_said_before_tracing() -> None:
