@@ -13,6 +13,11 @@ stack unwinds, ``with hook:`` blocks and the exit flush commit what is queued
 (bounded by :data:`CLOSE_TIMEOUT` seconds), one line says so, and the process exits
 with status 143. Only installed where the script left SIGTERM at its default.
 
+**Forked children** (DataLoader workers, a ``multiprocessing`` fork) are not the
+capturing process: :func:`in_forked_child` callbacks switch their copies of the
+hooks off, and their exit (which runs ``threading``'s exit hooks too) closes nothing,
+so a child never waits on the parent's writer thread or writes to its dump.
+
 Examples
 --------
 >>> err = Terminated()  # what SIGTERM raises in the main thread
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import signal
 import sys
 import threading
@@ -41,6 +47,7 @@ __all__ = [
     "TrainingStopped",
     "at_exit",
     "exiting",
+    "in_forked_child",
     "install_sigterm",
     "mark_exiting",
 ]
@@ -53,6 +60,7 @@ CLOSE_TIMEOUT = 20.0
 SIGTERM_EXIT_CODE = 143
 
 _CALLBACKS: list[Callable[[], None]] = []
+_CHILD_CALLBACKS: list[Callable[[], None]] = []
 _REGISTERED: list[bool] = []
 _exiting = threading.Event()
 
@@ -120,6 +128,28 @@ def at_exit(fn: Callable[[], None]) -> None:
         register(_run)
     except RuntimeError:  # older Pythons, or already shutting down
         atexit.register(_run)
+
+
+def in_forked_child(fn: Callable[[], None]) -> None:
+    """Call ``fn`` in every process forked from this one, right after the fork.
+
+    ``fn`` runs where only the forking thread survived: locks other threads held stay
+    held, so it must only set flags and drop references.
+    """
+    _CHILD_CALLBACKS.append(fn)
+
+
+def _forget_in_child() -> None:
+    # The child's exit must not close the parent's hooks: their writer thread is the
+    # parent's, and the dump is the parent's to write.
+    _CALLBACKS.clear()
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # installed only over the default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for fn in _CHILD_CALLBACKS:
+        fn()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -44,6 +44,7 @@ from tdump.capture._exit import (
     CLOSE_TIMEOUT,
     at_exit,
     exiting,
+    in_forked_child,
     install_sigterm,
 )
 from tdump.capture._guard import Guarded
@@ -493,6 +494,20 @@ class Hook(StepLifecycle):
         self._detach()
         self._cur = None
 
+    def _leave(self) -> None:
+        """In a forked child (a DataLoader worker): this copy captures and closes nothing.
+
+        Only flags and hook handles change: the writer thread and its locks are the
+        parent's, and so is the dump.
+        """
+        self._enabled = False
+        self._closed = True
+        self._writer.closed = True
+        cur, self._cur = self._cur, None
+        for h in (*self._handles, *(() if cur is None else (*cur.handles, *cur.grad_handles))):
+            h.remove()
+        self._handles.clear()
+
     def _detach(self) -> None:
         for h in self._handles:
             h.remove()
@@ -596,6 +611,14 @@ def _scalar_value(name: Any, value: Any) -> float | torch.Tensor:
         f"{call} takes a real number or a one-element tensor, not {_described(value)}; "
         "save numbers only (float(value) for a numeric string)"
     )
+
+
+def _leave_in_child() -> None:
+    for hook in list(_HOOKS):
+        hook._leave()
+
+
+in_forked_child(_leave_in_child)
 
 
 def _close_quietly(ref: weakref.ReferenceType[Hook]) -> None:

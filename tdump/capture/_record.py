@@ -39,7 +39,13 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import ALWAYS_ON, HookConfig
-from tdump.capture._exit import Terminated, TrainingStopped, install_sigterm, mark_exiting
+from tdump.capture._exit import (
+    Terminated,
+    TrainingStopped,
+    in_forked_child,
+    install_sigterm,
+    mark_exiting,
+)
 from tdump.capture._hook import Hook, active_hooks
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.capture._out import local_path, resolve_rank
@@ -95,6 +101,7 @@ class AutoCapture:
         self._opt_handle: Any = register_optimizer_step_post_hook(self._opt_step)
         self.active = True
         self.confirmed = False
+        _AUTOS.add(self)
 
     def _new_hook(self) -> Hook:
         hook = Hook.from_config(self.config, _auto=True)
@@ -235,6 +242,20 @@ class AutoCapture:
         if was_active and not self.confirmed and self.hook._root is not None:
             self._confirm(None)  # no optimizer step at all (an eval-only script)
         self.hook.close()
+
+
+_AUTOS: weakref.WeakSet[AutoCapture] = weakref.WeakSet()
+
+
+def _leave_in_child() -> None:
+    # a forked child (a DataLoader worker) picks no model: its hook copy is off too
+    for auto in list(_AUTOS):
+        auto.active = False
+        auto._remove_module_hooks()
+        auto._opt_handle.remove()
+
+
+in_forked_child(_leave_in_child)
 
 
 def _overlaps(module: nn.Module, param_ids: set[int]) -> bool:

@@ -221,3 +221,32 @@ def test_stop_polling_is_cheap(tmp_path, monkeypatch) -> None:
             model(torch.randn(2, 3))
     polls_by_time = int((time.monotonic() - start) / 2.0) + 1
     assert 3 <= len(reads) <= 3 + polls_by_time  # saved steps 0, 100, 200 (+ timed polls)
+
+
+def test_forked_children_neither_capture_nor_close(tmp_path) -> None:
+    """DataLoader workers, a forked trainer and a SIGTERMed fork, under record and a Hook.
+
+    Every child is forked after the writer thread started; its exit runs threading's
+    exit hooks, where the parent's hooks used to close (and fail on a writer thread the
+    child does not have), and the forked trainer's steps used to reach the copied hook.
+    """
+    script = str(SCRIPTS / "train_workers.py")
+    outs = {way: str(tmp_path / f"{way}.zarr") for way in ("record", "hook")}
+    children = ["--train-in-child", "--term-child"]
+    procs = {
+        "record": _popen([TDUMP, "record", "-o", outs["record"], "-n", "1", script, *children]),
+        "hook": _popen([sys.executable, script, "--hook", outs["hook"], *children]),
+    }
+    for way, proc in procs.items():
+        out, err = _finish(proc, way)
+        assert proc.returncode == 0, err
+        lines = [ln for ln in err.splitlines() if ln.startswith("tdump:")]
+        assert all(
+            ln.startswith(("tdump: capturing", "tdump: recorded", "tdump: " + outs[way]))
+            for ln in lines
+        ), err
+        # the trainer finished its steps; SIGTERM ended the other as it ends any process
+        assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("CHILD")] == ["0", "-15"]
+        r = StoreReader(outs[way])
+        assert r.steps("train").tolist() == list(range(12)), way  # 3 epochs x 4 batches, no more
+        assert r.read("train", "0.weight.grad", 11).shape == (8, 1, 3, 3)
