@@ -59,14 +59,23 @@ def trace(
         return tracer.trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
         where = tracer.failed_in or ""
-        label = (
-            f"module '{where}' ({type(model.get_submodule(where)).__name__})"
-            if where
-            else (f"model {type(model).__name__}")
-        )
+        if where:
+            fix = (
+                "pass ignore=REGEX (--ignore REGEX) matching it to keep it whole and leave "
+                "its channels alone"
+            )
+            label = f"module '{where}' ({type(model.get_submodule(where)).__name__})"
+        else:  # the root's own code: no regex can make the root a leaf
+            name = type(model).__name__
+            fix = (
+                f"the failing code is in {name}.forward itself, which --ignore cannot keep "
+                "whole: move it (a branch on a tensor's value or shape, such as "
+                "`if x.dim() == 3:`) into a submodule and pass --ignore (ignore= in Python) "
+                "matching that submodule, or out of the model (into the data pipeline)"
+            )
+            label = f"model {name}"
         raise UntraceableModelError(
-            f"torch.fx cannot trace {label}: {first_line(exc, None)}; pass ignore=REGEX "
-            f"(--ignore REGEX) matching it to keep it whole and leave its channels alone"
+            f"torch.fx cannot trace {label}: {first_line(exc, None)}; {fix}"
         ) from None
     finally:
         model.train(was_training)

@@ -103,6 +103,59 @@ def test_untraceable_names_module_and_ignore_keeps_it_whole() -> None:
     assert any("ignored module block" in n for n in plan.notes)
 
 
+class _RootBranch(nn.Module):
+    """Branches on its input's rank in its own forward (a grayscale batch without channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1) if x.dim() == 3 else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(self.prepare(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class _Prepare(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+class _BranchInSubmodule(_RootBranch):
+    """The same model with the branch moved into a submodule, as the error advises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prep = _Prepare()
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prep(x)
+
+
+def test_untraceable_root_says_what_works_instead_of_ignore() -> None:
+    with pytest.raises(UntraceableModelError) as err:
+        surgery.build_graph(_RootBranch())
+    message = str(err.value)
+    assert message.startswith("torch.fx cannot trace model _RootBranch: ")
+    assert "_RootBranch.forward itself, which --ignore cannot keep whole" in message
+    assert "matching it to keep it whole" not in message  # no regex makes the root a leaf
+    torch.manual_seed(0)
+    model = _BranchInSubmodule().eval()
+    model.load_state_dict(_RootBranch().state_dict())  # same weights: the advice keeps them
+    with torch.no_grad():  # channels 0 and 1 output relu(0): removing them changes nothing
+        model.bn.weight[:2] = 0
+        model.bn.bias[:2] = 0
+    pruned, plan = surgery.prune(model, {"conv": np.arange(6.0)}, count=2, ignore=r"^prep$")
+    assert plan.layers["conv"].keep == [2, 3, 4, 5]
+    assert pruned.conv.out_channels == 4 and pruned.fc.in_features == 4
+    x = torch.randn(4, 8, 8)
+    torch.testing.assert_close(pruned.eval()(x), model(x))
+
+
 def test_ignore_regex_leaves_layers_alone() -> None:
     model = torchvision.models.resnet18()
     scores = {
