@@ -28,6 +28,7 @@ Examples
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -143,8 +144,9 @@ def _forget_in_child() -> None:
     # The child's exit must not close the parent's hooks: their writer thread is the
     # parent's, and the dump is the parent's to write.
     _CALLBACKS.clear()
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # installed only over the default
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(ValueError):  # off the main thread; CPython makes the forker main
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # installed only over the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for fn in _CHILD_CALLBACKS:
         fn()
 
