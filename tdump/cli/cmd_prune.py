@@ -21,17 +21,15 @@ from tdump.errors import ConfigError
 __all__ = ["register", "summarize"]
 
 
-def _input_shape(
-    shape: tuple[int, ...] | None, model: Any, dump: str | None, why_none: str
-) -> tuple[tuple[int, ...], str, str | None]:
-    """The input shape for FLOPs, where it came from, and a note when it is the fallback.
+def _known_input_shape(
+    shape: tuple[int, ...] | None, dump: str | None, why_none: str
+) -> tuple[tuple[int, ...] | None, str]:
+    """``--input-shape`` (parsed), else the recorded input's (from ``dump``), and where from.
 
-    ``--input-shape`` (parsed), else the recorded input's (from ``dump``), else the
-    first conv's in-channels x 224 x 224, said in a note: ``why_none`` says why
-    there is no dump to read it from.
+    Without either, ``None`` and why not (``why_none``: why there is no dump to read).
     """
     if shape:
-        return shape, "--input-shape", None
+        return shape, "--input-shape"
     why = why_none
     if dump is not None:
         from tdump.errors import TdumpError
@@ -44,7 +42,21 @@ def _input_shape(
         else:
             why = f"the dump {dump} records no input shape"
         if recorded:
-            return tuple(recorded), f"the shape recorded in {dump}", None
+            return tuple(recorded), f"the shape recorded in {dump}"
+    return None, why
+
+
+def _input_shape(
+    known: tuple[tuple[int, ...] | None, str], model: Any
+) -> tuple[tuple[int, ...], str, str | None]:
+    """The input shape for FLOPs, where it came from, and a note when it is the fallback.
+
+    ``known`` is :func:`_known_input_shape`'s answer; without a shape there, the first
+    conv's in-channels x 224 x 224, said in a note.
+    """
+    shape, why = known
+    if shape:
+        return shape, why, None
     from torch import nn
 
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
@@ -370,7 +382,10 @@ def register(app: typer.Typer) -> None:
             None,
             "--input-shape",
             metavar="C,H,W",
-            help="Input shape for FLOPs, e.g. 3,224,224 [from the dump, else 3,224,224].",
+            help=(
+                "Input shape for FLOPs, and for tracing a forward that branches on shapes, "
+                "e.g. 3,224,224 [from the dump, else 3,224,224 for FLOPs]."
+            ),
         ),
         save_plan: Path | None = typer.Option(
             None, "--save-plan", metavar="PATH", help="Also write the plan as JSON here."
@@ -438,8 +453,16 @@ def register(app: typer.Typer) -> None:
             except Exception:  # the named dump is damaged: --arch says which model
                 if dump is not None:
                     raise
+        known = _known_input_shape(shape, source, why_none)
         model = surgery.load(
-            ckpt, arch, kwargs, ignore=ignore, like=like, prefix=prefix, model_type=model_type
+            ckpt,
+            arch,
+            kwargs,
+            ignore=ignore,
+            like=like,
+            prefix=prefix,
+            model_type=model_type,
+            input_shape=known[0],
         )
         inferred = list(surgery.provenance(model).notes)
         table, stripped = strip_ranks_prefix(table, model, prefix)
@@ -453,12 +476,18 @@ def register(app: typer.Typer) -> None:
         with warnings.catch_warnings():  # the plan's notes say it, printed below
             warnings.simplefilter("ignore", surgery.FewChannelsWarning)
             pruned, plan = surgery.prune(
-                model, table, settings=settings, ignore=ignore, criterion=criterion, inplace=True
+                model,
+                table,
+                settings=settings,
+                ignore=ignore,
+                criterion=criterion,
+                inplace=True,
+                input_shape=known[0],
             )
         # what was inferred is said first, in the table and in --json; the plan's notes say
         # why fewer channels went than asked (the caps, grouped convs, --round-to)
         plan.notes[:0] = inferred
-        shape, shape_from, fallback = _input_shape(shape, before, source, why_none)
+        shape, shape_from, fallback = _input_shape(known, before)
         if fallback:
             plan.notes.append(fallback)
         summary = summarize(before, pruned, plan, shape, shape_from)

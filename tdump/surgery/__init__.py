@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy as _copy
 import typing as _typing
+from collections.abc import Sequence
 
 from tdump.surgery._aggregate import register_aggregation
 from tdump.surgery._apply import apply_keeps, single_threaded
@@ -84,6 +85,7 @@ def plan(
     aggregate: str = "mean",
     normalize: str = "mean",
     settings: Settings | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> Plan:
     """Choose what :func:`prune` would remove, without touching ``model``.
 
@@ -112,7 +114,7 @@ def plan(
         aggregate=aggregate,
         normalize=normalize,
     )
-    graph = build_graph(model, ignore)
+    graph = build_graph(model, ignore, input_shape or provenance(model).input_shape)
     return select(graph, scores_for(model, ranks, criterion), chosen)
 
 
@@ -133,6 +135,7 @@ def prune(
     normalize: str = "mean",
     settings: Settings | None = None,
     inplace: bool = False,
+    input_shape: Sequence[int] | None = None,
 ) -> tuple[nn.Module, Plan]:
     """Remove the lowest-ranked output channels of convs and Linears, and all coupled to them.
 
@@ -176,6 +179,11 @@ def prune(
         before reading any file); used as it is. Give it or those keywords, not both.
     inplace : bool
         Rewrite ``model`` itself instead of a deep copy.
+    input_shape : sequence of int, optional
+        The model's input shape, batch excluded (``(3, 224, 224)``). Needed only by a
+        forward that branches on shapes (``if x.dim() == 3:``), which torch.fx cannot
+        follow: it is then traced at this shape. Kept with the model (and in its
+        checkpoint), so later rounds and :func:`load` trace it the same way.
 
     Returns
     -------
@@ -215,22 +223,29 @@ def prune(
     else:
         with single_threaded():
             target = _copy.deepcopy(model)
-    graph = build_graph(target, ignore)
+    prev = provenance(model)
+    shape = tuple(input_shape) if input_shape else prev.input_shape
+    graph = build_graph(target, ignore or prev.ignore, shape)
     p = select(graph, scores, chosen)
     apply_keeps(target, graph, keeps_for(graph, p))
-    prev = provenance(model)
     target.__dict__[_ATTR] = Provenance(
         prev.arch,
         dict(prev.arch_kwargs),
         prev.plan.compose(p),
         prev.rounds + 1,
         ignore or prev.ignore,
+        input_shape=shape,
     )
     return target, p
 
 
 def apply(
-    model: nn.Module, plan: Plan, *, ignore: str | None = None, inplace: bool = False
+    model: nn.Module,
+    plan: Plan,
+    *,
+    ignore: str | None = None,
+    inplace: bool = False,
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
     """Replay ``plan`` (from :func:`prune`, :func:`plan` or :meth:`Plan.load`) on ``model``.
 
@@ -243,15 +258,17 @@ def apply(
     56
     """
     target = model if inplace else _copy.deepcopy(model)
-    graph = build_graph(target, ignore)
-    apply_keeps(target, graph, keeps_for(graph, plan))
     prev = provenance(model)
+    shape = tuple(input_shape) if input_shape else prev.input_shape
+    graph = build_graph(target, ignore or prev.ignore, shape)
+    apply_keeps(target, graph, keeps_for(graph, plan))
     target.__dict__[_ATTR] = Provenance(
         prev.arch,
         dict(prev.arch_kwargs),
         prev.plan.compose(plan),
         prev.rounds + 1,
         ignore or prev.ignore,
+        input_shape=shape,
     )
     return target
 

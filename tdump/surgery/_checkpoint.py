@@ -31,7 +31,7 @@ import os
 import pickle
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ class CheckpointInfo:
     rounds: int = 0
     ignore: str | None = None
     notes: list[str] = field(default_factory=list)
+    input_shape: list[int] | None = None
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -211,6 +212,13 @@ def _tdump_info(
     ignore = obj.get("ignore")
     if ignore is not None and not isinstance(ignore, str):
         raise _bad(path, "ignore", "a regex string or None", ignore)
+    shape = obj.get("input_shape")
+    if shape is not None and not (
+        isinstance(shape, list)
+        and shape
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise _bad(path, "input_shape", "a list of positive integers or None", shape)
     plan = obj.get("plan") or {}
     if not isinstance(plan, dict):
         raise _bad(path, "plan", "a dict", plan)
@@ -229,7 +237,9 @@ def _tdump_info(
         raise _bad(path, "state_dict", "a dict of tensors", sd)
     # the outer dict carries the module versions too (so load_state_dict(torch.load(path)) sees them)
     meta = getattr(sd, "_metadata", None) or getattr(obj, "_metadata", None)
-    info = CheckpointInfo("tdump", arch, dict(kwargs), dict(plan), rounds, ignore)
+    info = CheckpointInfo(
+        "tdump", arch, dict(kwargs), dict(plan), rounds, ignore, input_shape=shape
+    )
     return _with_meta(sd.items(), meta), info
 
 
@@ -339,6 +349,7 @@ def write_checkpoint(
     *,
     rounds: int,
     ignore: str | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> None:
     """Write a tdump checkpoint atomically (temporary file in the same folder + rename).
 
@@ -364,6 +375,7 @@ def write_checkpoint(
         "arch": arch,
         "arch_kwargs": arch_kwargs,
         "ignore": ignore,
+        "input_shape": [int(n) for n in input_shape] if input_shape else None,
         "rounds": rounds,
         "plan": {
             k: {"channels": int(v["channels"]), "keep": [int(i) for i in v["keep"]]}

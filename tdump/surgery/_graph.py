@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,13 +77,19 @@ class ChannelGraph(FunctionRules):
     :meth:`module_indices` (which channels each module keeps, given per-group keeps).
     """
 
-    def __init__(self, model: nn.Module, ignore: str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ignore: str | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> None:
         try:
             pattern = re.compile(ignore) if ignore else None
         except re.error as exc:
             raise ConfigError(f"ignore is not a valid regex ({exc}): {ignore}") from None
         self.model = model
         self.ignore = ignore
+        self.input_shape = tuple(input_shape) if input_shape else None
         self._spaces = Spaces()
         self.uses: dict[str, ModuleUse] = {}
         self._conv_space: dict[str, int] = {}
@@ -94,7 +101,15 @@ class ChannelGraph(FunctionRules):
         failed: list[tuple[bool, UntraceableModelError]] = []
         for training in (False, True):
             try:
-                graphs.append(trace(model, pattern, training=training))
+                graphs.append(
+                    trace(
+                        model,
+                        pattern,
+                        training=training,
+                        input_shape=self.input_shape,
+                        notes=self.notes,
+                    )
+                )
             except UntraceableModelError as err:
                 failed.append((training, err))
         if not graphs:
@@ -336,7 +351,9 @@ class ChannelGraph(FunctionRules):
         return out
 
 
-def build_graph(model: nn.Module, ignore: str | None = None) -> ChannelGraph:
+def build_graph(
+    model: nn.Module, ignore: str | None = None, input_shape: Sequence[int] | None = None
+) -> ChannelGraph:
     """Trace ``model`` once and return its :class:`ChannelGraph`.
 
     Parameters
@@ -345,10 +362,13 @@ def build_graph(model: nn.Module, ignore: str | None = None) -> ChannelGraph:
         Any module torch.fx can trace (modules matching ``ignore`` are kept whole).
     ignore : str, optional
         Regex (``re.search``) of module paths to leave alone: their channels are frozen.
+    input_shape : sequence of int, optional
+        The model's input shape, batch excluded: a forward that branches on shapes
+        (``if x.dim() == 3:``) is traced at that shape (a note in :attr:`ChannelGraph.notes`).
 
     Raises
     ------
     UntraceableModelError
         When fx cannot trace the model; the message names the module.
     """
-    return ChannelGraph(model, ignore)
+    return ChannelGraph(model, ignore, input_shape)

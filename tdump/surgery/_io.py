@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,9 @@ class Provenance:
     rounds: int = 0
     ignore: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: The input shape (batch excluded) the channel graph is traced at, for a forward
+    #: that branches on shapes; ``None`` when it was not needed or not known.
+    input_shape: tuple[int, ...] | None = None
 
 
 def provenance(model: nn.Module) -> Provenance:
@@ -114,13 +117,16 @@ def _common_prefix(names: Iterable[str]) -> str | None:
 
 
 def _fit_shapes(
-    model: nn.Module, sd: Mapping[str, torch.Tensor], ignore: str | None
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    ignore: str | None,
+    input_shape: tuple[int, ...] | None,
 ) -> Plan | None:
     """Shrink ``model``'s coupled channels to the state_dict's conv shapes (first n kept)."""
     own = model.state_dict()
     if all(k not in own or own[k].shape == v.shape for k, v in sd.items()):
         return None
-    graph = build_graph(model, ignore)
+    graph = build_graph(model, ignore, input_shape)
     layers: dict[str, LayerPlan] = {}
     for grp in graph.groups:
         counts = {int(sd[f"{m}.weight"].shape[0]) for m in grp.members if f"{m}.weight" in sd}
@@ -164,13 +170,14 @@ def _apply_with_graph(
     sd: Mapping[str, torch.Tensor],
     cumulative: Plan,
     ignore: str | None,
+    input_shape: tuple[int, ...] | None,
     source: str,
     name: str,
     notes: list[str],
 ) -> None:
     """Shrink ``model`` through its traced channel graph: the plan's keeps, or inferred ones."""
     if cumulative.layers:
-        graph = build_graph(model, ignore)
+        graph = build_graph(model, ignore, input_shape)
         try:
             keeps = keeps_for(graph, cumulative)
         except ConfigError as exc:
@@ -179,7 +186,7 @@ def _apply_with_graph(
             ) from None
         apply_keeps(model, graph, keeps)
         return
-    inferred = _fit_shapes(model, sd, ignore)
+    inferred = _fit_shapes(model, sd, ignore, input_shape)
     if inferred is not None:
         model.__dict__[_PLAN_ATTR] = inferred
         notes.append(_INFERRED.format(len(inferred.layers)))
@@ -297,6 +304,7 @@ def load(
     like: str | os.PathLike[str] | None = None,
     prefix: str | None = None,
     model_type: str | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
     """Rebuild a model from a checkpoint (weights only; nothing named in a file is imported).
 
@@ -324,6 +332,9 @@ def load(
     model_type : str, optional
         The recorded model's class (a dump's ``modules[""].type``): picks a registered
         builder for a plain state_dict when ``arch`` is not given.
+    input_shape : sequence of int, optional
+        The input shape (batch excluded) to trace a forward that branches on shapes at
+        (default: the file's, which :func:`prune` recorded).
 
     Returns
     -------
@@ -378,6 +389,7 @@ def load(
         kwargs = {**kwargs, **inferred}
         model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
     ignore = base.ignore or ignore
+    shape = tuple(base.input_shape or input_shape or ()) or None
     cumulative = Plan.from_dict({"layers": base.plan}) if base.plan else Plan()
     source = os.fspath(like or path)
     hint = "check --arch and --arch-kwargs"
@@ -393,7 +405,7 @@ def load(
     resized = resize_to(model, sd)
     if resized is None:  # a module type without a resize rule: the channel graph instead
         model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
-        _apply_with_graph(model, sd, cumulative, ignore, source, name, notes)
+        _apply_with_graph(model, sd, cumulative, ignore, shape, source, name, notes)
         if not cumulative.layers:
             cumulative = provenance_plan(model)
     else:
@@ -403,7 +415,9 @@ def load(
             notes.append(_INFERRED.format(len(resized)))
     load_state(model, sd, name, shown, hint)
     model.register_load_state_dict_pre_hook(_unwrap_tdump_checkpoint)
-    model.__dict__[_ATTR] = Provenance(name, dict(kwargs), cumulative, base.rounds, ignore, notes)
+    model.__dict__[_ATTR] = Provenance(
+        name, dict(kwargs), cumulative, base.rounds, ignore, notes, input_shape=shape
+    )
     return model
 
 
@@ -444,7 +458,16 @@ def save(
         )
     kwargs = dict(arch_kwargs) if arch_kwargs is not None else prov.arch_kwargs
     layers = prov.plan.to_dict()["layers"]
-    write_checkpoint(path, model, name, kwargs, layers, rounds=prov.rounds, ignore=prov.ignore)
+    write_checkpoint(
+        path,
+        model,
+        name,
+        kwargs,
+        layers,
+        rounds=prov.rounds,
+        ignore=prov.ignore,
+        input_shape=prov.input_shape,
+    )
 
 
 def strip_ranks_prefix(

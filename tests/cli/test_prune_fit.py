@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -253,3 +254,31 @@ def test_input_shape_recorded_by_the_hook(tmp_path: Path) -> None:
     del old["input_shapes"]
     grp.attrs["tdump"] = old
     assert recorded_input_shape(dump) == [3, 32, 32]
+
+
+def test_shape_branching_model_prunes_at_its_input_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's `if x.dim() == 3:` in forward: refused without a shape, pruned with one."""
+    from tests.surgery.nets import RootBranch
+
+    torch.manual_seed(0)
+    model = RootBranch().eval()
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    ranks = write_ranks(tmp_path / "r.parquet", {"conv": np.arange(6.0) + 1})
+    args = [str(tmp_path / "ckpt.pt"), str(ranks), "--arch", "tests.surgery.nets.RootBranch"]
+    out = tmp_path / "p.pt"
+
+    code, _, err = _cli(monkeypatch, capsys, *args, "--count", "2", "-o", str(out))
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "RootBranch.forward itself" in err and "--input-shape C,H,W" in err
+    assert not out.exists()
+
+    code, stdout, err = _cli(
+        monkeypatch, capsys, *args, "--count", "2", "-o", str(out), "--input-shape", "8,8"
+    )
+    assert code == 0, err
+    assert "traced at input shape 8x8: RootBranch's forward branches on shapes" in stdout
+    assert torch.load(out, weights_only=True)["input_shape"] == [8, 8]
+    pruned = tdump.load(out, arch=RootBranch).eval()
+    assert pruned.conv.out_channels == 4 and pruned(torch.randn(3, 8, 8)).shape == (3, 2)

@@ -259,7 +259,7 @@ def test_cli_settings_reach_prune_as_they_are(
     (kwargs,) = calls
     expected = surgery.Settings(ratio=0.5, scope="per-layer", round_to=2, normalize="rms")
     assert kwargs["settings"] == expected
-    assert set(kwargs) == {"settings", "ignore", "criterion", "inplace"}
+    assert set(kwargs) == {"settings", "ignore", "criterion", "inplace", "input_shape"}
     saved = json.loads((files["dir"] / "p.json").read_text())["settings"]
     assert saved == {**dataclasses.asdict(expected), "max_ratio": None}
 

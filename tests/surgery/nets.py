@@ -80,3 +80,66 @@ class _Branchy(nn.Module):
         if x.sum() > 0:
             return self.conv(x)
         return x
+
+
+class RootBranch(nn.Module):
+    """Branches on its input's rank in its own forward (a grayscale batch without channels)."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, num_classes)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1) if x.dim() == 3 else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(self.prepare(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class _Prepare(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+class BranchInSubmodule(RootBranch):
+    """:class:`RootBranch` with the branch moved into a submodule, as the error advises."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        super().__init__(num_classes)
+        self.prep = _Prepare()
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prep(x)
+
+
+class PadToSkip(nn.Module):
+    """Down, up, and resize to the skip's size when they differ (odd inputs), then add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, stride=2)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.a(x))
+        y = nn.functional.interpolate(torch.relu(self.b(skip)), scale_factor=2)
+        if y.shape[-2:] != skip.shape[-2:]:  # a U-Net's fix for odd sizes
+            h, w = skip.shape[-2:]
+            y = nn.functional.interpolate(y, size=(h, w))
+        return self.head(y + skip)
+
+
+class ValueBranch(nn.Module):
+    """Branches on a tensor's values: no input shape makes that traceable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if y.mean() > 0 else -y

@@ -10,7 +10,14 @@ from torch import nn
 
 import tdump.surgery as surgery
 from tdump.errors import ConfigError, UntraceableModelError
-from tests.surgery.nets import SmallNet, Untraceable
+from tests.surgery.nets import (
+    BranchInSubmodule,
+    PadToSkip,
+    RootBranch,
+    SmallNet,
+    Untraceable,
+    ValueBranch,
+)
 
 
 def _group(graph: surgery.ChannelGraph, conv: str) -> surgery.Group:
@@ -103,57 +110,80 @@ def test_untraceable_names_module_and_ignore_keeps_it_whole() -> None:
     assert any("ignored module block" in n for n in plan.notes)
 
 
-class _RootBranch(nn.Module):
-    """Branches on its input's rank in its own forward (a grayscale batch without channels)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 2)
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(1) if x.dim() == 3 else x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.conv(self.prepare(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-class _Prepare(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(1) if x.dim() == 3 else x
-
-
-class _BranchInSubmodule(_RootBranch):
-    """The same model with the branch moved into a submodule, as the error advises."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.prep = _Prepare()
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return self.prep(x)
+def _zero_first_channels(*convs: nn.Module) -> None:
+    """Channels 0 and 1 of ``convs`` output zeros: removing them changes nothing downstream."""
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight[:2] = 0
+            conv.bias[:2] = 0
 
 
 def test_untraceable_root_says_what_works_instead_of_ignore() -> None:
     with pytest.raises(UntraceableModelError) as err:
-        surgery.build_graph(_RootBranch())
+        surgery.build_graph(RootBranch())
     message = str(err.value)
-    assert message.startswith("torch.fx cannot trace model _RootBranch: ")
-    assert "_RootBranch.forward itself, which --ignore cannot keep whole" in message
+    assert message.startswith("torch.fx cannot trace model RootBranch: ")
+    assert "RootBranch.forward itself, which --ignore cannot keep whole" in message
     assert "matching it to keep it whole" not in message  # no regex makes the root a leaf
+    assert "traces when the input shape is known (--input-shape C,H,W" in message
     torch.manual_seed(0)
-    model = _BranchInSubmodule().eval()
-    model.load_state_dict(_RootBranch().state_dict())  # same weights: the advice keeps them
-    with torch.no_grad():  # channels 0 and 1 output relu(0): removing them changes nothing
-        model.bn.weight[:2] = 0
-        model.bn.bias[:2] = 0
+    model = BranchInSubmodule().eval()
+    model.load_state_dict(RootBranch().state_dict())  # same weights: the advice keeps them
+    _zero_first_channels(model.conv)
     pruned, plan = surgery.prune(model, {"conv": np.arange(6.0)}, count=2, ignore=r"^prep$")
     assert plan.layers["conv"].keep == [2, 3, 4, 5]
     assert pruned.conv.out_channels == 4 and pruned.fc.in_features == 4
     x = torch.randn(4, 8, 8)
     torch.testing.assert_close(pruned.eval()(x), model(x))
+
+
+def test_shape_branches_trace_at_the_input_shape(tmp_path) -> None:
+    """A forward branching on shapes prunes as it is, given its input shape; rounds keep it."""
+    torch.manual_seed(0)
+    model = RootBranch().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    surgery.build_graph(model, input_shape=(8, 8))  # runs its forward on fake tensors only
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN untouched
+    model.eval()
+    _zero_first_channels(model.conv)
+    pruned, plan = surgery.prune(model, {"conv": np.arange(6.0)}, count=2, input_shape=(8, 8))
+    assert plan.layers["conv"].keep == [2, 3, 4, 5]
+    assert any("traced at input shape 8x8: RootBranch's forward branches" in n for n in plan.notes)
+    x = torch.randn(4, 8, 8)
+    torch.testing.assert_close(pruned.eval()(x), model(x))
+    path = tmp_path / "p.pt"
+    surgery.save(path, pruned, arch="tests.surgery.nets.RootBranch")
+    assert torch.load(path, weights_only=True)["input_shape"] == [8, 8]
+    again = surgery.load(path, arch=RootBranch).eval()
+    assert surgery.provenance(again).input_shape == (8, 8)
+    torch.testing.assert_close(again(x), model(x))
+    # round 2 from the loaded model: no shape given, the checkpoint's is used
+    smaller, plan2 = surgery.prune(again, {"conv": np.arange(4.0)}, count=1)
+    assert smaller.conv.out_channels == 3 and plan2.layers["conv"].channels == 4
+    assert smaller.eval()(x).shape == (4, 2)
+
+
+def test_shape_branch_between_coupled_convs() -> None:
+    """A U-Net step (pad when sizes differ) inside a residual group: the add still couples."""
+    torch.manual_seed(0)
+    model = PadToSkip().eval()
+    with pytest.raises(UntraceableModelError, match="traces when the input shape is known"):
+        surgery.build_graph(model)
+    _zero_first_channels(model.a, model.b)
+    scores = {"a": np.arange(4.0), "b": np.arange(4.0)}
+    pruned, plan = surgery.prune(model, scores, count=2, input_shape=(3, 9, 9))
+    assert plan.layers["a"].keep == plan.layers["b"].keep == [2, 3]
+    assert pruned.head.in_channels == 2
+    x = torch.randn(2, 3, 9, 9)  # 9 -> 4 -> 8: resized to 9, the traced path
+    torch.testing.assert_close(pruned.eval()(x), model(x))
+
+
+def test_value_branches_are_refused_even_with_a_shape() -> None:
+    with pytest.raises(UntraceableModelError) as err:
+        surgery.build_graph(ValueBranch(), input_shape=(3, 8, 8))
+    message = str(err.value)
+    assert "tracing at input shape 3x8x8 failed too" in message
+    assert "ValueBranch.forward itself" in message
 
 
 def test_ignore_regex_leaves_layers_alone() -> None:
