@@ -114,7 +114,8 @@ def plan(
         aggregate=aggregate,
         normalize=normalize,
     )
-    graph = build_graph(model, ignore, input_shape or provenance(model).input_shape)
+    prev = provenance(model)  # what prune would trace with
+    graph = build_graph(model, ignore or prev.ignore, input_shape or prev.input_shape)
     return select(graph, scores_for(model, ranks, criterion), chosen)
 
 
