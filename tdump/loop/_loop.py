@@ -52,6 +52,8 @@ __all__ = ["LoopEvents", "run_loop"]
 
 #: How commands.sh adds the stages' PYTHONPATH to the one the shell has.
 _PYTHONPATH = "${PYTHONPATH:+:$PYTHONPATH}"
+#: commands.sh's block for a training's environment, logged before the training's own
+_TRAIN_ENV = "train (environment)"
 
 
 class _Loop:
@@ -124,7 +126,7 @@ class _Loop:
             os.replace(a, b)
         if stage == "train":
             env_line = " ".join(f"{k}={v}" for k, v in self.train_env(r).items())
-            self._log(r, "train (environment)", [f"export {env_line}"])
+            self._log(r, _TRAIN_ENV, [f"export {env_line}"])
         self._log(r, stage, [shown(argv)] + [f"mv {rel_path(a)} {rel_path(b)}" for a, b in moves])
 
     def _log(self, r: int, stage: str, lines: list[str]) -> None:
@@ -270,7 +272,7 @@ class _Loop:
                     done = dict(self.state.get("done") or {})
                     done.pop("train", None)
                     self._save_state(done=done)
-                    self.exp.unlog_command(r, ("train (environment)", "train"))
+                    self.exp.unlog_command(r, (_TRAIN_ENV, "train"))
                     message += (
                         f"; after fixing that, {resume_hint(self.exp.path, s)} trains round "
                         f"{r} again (with new TRAIN_ARGS after --, if they were the cause)"

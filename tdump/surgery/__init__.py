@@ -114,8 +114,7 @@ def plan(
         aggregate=aggregate,
         normalize=normalize,
     )
-    prev = provenance(model)  # what prune would trace with
-    graph = build_graph(model, ignore or prev.ignore, input_shape or prev.input_shape)
+    graph = _graph(model, ignore, input_shape)  # as prune would trace it
     return select(graph, scores_for(model, ranks, criterion), chosen)
 
 
@@ -224,19 +223,10 @@ def prune(
     else:
         with single_threaded():
             target = _copy.deepcopy(model)
-    prev = provenance(model)
-    shape = tuple(input_shape) if input_shape else prev.input_shape
-    graph = build_graph(target, ignore or prev.ignore, shape)
+    graph = _graph(target, ignore, input_shape)
     p = select(graph, scores, chosen)
     apply_keeps(target, graph, keeps_for(graph, p))
-    target.__dict__[_ATTR] = Provenance(
-        prev.arch,
-        dict(prev.arch_kwargs),
-        prev.plan.compose(p),
-        prev.rounds + 1,
-        ignore or prev.ignore,
-        input_shape=shape,
-    )
+    _one_round_more(target, p, graph)
     return target, p
 
 
@@ -259,19 +249,30 @@ def apply(
     56
     """
     target = model if inplace else _copy.deepcopy(model)
-    prev = provenance(model)
-    shape = tuple(input_shape) if input_shape else prev.input_shape
-    graph = build_graph(target, ignore or prev.ignore, shape)
+    graph = _graph(target, ignore, input_shape)
     apply_keeps(target, graph, keeps_for(graph, plan))
-    target.__dict__[_ATTR] = Provenance(
+    _one_round_more(target, plan, graph)
+    return target
+
+
+def _graph(model: nn.Module, ignore: str | None, input_shape: Sequence[int] | None) -> ChannelGraph:
+    """``model``'s channel graph: traced with ``ignore`` and ``input_shape``, else with the
+    ones its provenance recorded (a deep copy keeps the original's)."""
+    prev = provenance(model)
+    return build_graph(model, ignore or prev.ignore, input_shape or prev.input_shape)
+
+
+def _one_round_more(model: nn.Module, plan: Plan, graph: ChannelGraph) -> None:
+    """Compose ``plan`` onto ``model``'s provenance, with how ``graph`` was traced."""
+    prev = provenance(model)
+    model.__dict__[_ATTR] = Provenance(
         prev.arch,
         dict(prev.arch_kwargs),
         prev.plan.compose(plan),
         prev.rounds + 1,
-        ignore or prev.ignore,
-        input_shape=shape,
+        graph.ignore,
+        input_shape=graph.input_shape,
     )
-    return target
 
 
 def __dir__() -> list[str]:

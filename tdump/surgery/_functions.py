@@ -55,9 +55,7 @@ class FunctionRules:
 
     def _get_attr(self, target: str) -> Any:
         try:
-            obj = self.model
-            for part in target.split("."):
-                obj = getattr(obj, part)
+            obj = operator.attrgetter(target)(self.model)
         except AttributeError:
             return UNKNOWN
         return Param(target, tuple(obj.shape)) if isinstance(obj, torch.Tensor) else UNKNOWN

@@ -24,6 +24,7 @@ Examples
 from __future__ import annotations
 
 import copy
+import operator
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
@@ -78,7 +79,6 @@ class _ShapeTracer(_Tracer):
         self.example = self.fake_mode.from_tensor(torch.empty(1, *input_shape))
         self.values: dict[fx.Node, Any] = {}
         self.model: nn.Module | None = None
-        self._inputs = 0
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         # values come from a copy: a module run in training mode updates its buffers
@@ -102,15 +102,15 @@ class _ShapeTracer(_Tracer):
         # fx patches nn.Module.__call__ while tracing: undo that to run modules for real
         from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
-        if node.op == "placeholder":
-            self._inputs += 1
-            return self.example if self._inputs == 1 else None
+        if node.op == "placeholder":  # the input; later placeholders are other arguments
+            first = not any(n.op == "placeholder" for n in self.values)
+            return self.example if first else None
         try:
             args = fx.node.map_arg(node.args, self.values.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, self.values.__getitem__)
             with _maybe_revert_all_patches(), self.fake_mode:
                 if node.op == "get_attr":
-                    return _attr(self.model, str(node.target))
+                    return operator.attrgetter(str(node.target))(self.model)
                 if node.op == "call_module":
                     assert self.model is not None
                     return self.model.get_submodule(str(node.target))(*args, **kwargs)
@@ -133,12 +133,6 @@ class _ShapeTracer(_Tracer):
         if isinstance(value, (tuple, list)):  # ``n, c, h, w = x.shape``
             return iter([cast(Any, obj)[i] for i in range(len(value))])
         return super().iter(obj)
-
-
-def _attr(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def trace(

@@ -143,3 +143,17 @@ class ValueBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         return y if y.mean() > 0 else -y
+
+
+class IterShape(nn.Module):
+    """Iterates over a shape (not tuple unpacking, which fx handles itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if [d for d in x.shape[-2:]] != [8, 8]:
+            x = nn.functional.interpolate(x, size=(8, 8))
+        return self.head(torch.relu(self.conv(x)))

@@ -12,6 +12,7 @@ import tdump.surgery as surgery
 from tdump.errors import ConfigError, UntraceableModelError
 from tests.surgery.nets import (
     BranchInSubmodule,
+    IterShape,
     PadToSkip,
     RootBranch,
     SmallNet,
@@ -175,6 +176,18 @@ def test_shape_branch_between_coupled_convs() -> None:
     assert plan.layers["a"].keep == plan.layers["b"].keep == [2, 3]
     assert pruned.head.in_channels == 2
     x = torch.randn(2, 3, 9, 9)  # 9 -> 4 -> 8: resized to 9, the traced path
+    torch.testing.assert_close(pruned.eval()(x), model(x))
+
+
+def test_iteration_over_a_shape_traces_at_the_input_shape() -> None:
+    torch.manual_seed(0)
+    model = IterShape().eval()
+    with pytest.raises(UntraceableModelError):
+        surgery.build_graph(model)
+    _zero_first_channels(model.conv)
+    pruned, plan = surgery.prune(model, {"conv": np.arange(4.0)}, count=2, input_shape=(3, 4, 4))
+    assert plan.layers["conv"].keep == [2, 3] and pruned.head.in_channels == 2
+    x = torch.randn(2, 3, 4, 4)  # resized to 8x8: the traced path
     torch.testing.assert_close(pruned.eval()(x), model(x))
 
 
