@@ -25,10 +25,12 @@ __all__ = [
     "is_elementwise_type",
     "is_linear_type",
     "is_mean_cancelling_norm_type",
+    "is_transposed_conv_type",
     "type_name",
 ]
 
 _CONV = re.compile(r"(^|\.)(Conv[123]d|LazyConv[123]d)$")
+_CONV_T = re.compile(r"(^|\.)(ConvTranspose[123]d|LazyConvTranspose[123]d)$")
 _LINEAR = re.compile(r"(^|\.)(Linear|LazyLinear)$")
 _BN = re.compile(r"(^|\.)(BatchNorm[123]d|SyncBatchNorm|LazyBatchNorm[123]d)$")
 _INSTANCE_NORM = re.compile(r"(^|\.)(Lazy)?InstanceNorm[123]d$")
@@ -52,6 +54,11 @@ def type_name(cls: type) -> str:
 def is_conv_type(type_name: str) -> bool:
     """True for (non-transposed) convolution classes, e.g. ``torch.nn.modules.conv.Conv2d``."""
     return bool(_CONV.search(type_name))
+
+
+def is_transposed_conv_type(type_name: str) -> bool:
+    """True for transposed convolution classes (weight ``(in, out / groups, *kernel)``)."""
+    return bool(_CONV_T.search(type_name))
 
 
 def is_linear_type(type_name: str) -> bool:

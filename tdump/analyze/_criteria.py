@@ -70,10 +70,14 @@ class Plan:
     reductions
         ``{role: reduction}`` for tensors the capture stage stored already reduced
         (their ``reduction`` attribute); absent roles are full tensors.
+    filter_axis
+        The axis of a weight that indexes the layer's output channels: 0, or 1 for a
+        transposed conv (weight ``(in, out, *kernel)``).
     """
 
     sources: Mapping[str, str]
     reductions: Mapping[str, str] = field(default_factory=dict)
+    filter_axis: int = 0
 
 
 @dataclass
@@ -301,6 +305,10 @@ def has_output_gradients(names: Iterable[str]) -> bool:
     return any(is_output_gradient(n) for n in names)
 
 
+def _filter_axis(layer: str, ctx: PlanContext) -> int:
+    return 1 if ctx.dataflow.is_transposed(layer) else 0
+
+
 def _need_grad(ctx: PlanContext, act: str, crit: str) -> None:
     """Raise when the dump cannot give ``act`` a gradient: none recorded in this mode.
 
@@ -387,10 +395,10 @@ class L1(Criterion):
 
     def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
         w = f"{layer}.weight"
-        return Plan({"w": w}) if w in ctx.names else None
+        return Plan({"w": w}, filter_axis=_filter_axis(layer, ctx)) if w in ctx.names else None
 
     def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
-        return _per_filter_sum(np.abs(values["w"])), 1
+        return _per_filter_sum(np.abs(np.moveaxis(values["w"], plan.filter_axis, 0))), 1
 
     def missing(self, ctx: PlanContext) -> str:
         return (
@@ -481,10 +489,11 @@ class TaylorWeight(Criterion):
                 or f"dump has no gradient for {w!r}; record parameter gradients with include_regex "
                 f"matching them, e.g. --include '.*weight'"
             )
-        return Plan({"w": w, "grad": g})
+        return Plan({"w": w, "grad": g}, filter_axis=_filter_axis(layer, ctx))
 
     def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
-        s = _filter_dot(values["w"], values["grad"])
+        w, g = (np.moveaxis(values[k], plan.filter_axis, 0) for k in ("w", "grad"))
+        s = _filter_dot(w, g)
         return s * s, 1
 
     def missing(self, ctx: PlanContext) -> str:

@@ -41,6 +41,7 @@ from tdump._modtypes import (
     is_conv_type,
     is_elementwise_type,
     is_linear_type,
+    is_transposed_conv_type,
 )
 from tdump._modtypes import is_channel_preserving as _channel_preserving
 
@@ -76,15 +77,26 @@ class Dataflow:
         """Qualified class name of module ``path`` (``""`` if unknown)."""
         return str((self.modules.get(path) or {}).get("type", ""))
 
+    def is_conv(self, path: str) -> bool:
+        """True for a conv whose output channels rank: any conv, or a transposed one of groups 1."""
+        typ = self.module_type(path)
+        if is_transposed_conv_type(typ):
+            return int((self.modules[path].get("config") or {}).get("groups", 1)) == 1
+        return is_conv_type(typ)
+
+    def is_transposed(self, path: str) -> bool:
+        """True for a transposed conv: its weight is ``(in, out, *kernel)``, filters on axis 1."""
+        return is_transposed_conv_type(self.module_type(path))
+
     def convs(self) -> list[str]:
         """Conv module paths in execution order (first call), then any never called."""
         seen: dict[str, None] = {}
         for c in self.calls:
             mod = str(c["module"])
-            if is_conv_type(self.module_type(mod)):
+            if self.is_conv(mod):
                 seen.setdefault(mod, None)
-        for path, info in self.modules.items():
-            if is_conv_type(str(info.get("type", ""))):
+        for path in self.modules:
+            if self.is_conv(path):
                 seen.setdefault(path, None)
         return list(seen)
 
@@ -119,8 +131,8 @@ class Dataflow:
                 continue
             seen.add(name)
             for consumer in self._consumers.get(name, []):
-                typ = self.module_type(str(consumer["module"]))
-                if is_conv_type(typ) or is_linear_type(typ):
+                mod = str(consumer["module"])
+                if self.is_conv(mod) or self.is_linear(mod):
                     return True
                 todo.append(str(consumer["name"]))
         return False
@@ -142,6 +154,8 @@ class Dataflow:
         if "out_channels" in cfg:
             return int(cfg["out_channels"])
         shape = (info.get("params") or {}).get("weight")
+        if shape and self.is_transposed(conv):
+            return int(shape[1]) * int(cfg.get("groups", 1))
         return int(shape[0]) if shape else None
 
     def chain(self, output: str) -> list[str] | None:
@@ -161,7 +175,7 @@ class Dataflow:
             mod = str(call["module"])
             typ = self.module_type(mod)
             path.append(mod)
-            if is_conv_type(typ) or self.is_hidden_linear(call):
+            if self.is_conv(mod) or self.is_hidden_linear(call):
                 # channels-last features: BatchNorm and pooling mix them (dim 1 is tokens)
                 last = _ndim(call) >= 3 and is_linear_type(typ)
                 if last and not all(is_elementwise_type(self.module_type(m)) for m in path[:-1]):

@@ -38,7 +38,13 @@ from torch import nn
 
 from tdump._control import POLL_SECONDS
 from tdump._format import StoreWriter, grad_name, output_name
-from tdump._modtypes import is_activation_type, is_bn_type, is_conv_type, type_name
+from tdump._modtypes import (
+    is_activation_type,
+    is_bn_type,
+    is_conv_type,
+    is_transposed_conv_type,
+    type_name,
+)
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
     CLOSE_TIMEOUT,
@@ -97,9 +103,10 @@ def _by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
     """
     types = {p: type_name(type(m)) for p, m in root.named_modules() if p}
     acts = frozenset(p for p, t in types.items() if is_activation_type(t))
-    if acts or not any(is_conv_type(t) for t in types.values()):
+    convs = {p for p, t in types.items() if is_conv_type(t) or is_transposed_conv_type(t)}
+    if acts or not convs:
         return acts, False
-    return frozenset(p for p, t in types.items() if is_conv_type(t) or is_bn_type(t)), True
+    return frozenset(convs | {p for p, t in types.items() if is_bn_type(t)}), True
 
 
 class Hook(StepLifecycle):

@@ -56,6 +56,7 @@ def rewrite_module(
 
     ``kind`` is ``"conv"``, ``"depthwise"`` (dim 0 only; ``groups`` follows),
     ``"grouped"`` (in == out, equal removals per group; ``groups`` stays),
+    ``"transposed"`` (a transposed conv: ``out_idx`` of dim 1, ``in_idx`` of dim 0),
     ``"bn"``, ``"ln"`` (a LayerNorm over the channels) or ``"linear"``.
     """
     m: Any = mod  # attribute types vary by module class
@@ -79,6 +80,12 @@ def rewrite_module(
         m.in_channels = int(w.shape[1]) * (int(m.groups) if kind == "conv" else int(w.shape[0]))
         if kind == "depthwise":
             m.groups = int(w.shape[0])
+    elif kind == "transposed":  # weight (in, out, *kernel), groups 1
+        w = _take(_take(m.weight.detach(), 0, in_idx), 1, out_idx)
+        _set_param(m, "weight", w)
+        if m.bias is not None:
+            _set_param(m, "bias", _take(m.bias, 0, out_idx))
+        m.in_channels, m.out_channels = int(w.shape[0]), int(w.shape[1])
     elif kind == "grouped":
         _rewrite_grouped(m, out_idx, in_idx)
     elif kind == "bn":

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from tdump.surgery._ndim import index_keeps_channels, pad_dims
 from tdump.surgery._ops import (
     ELEMENTWISE,
     MERGE_OPS,
@@ -36,6 +37,18 @@ from tdump.surgery._values import (
 
 __all__ = ["FunctionRules"]
 
+# Python arithmetic on sizes (``diff = x.size(2) - y.size(2)``; ``diff // 2``)
+_INT_OPERATORS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.floordiv,
+    operator.truediv,
+    operator.mod,
+    operator.neg,
+    operator.pow,
+}
+
 
 class FunctionRules:
     """Rules for ``call_function`` / ``call_method`` nodes and directly read parameters."""
@@ -43,6 +56,7 @@ class FunctionRules:
     model: nn.Module
     uses: dict[str, ModuleUse]
     _spaces: Spaces
+    _ndims: dict[fx.Node, int | None]
 
     def _freeze_layout(self, v: Any, reason: str) -> None:
         if isinstance(v, list) and v:  # a flattened layout
@@ -89,6 +103,10 @@ class FunctionRules:
             return NONTENSOR
         if target is operator.getitem and x is NONTENSOR:
             return NONTENSOR
+        if target in _INT_OPERATORS and all(v is NONTENSOR for v in vals):
+            return NONTENSOR  # every operand a size or a constant: an int, not a tensor
+        if isinstance(x, (tuple, ChannelsLast)) and self._keeps_channels(node, x, val):
+            return x
         if target is operator.getitem and isinstance(x, ChannelsLast):
             index = node.args[1]
             last = index[-1] if isinstance(index, tuple) and index else None
@@ -154,6 +172,30 @@ class FunctionRules:
             if all(isinstance(v, tuple) for v in tensors) and tensors:
                 return self._merge(tensors, target in MERGE_OPS)
         return self._freeze_all(vals, getattr(target, "__name__", str(target)))
+
+    def _keeps_channels(self, node: fx.Node, x: Layout | ChannelsLast, val: Any) -> bool:
+        """Padding, slicing and narrowing that leave the channel axis whole."""
+        target = node.target
+        source = node.args[0] if node.args else None
+        ndim = self._ndims.get(source) if isinstance(source, fx.Node) else None
+        if target is torch.nn.functional.pad:
+            pad: Any = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+            padded = pad_dims(pad)
+            if padded is None:
+                return False
+            if isinstance(x, ChannelsLast):  # the first pair pads the channels: (0, 0) only
+                return all(type(p) is int and p == 0 for p in pad[:2])
+            return ndim is not None and ndim - padded >= 2
+        if isinstance(x, ChannelsLast):
+            return False
+        if target is operator.getitem and len(node.args) > 1:
+            return index_keeps_channels(node.args[1], ndim, lambda n: val(n) is NONTENSOR)
+        if target is torch.narrow or (node.op == "call_method" and target == "narrow"):
+            dim: Any = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if type(dim) is int and dim < 0 and ndim is not None:
+                dim += ndim
+            return type(dim) is int and (dim == 0 or dim >= 2)
+        return False
 
     def _permute(self, node: fx.Node, x: Any) -> Any:
         """``permute`` moves a known channel axis: dim 1 <-> last."""

@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from tdump.errors import ConfigError, UntraceableModelError
 from tdump.surgery._functions import FunctionRules
+from tdump.surgery._ndim import PAD_MODULES, node_ndim, pad_dims
 from tdump.surgery._ops import PASS_MODULES
 from tdump.surgery._trace import trace
 from tdump.surgery._values import (
@@ -94,6 +95,7 @@ class ChannelGraph(FunctionRules):
         self.uses: dict[str, ModuleUse] = {}
         self._conv_space: dict[str, int] = {}
         self._called: set[str] = set()  # modules called so far in the graph being read
+        self._ndims: dict[fx.Node, int | None] = {}  # tensor ranks where the graph fixes them
         self.notes: list[str] = []
         # Both graphs: the inference one, and the training one, whose train-only branches
         # (auxiliary heads) read channels too. A module seen in the first keeps its spaces.
@@ -126,6 +128,7 @@ class ChannelGraph(FunctionRules):
     def _build(self, graph: fx.Graph, ignore: re.Pattern[str] | None) -> None:
         env: dict[fx.Node, Any] = {}
         modules = dict(self.model.named_modules())
+        input_ndim = len(self.input_shape) + 1 if self.input_shape else None
 
         def val(a: Any) -> Any:
             if isinstance(a, fx.Node):
@@ -145,11 +148,17 @@ class ChannelGraph(FunctionRules):
                 mod = modules[node.target]
                 args = [val(a) for a in flatten_args((node.args, node.kwargs))]
                 ignored = ignore is not None and ignore.search(node.target) is not None
-                env[node] = self._module(node.target, mod, args, ignored)
+                first = node.args[0] if node.args else None
+                ndim = self._ndims.get(first) if isinstance(first, fx.Node) else None
+                env[node] = self._module(node.target, mod, args, ignored, ndim)
             else:
                 env[node] = self._function(node, val)
+            self._ndims[node] = node_ndim(node, modules, self._ndims, input_ndim)
 
-    def _module(self, name: str, mod: nn.Module, args: list[Any], ignored: bool) -> Any:
+    def _module(
+        self, name: str, mod: nn.Module, args: list[Any], ignored: bool, ndim: int | None
+    ) -> Any:
+        """The channel value of calling ``mod``; ``ndim`` is its input's rank if known."""
         x = args[0] if args else UNKNOWN
         tensors = [a for a in args if a is not NONTENSOR]
         if ignored:
@@ -167,12 +176,7 @@ class ChannelGraph(FunctionRules):
         if isinstance(mod, nn.modules.conv._ConvNd) and not isinstance(
             mod, nn.modules.conv._ConvTransposeNd
         ):
-            layout = x if isinstance(x, tuple) else None
-            if layout is None:
-                self._freeze_layout(x, f"{name} reads a flattened tensor")
-            elif sum(n for _, n in layout) != mod.in_channels:
-                self._freeze_layout(layout, f"{name} in_channels do not match its input")
-                layout = None
+            layout = self._conv_input(name, mod, x, "a flattened tensor")
             if is_depthwise(mod) and layout is not None:
                 self.uses[name] = ModuleUse(
                     name, "depthwise", mod, layout, layout, out_value=layout
@@ -201,6 +205,8 @@ class ChannelGraph(FunctionRules):
             out: Layout = ((space, int(mod.out_channels)),)
             self.uses[name] = ModuleUse(name, "conv", mod, out, layout, out_value=out)
             return out
+        if isinstance(mod, nn.modules.conv._ConvTransposeNd) and mod.groups == 1:
+            return self._transposed(name, mod, x)
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             if isinstance(x, tuple) and sum(n for _, n in x) == mod.num_features:
                 self.uses[name] = ModuleUse(name, "bn", mod, x, out_value=x)
@@ -240,9 +246,32 @@ class ChannelGraph(FunctionRules):
             return UNKNOWN
         if isinstance(mod, PASS_MODULES):
             return x
+        if isinstance(mod, PAD_MODULES) and isinstance(x, tuple):
+            padded = pad_dims(mod.padding)
+            if padded is not None and ndim is not None and ndim - padded >= 2:
+                return x  # pads only dimensions after the channels
         for a in tensors:
             self._freeze_layout(a, f"unsupported module {name} ({type(mod).__name__})")
         return UNKNOWN
+
+    def _conv_input(self, name: str, mod: nn.Module, x: Any, unknown: str) -> Layout | None:
+        """The layout a conv's ``in_channels`` follow, or None (then its inputs are frozen)."""
+        if not isinstance(x, tuple):
+            self._freeze_layout(x, f"{name} reads {unknown}")
+            return None
+        if sum(n for _, n in x) != mod.in_channels:
+            self._freeze_layout(x, f"{name} in_channels do not match its input")
+            return None
+        return x
+
+    def _transposed(self, name: str, mod: nn.Module, x: Any) -> Layout:
+        """A transposed conv (a decoder's upsampling): like a conv, its weight ``(in, out, ...)``."""
+        layout = self._conv_input(name, mod, x, "a tensor of unknown channels")
+        space = self._spaces.new(int(mod.out_channels))  # type: ignore[arg-type]
+        self._conv_space[name] = space
+        out: Layout = ((space, int(mod.out_channels)),)  # type: ignore[arg-type]
+        self.uses[name] = ModuleUse(name, "transposed", mod, out, layout, out_value=out)
+        return out
 
     def _grouped(self, name: str, mod: nn.Module, layout: Layout) -> Layout:
         """A grouped conv with ``in == out`` channels (ResNeXt, RegNet): input channel k and
@@ -272,7 +301,7 @@ class ChannelGraph(FunctionRules):
             and [n for _, n in new] == [n for _, n in seen]
         ):
             self._merge([seen, new], residual=False)
-        elif seen is None and use.kind in ("conv", "linear"):
+        elif seen is None and use.kind in ("conv", "transposed", "linear"):
             # its inputs were frozen at the first call (grouped conv, flattened input):
             # so are this call's; its outputs are still its own
             self._freeze_layout(new, f"{use.name} reads them (inputs left alone)")

@@ -53,7 +53,6 @@ PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
     nn.Upsample,
-    nn.ZeroPad2d,
 )
 PASS_FUNCTIONS = {
     torch.relu,

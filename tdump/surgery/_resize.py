@@ -41,8 +41,11 @@ class _NoRule(Exception):
 def _conv(m: nn.Module, shp: Shapes) -> None:
     conv: nn.modules.conv._ConvNd = m  # type: ignore[assignment]
     w = shp.get("weight")
-    if w is None or conv.transposed:
+    if w is None or (conv.transposed and conv.groups != 1):
         raise _NoRule
+    if conv.transposed:  # weight (in, out, *kernel)
+        conv.in_channels, conv.out_channels = int(w[0]), int(w[1])
+        return
     out, per_in = int(w[0]), int(w[1])
     g0, in0, out0 = conv.groups, conv.in_channels, conv.out_channels
     depthwise = g0 > 1 and g0 == in0 and out0 % in0 == 0  # (x multiplier): groups follow

@@ -75,6 +75,7 @@ def layer_params(model: nn.Module) -> dict[str, int]:
 def output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """Output positions (product of non-channel, non-batch dims) of each conv/linear call.
 
+    A transposed conv counts its *input* positions (each multiplies the whole weight).
     ``input_shape`` excludes the batch dimension. A module called several times sums.
 
     Raises
@@ -107,7 +108,9 @@ def output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[str, 
             handles.append(mod.register_forward_pre_hook(check))
         if isinstance(mod, _COUNTED):
 
-            def hook(m: nn.Module, args: object, out: torch.Tensor, name: str = name) -> None:
+            def hook(m: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
+                if isinstance(m, nn.modules.conv._ConvTransposeNd):
+                    out = args[0]  # each weight multiplies every *input* position once
                 n = (
                     out.numel()
                     // out.shape[0]

@@ -43,7 +43,9 @@ class ModuleUse:
     """How one module's tensors map to channel spaces.
 
     ``kind`` is ``"conv"``, ``"depthwise"``, ``"grouped"`` (in == out channels, one
-    space), ``"bn"``, ``"ln"`` (LayerNorm over the
+    space), ``"transposed"`` (a transposed conv, groups 1: its weight is
+    ``(in, out, ...)``, the layouts still name its output and input channels), ``"bn"``,
+    ``"ln"`` (LayerNorm over the
     channels), ``"linear"`` or ``"param"`` (a tensor attribute read directly, e.g. a
     per-channel scale; ``name`` is its qualified name, sliced along ``axis``).
     ``out_layout`` is the layout of the dim-0 axis of the weight (conv out channels, BN

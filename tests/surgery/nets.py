@@ -157,3 +157,89 @@ class IterShape(nn.Module):
         if [d for d in x.shape[-2:]] != [8, 8]:
             x = nn.functional.interpolate(x, size=(8, 8))
         return self.head(torch.relu(self.conv(x)))
+
+
+class _Double(nn.Sequential):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class _Up(nn.Module):
+    """Upsample (transposed conv, or bilinear), pad to the skip's size, concatenate, convolve."""
+
+    def __init__(self, cin: int, cout: int, bilinear: bool) -> None:
+        super().__init__()
+        self.up: nn.Module = (
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+            if bilinear
+            else nn.ConvTranspose2d(cin, cin // 2, kernel_size=2, stride=2)
+        )
+        self.conv = _Double(cin + cin // 2 if bilinear else cin, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        dy = skip.size()[2] - x.size()[2]
+        dx = skip.size()[3] - x.size()[3]
+        x = nn.functional.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """A small U-Net as people write it: padding computed from sizes, transposed convs."""
+
+    def __init__(self, bilinear: bool = False, classes: int = 2) -> None:
+        super().__init__()
+        self.inc = _Double(3, 8)
+        self.down1 = nn.Sequential(nn.MaxPool2d(2), _Double(8, 16))
+        self.down2 = nn.Sequential(nn.MaxPool2d(2), _Double(16, 32))
+        self.up1 = _Up(32, 16, bilinear)
+        self.up2 = _Up(16, 8, bilinear)
+        self.outc = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        y = self.up1(self.down2(x2), x2)
+        return self.outc(self.up2(y, x1))
+
+
+class Crops(nn.Module):
+    """Spatial crops and pads that spare the channels, and a hidden Linear sliced by them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.pad = nn.ReflectionPad2d(1)
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))[..., 1:, :-1]  # crop H and W of a 4-D tensor
+        y = self.b(self.pad(y[:, :, :, None, 1:][:, :, :, 0]))
+        y = torch.relu(y).narrow(-1, 0, 4).narrow(2, 1, 4)
+        z = self.c(y[1:])  # batch slice
+        h = torch.relu(self.fc1(z.mean((2, 3))))
+        return self.fc2(h[..., :4])  # slices the Linear's features (rank unknown): frozen
+
+
+class PadsChannels(nn.Module):
+    """F.pad whose spec reaches the channels of a 4-D tensor: never pruned through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.pad(self.a(x), [0, 0, 0, 0, 1, 1])
+        return self.head(y) + self.head(nn.functional.pad(self.b(x)[:, 1:], [0, 0, 0, 0, 1, 2]))

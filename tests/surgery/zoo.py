@@ -93,10 +93,15 @@ def build(name: str) -> nn.Module:
 def l1_scores(model: nn.Module) -> dict[str, np.ndarray]:
     """L1 norm of every conv filter and every Linear output row (higher = more important)."""
     return {
-        n: m.weight.detach().abs().flatten(1).sum(1).double().numpy()
+        n: _filters_first(m).abs().flatten(1).sum(1).double().numpy()
         for n, m in model.named_modules()
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
     }
+
+
+def _filters_first(m: nn.Module) -> torch.Tensor:
+    w = m.weight.detach()
+    return w.transpose(0, 1) if isinstance(m, nn.modules.conv._ConvTransposeNd) else w
 
 
 def _removed(plan: surgery.Plan) -> dict[str, torch.Tensor]:
@@ -285,14 +290,19 @@ def _check(
     return results
 
 
-def _equivalence(model: nn.Module, pruned: nn.Module, plan: surgery.Plan, x: torch.Tensor) -> float:
+def reference_output(model: nn.Module, plan: surgery.Plan, x: torch.Tensor) -> Any:
+    """``model(x)`` with ``plan``'s removed channels computed away (:func:`zeroed_reference`)."""
     handles = zeroed_reference(model, plan)
     try:
         with torch.no_grad():
-            ref = _logits(model(x))
+            return model(x)
     finally:
         for h in handles:
             h.remove()
+
+
+def _equivalence(model: nn.Module, pruned: nn.Module, plan: surgery.Plan, x: torch.Tensor) -> float:
+    ref = _logits(reference_output(model, plan, x))
     with torch.no_grad():
         got = _logits(pruned(x))
     if got.shape != (x.shape[0], 10):
