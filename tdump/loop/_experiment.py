@@ -402,11 +402,11 @@ def check_resumed_arch(stored: str | None, given: str | None, path: Path) -> Non
     A registered builder (torchvision, :func:`~tdump.surgery.register_arch`) is only
     looked up; anything else is an import path, i.e. code, and a file is not the user.
     """
-    from tdump.surgery import registered_archs
+    from tdump.surgery import is_registered_arch
 
     if not stored or given == stored:
         return
-    if given is None and stored in registered_archs():
+    if given is None and is_registered_arch(stored):
         return
     if given is None:
         raise ConfigError(

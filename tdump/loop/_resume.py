@@ -44,9 +44,9 @@ def resume_hint(path: str | os.PathLike[str], settings: LoopSettings) -> str:
     """
     command = f"tdump loop --resume --experiment {path}"
     if settings.arch:
-        from tdump.surgery import registered_archs
+        from tdump.surgery import is_registered_arch
 
-        if settings.arch not in registered_archs():
+        if not is_registered_arch(settings.arch):
             command += f" --arch {settings.arch}"
     return command
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from tdump.surgery._aggregate import register_aggregation
 from tdump.surgery._apply import apply_keeps, single_threaded
-from tdump.surgery._arch import build_arch, register_arch, registered_archs
+from tdump.surgery._arch import build_arch, is_registered_arch, register_arch, registered_archs
 from tdump.surgery._graph import ChannelGraph, Group, build_graph
 from tdump.surgery._io import _ATTR, Provenance, load, provenance, save
 from tdump.surgery._plan import (
@@ -54,6 +54,7 @@ __all__ = [
     "build_arch",
     "build_graph",
     "count_params",
+    "is_registered_arch",
     "layer_flops",
     "layer_params",
     "load",

@@ -42,6 +42,7 @@ __all__ = [
     "arch_name",
     "build_arch",
     "check_kwargs",
+    "is_registered_arch",
     "register_arch",
     "registered_archs",
     "resolve_arch",
@@ -94,13 +95,48 @@ def _torchvision() -> dict[str, Builder]:
     return out
 
 
-def registered_archs() -> dict[str, Builder]:
-    """Every name a checkpoint may carry: torchvision builders, then :func:`register_arch` names."""
-    return {**_torchvision(), **_USER}
+def registered_archs(*, torchvision: bool = True) -> dict[str, Builder]:
+    """Every name a checkpoint may carry: torchvision builders, then :func:`register_arch` names.
+
+    ``torchvision=False`` lists the :func:`register_arch` names alone, without importing
+    torchvision.
+    """
+    return {**_torchvision(), **_USER} if torchvision else dict(_USER)
+
+
+# Importing torchvision.models costs 2-3 s; a name or builder that cannot be torchvision's
+# (train.py:Net, mypkg.Net, a class of the script) is looked up among the user's only.
+def _maybe_torchvision(name: str) -> bool:
+    canonical = _canonical(name)
+    return canonical.isidentifier() or canonical.startswith("torchvision.")
+
+
+def _builders_like(obj: Any) -> dict[str, Builder]:
+    """The registered names ``obj`` (a builder) could be among."""
+    return registered_archs(
+        torchvision=str(getattr(obj, "__module__", "")).startswith("torchvision.")
+    )
+
+
+def is_registered_arch(name: str) -> bool:
+    """Whether ``name`` is a registered builder (looked up, never imported).
+
+    >>> is_registered_arch("resnet18"), is_registered_arch("train.py:Net")
+    (True, False)
+    """
+    return _registered(name) is not None
+
+
+def _registered(name: str) -> Builder | None:
+    known = registered_archs(torchvision=_maybe_torchvision(name))
+    for key in (name, _canonical(name)):
+        if key in known:
+            return known[key]
+    return None
 
 
 def _known(obj: Any) -> bool:
-    return any(obj is b for b in registered_archs().values())
+    return any(obj is b for b in _builders_like(obj).values())
 
 
 def _canonical(arch: str) -> str:
@@ -139,7 +175,7 @@ def arch_name(arch: str | Builder) -> str:
     """
     if isinstance(arch, str):
         return arch
-    for name, fn in registered_archs().items():
+    for name, fn in _builders_like(arch).items():
         if fn is arch and name.count("."):
             return name
     return f"{getattr(arch, '__module__', '?')}.{getattr(arch, '__qualname__', repr(arch))}"
@@ -167,10 +203,9 @@ def resolve_arch(
     """
     obj: Any = arch
     if isinstance(arch, str) and arch:
-        known = registered_archs()
-        for key in (arch, _canonical(arch)):
-            if key in known:
-                return known[key]
+        found = _registered(arch)
+        if found is not None:
+            return found
         if not trusted:
             raise _refuse(arch, where, load_args)
         obj = _import(arch)

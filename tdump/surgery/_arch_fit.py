@@ -232,10 +232,10 @@ def infer_kwargs(
     return {k: v for k, v in found.items() if v is not None}
 
 
-def _public_names() -> dict[int, str]:
+def _public_names(archs: Mapping[str, Builder]) -> dict[int, str]:
     """Per builder, its shortest dotted registered name (``torchvision.models.resnet18``)."""
     best: dict[int, str] = {}
-    for name, fn in registered_archs().items():
+    for name, fn in archs.items():
         key = id(fn)
         dots = name.count(".")
         if key not in best or (dots and (not best[key].count(".") or dots < best[key].count("."))):
@@ -263,9 +263,11 @@ def arch_for_type(
     'torchvision.models.resnet34'
     """
     module = type_name.rpartition(".")[0]
-    names = _public_names()
+    # torchvision's builders (2-3 s to import) only for its own model types
+    archs = registered_archs(torchvision=type_name.startswith("torchvision."))
+    names = _public_names(archs)
     seen: dict[int, Builder] = {}
-    for fn in registered_archs().values():
+    for fn in archs.values():
         own = f"{fn.__module__}.{fn.__qualname__}" if isinstance(fn, type) else None
         if own == type_name or (own is None and getattr(fn, "__module__", None) == module):
             seen.setdefault(id(fn), fn)

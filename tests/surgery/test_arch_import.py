@@ -187,3 +187,25 @@ def test_weights_on_meta_only_for_the_building_thread() -> None:
     assert built["other"].weight.device.type == "cpu"
     assert torch.isfinite(built["other"].weight).all()
     assert torch.nn.Linear(3, 2).weight.device.type == "cpu"  # hooks gone afterwards
+
+
+def test_own_class_saves_and_loads_without_importing_torchvision(project: Path) -> None:
+    """A script whose model is its own never pays torchvision's import (2-3 s per stage)."""
+    import subprocess
+
+    code = """
+import sys, torch, tdump, tdump.surgery as surgery
+from mytrain import Net
+surgery.save("own.pt", Net(), arch="mytrain.py:Net", arch_kwargs={"num_classes": 3})
+assert type(tdump.load("own.pt", arch=Net)).__name__ == "Net"
+assert type(surgery.load("own.pt", "mytrain.py:Net")).__name__ == "Net"
+assert not surgery.is_registered_arch("mytrain.py:Net")
+print(sorted(m for m in sys.modules if m.startswith("torchvision")))
+surgery.register_arch("mytrain.py:Net", Net)  # a registered name needs no --arch
+assert type(surgery.load("own.pt")).__name__ == "Net"
+print(surgery.is_registered_arch("resnet18"), "torchvision.models" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=project, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[:2] == ["[]", "True True"]
