@@ -99,4 +99,8 @@ def is_elementwise_type(type_name: str) -> bool:
 
 def is_channel_preserving(type_name: str) -> bool:
     """True for modules that keep channels one to one (BN, activations, dropout, pooling)."""
-    return is_bn_type(type_name) or is_elementwise_type(type_name) or bool(_POOL.search(type_name))
+    return (
+        is_mean_cancelling_norm_type(type_name)  # BatchNorm, InstanceNorm
+        or is_elementwise_type(type_name)
+        or bool(_POOL.search(type_name))
+    )

@@ -207,7 +207,10 @@ class ChannelGraph(FunctionRules):
             return out
         if isinstance(mod, nn.modules.conv._ConvTransposeNd) and mod.groups == 1:
             return self._transposed(name, mod, x)
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if isinstance(
+            mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+        ):
+            # per-channel statistics and affine either way: instance norm is per example too
             if isinstance(x, tuple) and sum(n for _, n in x) == mod.num_features:
                 self.uses[name] = ModuleUse(name, "bn", mod, x, out_value=x)
                 return x

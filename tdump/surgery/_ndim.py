@@ -81,7 +81,8 @@ def node_ndim(
         for kind, nd in _BN_NDIM.items():
             if isinstance(mod, kind):
                 return nd
-        if isinstance(mod, (nn.modules.batchnorm._BatchNorm, *PAD_MODULES)):
+        norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+        if isinstance(mod, (*norms, *PAD_MODULES)):
             return arg(0)
         return arg(0) if isinstance(mod, PASS_MODULES) else None
     if node.op not in ("call_function", "call_method"):

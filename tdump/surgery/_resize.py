@@ -5,8 +5,9 @@ state_dict gets empty tensors of those shapes and its shape attributes fixed
 (``out_channels``, ``in_channels``, ``groups``, ``num_features``, ``in_features``, ...);
 ``load_state_dict(strict=True)`` then fills and validates them. Loading never runs
 torch.fx, so a script recorded by ``tdump record`` that calls ``tdump.load`` is not
-traced behind the capture's back. Module types without a rule make :func:`resize_to`
-return ``None`` (the caller falls back to the channel graph).
+traced behind the capture's back. Module types without a rule, and an instance norm
+without tensors (nothing tells its ``num_features``) in a model whose shapes changed,
+make :func:`resize_to` return ``None`` (the caller falls back to the channel graph).
 
 Examples
 --------
@@ -71,6 +72,12 @@ def _layer_norm(m: nn.Module, shp: Shapes) -> None:
     m.normalized_shape = tuple(int(v) for v in shp["weight"])  # type: ignore[assignment]
 
 
+def _untold(m: nn.Module) -> bool:
+    """An instance norm without affine or running statistics: no tensor tells its channels."""
+    own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+    return isinstance(m, nn.modules.instancenorm._InstanceNorm) and not own
+
+
 #: How each module type's shape attributes follow its tensors (first isinstance match).
 RULES: list[tuple[type[nn.Module], Callable[[nn.Module, Shapes], None]]] = [
     (nn.modules.conv._ConvNd, _conv),
@@ -109,6 +116,8 @@ def resize_to(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, Lay
         if rule is None:
             return None
         changes.append((mod, name, rule, shp))
+    if changes and any(_untold(m) for m in model.modules()):
+        return None
     plan: dict[str, LayerPlan] = {}
     for mod, name, rule, shp in changes:
         before = (getattr(mod, "out_channels", 0), getattr(mod, "groups", 1))

@@ -125,3 +125,25 @@ def test_dataflow_stops_at_non_channel_modules() -> None:
         "conv": ["act.output_0", "pool.output_0", "bn.output_0"]
     }
     assert flow.out_channels("conv") == 3
+
+
+def test_dataflow_passes_instance_norms_and_ranks_transposed_convs() -> None:
+    """Fast neural style's conv -> InstanceNorm -> ReLU, and a decoder's ConvTranspose2d."""
+    modules = {
+        **MODULES,
+        "bn": {"type": "torch.nn.modules.instancenorm.InstanceNorm2d"},
+        "up": {
+            "type": "torch.nn.modules.conv.ConvTranspose2d",
+            "params": {"weight": [3, 5, 2, 2]},
+            "config": {"groups": 1},
+        },
+        "up2": {"type": "torch.nn.modules.conv.ConvTranspose2d", "config": {"groups": 3}},
+    }
+    calls = [
+        *CALLS[:3],
+        {"name": "up.output_0", "module": "up", "call": 0, "inputs": ["act.output_0"]},
+    ]
+    flow = Dataflow(modules, calls)
+    assert flow.producing_conv("act.output_0") == "conv"
+    # a grouped transposed conv is not ranked (the surgery cannot prune it)
+    assert flow.convs() == ["conv", "up"] and flow.out_channels("up") == 5

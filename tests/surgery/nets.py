@@ -243,3 +243,28 @@ class PadsChannels(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.pad(self.a(x), [0, 0, 0, 0, 1, 1])
         return self.head(y) + self.head(nn.functional.pad(self.b(x)[:, 1:], [0, 0, 0, 0, 1, 2]))
+
+
+class _PadConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1) -> None:
+        super().__init__(nn.ReflectionPad2d(k // 2), nn.Conv2d(cin, cout, k, stride))
+
+
+class StyleNet(nn.Module):
+    """Fast neural style's shape: reflection padding, instance norms, a residual, upsampling."""
+
+    def __init__(self, affine: bool = True) -> None:
+        super().__init__()
+        self.conv1, self.in1 = _PadConv(3, 8, 5), nn.InstanceNorm2d(8, affine=affine)
+        self.conv2, self.in2 = _PadConv(8, 16, 3, 2), nn.InstanceNorm2d(16, affine=affine)
+        self.res_a, self.res_in_a = _PadConv(16, 16, 3), nn.InstanceNorm2d(16, affine=affine)
+        self.res_b, self.res_in_b = _PadConv(16, 16, 3), nn.InstanceNorm2d(16, affine=affine)
+        self.up, self.in3 = _PadConv(16, 8, 3), nn.InstanceNorm2d(8, affine=affine)
+        self.out = _PadConv(8, 3, 5)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.in2(self.conv2(self.relu(self.in1(self.conv1(x))))))
+        y = y + self.res_in_b(self.res_b(self.relu(self.res_in_a(self.res_a(y)))))
+        y = nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+        return self.out(self.relu(self.in3(self.up(y))))

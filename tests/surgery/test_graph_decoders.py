@@ -1,4 +1,5 @@
-"""Decoders prune: padding and crops that spare the channels, transposed convs, a U-Net.
+"""Decoders prune: padding and crops that spare the channels, transposed convs, a U-Net,
+instance norms (fast neural style).
 
 Equivalence is checked independently of the channel graph (``zoo.zeroed_reference``:
 the unpruned model with the removed channels computed away by forward hooks), in
@@ -19,7 +20,7 @@ from torch import nn
 
 import tdump.surgery as surgery
 from tests.surgery import zoo
-from tests.surgery.nets import Crops, PadsChannels, UNet
+from tests.surgery.nets import Crops, PadsChannels, StyleNet, UNet
 
 
 def _prune(model: nn.Module, ratio: float = 0.3) -> tuple[nn.Module, surgery.Plan]:
@@ -136,3 +137,26 @@ def test_torchvision_segmentation_models_prune(name: str) -> None:
     assert surgery.count_params(pruned) < 0.8 * surgery.count_params(model)
     x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
     _equivalent(model, pruned, plan, x, out=lambda y: y["out"])  # a dict of outputs
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm_nets_prune_save_load_and_prune_again(affine: bool, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = StyleNet(affine).double().eval()
+    frozen = {m for g in surgery.build_graph(model).groups if g.frozen for m in g.members}
+    assert frozen == {"out.1"}  # reaches the output
+    pruned, plan = _prune(model)
+    assert pruned.in1.num_features == pruned.conv1[1].out_channels < 8
+    x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
+    _equivalent(model, pruned, plan, x)
+    path = tmp_path / "style.pt"
+    surgery.save(path, pruned, arch="tests.surgery.nets.StyleNet", arch_kwargs={"affine": affine})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when num_features disagrees with the input
+        back = surgery.load(path, arch=StyleNet).eval().double()
+        assert back.in1.num_features == pruned.in1.num_features
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)
+    again, plan2 = _prune(back)
+    assert again.in2.num_features < back.in2.num_features
+    _equivalent(back, again, plan2, x)
