@@ -333,8 +333,9 @@ def load(
         The recorded model's class (a dump's ``modules[""].type``): picks a registered
         builder for a plain state_dict when ``arch`` is not given.
     input_shape : sequence of int, optional
-        The input shape (batch excluded) to trace a forward that branches on shapes at
-        (default: the file's, which :func:`prune` recorded).
+        The input shape (batch excluded) to trace a forward that branches on shapes at,
+        when the file records none; a shape the file records (the one :func:`prune`
+        traced at, which its plan was made on) is used instead, as its ``ignore`` is.
 
     Returns
     -------
