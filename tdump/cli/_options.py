@@ -32,9 +32,13 @@ def json_object_option(text: str | None, flag: str) -> dict[str, Any] | None:
 
 
 def shape_option(text: str, *, example: str) -> tuple[int, ...]:
-    """An input shape such as ``3,224,224`` or ``3x224x224`` (batch excluded)."""
+    """An input shape such as ``3,224,224`` or ``3x224x224`` (batch excluded).
+
+    Every part must be a size: ``1,x,28`` or ``3,,32`` is refused, not read as fewer dims.
+    """
+    parts = text.replace("x", ",").split(",")
     try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        shape = tuple(int(v) for v in parts)  # int() refuses an empty or non-numeric part
     except ValueError:
         shape = ()
     if not shape or any(n < 1 for n in shape):  # a zero or negative size cannot be run

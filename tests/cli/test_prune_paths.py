@@ -194,6 +194,8 @@ def test_recorded_input_shape_and_a_moved_dump(
         (["--count", "-1"], "count must be a non-negative integer"),
         (["--count", "1", "--aggregate", "bogus"], "unknown aggregation 'bogus'"),
         (["--count", "1", "--input-shape", "3,0,8"], "--input-shape must look like"),
+        (["--count", "1", "--input-shape", "1,x,28"], "--input-shape must look like"),
+        (["--count", "1", "--input-shape", "3,,8"], "--input-shape must look like"),
         (["--count", "1", "--scope", "layers"], "scope must be 'global' or 'per-layer'"),
         (["--count", "1", "--ratio", "0.3"], "give exactly one of count (--count) and ratio"),
         (["--ratio", "0.3", "--min-channels", "0"], "min_channels must be >= 1"),
