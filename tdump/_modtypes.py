@@ -25,6 +25,7 @@ __all__ = [
     "is_elementwise_type",
     "is_linear_type",
     "is_mean_cancelling_norm_type",
+    "is_norm_type",
     "is_transposed_conv_type",
     "type_name",
 ]
@@ -34,6 +35,7 @@ _CONV_T = re.compile(r"(^|\.)(ConvTranspose[123]d|LazyConvTranspose[123]d)$")
 _LINEAR = re.compile(r"(^|\.)(Linear|LazyLinear)$")
 _BN = re.compile(r"(^|\.)(BatchNorm[123]d|SyncBatchNorm|LazyBatchNorm[123]d)$")
 _INSTANCE_NORM = re.compile(r"(^|\.)(Lazy)?InstanceNorm[123]d$")
+_GROUP_NORM = re.compile(r"(^|\.)GroupNorm$")
 _ACT = re.compile(
     r"(^|\.)(ReLU|ReLU6|LeakyReLU|PReLU|RReLU|ELU|SELU|CELU|GELU|SiLU|Mish|Sigmoid|Tanh|"
     r"Hardswish|Hardsigmoid|Hardtanh|Softplus)$"
@@ -79,6 +81,15 @@ def is_mean_cancelling_norm_type(type_name: str) -> bool:
     return is_bn_type(type_name) or bool(_INSTANCE_NORM.search(type_name))
 
 
+def is_norm_type(type_name: str) -> bool:
+    """True for norms over the channels at dim 1 (BatchNorm, InstanceNorm, GroupNorm).
+
+    >>> is_norm_type("torch.nn.GroupNorm"), is_norm_type("torch.nn.LayerNorm")
+    (True, False)
+    """
+    return is_mean_cancelling_norm_type(type_name) or bool(_GROUP_NORM.search(type_name))
+
+
 def is_activation_type(type_name: str) -> bool:
     """True for element-wise activation classes (ReLU and friends)."""
     return bool(_ACT.search(type_name))
@@ -98,9 +109,7 @@ def is_elementwise_type(type_name: str) -> bool:
 
 
 def is_channel_preserving(type_name: str) -> bool:
-    """True for modules that keep channels one to one (BN, activations, dropout, pooling)."""
+    """True for modules that keep channels one to one (norms, activations, dropout, pooling)."""
     return (
-        is_mean_cancelling_norm_type(type_name)  # BatchNorm, InstanceNorm
-        or is_elementwise_type(type_name)
-        or bool(_POOL.search(type_name))
+        is_norm_type(type_name) or is_elementwise_type(type_name) or bool(_POOL.search(type_name))
     )

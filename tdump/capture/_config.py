@@ -204,7 +204,7 @@ class HookConfig:
         type, whatever their names, e.g. ``features.1.output_0`` in an
         ``nn.Sequential``) and their gradients, so ranking finds them in any CNN. A
         model with convs but no activation module (``F.relu`` everywhere) gets its conv
-        and BatchNorm outputs instead, which ranking scores as pre-activations.
+        and norm (BatchNorm, GroupNorm, ...) outputs instead, which ranking scores as pre-activations.
         ``tdump record``, ``tdump loop`` and :mod:`tdump.capture.auto` set it when no
         ``--include`` (``include_regex``) is given.
     save_interval

@@ -40,8 +40,8 @@ from tdump._control import POLL_SECONDS
 from tdump._format import StoreWriter, grad_name, output_name
 from tdump._modtypes import (
     is_activation_type,
-    is_bn_type,
     is_conv_type,
+    is_norm_type,
     is_transposed_conv_type,
     type_name,
 )
@@ -95,10 +95,10 @@ def record_loss(loss: torch.Tensor, *inputs: torch.Tensor) -> None:
 
 
 def _by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
-    """Modules whose outputs ``include_activations`` selects; and whether they are convs and BNs.
+    """Modules whose outputs ``include_activations`` selects; and whether they are convs and norms.
 
     The activation modules; in a model with convs but no activation module (every
-    activation a function such as ``F.relu``), the conv and BatchNorm outputs instead:
+    activation a function such as ``F.relu``), the conv and norm outputs instead:
     ranking scores those as pre-activations (docs/ranking.md).
     """
     types = {p: type_name(type(m)) for p, m in root.named_modules() if p}
@@ -106,7 +106,7 @@ def _by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
     convs = {p for p, t in types.items() if is_conv_type(t) or is_transposed_conv_type(t)}
     if acts or not convs:
         return acts, False
-    return frozenset(convs | {p for p, t in types.items() if is_bn_type(t)}), True
+    return frozenset(convs | {p for p, t in types.items() if is_norm_type(t)}), True
 
 
 class Hook(StepLifecycle):
@@ -193,7 +193,7 @@ class Hook(StepLifecycle):
         #: its activation modules, or its convs and BNs when :attr:`preactivations`.
         self._by_type_paths: frozenset[str] = frozenset()
         #: True when the model has convs but no activation module (``F.relu`` instead), so
-        #: ``include_activations`` selects the conv and BatchNorm outputs (pre-activations).
+        #: ``include_activations`` selects the conv and norm outputs (pre-activations).
         self.preactivations = False
         self._uniform = not config.collections and config.save_steps is None
         self._all = config.saved_collections(config.start_step or 0) if self._uniform else None

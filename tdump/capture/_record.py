@@ -162,7 +162,7 @@ class AutoCapture:
         if self.hook.preactivations:
             line += (
                 f"\ntdump: {type(root).__name__} has no activation modules (F.relu and the like "
-                "are functions), so the conv and BatchNorm outputs are recorded instead: "
+                "are functions), so the conv and norm outputs are recorded instead: "
                 "ranking scores those pre-activations"
             )
         return line

@@ -57,7 +57,8 @@ def rewrite_module(
     ``kind`` is ``"conv"``, ``"depthwise"`` (dim 0 only; ``groups`` follows),
     ``"grouped"`` (in == out, equal removals per group; ``groups`` stays),
     ``"transposed"`` (a transposed conv: ``out_idx`` of dim 1, ``in_idx`` of dim 0),
-    ``"bn"``, ``"ln"`` (a LayerNorm over the channels) or ``"linear"``.
+    ``"bn"``, ``"gn"`` (a GroupNorm losing whole groups: ``num_groups`` follows),
+    ``"ln"`` (a LayerNorm over the channels) or ``"linear"``.
     """
     m: Any = mod  # attribute types vary by module class
     if kind in ("conv", "depthwise"):
@@ -96,6 +97,15 @@ def rewrite_module(
             if getattr(m, bname, None) is not None:
                 setattr(m, bname, _take(getattr(m, bname), 0, out_idx))
         m.num_features = int(out_idx.size) if out_idx is not None else m.num_features
+    elif kind == "gn":
+        per_group = int(m.num_channels) // int(m.num_groups)
+        if m.affine:
+            for pname in ("weight", "bias"):
+                _set_param(m, pname, _take(getattr(m, pname), 0, out_idx))
+        if out_idx is not None:
+            if out_idx.size % per_group:
+                raise ValueError(f"GroupNorm keeps {out_idx.size} channels, not whole groups")
+            m.num_channels, m.num_groups = int(out_idx.size), int(out_idx.size) // per_group
     elif kind == "ln":
         for pname in ("weight", "bias"):
             if getattr(m, pname, None) is not None:

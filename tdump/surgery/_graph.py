@@ -59,7 +59,8 @@ class Group:
     ``size`` channels; ``frozen`` (with ``reason``) means the group is left alone;
     ``residual`` says the coupling came through an addition (a residual group);
     ``blocks > 1`` (a grouped conv's outputs) means channels must go in equal numbers
-    from each of ``blocks`` contiguous blocks.
+    from each of ``blocks`` contiguous blocks; ``chunk > 1`` (a GroupNorm's groups) means
+    they go in whole aligned runs of ``chunk`` channels.
     """
 
     gid: int
@@ -69,6 +70,12 @@ class Group:
     reason: str = ""
     residual: bool = False
     blocks: int = 1
+    chunk: int = 1
+
+    @property
+    def step(self) -> int:
+        """What every removal from this group is a multiple of (blocks or whole runs)."""
+        return self.blocks * self.chunk  # at most one of them is above 1
 
 
 class ChannelGraph(FunctionRules):
@@ -216,6 +223,8 @@ class ChannelGraph(FunctionRules):
                 return x
             self._freeze_layout(x, f"{name} does not match its input")
             return UNKNOWN
+        if isinstance(mod, nn.GroupNorm):
+            return self._group_norm(name, mod, x)
         if isinstance(mod, nn.Linear):
             # a Linear reads the last axis: a 2-D (N, C) tensor, a flattened map, or a
             # channels-last tensor; its out features are a new space, laid out the same way
@@ -276,6 +285,32 @@ class ChannelGraph(FunctionRules):
         self.uses[name] = ModuleUse(name, "transposed", mod, out, layout, out_value=out)
         return out
 
+    def _group_norm(self, name: str, mod: nn.GroupNorm, x: Any) -> Any:
+        """A GroupNorm normalises runs of ``num_channels / num_groups`` channels together:
+        removing a whole run leaves the others' statistics as they were, removing part of
+        one does not. So each space it reads loses channels in whole aligned runs.
+        """
+        if not (isinstance(x, tuple) and sum(n for _, n in x) == mod.num_channels):
+            self._freeze_layout(x, f"{name} does not match its input")
+            return UNKNOWN
+        chunk = mod.num_channels // mod.num_groups
+        offset, spaces = 0, []
+        for space, n in x:
+            if offset % chunk or n % chunk:
+                self._freeze_layout(x, f"{name}'s groups straddle channels of different layers")
+                return UNKNOWN
+            spaces.append((space, n))
+            offset += n
+        for space, n in spaces:
+            if n == chunk:
+                what = "one group" if mod.num_groups == 1 else f"groups of {chunk}"
+                self._spaces.freeze(
+                    space, f"{name} normalises them as {what}: any removal changes the rest"
+                )
+            self._spaces.constrain_chunks(space, chunk, name)
+        self.uses[name] = ModuleUse(name, "gn", mod, x, out_value=x)
+        return x
+
     def _grouped(self, name: str, mod: nn.Module, layout: Layout) -> Layout:
         """A grouped conv with ``in == out`` channels (ResNeXt, RegNet): input channel k and
         output channel k lie in the same group, so they go together (one space, like a
@@ -288,13 +323,15 @@ class ChannelGraph(FunctionRules):
         sp.blocks[root] = blocks
         if sp.size[root] % blocks:
             sp.freeze(root, f"grouped conv {name} (groups={mod.groups}) cannot split them evenly")
+        if sp.chunks.get(root, 1) > 1:
+            sp.freeze(root, f"a grouped conv ({name}) and a GroupNorm share these channels")
         self.uses[name] = ModuleUse(name, "grouped", mod, layout, layout, out_value=layout)
         self._conv_space[name] = space
         return layout
 
     def _reuse(self, use: ModuleUse, x: Any) -> Any:
         """A module called again (shared weights): both calls' channels must go together."""
-        seen = use.out_layout if use.kind in ("bn", "ln") else use.in_layout
+        seen = use.out_layout if use.kind in ("bn", "gn", "ln") else use.in_layout
         new = x[0] if use.kind == "linear" and isinstance(x, list) and x else x
         if isinstance(new, ChannelsLast) and use.kind in ("linear", "ln"):
             new = new.layout
@@ -332,6 +369,7 @@ class ChannelGraph(FunctionRules):
                     sp.frozen.get(root, ""),
                     root in sp.residual,
                     sp.blocks.get(root, 1),
+                    sp.chunks.get(root, 1),
                 )
                 by_root[root] = grp
                 self.groups.append(grp)

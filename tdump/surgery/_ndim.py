@@ -81,7 +81,11 @@ def node_ndim(
         for kind, nd in _BN_NDIM.items():
             if isinstance(mod, kind):
                 return nd
-        norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+        norms = (
+            nn.modules.batchnorm._BatchNorm,
+            nn.modules.instancenorm._InstanceNorm,
+            nn.GroupNorm,
+        )
         if isinstance(mod, (*norms, *PAD_MODULES)):
             return arg(0)
         return arg(0) if isinstance(mod, PASS_MODULES) else None

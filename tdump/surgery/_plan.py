@@ -71,11 +71,12 @@ def resolve_max_ratio(max_ratio: float | None, scope: str) -> float | None:
 
 def group_cap(grp: Group, min_channels: int, max_ratio: float | None) -> int:
     """Channels one selection may remove from ``grp``: it keeps ``min_channels`` (and a
-    channel per block), loses at most ``max_ratio`` of its channels, in whole blocks."""
-    cap = grp.size - max(min_channels, grp.blocks)
+    channel per block, a GroupNorm group), loses at most ``max_ratio`` of its channels,
+    in whole steps (:attr:`Group.step`)."""
+    cap = grp.size - max(min_channels, grp.step)
     if max_ratio is not None:
         cap = min(cap, math.floor(max_ratio * grp.size + 1e-9))
-    return max(cap, 0) // grp.blocks * grp.blocks
+    return max(cap, 0) // grp.step * grp.step
 
 
 class FewChannelsWarning(UserWarning):
@@ -282,7 +283,7 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
             )
             continue
         cap = group_cap(grp, settings.min_channels, max_ratio)
-        cands.append((grp, removal_order(grp.blocks, s), cap))
+        cands.append((grp, removal_order(grp.blocks, s, grp.chunk), cap))
     notes[len(graph.notes) : len(graph.notes)] = _summarize(frozen, "left alone")
     if cands:
         notes.extend(unranked_notes(cands, unranked, scores))
@@ -345,7 +346,7 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
             else _half_up((settings.ratio or 0.0) * total)
         )
         steps = [
-            (grp.gid, pos_scores, removal_bounds(grp.size, grp.blocks, cap, settings.round_to))
+            (grp.gid, pos_scores, removal_bounds(grp.size, grp.step, cap, settings.round_to))
             for grp, (_, pos_scores), cap in cands
         ]
         pool = sum(bounds[-1] for _, _, bounds in steps if bounds)
@@ -357,7 +358,11 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
                     else f"asked to remove {settings.ratio:.0%} of the channels ({want} of {total})"
                 )
                 + f" but min_channels/max_ratio allow {pool}"
-                + (" in whole steps (grouped convs, round_to)" if pool < pooled(cands) else "")
+                + (
+                    " in whole steps (grouped convs, GroupNorm groups, round_to)"
+                    if pool < pooled(cands)
+                    else ""
+                )
             )
         removed = pick_global(steps, int(want))
         if sum(removed.values()) < min(want, pool):
@@ -365,12 +370,12 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
 
     plan = Plan(settings={**vars(settings), "max_ratio": max_ratio}, notes=notes)
     few: list[str] = []
-    short = {"blocks": 0, "round_to": 0, "groups": 0}
+    short = {"blocks": 0, "chunks": 0, "round_to": 0, "groups": 0}
     for grp, (order, _), _ in cands:
         chosen = removed.get(grp.gid, 0)
-        whole = chosen // grp.blocks * grp.blocks
-        r = round_removal(grp.size, whole, grp.blocks, settings.round_to)
-        short["blocks"] += chosen - whole
+        whole = round_removal(grp.size, chosen, grp.step, None)
+        r = round_removal(grp.size, whole, grp.step, settings.round_to)
+        short["blocks" if grp.blocks > 1 else "chunks"] += chosen - whole
         short["round_to"] += whole - max(r, 0)
         short["groups"] += r < chosen
         if r <= 0:
@@ -418,6 +423,11 @@ def keeps_for(graph: ChannelGraph, plan: Plan) -> dict[int, np.ndarray]:
             )
         if grp.blocks > 1 and len(set(np.bincount(keep // (grp.size // grp.blocks)).tolist())) != 1:
             raise ConfigError(f"plan keeps unequal channels in the {grp.blocks} groups of '{name}'")
+        if grp.chunk > 1 and np.any(np.bincount(keep // grp.chunk) % grp.chunk):
+            raise ConfigError(
+                f"plan keeps part of a GroupNorm group in '{name}' (its channels go in whole "
+                f"runs of {grp.chunk})"
+            )
         keeps[grp.gid] = keep
     for gid in keeps:
         grp = graph.groups[gid]

@@ -19,13 +19,17 @@ __all__ = ["global_shortfall", "pooled", "say_shortfall", "unranked_notes"]
 
 #: The reason a grouped conv's group removes fewer channels than chosen, in either scope.
 _GROUPED = "grouped convs lose channels only in multiples of their groups"
+#: The reason a group under a GroupNorm removes fewer channels than chosen.
+_CHUNKED = "channels under a GroupNorm go only in whole groups"
 
 
 def say_shortfall(plan: Plan, short: dict[str, int], chosen: int, scope: str) -> None:
-    """A note on why fewer channels went than were chosen: grouped convs, ``round_to``."""
+    """A note on why fewer channels went than were chosen: grouped convs, GroupNorms, ``round_to``."""
     reasons = []
     if short["blocks"]:
         reasons.append(_GROUPED)
+    if short["chunks"]:
+        reasons.append(_CHUNKED)
     if short["round_to"]:
         reasons.append("round_to rounds kept counts up")
     if not reasons:
@@ -81,6 +85,8 @@ def global_shortfall(
     reasons = []
     if any(grp.blocks > 1 for grp, _, _ in cands):
         reasons.append(_GROUPED)
+    if any(grp.chunk > 1 for grp, _, _ in cands):
+        reasons.append(_CHUNKED)
     if round_to and round_to > 1:
         reasons.append(f"round_to keeps channel counts multiples of {round_to}")
     why = "; ".join(reasons) or "no remaining step fits"

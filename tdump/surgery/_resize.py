@@ -5,8 +5,8 @@ state_dict gets empty tensors of those shapes and its shape attributes fixed
 (``out_channels``, ``in_channels``, ``groups``, ``num_features``, ``in_features``, ...);
 ``load_state_dict(strict=True)`` then fills and validates them. Loading never runs
 torch.fx, so a script recorded by ``tdump record`` that calls ``tdump.load`` is not
-traced behind the capture's back. Module types without a rule, and an instance norm
-without tensors (nothing tells its ``num_features``) in a model whose shapes changed,
+traced behind the capture's back. Module types without a rule, and an instance or
+group norm without tensors (nothing tells its ``num_features``) in a model whose shapes changed,
 make :func:`resize_to` return ``None`` (the caller falls back to the channel graph).
 
 Examples
@@ -65,7 +65,11 @@ def _linear(m: nn.Module, shp: Shapes) -> None:
 
 
 def _group_norm(m: nn.Module, shp: Shapes) -> None:
-    m.num_channels = int(shp["weight"][0])  # type: ignore[assignment]
+    gn: nn.GroupNorm = m  # type: ignore[assignment]
+    per_group, n = gn.num_channels // gn.num_groups, int(shp["weight"][0])
+    if n % per_group:
+        raise _NoRule  # not whole groups: not a tdump plan's
+    gn.num_channels, gn.num_groups = n, n // per_group  # pruning drops whole groups
 
 
 def _layer_norm(m: nn.Module, shp: Shapes) -> None:
@@ -73,9 +77,10 @@ def _layer_norm(m: nn.Module, shp: Shapes) -> None:
 
 
 def _untold(m: nn.Module) -> bool:
-    """An instance norm without affine or running statistics: no tensor tells its channels."""
+    """A norm without affine or running statistics: no tensor tells its channels."""
     own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-    return isinstance(m, nn.modules.instancenorm._InstanceNorm) and not own
+    norms = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+    return isinstance(m, norms) and not own
 
 
 #: How each module type's shape attributes follow its tensors (first isinstance match).

@@ -1,7 +1,9 @@
 """Which channel counts a group may lose, and the global choice over whole steps.
 
 A group's removal is constrained twice: a grouped conv loses the same number of
-channels from every block (so removals are multiples of ``blocks``), and
+channels from every block (so removals are multiples of ``blocks``; a GroupNorm's
+channels go in whole groups, runs of ``chunk``, and ``blocks`` below stands for
+either), and
 ``round_to`` keeps the kept count a multiple of itself. Together the kept count is a
 multiple of ``lcm(blocks, round_to)``, so a group can lose only certain amounts
 (:func:`removal_bounds`). A global selection that picked channels one by one and
@@ -50,12 +52,23 @@ def round_removal(size: int, removed: int, blocks: int, round_to: int | None) ->
     return max(0, size - kept)
 
 
-def removal_order(blocks: int, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def removal_order(blocks: int, s: np.ndarray, chunk: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Channels in the order they go, and the score of each position (non-decreasing).
 
     A blocked group (a grouped conv's outputs) loses one channel per block at a time:
     the k-th weakest of every block, scored by the mean of those ``blocks`` scores.
+    A chunked group (a GroupNorm's channels) loses whole runs of ``chunk`` channels,
+    weakest run first, each scored by the mean of its channels.
+
+    >>> order, pos = removal_order(1, np.array([5.0, 1.0, 0.0, 2.0]), chunk=2)
+    >>> order.tolist(), pos.tolist()
+    ([2, 3, 0, 1], [1.0, 1.0, 3.0, 3.0])
     """
+    if chunk > 1:
+        runs = s.reshape(-1, chunk).mean(axis=1)
+        run_order = np.argsort(runs, kind="stable")
+        order = (run_order[:, None] * chunk + np.arange(chunk)[None, :]).reshape(-1)
+        return order, np.repeat(runs[run_order], chunk)
     if blocks <= 1:
         order = np.argsort(s, kind="stable")
         return order, s[order]

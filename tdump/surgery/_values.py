@@ -45,7 +45,7 @@ class ModuleUse:
     ``kind`` is ``"conv"``, ``"depthwise"``, ``"grouped"`` (in == out channels, one
     space), ``"transposed"`` (a transposed conv, groups 1: its weight is
     ``(in, out, ...)``, the layouts still name its output and input channels), ``"bn"``,
-    ``"ln"`` (LayerNorm over the
+    ``"gn"`` (a GroupNorm: its channels go in whole groups), ``"ln"`` (LayerNorm over the
     channels), ``"linear"`` or ``"param"`` (a tensor attribute read directly, e.g. a
     per-channel scale; ``name`` is its qualified name, sliced along ``axis``).
     ``out_layout`` is the layout of the dim-0 axis of the weight (conv out channels, BN
@@ -86,6 +86,7 @@ class Spaces:
     frozen: dict[int, str] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
     blocks: dict[int, int] = field(default_factory=dict)  # root -> equal blocks (grouped convs)
+    chunks: dict[int, int] = field(default_factory=dict)  # root -> whole runs (GroupNorm groups)
 
     def new(self, n: int) -> int:
         self.parent.append(len(self.parent))
@@ -117,11 +118,28 @@ class Spaces:
             self.blocks[ra] = blocks
             if self.size[ra] % blocks:
                 self.freeze(ra, "grouped convs with incompatible groups share these channels")
+        self.constrain_chunks(ra, math.lcm(self.chunks.pop(ra, 1), self.chunks.pop(rb, 1)), "")
         if rb in self.frozen:
             self.frozen.setdefault(ra, self.frozen.pop(rb))
         if residual or rb in self.residual:
             self.residual.add(ra)
         self.residual.discard(rb)
+
+    def constrain_chunks(self, s: int, chunk: int, who: str) -> None:
+        """Channels of ``s`` may go only in whole aligned runs of ``chunk`` (GroupNorm groups).
+
+        Runs of two GroupNorms combine to runs of their lcm; a grouped conv's blocks
+        (one channel from every block at a time) cannot also keep runs whole: frozen.
+        """
+        root = self.find(s)
+        if chunk <= 1:
+            return
+        self.chunks[root] = chunk
+        by = f" ({who})" if who else ""
+        if self.size[root] % chunk:
+            self.freeze(root, f"GroupNorms with incompatible groups share these channels{by}")
+        elif self.blocks.get(root, 1) > 1:
+            self.freeze(root, f"a grouped conv and a GroupNorm share these channels{by}")
 
 
 def flatten_args(args: Any) -> list[Any]:

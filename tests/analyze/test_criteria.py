@@ -127,6 +127,15 @@ def test_dataflow_stops_at_non_channel_modules() -> None:
     assert flow.out_channels("conv") == 3
 
 
+def test_dataflow_walks_back_through_group_norms() -> None:
+    """conv -> GroupNorm -> ReLU (ResNet-GN, diffusion U-Nets): the ReLU ranks the conv."""
+    gn = {"type": "torch.nn.modules.normalization.GroupNorm"}
+    flow = Dataflow({**MODULES, "bn": gn}, CALLS)
+    assert flow.producing_conv("act.output_0") == "conv"
+    flow = Dataflow({**MODULES, "bn": {"type": "torch.nn.modules.normalization.LayerNorm"}}, CALLS)
+    assert flow.producing_conv("act.output_0") is None  # mixes channels: not one to one
+
+
 def test_dataflow_passes_instance_norms_and_ranks_transposed_convs() -> None:
     """Fast neural style's conv -> InstanceNorm -> ReLU, and a decoder's ConvTranspose2d."""
     modules = {

@@ -262,3 +262,30 @@ def test_include_activations_selects_activation_modules_by_type(tmp_path) -> Non
     assert not any(
         n[0].isdigit() and ".output_" in n for n in StoreReader(out3).tensor_names("train")
     )
+
+
+def test_without_activation_modules_the_conv_and_norm_outputs_are_recorded(tmp_path) -> None:
+    """F.relu after GroupNorm (and InstanceNorm): the norms' outputs are the pre-activations."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.gn = nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8)
+            self.conv2, self.inorm = nn.Conv2d(8, 4, 3), nn.InstanceNorm2d(4, affine=True)
+            self.ln = nn.LayerNorm(4)  # over the channels: not a pre-activation of theirs
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.gn(self.conv1(x)))
+            x = torch.relu(self.inorm(self.conv2(x)))
+            return self.fc(self.ln(x.mean((2, 3))))
+
+    out = str(tmp_path / "d.zarr")
+    cfg = HookConfig(out=out, include_regex=r"^$", include_activations=True, save_interval=1)
+    with Hook.from_config(cfg.replace(strict=True)) as hook:
+        _train(hook, Net(), [4])
+        assert hook.preactivations
+    names = {n for n in StoreReader(out).tensor_names("train") if ".output_" in n}
+    assert names - {"loss.output_0"} == {
+        f"{m}.output_0{g}" for m in ("conv1", "gn", "conv2", "inorm") for g in ("", ".grad")
+    }

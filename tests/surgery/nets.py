@@ -268,3 +268,29 @@ class StyleNet(nn.Module):
         y = y + self.res_in_b(self.res_b(self.relu(self.res_in_a(self.res_a(y)))))
         y = nn.functional.interpolate(y, scale_factor=2, mode="nearest")
         return self.out(self.relu(self.in3(self.up(y))))
+
+
+class GroupNormNet(nn.Module):
+    """GroupNorm everywhere (small-batch ResNets, diffusion U-Nets): a stem, a residual
+    block, a concatenation normalised by one GroupNorm, a one-group GroupNorm and a
+    per-channel one, a classifier."""
+
+    def __init__(self, num_classes: int = 10, affine: bool = True) -> None:
+        super().__init__()
+        self.stem, self.gn0 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16, affine=affine)
+        self.a, self.gn_a = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(8, 16, affine=affine)
+        self.b, self.gn_b = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(2, 16, affine=affine)
+        self.left, self.right = nn.Conv2d(16, 12, 1), nn.Conv2d(16, 8, 1)
+        self.gn_cat = nn.GroupNorm(5, 20, affine=affine)  # runs of 4: 3 in left, 2 in right
+        self.one, self.gn_one = nn.Conv2d(20, 8, 3, padding=1), nn.GroupNorm(1, 8, affine=affine)
+        self.last, self.gn_last = nn.Conv2d(8, 12, 1), nn.GroupNorm(12, 12, affine=affine)
+        self.fc = nn.Linear(12, num_classes)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.gn0(self.stem(x)))
+        x = self.act(x + self.gn_b(self.b(self.act(self.gn_a(self.a(x))))))
+        x = self.act(self.gn_cat(torch.cat([self.left(x), self.right(x)], 1)))
+        x = self.act(self.gn_one(self.one(x)))
+        x = self.act(self.gn_last(self.last(x)))
+        return self.fc(x.mean((2, 3)))
