@@ -294,14 +294,15 @@ class ChannelGraph(FunctionRules):
             self._freeze_layout(x, f"{name} does not match its input")
             return UNKNOWN
         chunk = mod.num_channels // mod.num_groups
-        offset, spaces = 0, []
+        if any(n % chunk for _, n in x):  # every part whole runs: then every offset is too
+            parts = " + ".join(str(n) for _, n in x)
+            self._freeze_layout(
+                x,
+                f"{name}'s groups of {chunk} straddle channels of different layers ({parts}): "
+                "a num_groups whose group size divides each part keeps them prunable",
+            )
+            return UNKNOWN
         for space, n in x:
-            if offset % chunk or n % chunk:
-                self._freeze_layout(x, f"{name}'s groups straddle channels of different layers")
-                return UNKNOWN
-            spaces.append((space, n))
-            offset += n
-        for space, n in spaces:
             if n == chunk:
                 what = "one group" if mod.num_groups == 1 else f"groups of {chunk}"
                 self._spaces.freeze(

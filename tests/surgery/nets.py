@@ -294,3 +294,41 @@ class GroupNormNet(nn.Module):
         x = self.act(self.gn_one(self.one(x)))
         x = self.act(self.gn_last(self.last(x)))
         return self.fc(x.mean((2, 3)))
+
+
+class _TimeBlock(nn.Module):
+    """A diffusion U-Net's residual block: GroupNorm, SiLU, a time embedding added per channel."""
+
+    def __init__(self, cin: int, cout: int, tdim: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(4, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(tdim, cout)
+        self.norm2, self.conv2 = nn.GroupNorm(4, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        h = h + self.temb(nn.functional.silu(t))[:, :, None, None]
+        h = self.conv2(nn.functional.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class TinyDiffusion(nn.Module):
+    """A denoiser's shape: ``forward(x, t)``, a timestep MLP, GroupNorm blocks, a skip concat."""
+
+    def __init__(self, ch: int = 16, tdim: int = 8) -> None:
+        super().__init__()
+        self.tmlp = nn.Sequential(nn.Linear(1, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.inc = nn.Conv2d(1, ch, 3, padding=1)
+        self.d1 = _TimeBlock(ch, ch, tdim)
+        self.down = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.mid = _TimeBlock(ch, 2 * ch, tdim)
+        self.u1 = _TimeBlock(3 * ch, ch, tdim)  # groups of 12 over 32 + 16: they straddle
+        self.out_norm, self.out = nn.GroupNorm(4, ch), nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.tmlp(t[:, None])
+        h1 = self.d1(self.inc(x), temb)
+        h = nn.functional.interpolate(self.mid(self.down(h1), temb), scale_factor=2.0)
+        h = self.u1(torch.cat([h, h1], 1), temb)
+        return self.out(nn.functional.silu(self.out_norm(h)))

@@ -18,7 +18,7 @@ from torch import nn
 import tdump.surgery as surgery
 from tdump.errors import ConfigError
 from tests.surgery import zoo
-from tests.surgery.nets import GroupNormNet
+from tests.surgery.nets import GroupNormNet, TinyDiffusion
 
 
 def _groups(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
@@ -131,6 +131,38 @@ def test_group_norm_freezes_what_it_cannot_keep_whole() -> None:
             return self.head(self.gn(self.a(self.stem(x))))
 
     reasons = {m: g.reason for g in surgery.build_graph(Straddles()).groups for m in g.members}
-    assert reasons["a"] == reasons["b"] == "gn's groups straddle channels of different layers"
+    assert (
+        reasons["a"]
+        == reasons["b"]
+        == (
+            "gn's groups of 4 straddle channels of different layers (6 + 10): "
+            "a num_groups whose group size divides each part keeps them prunable"
+        )
+    )
     reasons = {m: g.reason for g in surgery.build_graph(Grouped()).groups for m in g.members}
     assert reasons["stem"] == "a grouped conv and a GroupNorm share these channels (gn)"
+
+
+def test_a_diffusion_denoiser_prunes_around_what_it_must_keep() -> None:
+    torch.manual_seed(0)
+    model = TinyDiffusion().double().eval()
+    reasons = {
+        m: g.reason for g in surgery.build_graph(model).groups if g.frozen for m in g.members
+    }
+    # the decoder's GroupNorm over cat([mid (32), d1 (16)]) has runs of 12: the streams it
+    # reads stay, and the reason says how to keep them prunable
+    assert set(reasons) == {"inc", "d1.conv2", "mid.conv2", "mid.skip", "out"}
+    assert "groups of 12 straddle channels of different layers (32 + 16)" in reasons["inc"]
+    pruned, plan = surgery.prune(model, zoo.l1_scores(model), ratio=0.3)
+    # the time embedding's Linear is added to conv1's channels: they go together
+    assert pruned.d1.temb.out_features == pruned.d1.conv1.out_channels < 16
+    x, t = torch.randn(2, 1, 10, 10, dtype=torch.float64), torch.tensor([0.1, 0.9]).double()
+    handles = zoo.zeroed_reference(model, plan)
+    try:
+        with torch.no_grad():
+            ref = model(x, t)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        assert zoo._rel_err(pruned(x, t), ref) < 1e-12
