@@ -24,27 +24,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import numbers
 import re
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from tdump._control import POLL_SECONDS
-from tdump._format import StoreWriter, grad_name, output_name
-from tdump._modtypes import (
-    is_activation_type,
-    is_conv_type,
-    is_norm_type,
-    is_transposed_conv_type,
-    type_name,
-)
+from tdump._format import grad_name, output_name
+from tdump.capture._args import check_module, described, loss_module_for, scalar_value
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
     CLOSE_TIMEOUT,
@@ -59,10 +50,11 @@ from tdump.capture._model import (
     module_tree,
     unwrap,
 )
-from tdump.capture._out import Existing, module_differences, prepare_out, resolve_rank
+from tdump.capture._out import Existing, module_differences, open_store, prepare_out
+from tdump.capture._selection import by_type, check_selection
 from tdump.capture._step import SavedStep
 from tdump.capture._writer import BackgroundWriter, PendingRecord
-from tdump.errors import ConfigError, NotADumpError, SelectionError, TdumpError
+from tdump.errors import ConfigError, TdumpError
 
 __all__ = ["Hook", "active_hooks", "record_loss"]
 
@@ -92,21 +84,6 @@ def record_loss(loss: torch.Tensor, *inputs: torch.Tensor) -> None:
     """
     for h in active_hooks():
         h.record_loss(loss, *inputs)
-
-
-def _by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
-    """Modules whose outputs ``include_activations`` selects; and whether they are convs and norms.
-
-    The activation modules; in a model with convs but no activation module (every
-    activation a function such as ``F.relu``), the conv and norm outputs instead:
-    ranking scores those as pre-activations (docs/ranking.md).
-    """
-    types = {p: type_name(type(m)) for p, m in root.named_modules() if p}
-    acts = frozenset(p for p, t in types.items() if is_activation_type(t))
-    convs = {p for p, t in types.items() if is_conv_type(t) or is_transposed_conv_type(t)}
-    if acts or not convs:
-        return acts, False
-    return frozenset(convs | {p for p, t in types.items() if is_norm_type(t)}), True
 
 
 class Hook(StepLifecycle):
@@ -190,7 +167,7 @@ class Hook(StepLifecycle):
         self._dtype = _STORE_DTYPES.get(config.storage_dtype or "")
         self._sel: dict[tuple[str, str], bool] = {}
         #: Modules whose outputs ``include_activations`` selects in the registered model:
-        #: its activation modules, or its convs and BNs when :attr:`preactivations`.
+        #: its activation modules, or its convs and norms when :attr:`preactivations`.
         self._by_type_paths: frozenset[str] = frozenset()
         #: True when the model has convs but no activation module (``F.relu`` instead), so
         #: ``include_activations`` selects the conv and norm outputs (pre-activations).
@@ -198,7 +175,7 @@ class Hook(StepLifecycle):
         self._uniform = not config.collections and config.save_steps is None
         self._all = config.saved_collections(config.start_step or 0) if self._uniform else None
         self._writer = BackgroundWriter(
-            self._open_store,
+            lambda: open_store(self.config),  # the config as it is at the first write
             compression=config.compression,
             storage_dtype=config.storage_dtype,
             queue_size=config.queue_size,
@@ -237,7 +214,7 @@ class Hook(StepLifecycle):
         ConfigError
             ``module`` is not an ``nn.Module`` instance (a name, a class).
         """
-        _check_module("register_module", module, "the model, e.g. hook.register_module(model)")
+        check_module("register_module", module, "the model, e.g. hook.register_module(model)")
         root = unwrap(module)
         if self._root is root:
             return self
@@ -246,9 +223,9 @@ class Hook(StepLifecycle):
                 "this hook is already registered on another module; use one hook per model"
             )
         if self.config.include_activations:
-            self._by_type_paths, self.preactivations = _by_type(root)
+            self._by_type_paths, self.preactivations = by_type(root)
             self._sel.clear()
-        self._check_selection(root)  # a refused module leaves the hook unregistered
+        check_selection(self.config, root, bool(self._by_type_paths))  # refused: unregistered
         self._root = root
         if self._held is None:
             try:
@@ -278,13 +255,13 @@ class Hook(StepLifecycle):
         """
         if callable(loss_module) and not isinstance(loss_module, (nn.Module, type)):
             name = getattr(loss_module, "__name__", None)
-            wrapper = _loss_module_for(name)
+            wrapper = loss_module_for(name)
             raise ConfigError(
-                f"register_loss takes a loss module, not {_described(loss_module)}; "
+                f"register_loss takes a loss module, not {described(loss_module)}; "
                 f"use {f'its module, {wrapper},' if wrapper else 'a loss module'} or keep "
                 "the function and call hook.record_loss(loss, logits, targets) after it"
             )
-        _check_module("register_loss", loss_module, "a loss module such as nn.CrossEntropyLoss()")
+        check_module("register_loss", loss_module, "a loss module such as nn.CrossEntropyLoss()")
         if self._loss is loss_module:
             return self
         self._loss = loss_module
@@ -303,7 +280,7 @@ class Hook(StepLifecycle):
         """
         if not callable(getattr(optimizer, "register_step_post_hook", None)):
             raise ConfigError(
-                f"register_optimizer takes a torch.optim optimizer, not {_described(optimizer)}; "
+                f"register_optimizer takes a torch.optim optimizer, not {described(optimizer)}; "
                 "pass the optimizer whose step() ends a train step, e.g. torch.optim.SGD(...)"
             )
         self._handles.append(
@@ -333,7 +310,7 @@ class Hook(StepLifecycle):
             is not a non-empty string, a ``value`` that is not a real number or a
             one-element tensor (a string, a list, a batch of values).
         """
-        value = _scalar_value(name, value)
+        value = scalar_value(name, value)
         if self._cur is not None:
             self._guard(self._cur.scalar)(name, value)
 
@@ -347,14 +324,14 @@ class Hook(StepLifecycle):
         """
         if not isinstance(loss, torch.Tensor):
             raise ConfigError(
-                f"record_loss takes the loss tensor, not {_described(loss)}; pass the tensor "
+                f"record_loss takes the loss tensor, not {described(loss)}; pass the tensor "
                 "the loss function returned (before .item()), then its inputs"
             )
         for i, a in enumerate(inputs):
             if not isinstance(a, torch.Tensor):
                 raise ConfigError(
                     f"record_loss takes the loss's inputs as tensors, but input {i} is "
-                    f"{_described(a)}; pass the tensors given to the loss function "
+                    f"{described(a)}; pass the tensors given to the loss function "
                     "(record_loss(loss, logits, targets))"
                 )
         self._guard(self._loss_post)(None, inputs, loss)
@@ -465,25 +442,6 @@ class Hook(StepLifecycle):
                 return True
         return False
 
-    def _check_selection(self, root: nn.Module) -> None:
-        cfg = self.config
-        if cfg.include_regex is None or self._by_type_paths:
-            return
-        names = [n for n, _ in root.named_parameters()]
-        names += [grad_name(n) for n in names]
-        names += [n for n, _ in root.named_buffers()]
-        for p, _ in root.named_modules():
-            for k in range(4):
-                names += [output_name(p, k), grad_name(output_name(p, k))]
-        names += ["loss.output_0", "loss.input_0.0", "loss.input_0.1"]
-        rx = re.compile(cfg.include_regex)
-        if not any(rx.search(n) for n in names):
-            example = ", ".join(names[:3])
-            raise SelectionError(
-                f"include_regex {cfg.include_regex!r} matches no tensor of {type(root).__name__} "
-                f"(names look like {example}); see docs/FORMAT.md 'Tensor names'"
-            )
-
     # ------------------------------------------------------------------ errors
     def _guard(self, fn: Callable[..., Any]) -> Guarded:
         return Guarded(self, fn)
@@ -523,26 +481,6 @@ class Hook(StepLifecycle):
             self._cur.close()
 
     # ------------------------------------------------------------------ store
-    def _open_store(self) -> StoreWriter:
-        rank, world = resolve_rank(self.config)
-        last: Exception | None = None
-        for _ in range(20):  # ranks racing to create the root group
-            try:
-                return StoreWriter.create(
-                    self.config.out,
-                    rank=rank,
-                    world_size=world,
-                    config=self.config.to_dict(),
-                    mode="create" if self.config.write_mode == "create" else "append",
-                )
-            except NotADumpError as exc:
-                if world <= 1:
-                    raise
-                last = exc
-                threading.Event().wait(0.1)
-        assert last is not None
-        raise last
-
     def _submit(self, rec: PendingRecord) -> None:
         if self._held is not None:
             self._held.append(rec)
@@ -553,71 +491,6 @@ class Hook(StepLifecycle):
             meta, self._meta = self._meta, {}
             self._writer.update_meta(**meta)
         self._writer.submit(rec)
-
-
-def _described(value: Any) -> str:
-    """``value`` for an error message: its type and a short repr (a function by its name)."""
-    if isinstance(value, type):
-        return f"the class {value.__name__}"
-    if callable(value) and hasattr(value, "__name__"):
-        return f"the function {getattr(value, '__qualname__', value.__name__)}"
-    text = repr(value)
-    text = text if len(text) <= 40 else text[:37] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _loss_module_for(function: str | None) -> str | None:
-    """``nn.<Loss>()`` computing what ``F.<function>`` does, when the names match.
-
-    >>> _loss_module_for("cross_entropy"), _loss_module_for("mse_loss"), _loss_module_for("f")
-    ('nn.CrossEntropyLoss()', 'nn.MSELoss()', None)
-    """
-    if not function:
-        return None
-    key = function.removesuffix("_loss").replace("_", "").lower() + "loss"
-    for attr in dir(nn):
-        cls = getattr(nn, attr)
-        if attr.lower() == key and isinstance(cls, type) and issubclass(cls, nn.Module):
-            return f"nn.{attr}()"
-    return None
-
-
-def _check_module(method: str, value: Any, expected: str) -> None:
-    """Refuse (one line) a ``value`` that is not an ``nn.Module`` instance."""
-    if isinstance(value, nn.Module):
-        return
-    if isinstance(value, type) and issubclass(value, nn.Module):
-        raise ConfigError(
-            f"{method} takes a module instance, not the class {value.__name__}; "
-            f"create it first: {value.__name__}(...)"
-        )
-    raise ConfigError(f"{method} takes an nn.Module, not {_described(value)}; pass {expected}")
-
-
-def _scalar_value(name: Any, value: Any) -> float | torch.Tensor:
-    """``value`` of ``save_scalar(name, value)`` as a float or a tensor, else a ConfigError."""
-    if not isinstance(name, str) or not name:
-        raise ConfigError(
-            f"save_scalar needs a name (a non-empty string), not {_described(name)}; "
-            'e.g. hook.save_scalar("lr", lr)'
-        )
-    call = f"save_scalar({name!r}, ...)"
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            what = "complex" if value.is_complex() else f"of shape {tuple(value.shape)}"
-            raise ConfigError(
-                f"{call} takes a real number or a one-element tensor, not a tensor {what}; "
-                "reduce it to one value first (value.mean())"
-            )
-        return value
-    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
-        return float(value.reshape(()))
-    if isinstance(value, numbers.Real):
-        return float(value)
-    raise ConfigError(
-        f"{call} takes a real number or a one-element tensor, not {_described(value)}; "
-        "save numbers only (float(value) for a numeric string)"
-    )
 
 
 def _leave_in_child() -> None:

@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from tdump._format import StoreWriter
 from tdump._protocols import require_protocol
 from tdump.capture._config import WRITE_MODES, HookConfig
 from tdump.errors import ConfigError, NotADumpError
@@ -34,6 +36,7 @@ __all__ = [
     "Existing",
     "local_path",
     "module_differences",
+    "open_store",
     "prepare_out",
     "resolve_rank",
 ]
@@ -197,3 +200,25 @@ def module_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                     full = f"{path}.{name}" if path else name
                     diffs.append(f"{full} {a.get(name)} vs {b.get(name)}")
     return diffs
+
+
+def open_store(config: HookConfig) -> StoreWriter:
+    """Create (or join, for another rank of a distributed run) the store ``config.out``."""
+    rank, world = resolve_rank(config)
+    last: Exception | None = None
+    for _ in range(20):  # ranks racing to create the root group
+        try:
+            return StoreWriter.create(
+                config.out,
+                rank=rank,
+                world_size=world,
+                config=config.to_dict(),
+                mode="create" if config.write_mode == "create" else "append",
+            )
+        except NotADumpError as exc:
+            if world <= 1:
+                raise
+            last = exc
+            threading.Event().wait(0.1)
+    assert last is not None
+    raise last

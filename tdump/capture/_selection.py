@@ -1,0 +1,68 @@
+"""Which tensors of a model the hook can select: activation modules by type, and a
+check that ``include_regex`` matches some tensor name at all.
+
+Examples
+--------
+>>> from torch import nn
+>>> by_type(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU()))
+(frozenset({'1'}), False)
+>>> sorted(by_type(nn.Sequential(nn.Conv2d(1, 2, 1), nn.GroupNorm(1, 2)))[0])
+['0', '1']
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from tdump._format import grad_name, output_name
+from tdump._modtypes import (
+    is_activation_type,
+    is_conv_type,
+    is_norm_type,
+    is_transposed_conv_type,
+    type_name,
+)
+from tdump.capture._config import HookConfig
+from tdump.errors import SelectionError
+
+__all__ = ["by_type", "check_selection"]
+
+
+def by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
+    """Modules whose outputs ``include_activations`` selects; and whether they are convs and norms.
+
+    The activation modules; in a model with convs but no activation module (every
+    activation a function such as ``F.relu``), the conv and norm outputs instead:
+    ranking scores those as pre-activations (docs/ranking.md).
+    """
+    types = {p: type_name(type(m)) for p, m in root.named_modules() if p}
+    acts = frozenset(p for p, t in types.items() if is_activation_type(t))
+    convs = {p for p, t in types.items() if is_conv_type(t) or is_transposed_conv_type(t)}
+    if acts or not convs:
+        return acts, False
+    return frozenset(convs | {p for p, t in types.items() if is_norm_type(t)}), True
+
+
+def check_selection(cfg: HookConfig, root: nn.Module, by_type_selected: bool) -> None:
+    """Refuse an ``include_regex`` that matches no tensor name ``root`` can have.
+
+    Skipped when activations are selected by type (``by_type_selected``): those match.
+    """
+    if cfg.include_regex is None or by_type_selected:
+        return
+    names = [n for n, _ in root.named_parameters()]
+    names += [grad_name(n) for n in names]
+    names += [n for n, _ in root.named_buffers()]
+    for p, _ in root.named_modules():
+        for k in range(4):
+            names += [output_name(p, k), grad_name(output_name(p, k))]
+    names += ["loss.output_0", "loss.input_0.0", "loss.input_0.1"]
+    rx = re.compile(cfg.include_regex)
+    if not any(rx.search(n) for n in names):
+        example = ", ".join(names[:3])
+        raise SelectionError(
+            f"include_regex {cfg.include_regex!r} matches no tensor of {type(root).__name__} "
+            f"(names look like {example}); see docs/FORMAT.md 'Tensor names'"
+        )
