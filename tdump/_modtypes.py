@@ -38,7 +38,8 @@ _INSTANCE_NORM = re.compile(r"(^|\.)(Lazy)?InstanceNorm[123]d$")
 _GROUP_NORM = re.compile(r"(^|\.)GroupNorm$")
 _ACT = re.compile(
     r"(^|\.)(ReLU|ReLU6|LeakyReLU|PReLU|RReLU|ELU|SELU|CELU|GELU|SiLU|Mish|Sigmoid|Tanh|"
-    r"Hardswish|Hardsigmoid|Hardtanh|Softplus)$"
+    r"Hardswish|Hardsigmoid|Hardtanh|Softplus|Softsign|LogSigmoid|Tanhshrink|Threshold|"
+    r"Hardshrink|Softshrink)$"
 )
 _ELEMENTWISE = re.compile(
     r"(^|\.)(Identity|Dropout|Dropout[123]d|AlphaDropout|FeatureAlphaDropout)$"
@@ -91,7 +92,11 @@ def is_norm_type(type_name: str) -> bool:
 
 
 def is_activation_type(type_name: str) -> bool:
-    """True for element-wise activation classes (ReLU and friends)."""
+    """True for element-wise activation classes (ReLU and friends).
+
+    >>> is_activation_type("torch.nn.PReLU"), is_activation_type("torch.nn.Softshrink")
+    (True, True)
+    """
     return bool(_ACT.search(type_name))
 
 

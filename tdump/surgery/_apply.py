@@ -58,7 +58,8 @@ def rewrite_module(
     ``"grouped"`` (in == out, equal removals per group; ``groups`` stays),
     ``"transposed"`` (a transposed conv: ``out_idx`` of dim 1, ``in_idx`` of dim 0),
     ``"bn"``, ``"gn"`` (a GroupNorm losing whole groups: ``num_groups`` follows),
-    ``"ln"`` (a LayerNorm over the channels) or ``"linear"``.
+    ``"prelu"`` (one slope per channel), ``"ln"`` (a LayerNorm over the channels) or
+    ``"linear"``.
     """
     m: Any = mod  # attribute types vary by module class
     if kind in ("conv", "depthwise"):
@@ -106,6 +107,9 @@ def rewrite_module(
             if out_idx.size % per_group:
                 raise ValueError(f"GroupNorm keeps {out_idx.size} channels, not whole groups")
             m.num_channels, m.num_groups = int(out_idx.size), int(out_idx.size) // per_group
+    elif kind == "prelu":
+        _set_param(m, "weight", _take(m.weight, 0, out_idx))
+        m.num_parameters = int(m.weight.shape[0])
     elif kind == "ln":
         for pname in ("weight", "bias"):
             if getattr(m, pname, None) is not None:

@@ -218,13 +218,13 @@ class ChannelGraph(FunctionRules):
             mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
         ):
             # per-channel statistics and affine either way: instance norm is per example too
-            if isinstance(x, tuple) and sum(n for _, n in x) == mod.num_features:
-                self.uses[name] = ModuleUse(name, "bn", mod, x, out_value=x)
-                return x
-            self._freeze_layout(x, f"{name} does not match its input")
-            return UNKNOWN
+            return self._per_channel(name, mod, x, "bn", int(mod.num_features))
         if isinstance(mod, nn.GroupNorm):
             return self._group_norm(name, mod, x)
+        if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
+            return self._per_channel(name, mod, x, "prelu", mod.num_parameters)  # a slope each
+        if isinstance(mod, nn.PReLU):
+            return x  # one slope for all channels
         if isinstance(mod, nn.Linear):
             # a Linear reads the last axis: a 2-D (N, C) tensor, a flattened map, or a
             # channels-last tensor; its out features are a new space, laid out the same way
@@ -264,6 +264,14 @@ class ChannelGraph(FunctionRules):
                 return x  # pads only dimensions after the channels
         for a in tensors:
             self._freeze_layout(a, f"unsupported module {name} ({type(mod).__name__})")
+        return UNKNOWN
+
+    def _per_channel(self, name: str, mod: nn.Module, x: Any, kind: str, count: int) -> Any:
+        """A module with ``count`` values per channel of dim 1: sliced with the channels."""
+        if isinstance(x, tuple) and sum(n for _, n in x) == count:
+            self.uses[name] = ModuleUse(name, kind, mod, x, out_value=x)
+            return x
+        self._freeze_layout(x, f"{name} does not match its input")
         return UNKNOWN
 
     def _conv_input(self, name: str, mod: nn.Module, x: Any, unknown: str) -> Layout | None:
@@ -332,7 +340,7 @@ class ChannelGraph(FunctionRules):
 
     def _reuse(self, use: ModuleUse, x: Any) -> Any:
         """A module called again (shared weights): both calls' channels must go together."""
-        seen = use.out_layout if use.kind in ("bn", "gn", "ln") else use.in_layout
+        seen = use.out_layout if use.kind in ("bn", "gn", "ln", "prelu") else use.in_layout
         new = x[0] if use.kind == "linear" and isinstance(x, list) and x else x
         if isinstance(new, ChannelsLast) and use.kind in ("linear", "ln"):
             new = new.layout

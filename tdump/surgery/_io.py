@@ -48,7 +48,7 @@ from tdump.surgery._checkpoint import (
 )
 from tdump.surgery._graph import build_graph
 from tdump.surgery._plan import LayerPlan, Plan, keeps_for
-from tdump.surgery._resize import resize_to
+from tdump.surgery._resize import match_dtypes, resize_to
 
 __all__ = ["Provenance", "dump_model_type", "load", "provenance", "save", "strip_ranks_prefix"]
 
@@ -414,6 +414,7 @@ def load(
         if not cumulative.layers and resized:
             cumulative = Plan(layers=resized)
             notes.append(_INFERRED.format(len(resized)))
+    match_dtypes(model, sd)  # each tensor as it was saved (a bfloat16 model stays one)
     load_state(model, sd, name, shown, hint)
     model.register_load_state_dict_pre_hook(_unwrap_tdump_checkpoint)
     model.__dict__[_ATTR] = Provenance(

@@ -85,6 +85,7 @@ def node_ndim(
             nn.modules.batchnorm._BatchNorm,
             nn.modules.instancenorm._InstanceNorm,
             nn.GroupNorm,
+            nn.PReLU,
         )
         if isinstance(mod, (*norms, *PAD_MODULES)):
             return arg(0)

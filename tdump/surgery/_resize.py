@@ -30,7 +30,7 @@ from torch import nn
 
 from tdump.surgery._plan import LayerPlan
 
-__all__ = ["resize_to"]
+__all__ = ["match_dtypes", "resize_to"]
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -72,6 +72,10 @@ def _group_norm(m: nn.Module, shp: Shapes) -> None:
     gn.num_channels, gn.num_groups = n, n // per_group  # pruning drops whole groups
 
 
+def _prelu(m: nn.Module, shp: Shapes) -> None:
+    m.num_parameters = int(shp["weight"][0])  # type: ignore[assignment]
+
+
 def _layer_norm(m: nn.Module, shp: Shapes) -> None:
     m.normalized_shape = tuple(int(v) for v in shp["weight"])  # type: ignore[assignment]
 
@@ -90,6 +94,7 @@ RULES: list[tuple[type[nn.Module], Callable[[nn.Module, Shapes], None]]] = [
     (nn.Linear, _linear),
     (nn.GroupNorm, _group_norm),
     (nn.LayerNorm, _layer_norm),
+    (nn.PReLU, _prelu),
 ]
 
 
@@ -145,3 +150,36 @@ def resize_to(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, Lay
             if entry is not None:
                 plan[name] = entry
     return plan
+
+
+@torch.no_grad()
+def match_dtypes(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Give each floating parameter and buffer of ``model`` its ``sd`` entry's dtype.
+
+    ``load_state_dict`` copies into the tensors a freshly built (float32) model has, so
+    a bfloat16 checkpoint would leave the tensors :func:`resize_to` made in bfloat16 and
+    the others in float32: a model that runs on neither. Every tensor takes the dtype it
+    was saved in instead, as the model was when it was saved.
+
+    >>> m = nn.Linear(2, 2)
+    >>> match_dtypes(m, nn.Linear(2, 2).half().state_dict()); m.weight.dtype, m.bias.dtype
+    (torch.float16, torch.float16)
+    """
+    for owner_name, owner in model.named_modules():
+        prefix = f"{owner_name}." if owner_name else ""
+        for table in (owner._parameters, owner._buffers):
+            for key, old in table.items():
+                new = sd.get(prefix + key)
+                if (
+                    old is None
+                    or new is None
+                    or new.dtype == old.dtype
+                    or not (old.is_floating_point() and new.is_floating_point())
+                ):
+                    continue
+                fresh = torch.empty(old.shape, dtype=new.dtype, device=old.device)
+                table[key] = (
+                    nn.Parameter(fresh, requires_grad=old.requires_grad)
+                    if isinstance(old, nn.Parameter)
+                    else fresh
+                )

@@ -45,7 +45,8 @@ class ModuleUse:
     ``kind`` is ``"conv"``, ``"depthwise"``, ``"grouped"`` (in == out channels, one
     space), ``"transposed"`` (a transposed conv, groups 1: its weight is
     ``(in, out, ...)``, the layouts still name its output and input channels), ``"bn"``,
-    ``"gn"`` (a GroupNorm: its channels go in whole groups), ``"ln"`` (LayerNorm over the
+    ``"gn"`` (a GroupNorm: its channels go in whole groups), ``"prelu"`` (a PReLU with a
+    slope per channel), ``"ln"`` (LayerNorm over the
     channels), ``"linear"`` or ``"param"`` (a tensor attribute read directly, e.g. a
     per-channel scale; ``name`` is its qualified name, sliced along ``axis``).
     ``out_layout`` is the layout of the dim-0 axis of the weight (conv out channels, BN

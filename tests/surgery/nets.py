@@ -332,3 +332,31 @@ class TinyDiffusion(nn.Module):
         h = nn.functional.interpolate(self.mid(self.down(h1), temb), scale_factor=2.0)
         h = self.u1(torch.cat([h, h1], 1), temb)
         return self.out(nn.functional.silu(self.out_norm(h)))
+
+
+class IRBlock(nn.Module):
+    """InsightFace's IResNet block: BN, conv, BN, per-channel PReLU, conv, BN, a residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.prelu = nn.BatchNorm2d(c), nn.PReLU(c)
+        self.conv2, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+
+
+class PReLUNet(nn.Module):
+    """A face-recognition trunk: a stem with a per-channel PReLU, IResNet blocks, an embedding."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.prelu, self.blocks = nn.PReLU(16), nn.Sequential(IRBlock(16), IRBlock(16))
+        self.mid, self.act = nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.PReLU()  # one slope
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.prelu(self.bn(self.stem(x))))
+        return self.fc(self.act(self.mid(x)).mean((2, 3)))

@@ -56,6 +56,23 @@ def test_prune_save_load_prune_load(tmp_path: Path) -> None:
     assert plan2.removed == 50
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_model_loads_in_the_dtypes_it_was_saved_in(dtype: torch.dtype, tmp_path: Path) -> None:
+    """A bfloat16 model pruned and saved loads as one (not float32 where shapes stayed)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    pruned, _ = surgery.prune(model, random_scores(model, 0), ratio=0.3)
+    pruned = pruned.to(dtype).eval()
+    pruned.bn1.float()  # a norm kept in float32 inside a low-precision model stays so
+    with torch.no_grad():  # values float32 cannot hold, so a cast on the way would show
+        pruned.fc.bias.add_(torch.full_like(pruned.fc.bias, 1e-12))
+    surgery.save(tmp_path / "p.pt", pruned, arch=ARCH, arch_kwargs={"num_classes": 5})
+    back = surgery.load(tmp_path / "p.pt").eval()
+    dtypes = {k: v.dtype for k, v in back.state_dict().items()}
+    assert dtypes == {k: v.dtype for k, v in pruned.state_dict().items()}
+    _same(back, pruned)
+
+
 def test_conv_rows_come_from_original(tmp_path: Path) -> None:
     model = torchvision.models.resnet18(num_classes=3)
     scores = {"layer2.0.conv1": np.arange(128.0)}

@@ -9,9 +9,7 @@ float64, at an odd input size so that the U-Net's padding is not zero.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -29,20 +27,6 @@ def _prune(model: nn.Module, ratio: float = 0.3) -> tuple[nn.Module, surgery.Pla
         return surgery.prune(model, zoo.l1_scores(model), ratio=ratio)
 
 
-def _equivalent(
-    model: nn.Module,
-    pruned: nn.Module,
-    plan: surgery.Plan,
-    x: torch.Tensor,
-    out: Callable[[Any], torch.Tensor] = lambda y: y,
-) -> None:
-    ref = out(zoo.reference_output(model, plan, x))
-    with torch.no_grad():
-        got = out(pruned.eval()(x))
-    assert got.shape == ref.shape
-    assert zoo._rel_err(got, ref) < 1e-12
-
-
 @pytest.mark.parametrize("bilinear", [False, True])
 def test_unet_prunes_through_padding_concatenation_and_upsampling(bilinear: bool) -> None:
     torch.manual_seed(0)
@@ -55,7 +39,7 @@ def test_unet_prunes_through_padding_concatenation_and_upsampling(bilinear: bool
         assert "up1.up" in plan.layers
         assert pruned.up1.up.in_channels < 32 and pruned.up1.up.out_channels < 16
     assert surgery.count_params(pruned) < 0.65 * surgery.count_params(model)
-    _equivalent(model, pruned, plan, torch.randn(2, 3, 22, 19, dtype=torch.float64))
+    zoo.assert_equivalent(model, pruned, plan, torch.randn(2, 3, 22, 19, dtype=torch.float64))
     zoo._train_step(pruned, torch.randn(2, 3, 13, 13, dtype=torch.float64))
 
 
@@ -73,7 +57,7 @@ def test_transposed_unet_saves_loads_and_prunes_again(tmp_path: Path) -> None:
     # round 2 on the loaded model
     again, plan2 = _prune(back.double())
     assert plan2.layers["up1.up"].channels == pruned.up1.up.out_channels
-    _equivalent(back, again, plan2, x.double())
+    zoo.assert_equivalent(back, again, plan2, x.double())
 
 
 def test_flops_of_a_transposed_conv_count_its_input_positions() -> None:
@@ -93,7 +77,7 @@ def test_crops_pads_and_narrows_that_spare_the_channels() -> None:
     pruned, plan = _prune(model, ratio=0.5)
     assert {"a", "b", "c"} <= set(plan.layers)
     assert pruned.fc1.in_features == pruned.c.out_channels == 3
-    _equivalent(model, pruned, plan, torch.randn(3, 3, 8, 9, dtype=torch.float64))
+    zoo.assert_equivalent(model, pruned, plan, torch.randn(3, 3, 8, 9, dtype=torch.float64))
 
 
 def test_padding_or_slicing_the_channels_freezes_them() -> None:
@@ -121,7 +105,7 @@ def test_channels_last_padding_spares_the_channels_only_with_zeros_first() -> No
     model = Tokens(0).double().eval()
     pruned, plan = surgery.prune(model, {"conv": np.arange(4.0)}, count=2)
     assert pruned.fc.in_features == 2
-    _equivalent(model, pruned, plan, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    zoo.assert_equivalent(model, pruned, plan, torch.randn(2, 3, 5, 5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -136,7 +120,7 @@ def test_torchvision_segmentation_models_prune(name: str) -> None:
     pruned, plan = _prune(model)
     assert surgery.count_params(pruned) < 0.8 * surgery.count_params(model)
     x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
-    _equivalent(model, pruned, plan, x, out=lambda y: y["out"])  # a dict of outputs
+    zoo.assert_equivalent(model, pruned, plan, x, out=lambda y: y["out"])  # a dict of outputs
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -148,7 +132,7 @@ def test_instance_norm_nets_prune_save_load_and_prune_again(affine: bool, tmp_pa
     pruned, plan = _prune(model)
     assert pruned.in1.num_features == pruned.conv1[1].out_channels < 8
     x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
-    _equivalent(model, pruned, plan, x)
+    zoo.assert_equivalent(model, pruned, plan, x)
     path = tmp_path / "style.pt"
     surgery.save(path, pruned, arch="tests.surgery.nets.StyleNet", arch_kwargs={"affine": affine})
     with warnings.catch_warnings():
@@ -159,4 +143,4 @@ def test_instance_norm_nets_prune_save_load_and_prune_again(affine: bool, tmp_pa
             torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)
     again, plan2 = _prune(back)
     assert again.in2.num_features < back.in2.num_features
-    _equivalent(back, again, plan2, x)
+    zoo.assert_equivalent(back, again, plan2, x)

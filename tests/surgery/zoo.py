@@ -290,15 +290,32 @@ def _check(
     return results
 
 
-def reference_output(model: nn.Module, plan: surgery.Plan, x: torch.Tensor) -> Any:
-    """``model(x)`` with ``plan``'s removed channels computed away (:func:`zeroed_reference`)."""
+def reference_output(model: nn.Module, plan: surgery.Plan, x: torch.Tensor, *more: Any) -> Any:
+    """``model(x, *more)`` with ``plan``'s removed channels computed away
+    (:func:`zeroed_reference`)."""
     handles = zeroed_reference(model, plan)
     try:
         with torch.no_grad():
-            return model(x)
+            return model(x, *more)
     finally:
         for h in handles:
             h.remove()
+
+
+def assert_equivalent(
+    model: nn.Module,
+    pruned: nn.Module,
+    plan: surgery.Plan,
+    x: torch.Tensor,
+    *more: Any,
+    out: Callable[[Any], torch.Tensor] = lambda y: y,
+) -> None:
+    """``pruned(x, *more)`` equals :func:`reference_output` (float64: to 1e-12)."""
+    ref = out(reference_output(model, plan, x, *more))
+    with torch.no_grad():
+        got = out(pruned.eval()(x, *more))
+    assert got.shape == ref.shape
+    assert _rel_err(got, ref) < 1e-12
 
 
 def _equivalence(model: nn.Module, pruned: nn.Module, plan: surgery.Plan, x: torch.Tensor) -> float:
