@@ -28,12 +28,13 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from tdump.errors import CheckpointError, ConfigError, LoopError, TdumpError
+from tdump.errors import CheckpointError, LoopError, TdumpError
 from tdump.loop._events import LoopEvents
 from tdump.loop._experiment import Experiment, arch_needed, check_start
 from tdump.loop._replay import checkpoint_command, save_round_checkpoint, script_importable
 from tdump.loop._resume import prepare_resume, resume_hint
-from tdump.loop._settings import STOP_CHECKS, LoopSettings, record_options
+from tdump.loop._row import round_row
+from tdump.loop._settings import LoopSettings, record_options
 from tdump.loop._stages import (
     StageResult,
     for_the_loop,
@@ -47,6 +48,7 @@ from tdump.loop._stages import (
     substitute,
     tdump_argv,
 )
+from tdump.loop._stop import stop_reason
 
 __all__ = ["LoopEvents", "run_loop"]
 
@@ -316,105 +318,26 @@ class _Loop:
         self._log(r, "measure", [checkpoint_command(p, init, s.arch, s.arch_kwargs)])
         wall["measure"] = round(time.perf_counter() - t0, 3)
         self.events.stage_finished(r, "measure", wall["measure"])
+        removed = prune_removed(p["dir"] / "prune.log") if r > 0 else None
         base = self.rows[0] if self.rows else None
-        accuracy = metrics["accuracy"]
-        base_acc = base["accuracy"] if base else accuracy
-        removed = None
-        if r > 0:
-            removed = prune_removed(p["dir"] / "prune.log")
-        row: dict[str, Any] = {
-            "round": r,
-            "status": "done",
-            "params": stats["params"],
-            "flops": stats["flops"],
-            "params_ratio": stats["params"] / base["params"] if base else 1.0,
-            "flops_ratio": (
-                stats["flops"] / base["flops"]
-                if base and base.get("flops") and stats["flops"] is not None
-                else (1.0 if stats["flops"] is not None else None)
-            ),
-            "channels": stats["channels"],
-            "input_shape": shape,
-            "accuracy": accuracy,
-            "loss": metrics["loss"],
-            "accuracy_drop": (
-                base_acc - accuracy if base_acc is not None and accuracy is not None else None
-            ),
-            "train_accuracy": metrics["train_accuracy"],
-            "train_loss": metrics["train_loss"],
-            "eval_accuracy": metrics["eval_accuracy"],
-            "eval_loss": metrics["eval_loss"],
-            "reported": metrics["reported"],
-            "metrics_source": metrics["source"],
-            "criterion": s.criterion if r > 0 else None,
-            "count": s.count if r > 0 else None,
-            "ratio": s.ratio if r > 0 else None,
-            "removed": removed,
-            "wall": wall,
-            "checkpoint": f"round_{r:03d}/checkpoint.pt",
-            "stop_reason": None,
-            "prunable": prunable,
-            "prunable_per_group": one_group,
-            "left_alone": frozen,
-        }
-        return row
+        return round_row(
+            r,
+            s,
+            stats,
+            metrics,
+            base,
+            shape,
+            removed=removed,
+            wall=wall,
+            prunable=prunable,
+            prunable_per_group=one_group,
+            left_alone=frozen,
+        )
 
     def stop_reason(self, row: dict[str, Any]) -> str | None:
-        from tdump.loop._expr import parse_stop
-
-        s, r = self.s, row["round"]
-        if s.stop_when:
-            cond = parse_stop(s.stop_when)
-            values = {
-                k: row.get(k)
-                for k in ("accuracy", "accuracy_drop", "params_ratio", "flops_ratio", "loss")
-            }
-            values["round"] = r
-            try:
-                fired = cond.evaluate(values)
-            except ConfigError as exc:  # round r's row is kept: a new condition can decide
-                have = ", ".join(n for n in sorted(values) if values[n] is not None)
-                raise self._fail(
-                    r,
-                    "measure",
-                    f"{exc} and start a new experiment, or go on with this one: "
-                    f"{resume_hint(self.exp.path, s)} --stop-when EXPR (over what its rounds "
-                    f"have: {have}), or --stop-when '' for no condition",
-                ) from None
-            if fired:
-                shown_values = ", ".join(f"{n}={_fmt(values[n])}" for n in sorted(cond.names))
-                return f"stop-when: {s.stop_when} ({shown_values})"
-        for name in s.stop_checks:
-            reason = STOP_CHECKS[name](row, str(self.paths(r)["dump"]))
-            if reason:
-                return f"{name}: {reason}"
-        if r + 1 >= s.rounds:
-            return f"rounds: {s.rounds} of {s.rounds} done"
-        per_layer = s.scope == "per-layer"
-        prunable = row.get("prunable_per_group" if per_layer else "prunable")
-        if s.count is not None and prunable is not None and s.count > prunable:
-            what = (
-                f"--count {s.count} (per group with --scope per-layer) is more than the "
-                f"{prunable} channels any one group can lose in one round"
-                if per_layer
-                else f"--count {s.count} is more than the {prunable} channels one round can prune"
-            )
-            message = (
-                f"{what} from round {r}'s model (only convs that --criterion {s.criterion} can score "
-                f"from round {r}'s dump are ranked, the others keep their channels; each "
-                f"layer keeps --min-channels {s.min_channels}"
-                + (
-                    f" and loses at most --max-ratio {s.prune_max_ratio()} of its channels"
-                    if s.prune_max_ratio() is not None
-                    else ""
-                )
-                + ("; residual groups are left alone" if s.conv_only_groups else "")
-                + ")"
-            )
-            if r == 0:
-                raise self._fail(r, "measure", message + "; lower --count or use --ratio")
-            return f"nothing left to prune: {message}"
-        return None
+        return stop_reason(
+            self.s, row, str(self.paths(row["round"])["dump"]), self._fail, self.exp.path
+        )
 
     # ------------------------------------------------------------------ driver
     def run(self) -> list[dict[str, Any]]:
@@ -500,10 +423,6 @@ class _Loop:
             )
             return
         self._save_state(mlflow_logged=[*logged, row["round"]])
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def run_loop(
