@@ -43,6 +43,7 @@ class StepLifecycle:
     _channels_last: set[str]
     _calls: dict[str, list[dict[str, Any]]]
     _input_shapes: dict[str, list[list[int]]]
+    _input_dtypes: dict[str, list[str]]
     _meta: dict[str, Any]
     _uniform: bool
     _all: frozenset[str] | None
@@ -165,6 +166,7 @@ class StepLifecycle:
                 if isinstance(a, torch.Tensor):
                     cur.producers[id(a)] = ("<input>", a)
                     cur.input_shapes.append([int(n) for n in a.shape])
+                    cur.input_dtypes.append(str(a.dtype).removeprefix("torch."))
         cur.save_params(root)
         want_outputs = colls & {"activations", "activation_gradients"}
         modules = self._candidates if want_outputs else []
@@ -196,7 +198,9 @@ class StepLifecycle:
             self._meta["calls"] = dict(self._calls)
             if cur.input_shapes:
                 self._input_shapes[cur.mode] = cur.input_shapes
+                self._input_dtypes[cur.mode] = cur.input_dtypes
                 self._meta["input_shapes"] = dict(self._input_shapes)
+                self._meta["input_dtypes"] = dict(self._input_dtypes)
             cur.producers.clear()
 
     def _finish(self) -> None:

@@ -85,6 +85,8 @@ class SavedStep:
         self.calls: list[dict[str, Any]] = []
         #: Shapes of the traced forward's tensor arguments (batch included): FLOPs need them.
         self.input_shapes: list[list[int]] = []
+        #: Their dtypes (``"float32"``, ``"int64"``): a second input may be timesteps.
+        self.input_dtypes: list[str] = []
         self.producers: dict[int, tuple[str, torch.Tensor | None]] = {}
         self.handles: list[Any] = []
         self.grad_handles: list[Any] = []

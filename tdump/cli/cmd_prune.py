@@ -8,6 +8,7 @@ stays instant.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def summarize(
     plan: Any,
     input_shape: tuple[int, ...] | None,
     shape_source: str = "--input-shape",
+    more: Sequence[tuple[Sequence[int], str]] = (),
 ) -> dict[str, Any]:
     """Per layer and total channels, parameters and FLOPs before/after (a JSON-able dict).
 
@@ -83,7 +85,27 @@ def summarize(
     """
     from tdump.surgery._stats import prune_summary
 
-    return prune_summary(before, after, plan, input_shape, shape_source)
+    return prune_summary(before, after, plan, input_shape, shape_source, more)
+
+
+def _more_text(summary: dict[str, Any]) -> str:
+    """``, and 1 int64`` for a ``forward(x, t)``'s other inputs the FLOPs were counted with."""
+    more = summary.get("more_inputs") or []
+    shown = [f"{'x'.join(map(str, m['shape'])) or 'scalar'} {m['dtype']}" for m in more]
+    return f", and {', '.join(shown)}" if shown else ""
+
+
+def _more_inputs(dump: str | None) -> list[tuple[tuple[int, ...], str]]:
+    """A ``forward(x, t)``'s other arguments as ``dump`` recorded them, for FLOPs."""
+    if dump is None:
+        return []
+    from tdump.errors import TdumpError
+    from tdump.surgery._input_shape import recorded_more_inputs
+
+    try:
+        return recorded_more_inputs(dump)
+    except TdumpError:  # a damaged dump: the input shape's note says so
+        return []
 
 
 def _fmt(n: int | None) -> str:
@@ -150,7 +172,7 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None, source: s
     )
     console.print(
         f"parameters {_ratio(pb, pa)} of {source}'s, FLOPs {_ratio(fb, fa)}"
-        + (f" (input {'x'.join(map(str, shape))})" if shape else ""),
+        + (f" (input {'x'.join(map(str, shape))}{_more_text(summary)})" if shape else ""),
         soft_wrap=True,
     )
     for note in summary["notes"]:
@@ -490,7 +512,7 @@ def register(app: typer.Typer) -> None:
         shape, shape_from, fallback = _input_shape(known, before)
         if fallback:
             plan.notes.append(fallback)
-        summary = summarize(before, pruned, plan, shape, shape_from)
+        summary = summarize(before, pruned, plan, shape, shape_from, _more_inputs(source))
         written = None
         if not dry_run:
             surgery.save(out, pruned)

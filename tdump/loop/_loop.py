@@ -251,7 +251,7 @@ class _Loop:
             prunable_counts,
             rankable_layers,
         )
-        from tdump.surgery._input_shape import recorded_input_shape
+        from tdump.surgery._input_shape import recorded_input_shape, recorded_more_inputs
 
         p, s = self.paths(r), self.s
         self.events.stage_started(r, "measure", None)
@@ -285,7 +285,7 @@ class _Loop:
                     self.events.note(note)
             shape = s.input_shape or recorded_input_shape(p["dump"])
             try:
-                stats = model_stats(model, shape)
+                stats = model_stats(model, shape, recorded_more_inputs(p["dump"]))
             except Exception as exc:
                 self.events.note(f"FLOPs not counted (forward at input {shape} failed: {exc})")
                 stats = model_stats(model, None)

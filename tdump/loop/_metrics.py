@@ -21,6 +21,7 @@ Examples
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -166,15 +167,21 @@ def load_round_model(
     return model
 
 
-def model_stats(model: Any, input_shape: list[int] | None) -> dict[str, Any]:
-    """Parameters, FLOPs (``None`` without an input shape) and channels of every conv."""
+def model_stats(
+    model: Any, input_shape: list[int] | None, more: Sequence[tuple[Sequence[int], str]] = ()
+) -> dict[str, Any]:
+    """Parameters, FLOPs (``None`` without an input shape) and channels of every conv.
+
+    ``more``: a ``forward(x, t)``'s other arguments (``recorded_more_inputs``).
+    """
     from torch import nn
 
     from tdump.surgery import count_params, layer_flops, output_positions
 
     flops = None
     if input_shape:
-        flops = int(sum(layer_flops(model, output_positions(model, input_shape)).values()))
+        positions = output_positions(model, input_shape, more)
+        flops = int(sum(layer_flops(model, positions).values()))
     channels = {
         n: int(m.out_channels)
         for n, m in model.named_modules()

@@ -165,3 +165,44 @@ def recorded_input_shape(dump: str | os.PathLike[str]) -> list[int] | None:
         if shape:
             return shape
     return None
+
+
+#: A model input after the first: its shape (batch 1 where it had the batch) and dtype.
+MoreInput = tuple[tuple[int, ...], str]
+
+
+def more_inputs(shapes: Any, dtypes: Any) -> list[MoreInput]:
+    """The tensor arguments after the first, as recorded: a leading dim equal to the
+    first argument's batch becomes 1, and a dtype not recorded is ``float32``.
+
+    >>> more_inputs([[32, 3, 8, 8], [32], [5, 2]], ["float32", "int64"])
+    [((1,), 'int64'), ((5, 2), 'float32')]
+    """
+    if not isinstance(shapes, list) or len(shapes) < 2 or not isinstance(shapes[0], list):
+        return []
+    batch = shapes[0][0] if shapes[0] else None
+    names = dtypes if isinstance(dtypes, list) else []
+    out: list[MoreInput] = []
+    for i, shape in enumerate(shapes[1:], start=1):
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            return []  # not a shape: no extra inputs rather than wrong ones
+        dims = (1, *shape[1:]) if shape and shape[0] == batch else tuple(shape)
+        dtype = names[i] if i < len(names) and isinstance(names[i], str) else "float32"
+        out.append((tuple(int(n) for n in dims), dtype))
+    return out
+
+
+def recorded_more_inputs(dump: str | os.PathLike[str]) -> list[MoreInput]:
+    """The model's tensor arguments after the first (a denoiser's timesteps), as recorded
+    with the input :func:`recorded_input_shape` reads; empty for a one-input model."""
+    from tdump._format import StoreReader
+
+    reader = StoreReader(os.fspath(dump))
+    ranks = reader.ranks()
+    meta = reader.meta(ranks[0] if ranks else 0)
+    recorded = meta.get("input_shapes") or {}
+    dtypes = meta.get("input_dtypes") or {}
+    for mode in ("train", *sorted(m for m in recorded if m != "train")):
+        if _first_input(recorded.get(mode)):
+            return more_inputs(recorded.get(mode), dtypes.get(mode))
+    return []

@@ -72,11 +72,17 @@ def layer_params(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+def output_positions(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    more: Sequence[tuple[Sequence[int], str]] = (),
+) -> dict[str, int]:
     """Output positions (product of non-channel, non-batch dims) of each conv/linear call.
 
     A transposed conv counts its *input* positions (each multiplies the whole weight).
     ``input_shape`` excludes the batch dimension. A module called several times sums.
+    ``more`` gives a ``forward(x, t, ...)``'s other arguments as ``(shape, dtype)``
+    (batch included, 1): they are passed as zeros.
 
     Raises
     ------
@@ -124,12 +130,20 @@ def output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[str, 
         model.eval()
         p = next(model.parameters(), None)
         x = torch.zeros(1, *input_shape, dtype=p.dtype if p is not None else torch.float32)
-        model(x)
+        model(x, *(_zeros(shape, dtype, x.dtype) for shape, dtype in more))
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
     return pos
+
+
+def _zeros(shape: Sequence[int], dtype: str, floating: torch.dtype) -> torch.Tensor:
+    """Zeros of a recorded input: integer dtypes as recorded, floating ones as the model's."""
+    kind = getattr(torch, dtype, None)
+    if not isinstance(kind, torch.dtype):
+        kind = floating
+    return torch.zeros(*shape, dtype=floating if kind.is_floating_point else kind)
 
 
 def layer_flops(model: nn.Module, positions: dict[str, int]) -> dict[str, int]:
@@ -153,17 +167,19 @@ def prune_summary(
     plan: Plan,
     input_shape: tuple[int, ...] | None,
     shape_source: str = "--input-shape",
+    more: Sequence[tuple[Sequence[int], str]] = (),
 ) -> dict[str, Any]:
     """Per layer and total channels, parameters and FLOPs before/after (a JSON-able dict).
 
     FLOPs need one forward pass of ``before`` at ``input_shape`` (batch excluded); if
     it fails, FLOPs are reported as ``None`` with a note naming ``shape_source`` (where
     the shape came from: ``--input-shape``, the dump, the fallback), and, for a channel
-    count the model does not take, the ``--input-shape`` that fits.
+    count the model does not take, the ``--input-shape`` that fits. ``more``: the other
+    arguments of a ``forward(x, t, ...)`` (:func:`output_positions`).
     """
     notes = list(plan.notes)
     try:
-        positions = output_positions(before, input_shape) if input_shape else None
+        positions = output_positions(before, input_shape, more) if input_shape else None
     except InputChannelsError as exc:
         positions = None
         fixed = ",".join(map(str, (exc.expected, *(input_shape or ())[1:])))
@@ -224,6 +240,7 @@ def prune_summary(
         "flops_before": sum(f0.values()) if positions else None,
         "flops_after": sum(f1.values()) if positions else None,
         "input_shape": list(input_shape) if input_shape else None,
+        "more_inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in more],
         "layers": rows,
         "notes": notes,
     }

@@ -20,7 +20,7 @@ import tdump
 from tdump.analyze import write_ranks as write_table
 from tests.cli.inproc import run_main
 from tests.surgery.helpers import random_scores, ranks_frame
-from tests.surgery.nets import SmallNet
+from tests.surgery.nets import SmallNet, TimeConditioned
 
 ARCH = ["--arch", "tests.surgery.nets.SmallNet"]
 
@@ -305,3 +305,28 @@ def test_summary_notes_and_total(
     notes = json.loads(out)["notes"]
     assert "ranks of a not used: ignore '^a$' leaves it alone" in notes
     assert not any("matches no module" in n for n in notes)
+
+
+def test_flops_of_a_model_with_timesteps_use_the_recorded_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """forward(x, t), t int64: the dump records the second input's shape and dtype."""
+    torch.manual_seed(0)
+    model = TimeConditioned()
+    with tdump.Hook(str(tmp_path / "d.zarr"), include_regex=r".*\.weight", strict=True) as hook:
+        hook.register_module(model)
+        model(torch.randn(2, 3, 8, 8), torch.tensor([1, 7])).sum().backward()
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    meta = {"criterion": "l1", "normalize": True, "dump": "d.zarr"}
+    write_table(ranks_frame(random_scores(model)), tmp_path / "ranks.parquet", meta=meta)
+    monkeypatch.chdir(tmp_path)
+    args = ["ckpt.pt", "ranks.parquet", "--arch", "tests.surgery.nets.TimeConditioned"]
+    code, out, err = _cli(monkeypatch, capsys, *args, "--count", "2", "--dry-run", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["input_shape"] == [3, 8, 8]
+    assert summary["more_inputs"] == [{"shape": [1], "dtype": "int64"}]
+    # multiply-accumulates, by hand: conv a 3x3 over 8x8 positions, conv b 1x1 over 8x8
+    assert summary["flops_before"] == 8 * 3 * 9 * 64 + 4 * 8 * 64
+    code, out, err = _cli(monkeypatch, capsys, *args, "--count", "2", "--dry-run")
+    assert code == 0 and "(input 3x8x8, and 1 int64)" in out, err
