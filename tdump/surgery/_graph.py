@@ -59,8 +59,8 @@ class Group:
     ``size`` channels; ``frozen`` (with ``reason``) means the group is left alone;
     ``residual`` says the coupling came through an addition (a residual group);
     ``blocks > 1`` (a grouped conv's outputs) means channels must go in equal numbers
-    from each of ``blocks`` contiguous blocks; ``chunk > 1`` (a GroupNorm's groups) means
-    they go in whole aligned runs of ``chunk`` channels.
+    from each of ``blocks`` contiguous blocks; ``units`` (a GroupNorm's groups: a label
+    per channel, ``-1`` for channels that stay) means they go in whole units.
     """
 
     gid: int
@@ -70,12 +70,7 @@ class Group:
     reason: str = ""
     residual: bool = False
     blocks: int = 1
-    chunk: int = 1
-
-    @property
-    def step(self) -> int:
-        """What every removal from this group is a multiple of (blocks or whole runs)."""
-        return self.blocks * self.chunk  # at most one of them is above 1
+    units: np.ndarray | None = None
 
 
 class ChannelGraph(FunctionRules):
@@ -296,27 +291,37 @@ class ChannelGraph(FunctionRules):
     def _group_norm(self, name: str, mod: nn.GroupNorm, x: Any) -> Any:
         """A GroupNorm normalises runs of ``num_channels / num_groups`` channels together:
         removing a whole run leaves the others' statistics as they were, removing part of
-        one does not. So each space it reads loses channels in whole aligned runs.
+        one does not. So each space it reads loses channels in whole runs; a run that
+        spans two spaces (a concatenation the group size does not divide) keeps its
+        channels in both.
         """
         if not (isinstance(x, tuple) and sum(n for _, n in x) == mod.num_channels):
             self._freeze_layout(x, f"{name} does not match its input")
             return UNKNOWN
         chunk = mod.num_channels // mod.num_groups
-        if any(n % chunk for _, n in x):  # every part whole runs: then every offset is too
-            parts = " + ".join(str(n) for _, n in x)
-            self._freeze_layout(
-                x,
-                f"{name}'s groups of {chunk} straddle channels of different layers ({parts}): "
-                "a num_groups whose group size divides each part keeps them prunable",
-            )
-            return UNKNOWN
+        offset, parts, spanning = 0, [], 0
         for space, n in x:
-            if n == chunk:
+            run = (offset + np.arange(n)) // chunk
+            inside = (run * chunk >= offset) & ((run + 1) * chunk <= offset + n)
+            parts.append((space, n, np.where(inside, run - run[0], -1)))
+            spanning += int((~inside).sum())
+            offset += n
+        if spanning:
+            sizes = " + ".join(str(n) for _, n in x)
+            note = (
+                f"{name}'s groups of {chunk} span channels of different layers ({sizes}): "
+                f"the {spanning} channels in those groups stay (a num_groups whose group "
+                "size divides each part frees them)"
+            )
+            if note not in self.notes:  # both modes' graphs call it
+                self.notes.append(note)
+        for space, n, labels in parts:
+            if n == chunk and bool((labels >= 0).all()):
                 what = "one group" if mod.num_groups == 1 else f"groups of {chunk}"
                 self._spaces.freeze(
                     space, f"{name} normalises them as {what}: any removal changes the rest"
                 )
-            self._spaces.constrain_chunks(space, chunk, name)
+            self._spaces.constrain_units(space, labels, name)
         self.uses[name] = ModuleUse(name, "gn", mod, x, out_value=x)
         return x
 
@@ -332,7 +337,7 @@ class ChannelGraph(FunctionRules):
         sp.blocks[root] = blocks
         if sp.size[root] % blocks:
             sp.freeze(root, f"grouped conv {name} (groups={mod.groups}) cannot split them evenly")
-        if sp.chunks.get(root, 1) > 1:
+        if root in sp.units:
             sp.freeze(root, f"a grouped conv ({name}) and a GroupNorm share these channels")
         self.uses[name] = ModuleUse(name, "grouped", mod, layout, layout, out_value=layout)
         self._conv_space[name] = space
@@ -378,7 +383,7 @@ class ChannelGraph(FunctionRules):
                     sp.frozen.get(root, ""),
                     root in sp.residual,
                     sp.blocks.get(root, 1),
-                    sp.chunks.get(root, 1),
+                    sp.units.get(root),
                 )
                 by_root[root] = grp
                 self.groups.append(grp)

@@ -35,7 +35,13 @@ from tdump.surgery._aggregate import (
 from tdump.surgery._graph import ChannelGraph, Group
 from tdump.surgery._plan_notes import global_shortfall, pooled, say_shortfall, unranked_notes
 from tdump.surgery._settings import Settings, resolve_settings
-from tdump.surgery._units import pick_global, removal_bounds, removal_order, round_removal
+from tdump.surgery._units import (
+    pick_global,
+    removal_bounds,
+    removal_order,
+    round_removal,
+    unit_bounds,
+)
 
 __all__ = [
     "DEFAULT_MAX_RATIO",
@@ -71,12 +77,19 @@ def resolve_max_ratio(max_ratio: float | None, scope: str) -> float | None:
 
 def group_cap(grp: Group, min_channels: int, max_ratio: float | None) -> int:
     """Channels one selection may remove from ``grp``: it keeps ``min_channels`` (and a
-    channel per block, a GroupNorm group), loses at most ``max_ratio`` of its channels,
-    in whole steps (:attr:`Group.step`)."""
-    cap = grp.size - max(min_channels, grp.step)
+    channel per block), loses at most ``max_ratio`` of its channels, in whole blocks;
+    a group with units (GroupNorm groups) in whole units (:func:`group_bounds`)."""
+    cap = grp.size - max(min_channels, grp.blocks)
     if max_ratio is not None:
         cap = min(cap, math.floor(max_ratio * grp.size + 1e-9))
-    return max(cap, 0) // grp.step * grp.step
+    return max(cap, 0) // grp.blocks * grp.blocks
+
+
+def group_bounds(grp: Group, order: np.ndarray, cap: int, round_to: int | None) -> list[int]:
+    """The removal counts ``grp`` may take in ``order``, ascending, none above ``cap``."""
+    if grp.units is not None:
+        return unit_bounds(grp.units[order], cap, round_to)
+    return removal_bounds(grp.size, grp.blocks, cap, round_to)
 
 
 class FewChannelsWarning(UserWarning):
@@ -283,7 +296,7 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
             )
             continue
         cap = group_cap(grp, settings.min_channels, max_ratio)
-        cands.append((grp, removal_order(grp.blocks, s, grp.chunk), cap))
+        cands.append((grp, removal_order(grp.blocks, s, grp.units), cap))
     notes[len(graph.notes) : len(graph.notes)] = _summarize(frozen, "left alone")
     if cands:
         notes.extend(unranked_notes(cands, unranked, scores))
@@ -346,8 +359,8 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
             else _half_up((settings.ratio or 0.0) * total)
         )
         steps = [
-            (grp.gid, pos_scores, removal_bounds(grp.size, grp.step, cap, settings.round_to))
-            for grp, (_, pos_scores), cap in cands
+            (grp.gid, pos_scores, group_bounds(grp, order, cap, settings.round_to))
+            for grp, (order, pos_scores), cap in cands
         ]
         pool = sum(bounds[-1] for _, _, bounds in steps if bounds)
         if want > pool:
@@ -370,12 +383,17 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
 
     plan = Plan(settings={**vars(settings), "max_ratio": max_ratio}, notes=notes)
     few: list[str] = []
-    short = {"blocks": 0, "chunks": 0, "round_to": 0, "groups": 0}
+    short = {"blocks": 0, "units": 0, "round_to": 0, "groups": 0}
     for grp, (order, _), _ in cands:
         chosen = removed.get(grp.gid, 0)
-        whole = round_removal(grp.size, chosen, grp.step, None)
-        r = round_removal(grp.size, whole, grp.step, settings.round_to)
-        short["blocks" if grp.blocks > 1 else "chunks"] += chosen - whole
+        if grp.units is not None:  # whole units: the largest allowed count not above chosen
+            whole = max((b for b in group_bounds(grp, order, chosen, None)), default=0)
+            r = max((b for b in group_bounds(grp, order, whole, settings.round_to)), default=0)
+            short["units"] += chosen - whole
+        else:
+            whole = chosen // grp.blocks * grp.blocks
+            r = round_removal(grp.size, whole, grp.blocks, settings.round_to)
+            short["blocks"] += chosen - whole
         short["round_to"] += whole - max(r, 0)
         short["groups"] += r < chosen
         if r <= 0:
@@ -396,6 +414,18 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
         plan.notes.append(msg)
         warnings.warn(msg, FewChannelsWarning, stacklevel=3)
     return plan
+
+
+def _whole_units(units: np.ndarray, keep: np.ndarray) -> bool:
+    """Whether ``keep`` holds every pinned channel and all or none of each unit."""
+    kept = np.zeros(len(units), dtype=bool)
+    kept[keep] = True
+    if not kept[units < 0].all():
+        return False
+    free = units >= 0
+    per_unit = np.bincount(units[free], weights=kept[free], minlength=int(units.max()) + 1)
+    sizes = np.bincount(units[free], minlength=int(units.max()) + 1)
+    return bool(np.all((per_unit == 0) | (per_unit == sizes)))
 
 
 def keeps_for(graph: ChannelGraph, plan: Plan) -> dict[int, np.ndarray]:
@@ -423,10 +453,10 @@ def keeps_for(graph: ChannelGraph, plan: Plan) -> dict[int, np.ndarray]:
             )
         if grp.blocks > 1 and len(set(np.bincount(keep // (grp.size // grp.blocks)).tolist())) != 1:
             raise ConfigError(f"plan keeps unequal channels in the {grp.blocks} groups of '{name}'")
-        if grp.chunk > 1 and np.any(np.bincount(keep // grp.chunk) % grp.chunk):
+        if grp.units is not None and not _whole_units(grp.units, keep):
             raise ConfigError(
-                f"plan keeps part of a GroupNorm group in '{name}' (its channels go in whole "
-                f"runs of {grp.chunk})"
+                f"plan keeps part of a GroupNorm group in '{name}' (its channels go in "
+                "whole groups, and those in groups that span other layers stay)"
             )
         keeps[grp.gid] = keep
     for gid in keeps:

@@ -28,7 +28,7 @@ def say_shortfall(plan: Plan, short: dict[str, int], chosen: int, scope: str) ->
     reasons = []
     if short["blocks"]:
         reasons.append(_GROUPED)
-    if short["chunks"]:
+    if short["units"]:
         reasons.append(_CHUNKED)
     if short["round_to"]:
         reasons.append("round_to rounds kept counts up")
@@ -85,7 +85,7 @@ def global_shortfall(
     reasons = []
     if any(grp.blocks > 1 for grp, _, _ in cands):
         reasons.append(_GROUPED)
-    if any(grp.chunk > 1 for grp, _, _ in cands):
+    if any(grp.units is not None for grp, _, _ in cands):
         reasons.append(_CHUNKED)
     if round_to and round_to > 1:
         reasons.append(f"round_to keeps channel counts multiples of {round_to}")

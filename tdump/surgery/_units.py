@@ -2,8 +2,7 @@
 
 A group's removal is constrained twice: a grouped conv loses the same number of
 channels from every block (so removals are multiples of ``blocks``; a GroupNorm's
-channels go in whole groups, runs of ``chunk``, and ``blocks`` below stands for
-either), and
+channels go in whole *units*, its groups, see :func:`merge_units`), and
 ``round_to`` keeps the kept count a multiple of itself. Together the kept count is a
 multiple of ``lcm(blocks, round_to)``, so a group can lose only certain amounts
 (:func:`removal_bounds`). A global selection that picked channels one by one and
@@ -29,7 +28,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["kept_multiple", "pick_global", "removal_bounds", "removal_order", "round_removal"]
+__all__ = [
+    "kept_multiple",
+    "merge_units",
+    "pick_global",
+    "removal_bounds",
+    "removal_order",
+    "round_removal",
+    "unit_bounds",
+]
 
 
 def kept_multiple(blocks: int, round_to: int | None) -> int:
@@ -52,23 +59,68 @@ def round_removal(size: int, removed: int, blocks: int, round_to: int | None) ->
     return max(0, size - kept)
 
 
-def removal_order(blocks: int, s: np.ndarray, chunk: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def merge_units(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Units that keep both labellings whole: channels go together if either says so.
+
+    A label per channel: channels with the same label go together (a GroupNorm group),
+    ``-1`` never goes (pinned), and a unit with a pinned channel is pinned whole. The
+    result is relabelled ``0, 1, ...`` in channel order.
+
+    >>> merge_units(np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 1, 2, 2, -1])).tolist()
+    [-1, -1, -1, -1, -1, -1]
+    >>> merge_units(np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 0, 0, 1, 1])).tolist()
+    [0, 0, 0, 0, 1, 1]
+    """
+    n = len(a)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for labels in (a, b):
+        first: dict[int, int] = {}
+        for i, lab in enumerate(labels.tolist()):
+            if lab >= 0:
+                j = first.setdefault(lab, i)
+                parent[find(i)] = find(j)
+    pinned = {find(i) for i in range(n) if a[i] < 0 or b[i] < 0}
+    out = np.empty(n, dtype=np.int64)
+    ids: dict[int, int] = {}
+    for i in range(n):
+        root = find(i)
+        out[i] = -1 if root in pinned else ids.setdefault(root, len(ids))
+    return out
+
+
+def removal_order(
+    blocks: int, s: np.ndarray, units: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Channels in the order they go, and the score of each position (non-decreasing).
 
     A blocked group (a grouped conv's outputs) loses one channel per block at a time:
     the k-th weakest of every block, scored by the mean of those ``blocks`` scores.
-    A chunked group (a GroupNorm's channels) loses whole runs of ``chunk`` channels,
-    weakest run first, each scored by the mean of its channels.
+    A group with ``units`` (a label per channel, :func:`merge_units`: a GroupNorm's
+    groups) loses whole units, weakest first, each scored by the mean of its channels;
+    pinned channels (``-1``) come last, scored ``inf``.
 
-    >>> order, pos = removal_order(1, np.array([5.0, 1.0, 0.0, 2.0]), chunk=2)
+    >>> order, pos = removal_order(1, np.array([5.0, 1.0, 0.0, 2.0, 9.0]), np.array([0, 0, 1, 1, -1]))
     >>> order.tolist(), pos.tolist()
-    ([2, 3, 0, 1], [1.0, 1.0, 3.0, 3.0])
+    ([2, 3, 0, 1, 4], [1.0, 1.0, 3.0, 3.0, inf])
     """
-    if chunk > 1:
-        runs = s.reshape(-1, chunk).mean(axis=1)
-        run_order = np.argsort(runs, kind="stable")
-        order = (run_order[:, None] * chunk + np.arange(chunk)[None, :]).reshape(-1)
-        return order, np.repeat(runs[run_order], chunk)
+    if units is not None:
+        free = units >= 0
+        count = int(units.max(initial=-1)) + 1
+        sizes = np.bincount(units[free], minlength=count)
+        means = np.bincount(units[free], weights=s[free], minlength=count) / np.maximum(sizes, 1)
+        rank = np.empty(count, dtype=np.int64)
+        rank[np.argsort(means, kind="stable")] = np.arange(count)
+        key = np.where(free, rank[np.where(free, units, 0)], count)  # pinned last
+        order = np.argsort(key, kind="stable")
+        pos = np.where(free[order], means[np.where(free, units, 0)][order], np.inf)
+        return order, pos
     if blocks <= 1:
         order = np.argsort(s, kind="stable")
         return order, s[order]
@@ -78,6 +130,22 @@ def removal_order(blocks: int, s: np.ndarray, chunk: int = 1) -> tuple[np.ndarra
     offsets = (np.arange(blocks) * rows.shape[1])[:, None]
     order = (row_order + offsets).T.reshape(-1)  # unit 0 of every block, then unit 1, ...
     return order, np.repeat(unit, blocks)
+
+
+def unit_bounds(units_in_order: np.ndarray, cap: int, round_to: int | None) -> list[int]:
+    """Removal counts a unit group may take, ascending, none above ``cap``: the ends of
+    its units in removal order (``units[order]``), kept counts multiples of ``round_to``.
+
+    >>> unit_bounds(np.array([1, 1, 0, 0, 2, 2, -1]), cap=5, round_to=None)
+    [2, 4]
+    >>> unit_bounds(np.array([1, 1, 0, 0, 2, 2, -1]), cap=6, round_to=3)
+    [4]
+    """
+    labels = units_in_order
+    size = len(labels)
+    ends = [i for i in range(1, size + 1) if i == size or labels[i] != labels[i - 1]]
+    step = round_to or 1
+    return [e for e in ends if e <= cap and labels[e - 1] >= 0 and (size - e) % step == 0]
 
 
 def pick_global(groups: Sequence[tuple[int, np.ndarray, list[int]]], want: int) -> dict[int, int]:

@@ -19,7 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import nn
+
+from tdump.surgery._units import merge_units
 
 __all__ = [
     "NONTENSOR",
@@ -87,7 +90,8 @@ class Spaces:
     frozen: dict[int, str] = field(default_factory=dict)
     residual: set[int] = field(default_factory=set)
     blocks: dict[int, int] = field(default_factory=dict)  # root -> equal blocks (grouped convs)
-    chunks: dict[int, int] = field(default_factory=dict)  # root -> whole runs (GroupNorm groups)
+    #: root -> a label per channel: channels that go together (GroupNorm groups), -1 pinned
+    units: dict[int, np.ndarray] = field(default_factory=dict)
 
     def new(self, n: int) -> int:
         self.parent.append(len(self.parent))
@@ -119,28 +123,35 @@ class Spaces:
             self.blocks[ra] = blocks
             if self.size[ra] % blocks:
                 self.freeze(ra, "grouped convs with incompatible groups share these channels")
-        self.constrain_chunks(ra, math.lcm(self.chunks.pop(ra, 1), self.chunks.pop(rb, 1)), "")
+        theirs = self.units.pop(rb, None)
+        if theirs is not None:
+            self.constrain_units(ra, theirs, "")
+        elif ra in self.units:
+            self.constrain_units(ra, self.units.pop(ra), "")  # checks it against blocks
         if rb in self.frozen:
             self.frozen.setdefault(ra, self.frozen.pop(rb))
         if residual or rb in self.residual:
             self.residual.add(ra)
         self.residual.discard(rb)
 
-    def constrain_chunks(self, s: int, chunk: int, who: str) -> None:
-        """Channels of ``s`` may go only in whole aligned runs of ``chunk`` (GroupNorm groups).
+    def constrain_units(self, s: int, labels: np.ndarray, who: str) -> None:
+        """Channels of ``s`` go only in the units ``labels`` gives (GroupNorm groups).
 
-        Runs of two GroupNorms combine to runs of their lcm; a grouped conv's blocks
-        (one channel from every block at a time) cannot also keep runs whole: frozen.
+        Units of two GroupNorms combine (:func:`~tdump.surgery._units.merge_units`); a
+        grouped conv's blocks (one channel from every block at a time) cannot also keep
+        units whole: frozen; so is a space whose every channel is pinned.
         """
         root = self.find(s)
-        if chunk <= 1:
-            return
-        self.chunks[root] = chunk
+        old = self.units.get(root)
+        merged = merge_units(labels, labels) if old is None else merge_units(old, labels)
+        self.units[root] = merged
         by = f" ({who})" if who else ""
-        if self.size[root] % chunk:
-            self.freeze(root, f"GroupNorms with incompatible groups share these channels{by}")
-        elif self.blocks.get(root, 1) > 1:
+        if self.blocks.get(root, 1) > 1:
             self.freeze(root, f"a grouped conv and a GroupNorm share these channels{by}")
+        elif bool((merged < 0).all()):
+            self.freeze(
+                root, f"GroupNorm groups that span other layers' channels hold them all{by}"
+            )
 
 
 def flatten_args(args: Any) -> list[Any]:

@@ -21,9 +21,21 @@ from tests.surgery import zoo
 from tests.surgery.nets import GroupNormNet, TinyDiffusion
 
 
+def _unit_size(units: np.ndarray | None) -> int:
+    """The one size of ``units``' free units (1 without units)."""
+    if units is None:
+        return 1
+    sizes = set(np.bincount(units[units >= 0]).tolist()) - {0}
+    assert len(sizes) <= 1, sizes
+    return sizes.pop() if sizes else 0
+
+
 def _groups(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
-    """``{first member: (size, chunk, frozen)}`` of every group of ``model``'s graph."""
-    return {g.members[0]: (g.size, g.chunk, g.frozen) for g in surgery.build_graph(model).groups}
+    """``{first member: (size, unit size, frozen)}`` of every group of ``model``'s graph."""
+    return {
+        g.members[0]: (g.size, _unit_size(g.units), g.frozen)
+        for g in surgery.build_graph(model).groups
+    }
 
 
 def _group_norms(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -97,21 +109,46 @@ def test_the_weakest_groups_go_by_their_mean_score() -> None:
 def test_a_plan_that_splits_a_group_is_refused() -> None:
     model = GroupNormNet()
     p = surgery.Plan({"a": surgery.LayerPlan(16, list(range(1, 16)))}, [["a"]])
-    with pytest.raises(ConfigError, match=r"part of a GroupNorm group in 'a'.*runs of 2"):
+    with pytest.raises(ConfigError, match=r"part of a GroupNorm group in 'a'"):
         surgery.apply(model, p)
 
 
+class _Straddles(nn.Module):
+    """A GroupNorm over cat([a (6), b (10)]) in runs of 4: channels 4..7 mix a's and b's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 10, 1)
+        self.gn, self.head = nn.GroupNorm(4, 16), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gn(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+def test_a_group_spanning_two_layers_keeps_its_channels_in_both() -> None:
+    torch.manual_seed(0)
+    model = _Straddles().double().eval()
+    graph = surgery.build_graph(model)
+    units = {m: g.units for g in graph.groups for m in g.members}
+    assert units["a"] is not None and units["b"] is not None
+    assert units["a"].tolist() == [0, 0, 0, 0, -1, -1]  # its part of run 1 stays
+    assert units["b"].tolist() == [-1, -1, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert graph.notes == [
+        "gn's groups of 4 span channels of different layers (6 + 10): the 4 channels in "
+        "those groups stay (a num_groups whose group size divides each part frees them)"
+    ]
+    scores = {
+        "a": np.array([1.0, 1, 1, 1, 5, 5]),
+        "b": np.array([5.0, 5, 5, 5, 5, 5, 1, 1, 1, 1]),
+        "head": np.ones(2),
+    }
+    pruned, plan = surgery.prune(model, scores, count=8, max_ratio=0.9)
+    assert plan.layers["a"].keep == [4, 5] and plan.layers["b"].keep == [0, 1, 2, 3, 4, 5]
+    assert pruned.gn.num_groups == 2 and pruned.gn.num_channels == 8
+    zoo.assert_equivalent(model, pruned, plan, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+
+
 def test_group_norm_freezes_what_it_cannot_keep_whole() -> None:
-    class Straddles(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 10, 1)
-            self.gn = nn.GroupNorm(4, 16)  # runs of 4: channels 4..7 mix a's and b's
-            self.head = nn.Conv2d(16, 2, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.gn(torch.cat([self.a(x), self.b(x)], 1)))
-
     class Grouped(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -122,30 +159,34 @@ def test_group_norm_freezes_what_it_cannot_keep_whole() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.gn(self.a(self.stem(x))))
 
-    reasons = {m: g.reason for g in surgery.build_graph(Straddles()).groups for m in g.members}
-    assert (
-        reasons["a"]
-        == reasons["b"]
-        == (
-            "gn's groups of 4 straddle channels of different layers (6 + 10): "
-            "a num_groups whose group size divides each part keeps them prunable"
-        )
-    )
+    class Spanned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 6, 1)
+            self.gn, self.head = nn.GroupNorm(2, 8), nn.Conv2d(8, 2, 1)  # a inside run 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.gn(torch.cat([self.a(x), self.b(x)], 1)))
+
     reasons = {m: g.reason for g in surgery.build_graph(Grouped()).groups for m in g.members}
     assert reasons["stem"] == "a grouped conv and a GroupNorm share these channels (gn)"
+    reasons = {m: g.reason for g in surgery.build_graph(Spanned()).groups for m in g.members}
+    assert reasons["a"] == "GroupNorm groups that span other layers' channels hold them all (gn)"
+    assert reasons["b"] == ""  # its run 1 may still go
 
 
 def test_a_diffusion_denoiser_prunes_around_what_it_must_keep() -> None:
     torch.manual_seed(0)
     model = TinyDiffusion().double().eval()
-    reasons = {
-        m: g.reason for g in surgery.build_graph(model).groups if g.frozen for m in g.members
-    }
-    # the decoder's GroupNorm over cat([mid (32), d1 (16)]) has runs of 12: the streams it
-    # reads stay, and the reason says how to keep them prunable
-    assert set(reasons) == {"inc", "d1.conv2", "mid.conv2", "mid.skip", "out"}
-    assert "groups of 12 straddle channels of different layers (32 + 16)" in reasons["inc"]
+    graph = surgery.build_graph(model)
+    assert {m for g in graph.groups if g.frozen for m in g.members} == {"out"}
+    # the decoder's GroupNorm over cat([mid (32), d1 (16)]) has runs of 12: the run across
+    # the two keeps its channels (8 of mid's, 4 of d1's), the others may go
+    assert any("groups of 12 span channels of different layers (32 + 16)" in n for n in graph.notes)
+    mid = graph.group_of("mid.conv2")
+    assert mid is not None and mid.units is not None and int((mid.units < 0).sum()) == 8
     pruned, plan = surgery.prune(model, zoo.l1_scores(model), ratio=0.3)
+    assert any("span channels of different layers" in n for n in plan.notes)
     # the time embedding's Linear is added to conv1's channels: they go together
     assert pruned.d1.temb.out_features == pruned.d1.conv1.out_channels < 16
     x, t = torch.randn(2, 1, 10, 10, dtype=torch.float64), torch.tensor([0.1, 0.9]).double()

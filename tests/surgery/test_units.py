@@ -9,7 +9,13 @@ import torchvision
 from torch import nn
 
 import tdump.surgery as surgery
-from tdump.surgery._units import pick_global, removal_bounds, removal_order
+from tdump.surgery._units import (
+    merge_units,
+    pick_global,
+    removal_bounds,
+    removal_order,
+    unit_bounds,
+)
 from tests.surgery.helpers import random_scores
 
 
@@ -70,3 +76,57 @@ def test_global_round_to_on_grouped_convs_reaches_the_count(name: str) -> None:
     after = sum(c.out_channels for c in convs)
     assert after < before
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def _components(a: np.ndarray, b: np.ndarray) -> list[frozenset[int]]:
+    """Connected components of 'same label in a or in b', by breadth-first search."""
+    n, seen, out = len(a), set(), []
+    for start in range(n):
+        if start in seen:
+            continue
+        comp, todo = {start}, [start]
+        while todo:
+            i = todo.pop()
+            for j in range(n):
+                linked = (a[i] >= 0 and a[i] == a[j]) or (b[i] >= 0 and b[i] == b[j])
+                if j not in comp and linked:
+                    comp.add(j)
+                    todo.append(j)
+        seen |= comp
+        out.append(frozenset(comp))
+    return out
+
+
+def test_merge_units_gives_the_components_of_both_labellings() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 24))
+        a, b = rng.integers(-1, 6, n), rng.integers(-1, 6, n)
+        merged = merge_units(a, b)
+        for comp in _components(a, b):
+            labels = {int(merged[i]) for i in comp}
+            assert len(labels) == 1  # a component goes whole
+            pinned = any(a[i] < 0 or b[i] < 0 for i in comp)
+            assert (labels == {-1}) == pinned  # and is pinned if any channel is
+        free = merged[merged >= 0]
+        assert sorted(set(free.tolist())) == list(range(len(set(free.tolist()))))
+
+
+def test_unit_removal_order_and_bounds_take_the_weakest_units_whole() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(2, 20))
+        units = merge_units(*(rng.integers(-1, 5, n),) * 2)
+        s = rng.random(n)
+        order, pos = removal_order(1, s, units)
+        assert sorted(order.tolist()) == list(range(n)) and np.all(pos[:-1] <= pos[1:])
+        for end in unit_bounds(units[order], cap=n, round_to=None):
+            gone = set(order[:end].tolist())
+            for u in set(units.tolist()) - {-1}:
+                members = set(np.flatnonzero(units == u).tolist())
+                assert members <= gone or not members & gone  # whole units only
+            assert not any(units[i] < 0 for i in gone)  # pinned never go
+            # the units gone are the weakest by mean score (numpy on the same data)
+            means = {u: s[units == u].mean() for u in set(units.tolist()) - {-1}}
+            taken = {int(units[i]) for i in gone}
+            assert all(means[u] <= means[v] + 1e-12 for u in taken for v in set(means) - taken)
