@@ -24,12 +24,14 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tdump._format import StoreWriter
 from tdump._protocols import require_protocol
 from tdump.capture._config import WRITE_MODES, HookConfig
 from tdump.errors import ConfigError, NotADumpError
+
+if TYPE_CHECKING:  # the store's module (zarr) loads when a writer opens, not before
+    from tdump._format import StoreWriter
 
 __all__ = [
     "WRITE_MODES",
@@ -204,6 +206,8 @@ def module_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def open_store(config: HookConfig) -> StoreWriter:
     """Create (or join, for another rank of a distributed run) the store ``config.out``."""
+    from tdump._format import StoreWriter
+
     rank, world = resolve_rank(config)
     last: Exception | None = None
     for _ in range(20):  # ranks racing to create the root group

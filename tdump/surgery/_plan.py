@@ -387,8 +387,8 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
     for grp, (order, _), _ in cands:
         chosen = removed.get(grp.gid, 0)
         if grp.units is not None:  # whole units: the largest allowed count not above chosen
-            whole = max((b for b in group_bounds(grp, order, chosen, None)), default=0)
-            r = max((b for b in group_bounds(grp, order, whole, settings.round_to)), default=0)
+            whole = max(group_bounds(grp, order, chosen, None), default=0)
+            r = max(group_bounds(grp, order, whole, settings.round_to), default=0)
             short["units"] += chosen - whole
         else:
             whole = chosen // grp.blocks * grp.blocks
