@@ -423,7 +423,8 @@ def register(app: typer.Typer) -> None:
         import warnings
 
         import tdump.surgery as surgery
-        from tdump.surgery._io import dump_model_type, strip_ranks_prefix
+        from tdump.surgery._io import dump_model_type
+        from tdump.surgery._prefix import strip_ranks_prefix
 
         # values checked without reading a file come first: a bad --ratio is said before
         # anything about the checkpoint or the architecture (Settings checks as it is made),

@@ -239,8 +239,8 @@ def prunable_counts(
 
     import tdump.surgery as surgery
     from tdump.errors import RanksError
-    from tdump.surgery._io import strip_ranks_prefix
     from tdump.surgery._plan import select
+    from tdump.surgery._prefix import strip_ranks_prefix
     from tdump.surgery._ranks import scores_for
 
     if isinstance(ranks, (list, tuple, set, frozenset)):

@@ -19,8 +19,7 @@ Examples
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +47,10 @@ from tdump.surgery._checkpoint import (
 )
 from tdump.surgery._graph import build_graph
 from tdump.surgery._plan import LayerPlan, Plan, keeps_for
+from tdump.surgery._prefix import auto_prefix, common_prefix
 from tdump.surgery._resize import match_dtypes, resize_to
 
-__all__ = ["Provenance", "dump_model_type", "load", "provenance", "save", "strip_ranks_prefix"]
+__all__ = ["Provenance", "dump_model_type", "load", "provenance", "save"]
 
 _ATTR = "_tdump_provenance"
 
@@ -90,30 +90,6 @@ def _unwrap_tdump_checkpoint(
         for key in [k for k in state_dict if k.startswith(prefix)]:
             del state_dict[key]
         state_dict.update({prefix + k: v for k, v in inner.items()})
-
-
-def _auto_prefix(
-    sd: OrderedDict[str, torch.Tensor], own: Mapping[str, Any]
-) -> tuple[OrderedDict[str, torch.Tensor], str | None]:
-    """Strip a wrapper's prefix (``model.`` of a LightningModule) the architecture lacks."""
-    if not sd or all(k in own for k in sd):
-        return sd, None
-    prefix = _common_prefix(sd)
-    if prefix is None or any(k.startswith(prefix) for k in own):
-        return sd, None
-    stripped = strip_prefix(sd, prefix)
-    if set(stripped) != set(own):
-        return sd, None
-    return stripped, prefix
-
-
-def _common_prefix(names: Iterable[str]) -> str | None:
-    """The one first component every dotted name has (``model.``), if there is one."""
-    names = list(names)
-    heads = {n.split(".", 1)[0] for n in names}
-    if len(heads) != 1 or not all("." in n for n in names):
-        return None
-    return heads.pop() + "."
 
 
 def _fit_shapes(
@@ -226,7 +202,7 @@ def _choose_arch(
         return info.arch, check_kwargs(info.arch_kwargs, source, from_file=True), False
     if model_type:
         found, why = arch_for_type(model_type, sd, arch_kwargs or {})
-        wrapped = _common_prefix(sd)
+        wrapped = common_prefix(sd)
         if found is None and wrapped:  # a wrapper's keys (``model.`` of a LightningModule)
             unwrapped, why_unwrapped = arch_for_type(
                 model_type, strip_prefix(sd, wrapped), arch_kwargs or {}
@@ -382,7 +358,7 @@ def load(
     builder = resolve_arch(arch if arch is not None else name, trusted=trusted)
     model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)
     if not prefix:
-        sd, found = _auto_prefix(sd, {k: 0 for k in model.state_dict()})
+        sd, found = auto_prefix(sd, {k: 0 for k in model.state_dict()})
         if found:
             notes.append(f"stripped the prefix {found!r} from the checkpoint's keys")
     inferred = _infer_kwargs(builder, kwargs, sd, notes)
@@ -470,45 +446,6 @@ def save(
         ignore=prov.ignore,
         input_shape=prov.input_shape,
     )
-
-
-def strip_ranks_prefix(
-    ranks: Any, model: nn.Module, prefix: str | None = None
-) -> tuple[Any, str | None]:
-    """Map a ranks DataFrame's layer names onto ``model``: drop a wrapper's prefix.
-
-    A LightningModule (or any wrapper) records ``model.conv1`` where the checkpoint's
-    model has ``conv1``. ``prefix`` strips that text from the names that start with it
-    (ranks that name the model's layers already are left as they are); without it, a
-    prefix is stripped when no ranked layer is in ``model`` but all of them are once
-    their shared first component is removed. Returns ``(ranks, prefix
-    stripped or None)``.
-
-    Examples
-    --------
-    >>> import pandas as pd, torch
-    >>> df = pd.DataFrame({"layer": ["model.0"], "channel": [0], "score": [1.0]})
-    >>> strip_ranks_prefix(df, torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)))[1]
-    'model.'
-    """
-    names = {n for n, _ in model.named_modules()}
-    layers = [str(v) for v in ranks["layer"].unique()]
-    if prefix is None:
-        if not layers or any(n in names for n in layers):
-            return ranks, None
-        prefix = _common_prefix(layers)
-        if prefix is None or not all(n[len(prefix) :] in names for n in layers):
-            return ranks, None
-    elif not any(n.startswith(prefix) for n in layers):
-        if any(n in names for n in layers):
-            return ranks, None  # the prefix is the checkpoint's only: the ranks fit as they are
-        raise ConfigError(
-            f"--prefix {prefix!r} starts no ranked layer name (they look like {layers[0]!r})"
-        )
-    out = ranks.copy()
-    out["layer"] = [n[len(prefix) :] if n.startswith(prefix) else n for n in out["layer"]]
-    out.attrs = dict(ranks.attrs)
-    return out, prefix
 
 
 def dump_model_type(dump: str | os.PathLike[str]) -> str | None:
