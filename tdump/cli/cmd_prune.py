@@ -17,57 +17,10 @@ import typer
 from tdump.cli._console import console
 from tdump.cli._help import TdumpCommand
 from tdump.cli._options import json_object_option, shape_option
+from tdump.cli._prune_inputs import flops_input_shape, known_input_shape, more_inputs
 from tdump.errors import ConfigError
 
 __all__ = ["register", "summarize"]
-
-
-def _known_input_shape(
-    shape: tuple[int, ...] | None, dump: str | None, why_none: str
-) -> tuple[tuple[int, ...] | None, str]:
-    """``--input-shape`` (parsed), else the recorded input's (from ``dump``), and where from.
-
-    Without either, ``None`` and why not (``why_none``: why there is no dump to read).
-    """
-    if shape:
-        return shape, "--input-shape"
-    why = why_none
-    if dump is not None:
-        from tdump.errors import TdumpError
-        from tdump.surgery._input_shape import recorded_input_shape
-
-        try:
-            recorded = recorded_input_shape(dump)
-        except TdumpError as exc:  # a damaged dump only means no shape: said below
-            recorded, why = None, f"the dump {dump} cannot be read ({exc})"
-        else:
-            why = f"the dump {dump} records no input shape"
-        if recorded:
-            return tuple(recorded), f"the shape recorded in {dump}"
-    return None, why
-
-
-def _input_shape(
-    known: tuple[tuple[int, ...] | None, str], model: Any
-) -> tuple[tuple[int, ...], str, str | None]:
-    """The input shape for FLOPs, where it came from, and a note when it is the fallback.
-
-    ``known`` is :func:`_known_input_shape`'s answer; without a shape there, the first
-    conv's in-channels x 224 x 224, said in a note.
-    """
-    shape, why = known
-    if shape:
-        return shape, why, None
-    from torch import nn
-
-    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    fallback = (int(first.in_channels) if first is not None else 3, 224, 224)
-    text = "x".join(map(str, fallback))
-    note = (
-        f"FLOPs use the fallback input shape {text}: {why}; give the dump with --dump DUMP "
-        "or the shape with --input-shape C,H,W"
-    )
-    return fallback, f"the fallback shape {text}", note
 
 
 def summarize(
@@ -93,19 +46,6 @@ def _more_text(summary: dict[str, Any]) -> str:
     more = summary.get("more_inputs") or []
     shown = [f"{'x'.join(map(str, m['shape'])) or 'scalar'} {m['dtype']}" for m in more]
     return f", and {', '.join(shown)}" if shown else ""
-
-
-def _more_inputs(dump: str | None) -> list[tuple[tuple[int, ...], str]]:
-    """A ``forward(x, t)``'s other arguments as ``dump`` recorded them, for FLOPs."""
-    if dump is None:
-        return []
-    from tdump.errors import TdumpError
-    from tdump.surgery._input_shape import recorded_more_inputs
-
-    try:
-        return recorded_more_inputs(dump)
-    except TdumpError:  # a damaged dump: the input shape's note says so
-        return []
 
 
 def _fmt(n: int | None) -> str:
@@ -476,7 +416,7 @@ def register(app: typer.Typer) -> None:
             except Exception:  # the named dump is damaged: --arch says which model
                 if dump is not None:
                     raise
-        known = _known_input_shape(shape, source, why_none)
+        known = known_input_shape(shape, source, why_none)
         model = surgery.load(
             ckpt,
             arch,
@@ -510,10 +450,10 @@ def register(app: typer.Typer) -> None:
         # what was inferred is said first, in the table and in --json; the plan's notes say
         # why fewer channels went than asked (the caps, grouped convs, --round-to)
         plan.notes[:0] = inferred
-        shape, shape_from, fallback = _input_shape(known, before)
+        shape, shape_from, fallback = flops_input_shape(known, before)
         if fallback:
             plan.notes.append(fallback)
-        summary = summarize(before, pruned, plan, shape, shape_from, _more_inputs(source))
+        summary = summarize(before, pruned, plan, shape, shape_from, more_inputs(source))
         written = None
         if not dry_run:
             surgery.save(out, pruned)
