@@ -174,6 +174,14 @@ class ChannelGraph(FunctionRules):
                 self._freeze_layout(a, f"{name} is called on channels that cannot change")
             return UNKNOWN
         self._called.add(name)
+        if _reparametrized(mod):
+            for a in tensors:
+                self._freeze_layout(
+                    a,
+                    f"{name} computes its weight (weight_norm, spectral_norm): remove that "
+                    "to prune it (torch.nn.utils.parametrize.remove_parametrizations)",
+                )
+            return UNKNOWN
         sp = self._spaces
         if isinstance(mod, nn.modules.conv._ConvNd) and not isinstance(
             mod, nn.modules.conv._ConvTransposeNd
@@ -433,6 +441,14 @@ class ChannelGraph(FunctionRules):
             if o is not None or i is not None:
                 out[name] = (o, i)
         return out
+
+
+def _reparametrized(mod: nn.Module) -> bool:
+    """A module whose tensors are computed from others (``parametrize``, the old
+    ``weight_norm`` hook): slicing its ``weight`` would not reach what it is made of."""
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")
 
 
 def build_graph(
