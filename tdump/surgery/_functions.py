@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from tdump.surgery._ndim import index_keeps_channels, pad_dims
+from tdump.surgery._ndim import (
+    SQUEEZES,
+    UNSQUEEZES,
+    index_keeps_channels,
+    pad_dims,
+    squeeze_keeps_channels,
+)
 from tdump.surgery._ops import (
     ELEMENTWISE,
     MERGE_OPS,
@@ -188,6 +194,8 @@ class FunctionRules:
             return ndim is not None and ndim - padded >= 2
         if isinstance(x, ChannelsLast):
             return False
+        if target in SQUEEZES or target in UNSQUEEZES:
+            return squeeze_keeps_channels(node, self._ndims)
         if target is operator.getitem and len(node.args) > 1:
             return index_keeps_channels(node.args[1], ndim, lambda n: val(n) is NONTENSOR)
         if target is torch.narrow or (node.op == "call_method" and target == "narrow"):

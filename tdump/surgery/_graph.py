@@ -155,7 +155,11 @@ class ChannelGraph(FunctionRules):
                 env[node] = self._module(node.target, mod, args, ignored, ndim)
             else:
                 env[node] = self._function(node, val)
-            self._ndims[node] = node_ndim(node, modules, self._ndims, input_ndim)
+            ndim = node_ndim(node, modules, self._ndims, input_ndim)
+            if ndim is None and op == "call_module" and isinstance(env[node], tuple):
+                # a Linear whose output the graph lays out at dim 1 reads (N, C): 2-D
+                ndim = 2 if isinstance(modules[node.target], nn.Linear) else None
+            self._ndims[node] = ndim
 
     def _module(
         self, name: str, mod: nn.Module, args: list[Any], ignored: bool, ndim: int | None

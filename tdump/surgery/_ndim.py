@@ -37,7 +37,16 @@ from tdump.surgery._ops import (
     PASS_MODULES,
 )
 
-__all__ = ["PAD_MODULES", "index_keeps_channels", "node_ndim", "pad_dims"]
+__all__ = [
+    "PAD_MODULES",
+    "SQUEEZES",
+    "UNSQUEEZES",
+    "index_keeps_channels",
+    "node_ndim",
+    "pad_dims",
+    "rank_range",
+    "squeeze_keeps_channels",
+]
 
 #: Padding modules: each pads the last ``len(module.padding) // 2`` dimensions.
 PAD_MODULES: tuple[type[nn.Module], ...] = (
@@ -101,6 +110,9 @@ def node_ndim(
         or (node.op == "call_method" and target in PASS_METHODS)
     ):
         return arg(0)
+    if target in UNSQUEEZES and _dims_arg(node) is not None:
+        below = arg(0)
+        return None if below is None else below + 1
     if target is torch.cat:
         parts = node.args[0] if node.args else node.kwargs.get("tensors")
         head = parts[0] if isinstance(parts, (list, tuple)) and parts else None
@@ -167,3 +179,53 @@ def pad_dims(pad: Any) -> int | None:
     if isinstance(pad, (list, tuple)) and len(pad) % 2 == 0:
         return len(pad) // 2
     return None
+
+
+SQUEEZES: tuple[Any, ...] = (torch.squeeze, "squeeze")
+UNSQUEEZES: tuple[Any, ...] = (torch.unsqueeze, "unsqueeze")
+
+
+def _dims_arg(node: fx.Node) -> tuple[int, ...] | None:
+    """The explicit dims of a ``squeeze``/``unsqueeze`` (None: every size-1 dim, or traced)."""
+    given: Any = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if type(given) is int:
+        return (given,)
+    if isinstance(given, (tuple, list)) and given and all(type(d) is int for d in given):
+        return tuple(given)
+    return None
+
+
+def rank_range(node: Any, ndims: dict[fx.Node, int | None]) -> tuple[int, int] | None:
+    """Bounds of ``node``'s rank: exact where :func:`node_ndim` knows it; after a
+    ``squeeze(dim)``, which drops its dims only where they have size 1, a range."""
+    if not isinstance(node, fx.Node):
+        return None
+    known = ndims.get(node)
+    if known is not None:
+        return known, known
+    if node.op in ("call_function", "call_method") and node.args:
+        dims = _dims_arg(node)
+        below = rank_range(node.args[0], ndims) if dims is not None else None
+        if below is not None and node.target in SQUEEZES:
+            return below[0] - len(dims or ()), below[1]
+        if below is not None and node.target in UNSQUEEZES:
+            return below[0] + 1, below[1] + 1
+    return None
+
+
+def squeeze_keeps_channels(node: fx.Node, ndims: dict[fx.Node, int | None]) -> bool:
+    """True if ``squeeze(dims)``/``unsqueeze(dim)`` touches only dims after the channels
+    (``pool(x).squeeze(-1).squeeze(-1)`` before a Linear; an SE block's ``unsqueeze(-1)``)."""
+    dims = _dims_arg(node)
+    if dims is None or not node.args:
+        return False
+    ranks = rank_range(node.args[0], ndims)
+    grow = 1 if node.target in UNSQUEEZES else 0
+    for d in dims:
+        if d < 0:
+            if ranks is None:
+                return False
+            d += ranks[0] + grow  # the smallest rank gives the smallest index
+        if d < 2:
+            return False
+    return True

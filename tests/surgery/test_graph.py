@@ -10,6 +10,7 @@ from torch import nn
 
 import tdump.surgery as surgery
 from tdump.errors import ConfigError, UntraceableModelError
+from tests.surgery import zoo
 from tests.surgery.nets import (
     BranchInSubmodule,
     IterShape,
@@ -279,3 +280,59 @@ def test_a_computed_weight_leaves_its_channels_alone(wrap: str) -> None:
     assert reasons["4"] == ""  # the layers after it still prune
     pruned, plan = surgery.prune(model, {"4": np.arange(4.0)}, count=2)
     assert set(plan.layers) == {"4"} and pruned[4].out_channels == 2
+
+
+class _Squeezes(nn.Module):
+    """A pooled map squeezed before the classifier, one of the ways scripts write it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv, self.fc, self.how = nn.Conv2d(3, 8, 3), nn.Linear(8, 2), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.adaptive_avg_pool2d(self.conv(x), 1)
+        if self.how == "-1 -1":
+            y = y.squeeze(-1).squeeze(-1)
+        elif self.how == "(2, 3)":
+            y = torch.squeeze(y, (2, 3))
+        elif self.how == "3 2":
+            y = y.squeeze(3).squeeze(2)
+        elif self.how == "all":
+            y = y.squeeze()  # a batch of one would lose its batch axis too
+        else:
+            y = y.squeeze(1).squeeze(-1)  # the channels' axis
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("how", ["-1 -1", "(2, 3)", "3 2", "all", "1 -1"])
+def test_squeezes_after_the_channels_keep_them(how: str) -> None:
+    model = _Squeezes(how).double().eval()
+    frozen = surgery.build_graph(model).group_of("conv").frozen  # type: ignore[union-attr]
+    assert frozen == (how in ("all", "1 -1"))
+    if not frozen:
+        pruned, plan = surgery.prune(model, {"conv": np.arange(8.0)}, count=3)
+        assert pruned.fc.in_features == 5
+        zoo.assert_equivalent(model, pruned, plan, torch.randn(2, 3, 7, 7, dtype=torch.float64))
+
+
+def test_a_squeeze_excitation_of_linears_scales_the_channels_it_read() -> None:
+    """SE with Linears: ``x * fc2(...).unsqueeze(-1).unsqueeze(-1)`` couples fc2 to the conv."""
+
+    class SE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+            self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            w = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3))))))
+            return self.out(y * w.unsqueeze(-1).unsqueeze(-1))
+
+    torch.manual_seed(0)
+    model = SE().double().eval()
+    groups = {tuple(g.members): g.frozen for g in surgery.build_graph(model).groups}
+    assert groups == {("conv", "fc2"): False, ("fc1",): False, ("out",): True}
+    pruned, plan = surgery.prune(model, zoo.l1_scores(model), ratio=0.3)
+    assert pruned.fc2.out_features == pruned.conv.out_channels < 8
+    zoo.assert_equivalent(model, pruned, plan, torch.randn(2, 3, 7, 7, dtype=torch.float64))
