@@ -29,7 +29,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["input_shape_from_calls", "recorded_input_shape"]
+__all__ = [
+    "MoreInput",
+    "dump_meta",
+    "input_shape_from_calls",
+    "more_inputs",
+    "recorded_input_shape",
+    "recorded_more_inputs",
+]
 
 #: Module classes (``torch.nn``) whose output has their input's shape.
 _SHAPE_KEEPING = frozenset(
@@ -141,6 +148,23 @@ def _first_input(shapes: Any) -> list[int] | None:
     return [int(n) for n in first[1:]]
 
 
+def dump_meta(dump: str | os.PathLike[str]) -> dict[str, Any]:
+    """The meta of the dump's first rank (rank 0 in a single-process run)."""
+    from tdump._format import StoreReader
+
+    reader = StoreReader(os.fspath(dump))
+    ranks = reader.ranks()
+    return reader.meta(ranks[0] if ranks else 0)
+
+
+def _input_mode(recorded: Mapping[str, Any]) -> str | None:
+    """The mode (``train`` first) whose recorded first input is an image-like batch."""
+    for mode in ("train", *sorted(m for m in recorded if m != "train")):
+        if _first_input(recorded.get(mode)):
+            return mode
+    return None
+
+
 def recorded_input_shape(dump: str | os.PathLike[str]) -> list[int] | None:
     """The model's input shape (batch excluded) as the dump recorded it, if it shows one.
 
@@ -148,16 +172,11 @@ def recorded_input_shape(dump: str | os.PathLike[str]) -> list[int] | None:
     forward, ``train`` first); a dump without them (written before they were recorded)
     has the shape worked back from its ``calls`` (see the module docstring).
     """
-    from tdump._format import StoreReader
-
-    reader = StoreReader(os.fspath(dump))
-    ranks = reader.ranks()
-    meta = reader.meta(ranks[0] if ranks else 0)
+    meta = dump_meta(dump)
     recorded = meta.get("input_shapes") or {}
-    for mode in ("train", *sorted(m for m in recorded if m != "train")):
-        shape = _first_input(recorded.get(mode))
-        if shape:
-            return shape
+    mode = _input_mode(recorded)
+    if mode is not None:
+        return _first_input(recorded[mode])
     calls = meta.get("calls") or {}  # dumps written before input_shapes was recorded
     modules = meta.get("modules") or {}
     for mode in ("train", *sorted(m for m in calls if m != "train")):
@@ -195,14 +214,9 @@ def more_inputs(shapes: Any, dtypes: Any) -> list[MoreInput]:
 def recorded_more_inputs(dump: str | os.PathLike[str]) -> list[MoreInput]:
     """The model's tensor arguments after the first (a denoiser's timesteps), as recorded
     with the input :func:`recorded_input_shape` reads; empty for a one-input model."""
-    from tdump._format import StoreReader
-
-    reader = StoreReader(os.fspath(dump))
-    ranks = reader.ranks()
-    meta = reader.meta(ranks[0] if ranks else 0)
+    meta = dump_meta(dump)
     recorded = meta.get("input_shapes") or {}
-    dtypes = meta.get("input_dtypes") or {}
-    for mode in ("train", *sorted(m for m in recorded if m != "train")):
-        if _first_input(recorded.get(mode)):
-            return more_inputs(recorded.get(mode), dtypes.get(mode))
-    return []
+    mode = _input_mode(recorded)
+    if mode is None:
+        return []
+    return more_inputs(recorded[mode], (meta.get("input_dtypes") or {}).get(mode))

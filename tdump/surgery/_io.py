@@ -450,11 +450,9 @@ def save(
 
 def dump_model_type(dump: str | os.PathLike[str]) -> str | None:
     """The recorded model's class (``modules[""].type`` of rank 0), or None if not recorded."""
-    from tdump._format import StoreReader
+    from tdump.surgery._input_shape import dump_meta
 
-    reader = StoreReader(os.fspath(dump))
-    ranks = reader.ranks()
-    modules = reader.meta(ranks[0] if ranks else 0).get("modules")
+    modules = dump_meta(dump).get("modules")
     root = modules.get("") if isinstance(modules, dict) else None
     kind = root.get("type") if isinstance(root, dict) else None
     return kind if isinstance(kind, str) and kind else None
