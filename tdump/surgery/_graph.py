@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from tdump.errors import ConfigError, UntraceableModelError
 from tdump.surgery._functions import FunctionRules
@@ -349,8 +350,8 @@ class ChannelGraph(FunctionRules):
         sp.blocks[root] = blocks
         if sp.size[root] % blocks:
             sp.freeze(root, f"grouped conv {name} (groups={mod.groups}) cannot split them evenly")
-        if root in sp.units:
-            sp.freeze(root, f"a grouped conv ({name}) and a GroupNorm share these channels")
+        if root in sp.units:  # a GroupNorm came first: the units' check against blocks
+            sp.constrain_units(root, sp.units.pop(root), name)
         self.uses[name] = ModuleUse(name, "grouped", mod, layout, layout, out_value=layout)
         self._conv_space[name] = space
         return layout
@@ -450,8 +451,6 @@ class ChannelGraph(FunctionRules):
 def _reparametrized(mod: nn.Module) -> bool:
     """A module whose tensors are computed from others (``parametrize``, the old
     ``weight_norm`` hook): slicing its ``weight`` would not reach what it is made of."""
-    from torch.nn.utils import parametrize
-
     return parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")
 
 
