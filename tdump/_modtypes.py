@@ -50,7 +50,13 @@ _POOL = re.compile(
 
 
 def type_name(cls: type) -> str:
-    """``module.qualname`` of ``cls``: how the store's module tree names a module's type."""
+    """``module.qualname`` of ``cls``: how the store's module tree names a module's type.
+
+    A module with a parametrized tensor (``weight_norm``) has a class made for it,
+    ``torch.nn.utils.parametrize.ParametrizedConv2d``: the name is its own class's.
+    """
+    if cls.__module__ == "torch.nn.utils.parametrize" and cls.__name__.startswith("Parametrized"):
+        cls = cls.__bases__[0]
     return f"{cls.__module__}.{cls.__qualname__}"
 
 

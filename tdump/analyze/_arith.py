@@ -99,3 +99,16 @@ def _filter_dot(w: np.ndarray, g: np.ndarray) -> np.ndarray:
 def _per_filter_sum(x: np.ndarray) -> np.ndarray:
     """(out_channel, ...) -> (out_channel,) float64 sum over the filter's weights."""
     return x.reshape(x.shape[0], -1).sum(axis=1, dtype=np.float64)
+
+
+def _weight_normed(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``weight_norm``'s weight ``g * v / ||v||`` in float64, the norm over the axes where
+    ``g`` has size 1 (every axis for a 0-d ``g``: ``dim=None``).
+
+    >>> v = np.array([[3.0, 4.0], [0.0, 2.0]])
+    >>> _weight_normed(np.array([[10.0], [1.0]]), v).tolist()
+    [[6.0, 8.0], [0.0, 1.0]]
+    """
+    g64, v64 = g.astype(np.float64), v.astype(np.float64)
+    axes = tuple(i for i in range(v64.ndim) if g64.ndim == 0 or g64.shape[i] == 1)
+    return g64 * v64 / np.sqrt((v64 * v64).sum(axis=axes, keepdims=True))

@@ -37,7 +37,13 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from tdump._format import grad_name
-from tdump.analyze._arith import _filter_dot, _per_filter_sum, _spatial_dot_mean, _spatial_mean
+from tdump.analyze._arith import (
+    _filter_dot,
+    _per_filter_sum,
+    _spatial_dot_mean,
+    _spatial_mean,
+    _weight_normed,
+)
 from tdump.analyze._mapping import Dataflow
 from tdump.errors import ConfigError, MissingTensorError
 
@@ -387,6 +393,13 @@ class TaylorSigned(Taylor):
     signed = True
 
 
+#: ``weight_norm``'s (g, v) names under a layer: the parametrization, then the old hook.
+_WEIGHT_NORM_PAIRS = (
+    ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+    ("weight_g", "weight_v"),
+)
+
+
 @register_criterion("l1")
 class L1(Criterion):
     """Li et al. 2017: L1 norm of each filter's weights (last selected saved step)."""
@@ -394,11 +407,18 @@ class L1(Criterion):
     all_records = False
 
     def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
+        axis = _filter_axis(layer, ctx)
         w = f"{layer}.weight"
-        return Plan({"w": w}, filter_axis=_filter_axis(layer, ctx)) if w in ctx.names else None
+        if w in ctx.names:
+            return Plan({"w": w}, filter_axis=axis)
+        for g, v in _WEIGHT_NORM_PAIRS:  # the weight is computed from g and v
+            if f"{layer}.{g}" in ctx.names and f"{layer}.{v}" in ctx.names:
+                return Plan({"g": f"{layer}.{g}", "v": f"{layer}.{v}"}, filter_axis=axis)
+        return None
 
     def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
-        return _per_filter_sum(np.abs(np.moveaxis(values["w"], plan.filter_axis, 0))), 1
+        w = values["w"] if "w" in values else _weight_normed(values["g"], values["v"])
+        return _per_filter_sum(np.abs(np.moveaxis(w, plan.filter_axis, 0))), 1
 
     def missing(self, ctx: PlanContext) -> str:
         return (

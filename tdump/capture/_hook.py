@@ -51,7 +51,7 @@ from tdump.capture._model import (
     unwrap,
 )
 from tdump.capture._out import Existing, module_differences, open_store, prepare_out
-from tdump.capture._selection import by_type, check_selection
+from tdump.capture._selection import by_type, check_selection, computes_a_tensor
 from tdump.capture._step import SavedStep
 from tdump.capture._writer import BackgroundWriter, PendingRecord
 from tdump.errors import ConfigError, TdumpError
@@ -236,7 +236,9 @@ class Hook(StepLifecycle):
                 raise
         self._paths = {id(m): p for p, m in root.named_modules()}
         self._candidates = [
-            (p, m) for p, m in root.named_modules() if p and self._module_selected(p)
+            (p, m)
+            for p, m in root.named_modules()
+            if p and self._module_selected(p) and not computes_a_tensor(p)
         ]
         install_sigterm()  # SIGTERM commits what is queued, like SIGINT (docs/capture.md)
         self._handles.append(root.register_forward_pre_hook(self._guard(self._root_pre)))

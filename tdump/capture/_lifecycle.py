@@ -21,6 +21,7 @@ from tdump._control import POLL_SECONDS, StopRequest, read_stop_request
 from tdump.capture._config import HookConfig
 from tdump.capture._exit import TrainingStopped
 from tdump.capture._model import first_tensor, fx_tracing
+from tdump.capture._selection import leaf_modules
 from tdump.capture._step import SavedStep
 from tdump.capture._writer import BackgroundWriter, PendingRecord
 
@@ -172,11 +173,7 @@ class StepLifecycle:
         modules = self._candidates if want_outputs else []
         if cur.trace:
             seen = {id(m) for _, m in modules}
-            leaves = [
-                (p, m)
-                for p, m in root.named_modules()
-                if p and id(m) not in seen and next(m.children(), None) is None
-            ]
+            leaves = [(p, m) for p, m in leaf_modules(root) if id(m) not in seen]
             modules = [*modules, *leaves]
         for path, mod in modules:
             cur.handles.append(mod.register_forward_hook(self._guard(cur.make_fwd(path))))

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tdump._modtypes import type_name
+
 if TYPE_CHECKING:
     from tdump.capture._writer import HostBuffers
 
@@ -108,10 +110,9 @@ def module_tree(root: nn.Module) -> dict[str, dict[str, Any]]:
     """``{path: {"type", "params", "buffers", "config"}}`` for every module (root is ``""``)."""
     tree: dict[str, dict[str, Any]] = {}
     for path, mod in root.named_modules(remove_duplicate=False):
-        cls = type(mod)
         config = {k: _jsonable(getattr(mod, k)) for k in CONFIG_KEYS if hasattr(mod, k)}
         tree[path] = {
-            "type": f"{cls.__module__}.{cls.__qualname__}",
+            "type": type_name(type(mod)),
             "params": {n: list(p.shape) for n, p in mod.named_parameters(recurse=False)},
             "buffers": {
                 n: list(b.shape) for n, b in mod.named_buffers(recurse=False) if b is not None

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tdump.capture._config import ALWAYS_ON, HookConfig
@@ -182,8 +183,8 @@ class AutoCapture:
                 self._loss = module
                 hook.register_loss(module)
             return
-        if not _trainable(module):
-            return
+        if not _trainable(module) or isinstance(module, parametrize.ParametrizationList):
+            return  # the latter computes a weight (weight_norm) when ``conv.weight`` is read
         root = unwrap(module)
         if hook._root is None:
             self._pick(root, module, args)

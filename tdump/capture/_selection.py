@@ -27,7 +27,7 @@ from tdump._modtypes import (
 from tdump.capture._config import HookConfig
 from tdump.errors import SelectionError
 
-__all__ = ["by_type", "check_selection"]
+__all__ = ["by_type", "check_selection", "computes_a_tensor", "leaf_modules"]
 
 
 def by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
@@ -43,6 +43,22 @@ def by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
     if acts or not convs:
         return acts, False
     return frozenset(convs | {p for p, t in types.items() if is_norm_type(t)}), True
+
+
+def computes_a_tensor(path: str) -> bool:
+    """A module inside ``parametrizations`` (``weight_norm``'s): its output is a weight."""
+    return "parametrizations" in path.split(".")
+
+
+def leaf_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of the modules without children (``parametrizations`` aside)."""
+    return [
+        (p, m)
+        for p, m in root.named_modules()
+        if p
+        and not computes_a_tensor(p)
+        and all(n == "parametrizations" for n, _ in m.named_children())
+    ]
 
 
 def check_selection(cfg: HookConfig, root: nn.Module, by_type_selected: bool) -> None:

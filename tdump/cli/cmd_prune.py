@@ -358,13 +358,13 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Write a checkpoint without the lowest-ranked conv filters and all coupled channels."""
-        import copy
         import re
         import warnings
 
         import tdump.surgery as surgery
         from tdump.surgery._io import dump_model_type
         from tdump.surgery._prefix import strip_ranks_prefix
+        from tdump.surgery._weight_norm import copy_model
 
         # values checked without reading a file come first: a bad --ratio is said before
         # anything about the checkpoint or the architecture (Settings checks as it is made),
@@ -435,7 +435,7 @@ def register(app: typer.Typer) -> None:
         if unmatched:
             inferred.append(unmatched)
         model.eval()
-        before = copy.deepcopy(model)
+        before = copy_model(model)
         with warnings.catch_warnings():  # the plan's notes say it, printed below
             warnings.simplefilter("ignore", surgery.FewChannelsWarning)
             pruned, plan = surgery.prune(

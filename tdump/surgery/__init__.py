@@ -18,7 +18,6 @@ Examples
 
 from __future__ import annotations
 
-import copy as _copy
 import typing as _typing
 from collections.abc import Sequence
 
@@ -38,6 +37,7 @@ from tdump.surgery._plan import (
 )
 from tdump.surgery._ranks import RanksLike, read_ranks_table, scores_for
 from tdump.surgery._stats import count_params, layer_flops, layer_params, output_positions
+from tdump.surgery._weight_norm import copy_model
 
 if _typing.TYPE_CHECKING:  # annotations only: keep the namespace to __all__
     from torch import nn
@@ -223,7 +223,7 @@ def prune(
         target = model
     else:
         with single_threaded():
-            target = _copy.deepcopy(model)
+            target = copy_model(model)
     graph = _graph(target, ignore, input_shape)
     p = select(graph, scores, chosen)
     apply_keeps(target, graph, keeps_for(graph, p))
@@ -249,7 +249,7 @@ def apply(
     >>> apply(m, p).layer1[0].conv1.out_channels
     56
     """
-    target = model if inplace else _copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     graph = _graph(target, ignore, input_shape)
     apply_keeps(target, graph, keeps_for(graph, plan))
     _one_round_more(target, plan, graph)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tdump.surgery._graph import ChannelGraph
+from tdump.surgery._weight_norm import rewrite_weight_normed, weight_norm_dim
 
 __all__ = ["apply_keeps", "rewrite_module", "rewrite_tensor", "single_threaded"]
 
@@ -161,8 +162,10 @@ def apply_keeps(model: nn.Module, graph: ChannelGraph, keeps: dict[int, np.ndarr
             if use.kind == "param":
                 owner, _, attr = name.rpartition(".")
                 rewrite_tensor(model.get_submodule(owner), attr, use.axis, out_idx)
+            elif weight_norm_dim(mod := model.get_submodule(name)) is not None:
+                rewrite_weight_normed(mod, use.kind, out_idx, in_idx, rewrite_module)
             else:
-                rewrite_module(model.get_submodule(name), use.kind, out_idx, in_idx)
+                rewrite_module(mod, use.kind, out_idx, in_idx)
     return model
 
 

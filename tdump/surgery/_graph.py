@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 from torch import fx, nn
-from torch.nn.utils import parametrize
 
 from tdump.errors import ConfigError, UntraceableModelError
 from tdump.surgery._functions import FunctionRules
@@ -49,6 +48,7 @@ from tdump.surgery._values import (
     flatten_args,
     is_depthwise,
 )
+from tdump.surgery._weight_norm import computed_weight
 
 __all__ = ["ChannelGraph", "Group", "ModuleUse", "build_graph", "trace"]
 
@@ -179,12 +179,13 @@ class ChannelGraph(FunctionRules):
                 self._freeze_layout(a, f"{name} is called on channels that cannot change")
             return UNKNOWN
         self._called.add(name)
-        if _reparametrized(mod):
+        if computed_weight(mod):
             for a in tensors:
                 self._freeze_layout(
                     a,
-                    f"{name} computes its weight (weight_norm, spectral_norm): remove that "
-                    "to prune it (torch.nn.utils.parametrize.remove_parametrizations)",
+                    f"{name} computes its weight (spectral_norm, a parametrization), which "
+                    "pruning would change: remove that to prune it (torch.nn.utils."
+                    "parametrize.remove_parametrizations; weight_norm prunes as it is)",
                 )
             return UNKNOWN
         sp = self._spaces
@@ -446,12 +447,6 @@ class ChannelGraph(FunctionRules):
             if o is not None or i is not None:
                 out[name] = (o, i)
         return out
-
-
-def _reparametrized(mod: nn.Module) -> bool:
-    """A module whose tensors are computed from others (``parametrize``, the old
-    ``weight_norm`` hook): slicing its ``weight`` would not reach what it is made of."""
-    return parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")
 
 
 def build_graph(

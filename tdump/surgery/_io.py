@@ -49,6 +49,7 @@ from tdump.surgery._graph import build_graph
 from tdump.surgery._plan import LayerPlan, Plan, keeps_for
 from tdump.surgery._prefix import auto_prefix, common_prefix
 from tdump.surgery._resize import match_dtypes, resize_to
+from tdump.surgery._weight_norm import refresh_weights, weight_key
 
 __all__ = ["Provenance", "dump_model_type", "load", "provenance", "save"]
 
@@ -105,7 +106,8 @@ def _fit_shapes(
     graph = build_graph(model, ignore, input_shape)
     layers: dict[str, LayerPlan] = {}
     for grp in graph.groups:
-        counts = {int(sd[f"{m}.weight"].shape[0]) for m in grp.members if f"{m}.weight" in sd}
+        keys = [k for k in (weight_key(sd, m) for m in grp.members) if k is not None]
+        counts = {int(sd[k].shape[0]) for k in keys}
         if not counts or counts == {grp.size}:
             continue
         n = min(counts)
@@ -259,7 +261,8 @@ def _check_plan_shapes(
                 f"{source}'s plan prunes {layer}, which {name} {has} so the plan is another "
                 f"architecture's; {fix}" + (" or drop --arch" if arch_given else "")
             )
-        weight = sd.get(f"{layer}.weight")
+        key = weight_key(sd, layer)
+        weight = sd[key] if key is not None else None
         have = (
             f"{shown}'s {layer}.weight has {int(weight.shape[0])} output channels"
             if weight is not None and weight.ndim
@@ -392,6 +395,7 @@ def load(
             notes.append(_INFERRED.format(len(resized)))
     match_dtypes(model, sd)  # each tensor as it was saved (a bfloat16 model stays one)
     load_state(model, sd, name, shown, hint)
+    refresh_weights(model)
     model.register_load_state_dict_pre_hook(_unwrap_tdump_checkpoint)
     model.__dict__[_ATTR] = Provenance(
         name, dict(kwargs), cumulative, base.rounds, ignore, notes, input_shape=shape

@@ -13,6 +13,7 @@ Examples
 --------
 >>> import torch
 >>> from torch import nn
+from torch.nn.utils import parametrize
 >>> small = nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5)).state_dict()
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
 >>> sorted(resize_to(model, small))
@@ -27,8 +28,10 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from tdump.surgery._plan import LayerPlan
+from tdump.surgery._weight_norm import weight_key, weight_norm_dim, weight_tensors
 
 __all__ = ["match_dtypes", "resize_to"]
 
@@ -95,6 +98,7 @@ RULES: list[tuple[type[nn.Module], Callable[[nn.Module, Shapes], None]]] = [
     (nn.GroupNorm, _group_norm),
     (nn.LayerNorm, _layer_norm),
     (nn.PReLU, _prelu),
+    (parametrize.ParametrizationList, lambda m, shp: None),  # weight_norm's g and v
 ]
 
 
@@ -120,6 +124,11 @@ def resize_to(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, Lay
         prefix = f"{name}." if name else ""
         own = dict(mod.named_parameters(recurse=False)) | dict(mod.named_buffers(recurse=False))
         shp = {k: tuple(sd[prefix + k].shape) for k in own if prefix + k in sd}
+        if weight_norm_dim(mod) is not None:  # its shape attributes follow v's shape
+            own["weight"] = weight_tensors(mod)[1]
+            key = weight_key(sd, name)
+            if key is not None:
+                shp["weight"] = tuple(sd[key].shape)
         if all(tuple(own[k].shape) == s for k, s in shp.items()):
             continue
         rule = next((fn for kind, fn in RULES if isinstance(mod, kind)), None)
@@ -137,6 +146,8 @@ def resize_to(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, Lay
             return None
         prefix = f"{name}." if name else ""
         for key, shape in shp.items():
+            if prefix + key not in sd:
+                continue  # a weight_norm's computed weight: its v is resized
             old = getattr(mod, key)
             if tuple(old.shape) == shape:
                 continue

@@ -66,6 +66,7 @@ def layer_params(model: nn.Module) -> dict[str, int]:
     """Parameters of each conv and linear module (weight + bias)."""
     return {
         n: sum(p.numel() for p in m.parameters(recurse=False))
+        + sum(p.numel() for p in getattr(m, "parametrizations", nn.ModuleDict()).parameters())
         for n, m in model.named_modules()
         if isinstance(m, _COUNTED)
     }

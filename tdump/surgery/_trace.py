@@ -23,7 +23,6 @@ Examples
 
 from __future__ import annotations
 
-import copy
 import operator
 import re
 from collections.abc import Iterator, Sequence
@@ -33,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from tdump.errors import UntraceableModelError, first_line
+from tdump.surgery._weight_norm import copy_model
 
 __all__ = ["trace"]
 
@@ -83,7 +83,7 @@ class _ShapeTracer(_Tracer):
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         # values come from a copy: a module run in training mode updates its buffers
         # (BatchNorm's running stats and batch count), which must stay the model's own
-        self.model = copy.deepcopy(root)
+        self.model = copy_model(root)
         try:
             return super().trace(root, concrete_args)
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tdump.analyze._arith import _weight_normed
 from tdump.analyze._criteria import _filter_dot, _spatial_dot_mean
 
 
@@ -51,3 +52,19 @@ def test_filter_dot_matches_float64(grad_dtype: type) -> None:
     g = rng.standard_normal((8, 64, 3, 3)).astype(grad_dtype)  # signed: the sums cancel
     ref = (w.astype(np.float64) * g.astype(np.float64)).reshape(8, -1).sum(axis=1)
     np.testing.assert_allclose(_filter_dot(w, g), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_weight_normed_matches_torch(dim: int | None) -> None:
+    """l1 of a weight_norm layer rebuilds w from the recorded g and v, as torch does."""
+    import torch
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    conv = weight_norm(torch.nn.Conv2d(3, 5, 3), dim=dim)
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.mul_(-2.0)  # g far from ||v||, negative
+    g = conv.parametrizations.weight.original0.detach().numpy()
+    v = conv.parametrizations.weight.original1.detach().numpy()
+    want = conv.weight.detach().double().numpy()
+    assert np.allclose(_weight_normed(g, v), want, rtol=1e-6, atol=1e-7)

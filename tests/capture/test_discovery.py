@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import textwrap
 
+import numpy as np
 import torch
 import torchvision
 
 import tdump.surgery as surgery
 from tdump._format import StoreReader
 from tdump.capture import HookConfig, run_script
+from tdump.capture._config import with_default_selection
 
 from .conftest import SCRIPTS
 
@@ -17,6 +19,12 @@ from .conftest import SCRIPTS
 def _record(script: str, out: str, args: list[str] | None = None, **settings: object) -> int:
     cfg = HookConfig.from_dict({"out": out, "save_interval": 1, "include_regex": ".*", **settings})
     return run_script(script, list(args or []), cfg)
+
+
+def _record_defaults(script: str, out: str, args: list[str]) -> int:
+    """As ``tdump record --interval 1`` does: the default selection."""
+    cfg = HookConfig.from_dict(with_default_selection({"out": out, "save_interval": 1}))
+    return run_script(script, args, cfg)
 
 
 def test_symbolic_trace_before_training_does_not_pick_a_child(tmp_path, capfd) -> None:
@@ -77,3 +85,49 @@ def test_model_loaded_from_a_pruned_checkpoint(tmp_path, capfd) -> None:
     assert "0.weight" not in r.tensor_names("train")
     assert r.array("train", "layer1.0.conv1.weight").shape[1:] == (48, 64, 3, 3)
     assert r.meta()["modules"][""]["type"] == "torchvision.models.resnet.ResNet"
+
+
+def test_weight_normed_model_records_its_layers_and_ranks_by_l1(tmp_path, capfd) -> None:
+    """weight_norm: reading ``conv.weight`` runs a module (not the model); the convs'
+    outputs are recorded as pre-activations under their own names and types; ``l1``
+    ranks the weight made of g and v (checked against torch's), in two rounds."""
+    import sys
+
+    from tdump.analyze import rank
+
+    script = str(SCRIPTS / "train_weight_norm.py")
+    out, saved = str(tmp_path / "wn.zarr"), tmp_path / "wn.pt"
+    assert _record_defaults(script, out, ["--save", str(saved)]) == 0
+    assert "tdump: capturing Net (" in capfd.readouterr().err
+    r = StoreReader(out)
+    names = set(r.tensor_names("train"))
+    assert {"c1.output_0", "c2.output_0", "c3.output_0", "c1.output_0.grad"} <= names
+    assert not any(".parametrizations.weight.output" in n for n in names)
+    types = {k: v["type"] for k, v in r.meta()["modules"].items()}
+    assert types["c1"] == types["c3"] == "torch.nn.modules.conv.Conv2d"
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from train_weight_norm import Net
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    model = Net()
+    model.load_state_dict(torch.load(saved, weights_only=True))
+    model(torch.zeros(1, 1, 6, 6))  # the old hook computes c2.weight from g and v at a forward
+    table = rank(out, criterion="l1", normalize=False, progress=False)
+    for layer in ("c1", "c2", "c3"):
+        want = getattr(model, layer).weight.detach().double().abs().flatten(1).sum(1)
+        got = table[table.layer == layer].sort_values("channel")["score"].to_numpy()
+        assert np.allclose(got, want.numpy(), rtol=1e-6), layer
+    taylor = rank(out, progress=False)
+    assert set(taylor.layer) == {"c1", "c2", "c3"}
+    # round 2: the script starts from the pruned checkpoint through tdump.load
+    pruned, _ = surgery.prune(model, taylor, ratio=0.3)
+    surgery.save(tmp_path / "p1.pt", pruned, arch=Net)
+    out2 = str(tmp_path / "wn2.zarr")
+    assert _record_defaults(script, out2, ["--init", str(tmp_path / "p1.pt")]) == 0
+    assert "tdump: capturing Net (" in capfd.readouterr().err
+    again = rank(out2, progress=False)
+    assert {layer: int((again.layer == layer).sum()) for layer in ("c1", "c3")} == {
+        "c1": pruned.c1.out_channels,
+        "c3": pruned.c3.out_channels,
+    }

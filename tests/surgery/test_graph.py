@@ -262,26 +262,6 @@ def test_shared_module_couples_its_calls() -> None:
     assert pruned(torch.randn(1, 3, 4, 4)).shape == (1, 2, 4, 4)
 
 
-@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
-def test_a_computed_weight_leaves_its_channels_alone(wrap: str) -> None:
-    """weight_norm / spectral_norm make ``weight`` from other tensors: slicing it would not
-    reach them, so the layer's channels stay and the reason says how to prune it."""
-    from torch.nn.utils import parametrizations
-
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(), getattr(parametrizations, wrap)(nn.Conv2d(8, 6, 3)),
-        nn.ReLU(), nn.Conv2d(6, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1),
-    )  # fmt: skip
-    graph = surgery.build_graph(model)
-    reasons = {m: g.reason for g in graph.groups for m in g.members}
-    assert reasons["0"].startswith("2 computes its weight (weight_norm, spectral_norm)")
-    assert "remove_parametrizations" in reasons["0"] and graph.group_of("2") is None
-    assert reasons["4"] == ""  # the layers after it still prune
-    pruned, plan = surgery.prune(model, {"4": np.arange(4.0)}, count=2)
-    assert set(plan.layers) == {"4"} and pruned[4].out_channels == 2
-
-
 class _Squeezes(nn.Module):
     """A pooled map squeezed before the classifier, one of the ways scripts write it."""
 
