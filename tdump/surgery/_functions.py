@@ -37,6 +37,7 @@ from tdump.surgery._values import (
     Layout,
     ModuleUse,
     Param,
+    Shuffled,
     Spaces,
     flatten_args,
 )
@@ -64,10 +65,13 @@ class FunctionRules:
     _spaces: Spaces
     _ndims: dict[fx.Node, int | None]
 
+    def _pixel_shuffle(self, name: str, x: Any, upscale: int) -> Any:
+        raise NotImplementedError  # ChannelGraph's
+
     def _freeze_layout(self, v: Any, reason: str) -> None:
         if isinstance(v, list) and v:  # a flattened layout
             v = v[0]
-        if isinstance(v, ChannelsLast):
+        if isinstance(v, (ChannelsLast, Shuffled)):
             v = v.layout
         if isinstance(v, tuple):
             for s, _ in v:
@@ -124,6 +128,10 @@ class FunctionRules:
             or (node.op == "call_method" and target in PASS_METHODS)
         ):
             return x
+        if target in (torch.pixel_shuffle, torch.nn.functional.pixel_shuffle):
+            factor = node.kwargs.get("upscale_factor", node.args[1] if len(node.args) > 1 else 0)
+            if type(factor) is int:
+                return self._pixel_shuffle(str(target.__name__), x, factor)  # type: ignore[union-attr]
         if target is torch.cat:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             parts = [val(a) for a in flatten_args(node.args[0])]

@@ -44,6 +44,7 @@ from tdump.surgery._values import (
     ChannelsLast,
     Layout,
     ModuleUse,
+    Shuffled,
     Spaces,
     flatten_args,
     is_depthwise,
@@ -192,6 +193,8 @@ class ChannelGraph(FunctionRules):
         if isinstance(mod, nn.modules.conv._ConvNd) and not isinstance(
             mod, nn.modules.conv._ConvTransposeNd
         ):
+            if isinstance(x, Shuffled) and mod.groups == 1:
+                return self._after_shuffle(name, mod, x)
             layout = self._conv_input(name, mod, x, "a flattened tensor")
             if is_depthwise(mod) and layout is not None:
                 self.uses[name] = ModuleUse(
@@ -260,6 +263,8 @@ class ChannelGraph(FunctionRules):
             if isinstance(x, ChannelsLast) and shape == (sum(n for _, n in x.layout),):
                 self.uses[name] = ModuleUse(name, "ln", mod, x.layout, out_value=x)
                 return x
+        if isinstance(mod, nn.PixelShuffle):
+            return self._pixel_shuffle(name, x, int(mod.upscale_factor))
         if isinstance(mod, nn.Flatten):
             if isinstance(x, tuple) and mod.start_dim == 1:
                 return [x]
@@ -292,6 +297,33 @@ class ChannelGraph(FunctionRules):
             self._freeze_layout(x, f"{name} in_channels do not match its input")
             return None
         return x
+
+    def _pixel_shuffle(self, name: str, x: Any, upscale: int) -> Any:
+        """``pixel_shuffle`` makes each run of ``upscale**2`` channels one channel: a conv
+        reading it drops input channel ``c`` when the run ``c`` goes, so those channels go
+        only in whole runs (units, as a GroupNorm's groups)."""
+        factor = upscale * upscale
+        if not (isinstance(x, tuple) and all(n % factor == 0 for _, n in x)):
+            self._freeze_layout(x, f"{name} (pixel_shuffle) reads channels it cannot split")
+            return UNKNOWN
+        for space, n in x:
+            self._spaces.constrain_units(space, np.arange(n) // factor, name)
+        return Shuffled(x, factor)
+
+    def _after_shuffle(self, name: str, mod: nn.Module, x: Shuffled) -> Layout:
+        """A conv over a ``pixel_shuffle``'s output: input channel ``c`` is run ``c``."""
+        if sum(n for _, n in x.layout) != mod.in_channels * x.factor:  # type: ignore[operator]
+            self._freeze_layout(x, f"{name} in_channels do not match its input")
+            layout = None
+        else:
+            layout = x.layout
+        space = self._spaces.new(int(mod.out_channels))  # type: ignore[arg-type]
+        self._conv_space[name] = space
+        out: Layout = ((space, int(mod.out_channels)),)  # type: ignore[arg-type]
+        self.uses[name] = ModuleUse(
+            name, "conv", mod, out, layout, out_value=out, in_unit=x.factor if layout else 1
+        )
+        return out
 
     def _transposed(self, name: str, mod: nn.Module, x: Any) -> Layout:
         """A transposed conv (a decoder's upsampling): like a conv, its weight ``(in, out, ...)``."""
@@ -363,6 +395,8 @@ class ChannelGraph(FunctionRules):
         new = x[0] if use.kind == "linear" and isinstance(x, list) and x else x
         if isinstance(new, ChannelsLast) and use.kind in ("linear", "ln"):
             new = new.layout
+        if isinstance(new, Shuffled) and new.factor == use.in_unit:
+            new = new.layout
         if (
             seen is not None
             and isinstance(new, tuple)
@@ -414,7 +448,7 @@ class ChannelGraph(FunctionRules):
         return list(self._conv_space)
 
     def _expand(
-        self, layout: Layout, keeps: dict[int, np.ndarray], block: int = 1
+        self, layout: Layout, keeps: dict[int, np.ndarray], block: int = 1, unit: int = 1
     ) -> np.ndarray | None:
         parts, offset, changed = [], 0, False
         for space, n in layout:
@@ -429,6 +463,8 @@ class ChannelGraph(FunctionRules):
         if not changed:
             return None
         idx = np.concatenate(parts)
+        if unit > 1:  # whole runs are kept (units): one index per run
+            idx = idx.reshape(-1, unit)[:, 0] // unit
         if block > 1:
             idx = (idx[:, None] * block + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
         return idx
@@ -443,7 +479,11 @@ class ChannelGraph(FunctionRules):
         out: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
         for name, use in self.uses.items():
             o = self._expand(use.out_layout, keeps) if use.out_layout else None
-            i = self._expand(use.in_layout, keeps, use.in_block) if use.in_layout else None
+            i = (
+                self._expand(use.in_layout, keeps, use.in_block, use.in_unit)
+                if use.in_layout
+                else None
+            )
             if o is not None or i is not None:
                 out[name] = (o, i)
         return out

@@ -20,7 +20,7 @@ __all__ = ["global_shortfall", "pooled", "say_shortfall", "unranked_notes"]
 #: The reason a grouped conv's group removes fewer channels than chosen, in either scope.
 _GROUPED = "grouped convs lose channels only in multiples of their groups"
 #: The reason a group under a GroupNorm removes fewer channels than chosen.
-_CHUNKED = "channels under a GroupNorm go only in whole groups"
+_CHUNKED = "channels under a GroupNorm or pixel_shuffle go only in whole groups"
 
 
 def say_shortfall(plan: Plan, short: dict[str, int], chosen: int, scope: str) -> None:

@@ -2,7 +2,7 @@
 
 A tensor's value in the graph is a *layout* (a tuple of ``(space, length)``
 segments: its channels at dim 1), a flattened layout (``[layout]``), a
-:class:`ChannelsLast` layout, a :class:`Param` (a tensor attribute read directly), or
+:class:`ChannelsLast` layout, a :class:`Shuffled` layout (after a ``pixel_shuffle``), a :class:`Param` (a tensor attribute read directly), or
 one of the markers ``UNKNOWN`` / ``NONTENSOR``.
 
 Examples
@@ -31,6 +31,7 @@ __all__ = [
     "Layout",
     "ModuleUse",
     "Param",
+    "Shuffled",
     "Spaces",
     "flatten_args",
     "is_depthwise",
@@ -55,7 +56,8 @@ class ModuleUse:
     ``out_layout`` is the layout of the dim-0 axis of the weight (conv out channels, BN
     and LN features, linear out features); ``in_layout`` that of the weight's dim 1
     (conv in channels, linear in features, expanded by ``in_block`` features per
-    channel after a flatten). ``out_value`` is what a call returns (for repeated calls).
+    channel after a flatten; ``in_unit`` of its channels make one input channel of a
+    conv after a ``pixel_shuffle``). ``out_value`` is what a call returns (for repeated calls).
     """
 
     name: str
@@ -66,6 +68,7 @@ class ModuleUse:
     in_block: int = 1
     axis: int = 0
     out_value: Any = None
+    in_unit: int = 1  # in_layout channels per weight input channel (after a pixel_shuffle)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,15 @@ class ChannelsLast:
     """A tensor whose channels are its **last** axis (channels-last), e.g. after a permute."""
 
     layout: Layout
+
+
+@dataclass(frozen=True)
+class Shuffled:
+    """A ``pixel_shuffle`` output: its channel ``c`` is made of channels ``c * factor`` to
+    ``(c + 1) * factor - 1`` of ``layout`` (``factor`` is the upscale factor squared)."""
+
+    layout: Layout
+    factor: int
 
 
 @dataclass(frozen=True)
@@ -135,7 +147,8 @@ class Spaces:
         self.residual.discard(rb)
 
     def constrain_units(self, s: int, labels: np.ndarray, who: str) -> None:
-        """Channels of ``s`` go only in the units ``labels`` gives (GroupNorm groups).
+        """Channels of ``s`` go only in the units ``labels`` gives (GroupNorm groups,
+        the blocks a ``pixel_shuffle`` turns into one channel).
 
         Units of two GroupNorms combine (:func:`~tdump.surgery._units.merge_units`); a
         grouped conv's blocks (one channel from every block at a time) cannot also keep
@@ -147,7 +160,9 @@ class Spaces:
         self.units[root] = merged
         by = f" ({who})" if who else ""
         if self.blocks.get(root, 1) > 1:
-            self.freeze(root, f"a grouped conv and a GroupNorm share these channels{by}")
+            self.freeze(
+                root, f"a grouped conv and a GroupNorm or pixel_shuffle share these channels{by}"
+            )
         elif bool((merged < 0).all()):
             self.freeze(
                 root, f"GroupNorm groups that span other layers' channels hold them all{by}"

@@ -169,13 +169,18 @@ def test_group_norm_freezes_what_it_cannot_keep_whole() -> None:
             return self.head(self.gn(torch.cat([self.a(x), self.b(x)], 1)))
 
     reasons = {m: g.reason for g in surgery.build_graph(Grouped()).groups for m in g.members}
-    assert reasons["stem"] == "a grouped conv and a GroupNorm share these channels (gn)"
+    assert (
+        reasons["stem"]
+        == "a grouped conv and a GroupNorm or pixel_shuffle share these channels (gn)"
+    )
     first = nn.Sequential(  # the GroupNorm before the grouped conv: the same check
         nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3, padding=1, groups=4),
         nn.Conv2d(8, 2, 1),
     )  # fmt: skip
     reasons = {m: g.reason for g in surgery.build_graph(first).groups for m in g.members}
-    assert reasons["0"] == "a grouped conv and a GroupNorm share these channels (2)"
+    assert (
+        reasons["0"] == "a grouped conv and a GroupNorm or pixel_shuffle share these channels (2)"
+    )
     reasons = {m: g.reason for g in surgery.build_graph(Spanned()).groups for m in g.members}
     assert reasons["a"] == "GroupNorm groups that span other layers' channels hold them all (gn)"
     assert reasons["b"] == ""  # its run 1 may still go
