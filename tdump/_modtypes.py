@@ -26,6 +26,7 @@ __all__ = [
     "is_linear_type",
     "is_mean_cancelling_norm_type",
     "is_norm_type",
+    "is_pixel_shuffle_type",
     "is_transposed_conv_type",
     "type_name",
 ]
@@ -117,6 +118,11 @@ def is_elementwise_type(type_name: str) -> bool:
     (True, False)
     """
     return is_activation_type(type_name) or bool(_ELEMENTWISE.search(type_name))
+
+
+def is_pixel_shuffle_type(type_name: str) -> bool:
+    """True for ``PixelShuffle``: each run of ``upscale_factor ** 2`` channels becomes one."""
+    return type_name.endswith(".PixelShuffle")
 
 
 def is_channel_preserving(type_name: str) -> bool:

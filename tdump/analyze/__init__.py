@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from tdump.analyze import _builtin_criteria  # noqa: F401  (registers the built-in criteria)
 from tdump.analyze._criteria import Criterion, Plan, criteria, get_criterion, register_criterion
 from tdump.analyze._rank import rank, rank_table, scored_layers
 from tdump.analyze._ranks_io import RankTable, read_ranks, write_ranks

@@ -210,7 +210,7 @@ def bn_scale_note(crit: Criterion, flow: Dataflow, layers: Sequence[str]) -> str
     at ``a = 1``: the filter sum ``taylor-weight`` squares is zero by construction and
     what is left is rounding noise (measured ``|sum W dW| / sum |W dW|`` of 1e-5 to 3e-4).
     """
-    from tdump.analyze._criteria import TaylorWeight
+    from tdump.analyze._builtin_criteria import TaylorWeight
 
     if not isinstance(crit, TaylorWeight):
         return None

@@ -41,6 +41,7 @@ from tdump._modtypes import (
     is_conv_type,
     is_elementwise_type,
     is_linear_type,
+    is_pixel_shuffle_type,
     is_transposed_conv_type,
 )
 from tdump._modtypes import is_channel_preserving as _channel_preserving
@@ -181,11 +182,28 @@ class Dataflow:
                 if last and not all(is_elementwise_type(self.module_type(m)) for m in path[:-1]):
                     return None
                 return path
-            if not _channel_preserving(typ):
+            if not (_channel_preserving(typ) or self._shuffle_factor(mod) > 1):
                 return None
             inputs = call.get("inputs") or []
             name = str(inputs[0]) if inputs and inputs[0] is not None else None
         return None
+
+    def _shuffle_factor(self, path: str) -> int:
+        """``upscale_factor ** 2`` of a recorded ``PixelShuffle`` module, else 0."""
+        if not is_pixel_shuffle_type(self.module_type(path)):
+            return 0
+        upscale = (self.modules[path].get("config") or {}).get("upscale_factor")
+        return int(upscale) ** 2 if isinstance(upscale, int) and upscale > 0 else 0
+
+    def channel_factor(self, output: str) -> int:
+        """How many channels of its producing layer make one channel of ``output``: the
+        ``upscale_factor ** 2`` of each ``PixelShuffle`` on :meth:`chain`, multiplied (1
+        without one). Channel ``c`` of ``output`` is then channels ``c * factor`` to
+        ``(c + 1) * factor - 1`` of the layer."""
+        factor = 1
+        for mod in (self.chain(output) or [])[:-1]:
+            factor *= max(self._shuffle_factor(mod), 1)
+        return factor
 
     def producing_conv(self, output: str) -> str | None:
         """Layer (conv, or hidden Linear) whose output channels ``output`` (``<module>.output_<k>``)

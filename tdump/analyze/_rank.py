@@ -23,27 +23,28 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tdump._format import StoreReader
-from tdump._names import MODES, no_mode_steps
 from tdump._preload import preload
 from tdump._version import __version__
-from tdump.analyze._args import StepsArg, check_args, describe_steps, parse_steps
-from tdump.analyze._criteria import Criterion, Plan, PlanContext, get_criterion
+from tdump.analyze._args import StepsArg, check_args, parse_steps
+from tdump.analyze._criteria import get_criterion
 from tdump.analyze._diagnose import (
-    _NO_ACTIVATION,
-    bn_scale_note,
     one_step_note,
-    skipped_notes,
-    unscored_reason,
     warn_non_finite,
 )
-from tdump.analyze._mapping import Dataflow
+from tdump.analyze._rank_plan import (
+    Record,
+    plan_jobs,
+    read_dataflow,
+    select_layers,
+    select_records,
+    task_args,
+)
 from tdump.analyze._ranks_io import RANKS_FORMAT, RANKS_VERSION, RankTable
 from tdump.analyze._schedule import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -57,208 +58,12 @@ from tdump.analyze._schedule import (
 from tdump.analyze._tasks import Partials, Work, _combine, _record_task, _share_arrays, check_scores
 from tdump.errors import (
     MissingTensorError,
-    SelectionError,
-    check_choice,
-    compile_regex,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["parse_steps", "rank", "rank_table", "scored_layers"]
-
-
-@dataclass(frozen=True)
-class Record:
-    """One saved record of one writer rank."""
-
-    rank: int
-    index: int
-    step: int
-    batch_size: int
-
-
-@dataclass(frozen=True)
-class LayerJob:
-    """The work for one conv layer: its plan and the records to reduce."""
-
-    layer: str
-    plan: Plan
-    records: tuple[Record, ...]
-    batched: Mapping[str, bool]
-    channels: int | None = None  # output channels (None: not recorded), checked per record
-    #: Roles whose stored tensors hold the channels on their last axis (a channels-last
-    #: Linear's outputs): each task moves it to axis 1 before the criterion reads them.
-    last: frozenset[str] = frozenset()
-
-
-# --------------------------------------------------------------------------- steps
-# --------------------------------------------------------------------------- tasks
-def _task_args(r: Record, keep_nan: bool) -> tuple[int, int, int, int, bool]:
-    """The per-record arguments of :func:`_record_task`."""
-    return (r.rank, r.index, r.batch_size, r.step, keep_nan)
-
-
-# --------------------------------------------------------------------------- planning
-def _dataflow(reader: StoreReader, mode: str) -> Dataflow:
-    meta = reader.meta(reader.ranks()[0] if reader.ranks() else 0)
-    modules = meta.get("modules")
-    calls_by_mode = meta.get("calls")
-    if not modules or not calls_by_mode:
-        raise MissingTensorError(
-            f"{reader.path} has no module tree/dataflow (rank attributes 'modules' and 'calls'); "
-            "record it with tdump.capture.Hook.register_module(model) or `tdump record`"
-        )
-    calls = calls_by_mode.get(mode) or next(iter(v for v in calls_by_mode.values() if v), None)
-    if not calls:
-        raise MissingTensorError(f"{reader.path} has an empty 'calls' dataflow for mode {mode!r}")
-    return Dataflow(modules, calls)
-
-
-def _select_records(reader: StoreReader, mode: str, steps: StepsArg) -> list[Record]:
-    check_choice(mode, MODES, "mode")  # a misspelt mode is not "no saved steps"
-    ranks = reader.ranks()
-    if not any(reader.num_records(mode, r) for r in ranks):
-        present = {m for r in ranks for m in reader.modes(r)}
-        raise MissingTensorError(no_mode_steps(reader.path, mode, present))
-    mask = parse_steps(steps)
-    out: list[Record] = []
-    all_steps: list[int] = []
-    for r in ranks:
-        rec = reader.records(mode, r)
-        all_steps.extend(rec["step"].tolist())
-        for i in np.flatnonzero(mask(rec["step"])):
-            out.append(Record(r, int(i), int(rec["step"][i]), int(rec["batch_size"][i])))
-    if not out:
-        raise SelectionError(
-            f"no saved {mode!r} steps in {describe_steps(steps)}; the dump has {len(all_steps)} "
-            f"saved {mode!r} steps from {min(all_steps)} to {max(all_steps)}"
-        )
-    return out
-
-
-def _select_layers(flow: Dataflow, layers: str | None) -> list[str]:
-    found = flow.layers()
-    if layers is None:
-        return found
-    rx = compile_regex(layers, "layers / --layers regex")
-    assert rx is not None
-    picked = [c for c in found if rx.search(c)]
-    if not picked:
-        raise SelectionError(
-            f"layers / --layers {layers!r} matches no conv or hidden Linear layer; they are "
-            f"e.g. {', '.join(found[:4])}"
-        )
-    return picked
-
-
-def _plan_jobs(
-    reader: StoreReader,
-    crit: Criterion,
-    mode: str,
-    layers: list[str],
-    records: list[Record],
-    explicit_layers: bool,
-    notes: list[str],
-    skipped: dict[str, str],
-) -> list[LayerJob]:
-    """One job per layer the criterion can score; the others go to ``skipped`` (with why)
-    and ``notes`` (one line per reason, with what to record to score them)."""
-    rank0 = records[0].rank
-    names = frozenset(reader.tensor_names(mode, rank0))
-    attrs_cache: dict[str, Mapping[str, Any]] = {}
-
-    def attrs(name: str) -> Mapping[str, Any]:
-        if name not in attrs_cache:
-            attrs_cache[name] = reader.tensor_attrs(mode, name, rank0)
-        return attrs_cache[name]
-
-    def list_train() -> frozenset[str]:  # only a failed plan's hint needs it
-        return frozenset(reader.tensor_names("train", rank0))
-
-    ctx = PlanContext(
-        _dataflow(reader, mode), names, mode, attrs, list_train if mode != "train" else None
-    )
-    planned: list[tuple[str, Plan]] = []
-    unplanned: list[str] = []
-    for layer in layers:
-        plan = crit.plan(layer, ctx)
-        if plan is not None:
-            planned.append((layer, plan))
-        else:
-            unplanned.append(layer)
-    config = (reader.meta(rank0).get("config") or {}) if unplanned else {}
-    reasons = {layer: unscored_reason(crit, ctx, layer, config) for layer in unplanned}
-    recorded, by_type = config.get("include_regex"), bool(config.get("include_activations"))
-    linears = frozenset(layer for layer in unplanned if ctx.dataflow.is_linear(layer))
-    if not planned:
-        whys = {why for why, _ in reasons.values()}
-        if explicit_layers or whys == {_NO_ACTIVATION}:
-            # crit.missing() would hint at activations the model does not have as modules
-            raise MissingTensorError(
-                skipped_notes(crit, reasons, recorded, by_type=by_type, linears=linears)[0]
-            )
-        raise MissingTensorError(crit.missing(ctx))
-    notes.extend(skipped_notes(crit, reasons, recorded, by_type=by_type, linears=linears))
-    skipped.update({layer: why for layer, (why, _) in reasons.items()})
-    bn_note = bn_scale_note(crit, ctx.dataflow, [layer for layer, _ in planned])
-    if bn_note is not None:
-        notes.append(bn_note)
-
-    saved: dict[tuple[int, str], set[int]] = {}
-    jobs: list[LayerJob] = []
-    for layer, plan in planned:
-        use: list[Record] = []
-        for rec in records:
-            ok = True
-            for name in plan.sources.values():
-                key = (rec.rank, name)
-                if key not in saved:
-                    saved[key] = set(reader.saved_records(mode, name, rec.rank).tolist())
-                ok = ok and rec.index in saved[key]
-            if ok:
-                use.append(rec)
-        if not use:
-            raise SelectionError(
-                f"layer {layer!r}: no selected {mode!r} step holds {', '.join(plan.sources.values())}"
-            )
-        if not crit.all_records:
-            use = [max(use, key=lambda r: (r.step, r.rank))]
-        batched = {
-            role: bool(attrs(name).get("dims")) and attrs(name)["dims"][0] == "batch"
-            for role, name in plan.sources.items()
-        }
-        last = _channels_last_roles(ctx.dataflow, layer, plan, attrs)
-        channels = ctx.dataflow.out_channels(layer)
-        jobs.append(LayerJob(layer, plan, tuple(use), batched, channels, last))
-    return jobs
-
-
-def _channels_last_roles(
-    flow: Dataflow, layer: str, plan: Plan, attrs: Callable[[str], Mapping[str, Any]]
-) -> frozenset[str]:
-    """The roles of ``plan`` whose full tensors hold ``layer``'s channels on their last axis.
-
-    Only a channels-last Linear's module outputs (and their gradients) have any; its
-    weights are ``(out, in)`` as usual. A stored reduction of such an output must have
-    been taken over the tokens (``channel_axis`` -1), not over the features.
-    """
-    if not flow.channels_last(layer):
-        return frozenset()
-    last = set()
-    for role, name in plan.sources.items():
-        a = attrs(name)
-        if a.get("kind") not in ("output", "output_grad", "output_taylor"):
-            continue
-        if not a.get("reduction"):
-            last.add(role)
-        elif a.get("channel_axis") != -1:
-            raise MissingTensorError(
-                f"{name!r} of channels-last Linear {layer!r} was stored reduced over its "
-                "features, not its tokens (an earlier tdump's reduction); record it again "
-                "with this one, or rank the other layers (--layers)"
-            )
-    return frozenset(last)
 
 
 # --------------------------------------------------------------------------- public API
@@ -381,10 +186,10 @@ def scored_layers(
     check_args(dump, criterion, mode, layers, 8, DEFAULT_CONNECT_TIMEOUT, False)
     crit = get_criterion(criterion)
     reader = StoreReader(os.fspath(dump), storage_options=storage_options, snapshot=True)
-    records = _select_records(reader, mode, None)
-    flow = _dataflow(reader, mode)
-    jobs = _plan_jobs(
-        reader, crit, mode, _select_layers(flow, layers), records, layers is not None, [], {}
+    records = select_records(reader, mode, None)
+    flow = read_dataflow(reader, mode)
+    jobs = plan_jobs(
+        reader, crit, mode, select_layers(flow, layers), records, layers is not None, [], {}
     )
     return [job.layer for job in jobs]
 
@@ -425,15 +230,15 @@ def rank_table(
     if isinstance(scheduler, str) and "://" in scheduler:
         check_address(scheduler, connect_timeout)  # before any reading: fail at once
     reader = StoreReader(os.fspath(dump), storage_options=storage_options, snapshot=True)
-    records = _select_records(reader, mode, steps)
-    flow = _dataflow(reader, mode)
+    records = select_records(reader, mode, steps)
+    flow = read_dataflow(reader, mode)
     notes: list[str] = []
     skipped: dict[str, str] = {}
-    jobs = _plan_jobs(
+    jobs = plan_jobs(
         reader,
         crit,
         mode,
-        _select_layers(flow, layers),
+        select_layers(flow, layers),
         records,
         layers is not None,
         notes,
@@ -461,7 +266,7 @@ def rank_table(
                 (i, job.plan, job.batched, job.layer, job.channels, job.last)
             )
     leaves = [
-        (_record_task, crit, work, reader.location, so_json, mode, *_task_args(r, keep_nan))
+        (_record_task, crit, work, reader.location, so_json, mode, *task_args(r, keep_nan))
         for r, work in sorted(by_record.items(), key=lambda kv: (kv[0].rank, kv[0].index))
     ]
     # pyarrow for the write_ranks that usually follows loads while the records are read
@@ -487,6 +292,7 @@ def rank_table(
         total, count = combined.sums[i]
         channels = len(total) if job.channels is None else job.channels
         score = check_scores(crit, "finish", crit.finish(total, count), job.layer, channels)
+        score = np.repeat(score, job.unit)  # a run a PixelShuffle made one channel: one score
         used_records = [r for r in job.records if r.step not in left_out.get(i, ())]
         n_steps = len({r.step for r in used_records})
         examples = sum(max(r.batch_size, 0) for r in used_records) if crit.uses_batch else 0

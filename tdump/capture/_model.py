@@ -54,6 +54,7 @@ CONFIG_KEYS: tuple[str, ...] = (
     "out_features",
     "eps",
     "inplace",
+    "upscale_factor",
 )
 
 

@@ -196,7 +196,7 @@ def _check_outputs(
     path). Checked before anything is loaded: the run that would destroy CKPT fails
     at once, and nothing is written.
     """
-    from tdump.analyze._ranks_io import beside_dump, is_inside, same_path
+    from tdump.analyze._paths import beside_dump, is_inside, same_path
 
     for flag, path, extra in targets:
         alt = (

@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         preload("dask", "dask.threaded", "dask.delayed", "dask.callbacks")
         from tdump._protocols import require_protocol
         from tdump.analyze import rank_table, write_ranks
-        from tdump.analyze._ranks_io import check_output_path
+        from tdump.analyze._paths import check_output_path
         from tdump.cli._console import console, err_console
         from tdump.errors import NonFiniteWarning
 

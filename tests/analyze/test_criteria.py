@@ -9,7 +9,8 @@ import pytest
 
 from tdump._format import StoreWriter
 from tdump.analyze import Criterion, Plan, criteria, get_criterion, rank, register_criterion
-from tdump.analyze._criteria import _REGISTRY, PlanContext, _spatial_mean
+from tdump.analyze._arith import _spatial_mean
+from tdump.analyze._criteria import _REGISTRY, PlanContext
 from tdump.analyze._mapping import Dataflow
 from tdump.errors import ConfigError
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tdump.analyze._arith import _weight_normed
-from tdump.analyze._criteria import _filter_dot, _spatial_dot_mean
+from tdump.analyze._arith import _filter_dot, _spatial_dot_mean, _weight_normed
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
