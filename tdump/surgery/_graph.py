@@ -8,9 +8,10 @@ pass the layout through; ``torch.cat(..., dim=1)`` concatenates layouts (channel
 offsets); residual additions merge the spaces they add (union-find), so all convs
 summed into one tensor end up in one space: a *group*. A depthwise conv merges its
 input and output spaces; a grouped conv's outputs form *blocks* (equal removals per
-group) and its inputs are frozen. Anything the graph does not understand (an unknown
-op, the model output, an ignored module) *freezes* the spaces it touches: frozen
-groups are never pruned. No rule names an architecture. The model is traced in eval
+group) and its inputs are frozen; a GroupNorm's groups and a ``pixel_shuffle``'s runs
+of ``r * r`` channels are *units* that go whole. Anything the graph does not understand
+(an unknown op, the model output, an ignored module) *freezes* the spaces it touches:
+frozen groups are never pruned. No rule names an architecture. The model is traced in eval
 and in training mode, and both graphs feed the same spaces, so branches that run only
 in training (auxiliary classifiers) are pruned consistently too.
 

@@ -13,7 +13,6 @@ Examples
 --------
 >>> import torch
 >>> from torch import nn
-from torch.nn.utils import parametrize
 >>> small = nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5)).state_dict()
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
 >>> sorted(resize_to(model, small))
