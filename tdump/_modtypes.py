@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "WEIGHT_NORM_PARAMS",
     "is_activation_type",
     "is_bn_type",
     "is_channel_preserving",
@@ -30,6 +31,13 @@ __all__ = [
     "is_transposed_conv_type",
     "type_name",
 ]
+
+#: The ``(g, v)`` parameter names under a layer whose weight is ``weight_norm(g, v)``:
+#: ``torch.nn.utils.parametrizations.weight_norm``'s, then the older hook's.
+WEIGHT_NORM_PARAMS = (
+    ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+    ("weight_g", "weight_v"),
+)
 
 _CONV = re.compile(r"(^|\.)(Conv[123]d|LazyConv[123]d)$")
 _CONV_T = re.compile(r"(^|\.)(ConvTranspose[123]d|LazyConvTranspose[123]d)$")

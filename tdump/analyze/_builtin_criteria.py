@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from tdump._format import grad_name
+from tdump._modtypes import WEIGHT_NORM_PARAMS
 from tdump.analyze._arith import (
     _filter_dot,
     _per_filter_sum,
@@ -121,13 +122,6 @@ class TaylorSigned(Taylor):
     signed = True
 
 
-#: ``weight_norm``'s (g, v) names under a layer: the parametrization, then the old hook.
-_WEIGHT_NORM_PAIRS = (
-    ("parametrizations.weight.original0", "parametrizations.weight.original1"),
-    ("weight_g", "weight_v"),
-)
-
-
 @register_criterion("l1")
 class L1(Criterion):
     """Li et al. 2017: L1 norm of each filter's weights (last selected saved step)."""
@@ -139,7 +133,7 @@ class L1(Criterion):
         w = f"{layer}.weight"
         if w in ctx.names:
             return Plan({"w": w}, filter_axis=axis)
-        for g, v in _WEIGHT_NORM_PAIRS:  # the weight is computed from g and v
+        for g, v in WEIGHT_NORM_PARAMS:  # the weight is computed from g and v
             if f"{layer}.{g}" in ctx.names and f"{layer}.{v}" in ctx.names:
                 return Plan({"g": f"{layer}.{g}", "v": f"{layer}.{v}"}, filter_axis=axis)
         return None

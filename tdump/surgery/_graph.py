@@ -194,9 +194,10 @@ class ChannelGraph(FunctionRules):
         if isinstance(mod, nn.modules.conv._ConvNd) and not isinstance(
             mod, nn.modules.conv._ConvTransposeNd
         ):
+            unit = 1  # layout channels per input channel: a run, after a pixel_shuffle
             if isinstance(x, Shuffled) and mod.groups == 1:
-                return self._after_shuffle(name, mod, x)
-            layout = self._conv_input(name, mod, x, "a flattened tensor")
+                unit, x = x.factor, x.layout
+            layout = self._conv_input(name, mod, x, "a flattened tensor", unit)
             if is_depthwise(mod) and layout is not None:
                 self.uses[name] = ModuleUse(
                     name, "depthwise", mod, layout, layout, out_value=layout
@@ -223,7 +224,7 @@ class ChannelGraph(FunctionRules):
                 self._freeze_layout(layout, f"grouped conv {name} (groups={mod.groups}) reads them")
                 layout = None
             out: Layout = ((space, int(mod.out_channels)),)
-            self.uses[name] = ModuleUse(name, "conv", mod, out, layout, out_value=out)
+            self.uses[name] = ModuleUse(name, "conv", mod, out, layout, out_value=out, in_unit=unit)
             return out
         if isinstance(mod, nn.modules.conv._ConvTransposeNd) and mod.groups == 1:
             return self._transposed(name, mod, x)
@@ -289,12 +290,15 @@ class ChannelGraph(FunctionRules):
         self._freeze_layout(x, f"{name} does not match its input")
         return UNKNOWN
 
-    def _conv_input(self, name: str, mod: nn.Module, x: Any, unknown: str) -> Layout | None:
-        """The layout a conv's ``in_channels`` follow, or None (then its inputs are frozen)."""
+    def _conv_input(
+        self, name: str, mod: nn.Module, x: Any, unknown: str, unit: int = 1
+    ) -> Layout | None:
+        """The layout a conv's ``in_channels`` follow (``unit`` channels each), or None
+        (then its inputs are frozen)."""
         if not isinstance(x, tuple):
             self._freeze_layout(x, f"{name} reads {unknown}")
             return None
-        if sum(n for _, n in x) != mod.in_channels:
+        if sum(n for _, n in x) != mod.in_channels * unit:  # type: ignore[operator]
             self._freeze_layout(x, f"{name} in_channels do not match its input")
             return None
         return x
@@ -310,21 +314,6 @@ class ChannelGraph(FunctionRules):
         for space, n in x:
             self._spaces.constrain_units(space, np.arange(n) // factor, name)
         return Shuffled(x, factor)
-
-    def _after_shuffle(self, name: str, mod: nn.Module, x: Shuffled) -> Layout:
-        """A conv over a ``pixel_shuffle``'s output: input channel ``c`` is run ``c``."""
-        if sum(n for _, n in x.layout) != mod.in_channels * x.factor:  # type: ignore[operator]
-            self._freeze_layout(x, f"{name} in_channels do not match its input")
-            layout = None
-        else:
-            layout = x.layout
-        space = self._spaces.new(int(mod.out_channels))  # type: ignore[arg-type]
-        self._conv_space[name] = space
-        out: Layout = ((space, int(mod.out_channels)),)  # type: ignore[arg-type]
-        self.uses[name] = ModuleUse(
-            name, "conv", mod, out, layout, out_value=out, in_unit=x.factor if layout else 1
-        )
-        return out
 
     def _transposed(self, name: str, mod: nn.Module, x: Any) -> Layout:
         """A transposed conv (a decoder's upsampling): like a conv, its weight ``(in, out, ...)``."""

@@ -38,6 +38,8 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm
 
+from tdump._modtypes import WEIGHT_NORM_PARAMS
+
 __all__ = [
     "computed_weight",
     "copy_model",
@@ -90,13 +92,16 @@ def weight_tensors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def weight_key(sd: Mapping[str, torch.Tensor], layer: str) -> str | None:
     """The ``sd`` key holding ``layer``'s weight, or its weight_norm direction ``v``
-    (same shape): ``{layer}.weight``, ``.parametrizations.weight.original1`` or ``.weight_v``."""
+    (same shape): ``{layer}.weight``, ``.parametrizations.weight.original1`` or ``.weight_v``.
+
+    A ``v`` counts only beside its ``g``: spectral_norm's ``weight_v`` is a vector.
+    """
     prefix = f"{layer}." if layer else ""
-    for key in ("weight", "parametrizations.weight.original1", "weight_v"):
-        if prefix + key in sd:
-            if key == "weight_v" and prefix + "weight_g" not in sd:
-                continue  # spectral_norm's weight_v is a vector, not the weight's direction
-            return prefix + key
+    if prefix + "weight" in sd:
+        return prefix + "weight"
+    for g, v in WEIGHT_NORM_PARAMS:
+        if prefix + g in sd and prefix + v in sd:
+            return prefix + v
     return None
 
 
@@ -142,22 +147,19 @@ def rewrite_weight_normed(
         remove_weight_norm(mod, "weight")
     else:
         _unparametrize(mod)
-    twin: Any = rewrite(copy.deepcopy(mod), kind, out_idx, in_idx)
-    kept_weight = twin.weight.detach()
+    twin: Any = rewrite(copy.deepcopy(mod), kind, out_idx, in_idx)  # holds w'
     mod.weight = nn.Parameter(v.detach().clone())
-    m: Any = rewrite(mod, kind, out_idx, in_idx)
-    v_kept = m.weight.detach()
-    w64, v64 = kept_weight.double(), v_kept.double()
+    small: Any = rewrite(mod, kind, out_idx, in_idx)  # holds v'
+    w64, v64 = twin.weight.detach().double(), small.weight.detach().double()
     norm = torch.norm_except_dim(w64, 2, dim)
     g_new = torch.where(_slice_sums(w64 * v64, dim) < 0, -norm, norm).to(g_dtype)
     if hooked:
         with warnings.catch_warnings():  # the model was written with the old hook: keep it
             warnings.simplefilter("ignore", FutureWarning)
             torch.nn.utils.weight_norm(mod, "weight", dim)
-        new_g, new_v = m.weight_g, m.weight_v
     else:
         parametrizations.weight_norm(mod, "weight", dim)
-        new_g, new_v = weight_tensors(mod)
+    new_g, new_v = weight_tensors(mod)
     new_g.copy_(g_new.reshape(new_g.shape))
     new_g.requires_grad_(grads[0])
     new_v.requires_grad_(grads[1])
