@@ -29,6 +29,7 @@ __all__ = [
     "is_norm_type",
     "is_pixel_shuffle_type",
     "is_transposed_conv_type",
+    "layer_base",
     "type_name",
 ]
 
@@ -58,14 +59,42 @@ _POOL = re.compile(
 )
 
 
+#: Modules of torch's single-operation layers (not ``Module``, containers, transformers).
+_TORCH_LAYER_MODULE = re.compile(
+    r"^torch\.nn\.modules\.(conv|linear|batchnorm|normalization|instancenorm|activation|"
+    r"dropout|pooling|pixelshuffle|flatten|padding|sparse)$"
+)
+#: What a layer computes with: a subclass that defines neither computes as its base does.
+_FORWARDS = ("forward", "_conv_forward")
+
+
+def layer_base(cls: type) -> type | None:
+    """The torch layer class ``cls`` is, or subclasses without changing what it computes.
+
+    A subclass that only adds a constructor or helpers (torchvision's video
+    ``Conv3DSimple(nn.Conv3d)``, ``weight_norm``'s ``ParametrizedConv2d``) computes as its
+    torch base; one that defines ``forward`` (a weight-standardized conv) does not:
+    ``None``, as for containers and other modules.
+
+    >>> class Conv3DSimple(int): pass  # stand-in: no torch import here
+    >>> layer_base(Conv3DSimple) is None
+    True
+    """
+    for base in cls.__mro__:
+        if _TORCH_LAYER_MODULE.match(base.__module__):
+            same = all(getattr(cls, f, None) is getattr(base, f, None) for f in _FORWARDS)
+            return base if same else None
+    return None
+
+
 def type_name(cls: type) -> str:
     """``module.qualname`` of ``cls``: how the store's module tree names a module's type.
 
-    A module with a parametrized tensor (``weight_norm``) has a class made for it,
-    ``torch.nn.utils.parametrize.ParametrizedConv2d``: the name is its own class's.
+    A subclass of a torch layer that computes as it (:func:`layer_base`: a class made
+    for a parametrized tensor, ``ParametrizedConv2d``, or a constructor-only subclass
+    such as torchvision's ``Conv3DSimple``) is named as that layer.
     """
-    if cls.__module__ == "torch.nn.utils.parametrize" and cls.__name__.startswith("Parametrized"):
-        cls = cls.__bases__[0]
+    cls = layer_base(cls) or cls
     return f"{cls.__module__}.{cls.__qualname__}"
 
 

@@ -112,3 +112,26 @@ def _weight_normed(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     g64, v64 = g.astype(np.float64), v.astype(np.float64)
     axes = tuple(i for i in range(v64.ndim) if g64.ndim == 0 or g64.shape[i] == 1)
     return g64 * v64 / np.sqrt((v64 * v64).sum(axis=axes, keepdims=True))
+
+
+def _weight_normed_taylor(
+    g: np.ndarray, v: np.ndarray, g_grad: np.ndarray, v_grad: np.ndarray
+) -> np.ndarray:
+    """``w * dL/dw`` of a ``weight_norm`` layer, elementwise in float64, from ``g``, ``v``
+    and their gradients (``dL/dw`` itself is never stored).
+
+    With ``u = v / ||v||`` per slice, ``dL/dv = (g / ||v||) (dL/dw - (u . dL/dw) u)``
+    and ``dL/dg = u . dL/dw``, so ``w * dL/dw = v * dL/dv + g dL/dg u**2``: exact
+    for any ``dim`` and with no division by ``g`` (a slice with ``g = 0`` gives 0).
+
+    >>> g, v = np.array([[2.0]]), np.array([[3.0, 4.0]])
+    >>> dw = np.array([[1.0, -1.0]])  # dL/dw; torch would store dL/dv and dL/dg
+    >>> u = v / 5.0
+    >>> dg, dv = (u * dw).sum(keepdims=True), 2.0 / 5.0 * (dw - (u * dw).sum() * u)
+    >>> np.allclose(_weight_normed_taylor(g, v, dg, dv), _weight_normed(g, v) * dw)
+    True
+    """
+    g64, v64 = g.astype(np.float64), v.astype(np.float64)
+    axes = tuple(i for i in range(v64.ndim) if g64.ndim == 0 or g64.shape[i] == 1)
+    u2 = v64 * v64 / (v64 * v64).sum(axis=axes, keepdims=True)
+    return v64 * v_grad.astype(np.float64) + g64 * g_grad.astype(np.float64) * u2

@@ -25,6 +25,7 @@ from tdump.analyze._arith import (
     _spatial_dot_mean,
     _spatial_mean,
     _weight_normed,
+    _weight_normed_taylor,
 )
 from tdump.analyze._criteria import (
     TAYLOR_SUFFIX,
@@ -222,20 +223,32 @@ class TaylorWeight(Criterion):
 
     def plan(self, layer: str, ctx: PlanContext) -> Plan | None:
         w = f"{layer}.weight"
-        if w not in ctx.names:
-            return None
-        g = grad_name(w)
-        if g not in ctx.names:
+        if w in ctx.names:
+            sources = {"w": w}
+        else:  # weight_norm: w * dL/dw from g, v and their gradients
+            pairs = [(f"{layer}.{g}", f"{layer}.{v}") for g, v in WEIGHT_NORM_PARAMS]
+            found = [(g, v) for g, v in pairs if g in ctx.names and v in ctx.names]
+            if not found:
+                return None
+            sources = {"g": found[0][0], "v": found[0][1]}
+        grads = {f"{role}_grad": grad_name(name) for role, name in sources.items()}
+        missing = [g for g in grads.values() if g not in ctx.names]
+        if missing:
+            named = " and ".join(repr(n) for n in sources.values())
             raise MissingTensorError(
-                _no_grad_mode_hint(self.name, ctx, [g], ".*weight")
-                or f"dump has no gradient for {w!r}; record parameter gradients with include_regex "
-                f"matching them, e.g. --include '.*weight'"
+                _no_grad_mode_hint(self.name, ctx, missing, ".*weight")
+                or f"dump has no gradient for {named}; record parameter gradients with "
+                "include_regex matching them, e.g. --include '.*weight'"
             )
-        return Plan({"w": w, "grad": g}, filter_axis=_filter_axis(layer, ctx))
+        return Plan({**sources, **grads}, filter_axis=_filter_axis(layer, ctx))
 
     def partial(self, values: Mapping[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, int]:
-        w, g = (np.moveaxis(values[k], plan.filter_axis, 0) for k in ("w", "grad"))
-        s = _filter_dot(w, g)
+        if "w" in values:
+            w, g = (np.moveaxis(values[k], plan.filter_axis, 0) for k in ("w", "w_grad"))
+            s = _filter_dot(w, g)
+        else:
+            wg = _weight_normed_taylor(values["g"], values["v"], values["g_grad"], values["v_grad"])
+            s = _per_filter_sum(np.moveaxis(wg, plan.filter_axis, 0))
         return s * s, 1
 
     def missing(self, ctx: PlanContext) -> str:

@@ -31,6 +31,7 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
+from tdump._modtypes import layer_base
 from tdump.errors import UntraceableModelError, first_line
 from tdump.surgery._weight_norm import copy_model
 
@@ -51,6 +52,8 @@ class _Tracer(fx.Tracer):
             and module_qualified_name
             and self.ignore.search(module_qualified_name)
         ):
+            return True
+        if layer_base(type(m)) is not None:  # a torch layer, or a subclass computing as it
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

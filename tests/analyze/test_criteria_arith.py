@@ -9,7 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tdump.analyze._arith import _filter_dot, _spatial_dot_mean, _weight_normed
+from tdump.analyze._arith import (
+    _filter_dot,
+    _spatial_dot_mean,
+    _weight_normed,
+    _weight_normed_taylor,
+)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -67,3 +72,35 @@ def test_weight_normed_matches_torch(dim: int | None) -> None:
     v = conv.parametrizations.weight.original1.detach().numpy()
     want = conv.weight.detach().double().numpy()
     assert np.allclose(_weight_normed(g, v), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
+@pytest.mark.parametrize("dim", [0, 1, None])
+@pytest.mark.parametrize("old_hook", [False, True])
+def test_weight_normed_taylor_matches_torch(dim: int | None, old_hook: bool) -> None:
+    """taylor-weight of a weight_norm layer: ``w * dL/dw`` rebuilt from g, v and their
+    gradients equals torch's own ``w * dL/dw`` (the weight's gradient, never stored)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.utils import weight_norm as old_weight_norm
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    if old_hook:
+        conv = old_weight_norm(torch.nn.Conv2d(3, 5, 3), dim=-1 if dim is None else dim)
+        g, v = conv.weight_g, conv.weight_v
+    else:
+        conv = weight_norm(torch.nn.Conv2d(3, 5, 3), dim=dim)
+        g, v = conv.parametrizations.weight.original0, conv.parametrizations.weight.original1
+    with torch.no_grad():
+        g.mul_(-2.0)  # g far from ||v||, negative
+    # the weight as each spelling computes it: the old hook at a forward, parametrize at a read
+    w = torch._weight_norm(v, g, -1 if dim is None else dim) if old_hook else conv.weight
+    w.retain_grad()
+    F.conv2d(torch.randn(2, 3, 6, 6), w, conv.bias).sin().sum().backward()
+    assert g.grad is not None and v.grad is not None and w.grad is not None
+    got = _weight_normed_taylor(
+        g.detach().numpy(), v.detach().numpy(), g.grad.numpy(), v.grad.numpy()
+    )
+    want = (w.detach().double() * w.grad.double()).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7 * np.abs(want).max())

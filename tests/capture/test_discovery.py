@@ -87,7 +87,49 @@ def test_model_loaded_from_a_pruned_checkpoint(tmp_path, capfd) -> None:
     assert r.meta()["modules"][""]["type"] == "torchvision.models.resnet.ResNet"
 
 
-def test_weight_normed_model_records_its_layers_and_ranks_by_l1(tmp_path, capfd) -> None:
+def _scores(table, layers: tuple[str, ...]) -> np.ndarray:
+    return np.concatenate(
+        [table[table.layer == layer].sort_values("channel")["score"].to_numpy() for layer in layers]
+    )
+
+
+def _plain_taylor_weight(net_class: type) -> np.ndarray:
+    """Molchanov 2019's score of c1, c2, c3 of ``train_weight_norm.py``'s run, from plain
+    weights: the script's seed, weights and batches replayed without weight_norm."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = net_class()
+    with torch.no_grad():
+        for p_ in net.parameters():
+            p_.mul_(1 + torch.rand_like(p_))
+        net(torch.zeros(1, 1, 6, 6))  # the old hook fills c2.weight at a forward
+    convs = [net.c1, net.c2, net.c3]
+    ws = [c.weight.detach().clone().requires_grad_() for c in convs]
+    fc_w = net.fc.weight.detach()
+    sums = []
+    for _ in range(3):
+        x = torch.randn(4, 1, 6, 6)
+        h = F.relu(F.conv2d(x, ws[0], convs[0].bias, padding=1))
+        h = F.relu(
+            F.conv2d(
+                h + F.relu(F.conv2d(h, ws[1], convs[1].bias, padding=1)),
+                ws[2],
+                convs[2].bias,
+                padding=1,
+            )
+        )
+        loss = F.cross_entropy(
+            F.linear(h.mean((2, 3)), fc_w, net.fc.bias), torch.tensor([0, 1, 2, 0])
+        )
+        grads = torch.autograd.grad(loss, ws)
+        sums.append(
+            torch.cat([(w * g).double().flatten(1).sum(1) for w, g in zip(ws, grads, strict=True)])
+        )
+    return (torch.stack(sums) ** 2).mean(0).detach().numpy()
+
+
+def test_weight_normed_model_records_its_layers_and_ranks_by_weights(tmp_path, capfd) -> None:
     """weight_norm: reading ``conv.weight`` runs a module (not the model); the convs'
     outputs are recorded as pre-activations under their own names and types; ``l1``
     ranks the weight made of g and v (checked against torch's), in two rounds."""
@@ -118,6 +160,10 @@ def test_weight_normed_model_records_its_layers_and_ranks_by_l1(tmp_path, capfd)
         want = getattr(model, layer).weight.detach().double().abs().flatten(1).sum(1)
         got = table[table.layer == layer].sort_values("channel")["score"].to_numpy()
         assert np.allclose(got, want.numpy(), rtol=1e-6), layer
+    # taylor-weight: w * dL/dw from the recorded g, v and their gradients, against a plain
+    # (not weight-normed) copy's own weight gradients on the script's batches (lr 0)
+    weighted = rank(out, criterion="taylor-weight", normalize=False, progress=False)
+    assert np.allclose(_plain_taylor_weight(Net), _scores(weighted, ("c1", "c2", "c3")), rtol=1e-4)
     taylor = rank(out, progress=False)
     assert set(taylor.layer) == {"c1", "c2", "c3"}
     # round 2: the script starts from the pruned checkpoint through tdump.load
@@ -131,3 +177,43 @@ def test_weight_normed_model_records_its_layers_and_ranks_by_l1(tmp_path, capfd)
         "c1": pruned.c1.out_channels,
         "c3": pruned.c3.out_channels,
     }
+
+
+def test_a_constructor_only_conv_subclass_is_recorded_and_ranked_as_a_conv(tmp_path) -> None:
+    """torchvision's video convs (``Conv3DSimple(nn.Conv3d)``) only add a constructor: the
+    module tree names them as the torch layer, so ranking scores them (taylor against
+    numpy on the recorded ReLU output and gradient); a conv subclass with its own
+    forward keeps its own name."""
+    from tdump.analyze import rank
+    from tdump.capture import Hook
+
+    class PlainConv(torch.nn.Conv2d):
+        def __init__(self, cin: int, cout: int) -> None:
+            super().__init__(cin, cout, 3, padding=1)
+
+    class OwnForward(torch.nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        PlainConv(1, 6), torch.nn.ReLU(), OwnForward(6, 5, 1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(5 * 16, 3),
+    )  # fmt: skip
+    out = str(tmp_path / "sub.zarr")
+    with Hook(out, include_regex=r"^[13]\.output", save_interval=1, strict=True) as hook:
+        hook.register_module(model)
+        for _ in range(2):
+            x = torch.randn(4, 1, 4, 4)
+            torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    r = StoreReader(out)
+    types = {k: v["type"] for k, v in r.meta()["modules"].items()}
+    assert types["0"] == "torch.nn.modules.conv.Conv2d"
+    assert types["2"].endswith("OwnForward")
+    table = rank(out, normalize=False, progress=False)
+    assert set(table.layer) == {"0"}
+    a = np.stack([r.array("train", "1.output_0")[i] for i in range(2)]).astype(np.float64)
+    g = np.stack([r.array("train", "1.output_0.grad")[i] for i in range(2)]).astype(np.float64)
+    want = np.abs((a * g).mean((3, 4))).sum((0, 1)) / 8  # mean over 2 steps x 4 examples
+    got = table.sort_values("channel")["score"].to_numpy()
+    assert np.allclose(got, want, rtol=1e-6)
