@@ -199,7 +199,12 @@ def register(app: typer.Typer) -> None:
         include: str | None = typer.Option(
             None, "--include", help="What `tdump record` saves [its default]."
         ),
-        interval: int = typer.Option(100, "--interval", help="Save every N train steps."),
+        interval: int | None = typer.Option(
+            None,
+            "--interval",
+            help="Save every N train steps [10 when recording the criterion's reduction "
+            "(taylor, apoz), else 100].",
+        ),
         full_tensors: bool = typer.Option(
             False,
             "--full-tensors",

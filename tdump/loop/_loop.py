@@ -203,7 +203,9 @@ class _Loop:
         dump_tmp, model_tmp = self._partial(p["dump"]), self._partial(p["model"])
         values = {"init": self.init_of(r), "out": str(model_tmp), "round": str(r)}
         args = substitute(s.train_args, values)
-        argv = tdump_argv("record", "--out", rel_path(dump_tmp), "--interval", str(s.interval))
+        argv = tdump_argv(
+            "record", "--out", rel_path(dump_tmp), "--interval", str(s.save_interval())
+        )
         include, config = record_options(s)
         if include:
             argv += ["--include", include]

@@ -71,13 +71,18 @@ class LoopSettings:
     arch: str | None = None
     arch_kwargs: dict[str, Any] | None = None
     include: str | None = None
-    interval: int = 100
+    #: ``None``: :meth:`save_interval`'s default, stored as that number
+    interval: int | None = None
     full_tensors: bool = False
     config: dict[str, Any] | None = None
     input_shape: list[int] | None = None
     scheduler: str = "threads"
     workers: int | None = None
     mlflow: bool = False
+
+    def __post_init__(self) -> None:
+        # experiment.json keeps the number the rounds record with, not "the default"
+        self.interval = self.save_interval()
 
     def check(self) -> None:
         """One-line :class:`ConfigError` for settings that cannot work (before any stage runs)."""
@@ -93,7 +98,7 @@ class LoopSettings:
             raise ConfigError(f"--count must be a positive number of channels, got {self.count}")
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise ConfigError(f"--ratio must be between 0 and 1, got {self.ratio}")
-        if self.interval < 1:
+        if self.interval is not None and self.interval < 1:
             raise ConfigError(f"--interval must be a positive number of steps, got {self.interval}")
         if self.init is not None and not os.path.isfile(self.init):
             raise ConfigError(f"no checkpoint at --init {self.init}; check the path")
@@ -109,6 +114,27 @@ class LoopSettings:
         check_record(self)
         check_rank(self.criterion, self.scheduler, self.workers)
         check_prune(self)
+
+    def reduces_at_source(self) -> bool:
+        """Whether the train stage records only the criterion's per-channel reduction."""
+        return self.criterion in SOURCE_REDUCTIONS and not self.full_tensors
+
+    def save_interval(self) -> int:
+        """The train stage's ``--interval``: as given, else 10 when the loop records the
+        criterion's reduction at the source (a saved step then costs a few KB per layer
+        and a few percent of a step's time, ``benchmarks/results/capture_overhead_loop.txt``),
+        else 100 (full tensors: ~100 MB per saved step for resnet18).
+
+        Examples
+        --------
+        >>> LoopSettings(script="t.py").save_interval(), LoopSettings(script="t.py", full_tensors=True).save_interval()
+        (10, 100)
+        >>> LoopSettings(script="t.py", criterion="l1").save_interval(), LoopSettings(script="t.py", interval=5).save_interval()
+        (100, 5)
+        """
+        if self.interval is not None:
+            return self.interval
+        return 10 if self.reduces_at_source() else 100
 
     def prune_max_ratio(self) -> float | None:
         """The ``--max-ratio`` each prune stage applies (``tdump prune``'s default if unset).
@@ -201,9 +227,8 @@ def record_options(settings: LoopSettings) -> tuple[str | None, dict[str, Any]]:
     """
     config: dict[str, Any] = {"collections": [dict(c) for c in RECORD_CONFIG["collections"]]}
     include = settings.include
-    reduction = SOURCE_REDUCTIONS.get(settings.criterion)
-    if reduction is not None and not settings.full_tensors:
-        config["reduction"] = reduction
+    if settings.reduces_at_source():
+        config["reduction"] = SOURCE_REDUCTIONS[settings.criterion]
         if not include:
             config["include_activations"] = True
             include = TAYLOR_INCLUDE
@@ -284,7 +309,7 @@ def check_record(settings: LoopSettings) -> None:
     if include is not None:
         data["include_regex"] = include
     with_default_selection(data)
-    data["save_interval"] = settings.interval
+    data["save_interval"] = settings.save_interval()
     try:
         HookConfig.from_dict(data)
     except SelectionError as exc:  # a bad regex: a bad setting, like every other here

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tdump._format import StoreReader
 from tdump.loop._stages import for_the_loop
 from tests.loop.conftest import BASE, TRAIN, rows_of, run_tdump
 
 
 def test_rank_and_record_notes_reach_the_loops_stderr(tmp_path: Path) -> None:
-    """With the default --interval 100, an 8-step script saves step 0 only: the loop
-    prunes from the untrained model, and says so on its console, not just in the logs."""
+    """With the default --interval (10 for the Taylor term at the source), an 8-step
+    script saves step 0 only: the loop prunes from the untrained model, and says so on
+    its console, not just in the logs."""
     exp = tmp_path / "exp"
     options = [a for a in BASE if a not in ("--interval", "2")]
     proc = run_tdump("loop", TRAIN, "--rounds", "2", *options, "--experiment", str(exp))
@@ -25,6 +27,26 @@ def test_rank_and_record_notes_reach_the_loops_stderr(tmp_path: Path) -> None:
     # the logs keep what the stages printed, as before
     assert "note: taylor scores rest on one saved step" in (exp / "round_001/rank.log").read_text()
     assert "tdump: warning: only one saved" in (exp / "round_001/train.log").read_text()
+
+
+def test_the_default_interval_saves_every_10th_step_of_the_taylor_term(tmp_path: Path) -> None:
+    """The loop records the Taylor term at the source (a few KB per saved step), so by
+    default it saves every 10th step: a 25-step script ranks from steps 0, 10 and 20,
+    not from its untrained step 0 alone (full tensors keep --interval 100)."""
+    exp = tmp_path / "exp"
+    options = [a for a in BASE if a not in ("--interval", "2")]
+    proc = run_tdump(
+        "loop", TRAIN, "--rounds", "1", *options, "--experiment", str(exp), "--", "--steps", "25"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: only one saved" not in proc.stderr
+    assert " --interval 10 " in (exp / "commands.sh").read_text()
+    reader = StoreReader(str(exp / "round_000" / "dump.zarr"))
+    names = reader.tensor_names("train")
+    taylor = [n for n in names if n.endswith(".taylor")]
+    assert taylor and not any(n.endswith(".weight") for n in names)
+    saved = reader.steps("train")[reader.saved_records("train", taylor[0])]
+    assert saved.tolist() == [0, 10, 20]  # losses: every step; the Taylor term: every 10th
 
 
 def test_a_rank_hint_to_record_more_is_said_as_the_loops_option(tmp_path: Path) -> None:
