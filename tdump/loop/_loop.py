@@ -250,6 +250,7 @@ class _Loop:
             dump_metrics,
             left_alone,
             model_stats,
+            no_accuracy_note,
             prunable_counts,
             rankable_layers,
         )
@@ -292,6 +293,8 @@ class _Loop:
                 self.events.note(f"FLOPs not counted (forward at input {shape} failed: {exc})")
                 stats = model_stats(model, None)
             metrics = dump_metrics(p["dump"])
+            if r == 0 and (said := no_accuracy_note(metrics)):
+                self.events.note(said)
             prunable = one_group = None
             # the next round ranks this round's dump and prunes this model: count what its
             # prune stage can remove, in all and from one group (what a per-layer --count

@@ -34,6 +34,7 @@ __all__ = [
     "left_alone",
     "load_round_model",
     "model_stats",
+    "no_accuracy_note",
     "prunable_counts",
     "rankable_layers",
 ]
@@ -122,6 +123,24 @@ def dump_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
         "reported": reported,
         "source": source,
     }
+
+
+def no_accuracy_note(metrics: dict[str, Any]) -> str | None:
+    """The note for round 0 when its dump gives no accuracy (``None``: it has one).
+
+    >>> no_accuracy_note({"accuracy": None})[:52]
+    'round 0 has no accuracy: the script reported none an'
+    >>> no_accuracy_note({"accuracy": 0.9}) is None
+    True
+    """
+    if metrics.get("accuracy") is not None:
+        return None
+    return (
+        "round 0 has no accuracy: the script reported none and no evaluation went "
+        "through a loss module such as nn.CrossEntropyLoss, whose logits and labels "
+        "capture would store; add tdump.report(accuracy=acc, loss=loss) after the "
+        "script's evaluation for the table's acc and drop columns and --stop-when on them"
+    )
 
 
 def load_round_model(

@@ -106,3 +106,22 @@ def test_advice_stays_unless_every_named_layer_is_left_alone() -> None:
     )
     many = note.replace("module.conv_proj, module.c2", "a, b, c, d, e, f and 1 more")
     assert for_the_loop(many, dict.fromkeys("abcdefg", "x")).endswith("(a new experiment)")
+
+
+def test_a_round_0_without_accuracy_says_how_to_get_one(tmp_path: Path) -> None:
+    """No tdump.report and a functional eval loss: the table's acc column is empty, and
+    the loop says why and what to add, once (not for every round)."""
+    exp = tmp_path / "exp"
+    proc = run_tdump(
+        "loop", TRAIN, "--rounds", "2", *BASE, "--experiment", str(exp),
+        "--", "--no-report", "--functional-eval",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    said = "note: round 0 has no accuracy: the script reported none"
+    assert proc.stdout.count(said) == 1, proc.stdout
+    assert "add tdump.report(accuracy=acc, loss=loss)" in proc.stdout
+    assert [r["accuracy"] for r in rows_of(exp)] == [None, None]
+    # with a report, no such note
+    exp2 = tmp_path / "exp2"
+    proc = run_tdump("loop", TRAIN, "--rounds", "1", *BASE, "--experiment", str(exp2))
+    assert proc.returncode == 0 and "has no accuracy" not in proc.stdout + proc.stderr
