@@ -12,6 +12,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -39,6 +40,7 @@ from tdump.surgery._values import (
     Param,
     Shuffled,
     Spaces,
+    Unshuffled,
     flatten_args,
 )
 
@@ -66,12 +68,26 @@ class FunctionRules:
     _ndims: dict[fx.Node, int | None]
 
     def _pixel_shuffle(self, name: str, x: Any, upscale: int) -> Any:
-        raise NotImplementedError  # ChannelGraph's
+        """``pixel_shuffle`` makes each run of ``upscale**2`` channels one channel: a conv
+        reading it drops input channel ``c`` when the run ``c`` goes, so those channels go
+        only in whole runs (units, as a GroupNorm's groups)."""
+        factor = upscale * upscale
+        if not (isinstance(x, tuple) and all(n % factor == 0 for _, n in x)):
+            self._freeze_layout(x, f"{name} (pixel_shuffle) reads channels it cannot split")
+            return UNKNOWN
+        for space, n in x:
+            self._spaces.constrain_units(space, np.arange(n) // factor, name)
+        return Shuffled(x, factor)
+
+    def _pixel_unshuffle(self, x: Layout, downscale: int) -> Unshuffled:
+        """``pixel_unshuffle`` makes channel ``c`` a block of ``downscale**2`` channels:
+        a conv reading it drops that block of inputs when ``c`` goes (``in_block``)."""
+        return Unshuffled(x, downscale * downscale)
 
     def _freeze_layout(self, v: Any, reason: str) -> None:
         if isinstance(v, list) and v:  # a flattened layout
             v = v[0]
-        if isinstance(v, (ChannelsLast, Shuffled)):
+        if isinstance(v, (ChannelsLast, Shuffled, Unshuffled)):
             v = v.layout
         if isinstance(v, tuple):
             for s, _ in v:
@@ -132,6 +148,10 @@ class FunctionRules:
             factor = node.kwargs.get("upscale_factor", node.args[1] if len(node.args) > 1 else 0)
             if type(factor) is int:
                 return self._pixel_shuffle(str(target.__name__), x, factor)  # type: ignore[union-attr]
+        if target in (torch.pixel_unshuffle, torch.nn.functional.pixel_unshuffle):
+            factor = node.kwargs.get("downscale_factor", node.args[1] if len(node.args) > 1 else 0)
+            if type(factor) is int and isinstance(x, tuple):
+                return self._pixel_unshuffle(x, factor)
         if target is torch.cat:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             parts = [val(a) for a in flatten_args(node.args[0])]

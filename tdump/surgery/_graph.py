@@ -47,6 +47,7 @@ from tdump.surgery._values import (
     ModuleUse,
     Shuffled,
     Spaces,
+    Unshuffled,
     flatten_args,
     is_depthwise,
 )
@@ -195,9 +196,12 @@ class ChannelGraph(FunctionRules):
             mod, nn.modules.conv._ConvTransposeNd
         ):
             unit = 1  # layout channels per input channel: a run, after a pixel_shuffle
+            block = 1  # input channels per layout channel, after a pixel_unshuffle
             if isinstance(x, Shuffled) and mod.groups == 1:
                 unit, x = x.factor, x.layout
-            layout = self._conv_input(name, mod, x, "a flattened tensor", unit)
+            elif isinstance(x, Unshuffled) and mod.groups == 1:
+                block, x = x.factor, x.layout
+            layout = self._conv_input(name, mod, x, "a flattened tensor", unit, block)
             if is_depthwise(mod) and layout is not None:
                 self.uses[name] = ModuleUse(
                     name, "depthwise", mod, layout, layout, out_value=layout
@@ -224,7 +228,9 @@ class ChannelGraph(FunctionRules):
                 self._freeze_layout(layout, f"grouped conv {name} (groups={mod.groups}) reads them")
                 layout = None
             out: Layout = ((space, int(mod.out_channels)),)
-            self.uses[name] = ModuleUse(name, "conv", mod, out, layout, out_value=out, in_unit=unit)
+            self.uses[name] = ModuleUse(
+                name, "conv", mod, out, layout, block, out_value=out, in_unit=unit
+            )
             return out
         if isinstance(mod, nn.modules.conv._ConvTransposeNd) and mod.groups == 1:
             return self._transposed(name, mod, x)
@@ -267,6 +273,8 @@ class ChannelGraph(FunctionRules):
                 return x
         if isinstance(mod, nn.PixelShuffle):
             return self._pixel_shuffle(name, x, int(mod.upscale_factor))
+        if isinstance(mod, nn.PixelUnshuffle) and isinstance(x, tuple):
+            return self._pixel_unshuffle(x, int(mod.downscale_factor))
         if isinstance(mod, nn.Flatten):
             if isinstance(x, tuple) and mod.start_dim == 1:
                 return [x]
@@ -291,29 +299,17 @@ class ChannelGraph(FunctionRules):
         return UNKNOWN
 
     def _conv_input(
-        self, name: str, mod: nn.Module, x: Any, unknown: str, unit: int = 1
+        self, name: str, mod: nn.Module, x: Any, unknown: str, unit: int = 1, block: int = 1
     ) -> Layout | None:
-        """The layout a conv's ``in_channels`` follow (``unit`` channels each), or None
-        (then its inputs are frozen)."""
+        """The layout a conv's ``in_channels`` follow (``unit`` channels each, or
+        ``block`` input channels per channel), or None (then its inputs are frozen)."""
         if not isinstance(x, tuple):
             self._freeze_layout(x, f"{name} reads {unknown}")
             return None
-        if sum(n for _, n in x) != mod.in_channels * unit:  # type: ignore[operator]
+        if sum(n for _, n in x) * block != mod.in_channels * unit:  # type: ignore[operator]
             self._freeze_layout(x, f"{name} in_channels do not match its input")
             return None
         return x
-
-    def _pixel_shuffle(self, name: str, x: Any, upscale: int) -> Any:
-        """``pixel_shuffle`` makes each run of ``upscale**2`` channels one channel: a conv
-        reading it drops input channel ``c`` when the run ``c`` goes, so those channels go
-        only in whole runs (units, as a GroupNorm's groups)."""
-        factor = upscale * upscale
-        if not (isinstance(x, tuple) and all(n % factor == 0 for _, n in x)):
-            self._freeze_layout(x, f"{name} (pixel_shuffle) reads channels it cannot split")
-            return UNKNOWN
-        for space, n in x:
-            self._spaces.constrain_units(space, np.arange(n) // factor, name)
-        return Shuffled(x, factor)
 
     def _transposed(self, name: str, mod: nn.Module, x: Any) -> Layout:
         """A transposed conv (a decoder's upsampling): like a conv, its weight ``(in, out, ...)``."""
@@ -385,7 +381,9 @@ class ChannelGraph(FunctionRules):
         new = x[0] if use.kind == "linear" and isinstance(x, list) and x else x
         if isinstance(new, ChannelsLast) and use.kind in ("linear", "ln"):
             new = new.layout
-        if isinstance(new, Shuffled) and new.factor == use.in_unit:
+        if (isinstance(new, Shuffled) and new.factor == use.in_unit) or (
+            isinstance(new, Unshuffled) and new.factor == use.in_block
+        ):
             new = new.layout
         if (
             seen is not None

@@ -2,7 +2,8 @@
 
 A tensor's value in the graph is a *layout* (a tuple of ``(space, length)``
 segments: its channels at dim 1), a flattened layout (``[layout]``), a
-:class:`ChannelsLast` layout, a :class:`Shuffled` layout (after a ``pixel_shuffle``), a :class:`Param` (a tensor attribute read directly), or
+:class:`ChannelsLast` layout, a :class:`Shuffled` layout (after a ``pixel_shuffle``), an :class:`Unshuffled` one (after a
+``pixel_unshuffle``), a :class:`Param` (a tensor attribute read directly), or
 one of the markers ``UNKNOWN`` / ``NONTENSOR``.
 
 Examples
@@ -33,6 +34,7 @@ __all__ = [
     "Param",
     "Shuffled",
     "Spaces",
+    "Unshuffled",
     "flatten_args",
     "is_depthwise",
 ]
@@ -57,7 +59,9 @@ class ModuleUse:
     and LN features, linear out features); ``in_layout`` that of the weight's dim 1
     (conv in channels, linear in features, expanded by ``in_block`` features per
     channel after a flatten; ``in_unit`` of its channels make one input channel of a
-    conv after a ``pixel_shuffle``). ``out_value`` is what a call returns (for repeated calls).
+    conv after a ``pixel_shuffle``; a conv after a ``pixel_unshuffle`` has ``in_block``
+    channels per channel of ``in_layout``). ``out_value`` is what a call returns (for
+    repeated calls).
     """
 
     name: str
@@ -82,6 +86,15 @@ class ChannelsLast:
 class Shuffled:
     """A ``pixel_shuffle`` output: its channel ``c`` is made of channels ``c * factor`` to
     ``(c + 1) * factor - 1`` of ``layout`` (``factor`` is the upscale factor squared)."""
+
+    layout: Layout
+    factor: int
+
+
+@dataclass(frozen=True)
+class Unshuffled:
+    """A ``pixel_unshuffle`` output: channel ``c`` of ``layout`` became channels
+    ``c * factor`` to ``(c + 1) * factor - 1`` (``factor`` is the downscale factor squared)."""
 
     layout: Layout
     factor: int

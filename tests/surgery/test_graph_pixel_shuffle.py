@@ -121,3 +121,54 @@ def test_what_a_shuffle_cannot_split_stays(norm: bool) -> None:
     assert graph.group_of("b").frozen
     reason = graph.group_of("b").reason
     assert ("cannot split" in reason) if not norm else ("norm does not match" in reason)
+
+
+class Downsampler(nn.Module):
+    """Restormer-like downsampling: conv -> ``nn.PixelUnshuffle(2)`` -> conv, then
+    ``F.pixel_unshuffle(x, 3)`` -> conv; a BatchNorm over an unshuffled map keeps its
+    channels (``norm``)."""
+
+    def __init__(self, norm: bool = False) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.down = nn.PixelUnshuffle(2)
+        self.norm = nn.BatchNorm2d(24) if norm else nn.Identity()
+        self.c3 = nn.Conv2d(24, 10, 3, padding=1)
+        self.c4 = nn.Conv2d(90, 5, 1)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c2(F.relu(self.c1(x)))
+        x = F.relu(self.c3(F.gelu(self.norm(self.down(x)))))
+        return self.head(self.c4(F.pixel_unshuffle(x, 3)).mean((2, 3)))
+
+
+def test_convs_before_pixel_unshuffle_prune_exactly(tmp_path) -> None:
+    """``pixel_unshuffle(r)`` turns channel ``c`` into channels ``c*r*r .. c*r*r + r*r - 1``:
+    the conv reading it loses that block of inputs when ``c`` goes (module and function),
+    then save, load and a second round."""
+    torch.manual_seed(0)
+    model = Downsampler().double().eval()
+    pruned, plan = surgery.prune(model, zoo.l1_scores(model), ratio=0.3)
+    assert plan.notes == ["left alone head: reaches the model output"]
+    keep2, keep3 = plan.layers["c2"].keep, plan.layers["c3"].keep
+    assert 0 < len(keep2) < 6 and 0 < len(keep3) < 10
+    want = torch.cat([model.c3.weight[:, c * 4 : c * 4 + 4] for c in keep2], 1)
+    assert torch.equal(pruned.c3.weight, want[keep3])
+    assert pruned.c4.in_channels == 9 * len(keep3)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    zoo.assert_equivalent(model, pruned, plan, x)
+    path = tmp_path / "down.pt"
+    surgery.save(path, pruned, arch=Downsampler)
+    loaded = surgery.load(path, arch=Downsampler).double().eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    again, plan2 = surgery.prune(loaded, zoo.l1_scores(loaded), ratio=0.3)
+    assert again.c3.in_channels < loaded.c3.in_channels
+    zoo.assert_equivalent(loaded, again, plan2, x)
+
+
+def test_a_norm_over_an_unshuffled_map_keeps_its_channels() -> None:
+    graph = surgery.build_graph(Downsampler(norm=True))
+    assert graph.group_of("c2").frozen and "norm does not match" in graph.group_of("c2").reason
+    assert not graph.group_of("c3").frozen and not graph.group_of("c1").frozen
