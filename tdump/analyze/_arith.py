@@ -101,6 +101,12 @@ def _per_filter_sum(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1).sum(axis=1, dtype=np.float64)
 
 
+def _norm_axes(g: np.ndarray, v: np.ndarray) -> tuple[int, ...]:
+    """The axes of ``v`` that weight_norm's norm runs over: where ``g`` has size 1
+    (every axis for a 0-d ``g``: ``dim=None``)."""
+    return tuple(i for i in range(v.ndim) if g.ndim == 0 or g.shape[i] == 1)
+
+
 def _weight_normed(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``weight_norm``'s weight ``g * v / ||v||`` in float64, the norm over the axes where
     ``g`` has size 1 (every axis for a 0-d ``g``: ``dim=None``).
@@ -110,7 +116,7 @@ def _weight_normed(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     [[6.0, 8.0], [0.0, 1.0]]
     """
     g64, v64 = g.astype(np.float64), v.astype(np.float64)
-    axes = tuple(i for i in range(v64.ndim) if g64.ndim == 0 or g64.shape[i] == 1)
+    axes = _norm_axes(g64, v64)
     return g64 * v64 / np.sqrt((v64 * v64).sum(axis=axes, keepdims=True))
 
 
@@ -132,6 +138,6 @@ def _weight_normed_taylor(
     True
     """
     g64, v64 = g.astype(np.float64), v.astype(np.float64)
-    axes = tuple(i for i in range(v64.ndim) if g64.ndim == 0 or g64.shape[i] == 1)
+    axes = _norm_axes(g64, v64)
     u2 = v64 * v64 / (v64 * v64).sum(axis=axes, keepdims=True)
     return v64 * v_grad.astype(np.float64) + g64 * g_grad.astype(np.float64) * u2

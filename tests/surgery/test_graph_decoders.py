@@ -21,12 +21,6 @@ from tests.surgery import zoo
 from tests.surgery.nets import Crops, PadsChannels, StyleNet, UNet
 
 
-def _prune(model: nn.Module, ratio: float = 0.3) -> tuple[nn.Module, surgery.Plan]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", surgery.FewChannelsWarning)
-        return surgery.prune(model, zoo.l1_scores(model), ratio=ratio)
-
-
 @pytest.mark.parametrize("bilinear", [False, True])
 def test_unet_prunes_through_padding_concatenation_and_upsampling(bilinear: bool) -> None:
     torch.manual_seed(0)
@@ -34,7 +28,7 @@ def test_unet_prunes_through_padding_concatenation_and_upsampling(bilinear: bool
     graph = surgery.build_graph(model)
     frozen = {m: g.reason for g in graph.groups if g.frozen for m in g.members}
     assert frozen == {"outc": "reaches the model output"}  # nothing else is left alone
-    pruned, plan = _prune(model)
+    pruned, plan = zoo.l1_prune(model)
     if not bilinear:  # the transposed convs lose outputs and inputs
         assert "up1.up" in plan.layers
         assert pruned.up1.up.in_channels < 32 and pruned.up1.up.out_channels < 16
@@ -46,7 +40,7 @@ def test_unet_prunes_through_padding_concatenation_and_upsampling(bilinear: bool
 def test_transposed_unet_saves_loads_and_prunes_again(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = UNet().eval()
-    pruned, _ = _prune(model)
+    pruned, _ = zoo.l1_prune(model)
     path = tmp_path / "unet.pt"
     surgery.save(path, pruned, arch="tests.surgery.nets.UNet")
     back = surgery.load(path, arch=UNet).eval()  # shapes from the state_dict, no trace
@@ -55,7 +49,7 @@ def test_transposed_unet_saves_loads_and_prunes_again(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)
     # round 2 on the loaded model
-    again, plan2 = _prune(back.double())
+    again, plan2 = zoo.l1_prune(back.double())
     assert plan2.layers["up1.up"].channels == pruned.up1.up.out_channels
     zoo.assert_equivalent(back, again, plan2, x.double())
 
@@ -74,7 +68,7 @@ def test_crops_pads_and_narrows_that_spare_the_channels() -> None:
     frozen = {m: g.reason for g in graph.groups if g.frozen for m in g.members}
     # fc1's features are sliced at h[..., :4]: a 2-D tensor's last axis is its channels
     assert set(frozen) == {"fc1", "fc2"} and "getitem" in frozen["fc1"]
-    pruned, plan = _prune(model, ratio=0.5)
+    pruned, plan = zoo.l1_prune(model, ratio=0.5)
     assert {"a", "b", "c"} <= set(plan.layers)
     assert pruned.fc1.in_features == pruned.c.out_channels == 3
     zoo.assert_equivalent(model, pruned, plan, torch.randn(3, 3, 8, 9, dtype=torch.float64))
@@ -117,7 +111,7 @@ def test_torchvision_segmentation_models_prune(name: str) -> None:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=3)
     model = model.double().eval()
-    pruned, plan = _prune(model)
+    pruned, plan = zoo.l1_prune(model)
     assert surgery.count_params(pruned) < 0.8 * surgery.count_params(model)
     x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
     zoo.assert_equivalent(model, pruned, plan, x, out=lambda y: y["out"])  # a dict of outputs
@@ -129,7 +123,7 @@ def test_instance_norm_nets_prune_save_load_and_prune_again(affine: bool, tmp_pa
     model = StyleNet(affine).double().eval()
     frozen = {m for g in surgery.build_graph(model).groups if g.frozen for m in g.members}
     assert frozen == {"out.1"}  # reaches the output
-    pruned, plan = _prune(model)
+    pruned, plan = zoo.l1_prune(model)
     assert pruned.in1.num_features == pruned.conv1[1].out_channels < 8
     x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
     zoo.assert_equivalent(model, pruned, plan, x)
@@ -141,6 +135,6 @@ def test_instance_norm_nets_prune_save_load_and_prune_again(affine: bool, tmp_pa
         assert back.in1.num_features == pruned.in1.num_features
         with torch.no_grad():
             torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)
-    again, plan2 = _prune(back)
+    again, plan2 = zoo.l1_prune(back)
     assert again.in2.num_features < back.in2.num_features
     zoo.assert_equivalent(back, again, plan2, x)

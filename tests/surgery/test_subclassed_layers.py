@@ -8,7 +8,6 @@ the unpruned model with the removed channels computed away by forward hooks), in
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,12 +16,6 @@ from torch import nn
 
 import tdump.surgery as surgery
 from tests.surgery import zoo
-
-
-def _prune(model: nn.Module, **kw: object) -> tuple[nn.Module, surgery.Plan]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", surgery.FewChannelsWarning)
-        return surgery.prune(model, zoo.l1_scores(model), ratio=0.3, **kw)  # type: ignore[arg-type]
 
 
 class PlainConv(nn.Conv2d):
@@ -61,7 +54,7 @@ def test_a_constructor_only_conv_subclass_prunes_and_one_with_its_own_forward_is
     model = SubclassNet().double().eval()
     frozen = {m: g.reason for g in surgery.build_graph(model).groups if g.frozen for m in g.members}
     assert "c1" not in frozen and "c2" in frozen
-    pruned, plan = _prune(model)
+    pruned, plan = zoo.l1_prune(model)
     assert pruned.c1.out_channels < 8 and type(pruned.c1) is PlainConv
     zoo.assert_equivalent(model, pruned, plan, torch.randn(2, 3, 9, 9, dtype=torch.float64))
 
@@ -71,7 +64,7 @@ def test_video_resnet_prunes_saves_loads_and_prunes_again(tmp_path: Path) -> Non
     subclasses): they used to be traced into, and F.conv3d froze every channel."""
     torch.manual_seed(0)
     model = torchvision.models.video.mc3_18(num_classes=5).double().eval()
-    pruned, plan = _prune(model)
+    pruned, plan = zoo.l1_prune(model)
     assert set(plan.notes) == {"left alone fc: reaches the model output"}
     assert surgery.count_params(pruned) < 0.6 * surgery.count_params(model)
     x = torch.randn(1, 3, 4, 24, 24, dtype=torch.float64)
@@ -83,6 +76,6 @@ def test_video_resnet_prunes_saves_loads_and_prunes_again(tmp_path: Path) -> Non
     back = surgery.load(path).double().eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)
-    again, plan2 = _prune(back)
+    again, plan2 = zoo.l1_prune(back)
     assert surgery.count_params(again) < surgery.count_params(back)
     zoo.assert_equivalent(back, again, plan2, x)

@@ -99,6 +99,15 @@ def l1_scores(model: nn.Module) -> dict[str, np.ndarray]:
     }
 
 
+def l1_prune(model: nn.Module, ratio: float = RATIO) -> tuple[nn.Module, surgery.Plan]:
+    """``model`` pruned by :func:`l1_scores` (global scope), few-channel warnings quiet."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", surgery.FewChannelsWarning)
+        return surgery.prune(model, l1_scores(model), ratio=ratio)
+
+
 def _filters_first(m: nn.Module) -> torch.Tensor:
     w = m.weight.detach()
     return w.transpose(0, 1) if isinstance(m, nn.modules.conv._ConvTransposeNd) else w
