@@ -1,53 +1,73 @@
 r"""Importing code the user named (``--arch mymodels:Net``, ``train.py:Net``), safely.
 
-A module of the user's project, or a script given by path, is parsed before it is
-imported: if its import would run more than set-up code (a training loop, say) it is
-refused with a one-line :class:`~tdump.errors.ConfigError` that says how to fix it.
-A script is imported under a private module name, so its ``__main__`` block never
-runs. Installed packages are imported as they are. Only names the *user* passes
-reach this module (:mod:`tdump.surgery._arch` decides that).
+A module of the user's project, or a script given by path, is never imported whole:
+tdump runs only the statements that the named class or function needs
+(:mod:`tdump.surgery._slice`: imports, set-up calls, the definitions and assignments it
+reads), under a private module name, so a training loop at the script's top level and
+its ``__main__`` block never run. What was left out is kept on the module
+(:func:`skipped_note` says it). A module the process already imported, and installed
+packages, are used as they are. Only names the *user* passes reach this module
+(:mod:`tdump.surgery._arch` decides that).
 
 Examples
 --------
->>> import ast
->>> tree = ast.parse("import torch\nclass Net: pass\nfor e in range(3): train()")
->>> _first_action(tree.body, set()).lineno
-3
+>>> import types
+>>> module = types.ModuleType("m")
+>>> skipped_note(module, "Net") is None
+True
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
 import sys
+import traceback
+import types
 from typing import Any
 
-from tdump.errors import ConfigError
+from tdump.errors import ConfigError, first_line
+from tdump.surgery._slice import binds, describe, slice_for
 
-__all__ = ["check_source", "import_attr"]
+__all__ = ["import_attr", "skipped_note", "unmet_hint"]
 
-#: Module names whose top-level calls (``torch.manual_seed(0)``, ``warnings.filterwarnings``) are set-up.
-_SETUP_CALLS = ("sys", "os", "warnings", "logging", "torch", "np", "numpy", "random", "matplotlib")
+#: Attribute of a sliced module: the :class:`~tdump.surgery._slice.Slice` it ran and the file.
+_SLICE_ATTR = "__tdump_slice__"
 
 
 def import_attr(module_name: str, attr: str, arch: str) -> Any:
     """``attr`` (dotted) of module or script ``module_name``; ``arch`` is the name as given.
 
-    A module of the user's project or a script is read first and refused
-    (:class:`~tdump.errors.ConfigError`) when importing it would run more than
-    set-up code; any import failure is one ``ConfigError`` line.
+    A script or a module of the user's project (under the current directory) runs only
+    what ``attr`` needs; any import failure is one :class:`~tdump.errors.ConfigError` line.
     """
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # so `mymodels.Net` works from a project root
+    target = attr.split(".")[0]
     try:
         if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
-            module = _import_file(module_name)
+            full = os.path.abspath(module_name)
+            if not os.path.isfile(full):
+                raise ImportError(f"no file {module_name}")
+            module = _import_slice(full, module_name, target, None, arch)
+        elif module_name in sys.modules:
+            module = sys.modules[module_name]
         else:
-            if module_name not in sys.modules:
-                check_source(_origin(module_name), module_name)
-            module = importlib.import_module(module_name)
+            origin = _origin(module_name)
+            if _in_project(origin):
+                assert origin is not None
+                package = (
+                    module_name.rpartition(".")[0]
+                    if not origin.endswith("__init__.py")
+                    else module_name
+                )
+                module = _import_slice(origin, module_name, target, package, arch)
+            else:
+                module = importlib.import_module(module_name)
     except (ImportError, AttributeError, SyntaxError, OSError) as exc:
         raise ConfigError(f"cannot import architecture {arch!r}: {exc}") from None
     obj: Any = module
@@ -62,6 +82,48 @@ def import_attr(module_name: str, attr: str, arch: str) -> Any:
     return obj
 
 
+def skipped_note(module: types.ModuleType | None, target: str) -> str | None:
+    """``train.py: ran only its imports and what Net needs; left out line 7: ...``, or None.
+
+    Says nothing when only unused definitions and constants were left out.
+    """
+    found = getattr(module, _SLICE_ATTR, None)
+    if found is None:
+        return None
+    part, shown = found
+    actions = [s for s in part.skipped if not _is_inert(s)]
+    if not actions:
+        return None
+    more = f" and {len(actions) - 1} more top-level statement(s)" if len(actions) > 1 else ""
+    return (
+        f"{shown} runs code when imported; tdump ran only its imports and what {target} needs, "
+        f"and left out {describe(actions[0])}{more}"
+    )
+
+
+def unmet_hint(module: types.ModuleType | None, name: str) -> str | None:
+    """Why a sliced module lacks ``name``: the statement that sets it was left out."""
+    found = getattr(module, _SLICE_ATTR, None)
+    if found is None:
+        return None
+    part, shown = found
+    node = part.unmet.get(name) or next((s for s in part.skipped if name in binds(s)), None)
+    if node is None:
+        return None
+    return (
+        f"{shown} sets {name!r} in code tdump does not run ({describe(node)}); set it at the "
+        "top level of the script (a constant or an assignment), pass it to the constructor, "
+        "or put the model in its own module"
+    )
+
+
+def _is_inert(node: ast.stmt) -> bool:
+    return isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Pass)) or (
+        isinstance(node, (ast.Assign, ast.AnnAssign))
+        and not any(isinstance(n, ast.Call) for n in ast.walk(node))
+    )
+
+
 def _missing(owner: Any, name: str, shown: str, module_name: str) -> str:
     """``shown has no class or function 'name'``, with the closest of ``owner``'s public ones."""
     import difflib
@@ -74,7 +136,8 @@ def _missing(owner: Any, name: str, shown: str, module_name: str) -> str:
         for key, value in vars(owner).items()
         if not key.startswith("_")
         and (
-            (isinstance(value, type) and issubclass(value, nn.Module))
+            isinstance(value, _Named)
+            or (isinstance(value, type) and issubclass(value, nn.Module))
             or (inspect.isfunction(value) and inspect.ismodule(owner))  # not a class's methods
         )
     )
@@ -96,112 +159,107 @@ def _origin(module_name: str) -> str | None:
     return spec.origin if spec is not None else None
 
 
-def _import_file(path: str) -> Any:
-    """Import a script by path under a private module name, so its ``__main__`` block never runs."""
-    full = os.path.abspath(path)
-    if not os.path.isfile(full):
-        raise ImportError(f"no file {path}")
-    check_source(full, path)
-    name = "_tdump_user_" + os.path.splitext(os.path.basename(full))[0].replace("-", "_")
+def _in_project(origin: str | None) -> bool:
+    """A ``.py`` file under the current directory: the user's code, not an installed package."""
+    return (
+        origin is not None
+        and origin.endswith(".py")
+        and os.path.isfile(origin)
+        and os.path.abspath(origin).startswith(os.getcwd() + os.sep)
+    )
+
+
+def _import_slice(
+    path: str, shown: str, target: str, package: str | None, arch: str
+) -> types.ModuleType:
+    """Run what ``target`` needs from ``path`` as a private module (cached per file and name)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f"_tdump_user_{stem.replace('-', '_').replace('.', '_')}_{target}"
     if name in sys.modules:
         return sys.modules[name]
-    folder = os.path.dirname(full)
+    with open(path, encoding="utf-8") as fh:
+        source = fh.read()
+    tree = ast.parse(source, filename=path)
+    if target not in {n for s in tree.body for n in _top_names(s)}:
+        return _definitions_only(tree, path, name, package)  # for the "did you mean" message
+    part = slice_for(tree, source, target)
+    folder = os.path.dirname(path)
     if folder not in sys.path:
         sys.path.insert(0, folder)  # the script's own sibling imports (`from common import ...`)
-    spec = importlib.util.spec_from_file_location(name, full)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
+    module = _new_module(name, path, package)
+    setattr(module, _SLICE_ATTR, (part, shown))
     sys.modules[name] = module
+    argv, said = sys.argv, io.StringIO()
+    sys.argv = [path]  # a needed `args = parser.parse_args()` gets the parser's defaults
     try:
-        spec.loader.exec_module(module)
-    except BaseException:
+        with contextlib.redirect_stderr(said):  # argparse's usage: said in the one error line
+            exec(compile(part.module, path, "exec"), module.__dict__)
+    except BaseException as exc:
         sys.modules.pop(name, None)
-        raise
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        why = _run_failed(exc, path, shown, target, module, said.getvalue())
+        raise ConfigError(f"cannot import architecture {arch!r}: {why}") from None
+    finally:
+        sys.argv = argv
+    sys.stderr.write(said.getvalue())  # the script's own warnings, once it ran
     return module
 
 
-def check_source(origin: str | None, shown: str) -> None:
-    """Refuse a module of the user's project whose import would run more than set-up code."""
-    if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
-        return
-    if not os.path.abspath(origin).startswith(os.getcwd() + os.sep) and not shown.endswith(".py"):
-        return  # installed packages are imported as they are
-    with open(origin, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read(), filename=origin)
-    bad = _first_action(tree.body, _defined_functions(tree))
-    if bad is not None:
-        code = ast.unparse(bad).splitlines()[0][:60]
-        raise ConfigError(
-            f"{shown} runs code when imported (line {bad.lineno}: {code}), so building the model "
-            'would re-run your training: move that code under `if __name__ == "__main__":` '
-            "or put the model class in its own module"
+def _top_names(node: ast.stmt) -> set[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return set()
+
+
+def _definitions_only(
+    tree: ast.Module, path: str, name: str, package: str | None
+) -> types.ModuleType:
+    """Only the classes and functions, unrun: enough to say which ones the file has."""
+    module = _new_module(name + "_names", path, package)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            setattr(module, node.name, _Named(node))
+    return module
+
+
+class _Named:
+    """A top-level class or function of a file, by name only (never run)."""
+
+    def __init__(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
+        self.is_class = isinstance(node, ast.ClassDef)
+
+
+def _new_module(name: str, path: str, package: str | None) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__file__ = path
+    module.__package__ = package
+    return module
+
+
+def _run_failed(
+    exc: BaseException, path: str, shown: str, target: str, module: types.ModuleType, said: str
+) -> str:
+    """One line: where running the slice failed, and for a missing name what left it out."""
+    line = next(
+        (f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__)) if f.filename == path),
+        None,
+    )
+    where = f" at line {line}" if line is not None else ""
+    if isinstance(exc, SystemExit):
+        last = said.strip().splitlines()[-1:] or [f"SystemExit {exc.code}"]
+        what = f"exited{where} ({last[0]})"
+    else:
+        what = f"failed{where} ({first_line(exc, None)})"
+    msg = f"running what {target} needs from {shown} {what}"
+    hint = unmet_hint(module, exc.name) if isinstance(exc, NameError) and exc.name else None
+    if hint is None and isinstance(exc, SystemExit):
+        hint = (
+            f"give what {target} reads a default in the script, or put the model in its own module"
         )
-
-
-def _defined_functions(tree: ast.Module) -> set[str]:
-    return {
-        n.name
-        for n in ast.walk(tree)
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.col_offset == 0
-    }
-
-
-def _is_main_guard(node: ast.If) -> bool:
-    t = node.test
-    return (
-        isinstance(t, ast.Compare)
-        and isinstance(t.left, ast.Name)
-        and t.left.id == "__name__"
-        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in t.comparators)
-    )
-
-
-def _calls_own(node: ast.AST, own: set[str]) -> bool:
-    return any(
-        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in own
-        for n in ast.walk(node)
-    )
-
-
-def _root_name(node: ast.expr) -> str | None:
-    while isinstance(node, ast.Attribute):
-        node = node.value
-    return node.id if isinstance(node, ast.Name) else None
-
-
-def _first_action(body: list[ast.stmt], own: set[str]) -> ast.stmt | None:
-    """The first top-level statement that does work on import (loops, calls, with blocks)."""
-    quiet = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-    for node in body:
-        if isinstance(node, (*quiet, ast.Pass)):
-            continue
-        if isinstance(node, ast.If):
-            if _is_main_guard(node):
-                continue
-            inner = _first_action(node.body + node.orelse, own)
-            if inner is not None:
-                return inner
-            continue
-        if isinstance(node, ast.Try):
-            blocks = node.body + node.orelse + node.finalbody
-            blocks += [s for h in node.handlers for s in h.body]
-            inner = _first_action(blocks, own)
-            if inner is not None:
-                return inner
-            continue
-        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            if _calls_own(node, own):
-                return node
-            continue
-        if isinstance(node, ast.Expr):
-            if isinstance(node.value, ast.Constant):
-                continue  # docstrings
-            if (
-                isinstance(node.value, ast.Call)
-                and isinstance(node.value.func, ast.Attribute)
-                and _root_name(node.value.func) in _SETUP_CALLS
-            ):
-                continue
-        return node
-    return None
+    return f"{msg}: {hint}" if hint else msg
