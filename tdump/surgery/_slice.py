@@ -42,6 +42,32 @@ __all__ = ["Slice", "binds", "describe", "is_main_guard", "slice_for"]
 
 #: Roots of top-level calls that are set-up (``sys.path.insert``, ``torch.manual_seed``): always run.
 SETUP_CALLS = ("sys", "os", "warnings", "logging", "torch", "np", "numpy", "random", "matplotlib")
+#: ... unless they write, delete, exit or wait for other processes (``torch.save(...)``).
+_NOT_SETUP = frozenset(
+    [
+        "save",
+        "savez",
+        "savetxt",
+        "load",
+        "remove",
+        "unlink",
+        "rmdir",
+        "removedirs",
+        "makedirs",
+        "mkdir",
+        "rename",
+        "replace",
+        "system",
+        "exit",
+        "abort",
+        "kill",
+        "popen",
+        "fork",
+        "init_process_group",
+        "barrier",
+        "spawn",
+    ]
+)
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 _COMPS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _BY_NEED = (
@@ -147,6 +173,7 @@ def _always(node: ast.stmt, known: set[str]) -> bool:
         return (
             isinstance(call, ast.Call)
             and _root(call.func) in SETUP_CALLS
+            and not (isinstance(call.func, ast.Attribute) and call.func.attr in _NOT_SETUP)
             and _free_loads(call) <= known
         )
     if isinstance(node, (ast.If, ast.Try)) and not is_main_guard(node):

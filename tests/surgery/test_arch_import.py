@@ -112,6 +112,8 @@ except ImportError:
     extra = None
 if args.epochs > 100:
     open("BRANCH", "w").write("a top-level if that calls ran")
+torch.manual_seed(0)
+torch.save(torch.zeros(1), "SAVED.pt")
 
 
 class Net(nn.Module):
@@ -142,6 +144,7 @@ def test_model_reading_parsed_args_gets_the_parsers_defaults(
     assert model.conv.out_channels == 5 and model.extra is None
     assert sys.argv == ["tdump", "prune", "--count", "3"]
     assert not (project / "TRAINED").exists() and not (project / "BRANCH").exists()
+    assert not (project / "SAVED.pt").exists()  # a torch call, but not set-up: it writes
     module = sys.modules[type(model).__module__]
     assert not hasattr(module, "data") and not hasattr(module, "model")
 
