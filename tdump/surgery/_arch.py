@@ -312,7 +312,7 @@ def build_arch(
         dict(kwargs or {}) if kwargs_checked else check_kwargs(kwargs, shown, from_file=not trusted)
     )
     try:
-        model = builder(**kw)
+        model = builder(**_no_downloads(builder, kw))
     except Exception as exc:
         source = sys.modules.get(getattr(builder, "__module__", None) or "")
         hint = unmet_hint(source, exc.name) if isinstance(exc, NameError) and exc.name else None
@@ -323,3 +323,22 @@ def build_arch(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{shown} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _no_downloads(builder: Builder, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus ``weights_backbone=None`` where the builder would otherwise download
+    a backbone's weights by default (torchvision's detection models): the checkpoint holds
+    every weight. What the user passed is kept.
+
+    >>> import torchvision
+    >>> _no_downloads(torchvision.models.detection.fcos_resnet50_fpn, {"num_classes": 3})
+    {'num_classes': 3, 'weights_backbone': None}
+    """
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    out = dict(kwargs)
+    if "weights_backbone" in params and "weights_backbone" not in out:
+        out["weights_backbone"] = None
+    return out

@@ -13,7 +13,8 @@ of ``r * r`` channels are *units* that go whole. Anything the graph does not und
 (an unknown op, the model output, an ignored module) *freezes* the spaces it touches:
 frozen groups are never pruned. No rule names an architecture. The model is traced in eval
 and in training mode, and both graphs feed the same spaces, so branches that run only
-in training (auxiliary classifiers) are pruned consistently too.
+in training (auxiliary classifiers) are pruned consistently too. A model whose own
+forward fx cannot follow (a detection model) is traced in parts (:mod:`tdump.surgery._parts`).
 
 Examples
 --------
@@ -34,10 +35,11 @@ from typing import Any
 import numpy as np
 from torch import fx, nn
 
-from tdump.errors import ConfigError, UntraceableModelError
+from tdump.errors import ConfigError
 from tdump.surgery._functions import FunctionRules
 from tdump.surgery._ndim import PAD_MODULES, node_ndim, pad_dims
 from tdump.surgery._ops import PASS_MODULES
+from tdump.surgery._parts import trace_modes
 from tdump.surgery._trace import trace
 from tdump.surgery._values import (
     NONTENSOR,
@@ -103,38 +105,22 @@ class ChannelGraph(FunctionRules):
         self._called: set[str] = set()  # modules called so far in the graph being read
         self._ndims: dict[fx.Node, int | None] = {}  # tensor ranks where the graph fixes them
         self.notes: list[str] = []
-        # Both graphs: the inference one, and the training one, whose train-only branches
-        # (auxiliary heads) read channels too. A module seen in the first keeps its spaces.
-        graphs: list[fx.Graph] = []
-        failed: list[tuple[bool, UntraceableModelError]] = []
-        for training in (False, True):
-            try:
-                graphs.append(
-                    trace(
-                        model,
-                        pattern,
-                        training=training,
-                        input_shape=self.input_shape,
-                        notes=self.notes,
-                    )
-                )
-            except UntraceableModelError as err:
-                failed.append((training, err))
-        if not graphs:
-            raise failed[0][1]
-        for training, error in failed:
-            mode = "training" if training else "inference"
-            self.notes.append(f"only one mode traced; the {mode} graph failed: {error}")
-        for graph in graphs:
+        graphs = trace_modes(model, pattern, self.input_shape, self.notes)
+        #: the traced parts' path prefixes when the model's own forward could not be traced
+        self.parts = sorted({prefix for prefix, _ in graphs if prefix})
+        for prefix, graph in graphs:
             self._called = set()
-            self._build(graph, pattern)
+            self._build(graph, pattern, prefix)
         self._finish()
 
     # ------------------------------------------------------------------ building
-    def _build(self, graph: fx.Graph, ignore: re.Pattern[str] | None) -> None:
+    def _build(self, graph: fx.Graph, ignore: re.Pattern[str] | None, prefix: str = "") -> None:
         env: dict[fx.Node, Any] = {}
         modules = dict(self.model.named_modules())
-        input_ndim = len(self.input_shape) + 1 if self.input_shape else None
+        for node in graph.nodes:  # a part's graph names modules from the part: make them full paths
+            if prefix and node.op in ("call_module", "get_attr"):
+                node.target = prefix + str(node.target)
+        input_ndim = len(self.input_shape) + 1 if self.input_shape and not prefix else None
 
         def val(a: Any) -> Any:
             if isinstance(a, fx.Node):
@@ -148,8 +134,9 @@ class ChannelGraph(FunctionRules):
             elif op == "get_attr":
                 env[node] = self._get_attr(str(node.target))
             elif op == "output":
+                out = f"leaves {prefix[:-1]} for code fx cannot trace" if prefix else ""
                 for a in flatten_args(node.args):
-                    self._freeze_layout(val(a), "reaches the model output")
+                    self._freeze_layout(val(a), out or "reaches the model output")
             elif op == "call_module":
                 mod = modules[node.target]
                 args = [val(a) for a in flatten_args((node.args, node.kwargs))]

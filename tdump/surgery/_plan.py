@@ -326,6 +326,8 @@ def select(graph: ChannelGraph, scores: dict[str, np.ndarray], settings: Setting
                 why = "its channels follow its inputs' (depthwise conv over a concatenation)"
             elif ignored:
                 why = f"ignore {graph.ignore!r} leaves it alone"
+            elif graph.parts and not any(layer.startswith(p) for p in graph.parts):
+                why = "it is outside the parts of the model torch.fx traced"
             else:
                 why = "the traced forward never calls it"
             notes.append(f"ranks of {layer} not used: {why}")

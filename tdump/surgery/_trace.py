@@ -41,16 +41,17 @@ __all__ = ["trace"]
 class _Tracer(fx.Tracer):
     """fx tracer that keeps ignored modules whole and remembers where tracing failed."""
 
-    def __init__(self, ignore: re.Pattern[str] | None) -> None:
+    def __init__(self, ignore: re.Pattern[str] | None, prefix: str = "") -> None:
         super().__init__()
         self.ignore = ignore
+        self.prefix = prefix  # the traced module's path in the model (``ignore`` sees full paths)
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
             self.ignore is not None
             and module_qualified_name
-            and self.ignore.search(module_qualified_name)
+            and self.ignore.search(self.prefix + module_qualified_name)
         ):
             return True
         if layer_base(type(m)) is not None:  # a torch layer, or a subclass computing as it
@@ -145,16 +146,18 @@ def trace(
     training: bool = False,
     input_shape: Sequence[int] | None = None,
     notes: list[str] | None = None,
+    prefix: str = "",
 ) -> fx.Graph:
     """Symbolically trace ``model`` in eval (or ``training``) mode.
 
     ``input_shape`` (batch excluded), when given, lets a model whose forward branches
     on shapes trace at that shape where plain fx fails; ``notes`` then gets a line
-    saying so.
+    saying so. ``prefix``: ``model``'s path in the model ``ignore`` names paths of.
 
-    Raises :class:`UntraceableModelError` naming the module fx failed in.
+    Raises :class:`UntraceableModelError` naming the module fx failed in (its
+    ``in_root`` is true when the failing code is ``model``'s own).
     """
-    tracer = _Tracer(ignore)
+    tracer = _Tracer(ignore, prefix)
     was_training = model.training
     model.train(training)
     try:
@@ -210,4 +213,6 @@ def _untraceable(
     else:
         shown = "x".join(map(str, input_shape))
         fix = f"tracing at input shape {shown} failed too; {fix}"
-    return UntraceableModelError(f"torch.fx cannot trace {label}: {first_line(exc, None)}; {fix}")
+    error = UntraceableModelError(f"torch.fx cannot trace {label}: {first_line(exc, None)}; {fix}")
+    error.in_root = not where  # type: ignore[attr-defined]
+    return error
