@@ -43,6 +43,7 @@ __all__ = [
     "build_arch",
     "check_kwargs",
     "is_registered_arch",
+    "no_downloads",
     "register_arch",
     "registered_archs",
     "resolve_arch",
@@ -312,7 +313,7 @@ def build_arch(
         dict(kwargs or {}) if kwargs_checked else check_kwargs(kwargs, shown, from_file=not trusted)
     )
     try:
-        model = builder(**_no_downloads(builder, kw))
+        model = builder(**no_downloads(builder, kw))
     except Exception as exc:
         source = sys.modules.get(getattr(builder, "__module__", None) or "")
         hint = unmet_hint(source, exc.name) if isinstance(exc, NameError) and exc.name else None
@@ -325,13 +326,13 @@ def build_arch(
     return model
 
 
-def _no_downloads(builder: Builder, kwargs: dict[str, Any]) -> dict[str, Any]:
+def no_downloads(builder: Builder, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` plus ``weights_backbone=None`` where the builder would otherwise download
     a backbone's weights by default (torchvision's detection models): the checkpoint holds
     every weight. What the user passed is kept.
 
     >>> import torchvision
-    >>> _no_downloads(torchvision.models.detection.fcos_resnet50_fpn, {"num_classes": 3})
+    >>> no_downloads(torchvision.models.detection.fcos_resnet50_fpn, {"num_classes": 3})
     {'num_classes': 3, 'weights_backbone': None}
     """
     try:

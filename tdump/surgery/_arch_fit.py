@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tdump.errors import first_line
-from tdump.surgery._arch import Builder, registered_archs
+from tdump.surgery._arch import Builder, no_downloads, registered_archs
 
 __all__ = [
     "INFERRED_FROM",
@@ -103,7 +103,7 @@ def _meta_info(builder: Builder, kwargs_json: str) -> _Meta | str:
     computes with tensors (RegNet) is built again on the CPU with only its weights on
     the meta device. Results are cached.
     """
-    kwargs = json.loads(kwargs_json)
+    kwargs = no_downloads(builder, json.loads(kwargs_json))
     try:
         with torch.device("meta"):
             model = builder(**kwargs)

@@ -140,3 +140,23 @@ def test_a_forward_that_hands_self_on_has_no_parts() -> None:
         UntraceableModelError, match=r"the failing code is in HandsSelfOn\.forward itself"
     ):
         surgery.build_graph(HandsSelfOn())
+
+
+def test_inferring_a_detectors_architecture_downloads_nothing(tmp_path: Path) -> None:
+    """The candidates are built with weights_backbone=None (their default downloads
+    ImageNet weights, which fails offline): the two builders of identical state_dicts
+    are both named, and nothing else went wrong."""
+    from tdump.errors import CheckpointError
+
+    model = surgery.build_arch(DETECTOR, {"num_classes": 2})
+    torch.save(model.state_dict(), tmp_path / "det.pt")
+    with pytest.raises(CheckpointError) as err:
+        surgery.load(
+            tmp_path / "det.pt", model_type="torchvision.models.detection.faster_rcnn.FasterRCNN"
+        )
+    text = str(err.value)
+    assert (
+        "several builders match: torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn, "
+        in text
+    )
+    assert "URLError" not in text and "raised when built" not in text
