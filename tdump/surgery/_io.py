@@ -216,10 +216,12 @@ def _choose_arch(
         if found is not None:
             notes.append(f"architecture {found} inferred ({why})")
             return found, dict(arch_kwargs or {}), False
+        tied = why.startswith("several builders match: ")  # name one of them as the example
+        example = why.split(": ", 1)[1].split(", ")[0] if tied else "torchvision.models.resnet18"
         raise CheckpointError(
             f"{path} is a plain state_dict and tdump cannot tell which registered builder of the "
-            f"recorded model type {model_type} made it ({why}); pass --arch: a registered name (e.g. --arch "
-            "torchvision.models.resnet18), or your class or a function that builds the model "
+            f"recorded model type {model_type} made it ({why}); pass --arch: a registered name "
+            f"(e.g. --arch {example}), or your class or a function that builds the model "
             "(e.g. --arch train.py:Net, --arch train.py:build_model; in Python arch=Net)"
         )
     raise CheckpointError(

@@ -160,3 +160,7 @@ def test_inferring_a_detectors_architecture_downloads_nothing(tmp_path: Path) ->
         in text
     )
     assert "URLError" not in text and "raised when built" not in text
+    assert (
+        "pass --arch: a registered name (e.g. --arch torchvision.models.detection.fasterrcnn_"
+        in text
+    )
