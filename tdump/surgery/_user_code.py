@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -174,7 +175,8 @@ def _import_slice(
 ) -> types.ModuleType:
     """Run what ``target`` needs from ``path`` as a private module (cached per file and name)."""
     stem = os.path.splitext(os.path.basename(path))[0]
-    name = f"_tdump_user_{stem.replace('-', '_').replace('.', '_')}_{target}"
+    tag = hashlib.sha1(path.encode()).hexdigest()[:8]  # two folders' train.py are two modules
+    name = f"_tdump_user_{stem.replace('-', '_').replace('.', '_')}_{target}_{tag}"
     if name in sys.modules:
         return sys.modules[name]
     with open(path, encoding="utf-8") as fh:

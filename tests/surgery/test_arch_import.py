@@ -326,3 +326,12 @@ def test_package_module_with_relative_imports_runs_only_what_net_needs(project: 
     )
     model = surgery.build_arch("pkg.models:Net")
     assert model.conv.out_channels == 7 and not (project / "TRAINED").exists()
+
+
+def test_two_scripts_of_one_name_in_two_folders_are_two_models(project: Path) -> None:
+    """`a/train.py:Net` and `b/train.py:Net` in one process: each its own file's class."""
+    for folder, width in (("a", 3), ("b", 5)):
+        (project / folder).mkdir()
+        (project / folder / "train.py").write_text(GUARDED.replace("WIDTH = 6", f"WIDTH = {width}"))
+    assert surgery.build_arch("a/train.py:Net").conv.out_channels == 3
+    assert surgery.build_arch("b/train.py:Net").conv.out_channels == 5
