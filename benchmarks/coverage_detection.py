@@ -29,10 +29,6 @@ import tdump.surgery as surgery
 from tests.surgery import zoo
 
 
-def _detections(out: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    return torch.cat([torch.cat([d["boxes"].flatten(), d["scores"]]) for d in out])
-
-
 def _kwargs(name: str) -> dict[str, Any]:
     thresh = "box_score_thresh" if "rcnn" in name else "score_thresh"
     return {"num_classes": 5, thresh: 0.0}
@@ -56,9 +52,9 @@ def main() -> None:
         free = sum(not g.frozen for g in graph.groups)
         pruned, plan = surgery.prune(model, zoo.l1_scores(model), ratio=0.3)
         images = [torch.rand(3, 128, 160, dtype=torch.float64)]
-        ref = _detections(zoo.reference_output(model, plan, images))
+        ref = zoo.detections(zoo.reference_output(model, plan, images))
         with torch.no_grad():
-            got = _detections(pruned.eval()(images))
+            got = zoo.detections(pruned.eval()(images))
         diff = (got - ref).abs().max().item() if got.shape == ref.shape else float("inf")
         ok = diff < 1e-9 and ref.numel() > 0
         passed += ok

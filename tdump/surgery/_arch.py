@@ -35,7 +35,7 @@ from typing import Any
 from torch import nn
 
 from tdump.errors import CheckpointError, ConfigError, first_line
-from tdump.surgery._user_code import import_attr, unmet_hint
+from tdump.surgery._user_code import import_attr, module_of, unmet_hint
 
 __all__ = [
     "Builder",
@@ -315,8 +315,11 @@ def build_arch(
     try:
         model = builder(**no_downloads(builder, kw))
     except Exception as exc:
-        source = sys.modules.get(getattr(builder, "__module__", None) or "")
-        hint = unmet_hint(source, exc.name) if isinstance(exc, NameError) and exc.name else None
+        hint = (
+            unmet_hint(module_of(builder), exc.name)
+            if isinstance(exc, NameError) and exc.name
+            else None
+        )
         raise ConfigError(
             f"cannot construct {shown}(**{json.dumps(kw)}): {first_line(exc, None)}"
             + (f"; {hint}" if hint else "")

@@ -19,7 +19,6 @@ Examples
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +49,7 @@ from tdump.surgery._graph import build_graph
 from tdump.surgery._plan import LayerPlan, Plan, keeps_for
 from tdump.surgery._prefix import auto_prefix, common_prefix
 from tdump.surgery._resize import match_dtypes, resize_to
-from tdump.surgery._user_code import skipped_note
+from tdump.surgery._user_code import module_of, skipped_note
 from tdump.surgery._weight_norm import refresh_weights, weight_key
 
 __all__ = ["Provenance", "dump_model_type", "load", "provenance", "save"]
@@ -363,10 +362,7 @@ def load(
         shown, base, sd, given, arch_kwargs, model_type, notes, from_like
     )
     builder = resolve_arch(arch if arch is not None else name, trusted=trusted)
-    left_out = skipped_note(
-        sys.modules.get(getattr(builder, "__module__", None) or ""),
-        getattr(builder, "__name__", ""),
-    )
+    left_out = skipped_note(module_of(builder), getattr(builder, "__name__", ""))
     if left_out:
         notes.append(left_out)
     model = build_arch(builder, kwargs, trusted=trusted, kwargs_checked=True)

@@ -34,7 +34,7 @@ from typing import Any
 from tdump.errors import ConfigError, first_line
 from tdump.surgery._slice import binds, describe, slice_for
 
-__all__ = ["import_attr", "skipped_note", "unmet_hint"]
+__all__ = ["import_attr", "module_of", "skipped_note", "unmet_hint"]
 
 #: Attribute of a sliced module: the :class:`~tdump.surgery._slice.Slice` it ran and the file.
 _SLICE_ATTR = "__tdump_slice__"
@@ -81,6 +81,11 @@ def import_attr(module_name: str, attr: str, arch: str) -> Any:
         obj = getattr(obj, part)
         done.append(part)
     return obj
+
+
+def module_of(obj: object) -> types.ModuleType | None:
+    """The loaded module ``obj`` (a builder class or function) was defined in, if any."""
+    return sys.modules.get(getattr(obj, "__module__", None) or "")
 
 
 def skipped_note(module: types.ModuleType | None, target: str) -> str | None:
@@ -182,7 +187,7 @@ def _import_slice(
     with open(path, encoding="utf-8") as fh:
         source = fh.read()
     tree = ast.parse(source, filename=path)
-    if target not in {n for s in tree.body for n in _top_names(s)}:
+    if target not in {n for s in tree.body for n in binds(s)}:
         return _definitions_only(tree, path, name, package)  # for the "did you mean" message
     part = slice_for(tree, source, target)
     folder = os.path.dirname(path)
@@ -208,17 +213,6 @@ def _import_slice(
     return module
 
 
-def _top_names(node: ast.stmt) -> set[str]:
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return {node.name}
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return {(a.asname or a.name).split(".")[0] for a in node.names}
-    if isinstance(node, (ast.Assign, ast.AnnAssign)):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
-    return set()
-
-
 def _definitions_only(
     tree: ast.Module, path: str, name: str, package: str | None
 ) -> types.ModuleType:
@@ -226,15 +220,12 @@ def _definitions_only(
     module = _new_module(name + "_names", path, package)
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            setattr(module, node.name, _Named(node))
+            setattr(module, node.name, _Named())
     return module
 
 
 class _Named:
     """A top-level class or function of a file, by name only (never run)."""
-
-    def __init__(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
-        self.is_class = isinstance(node, ast.ClassDef)
 
 
 def _new_module(name: str, path: str, package: str | None) -> types.ModuleType:

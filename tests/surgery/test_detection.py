@@ -23,10 +23,6 @@ DETECTOR = "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn"
 KWARGS = {"num_classes": 5, "box_score_thresh": 0.0}  # every box kept: a real comparison
 
 
-def _detections(out: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    return torch.cat([torch.cat([d["boxes"].flatten(), d["scores"]]) for d in out])
-
-
 def test_detection_model_prunes_its_backbone_and_box_head_exactly(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = surgery.build_arch(DETECTOR, KWARGS).double().eval()  # no backbone download
@@ -44,9 +40,9 @@ def test_detection_model_prunes_its_backbone_and_box_head_exactly(tmp_path: Path
     assert pruned.rpn.head.cls_logits.in_channels == 256
 
     images = [torch.rand(3, 128, 160, dtype=torch.float64)]
-    ref = _detections(zoo.reference_output(model, plan, images))
+    ref = zoo.detections(zoo.reference_output(model, plan, images))
     with torch.no_grad():
-        got = _detections(pruned(images))
+        got = zoo.detections(pruned(images))
     assert got.shape == ref.shape and ref.numel() >= 100
     assert (got - ref).abs().max().item() < 1e-9
 
@@ -54,7 +50,7 @@ def test_detection_model_prunes_its_backbone_and_box_head_exactly(tmp_path: Path
     surgery.save(path, pruned, arch=DETECTOR, arch_kwargs=KWARGS)
     back = surgery.load(path).double().eval()
     with torch.no_grad():
-        torch.testing.assert_close(_detections(back(images)), got, rtol=0, atol=1e-12)
+        torch.testing.assert_close(zoo.detections(back(images)), got, rtol=0, atol=1e-12)
 
     back.train()  # a fine-tuning step on the pruned detector
     target = {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])}

@@ -184,6 +184,11 @@ def _layer_norm_hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> 
     return y.movedim(-1, axis)
 
 
+def detections(out: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """A detection model's output as one tensor: every image's boxes, then its scores."""
+    return torch.cat([torch.cat([d["boxes"].flatten(), d["scores"]]) for d in out])
+
+
 def _logits(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
