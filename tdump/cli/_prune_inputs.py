@@ -7,6 +7,9 @@ Examples
 ((3, 32, 32), '--input-shape')
 >>> known_input_shape(None, None, "the ranks name no dump")
 (None, 'the ranks name no dump')
+>>> from torch import nn
+>>> print(flops_input_shape((None, "the dump d.zarr records no input shape"), nn.Conv2d(1, 2, 3))[2])
+FLOPs use the fallback input shape 1x224x224: the dump d.zarr records no input shape; give the shape with --input-shape C,H,W
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["flops_input_shape", "known_input_shape", "more_inputs"]
+
+# ends a ``why`` whose dump was read and held no shape (e.g. a detector, called with a
+# list of images): the fallback's note then offers --input-shape alone
+_NO_SHAPE_IN_DUMP = " records no input shape"
 
 
 def known_input_shape(
@@ -35,7 +42,7 @@ def known_input_shape(
         except TdumpError as exc:  # a damaged dump only means no shape: said below
             recorded, why = None, f"the dump {dump} cannot be read ({exc})"
         else:
-            why = f"the dump {dump} records no input shape"
+            why = f"the dump {dump}{_NO_SHAPE_IN_DUMP}"
         if recorded:
             return tuple(recorded), f"the shape recorded in {dump}"
     return None, why
@@ -57,10 +64,11 @@ def flops_input_shape(
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     fallback = (int(first.in_channels) if first is not None else 3, 224, 224)
     text = "x".join(map(str, fallback))
-    note = (
-        f"FLOPs use the fallback input shape {text}: {why}; give the dump with --dump DUMP "
-        "or the shape with --input-shape C,H,W"
-    )
+    if why.endswith(_NO_SHAPE_IN_DUMP):  # the dump was read: another --dump would not help
+        fix = "give the shape with --input-shape C,H,W"
+    else:
+        fix = "give the dump with --dump DUMP or the shape with --input-shape C,H,W"
+    note = f"FLOPs use the fallback input shape {text}: {why}; {fix}"
     return fallback, f"the fallback shape {text}", note
 
 

@@ -40,7 +40,48 @@ class _RecordCommand(TdumpCommand):
             # ctx.fail: the UsageError of whichever click typer runs on (typer 0.28 vendors
             # its own), so the usage block and exit status 2 match prune's
             ctx.fail(f"No such option: {name}{hint}")
+        if isinstance(script, str):
+            own = _own_option_after_script(given, script, ctx.params.get("args") or [], self, ctx)
+            if own is not None:
+                ctx.fail(
+                    f"{own} after SCRIPT goes to {script}, not to tdump record; put it before "
+                    f"SCRIPT (tdump record {own} ... {script}), or after -- if {script} takes "
+                    f"{own} itself (tdump record {script} -- {own} ...)"
+                )
         return rest
+
+
+def _own_option_after_script(
+    given: list[str], script: str, script_args: list[str], command: Any, ctx: Any
+) -> str | None:
+    """The first of record's own options written after SCRIPT and before ``--``, if any.
+
+    Such a word goes to the script (``allow_interspersed_args=False``), so
+    ``tdump record train.py --interval 1`` would silently save every 100th step; and
+    ``tdump loop train.py --interval 1`` reads it as tdump's. Neither reading is safe to
+    guess, so the word is refused. ``--help`` is left to the script.
+    """
+    for i in range(len(given) - 1, -1, -1):
+        if given[i] != script:
+            continue
+        tail = given[i + 1 :]
+        before_dashes = tail[: tail.index("--")] if "--" in tail else tail
+        if "--" in tail:
+            tail = before_dashes + tail[len(before_dashes) + 1 :]
+        if tail == list(script_args):
+            break
+    else:
+        return None
+    opts = {
+        o for p in command.get_params(ctx) for o in (*p.opts, *p.secondary_opts) if o != "--help"
+    }
+    for word in before_dashes:
+        name = word.split("=", 1)[0]
+        if name in opts:
+            return name
+        if not word.startswith("--") and word[:2] in opts:  # -n1: a short option and its value
+            return word[:2]
+    return None
 
 
 def register(app: typer.Typer) -> None:

@@ -230,11 +230,40 @@ def test_mistyped_option_is_an_unknown_option_not_a_script(
     assert not marker.exists() and not (tmp_path / "d.zarr").exists()
 
 
+@pytest.mark.parametrize(
+    ("after", "name"),
+    [(["--interval", "1"], "--interval"), (["-n1"], "-n"), (["--epochs", "2", "--out=x"], "--out")],
+)
+def test_own_option_after_script_is_refused_not_passed_on(
+    tmp_path: Path, after: list[str], name: str
+) -> None:
+    """`tdump record train.py --interval 1` once gave --interval to the script and saved every
+    100th step; `tdump loop` reads the same order as tdump's. Refused, both fixes named,
+    exit 2, the script never runs and nothing is written."""
+    marker = tmp_path / "ran"
+    script = tmp_path / "s.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    proc = _record("--out", str(tmp_path / "d.zarr"), str(script), *after)
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert errors == [
+        f"Error: {name} after SCRIPT goes to {script}, not to tdump record; put it before "
+        f"SCRIPT (tdump record {name} ... {script}), or after -- if {script} takes {name} "
+        f"itself (tdump record {script} -- {name} ...)"
+    ], proc.stderr
+    assert not marker.exists() and not (tmp_path / "d.zarr").exists()
+
+
 def test_script_options_pass_through_with_and_without_dashes(tmp_path: Path) -> None:
-    """Options after SCRIPT are the script's own, whether or not `--` comes first."""
+    """Options after SCRIPT are the script's own, whether or not `--` comes first (record's
+    own option names only after `--`: above)."""
     script = tmp_path / "args.py"
     script.write_text("import sys\nprint('ARGV', sys.argv[1:])\n")
-    for args in (["--epochs", "2", "--intervall", "5"], ["--", "--epochs", "2", "-n", "1"]):
+    for args in (
+        ["--epochs", "2", "--intervall", "5"],
+        ["--", "--epochs", "2", "-n", "1"],
+        ["--epochs", "2", "--", "--out", "x.pt"],
+    ):
         proc = _record("--out", str(tmp_path / "d.zarr"), "-n", "3", str(script), *args)
         assert proc.returncode == 0, proc.stderr
         shown = [a for a in args if a != "--"]
