@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -34,7 +33,6 @@ import torch
 from torch import nn
 
 from tdump._control import POLL_SECONDS
-from tdump._format import grad_name, output_name
 from tdump.capture._args import check_module, described, loss_module_for, scalar_value
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
@@ -51,7 +49,7 @@ from tdump.capture._model import (
     unwrap,
 )
 from tdump.capture._out import Existing, module_differences, open_store, prepare_out
-from tdump.capture._selection import by_type, check_selection, computes_a_tensor
+from tdump.capture._selection import Selection, by_type, check_selection, computes_a_tensor
 from tdump.capture._step import SavedStep
 from tdump.capture._writer import BackgroundWriter, PendingRecord
 from tdump.errors import ConfigError, TdumpError
@@ -59,8 +57,6 @@ from tdump.errors import ConfigError, TdumpError
 __all__ = ["Hook", "active_hooks", "record_loss"]
 
 log = logging.getLogger("tdump.capture")
-#: An output of a module call, its gradient or its Taylor term: ``<module>.output_<k>[.grad|.taylor]``.
-_OUTPUT = re.compile(r"^(?P<module>.+)\.output_\d+(?:\.grad|\.taylor)?$")
 _HOOKS: weakref.WeakSet[Hook] = weakref.WeakSet()
 _STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Records a provisional (held) hook keeps in memory before it commits to its model.
@@ -166,10 +162,9 @@ class Hook(StepLifecycle):
         self._enabled = True
         self._closed = False
         self._dtype = _STORE_DTYPES.get(config.storage_dtype or "")
-        self._sel: dict[tuple[str, str], bool] = {}
-        #: Modules whose outputs ``include_activations`` selects in the registered model:
-        #: its activation modules, or its convs and norms when :attr:`preactivations`.
-        self._by_type_paths: frozenset[str] = frozenset()
+        #: What is saved; with ``include_activations``, its activation modules' outputs
+        #: in the registered model (its convs and norms when :attr:`preactivations`).
+        self._sel = Selection(config)
         #: True when the model has convs but no activation module (``F.relu`` instead), so
         #: ``include_activations`` selects the conv and norm outputs (pre-activations).
         self.preactivations = False
@@ -224,9 +219,9 @@ class Hook(StepLifecycle):
                 "this hook is already registered on another module; use one hook per model"
             )
         if self.config.include_activations:
-            self._by_type_paths, self.preactivations = by_type(root)
-            self._sel.clear()
-        check_selection(self.config, root, bool(self._by_type_paths))  # refused: unregistered
+            paths, self.preactivations = by_type(root)
+            self._sel = Selection(self.config, paths)
+        check_selection(self.config, root, bool(self._sel.by_type_paths))  # refused: unregistered
         self._root = root
         if self._held is None:
             try:
@@ -238,7 +233,7 @@ class Hook(StepLifecycle):
         self._candidates = [
             (p, m)
             for p, m in root.named_modules()
-            if p and self._module_selected(p) and not computes_a_tensor(p)
+            if p and self._sel.module(p) and not computes_a_tensor(p)
         ]
         install_sigterm()  # SIGTERM commits what is queued, like SIGINT (docs/capture.md)
         self._handles.append(root.register_forward_pre_hook(self._guard(self._root_pre)))
@@ -420,30 +415,6 @@ class Hook(StepLifecycle):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ selection
-    def _selected(self, name: str, collection: str) -> bool:
-        key = (name, collection)
-        hit = self._sel.get(key)
-        if hit is None:
-            act = _OUTPUT.match(name) if self._by_type_paths else None
-            of_activation = act is not None and act["module"] in self._by_type_paths
-            hit = self._sel[key] = self.config.selects(
-                name, collection, of_activation=of_activation
-            )
-        return hit
-
-    def _module_selected(self, path: str) -> bool:
-        red = self.config.reduction == "taylor"
-        for k in range(4):
-            name = output_name(path, k)
-            if self._selected(name, "activations") or self._selected(
-                grad_name(name), "activation_gradients"
-            ):
-                return True
-            if red and self._selected(name + ".taylor", "activation_gradients"):
-                return True
-        return False
 
     # ------------------------------------------------------------------ errors
     def _guard(self, fn: Callable[..., Any]) -> Guarded:

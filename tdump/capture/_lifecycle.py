@@ -21,7 +21,7 @@ from tdump._control import POLL_SECONDS, StopRequest, read_stop_request
 from tdump.capture._config import HookConfig
 from tdump.capture._exit import TrainingStopped
 from tdump.capture._model import first_tensor, fx_tracing
-from tdump.capture._selection import leaf_modules
+from tdump.capture._selection import Selection, leaf_modules
 from tdump.capture._step import SavedStep
 from tdump.capture._writer import BackgroundWriter, PendingRecord
 
@@ -49,13 +49,11 @@ class StepLifecycle:
     _uniform: bool
     _all: frozenset[str] | None
     _candidates: list[tuple[str, nn.Module]]
+    _sel: Selection
     _dtype: torch.dtype | None
     _writer: BackgroundWriter
     _next_poll: float
     clock: Callable[[], float]
-
-    def _selected(self, name: str, collection: str) -> bool:
-        raise NotImplementedError
 
     def _guard(self, fn: Any) -> Any:
         raise NotImplementedError
@@ -151,7 +149,7 @@ class StepLifecycle:
             step,
             colls,
             trace=mode not in self._traced,
-            selected=self._selected,
+            selected=self._sel,
             guard=self._guard,
             reduction=self.config.reduction,
             dtype=self._dtype,

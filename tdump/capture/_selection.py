@@ -27,7 +27,50 @@ from tdump._modtypes import (
 from tdump.capture._config import HookConfig
 from tdump.errors import SelectionError
 
-__all__ = ["by_type", "check_selection", "computes_a_tensor", "leaf_modules"]
+__all__ = ["Selection", "by_type", "check_selection", "computes_a_tensor", "leaf_modules"]
+
+#: An output of a module call, its gradient or its Taylor term: ``<module>.output_<k>[.grad|.taylor]``.
+_OUTPUT = re.compile(r"^(?P<module>.+)\.output_\d+(?:\.grad|\.taylor)?$")
+
+
+class Selection:
+    """Whether ``config`` selects a tensor, asked once per name (the hook asks at every call).
+
+    ``by_type_paths``: the modules whose outputs ``include_activations`` selects in the
+    registered model (:func:`by_type`).
+
+    >>> sel = Selection(HookConfig(out="memory://x", include_regex=".*conv.*"))
+    >>> sel("conv1.output_0", "activations"), sel.module("conv1"), sel.module("fc")
+    (True, True, False)
+    """
+
+    def __init__(self, config: HookConfig, by_type_paths: frozenset[str] = frozenset()) -> None:
+        self.config = config
+        self.by_type_paths = by_type_paths
+        self._known: dict[tuple[str, str], bool] = {}
+
+    def __call__(self, name: str, collection: str) -> bool:
+        """Whether the tensor ``name`` of ``collection`` is saved."""
+        key = (name, collection)
+        hit = self._known.get(key)
+        if hit is None:
+            act = _OUTPUT.match(name) if self.by_type_paths else None
+            of_activation = act is not None and act["module"] in self.by_type_paths
+            hit = self._known[key] = self.config.selects(
+                name, collection, of_activation=of_activation
+            )
+        return hit
+
+    def module(self, path: str) -> bool:
+        """Whether any output of the module at ``path`` (or its gradient) is saved."""
+        taylor = self.config.reduction == "taylor"
+        for k in range(4):
+            name = output_name(path, k)
+            if self(name, "activations") or self(grad_name(name), "activation_gradients"):
+                return True
+            if taylor and self(name + ".taylor", "activation_gradients"):
+                return True
+        return False
 
 
 def by_type(root: nn.Module) -> tuple[frozenset[str], bool]:
