@@ -34,6 +34,7 @@ from tdump.surgery._arch import Builder, no_downloads, registered_archs
 
 __all__ = [
     "INFERRED_FROM",
+    "ArchGuess",
     "arch_for_type",
     "infer_image_size",
     "infer_kwargs",
@@ -243,9 +244,18 @@ def _public_names(archs: Mapping[str, Builder]) -> dict[int, str]:
     return best
 
 
+class ArchGuess(NamedTuple):
+    """:func:`arch_for_type`'s answer: the builder (``None`` unless exactly one fits), why,
+    and the builders that tie when several fit (sorted)."""
+
+    arch: str | None
+    why: str
+    tied: tuple[str, ...] = ()
+
+
 def arch_for_type(
     type_name: str, state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any]
-) -> tuple[str | None, str]:
+) -> ArchGuess:
     """The registered builder that makes a ``type_name`` model matching ``state``, and why.
 
     ``type_name`` is a recorded model's class (a dump's ``modules[""].type``, e.g.
@@ -253,13 +263,14 @@ def arch_for_type(
     class's module (or the class itself); each is built without weights (meta device) and
     kept when its state_dict has the same keys, and shapes equal to (or, for a pruned
     state_dict, not smaller than) the checkpoint's. Returns ``(None, reason)`` unless
-    exactly one fits; the reason says when candidates raised while being built.
+    exactly one fits (with ``tied`` when several do); the reason says when candidates
+    raised while being built.
 
     Examples
     --------
     >>> import torchvision
     >>> sd = torchvision.models.resnet34(num_classes=5).state_dict()
-    >>> arch_for_type("torchvision.models.resnet.ResNet", sd, {})[0]
+    >>> arch_for_type("torchvision.models.resnet.ResNet", sd, {}).arch
     'torchvision.models.resnet34'
     """
     module = type_name.rpartition(".")[0]
@@ -272,7 +283,7 @@ def arch_for_type(
         if own == type_name or (own is None and getattr(fn, "__module__", None) == module):
             seen.setdefault(id(fn), fn)
     if not seen:
-        return None, "no registered builder makes it"
+        return ArchGuess(None, "no registered builder makes it")
     exact, fits, failed = [], [], []
     keys = set(state)
     got = {k: tuple(v.shape) for k, v in state.items()}
@@ -295,14 +306,20 @@ def arch_for_type(
             fits.append(names[key])
     if len(exact) == 1 or (not exact and len(fits) == 1):
         picked = (exact or fits)[0]
-        return picked, f"the recorded model is a {type_name} and {picked} matches the state_dict"
+        return ArchGuess(
+            picked, f"the recorded model is a {type_name} and {picked} matches the state_dict"
+        )
     if exact or fits:
-        return None, f"several builders match: {', '.join(sorted(exact or fits))}"
+        tied = tuple(sorted(exact or fits))
+        return ArchGuess(None, f"several builders match: {', '.join(tied)}", tied)
     if failed:
         rest = len(seen) - len(failed)
         others = f"; the other {rest} do not have the state_dict's keys and shapes" if rest else ""
-        return None, (
+        return ArchGuess(
+            None,
             f"{len(failed)} of {len(seen)} candidate builders raised when built to compare "
-            f"(e.g. {sorted(failed)[0]}){others}"
+            f"(e.g. {sorted(failed)[0]}){others}",
         )
-    return None, f"none of {len(seen)} candidate builders has the state_dict's keys and shapes"
+    return ArchGuess(
+        None, f"none of {len(seen)} candidate builders has the state_dict's keys and shapes"
+    )

@@ -204,22 +204,19 @@ def _choose_arch(
             return info.arch, check_kwargs(arch_kwargs, "--arch-kwargs", from_file=False), False
         return info.arch, check_kwargs(info.arch_kwargs, source, from_file=True), False
     if model_type:
-        found, why = arch_for_type(model_type, sd, arch_kwargs or {})
+        guess = arch_for_type(model_type, sd, arch_kwargs or {})
         wrapped = common_prefix(sd)
-        if found is None and wrapped:  # a wrapper's keys (``model.`` of a LightningModule)
-            unwrapped, why_unwrapped = arch_for_type(
-                model_type, strip_prefix(sd, wrapped), arch_kwargs or {}
-            )
-            if unwrapped is not None:
-                found, why = unwrapped, f"{why_unwrapped}, its keys under {wrapped!r}"
-        if found is not None:
-            notes.append(f"architecture {found} inferred ({why})")
-            return found, dict(arch_kwargs or {}), False
-        tied = why.startswith("several builders match: ")  # name one of them as the example
-        example = why.split(": ", 1)[1].split(", ")[0] if tied else "torchvision.models.resnet18"
+        if guess.arch is None and wrapped:  # a wrapper's keys (``model.`` of a LightningModule)
+            unwrapped = arch_for_type(model_type, strip_prefix(sd, wrapped), arch_kwargs or {})
+            if unwrapped.arch is not None:
+                guess = unwrapped._replace(why=f"{unwrapped.why}, its keys under {wrapped!r}")
+        if guess.arch is not None:
+            notes.append(f"architecture {guess.arch} inferred ({guess.why})")
+            return guess.arch, dict(arch_kwargs or {}), False
+        example = guess.tied[0] if guess.tied else "torchvision.models.resnet18"
         raise CheckpointError(
             f"{path} is a plain state_dict and tdump cannot tell which registered builder of the "
-            f"recorded model type {model_type} made it ({why}); pass --arch: a registered name "
+            f"recorded model type {model_type} made it ({guess.why}); pass --arch: a registered name "
             f"(e.g. --arch {example}), or your class or a function that builds the model "
             "(e.g. --arch train.py:Net, --arch train.py:build_model; in Python arch=Net)"
         )

@@ -79,8 +79,8 @@ def test_builders_that_raise_are_said() -> None:
     from tdump.surgery._arch_fit import arch_for_type
 
     sd = torchvision.models.regnet_x_400mf(num_classes=10).state_dict()
-    found, why = arch_for_type("torchvision.models.regnet.RegNet", sd, {"no_such_kwarg": 1})
-    assert found is None
+    found, why, tied = arch_for_type("torchvision.models.regnet.RegNet", sd, {"no_such_kwarg": 1})
+    assert found is None and tied == ()
     assert "candidate builders raised when built to compare" in why and "no_such_kwarg" in why
     assert "keys and shapes" not in why
 

@@ -85,5 +85,5 @@ def test_recorded_vit_class_finds_builder_and_size() -> None:
     with torch.device("meta"):  # shapes only: no 350 MB of weights
         sd = torchvision.models.vit_b_32(image_size=64, num_classes=10).state_dict()
     assert infer_image_size(torchvision.models.vit_b_32, {}, sd) == 64
-    name, why = arch_for_type("torchvision.models.vision_transformer.VisionTransformer", sd, {})
-    assert name == "torchvision.models.vit_b_32", why
+    guess = arch_for_type("torchvision.models.vision_transformer.VisionTransformer", sd, {})
+    assert guess.arch == "torchvision.models.vit_b_32", guess.why

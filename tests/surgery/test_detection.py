@@ -156,6 +156,15 @@ def test_inferring_a_detectors_architecture_downloads_nothing(tmp_path: Path) ->
         in text
     )
     assert "URLError" not in text and "raised when built" not in text
+    from tdump.surgery._arch_fit import arch_for_type
+
+    guess = arch_for_type(
+        "torchvision.models.detection.faster_rcnn.FasterRCNN", model.state_dict(), {}
+    )
+    assert guess.arch is None and guess.tied == (
+        "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn",
+        "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn",
+    )
     assert (
         "pass --arch: a registered name (e.g. --arch torchvision.models.detection.fasterrcnn_"
         in text
