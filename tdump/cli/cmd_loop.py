@@ -19,6 +19,29 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 
+class _LoopCommand(TdumpCommand):
+    """An unknown option that is no near miss of the loop's own is likely the script's:
+    the error says that the script's options go after ``--``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        rest: list[str] = []
+        try:
+            rest = super().parse_args(ctx, args)
+        except Exception as exc:  # click's NoSuchOption, from whichever click typer runs on
+            name = getattr(exc, "option_name", None)
+            if (
+                type(exc).__name__ != "NoSuchOption"
+                or not name
+                or getattr(exc, "possibilities", None)
+            ):
+                raise
+            ctx.fail(
+                f"No such option: {name} (if the training script takes {name}, put it "
+                f"after --: tdump loop SCRIPT [OPTIONS] -- {name} ...)"
+            )
+        return rest
+
+
 class _LiveEvents:
     """One line per stage, and a live table of rounds with the running stage's clock."""
 
@@ -146,7 +169,7 @@ def _further_note(experiment: str, stored: dict[str, Any], rows: list[dict[str, 
 def register(app: typer.Typer) -> None:
     """Add the command to ``app``."""
 
-    @app.command("loop", cls=TdumpCommand)
+    @app.command("loop", cls=_LoopCommand)
     def loop_cmd(
         ctx: typer.Context,
         script: str | None = typer.Argument(

@@ -77,6 +77,21 @@ def test_arch_that_cannot_be_found_fails_before_round_0(tmp_path: Path) -> None:
     assert not exp.exists() and not (tmp_path / "TRAINED").exists()
 
 
+def test_script_option_before_dashes_says_where_it_goes(tmp_path: Path) -> None:
+    """`tdump loop train.py --epochs 2`: click's usage error (exit 2) says the script's
+    options go after `--`; a near miss of the loop's own keeps click's suggestion."""
+    exp = tmp_path / "exp"
+    proc = run_tdump("loop", TRAIN, "--epochs", "2", "--experiment", str(exp))
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert proc.returncode == 2 and errors == [
+        "Error: No such option: --epochs (if the training script takes --epochs, put it "
+        "after --: tdump loop SCRIPT [OPTIONS] -- --epochs ...)"
+    ], proc.stderr
+    proc = run_tdump("loop", TRAIN, "--round", "2", "--experiment", str(exp))
+    assert "No such option: --round (Possible options: --count, --rounds)" in proc.stderr
+    assert proc.returncode == 2 and not exp.exists()
+
+
 def test_stop_expression_semantics() -> None:
     cond = parse_stop("not (accuracy_drop > 0.1) and 0.2 <= params_ratio < 0.5 or round >= 7")
     assert cond.evaluate({"accuracy_drop": 0.05, "params_ratio": 0.3, "round": 1}) is True
