@@ -272,7 +272,9 @@ class BackgroundWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._store: StoreWriter | None = None
         self._compression = compression
-        self._compressors: dict[str | None, Any] = {}  # per collection
+        self._compressors: dict[
+            tuple[str | None, bool], Any
+        ] = {}  # per collection, bfloat16 or not
         self._tensor_codecs: dict[tuple[str, str], Any] = {}  # "auto": per tensor, once
         self._storage_dtype = storage_dtype
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
@@ -444,11 +446,14 @@ class BackgroundWriter:
             if self._storage_dtype is not None and e.value.is_floating_point():
                 attrs["storage_dtype"] = self._storage_dtype
             coll = attrs.get("collection")
-            if coll not in self._compressors:
-                self._compressors[coll] = make_compressors(
-                    self._compression, coll, self._storage_dtype
+            # a bfloat16 tensor (autocast) is stored as float32 with two zero bytes per
+            # value, as storage_dtype="bfloat16" stores any: the same byte-shuffled codec
+            bf16 = e.value.dtype == torch.bfloat16
+            if (coll, bf16) not in self._compressors:
+                self._compressors[coll, bf16] = make_compressors(
+                    self._compression, coll, "bfloat16" if bf16 else self._storage_dtype
                 )
-            compressors = self._compressors[coll]
+            compressors = self._compressors[coll, bf16]
             if compressors is not None and self._compression == "auto":
                 key = (rec.mode, e.name)
                 if key not in self._tensor_codecs:

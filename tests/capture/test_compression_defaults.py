@@ -173,3 +173,36 @@ def test_bfloat16_storage_halves_the_bytes_of_every_collection(tmp_path: Path) -
     want = model[3].weight.detach().to(torch.bfloat16).float().numpy()  # torch's own rounding
     np.testing.assert_array_equal(np.asarray(r.array("train", "3.weight")[0]), want)
     assert r.tensor_attrs("train", "3.weight")["storage_dtype"] == "bfloat16"
+
+
+def test_autocast_bfloat16_outputs_get_the_byte_shuffled_codec(tmp_path: Path) -> None:
+    """Under CPU autocast a conv's output and its gradient are bfloat16: stored as float32
+    whose two low bytes are zero, so "auto" gives them byte-shuffled LZ4 (as for
+    storage_dtype="bfloat16"), not the activations' plain LZ4. Values exact; the bytes
+    checked against the plain codec on the same array, encoded here by numcodecs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 36, 4))
+    out = str(tmp_path / "amp.zarr")
+    hook = Hook(out, include_regex=r"0\.output_0|1\.output_0", save_interval=1)
+    hook.register_module(model)
+    seen: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(8, 3, 8, 8))
+    y.float().sum().backward()
+    hook.close()
+    assert seen[0].dtype == torch.bfloat16
+    r = StoreReader(out)
+    over_plain = {}
+    for name in ("0.output_0", "0.output_0.grad"):
+        assert r.tensor_attrs("train", name)["source_dtype"] == "bfloat16", name
+        assert _codec(r, name) == "lz4-shuffle", name
+        stored = np.ascontiguousarray(np.asarray(r.array("train", name)[0]))
+        assert (stored.view(np.uint32) & 0xFFFF).max() == 0  # bfloat16 values, exactly
+        plain = len(Blosc("lz4", 5, Blosc.NOSHUFFLE).encode(stored))
+        over_plain[name] = sum(r.record_sizes("train", name).values()) / plain
+    # dense values: the zero bytes were most of what the plain codec could not shrink
+    assert over_plain["0.output_0"] < 0.75 and over_plain["0.output_0.grad"] < 0.9, over_plain
+    np.testing.assert_array_equal(
+        np.asarray(r.array("train", "0.output_0")[0]), seen[0].float().numpy()
+    )
