@@ -129,6 +129,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run SCRIPT under capture: finds the model, loss and optimizer steps by itself.
 
+        tdump's options go before SCRIPT, the script's own after it (or after --).
         An --out that already holds a dump is refused unless --append or --overwrite.
 
         Example: tdump record --out run.zarr --interval 50 train.py -- --epochs 1
