@@ -272,9 +272,8 @@ class BackgroundWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._store: StoreWriter | None = None
         self._compression = compression
-        self._compressors: dict[
-            tuple[str | None, bool], Any
-        ] = {}  # per collection, bfloat16 or not
+        # per collection, and whether the tensor is bfloat16
+        self._compressors: dict[tuple[str | None, bool], Any] = {}
         self._tensor_codecs: dict[tuple[str, str], Any] = {}  # "auto": per tensor, once
         self._storage_dtype = storage_dtype
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
