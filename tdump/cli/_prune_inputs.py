@@ -6,9 +6,10 @@ Examples
 >>> known_input_shape((3, 32, 32), None, "no dump")
 ((3, 32, 32), '--input-shape')
 >>> known_input_shape(None, None, "the ranks name no dump")
-(None, 'the ranks name no dump')
+(None, 'the ranks name no dump; give the dump with --dump DUMP or the shape with --input-shape C,H,W')
 >>> from torch import nn
->>> print(flops_input_shape((None, "the dump d.zarr records no input shape"), nn.Conv2d(1, 2, 3))[2])
+>>> print(flops_input_shape((None, "the dump d.zarr records no input shape; " + _ONLY_SHAPE),
+...                         nn.Conv2d(1, 2, 3))[2])
 FLOPs use the fallback input shape 1x224x224: the dump d.zarr records no input shape; give the shape with --input-shape C,H,W
 """
 
@@ -18,9 +19,10 @@ from typing import Any
 
 __all__ = ["flops_input_shape", "known_input_shape", "more_inputs"]
 
-# ends a ``why`` whose dump was read and held no shape (e.g. a detector, called with a
-# list of images): the fallback's note then offers --input-shape alone
-_NO_SHAPE_IN_DUMP = " records no input shape"
+#: The remedy when a dump was read and held no shape (a detector, called with a list of
+#: images): another --dump would not help.
+_ONLY_SHAPE = "give the shape with --input-shape C,H,W"
+_DUMP_OR_SHAPE = "give the dump with --dump DUMP or the shape with --input-shape C,H,W"
 
 
 def known_input_shape(
@@ -28,11 +30,12 @@ def known_input_shape(
 ) -> tuple[tuple[int, ...] | None, str]:
     """``--input-shape`` (parsed), else the recorded input's (from ``dump``), and where from.
 
-    Without either, ``None`` and why not (``why_none``: why there is no dump to read).
+    Without either, ``None`` and why not, with what to give (``why_none``: why there
+    is no dump to read).
     """
     if shape:
         return shape, "--input-shape"
-    why = why_none
+    why = f"{why_none}; {_DUMP_OR_SHAPE}"
     if dump is not None:
         from tdump.errors import TdumpError
         from tdump.surgery._input_shape import recorded_input_shape
@@ -40,9 +43,9 @@ def known_input_shape(
         try:
             recorded = recorded_input_shape(dump)
         except TdumpError as exc:  # a damaged dump only means no shape: said below
-            recorded, why = None, f"the dump {dump} cannot be read ({exc})"
+            recorded, why = None, f"the dump {dump} cannot be read ({exc}); {_DUMP_OR_SHAPE}"
         else:
-            why = f"the dump {dump}{_NO_SHAPE_IN_DUMP}"
+            why = f"the dump {dump} records no input shape; {_ONLY_SHAPE}"
         if recorded:
             return tuple(recorded), f"the shape recorded in {dump}"
     return None, why
@@ -64,11 +67,7 @@ def flops_input_shape(
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     fallback = (int(first.in_channels) if first is not None else 3, 224, 224)
     text = "x".join(map(str, fallback))
-    if why.endswith(_NO_SHAPE_IN_DUMP):  # the dump was read: another --dump would not help
-        fix = "give the shape with --input-shape C,H,W"
-    else:
-        fix = "give the dump with --dump DUMP or the shape with --input-shape C,H,W"
-    note = f"FLOPs use the fallback input shape {text}: {why}; {fix}"
+    note = f"FLOPs use the fallback input shape {text}: {why}"
     return fallback, f"the fallback shape {text}", note
 
 
