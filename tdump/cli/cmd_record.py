@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from tdump.cli._help import TdumpCommand
+from tdump.cli._help import AFTER_DASHES, TdumpCommand
 
 __all__ = ["register"]
 
@@ -31,17 +31,21 @@ class _RecordCommand(TdumpCommand):
         given = list(args)
         rest: list[str] = super().parse_args(ctx, args)
         script = ctx.params.get("script")
+        opts = [o for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts)]
         looks_like_option = isinstance(script, str) and script.startswith("-") and script != "-"
         if looks_like_option and not ("--" in given and given.index("--") < given.index(script)):
             name = script.split("=", 1)[0]
-            opts = [o for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts)]
             close = difflib.get_close_matches(name, [o for o in opts if o.startswith("--")])
             hint = f" (Possible options: {', '.join(sorted(close))})" if close else ""
             # ctx.fail: the UsageError of whichever click typer runs on (typer 0.28 vendors
             # its own), so the usage block and exit status 2 match prune's
             ctx.fail(f"No such option: {name}{hint}")
         if isinstance(script, str):
-            own = _own_option_after_script(given, script, ctx.params.get("args") or [], self, ctx)
+            own = _own_option_after_script(
+                list(ctx.params.get("args") or []),
+                ctx.meta.get(AFTER_DASHES),
+                {o for o in opts if o != "--help"},  # --help is left to the script
+            )
             if own is not None:
                 ctx.fail(
                     f"{own} after SCRIPT goes to {script}, not to tdump record; put it before "
@@ -52,30 +56,26 @@ class _RecordCommand(TdumpCommand):
 
 
 def _own_option_after_script(
-    given: list[str], script: str, script_args: list[str], command: Any, ctx: Any
+    script_args: list[str], after_dashes: list[str] | None, opts: set[str]
 ) -> str | None:
-    """The first of record's own options written after SCRIPT and before ``--``, if any.
+    """The first of record's own options (``opts``) written after SCRIPT and before ``--``.
 
     Such a word goes to the script (``allow_interspersed_args=False``), so
     ``tdump record train.py --interval 1`` would silently save every 100th step; and
     ``tdump loop train.py --interval 1`` reads it as tdump's. Neither reading is safe to
-    guess, so the word is refused. ``--help`` is left to the script.
+    guess, so the word is refused. ``after_dashes``: the words after the command line's
+    ``--`` (:data:`~tdump.cli._help.AFTER_DASHES`), which end ``script_args`` when that
+    ``--`` follows SCRIPT.
+
+    >>> _own_option_after_script(["--epochs", "2", "-n1"], None, {"-n", "--interval"})
+    '-n'
+    >>> _own_option_after_script(["--interval", "1"], ["--interval", "1"], {"--interval"})
     """
-    for i in range(len(given) - 1, -1, -1):
-        if given[i] != script:
-            continue
-        tail = given[i + 1 :]
-        before_dashes = tail[: tail.index("--")] if "--" in tail else tail
-        if "--" in tail:
-            tail = before_dashes + tail[len(before_dashes) + 1 :]
-        if tail == list(script_args):
+    if after_dashes is not None and len(after_dashes) <= len(script_args):
+        script_args = script_args[: len(script_args) - len(after_dashes)]
+    for word in script_args:
+        if word == "--":  # a second ``--``, after one before SCRIPT: the rest is the script's
             break
-    else:
-        return None
-    opts = {
-        o for p in command.get_params(ctx) for o in (*p.opts, *p.secondary_opts) if o != "--help"
-    }
-    for word in before_dashes:
         name = word.split("=", 1)[0]
         if name in opts:
             return name
