@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tdump._control import POLL_SECONDS
+from tdump.capture._amp import check_scaler
 from tdump.capture._args import check_module, described, loss_module_for, scalar_value
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
@@ -144,6 +145,7 @@ class Hook(StepLifecycle):
         self._candidates: list[tuple[str, nn.Module]] = []
         self._loss: nn.Module | None = None
         self._loss_path = "loss"
+        self._scaler: Any = None
         self._handles: list[Any] = []
         self._mode: str | None = config.mode
         self._next: dict[str, int] = {"train": 0, "eval": 0, "predict": 0}
@@ -286,6 +288,25 @@ class Hook(StepLifecycle):
         )
         if self.config.step_source != "optimizer":
             self.config = self.config.replace(step_source="optimizer")
+        return self
+
+    def register_scaler(self, scaler: torch.amp.GradScaler) -> Hook:
+        """Record gradients divided by ``scaler``'s loss scale, as ``scaler.unscale_`` would.
+
+        ``tdump record`` finds the script's scaler itself. Each saved step also records
+        the scale as ``scalars.grad_scale`` (docs/capture.md, "Mixed precision").
+
+        Raises
+        ------
+        ConfigError
+            ``scaler`` is not a ``torch.amp.GradScaler``.
+        """
+        if not check_scaler(scaler):
+            raise ConfigError(
+                f"register_scaler takes a torch.amp.GradScaler, not {described(scaler)}; "
+                "pass the scaler whose scale(loss) the training loop calls backward on"
+            )
+        self._scaler = scaler
         return self
 
     def optimizer_step(self) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tdump._control import POLL_SECONDS, StopRequest, read_stop_request
+from tdump.capture._amp import scale_of
 from tdump.capture._config import HookConfig
 from tdump.capture._exit import TrainingStopped
 from tdump.capture._model import first_tensor, fx_tracing
@@ -53,6 +54,8 @@ class StepLifecycle:
     _dtype: torch.dtype | None
     _writer: BackgroundWriter
     _next_poll: float
+    #: The script's GradScaler (``Hook.register_scaler``), or None.
+    _scaler: Any
     clock: Callable[[], float]
 
     def _guard(self, fn: Any) -> Any:
@@ -60,6 +63,9 @@ class StepLifecycle:
 
     def _submit(self, rec: PendingRecord) -> None:
         raise NotImplementedError
+
+    def _grad_scale(self) -> torch.Tensor | None:
+        return scale_of(self._scaler)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -155,6 +161,7 @@ class StepLifecycle:
             dtype=self._dtype,
             buffers=self._writer.buffers,
             channels_last=self._channels_last,
+            grad_scale=self._grad_scale,
         )
         self._cur = cur
         x = first_tensor(args)

@@ -13,7 +13,8 @@ The model is found by this rule (docs/capture.md, "How `tdump record` finds the 
   provisional pick leaves no trace in the store.
 
 The first top-level call of a ``torch.nn`` loss module is the loss; train steps are
-counted from optimizer steps. Once the first optimizer step is seen the global module
+counted from optimizer steps; the ``GradScaler`` that scales a loss (``scale`` is
+wrapped while the script runs) is the one whose scale gradients are divided by. Once the first optimizer step is seen the global module
 hooks are removed, so later steps cost what an explicit :class:`~tdump.capture.Hook`
 costs. A :class:`Hook` that the script creates itself takes precedence: auto capture
 then steps aside.
@@ -39,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tdump.capture._amp import ScalerWatch, check_scaler
 from tdump.capture._config import ALWAYS_ON, HookConfig
 from tdump.capture._exit import (
     Terminated,
@@ -88,6 +90,7 @@ class AutoCapture:
 
     def __init__(self, config: HookConfig, *, announce: bool = True) -> None:
         self.config = config.replace(step_source="optimizer")
+        self._scaler: Any = None  # the script's GradScaler, once it scales a loss
         self.hook = self._new_hook()
         self.announce = announce
         self._depth = 0
@@ -100,6 +103,7 @@ class AutoCapture:
             nn.modules.module.register_module_forward_hook(self._post, always_call=True),
         ]
         self._opt_handle: Any = register_optimizer_step_post_hook(self._opt_step)
+        self._scaler_watch: ScalerWatch | None = ScalerWatch(self._saw_scaler)
         self.active = True
         self.confirmed = False
         _AUTOS.add(self)
@@ -107,7 +111,15 @@ class AutoCapture:
     def _new_hook(self) -> Hook:
         hook = Hook.from_config(self.config, _auto=True)
         hook.hold()  # nothing is written until the pick is confirmed
+        if self._scaler is not None:
+            hook.register_scaler(self._scaler)
         return hook
+
+    def _saw_scaler(self, scaler: Any) -> None:
+        # called from GradScaler.scale on every iteration: cheap, and never raises
+        if scaler is not self._scaler and self.active and check_scaler(scaler):
+            self._scaler = scaler
+            self.hook.register_scaler(scaler)
 
     # -- the pick
     def _pick(self, root: nn.Module, called: nn.Module | None, args: tuple[Any, ...] = ()) -> None:
@@ -222,13 +234,19 @@ class AutoCapture:
             h.remove()
         self._module_handles.clear()
 
+    def _remove_global_hooks(self) -> None:
+        self._remove_module_hooks()
+        self._opt_handle.remove()
+        if self._scaler_watch is not None:
+            self._scaler_watch.remove()
+            self._scaler_watch = None
+
     def step_aside(self) -> None:
         """Stop auto capture (an explicit Hook is in charge)."""
         if not self.active:
             return
         self.active = False
-        self._remove_module_hooks()
-        self._opt_handle.remove()
+        self._remove_global_hooks()
         if self.confirmed:
             self.hook.close()
         else:
@@ -238,8 +256,7 @@ class AutoCapture:
         """Remove all global hooks and flush the dump."""
         was_active = self.active
         self.active = False
-        self._remove_module_hooks()
-        self._opt_handle.remove()
+        self._remove_global_hooks()
         if was_active and not self.confirmed and self.hook._root is not None:
             self._confirm(None)  # no optimizer step at all (an eval-only script)
         self.hook.close()
@@ -252,8 +269,7 @@ def _leave_in_child() -> None:
     # a forked child (a DataLoader worker) picks no model: its hook copy is off too
     for auto in list(_AUTOS):
         auto.active = False
-        auto._remove_module_hooks()
-        auto._opt_handle.remove()
+        auto._remove_global_hooks()
 
 
 in_forked_child(_leave_in_child)

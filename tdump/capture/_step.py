@@ -16,6 +16,7 @@ from torch import nn
 
 from tdump._format import grad_name, input_name, output_name, scalar_name
 from tdump._modtypes import is_elementwise_type, is_linear_type, type_name
+from tdump.capture._amp import unscale
 from tdump.capture._model import (
     channels_first,
     first_tensor,
@@ -50,6 +51,9 @@ class SavedStep:
         their last dim: a Linear's ``(batch, tokens, features)`` output and what
         element-wise modules make of it. A traced step fills it; later steps read it
         (reductions run over the other dims).
+    grad_scale
+        ``() -> scale or None``: the loss scale of the script's ``GradScaler`` now
+        (:mod:`tdump.capture._amp`); gradients are copied divided by it.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class SavedStep:
         dtype: torch.dtype | None,
         buffers: HostBuffers | None = None,
         channels_last: set[str] | None = None,
+        grad_scale: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         self.mode = mode
         self.step = step
@@ -76,6 +81,8 @@ class SavedStep:
         self.dtype = dtype
         self.buffers = buffers
         self.channels_last = channels_last if channels_last is not None else set()
+        self.grad_scale = grad_scale
+        self.scale_noted = False
         self.open = True
         #: Whether a backward pass reached this step's outputs or parameters (a forward
         #: without one, a dry run, is replaced by the next forward of the same step).
@@ -144,15 +151,23 @@ class SavedStep:
         module: str,
         extra: Mapping[str, Any] | None = None,
         reduced: bool = False,
+        gradient: bool = False,
     ) -> None:
         dtype = self.dtype if not reduced else None
+        source_dtype = t.dtype
+        scale = self.grad_scale() if gradient and self.grad_scale is not None else None
+        if scale is not None:
+            t = unscale(t, scale)
+            if not self.scale_noted:  # the step's record says what its gradients were divided by
+                self.scale_noted = True
+                self.scalar("grad_scale", scale)
         host = snapshot(t, dtype, None if reduced else self.buffers)
         stream = torch.cuda.current_stream(t.device) if t.is_cuda else None
         attrs = {
             "collection": coll,
             "kind": kind,
             "module": module,
-            "source_dtype": str(t.dtype).replace("torch.", ""),
+            "source_dtype": str(source_dtype).replace("torch.", ""),
             **(extra or {}),
         }
         with self.lock:
@@ -165,7 +180,7 @@ class SavedStep:
             self.backward_seen = True
             if p.grad is not None and self.open:
                 dims = param_dims(local, p.grad.dim())
-                self.add(gname, p.grad, dims, "gradients", "parameter_grad", module)
+                self.add(gname, p.grad, dims, "gradients", "parameter_grad", module, gradient=True)
 
         return on_grad
 
@@ -260,6 +275,7 @@ class SavedStep:
                     path,
                     extra,
                     bool(red),
+                    gradient=True,
                 )
 
         return on_grad
@@ -282,6 +298,7 @@ class SavedStep:
                     path,
                     attrs,
                     True,
+                    gradient=True,
                 )
 
         return on_grad
