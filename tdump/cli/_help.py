@@ -53,7 +53,23 @@ class TdumpCommand(TyperCommand):
         # left empty before it (``tdump loop --resume ... -- --out {out}`` makes
         # ``--out`` the script); keep what followed ``--`` so a command can tell
         ctx.meta[AFTER_DASHES] = args[args.index("--") + 1 :] if "--" in args else None
-        return list(super().parse_args(ctx, args))
+        allowed = ctx.allow_extra_args
+        ctx.allow_extra_args = True  # click's refusal of extra words says nothing of a fix
+        try:
+            rest = list(super().parse_args(ctx, args))
+        finally:
+            ctx.allow_extra_args = allowed
+        if rest and not allowed and not ctx.resilient_parsing:
+            hint = self.extra_hint(rest)
+            ctx.fail(
+                f"Got unexpected extra argument{'s' if len(rest) > 1 else ''} "
+                f"({' '.join(rest)})" + (f": {hint}" if hint else "")
+            )
+        return rest
+
+    def extra_hint(self, words: list[str]) -> str | None:
+        """How to say ``words`` (positional words the command does not take), or None."""
+        return None
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []

@@ -86,10 +86,21 @@ def _error_line(f: Any) -> None:
     )
 
 
+class _CheckCommand(TdumpCommand):
+    def extra_hint(self, words: list[str]) -> str | None:
+        """``tdump check run.zarr dead_relu``: rules are named with ``--rule``.
+
+        >>> _CheckCommand(name="check").extra_hint(["dead_relu", "my.py:Rule"])
+        'rules are named with --rule: tdump check DUMP --rule dead_relu --rule my.py:Rule'
+        """
+        rules = " ".join(f"--rule {w}" for w in words)
+        return f"rules are named with --rule: tdump check DUMP {rules}"
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``check`` command to ``app``."""
 
-    @app.command("check", cls=TdumpCommand)
+    @app.command("check", cls=_CheckCommand)
     def check_cmd(
         dump: str = typer.Argument(
             ..., metavar="DUMP", help="Dump path or fsspec URL (file://, s3://, ...)."

@@ -245,10 +245,34 @@ def _ignore_note(model: Any, ignore: str) -> str | None:
     return f"--ignore {ignore!r} matches no module of the model, so it leaves nothing alone; {hint}"
 
 
+class _PruneCommand(TdumpCommand):
+    def extra_hint(self, words: list[str]) -> str | None:
+        """``tdump prune ckpt.pt ranks.parquet 0.3``: how much and where are options.
+
+        >>> hint = _PruneCommand(name="prune").extra_hint
+        >>> hint(["0.3"]), hint(["40"]), hint(["small.pt"])
+        ('the fraction to remove is an option: --ratio 0.3', 'the number of channels to remove is an option: --count 40', 'the output is an option: --out small.pt')
+        """
+        if len(words) != 1:
+            return None
+        word = words[0]
+        if word.isdigit():
+            return f"the number of channels to remove is an option: --count {word}"
+        try:
+            fraction = 0 < float(word) < 1
+        except ValueError:
+            fraction = False
+        if fraction:
+            return f"the fraction to remove is an option: --ratio {word}"
+        if word.endswith((".pt", ".pth")):
+            return f"the output is an option: --out {word}"
+        return None
+
+
 def register(app: typer.Typer) -> None:
     """Add the command to ``app``."""
 
-    @app.command("prune", cls=TdumpCommand)
+    @app.command("prune", cls=_PruneCommand)
     def prune_cmd(
         ckpt: Path = typer.Argument(
             ...,

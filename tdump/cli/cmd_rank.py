@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -12,10 +13,30 @@ from tdump.cli._help import TdumpCommand
 __all__ = ["register"]
 
 
+class _RankCommand(TdumpCommand):
+    def extra_hint(self, words: list[str]) -> str | None:
+        """``tdump rank run.zarr taylor``: the criterion and the output are options.
+
+        >>> hint = _RankCommand(name="rank").extra_hint
+        >>> hint(["l1"]), hint(["out.parquet"])
+        ('the criterion is an option: --criterion l1', 'the output is an option: --out out.parquet')
+        """
+        if len(words) != 1:
+            return None
+        word = words[0]
+        if word.endswith(".parquet"):
+            return f"the output is an option: --out {word}"
+        if Path(word).exists():
+            return "tdump rank ranks one DUMP: run it once per dump, each with its own --out"
+        if word.replace("-", "_").isidentifier():
+            return f"the criterion is an option: --criterion {word}"
+        return None
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``rank`` command to ``app``."""
 
-    @app.command("rank", cls=TdumpCommand)
+    @app.command("rank", cls=_RankCommand)
     def rank_cmd(
         dump: str = typer.Argument(
             ..., metavar="DUMP", help="Dump path or fsspec URL (file://, s3://, ...)."
