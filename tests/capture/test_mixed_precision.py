@@ -33,7 +33,12 @@ def _model() -> nn.Sequential:
 
 
 def _train(
-    out: str, init_scale: float, *, register: bool = True, iterations: int = 6
+    out: str,
+    init_scale: float,
+    *,
+    register: bool = True,
+    iterations: int = 6,
+    reduction: str | None = None,
 ) -> dict[str, list[Any]]:
     """Train under float16 autocast; return what the test sees beside the hook, per iteration:
     the scale, the unscale_'d weight gradient of layer 0, and the raw (scaled) gradient
@@ -41,7 +46,13 @@ def _train(
     model = _model()
     opt = torch.optim.SGD(model.parameters(), 0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
-    hook = Hook(out, include_regex=r"[13]\.output_0|0\.weight", save_interval=1, strict=True)
+    hook = Hook(
+        out,
+        include_regex=r"[13]\.output_0|0\.weight",
+        save_interval=1,
+        strict=True,
+        reduction=reduction,
+    )
     hook.register_module(model)
     hook.register_optimizer(opt)
     if register:
@@ -120,14 +131,19 @@ def test_gradients_unscaled_and_an_overflowed_step_left_out(tmp_path: Path, regi
     np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=1e-12)
 
 
-def test_scores_do_not_depend_on_the_loss_scale(tmp_path: Path) -> None:
-    """The same training at two loss scales (no overflow): the same dump, the same ranks."""
+@pytest.mark.parametrize("reduction", [None, "taylor"])
+def test_scores_do_not_depend_on_the_loss_scale(tmp_path: Path, reduction: str | None) -> None:
+    """The same training at two loss scales (no overflow): the same dump, the same ranks;
+    with the Taylor terms reduced at source too."""
     runs = {s: str(tmp_path / f"s{int(s)}.zarr") for s in (2.0**11, 2.0**15)}
     for s, out in runs.items():
-        seen = _train(out, s, iterations=3)
+        seen = _train(out, s, iterations=3, reduction=reduction)
         assert seen["scale"] == [s] * 4  # no step skipped, the scale never grew
     low, high = (StoreReader(out) for out in runs.values())
-    for name in ("0.weight.grad", "1.output_0.grad", "3.output_0.grad"):
+    outputs = ["1.output_0", "3.output_0"]
+    names = [f"{n}.taylor" for n in outputs] if reduction else [f"{n}.grad" for n in outputs]
+    assert set(names) <= set(low.tensor_names("train"))
+    for name in ["0.weight.grad", *names]:
         np.testing.assert_array_equal(
             np.asarray(low.array("train", name)[:]), np.asarray(high.array("train", name)[:])
         )
