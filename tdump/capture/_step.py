@@ -160,7 +160,11 @@ class SavedStep:
             t = unscale(t, scale)
             if not self.scale_noted:  # the step's record says what its gradients were divided by
                 self.scale_noted = True
-                self.scalar("grad_scale", scale)
+                # whatever the selection says: the record's gradients mean nothing without it
+                value = scale.detach().reshape(())
+                self.add(
+                    scalar_name("grad_scale"), value, (), "scalars", "scalar", "", reduced=True
+                )
         host = snapshot(t, dtype, None if reduced else self.buffers)
         stream = torch.cuda.current_stream(t.device) if t.is_cuda else None
         attrs = {
@@ -330,4 +334,5 @@ class SavedStep:
             if isinstance(value, torch.Tensor)
             else torch.tensor(float(value))
         )
-        self.add(sname, t, (), "scalars", "scalar", "")
+        # reduced: one number, kept in its own dtype whatever storage_dtype says
+        self.add(sname, t, (), "scalars", "scalar", "", reduced=True)

@@ -438,19 +438,22 @@ class BackgroundWriter:
         for event in rec.events:
             event.synchronize()
         for e in rec.entries.values():
-            arr, _ = _to_numpy(e.value, self._storage_dtype)
+            coll = e.attrs.get("collection")
+            # one number per step saves nothing in half precision, and 2**16 (a loss
+            # scale) or a large step count would not even fit float16
+            storage = None if coll == "scalars" else self._storage_dtype
+            arr, _ = _to_numpy(e.value, storage)
             raw += arr.nbytes
             attrs = dict(e.attrs)
             attrs.setdefault("source_dtype", str(e.value.dtype).replace("torch.", ""))
-            if self._storage_dtype is not None and e.value.is_floating_point():
-                attrs["storage_dtype"] = self._storage_dtype
-            coll = attrs.get("collection")
+            if storage is not None and e.value.is_floating_point():
+                attrs["storage_dtype"] = storage
             # a bfloat16 tensor (autocast) is stored as float32 with two zero bytes per
             # value, as storage_dtype="bfloat16" stores any: the same byte-shuffled codec
             bf16 = e.value.dtype == torch.bfloat16
             if (coll, bf16) not in self._compressors:
                 self._compressors[coll, bf16] = make_compressors(
-                    self._compression, coll, "bfloat16" if bf16 else self._storage_dtype
+                    self._compression, coll, "bfloat16" if bf16 else storage
                 )
             compressors = self._compressors[coll, bf16]
             if compressors is not None and self._compression == "auto":

@@ -173,3 +173,32 @@ def test_register_scaler_refuses_what_is_not_a_scaler(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"register_scaler takes a torch.amp.GradScaler, not"):
         hook.register_scaler(2.0**16)  # type: ignore[arg-type]
     hook.close()
+
+
+def test_float16_storage_keeps_the_scale_and_scalars_exact(tmp_path: Path) -> None:
+    """2**16 does not fit float16: the loss scale (and any scalar) keeps its own dtype."""
+    out = str(tmp_path / "f16.zarr")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    with Hook(out, include_regex=r".*", save_interval=1, storage_dtype="float16") as hook:
+        hook.register_module(model).register_optimizer(opt).register_scaler(scaler)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(
+                model(torch.randn(2, 3, 8, 8)).float(), torch.ones(2, dtype=torch.long)
+            )
+        scaler.scale(loss).backward()
+        hook.save_scalar("lr", 0.1)
+        grad = model[0].weight.grad.clone()
+        scaler.step(opt)
+        scaler.update()
+    r = StoreReader(out)
+    assert r.array("train", "0.weight.grad").dtype == np.float16  # the tensors: as asked
+    got = np.asarray(r.array("train", "0.weight.grad")[0])
+    assert np.isfinite(got).all() and np.abs(got).max() > 0
+    np.testing.assert_array_equal(got, (grad / 2.0**16).numpy().astype(np.float16))
+    for name, want in (("scalars.grad_scale", 2.0**16), ("scalars.lr", 0.1)):
+        arr = r.array("train", name)
+        assert arr.dtype == np.float32 and "storage_dtype" not in r.tensor_attrs("train", name)
+        assert float(np.asarray(arr[0])) == np.float32(want)
