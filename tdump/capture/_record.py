@@ -13,10 +13,10 @@ The model is found by this rule (docs/capture.md, "How `tdump record` finds the 
   provisional pick leaves no trace in the store.
 
 The first top-level call of a ``torch.nn`` loss module is the loss; train steps are
-counted from optimizer steps; the ``GradScaler`` that scales a loss (``scale`` is
-wrapped while the script runs) is the one whose scale gradients are divided by. Once the first optimizer step is seen the global module
-hooks are removed, so later steps cost what an explicit :class:`~tdump.capture.Hook`
-costs. A :class:`Hook` that the script creates itself takes precedence: auto capture
+counted from optimizer steps; gradients are divided by the scale of the
+``GradScaler`` that scales a loss (``GradScaler.scale`` is wrapped while the script
+runs). Once the first optimizer step is seen the global module hooks are removed, so
+later steps cost what an explicit :class:`~tdump.capture.Hook` costs. A :class:`Hook` that the script creates itself takes precedence: auto capture
 then steps aside.
 
 Examples
