@@ -226,6 +226,10 @@ def shrinks(compressors: Sequence[Any], value: np.ndarray) -> bool:
     return data.nbytes >= WORTH_COMPRESSING * len(found[0].encode(data))
 
 
+#: Source dtypes whose values, widened to float32, leave its low mantissa bits zero.
+_NARROW = frozenset({"float16", "bfloat16"})
+
+
 def _to_numpy(value: torch.Tensor, storage_dtype: str | None) -> tuple[np.ndarray, Any]:
     """Host tensor -> numpy in the storage dtype; returns ``(array, zarr dtype or None)``."""
     t = value
@@ -449,13 +453,15 @@ class BackgroundWriter:
             if storage is not None and e.value.is_floating_point():
                 attrs["storage_dtype"] = storage
             # a bfloat16 tensor (autocast) is stored as float32 with two zero bytes per
-            # value, as storage_dtype="bfloat16" stores any: the same byte-shuffled codec
-            bf16 = e.value.dtype == torch.bfloat16
-            if (coll, bf16) not in self._compressors:
-                self._compressors[coll, bf16] = make_compressors(
-                    self._compression, coll, "bfloat16" if bf16 else storage
+            # value, as storage_dtype="bfloat16" stores any, and a float16 gradient divided
+            # by the loss scale as float32 with 13 zero low bits: the byte-shuffled codec
+            # makes those bits whole zero planes
+            narrow = arr.dtype == np.float32 and attrs["source_dtype"] in _NARROW
+            if (coll, narrow) not in self._compressors:
+                self._compressors[coll, narrow] = make_compressors(
+                    self._compression, coll, "bfloat16" if narrow else storage
                 )
-            compressors = self._compressors[coll, bf16]
+            compressors = self._compressors[coll, narrow]
             if compressors is not None and self._compression == "auto":
                 key = (rec.mode, e.name)
                 if key not in self._tensor_codecs:
