@@ -22,12 +22,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["ScalerWatch", "check_scaler", "scale_of", "unscale"]
+from tdump.capture._args import described
+from tdump.errors import ConfigError
+
+__all__ = [
+    "ScalerWatch",
+    "check_scaler",
+    "hint_unregistered",
+    "require_scaler",
+    "scale_of",
+    "unscale",
+]
 
 log = logging.getLogger("tdump.capture")
 
@@ -37,6 +48,16 @@ def check_scaler(scaler: Any) -> bool:
     return callable(getattr(scaler, "is_enabled", None)) and callable(
         getattr(scaler, "scale", None)
     )
+
+
+def require_scaler(scaler: Any) -> Any:
+    """``scaler``, if it is a ``GradScaler``; else a one-line :class:`ConfigError`."""
+    if not check_scaler(scaler):
+        raise ConfigError(
+            f"register_scaler takes a torch.amp.GradScaler, not {described(scaler)}; "
+            "pass the scaler whose scale(loss) the training loop calls backward on"
+        )
+    return scaler
 
 
 def scale_of(scaler: Any) -> torch.Tensor | None:
@@ -71,28 +92,82 @@ def unscale(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class ScalerWatch:
     """Call ``on_scale(scaler)`` on each ``GradScaler.scale`` call until :meth:`remove`.
 
-    ``tdump record`` runs scripts unmodified, so it learns of their scaler this way.
-    An error in ``on_scale`` is logged, never raised into training.
+    ``tdump record`` runs scripts unmodified, so it learns of their scaler this way,
+    and an explicit hook says when a scaler it does not know scales a loss. One
+    wrapper serves every watch; ``GradScaler.scale`` is itself again once the last
+    watch is removed. An error in ``on_scale`` is logged, never raised into training.
+
+    >>> seen = []
+    >>> watch = ScalerWatch(seen.append)
+    >>> scaler = torch.amp.GradScaler("cpu")
+    >>> _ = scaler.scale(torch.ones(()))
+    >>> watch.remove()
+    >>> _ = scaler.scale(torch.ones(()))
+    >>> seen == [scaler], "_original" in vars(torch.amp.GradScaler.scale)
+    (True, False)
     """
 
     def __init__(self, on_scale: Callable[[Any], None]) -> None:
-        cls = torch.amp.GradScaler
-        original = cls.scale
+        self._on_scale = on_scale
+        if not _WATCHES:
+            _install()
+        _WATCHES.append(self)
 
-        @functools.wraps(original)
-        def scale(scaler: Any, outputs: Any) -> Any:
-            try:
-                on_scale(scaler)
-            except Exception as exc:  # capture never crashes training
-                log.warning("tdump: noting the GradScaler failed: %s", exc)
-            return original(scaler, outputs)
-
-        self._original = original
-        self._patched = scale
-        cls.scale = scale  # type: ignore[method-assign, assignment]
+    def notify(self, scaler: Any) -> None:
+        """Tell ``on_scale`` (the wrapper calls this)."""
+        try:
+            self._on_scale(scaler)
+        except Exception as exc:  # capture never crashes training
+            log.warning("tdump: noting the GradScaler failed: %s", exc)
 
     def remove(self) -> None:
-        """Restore ``GradScaler.scale`` (unless a later watch replaced it since)."""
-        cls = torch.amp.GradScaler
-        if cls.__dict__.get("scale") is self._patched:
-            cls.scale = self._original  # type: ignore[method-assign]
+        """Stop watching; the last watch removed puts ``GradScaler.scale`` back."""
+        if self in _WATCHES:
+            _WATCHES.remove(self)
+        if not _WATCHES:
+            _uninstall()
+
+
+_WATCHES: list[ScalerWatch] = []
+
+
+def _install() -> None:
+    cls = torch.amp.GradScaler
+    original = cls.scale
+
+    @functools.wraps(original)
+    def scale(scaler: Any, outputs: Any) -> Any:
+        for watch in list(_WATCHES):
+            watch.notify(scaler)
+        return original(scaler, outputs)
+
+    scale._original = original  # type: ignore[attr-defined]
+    cls.scale = scale  # type: ignore[method-assign, assignment]
+
+
+def _uninstall() -> None:
+    cls = torch.amp.GradScaler
+    ours = cls.__dict__.get("scale")
+    original = getattr(ours, "_original", None)
+    if original is not None:  # unless something else replaced it since
+        cls.scale = original  # type: ignore[method-assign]
+
+
+def hint_unregistered(hook: weakref.ReferenceType[Any]) -> ScalerWatch:
+    """A watch that says once that a ``GradScaler`` scales losses while ``hook`` (an
+    explicit hook, weakly held) has no scaler registered."""
+    said = False
+
+    def on_scale(scaler: Any) -> None:
+        nonlocal said
+        h = hook()
+        if said or h is None or h._scaler is not None or not scaler.is_enabled():
+            return
+        said = True
+        log.warning(
+            "tdump: a GradScaler scales the loss but the hook does not know it, so the "
+            "gradients are recorded times its scale; call hook.register_scaler(scaler) "
+            "to record the true ones"
+        )
+
+    return ScalerWatch(on_scale)

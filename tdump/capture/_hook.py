@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from tdump._control import POLL_SECONDS
-from tdump.capture._amp import check_scaler
+from tdump.capture._amp import hint_unregistered, require_scaler
 from tdump.capture._args import check_module, described, loss_module_for, scalar_value
 from tdump.capture._config import CollectionConfig, HookConfig
 from tdump.capture._exit import (
@@ -239,6 +239,8 @@ class Hook(StepLifecycle):
         ]
         install_sigterm()  # SIGTERM commits what is queued, like SIGINT (docs/capture.md)
         self._handles.append(root.register_forward_pre_hook(self._guard(self._root_pre)))
+        if not self._auto:  # tdump record's hook is told of the scaler by AutoCapture
+            self._handles.append(hint_unregistered(weakref.ref(self)))
         self._meta["modules"] = module_tree(root)
         return self
 
@@ -301,12 +303,7 @@ class Hook(StepLifecycle):
         ConfigError
             ``scaler`` is not a ``torch.amp.GradScaler``.
         """
-        if not check_scaler(scaler):
-            raise ConfigError(
-                f"register_scaler takes a torch.amp.GradScaler, not {described(scaler)}; "
-                "pass the scaler whose scale(loss) the training loop calls backward on"
-            )
-        self._scaler = scaler
+        self._scaler = require_scaler(scaler)
         return self
 
     def optimizer_step(self) -> None:

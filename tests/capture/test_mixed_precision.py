@@ -202,3 +202,29 @@ def test_float16_storage_keeps_the_scale_and_scalars_exact(tmp_path: Path) -> No
         arr = r.array("train", name)
         assert arr.dtype == np.float32 and "storage_dtype" not in r.tensor_attrs("train", name)
         assert float(np.asarray(arr[0])) == np.float32(want)
+
+
+@pytest.mark.parametrize("register", [True, False])
+def test_an_explicit_hook_says_once_when_a_scaler_it_does_not_know_scales(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, register: bool
+) -> None:
+    original = torch.amp.GradScaler.scale
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    out = str(tmp_path / "h.zarr")
+    with (
+        caplog.at_level("WARNING", logger="tdump.capture"),
+        Hook(out, include_regex=r".*", save_interval=1) as hook,
+    ):
+        hook.register_module(model)
+        if register:
+            hook.register_scaler(scaler)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(2, 3, 8, 8)).float().sum()
+            scaler.scale(loss).backward()
+    said = [r.getMessage() for r in caplog.records if "register_scaler" in r.getMessage()]
+    assert len(said) == (0 if register else 1), said  # once, not at every iteration
+    if not register:
+        assert "the gradients are recorded times its scale" in said[0]
+    assert torch.amp.GradScaler.scale is original  # the hook's watch went with close()
