@@ -161,7 +161,10 @@ def hint_unregistered(hook: weakref.ReferenceType[Any]) -> ScalerWatch:
     def on_scale(scaler: Any) -> None:
         nonlocal said
         h = hook()
-        if said or h is None or h._scaler is not None or not scaler.is_enabled():
+        if h is None:  # a hook dropped without close(): its watch goes too
+            watch.remove()
+            return
+        if said or h._scaler is not None or not scaler.is_enabled():
             return
         said = True
         log.warning(
@@ -170,4 +173,5 @@ def hint_unregistered(hook: weakref.ReferenceType[Any]) -> ScalerWatch:
             "to record the true ones"
         )
 
-    return ScalerWatch(on_scale)
+    watch = ScalerWatch(on_scale)
+    return watch
