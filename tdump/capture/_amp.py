@@ -103,8 +103,8 @@ class ScalerWatch:
     >>> _ = scaler.scale(torch.ones(()))
     >>> watch.remove()
     >>> _ = scaler.scale(torch.ones(()))
-    >>> seen == [scaler], "_original" in vars(torch.amp.GradScaler.scale)
-    (True, False)
+    >>> seen == [scaler]
+    True
     """
 
     def __init__(self, on_scale: Callable[[Any], None]) -> None:
@@ -129,6 +129,8 @@ class ScalerWatch:
 
 
 _WATCHES: list[ScalerWatch] = []
+#: ``(our wrapper, the method it wraps)`` while installed.
+_INSTALLED: list[tuple[Any, Any]] = []
 
 
 def _install() -> None:
@@ -141,16 +143,15 @@ def _install() -> None:
             watch.notify(scaler)
         return original(scaler, outputs)
 
-    scale._original = original  # type: ignore[attr-defined]
+    _INSTALLED[:] = [(scale, original)]
     cls.scale = scale  # type: ignore[method-assign, assignment]
 
 
 def _uninstall() -> None:
     cls = torch.amp.GradScaler
-    ours = cls.__dict__.get("scale")
-    original = getattr(ours, "_original", None)
-    if original is not None:  # unless something else replaced it since
-        cls.scale = original  # type: ignore[method-assign]
+    if _INSTALLED and cls.__dict__.get("scale") is _INSTALLED[0][0]:
+        cls.scale = _INSTALLED[0][1]  # type: ignore[method-assign]
+    _INSTALLED.clear()  # replaced by something else since: leave theirs
 
 
 def hint_unregistered(hook: weakref.ReferenceType[Any]) -> ScalerWatch:
@@ -168,9 +169,10 @@ def hint_unregistered(hook: weakref.ReferenceType[Any]) -> ScalerWatch:
             return
         said = True
         log.warning(
-            "tdump: a GradScaler scales the loss but the hook does not know it, so the "
-            "gradients are recorded times its scale; call hook.register_scaler(scaler) "
-            "to record the true ones"
+            "tdump: a GradScaler scales the loss but the hook writing %s does not know it, "
+            "so the gradients are recorded times its scale; call "
+            "hook.register_scaler(scaler) to record the true ones",
+            h.out,
         )
 
     watch = ScalerWatch(on_scale)
