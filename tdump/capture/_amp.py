@@ -33,7 +33,6 @@ from tdump.errors import ConfigError
 
 __all__ = [
     "ScalerWatch",
-    "check_scaler",
     "hint_unregistered",
     "require_scaler",
     "scale_of",
@@ -43,16 +42,12 @@ __all__ = [
 log = logging.getLogger("tdump.capture")
 
 
-def check_scaler(scaler: Any) -> bool:
-    """Whether ``scaler`` looks like a ``GradScaler`` (``is_enabled`` and ``scale`` methods)."""
-    return callable(getattr(scaler, "is_enabled", None)) and callable(
-        getattr(scaler, "scale", None)
-    )
-
-
 def require_scaler(scaler: Any) -> Any:
-    """``scaler``, if it is a ``GradScaler``; else a one-line :class:`ConfigError`."""
-    if not check_scaler(scaler):
+    """``scaler``, if it looks like a ``GradScaler`` (``is_enabled`` and ``scale``
+    methods); else a one-line :class:`ConfigError`."""
+    if not (
+        callable(getattr(scaler, "is_enabled", None)) and callable(getattr(scaler, "scale", None))
+    ):
         raise ConfigError(
             f"register_scaler takes a torch.amp.GradScaler, not {described(scaler)}; "
             "pass the scaler whose scale(loss) the training loop calls backward on"

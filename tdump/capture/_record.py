@@ -16,8 +16,8 @@ The first top-level call of a ``torch.nn`` loss module is the loss; train steps 
 counted from optimizer steps; gradients are divided by the scale of the
 ``GradScaler`` that scales a loss (``GradScaler.scale`` is wrapped while the script
 runs). Once the first optimizer step is seen the global module hooks are removed, so
-later steps cost what an explicit :class:`~tdump.capture.Hook` costs. A :class:`Hook` that the script creates itself takes precedence: auto capture
-then steps aside.
+later steps cost what an explicit :class:`~tdump.capture.Hook` costs. A :class:`Hook`
+that the script creates itself takes precedence: auto capture then steps aside.
 
 Examples
 --------
@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tdump.capture._amp import ScalerWatch, check_scaler
+from tdump.capture._amp import ScalerWatch
 from tdump.capture._config import ALWAYS_ON, HookConfig
 from tdump.capture._exit import (
     Terminated,
@@ -116,8 +116,8 @@ class AutoCapture:
         return hook
 
     def _saw_scaler(self, scaler: Any) -> None:
-        # called from GradScaler.scale on every iteration: cheap, and never raises
-        if scaler is not self._scaler and self.active and check_scaler(scaler):
+        # called from GradScaler.scale (so ``scaler`` is one) on every iteration: cheap
+        if scaler is not self._scaler and self.active:
             self._scaler = scaler
             self.hook.register_scaler(scaler)
 

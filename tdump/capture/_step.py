@@ -153,7 +153,8 @@ class SavedStep:
         reduced: bool = False,
         gradient: bool = False,
     ) -> None:
-        dtype = self.dtype if not reduced else None
+        # a reduction is small already; a scalar keeps its own dtype, as the writer stores it
+        dtype = None if reduced or coll == "scalars" else self.dtype
         source_dtype = t.dtype
         scale = self.grad_scale() if gradient and self.grad_scale is not None else None
         if scale is not None:
@@ -162,9 +163,7 @@ class SavedStep:
                 self.scale_noted = True
                 # whatever the selection says: the record's gradients mean nothing without it
                 value = scale.detach().reshape(())
-                self.add(
-                    scalar_name("grad_scale"), value, (), "scalars", "scalar", "", reduced=True
-                )
+                self.add(scalar_name("grad_scale"), value, (), "scalars", "scalar", "")
         host = snapshot(t, dtype, None if reduced else self.buffers)
         stream = torch.cuda.current_stream(t.device) if t.is_cuda else None
         attrs = {
@@ -334,5 +333,4 @@ class SavedStep:
             if isinstance(value, torch.Tensor)
             else torch.tensor(float(value))
         )
-        # reduced: one number, kept in its own dtype whatever storage_dtype says
-        self.add(sname, t, (), "scalars", "scalar", "", reduced=True)
+        self.add(sname, t, (), "scalars", "scalar", "")
