@@ -18,7 +18,7 @@ from tdump.cli._console import console
 from tdump.cli._help import TdumpCommand
 from tdump.cli._options import json_object_option, shape_option
 from tdump.cli._prune_inputs import flops_input_shape, known_input_shape, more_inputs
-from tdump.errors import ConfigError
+from tdump.errors import ConfigError, DumpNotFoundError
 
 __all__ = ["register", "summarize"]
 
@@ -119,6 +119,21 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None, source: s
         console.print(f"note: {note}", soft_wrap=True)
     if output:
         console.print(f"wrote {output}")
+
+
+def _missing_inputs(ckpt: Path, ranks: Path) -> list[str]:
+    """What is wrong with CKPT and RANKS that a look at the file system shows.
+
+    >>> _missing_inputs(Path("nothere.pt"), Path("nothere.parquet"))  # doctest: +NORMALIZE_WHITESPACE
+    ['no checkpoint at nothere.pt (check the path)',
+     'no ranks file at nothere.parquet (create one with `tdump rank DUMP -o nothere.parquet`)']
+    """
+    found = []
+    if not ckpt.exists():
+        found.append(f"no checkpoint at {ckpt} (check the path)")
+    if not ranks.exists():
+        found.append(f"no ranks file at {ranks} (create one with `tdump rank DUMP -o {ranks}`)")
+    return found
 
 
 def _check_order(ckpt: Path, ranks: Path) -> None:
@@ -392,18 +407,27 @@ def register(app: typer.Typer) -> None:
 
         # values checked without reading a file come first: a bad --ratio is said before
         # anything about the checkpoint or the architecture (Settings checks as it is made),
-        # and this one Settings is what surgery.prune selects with
-        settings = surgery.Settings(
-            count=count,
-            ratio=ratio,
-            scope=scope,
-            min_channels=min_channels,
-            max_ratio=max_ratio,
-            round_to=round_to,
-            conv_only_groups=conv_only_groups,
-            aggregate=aggregate,
-            normalize=normalize,
-        )
+        # and this one Settings is what surgery.prune selects with; a missing input file
+        # is said in the same line, so one retry fixes both
+        missing = _missing_inputs(ckpt, ranks)
+        try:
+            settings = surgery.Settings(
+                count=count,
+                ratio=ratio,
+                scope=scope,
+                min_channels=min_channels,
+                max_ratio=max_ratio,
+                round_to=round_to,
+                conv_only_groups=conv_only_groups,
+                aggregate=aggregate,
+                normalize=normalize,
+            )
+        except ConfigError as exc:
+            if missing:
+                raise ConfigError("; ".join([*missing, str(exc)])) from None
+            raise
+        if missing:
+            raise DumpNotFoundError("; ".join(missing))
         kwargs = json_object_option(arch_kwargs, "--arch-kwargs")
         if ignore:
             try:

@@ -238,6 +238,33 @@ def test_bad_settings_read_no_file(
     assert "round_to must be >= 1, got 0" in line and opened == []
 
 
+@pytest.mark.parametrize(
+    ("args", "said", "unsaid"),
+    [
+        (["gone.pt", "gone.parquet"], ["gone.pt", "gone.parquet", "--ratio"], []),
+        (["gone.pt", "ranks.parquet", "--ratio", "0.3"], ["no checkpoint at gone.pt"], ["ranks"]),
+        (["ckpt.pt", "gone.parquet"], ["no ranks file at gone.parquet", "--ratio"], ["ckpt"]),
+    ],
+)
+def test_missing_inputs_and_a_missing_ratio_in_one_line(
+    files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    said: list[str],
+    unsaid: list[str],
+) -> None:
+    """A missing CKPT or RANKS is said with a missing --count/--ratio, so one retry fixes
+    all; the folder is left as it was."""
+    folder = files["dir"]
+    before = _snapshot(folder)
+    code, _, err = _cli(monkeypatch, capsys, *args)
+    line = _one_line(code, err)
+    assert all(word in line for word in said), line
+    assert not any(word in line for word in unsaid), line
+    assert _snapshot(folder) == before
+
+
 def test_cli_settings_reach_prune_as_they_are(
     files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
