@@ -144,6 +144,11 @@ class StoreReader:
                 raise damaged(
                     self.path, f"attribute 'calls' of {group}: mode {mode!r} is malformed"
                 )
+        for mode, names in (info.get("model_outputs") or {}).items():
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise damaged(
+                    self.path, f"attribute 'model_outputs' of {group}: mode {mode!r} is malformed"
+                )
         return info
 
     def modes(self, rank: int = 0) -> list[str]:

@@ -54,6 +54,7 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "config": (Mapping,),
     "modules": (Mapping,),
     "calls": (Mapping,),
+    "model_outputs": (Mapping,),
 }
 
 

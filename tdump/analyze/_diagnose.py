@@ -59,6 +59,8 @@ _NO_GRADIENT = (
     "are frozen)"
 )
 _NO_GRADIENT_TODO = "they keep all their channels; l1 or bn-gamma scores them from their weights"
+_MODEL_OUTPUT = "their channels are the model's outputs"
+_MODEL_OUTPUT_TODO = "tdump prune keeps them, so they need no score"
 
 
 def _candidates(ctx: PlanContext, layer: str) -> list[list[str]]:
@@ -99,6 +101,8 @@ def unscored_reason(
     ``config``: the dump's capture settings, which tell a gradient the selection left
     out from one that never came.
     """
+    if ctx.dataflow.is_model_output(layer):
+        return _MODEL_OUTPUT, []
     if _gradient_never_came(ctx, layer, config or {}):
         return _NO_GRADIENT, []
     flow = ctx.dataflow
@@ -290,6 +294,8 @@ def skipped_notes(
                 todo += """ --config '{"include_activations": true}'"""
         elif why == _NO_GRADIENT:
             todo = _NO_GRADIENT_TODO
+        elif why == _MODEL_OUTPUT:
+            todo = _MODEL_OUTPUT_TODO
         else:
             todo = _WEIGHT_BASED.replace("scores it", "scores them")
         kind = "layer" if linears.intersection(layers) else "conv layer"

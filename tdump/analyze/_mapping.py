@@ -59,10 +59,14 @@ class Dataflow:
         The rank group's ``modules`` attribute: ``{path: {"type": ..., "params": ..., "config": ...}}``.
     calls
         One mode's list from the ``calls`` attribute (execution order).
+    returned
+        The same mode's ``model_outputs``: the calls whose outputs the model returns
+        as they are (empty for dumps written before it was recorded).
     """
 
     modules: Mapping[str, Mapping[str, Any]]
     calls: Sequence[Mapping[str, Any]]
+    returned: frozenset[str] = frozenset()
     _by_name: dict[str, Mapping[str, Any]] = field(init=False, repr=False)
     _consumers: dict[str, list[Mapping[str, Any]]] = field(init=False, repr=False)
 
@@ -204,6 +208,23 @@ class Dataflow:
         for mod in (self.chain(output) or [])[:-1]:
             factor *= max(self._shuffle_factor(mod), 1)
         return factor
+
+    def is_model_output(self, layer: str) -> bool:
+        """True if ``layer``'s output channels are the model's own outputs.
+
+        A call the model returns as it is (:attr:`returned`) carries ``layer``'s
+        channels one to one (:meth:`chain`): a segmentation head's classes, a
+        super-resolution net's conv before its ``PixelShuffle``. No pruning changes
+        them, so they need no score.
+
+        >>> calls = [{"name": "cls.output_0", "module": "cls", "call": 0, "inputs": ["<input>"]}]
+        >>> mods = {"cls": {"type": "torch.nn.Conv2d"}}
+        >>> Dataflow(mods, calls, frozenset({"cls.output_0"})).is_model_output("cls")
+        True
+        >>> Dataflow(mods, calls).is_model_output("cls")  # a dump without model_outputs
+        False
+        """
+        return any(self.producing_conv(name) == layer for name in self.returned)
 
     def producing_conv(self, output: str) -> str | None:
         """Layer (conv, or hidden Linear) whose output channels ``output`` (``<module>.output_<k>``)

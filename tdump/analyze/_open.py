@@ -297,7 +297,7 @@ def root_attrs(reader: StoreReader, rank: int = 0) -> dict[str, Any]:
         "path": reader.path,
         "rank": rank,
     }
-    for key in ("world_size", "writer", "created", "config", "modules", "calls"):
+    for key in ("world_size", "writer", "created", "config", "modules", "calls", "model_outputs"):
         if key in meta:
             attrs[key] = meta[key]
     return attrs

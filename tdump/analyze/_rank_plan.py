@@ -88,10 +88,14 @@ def read_dataflow(reader: StoreReader, mode: str) -> Dataflow:
             f"{reader.path} has no module tree/dataflow (rank attributes 'modules' and 'calls'); "
             "record it with tdump.capture.Hook.register_module(model) or `tdump record`"
         )
-    calls = calls_by_mode.get(mode) or next(iter(v for v in calls_by_mode.values() if v), None)
+    traced = (
+        mode if calls_by_mode.get(mode) else next((m for m, v in calls_by_mode.items() if v), "")
+    )
+    calls = calls_by_mode.get(traced)
     if not calls:
         raise MissingTensorError(f"{reader.path} has an empty 'calls' dataflow for mode {mode!r}")
-    return Dataflow(modules, calls)
+    returned = (meta.get("model_outputs") or {}).get(traced) or ()
+    return Dataflow(modules, calls, frozenset(returned))
 
 
 def select_records(reader: StoreReader, mode: str, steps: StepsArg) -> list[Record]:

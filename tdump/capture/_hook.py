@@ -161,6 +161,7 @@ class Hook(StepLifecycle):
         self._calls: dict[str, list[dict[str, Any]]] = {}
         self._input_shapes: dict[str, list[list[int]]] = {}
         self._input_dtypes: dict[str, list[str]] = {}
+        self._model_outputs: dict[str, list[str]] = {}
         self._enabled = True
         self._closed = False
         self._dtype = _STORE_DTYPES.get(config.storage_dtype or "")

@@ -46,6 +46,7 @@ class StepLifecycle:
     _calls: dict[str, list[dict[str, Any]]]
     _input_shapes: dict[str, list[list[int]]]
     _input_dtypes: dict[str, list[str]]
+    _model_outputs: dict[str, list[str]]
     _meta: dict[str, Any]
     _uniform: bool
     _all: frozenset[str] | None
@@ -191,13 +192,18 @@ class StepLifecycle:
         for h in cur.handles:  # forward hooks go now; parameter gradient hooks at the step's end
             h.remove()
         cur.handles.clear()
-        for out in _tensors(output):
+        outs = _tensors(output)
+        for out in outs:
             if out.requires_grad:
                 cur.grad_handles.append(out.register_hook(self._guard(cur.saw_backward)))
         if cur.trace:
             self._traced.add(cur.mode)
             self._calls[cur.mode] = cur.calls
             self._meta["calls"] = dict(self._calls)
+            # the calls whose outputs the model returns as they are: their channels are
+            # the model's (the classes of a segmentation head), so no pruning changes them
+            self._model_outputs[cur.mode] = cur.returned(outs)
+            self._meta["model_outputs"] = dict(self._model_outputs)
             if cur.input_shapes:
                 self._input_shapes[cur.mode] = cur.input_shapes
                 self._input_dtypes[cur.mode] = cur.input_dtypes

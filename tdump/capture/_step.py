@@ -187,6 +187,15 @@ class SavedStep:
 
         return on_grad
 
+    def returned(self, outputs: list[torch.Tensor]) -> list[str]:
+        """Names of the module calls whose outputs are ``outputs`` themselves (traced steps)."""
+        names = []
+        for out in outputs:
+            prod = self.producers.get(id(out))
+            if prod is not None and prod[1] is out and prod[0] != "<input>":
+                names.append(prod[0])
+        return names
+
     def make_fwd(self, path: str) -> Any:
         def fwd(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self.open:

@@ -152,6 +152,8 @@ CORRUPTIONS: dict[str, Callable[[str], None]] = {
     "calls_int": _rank_attr("calls", 3),
     "calls_list_of_ints": _rank_attr("calls", {"train": [1, 2, 3]}),
     "calls_top_list": _rank_attr("calls", [1, 2]),
+    "model_outputs_list": _rank_attr("model_outputs", ["5.output_0"]),
+    "model_outputs_ints": _rank_attr("model_outputs", {"train": [5]}),
     "data_type": _array_meta("data_type", "int8"),
     "shape": _array_meta("shape", [64, 4, 6, 4, 4]),
     "shape_rank": _array_meta("shape", [64, 4, 6, 8]),
