@@ -64,3 +64,10 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tdump.analyze' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazy names too (tab completion in Jupyter calls dir()), not the typing helpers
+    from tdump._lazy import public_dir
+
+    return public_dir(__all__, globals())

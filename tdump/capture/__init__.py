@@ -63,3 +63,10 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tdump.capture' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazy names too (tab completion in Jupyter calls dir()), not the typing helpers
+    from tdump._lazy import public_dir
+
+    return public_dir(__all__, globals())

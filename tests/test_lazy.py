@@ -1,0 +1,32 @@
+"""``dir()`` of the packages lists every public name, the lazy ones too (tab completion)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("package", ["tdump", "tdump.capture", "tdump.analyze"])
+def test_dir_lists_every_public_name_before_any_is_loaded(package: str) -> None:
+    """In a fresh interpreter, before any lazy name was read: ``dir()`` lists all of
+    ``__all__`` (as IPython's completer would offer them) and no typing helper; and
+    every name it lists resolves. Listing them imports nothing: torch stays unloaded
+    (but for tdump.capture, which is the training side)."""
+    code = (
+        f"import importlib, json, sys; m = importlib.import_module({package!r}); "
+        "d = dir(m); torch_loaded = 'torch' in sys.modules; "
+        "print(json.dumps([sorted(m.__all__), d, torch_loaded, "
+        "[n for n in d if not hasattr(m, n)]]))"
+    )
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    names, listed, torch_loaded, unresolved = json.loads(out)
+    assert set(names) <= set(listed), sorted(set(names) - set(listed))
+    assert not torch_loaded or package == "tdump.capture"  # dir() loads nothing heavy
+    assert not {"Any", "TYPE_CHECKING", "importlib", "annotations"} & set(listed)
+    assert unresolved == []
