@@ -72,7 +72,8 @@ def _render(report: dict) -> None:
         elif r["error"] is None:
             hint = "" if n else " (it found no data to read in this dump)"
             console.print(
-                f"[bold]{r['rule']}[/]: no firing, {n} steps checked{hint}", soft_wrap=True
+                f"[bold]{r['rule']}[/]: no firing, {n} step{'' if n == 1 else 's'} checked{hint}",
+                soft_wrap=True,
             )
 
 

@@ -61,7 +61,13 @@ class AccuracyDrop(Rule):
             if given is not None:
                 trial.tensor(given)  # a wrong name is a one-line error now
         self.mode = mode if mode is not None else self._default_mode()
-        self._resolve()
+        try:
+            self._resolve()
+        except MissingTensorError:
+            if not self._auto:
+                raise  # a source the user named is refused now, in one line
+            # the dump has no accuracy to read: steps() raises it again, and a check
+            # reports it for this rule while the other rules go on
         self._cache: dict[int, tuple[float, int]] = {}
 
     def _in_mode(self, name: str, mode: str) -> bool:
@@ -110,9 +116,11 @@ class AccuracyDrop(Rule):
             if arg == "0" and f"{head}.1" in inputs:
                 return predictions or name, labels or f"{head}.1"
         raise MissingTensorError(
-            f"accuracy_drop: no loss inputs (predictions and labels) in mode {self.mode!r} of "
-            f"{self.trial.path}; record eval steps with a loss, or save a scalar and pass "
-            "--param scalar=NAME"
+            f"no loss inputs (predictions and labels) and no {self._AUTO} in mode "
+            f"{self.mode!r} of {self.trial.path}; a functional loss is not captured: add "
+            "tdump.capture.record_loss(loss, logits, y) after it, or "
+            "tdump.report(accuracy=acc) after the evaluation (or pass --param scalar=NAME "
+            "for a scalar the script saves)"
         )
 
     def _at(self, step: int) -> tuple[float, int]:

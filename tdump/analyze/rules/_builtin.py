@@ -31,7 +31,7 @@ from tdump.analyze._mapping import Dataflow
 from tdump.analyze._trial import Trial
 from tdump.analyze.rules._base import NotEnoughSteps, Rule, RuleSkip, register_rule
 from tdump.capture._config import COLLECTIONS
-from tdump.errors import ConfigError, compile_regex
+from tdump.errors import ConfigError, MissingTensorError, compile_regex
 
 __all__ = [
     "DeadRelu",
@@ -319,6 +319,19 @@ class LossNotDecreasing(Rule):
             self.tensors = (f"^{re.escape(tensor)}$",)
             self.collections = ()
         self._cache: dict[int, float] = {}
+
+    def steps(self) -> list[int]:
+        """The saved steps holding the loss; raises when the mode has steps but no loss."""
+        found = super().steps()
+        no_loss = not found and self.tensor is None and self.mode in self.trial.modes()
+        if no_loss and not self.needed():
+            raise MissingTensorError(
+                f"no loss values (collection 'losses') in mode {self.mode!r} of "
+                f"{self.trial.path}; a functional loss is not captured: add "
+                "tdump.capture.record_loss(loss, logits, y) after the loss line, or use "
+                "a loss module (nn.CrossEntropyLoss)"
+            )
+        return found
 
     def _loss_name(self) -> str:
         names = self.needed()

@@ -109,8 +109,9 @@ class Checker:
                 continue
             try:
                 steps = _rule_steps(rule, self.trial)
-            except MissingTensorError:
-                continue  # the data it needs is not in the dump (yet)
+            except MissingTensorError as exc:
+                self.notes[name] = str(exc)  # what it needs is not in the dump (yet)
+                continue
             out.extend((name, rule, s) for s in steps if s not in self.seen[name])
         return out
 
