@@ -165,7 +165,10 @@ def plan_jobs(
     planned: list[tuple[str, Plan]] = []
     unplanned: list[str] = []
     for layer in layers:
-        plan = crit.plan(layer, ctx)
+        # a conv whose channels are the model's outputs is never pruned: unless asked
+        # for by name, it gets no rows (a note says why), whatever the criterion
+        output = not explicit_layers and ctx.dataflow.is_model_output(layer)
+        plan = None if output else crit.plan(layer, ctx)
         if plan is not None:
             planned.append((layer, plan))
         else:

@@ -93,11 +93,15 @@ def test_the_output_layer_needs_no_score_and_prune_keeps_it(
         "eval": [returned],
     }
 
-    table = rank_table(str(dump))
-    assert head not in set(table.columns["layer"]) and head in table.meta["skipped"]
-    (note,) = [n for n in table.meta["notes"] if f"({head})" in n]
-    assert "their channels are the model's outputs" in note, note
-    assert "need no score" in note and "tdump record --include" not in note, note
+    for criterion in ("taylor", "l1"):  # l1 could score it from its weights: it is left out
+        table = rank_table(str(dump), criterion=criterion)
+        assert head not in set(table.columns["layer"]) and head in table.meta["skipped"]
+        (note,) = [n for n in table.meta["notes"] if f"({head})" in n]
+        assert "their channels are the model's outputs" in note, note
+        assert "need no score" in note and "tdump record --include" not in note, note
+    # asked for by name, it is scored
+    named = rank_table(str(dump), criterion="l1", layers=f"^{head}$")
+    assert set(named.columns["layer"]) == {head}
 
     # what the note promises, checked against the surgery: the head keeps every channel
     channels = getattr(model, head).out_channels
