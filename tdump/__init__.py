@@ -74,9 +74,15 @@ def save(model: Any, path: Any, *, arch: Any = None, arch_kwargs: Any = None) ->
     _save(path, model, arch=arch, arch_kwargs=arch_kwargs)
 
 
+#: The stages, importable as attributes after a plain ``import tdump`` (``tdump.analyze.Trial``).
+_STAGES = ("analyze", "capture", "loop", "surgery")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _STAGES:
+        return importlib.import_module(f"tdump.{name}")
     raise AttributeError(f"module 'tdump' has no attribute {name!r}")
 
 
@@ -84,4 +90,4 @@ def __dir__() -> list[str]:
     # the lazy names too (tab completion in Jupyter calls dir()), not the typing helpers
     from tdump._lazy import public_dir
 
-    return public_dir(__all__, globals())
+    return public_dir([*__all__, *_STAGES], globals())

@@ -30,3 +30,17 @@ def test_dir_lists_every_public_name_before_any_is_loaded(package: str) -> None:
     assert not torch_loaded or package == "tdump.capture"  # dir() loads nothing heavy
     assert not {"Any", "TYPE_CHECKING", "importlib", "annotations"} & set(listed)
     assert unresolved == []
+
+
+def test_the_stages_are_attributes_of_a_plain_import() -> None:
+    """``import tdump`` then ``tdump.analyze.Trial``, as in a notebook: no AttributeError,
+    and the stage is imported only when read (``import tdump`` stays free of torch)."""
+    code = (
+        "import sys, tdump; before = 'tdump.surgery' in sys.modules; "
+        "print(before, 'surgery' in dir(tdump), tdump.analyze.Trial.__name__, "
+        "callable(tdump.surgery.build_graph), tdump.loop.__name__, tdump.capture.Hook.__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", "True", "Trial", "True", "tdump.loop", "Hook"]
