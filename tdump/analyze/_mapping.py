@@ -69,6 +69,7 @@ class Dataflow:
     returned: frozenset[str] = frozenset()
     _by_name: dict[str, Mapping[str, Any]] = field(init=False, repr=False)
     _consumers: dict[str, list[Mapping[str, Any]]] = field(init=False, repr=False)
+    _output_layers: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name = {str(c["name"]): c for c in self.calls}
@@ -77,6 +78,8 @@ class Dataflow:
             for src in c.get("inputs") or ():
                 if src is not None:
                     self._consumers.setdefault(str(src), []).append(c)
+        found = (self.producing_conv(name) for name in self.returned)
+        self._output_layers = frozenset(layer for layer in found if layer is not None)
 
     def module_type(self, path: str) -> str:
         """Qualified class name of module ``path`` (``""`` if unknown)."""
@@ -224,7 +227,7 @@ class Dataflow:
         >>> Dataflow(mods, calls).is_model_output("cls")  # a dump without model_outputs
         False
         """
-        return any(self.producing_conv(name) == layer for name in self.returned)
+        return layer in self._output_layers
 
     def producing_conv(self, output: str) -> str | None:
         """Layer (conv, or hidden Linear) whose output channels ``output`` (``<module>.output_<k>``)

@@ -43,6 +43,7 @@ __all__ = [
     "RANKS_FORMAT",
     "RANKS_VERSION",
     "RankTable",
+    "no_ranks_file",
     "normalize_scores",
     "not_a_ranks_file",
     "read_ranks",
@@ -290,6 +291,15 @@ def _arrow_columns(columns: Mapping[str, np.ndarray]) -> list[Any]:
     return out
 
 
+def no_ranks_file(path: str | os.PathLike[str]) -> str:
+    """What to say when there is no ranks file at ``path``.
+
+    >>> no_ranks_file("r.parquet")
+    'no ranks file at r.parquet; create one with `tdump rank DUMP -o r.parquet`'
+    """
+    return f"no ranks file at {path}; create one with `tdump rank DUMP -o {path}`"
+
+
 def not_a_ranks_file(path: str) -> str | None:
     """``None`` if ``path`` is a ranks file (any format version), else what it is.
 
@@ -360,9 +370,7 @@ def read_ranks(
         else:
             table = pq.read_table(str(path))
     except FileNotFoundError:
-        raise DumpNotFoundError(
-            f"no ranks file at {path}; create one with `tdump rank DUMP -o {path}`"
-        ) from None
+        raise DumpNotFoundError(no_ranks_file(path)) from None
     except (OSError, ValueError) as exc:
         if _is_torch_file(path):
             raise RanksError(

@@ -122,17 +122,21 @@ def _print(summary: dict[str, Any], dry_run: bool, output: str | None, source: s
 
 
 def _missing_inputs(ckpt: Path, ranks: Path) -> list[str]:
-    """What is wrong with CKPT and RANKS that a look at the file system shows.
+    """What is wrong with CKPT and RANKS that a look at the file system shows (the
+    messages ``tdump.load`` and ``read_ranks`` give for a missing file).
 
     >>> _missing_inputs(Path("nothere.pt"), Path("nothere.parquet"))  # doctest: +NORMALIZE_WHITESPACE
-    ['no checkpoint at nothere.pt (check the path)',
-     'no ranks file at nothere.parquet (create one with `tdump rank DUMP -o nothere.parquet`)']
+    ['no checkpoint at nothere.pt; check the path',
+     'no ranks file at nothere.parquet; create one with `tdump rank DUMP -o nothere.parquet`']
     """
+    from tdump.analyze._ranks_io import no_ranks_file
+    from tdump.surgery._checkpoint import no_checkpoint
+
     found = []
     if not ckpt.exists():
-        found.append(f"no checkpoint at {ckpt} (check the path)")
+        found.append(no_checkpoint(ckpt))
     if not ranks.exists():
-        found.append(f"no ranks file at {ranks} (create one with `tdump rank DUMP -o {ranks}`)")
+        found.append(no_ranks_file(ranks))
     return found
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "CKPT_FORMAT",
     "CheckpointInfo",
     "load_state",
+    "no_checkpoint",
     "read_checkpoint",
     "strip_prefix",
     "write_checkpoint",
@@ -61,6 +62,15 @@ CKPT_FORMAT = "tdump.checkpoint"
 CKPT_VERSION = 1
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
 _PREFIXES = ("module.", "_orig_mod.")
+
+
+def no_checkpoint(path: str | os.PathLike[str]) -> str:
+    """What to say when there is no checkpoint at ``path``.
+
+    >>> no_checkpoint("ckpt.pt")
+    'no checkpoint at ckpt.pt; check the path'
+    """
+    return f"no checkpoint at {path}; check the path"
 
 
 @dataclass
@@ -259,7 +269,7 @@ def read_checkpoint(
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise DumpNotFoundError(f"no checkpoint at {path}; check the path")
+        raise DumpNotFoundError(no_checkpoint(path))
     obj = _load(path)
     if isinstance(obj, dict) and "format" in obj:
         if obj["format"] != CKPT_FORMAT:
