@@ -68,7 +68,7 @@ __all__ = ["parse_steps", "rank", "rank_table", "scored_layers"]
 
 # --------------------------------------------------------------------------- public API
 def rank(
-    dump: str,
+    dump: str | os.PathLike[str],
     criterion: str = "taylor",
     mode: str = "train",
     steps: StepsArg = None,
@@ -195,7 +195,7 @@ def scored_layers(
 
 
 def rank_table(
-    dump: str,
+    dump: str | os.PathLike[str],
     criterion: str = "taylor",
     mode: str = "train",
     steps: StepsArg = None,

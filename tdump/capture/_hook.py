@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -103,7 +104,7 @@ class Hook(StepLifecycle):
 
     def __init__(
         self,
-        out: str = "tdump.zarr",
+        out: str | os.PathLike[str] = "tdump.zarr",
         include_regex: str | None = None,
         save_interval: int = 100,
         save_steps: Iterable[int] | None = None,

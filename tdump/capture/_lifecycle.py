@@ -183,6 +183,7 @@ class StepLifecycle:
             modules = [*modules, *leaves]
         for path, mod in modules:
             cur.handles.append(mod.register_forward_hook(self._guard(cur.make_fwd(path))))
+        cur.hooked = dict(modules)
         cur.handles.append(root.register_forward_hook(self._guard(self._root_post)))
 
     def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -192,6 +193,8 @@ class StepLifecycle:
         for h in cur.handles:  # forward hooks go now; parameter gradient hooks at the step's end
             h.remove()
         cur.handles.clear()
+        cur.watch_recomputes(cur.hooked)
+        cur.hooked = {}
         outs = _tensors(output)
         for out in outs:
             if out.requires_grad:

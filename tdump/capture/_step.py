@@ -97,6 +97,11 @@ class SavedStep:
         self.producers: dict[int, tuple[str, torch.Tensor | None]] = {}
         self.handles: list[Any] = []
         self.grad_handles: list[Any] = []
+        #: Module calls of a train step that ran without grad (reentrant activation
+        #: checkpointing): path -> [(call, fingerprint of its output)], in call order.
+        self.awaiting: dict[str, list[tuple[int, Fingerprint]]] = {}
+        #: The modules with forward hooks in this step, by path (until the forward ends).
+        self.hooked: dict[str, nn.Module] = {}
         #: CUDA streams this step queued copies on: one event each at close, not one per copy.
         self.streams: dict[tuple[int, int], Any] = {}
         self.lock = threading.Lock()
@@ -109,6 +114,7 @@ class SavedStep:
         self.handles.clear()
         self.grad_handles.clear()
         self.producers.clear()
+        self.awaiting.clear()
         with self.lock:
             # recorded after every copy queued on its stream: the writer waits on these
             self.record.events = [s.record_event() for s in self.streams.values()]
@@ -246,29 +252,79 @@ class SavedStep:
     def _save_output(self, path: str, k: int, name: str, out: torch.Tensor) -> None:
         red = self.reduction
         colls = self.collections
-        extra: dict[str, Any] = {"call": k}
-        last = out.dim() >= 3 and name in self.channels_last
-        if last:
-            extra["channel_axis"] = -1
         want_act = "activations" in colls and self.selected(name, "activations")
         gname = grad_name(name)
         want_grad = "activation_gradients" in colls and self.selected(gname, "activation_gradients")
         if red == "taylor":
-            tname = name + ".taylor"
-            if (want_act or want_grad) and out.requires_grad:
-                act = out.detach().clone()
-                out.register_hook(self.guard(self._make_taylor(tname, path, act, extra, last)))
-            return
-        dims = output_dims(out.dim(), last)
-        if red is not None:
-            dims = reduced_dims(out.dim(), last)
-            extra = {**extra, "reduction": red}
-        if want_act:
+            want_grad = want_act or want_grad  # a Taylor term is the output times its gradient
+        elif want_act:
+            last, dims, extra = self._layout(name, k, out)
             value = reduce_channels(out, red, last) if red else out
             self.add(name, value, dims, "activations", "output", path, extra, bool(red))
         # a gradient's fraction of zeros means nothing: zero_fraction stores outputs only
-        if want_grad and out.requires_grad and red != "zero_fraction":
-            out.register_hook(self.guard(self._make_out_grad(gname, path, dims, extra, last)))
+        if not want_grad or red == "zero_fraction":
+            return
+        if out.requires_grad:
+            self._watch_grad(path, k, name, out)
+        elif self.mode == "train" and not torch.is_grad_enabled():
+            # Reentrant activation checkpointing (torch.utils.checkpoint with
+            # use_reentrant=True, its default) runs this call without grad; backward
+            # runs it again with grad, and that output's gradient is this one's.
+            self.awaiting.setdefault(path, []).append((k, _fingerprint(out)))
+
+    def _layout(
+        self, name: str, k: int, out: torch.Tensor
+    ) -> tuple[bool, tuple[str, ...], dict[str, Any]]:
+        """Whether output ``name`` is channels-last, its dims and its array attributes."""
+        extra: dict[str, Any] = {"call": k}
+        last = out.dim() >= 3 and name in self.channels_last
+        if last:
+            extra["channel_axis"] = -1
+        red = self.reduction
+        if red is None:
+            return last, output_dims(out.dim(), last), extra
+        if red != "taylor":
+            extra["reduction"] = red
+        return last, reduced_dims(out.dim(), last), extra
+
+    def _watch_grad(self, path: str, k: int, name: str, out: torch.Tensor) -> None:
+        """Copy the gradient of call ``k``'s output ``out`` (or its Taylor term) when
+        backward reaches it."""
+        last, dims, extra = self._layout(name, k, out)
+        if self.reduction == "taylor":
+            act = out.detach().clone()
+            body = self._make_taylor(name + ".taylor", path, act, extra, last)
+        else:
+            body = self._make_out_grad(grad_name(name), path, dims, extra, last)
+        self.grad_handles.append(out.register_hook(self.guard(body)))
+
+    def watch_recomputes(self, modules: Mapping[str, nn.Module]) -> None:
+        """After the forward pass: hook the modules whose calls ran without grad in a
+        train step, to take the gradients when backward runs those calls again."""
+        for path in self.awaiting:
+            module = modules.get(path)
+            if module is not None:
+                hook = self.guard(self._make_recompute(path))
+                self.grad_handles.append(module.register_forward_hook(hook))
+
+    def _make_recompute(self, path: str) -> Any:
+        def fwd(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            waiting = self.awaiting.get(path)
+            out = first_tensor(output)
+            if not self.open or not waiting or out is None or not out.requires_grad:
+                return
+            if torch._C._current_autograd_node() is None:
+                return  # a new forward pass (a second micro-batch), not backward's rerun
+            # Backward reruns checkpointed segments last first; the rerun of a module
+            # called in two of them is told apart by its values.
+            i = 0
+            if len(waiting) > 1:
+                fp = _fingerprint(out)
+                i = min(range(len(waiting)), key=lambda j: _distance(waiting[j][1], fp))
+            k = waiting.pop(i)[0]
+            self._watch_grad(path, k, output_name(path, k), out)
+
+        return fwd
 
     def _make_out_grad(
         self, gname: str, path: str, dims: tuple[str, ...], extra: dict[str, Any], last: bool
@@ -343,3 +399,16 @@ class SavedStep:
             else torch.tensor(float(value))
         )
         self.add(sname, t, (), "scalars", "scalar", "")
+
+
+Fingerprint = tuple[tuple[int, ...], torch.Tensor]
+
+
+def _fingerprint(out: torch.Tensor) -> Fingerprint:
+    """A cheap summary of an output: its shape and the sum of its values (left on its
+    device, so a GPU forward pass does not wait for it)."""
+    return tuple(out.shape), out.detach().sum(dtype=torch.float32)
+
+
+def _distance(a: Fingerprint, b: Fingerprint) -> float:
+    return float("inf") if a[0] != b[0] else float((a[1] - b[1]).abs())

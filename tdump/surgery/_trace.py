@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
@@ -160,6 +161,21 @@ def trace(
     tracer = _Tracer(ignore, prefix)
     was_training = model.training
     model.train(training)
+    with warnings.catch_warnings():
+        # fx's proxies need no gradient: torch.utils.checkpoint in a training-mode
+        # forward says so, which tells the user nothing about their model
+        warnings.filterwarnings("ignore", "None of the inputs have requires_grad", UserWarning)
+        return _trace(model, tracer, ignore, input_shape, notes, was_training)
+
+
+def _trace(
+    model: nn.Module,
+    tracer: _Tracer,
+    ignore: re.Pattern[str] | None,
+    input_shape: Sequence[int] | None,
+    notes: list[str] | None,
+    was_training: bool,
+) -> fx.Graph:
     try:
         try:
             return tracer.trace(model)
