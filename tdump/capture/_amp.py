@@ -33,6 +33,7 @@ from tdump.errors import ConfigError
 
 __all__ = [
     "ScalerWatch",
+    "cover_scaler_classes",
     "hint_unregistered",
     "require_scaler",
     "scale_of",
@@ -104,9 +105,8 @@ class ScalerWatch:
 
     def __init__(self, on_scale: Callable[[Any], None]) -> None:
         self._on_scale = on_scale
-        if not _WATCHES:
-            _install()
         _WATCHES.append(self)
+        cover_scaler_classes()
 
     def notify(self, scaler: Any) -> None:
         """Tell ``on_scale`` (the wrapper calls this)."""
@@ -124,29 +124,43 @@ class ScalerWatch:
 
 
 _WATCHES: list[ScalerWatch] = []
-#: ``(our wrapper, the method it wraps)`` while installed.
-_INSTALLED: list[tuple[Any, Any]] = []
+#: The classes whose ``scale`` is wrapped now: ``class -> (our wrapper, their method)``.
+_INSTALLED: dict[type, tuple[Any, Any]] = {}
 
 
-def _install() -> None:
-    cls = torch.amp.GradScaler
-    original = cls.scale
+def cover_scaler_classes() -> None:
+    """While a watch is on, wrap ``scale`` of ``GradScaler`` and of every subclass that
+    defines its own (FSDP's ``ShardedGradScaler`` does, without calling
+    ``GradScaler.scale``). A class defined after the watch began is covered by the
+    next call: the hook calls this at the start of each saved step."""
+    if not _WATCHES:
+        return
+    todo: list[type] = [torch.amp.GradScaler]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        own = cls.__dict__.get("scale")
+        if own is None or cls in _INSTALLED or not callable(own):
+            continue
+        _INSTALLED[cls] = (_wrap(own), own)
+        cls.scale = _INSTALLED[cls][0]  # type: ignore[attr-defined]
 
+
+def _wrap(original: Any) -> Any:
     @functools.wraps(original)
     def scale(scaler: Any, outputs: Any) -> Any:
         for watch in list(_WATCHES):
             watch.notify(scaler)
         return original(scaler, outputs)
 
-    _INSTALLED[:] = [(scale, original)]
-    cls.scale = scale  # type: ignore[method-assign, assignment]
+    return scale
 
 
 def _uninstall() -> None:
-    cls = torch.amp.GradScaler
-    if _INSTALLED and cls.__dict__.get("scale") is _INSTALLED[0][0]:
-        cls.scale = _INSTALLED[0][1]  # type: ignore[method-assign]
-    _INSTALLED.clear()  # replaced by something else since: leave theirs
+    for cls, (ours, theirs) in _INSTALLED.items():
+        if cls.__dict__.get("scale") is ours:  # replaced by something else since: leave theirs
+            cls.scale = theirs  # type: ignore[attr-defined]
+    _INSTALLED.clear()
 
 
 def hint_unregistered(hook: weakref.ReferenceType[Any]) -> ScalerWatch:

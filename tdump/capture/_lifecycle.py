@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tdump._control import POLL_SECONDS, StopRequest, read_stop_request
-from tdump.capture._amp import scale_of
+from tdump.capture._amp import cover_scaler_classes, scale_of
 from tdump.capture._config import HookConfig
 from tdump.capture._exit import TrainingStopped
 from tdump.capture._model import first_tensor, fx_tracing
@@ -151,6 +151,7 @@ class StepLifecycle:
     def _begin(
         self, root: nn.Module, args: tuple[Any, ...], mode: str, step: int, colls: frozenset[str]
     ) -> None:
+        cover_scaler_classes()  # a GradScaler subclass the script defined or imported since
         cur = SavedStep(
             mode,
             step,

@@ -163,12 +163,20 @@ def test_scores_do_not_depend_on_the_loss_scale(tmp_path: Path, reduction: str |
     )
 
 
-def test_record_finds_the_scripts_scaler(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharded", [False, True])
+def test_record_finds_the_scripts_scaler(tmp_path: Path, sharded: bool) -> None:
+    """Also FSDP's ShardedGradScaler, whose own scale() never calls GradScaler's, and
+    whose class the script imports after recording began."""
     out, grads = str(tmp_path / "rec.zarr"), tmp_path / "grads.pt"
     original = _settled_scale()
     cfg = HookConfig(out=out, save_interval=1, include_regex=r".*")
-    assert run_script(str(SCRIPTS / "train_amp.py"), ["--grads", str(grads)], cfg) == 0
+    args = ["--grads", str(grads), *(["--sharded"] if sharded else [])]
+    assert run_script(str(SCRIPTS / "train_amp.py"), args, cfg) == 0
     assert torch.amp.GradScaler.scale is original  # put back when the script ended
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        assert "__wrapped__" not in vars(ShardedGradScaler.scale)  # and its own too
     want = torch.load(grads, weights_only=True)
     r = StoreReader(out)
     assert r.steps("train").tolist() == [0, 1, 2]
