@@ -52,7 +52,7 @@ from tdump.capture._exit import (
 from tdump.capture._hook import Hook, active_hooks
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.capture._out import local_path, resolve_rank
-from tdump.capture._script import check_script, print_script_traceback
+from tdump.capture._script import check_module, check_script, print_script_traceback
 from tdump.errors import TdumpError, first_line
 
 if TYPE_CHECKING:
@@ -279,14 +279,22 @@ def _overlaps(module: nn.Module, param_ids: set[int]) -> bool:
     return any(id(p) in param_ids for p in module.parameters())
 
 
-def run_script(script: str, args: list[str], config: HookConfig) -> int:
+def run_script(script: str, args: list[str], config: HookConfig, *, module: bool = False) -> int:
     """Run ``script`` as ``__main__`` with ``sys.argv = [script, *args]`` under :class:`AutoCapture`.
 
-    Returns the script's exit code: 130 after SIGINT, 143 after SIGTERM (queued
-    records are committed first), 75 when a stop request ended training. Bad paths,
-    and a file that is not a Python script, are refused before the script starts.
+    With ``module=True``, ``script`` names a module that runs as ``python -m script``
+    would run it (from the current folder). Returns the script's exit code: 130 after
+    SIGINT, 143 after SIGTERM (queued records are committed first), 75 when a stop
+    request ended training. Bad paths, and a file that is not a Python script, are
+    refused before the script starts.
     """
-    check_script(script)  # a checkpoint given as the script: one line, not runpy's traceback
+    if module:
+        path = check_module(script)
+        label, folder = script, os.getcwd()
+    else:
+        check_script(script)  # a checkpoint given as the script: one line, not runpy's traceback
+        path, label = script, os.path.basename(script)
+        folder = os.path.dirname(os.path.abspath(script))
     if args and args[0] == "--":
         args = args[1:]
     elif "--" in args:
@@ -294,12 +302,15 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     auto = AutoCapture(config)
     restore = install_sigterm()
     old_argv, old_path = sys.argv, list(sys.path)
-    sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    sys.argv = [path, *args]
+    sys.path.insert(0, folder)
     code = 0
     failed: str | None = None  # how the script failed, for the last line
     try:
-        runpy.run_path(script, run_name="__main__")
+        if module:
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(script, run_name="__main__")
     except KeyboardInterrupt:
         mark_exiting()
         print("tdump: interrupted (SIGINT): committing queued records", file=sys.stderr)
@@ -313,7 +324,7 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
     except TdumpError:
         raise  # tdump.load & co. in the script: one line, as the CLI prints them
     except Exception as exc:  # the script's crash: its traceback, then what was recorded
-        print_script_traceback(exc, script)
+        print_script_traceback(exc, path)
         code = 1
         said = f": {first_line(exc, 160)}" if str(exc).strip() else ""
         failed = f"failed ({type(exc).__name__}{said})"
@@ -336,7 +347,7 @@ def run_script(script: str, args: list[str], config: HookConfig) -> int:
         print("tdump: no trained module was seen; nothing recorded", file=sys.stderr)
     if failed is not None:  # last, where `tail` shows it: not a tdump line above the cause
         kept = f"{config.out} keeps the records committed before it" if counts else "no records"
-        print(f"tdump: {os.path.basename(script)} {failed}; {kept}", file=sys.stderr)
+        print(f"tdump: {label} {failed}; {kept}", file=sys.stderr)
     return code
 
 

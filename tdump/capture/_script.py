@@ -13,6 +13,7 @@ tdump.errors.ConfigError: no training script at no/such/train.py; check the path
 from __future__ import annotations
 
 import codecs
+import importlib.util
 import io
 import os
 import sys
@@ -23,7 +24,7 @@ from importlib.util import MAGIC_NUMBER
 
 from tdump.errors import ConfigError, first_line
 
-__all__ = ["check_script", "print_script_traceback"]
+__all__ = ["check_module", "check_script", "print_script_traceback"]
 
 #: Bytes of a script read to tell source text from a binary file (a checkpoint, an image).
 _HEAD = 1 << 20
@@ -69,6 +70,41 @@ def check_script(script: str) -> None:
         raise ConfigError(
             f"{script} is not a Python script: it is not text ({first_line(exc, None)}); {fix}"
         ) from None
+
+
+def check_module(module: str) -> str:
+    """The file ``python -m module`` would run (from the current folder), or a one-line
+    :class:`ConfigError` saying why there is none.
+
+    Like ``python -m``, this imports the module's parent packages.
+    """
+    if not module.strip():
+        raise ConfigError("-m needs a module name after it, e.g. -m mypkg.train")
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)  # where python -m looks first
+    try:
+        spec = importlib.util.find_spec(module)
+        package = spec is not None and spec.submodule_search_locations is not None
+        if package:  # python -m runs a package's __main__
+            spec = importlib.util.find_spec(module + ".__main__")
+    except (ImportError, ValueError) as exc:  # a parent package that fails, "", ".x"
+        raise ConfigError(
+            f"cannot find module {module!r}: {first_line(exc, None)}; check that "
+            f"python -m {module} runs from {cwd}"
+        ) from None
+    finally:
+        sys.path.remove(cwd)
+    if package and spec is None:
+        raise ConfigError(
+            f"{module} is a package without a __main__ module, so python -m cannot run it; "
+            f"name the module that trains (tdump record -m {module}.train)"
+        )
+    if spec is None or not spec.origin or not spec.has_location:
+        raise ConfigError(
+            f"no module named {module!r} from {cwd}; check the name, and run "
+            f"tdump record from the folder where python -m {module} works"
+        )
+    return spec.origin
 
 
 def print_script_traceback(exc: BaseException, script: str) -> None:

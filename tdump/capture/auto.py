@@ -3,7 +3,8 @@
 Set ``TDUMP_CONFIG`` to a JSON/YAML file path, to inline JSON, or to ``1`` (defaults),
 then either
 
-* ``python -m tdump.capture.auto train.py ARGS`` (also ``torchrun ... -m tdump.capture.auto train.py ARGS``), or
+* ``python -m tdump.capture.auto train.py ARGS`` (also ``torchrun ... -m tdump.capture.auto train.py ARGS``;
+  ``-m mypkg.train ARGS`` in place of ``train.py ARGS`` runs a module as ``python -m`` does), or
 * put ``import tdump.capture.auto`` at the top of the script (a no-op when the variable is unset).
 
 Unset keys default as for ``tdump record`` (no ``include_regex``: the seed's selection and
@@ -60,6 +61,11 @@ def _main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     cfg = config_from_env() or HookConfig.from_dict(with_default_selection({}))
+    if argv[0] == "-m" or argv[0].startswith("-m"):  # -m MODULE or -mMODULE, as python takes
+        module, rest = (
+            (argv[1], argv[2:]) if argv[0] == "-m" and len(argv) > 1 else (argv[0][2:], argv[1:])
+        )
+        return run_script(module, rest, cfg, module=True)
     return run_script(argv[0], argv[1:], cfg)
 
 

@@ -15,10 +15,10 @@ SEED_INCLUDE = ".*relu|.*weight|.*bias|.*running_mean|.*running_var"  # = captur
 
 
 class _RecordCommand(TdumpCommand):
-    """Help shows ``SCRIPT [-- ARGS...]``: the script's arguments follow ``--``."""
+    """Help shows ``(SCRIPT | -m MODULE) [-- ARGS...]``: the script's arguments follow ``--``."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        return ["[OPTIONS]", "SCRIPT", "[-- ARGS...]"]
+        return ["[OPTIONS]", "(SCRIPT | -m MODULE)", "[-- ARGS...]"]
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         """Refuse a SCRIPT that looks like an option: it is a mistyped tdump option.
@@ -32,6 +32,9 @@ class _RecordCommand(TdumpCommand):
         rest: list[str] = super().parse_args(ctx, args)
         script = ctx.params.get("script")
         opts = [o for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts)]
+        if ctx.params.get("module") is not None:
+            _module_args(ctx, given, {o for o in opts if o != "--help"})
+            return rest
         looks_like_option = isinstance(script, str) and script.startswith("-") and script != "-"
         if looks_like_option and not ("--" in given and given.index("--") < given.index(script)):
             name = script.split("=", 1)[0]
@@ -44,7 +47,9 @@ class _RecordCommand(TdumpCommand):
             own = _own_option_after_script(
                 list(ctx.params.get("args") or []),
                 ctx.meta.get(AFTER_DASHES),
-                {o for o in opts if o != "--help"},  # --help is left to the script
+                # --help is left to the script, and so is -m (train.py -m resnet18: a
+                # script's option as often as not; -m MODULE replaces SCRIPT)
+                {o for o in opts if o not in ("--help", "-m", "--module")},
             )
             if own is not None:
                 ctx.fail(
@@ -53,6 +58,32 @@ class _RecordCommand(TdumpCommand):
                     f"{own} itself (tdump record {script} -- {own} ...)"
                 )
         return rest
+
+
+def _module_args(ctx: Any, given: list[str], opts: set[str]) -> None:
+    """With ``-m MODULE``, every word after it is the module's, as after ``python -m``:
+    what click took as SCRIPT is the module's first argument. One of record's own
+    options after MODULE (click has taken it as tdump's) is refused, as after SCRIPT."""
+    script = ctx.params.get("script")
+    ctx.params["args"] = [*([script] if script is not None else []), *(ctx.params["args"] or [])]
+    ctx.params["script"] = None
+    at = next(
+        i
+        for i, w in enumerate(given)
+        if w.split("=", 1)[0] in ("-m", "--module")
+        or (w.startswith("-m") and not w.startswith("--"))
+    )
+    after = given[at + (1 if "=" in given[at] or given[at] not in ("-m", "--module") else 2) :]
+    if "--" in after:
+        after = after[: after.index("--")]
+    own = _own_option_after_script(after, None, opts - {"-m", "--module"})
+    if own is not None:
+        module = ctx.params["module"]
+        ctx.fail(
+            f"{own} after -m MODULE goes to {module}, not to tdump record; put it before -m "
+            f"(tdump record {own} ... -m {module}), or after -- if {module} takes {own} "
+            f"itself (tdump record -m {module} -- {own} ...)"
+        )
 
 
 def _own_option_after_script(
@@ -94,7 +125,7 @@ def register(app: typer.Typer) -> None:
     )
     def record(
         script: str = typer.Argument(
-            ..., metavar="SCRIPT", help="The training script (run as __main__, unmodified)."
+            None, metavar="SCRIPT", help="The training script (run as __main__, unmodified)."
         ),
         args: list[str] = typer.Argument(
             None, metavar="ARGS", help="Arguments for the script (after `--`)."
@@ -126,6 +157,14 @@ def register(app: typer.Typer) -> None:
         strict: bool = typer.Option(
             False, "--strict", help="Let errors in the hook stop training."
         ),
+        module: str = typer.Option(
+            None,
+            "-m",
+            "--module",
+            metavar="MODULE",
+            help="Run library module MODULE as python -m does (from this folder), instead "
+            "of SCRIPT; the words after it are its arguments.",
+        ),
     ) -> None:
         """Run SCRIPT under capture: finds the model, loss and optimizer steps by itself.
 
@@ -133,19 +172,28 @@ def register(app: typer.Typer) -> None:
         An --out that already holds a dump is refused unless --append or --overwrite.
 
         Example: tdump record --out run.zarr --interval 50 train.py -- --epochs 1
+        (a module in a package: tdump record -m mypkg.train --epochs 1)
         """
         import sys
 
         from tdump.capture._config import HookConfig, load_config, with_default_selection
         from tdump.capture._out import prepare_out
-        from tdump.capture._script import check_script
+        from tdump.capture._script import check_module, check_script
         from tdump.errors import ConfigError
 
         if append and overwrite:
             raise ConfigError("--append and --overwrite exclude each other; pass one of them")
+        if (script is None) == (module is None):
+            raise ConfigError(
+                "give the training script (tdump record train.py) or -m MODULE (tdump "
+                "record -m mypkg.train), one of them"
+            )
         # A missing script, or a checkpoint given in its place: refused before torch loads
         # and before prepare_out, which deletes the dump at --out under --overwrite.
-        check_script(script)
+        if module is not None:
+            check_module(module)
+        else:
+            check_script(script)
         data: dict[str, Any] = load_config(config) if config else {}
         if include is not None:
             data["include_regex"] = include
@@ -163,6 +211,7 @@ def register(app: typer.Typer) -> None:
 
         from tdump.capture._record import run_script
 
-        code = run_script(script, list(args or []), cfg)
+        target = module if module is not None else script
+        code = run_script(target, list(args or []), cfg, module=module is not None)
         if code:
             sys.exit(code)

@@ -130,7 +130,7 @@ def test_help_lists_the_options() -> None:
     assert proc.returncode == 0
     for opt in ("--out", "--include", "--interval", "--config", "--append", "--overwrite"):
         assert opt in proc.stdout
-    assert "Usage: tdump record [OPTIONS] SCRIPT [-- ARGS...]" in proc.stdout
+    assert "Usage: tdump record [OPTIONS] (SCRIPT | -m MODULE) [-- ARGS...]" in proc.stdout
     assert "<list[str]>" not in proc.stdout and "{" not in proc.stdout
     assert "-c," not in proc.stdout  # -c is rank's --criterion; record takes --config only
 
@@ -226,7 +226,7 @@ def test_mistyped_option_is_an_unknown_option_not_a_script(
     assert "Traceback" not in proc.stderr and "no training script" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
     assert errors == [f"Error: {needle}"], proc.stderr
-    assert "Usage: tdump record [OPTIONS] SCRIPT [-- ARGS...]" in proc.stderr
+    assert "Usage: tdump record [OPTIONS] (SCRIPT | -m MODULE) [-- ARGS...]" in proc.stderr
     assert not marker.exists() and not (tmp_path / "d.zarr").exists()
 
 
