@@ -67,13 +67,9 @@ def _module_args(ctx: Any, given: list[str], opts: set[str]) -> None:
     script = ctx.params.get("script")
     ctx.params["args"] = [*([script] if script is not None else []), *(ctx.params["args"] or [])]
     ctx.params["script"] = None
-    at = next(
-        i
-        for i, w in enumerate(given)
-        if w.split("=", 1)[0] in ("-m", "--module")
-        or (w.startswith("-m") and not w.startswith("--"))
-    )
-    after = given[at + (1 if "=" in given[at] or given[at] not in ("-m", "--module") else 2) :]
+    # -m MODULE, --module MODULE, -mMODULE or --module=MODULE: the words after it
+    at = next(i for i, w in enumerate(given) if w.startswith(("-m", "--module")))
+    after = given[at + (2 if given[at] in ("-m", "--module") else 1) :]
     if "--" in after:
         after = after[: after.index("--")]
     own = _own_option_after_script(after, None, opts - {"-m", "--module"})
