@@ -97,12 +97,12 @@ def check_module(module: str) -> str:
     if package and spec is None:
         raise ConfigError(
             f"{module} is a package without a __main__ module, so python -m cannot run it; "
-            f"name the module that trains (tdump record -m {module}.train)"
+            f"name the module that trains (-m {module}.train)"
         )
     if spec is None or not spec.origin or not spec.has_location:
         raise ConfigError(
-            f"no module named {module!r} from {cwd}; check the name, and run "
-            f"tdump record from the folder where python -m {module} works"
+            f"no module named {module!r} from {cwd}; check the name, and run tdump "
+            f"from the folder where python -m {module} works"
         )
     return spec.origin
 

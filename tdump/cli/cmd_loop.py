@@ -162,7 +162,8 @@ def _further_note(experiment: str, stored: dict[str, Any], rows: list[dict[str, 
     arch = f" --arch {stored['arch']}" if stored.get("arch") else ""
     return (
         "note: to prune further, start a new experiment from the last checkpoint: "
-        f"tdump loop {stored.get('script')} --init {last}{arch} ..."
+        f"tdump loop {'-m ' if stored.get('module') else ''}{stored.get('script')} --init "
+        f"{last}{arch} ..."
     )
 
 
@@ -247,6 +248,14 @@ def register(app: typer.Typer) -> None:
         mlflow: bool = typer.Option(
             False, "--mlflow", help="Log each round as an MLflow run (MLFLOW_TRACKING_URI)."
         ),
+        module: str | None = typer.Option(
+            None,
+            "-m",
+            "--module",
+            metavar="MODULE",
+            help="Train with library module MODULE, run as python -m does (from this "
+            "folder), instead of SCRIPT.",
+        ),
     ) -> None:
         """Train under capture -> rank -> prune -> fine-tune, round after round, as an experiment.
 
@@ -267,6 +276,18 @@ def register(app: typer.Typer) -> None:
         if resume and experiment is None:
             raise ConfigError("--resume needs --experiment DIR (the experiment to continue)")
         resuming = resume and Experiment.is_experiment(experiment or "")
+        after = ctx.meta.get(AFTER_DASHES)
+        if module is not None and script is not None and after and after[:1] == [script]:
+            script = None  # no SCRIPT before `--`: click took TRAIN_ARGS' first word
+            args = after
+        if module is not None and script is not None:
+            raise ConfigError(
+                f"give the training script ({script}) or -m MODULE ({module}), not both"
+            )
+        if module is not None and not module.strip():
+            raise ConfigError("-m needs a module name after it, e.g. -m mypkg.train")
+        if module is not None:
+            script = module
         if resume and not resuming and script is None:
             raise ConfigError(
                 f"no experiment to resume at {experiment} (no experiment.json there); check "
@@ -277,7 +298,6 @@ def register(app: typer.Typer) -> None:
         train_args = list(args or [])
         if train_args[:1] == ["--"]:
             train_args = train_args[1:]
-        after = ctx.meta.get(AFTER_DASHES)
         if resume and script is not None and after and after == [script, *train_args]:
             # no SCRIPT before `--` (a resume needs none): click took TRAIN_ARGS' first word
             script, train_args = None, after
@@ -304,9 +324,10 @@ def register(app: typer.Typer) -> None:
             scheduler=scheduler,
             workers=workers,
             mlflow=mlflow,
+            module=module is not None,
         )
         if experiment is None:
-            stem = Path(script or "train").stem
+            stem = module.rsplit(".", 1)[-1] if module else Path(script or "train").stem
             experiment = f"experiments/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not resuming:
             settings.check()

@@ -329,22 +329,22 @@ def check_start(path: Path, settings: Any, resume: bool) -> None:
             f"{path} is a non-empty directory that is not a tdump experiment; choose another --experiment"
         )
     if settings.arch:  # a name that cannot be built fails now, not after round 0 trains
-        check_arch_now(settings.arch, settings.script)
+        check_arch_now(settings.arch, settings.folder())
         if settings.input_shape:
             check_input_shape(
-                settings.arch, settings.arch_kwargs, settings.input_shape, settings.script
+                settings.arch, settings.arch_kwargs, settings.input_shape, settings.folder()
             )
 
 
-def check_arch_now(arch: str, script: str) -> None:
+def check_arch_now(arch: str, folder: str) -> None:
     """Resolve ``--arch`` before round 0 trains, so a name that cannot be built fails at once.
 
     The user named it, so importing it is allowed (as ``tdump prune --arch`` does);
-    the script's folder is on the path, as it is for the stages.
+    ``folder``, the script's (:meth:`LoopSettings.folder`), is on the path, as it is
+    for the stages.
     """
     from tdump.surgery._arch import resolve_arch
 
-    folder = os.path.dirname(os.path.abspath(script))
     added = folder not in sys.path
     if added:
         sys.path.insert(0, folder)
@@ -356,7 +356,7 @@ def check_arch_now(arch: str, script: str) -> None:
 
 
 def check_input_shape(
-    arch: str, arch_kwargs: dict[str, Any] | None, shape: list[int], script: str
+    arch: str, arch_kwargs: dict[str, Any] | None, shape: list[int], folder: str
 ) -> None:
     """Refuse an ``--input-shape`` that ``arch`` cannot take, before round 0 trains.
 
@@ -369,7 +369,6 @@ def check_input_shape(
 
     from tdump.surgery._arch import build_arch
 
-    folder = os.path.dirname(os.path.abspath(script))
     added = folder not in sys.path
     if added:
         sys.path.insert(0, folder)

@@ -63,7 +63,7 @@ class _Loop:
         self.exp, self.s, self.events = exp, s, events
         self.state = exp.state()
         self.rows = exp.rows()
-        folder = os.path.dirname(os.path.abspath(s.script))
+        folder = s.folder()
         path = os.environ.get("PYTHONPATH")
         self.env = {"PYTHONPATH": folder + (os.pathsep + path if path else "")}
         self.relayed: set[tuple[str, str]] = set()  # (stage, line): said once per loop run
@@ -209,7 +209,7 @@ class _Loop:
         include, config = record_options(s)
         if include:
             argv += ["--include", include]
-        argv += ["--config", json.dumps(config, separators=(",", ":")), s.script]
+        argv += ["--config", json.dumps(config, separators=(",", ":")), *s.target()]
         if args:
             argv += ["--", *args]
         moves = [(dump_tmp, p["dump"]), (model_tmp, p["model"])]
@@ -260,7 +260,7 @@ class _Loop:
         self.events.stage_started(r, "measure", None)
         t0 = time.perf_counter()
         init = self.init_of(r)
-        with script_importable(s.script):
+        with script_importable(s.folder()):
             try:  # what `python -m tdump.loop checkpoint` does, logged below
                 model = save_round_checkpoint(
                     p["model"], p["checkpoint"], init, s.arch, s.arch_kwargs, p["dump"]
@@ -348,9 +348,10 @@ class _Loop:
     def run(self) -> list[dict[str, Any]]:
         if self.rows and self.rows[-1].get("stop_reason"):
             last, arch = self.rows[-1], f" --arch {self.s.arch}" if self.s.arch else ""
+            script = " ".join(self.s.target())
             self.events.note(
                 f"{self.exp.path} is finished ({last['stop_reason']}); to prune further, start "
-                f"a new experiment from its last round: tdump loop {self.s.script} --init "
+                f"a new experiment from its last round: tdump loop {script} --init "
                 f"{self.exp.path}/{last['checkpoint']}{arch} ..."
             )
             return self.rows

@@ -55,7 +55,7 @@ def log_round(exp: Experiment, row: dict[str, Any], settings: LoopSettings) -> s
     r = int(row["round"])
     params = {
         "round": r,
-        "script": settings.script,
+        "script": " ".join(settings.target()),  # -m pkg.train for a module
         "train_args": " ".join(settings.train_args)[:500],
         "criterion": settings.criterion,
         "count": settings.count,

@@ -32,9 +32,8 @@ __all__ = ["checkpoint_command", "main", "save_round_checkpoint", "script_import
 
 
 @contextmanager
-def script_importable(script: str) -> Iterator[None]:
-    """The script's folder on ``sys.path`` (architectures named like ``mynets.Net``)."""
-    folder = os.path.dirname(os.path.abspath(script))
+def script_importable(folder: str) -> Iterator[None]:
+    """The script's ``folder`` on ``sys.path`` (architectures named like ``mynets.Net``)."""
     sys.path.insert(0, folder)
     try:
         yield

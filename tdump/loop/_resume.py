@@ -82,7 +82,7 @@ def prepare_resume(
     try:
         check_resumed_arch(stored.arch, given.arch, Path(exp.path))
         if given.arch or stored.arch:  # before anything is written or trained
-            check_arch_now(given.arch or stored.arch or "", stored.script)
+            check_arch_now(given.arch or stored.arch or "", stored.folder())
         changes: dict[str, Any] = {}
         for name in replace:
             value = getattr(given, name)

@@ -79,6 +79,8 @@ class LoopSettings:
     scheduler: str = "threads"
     workers: int | None = None
     mlflow: bool = False
+    #: ``script`` names a module of a package, run as ``python -m`` runs it (``-m``)
+    module: bool = False
 
     def __post_init__(self) -> None:
         # experiment.json keeps the number the rounds record with, not "the default"
@@ -88,7 +90,11 @@ class LoopSettings:
         """One-line :class:`ConfigError` for settings that cannot work (before any stage runs)."""
         from tdump.loop._expr import parse_stop
 
-        if not os.path.isfile(self.script):
+        if self.module:
+            from tdump.capture._script import check_module
+
+            check_module(self.script)
+        elif not os.path.isfile(self.script):
             raise ConfigError(f"no training script at {self.script}; check the path")
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
@@ -114,6 +120,19 @@ class LoopSettings:
         check_record(self)
         check_rank(self.criterion, self.scheduler, self.workers)
         check_prune(self)
+
+    def folder(self) -> str:
+        """The folder the stages import from (``--arch mynets.Net``): the script's, or
+        for a module (``-m``) the current one, where ``python -m`` finds it."""
+        return os.getcwd() if self.module else os.path.dirname(os.path.abspath(self.script))
+
+    def target(self) -> list[str]:
+        """The script as ``tdump record`` and ``tdump loop`` take it.
+
+        >>> LoopSettings(script="pkg.train", module=True).target()
+        ['-m', 'pkg.train']
+        """
+        return ["-m", self.script] if self.module else [self.script]
 
     def reduces_at_source(self) -> bool:
         """Whether the train stage records only the criterion's per-channel reduction."""
