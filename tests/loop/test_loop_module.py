@@ -1,4 +1,4 @@
-"""`tdump loop -m pkg.train`: the loop trains with a module of a package, as `python -m` runs it."""
+"""`tdump loop -m looppkg.train`: the loop trains with a module of a package, as `python -m` runs it."""
 
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ torch.save(model.state_dict(), a.out)
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "models.py").write_text(_MODELS)
-    (pkg / "train.py").write_text(_TRAIN)
+    looppkg = tmp_path / "looppkg"
+    looppkg.mkdir()
+    (looppkg / "__init__.py").write_text("")
+    (looppkg / "models.py").write_text(_MODELS)
+    (looppkg / "train.py").write_text(_TRAIN)
     return tmp_path
 
 
@@ -61,7 +61,7 @@ def _loop(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_two_rounds_from_a_module(project: Path) -> None:
     proc = _loop(
         project,
-        *("-m", "pkg.train", "--arch", "pkg.models.Net", "--rounds", "2", "--count", "1"),
+        *("-m", "looppkg.train", "--arch", "looppkg.models.Net", "--rounds", "2", "--count", "1"),
         *("--interval", "1", "--scheduler", "sync", "-e", "exp", "--", "--init", "{init}"),
         *("--out", "{out}"),
     )
@@ -71,15 +71,17 @@ def test_two_rounds_from_a_module(project: Path) -> None:
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[1]["params"] < rows[0]["params"]
     settings = json.loads((exp / "experiment.json").read_text())["settings"]
-    assert settings["script"] == "pkg.train" and settings["module"] is True
-    assert " -m pkg.train -- " in (exp / "commands.sh").read_text()
+    assert settings["script"] == "looppkg.train" and settings["module"] is True
+    assert " -m looppkg.train -- " in (exp / "commands.sh").read_text()
     sys.path.insert(0, str(project))
     try:
-        from pkg.models import Net  # type: ignore[import-not-found]
+        from looppkg.models import Net  # type: ignore[import-not-found]
 
         model = tdump.load(exp / "round_001" / "checkpoint.pt", arch=Net)
     finally:
         sys.path.remove(str(project))
+        for name in [m for m in sys.modules if m.split(".")[0] == "looppkg"]:
+            del sys.modules[name]  # later tests' packages of their own
     assert model.conv.out_channels == 3
     assert model(torch.randn(2, 1, 6, 6)).shape == (2, 3)
 
@@ -87,10 +89,10 @@ def test_two_rounds_from_a_module(project: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["-m", "pkg.nosuch"], "error: no module named 'pkg.nosuch' from "),
+        (["-m", "looppkg.nosuch"], "error: no module named 'looppkg.nosuch' from "),
         (
-            ["pkg/train.py", "-m", "pkg.train"],
-            "give the training script (pkg/train.py) or -m MODULE",
+            ["looppkg/train.py", "-m", "looppkg.train"],
+            "give the training script (looppkg/train.py) or -m MODULE",
         ),
     ],
 )
