@@ -52,7 +52,12 @@ from tdump.capture._exit import (
 from tdump.capture._hook import Hook, active_hooks
 from tdump.capture._model import fx_tracing, param_count, unwrap
 from tdump.capture._out import local_path, resolve_rank
-from tdump.capture._script import check_module, check_script, print_script_traceback
+from tdump.capture._script import (
+    check_module,
+    check_script,
+    import_folder,
+    print_script_traceback,
+)
 from tdump.errors import TdumpError, first_line
 
 if TYPE_CHECKING:
@@ -289,12 +294,10 @@ def run_script(script: str, args: list[str], config: HookConfig, *, module: bool
     refused before the script starts.
     """
     if module:
-        path = check_module(script)
-        label, folder = script, os.getcwd()
+        path, label = check_module(script), script
     else:
         check_script(script)  # a checkpoint given as the script: one line, not runpy's traceback
         path, label = script, os.path.basename(script)
-        folder = os.path.dirname(os.path.abspath(script))
     if args and args[0] == "--":
         args = args[1:]
     elif "--" in args:
@@ -303,7 +306,7 @@ def run_script(script: str, args: list[str], config: HookConfig, *, module: bool
     restore = install_sigterm()
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [path, *args]
-    sys.path.insert(0, folder)
+    sys.path.insert(0, import_folder(script, module=module))
     code = 0
     failed: str | None = None  # how the script failed, for the last line
     try:

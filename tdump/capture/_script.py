@@ -24,7 +24,7 @@ from importlib.util import MAGIC_NUMBER
 
 from tdump.errors import ConfigError, first_line
 
-__all__ = ["check_module", "check_script", "print_script_traceback"]
+__all__ = ["check_module", "check_script", "import_folder", "print_script_traceback"]
 
 #: Bytes of a script read to tell source text from a binary file (a checkpoint, an image).
 _HEAD = 1 << 20
@@ -70,6 +70,16 @@ def check_script(script: str) -> None:
         raise ConfigError(
             f"{script} is not a Python script: it is not text ({first_line(exc, None)}); {fix}"
         ) from None
+
+
+def import_folder(script: str, *, module: bool = False) -> str:
+    """The folder Python puts first on ``sys.path`` for ``script``: the script's own, or
+    for a module run as ``python -m`` (``module=True``) the current one.
+
+    >>> import_folder("/work/exp/train.py")
+    '/work/exp'
+    """
+    return os.getcwd() if module else os.path.dirname(os.path.abspath(script))
 
 
 def check_module(module: str) -> str:

@@ -61,7 +61,7 @@ def _main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     cfg = config_from_env() or HookConfig.from_dict(with_default_selection({}))
-    if argv[0] == "-m" or argv[0].startswith("-m"):  # -m MODULE or -mMODULE, as python takes
+    if argv[0].startswith("-m"):  # -m MODULE or -mMODULE, as python takes
         module, rest = (
             (argv[1], argv[2:]) if argv[0] == "-m" and len(argv) > 1 else (argv[0][2:], argv[1:])
         )

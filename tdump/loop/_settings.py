@@ -124,7 +124,9 @@ class LoopSettings:
     def folder(self) -> str:
         """The folder the stages import from (``--arch mynets.Net``): the script's, or
         for a module (``-m``) the current one, where ``python -m`` finds it."""
-        return os.getcwd() if self.module else os.path.dirname(os.path.abspath(self.script))
+        from tdump.capture._script import import_folder
+
+        return import_folder(self.script, module=self.module)
 
     def target(self) -> list[str]:
         """The script as ``tdump record`` and ``tdump loop`` take it.
