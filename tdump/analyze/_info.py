@@ -27,7 +27,7 @@ import numpy as np
 from tdump._format import FORMAT_NAME, StoreReader
 from tdump._names import no_mode_steps
 from tdump._version import __version__
-from tdump.analyze._open import open_reader
+from tdump.analyze._open import dump_path
 from tdump.errors import MissingTensorError, SelectionError, compile_regex
 
 __all__ = ["SCHEMA_VERSION", "summarize"]
@@ -75,7 +75,12 @@ def summarize(
     MissingTensorError
         ``rank`` or ``mode`` is not in the dump.
     """
-    reader = open_reader(path, storage_options)
+    # a snapshot: each array is opened once, not once per question asked about it
+    reader = (
+        path
+        if isinstance(path, StoreReader)
+        else StoreReader(dump_path(path), storage_options, snapshot=True)
+    )
     pattern = compile_regex(regex)
     ranks = reader.ranks()
     if rank is not None:
@@ -110,11 +115,11 @@ def summarize(
             entry["records"] += len(steps)
             entry["steps"] = sorted(set(entry["steps"]) | set(steps))
             entry["examples"] += int(np.clip(rec["batch_size"], 0, None).sum())
-            for name in reader.tensor_names(m, r):
-                all_names.add(name)
-                if pattern is not None and not pattern.search(name):
-                    continue
-                tensors.append(_tensor_info(reader, m, name, r, rec["step"]))
+            names = reader.tensor_names(m, r)
+            all_names.update(names)
+            chosen = [n for n in names if pattern is None or pattern.search(n)]
+            reader.arrays(m, chosen, r)  # their metadata read at once
+            tensors.extend(_tensor_info(reader, m, name, r, rec["step"]) for name in chosen)
     if pattern is not None and not tensors:
         raise SelectionError(
             f"regex {regex!r} matches none of the {len(all_names)} tensors in {reader.path}"

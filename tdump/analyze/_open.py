@@ -40,6 +40,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
+import zarr
 
 from tdump._format import FORMAT_NAME, StoreReader
 from tdump._names import MODES, no_mode_steps
@@ -121,14 +122,22 @@ class _CheckedArray:
     are (zarr reads a missing file as the fill value): :class:`~tdump.errors.CorruptStoreError`.
     """
 
-    def __init__(self, arr: Any, path: str, committed: int = 0) -> None:
+    def __init__(self, arr: Any, path: str, committed: int = 0, created: str = "") -> None:
         self.arr = arr
         self.path = path
         self.committed = committed
+        self.created = created  # the rank's creation time: a dump written again differs
         self.shape = tuple(arr.shape)
         self.dtype = arr.dtype
         self.ndim = arr.ndim
         self._shards_checked = shard_records(arr) is None  # format 1: a missing chunk is no record
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        # dask would pickle the zarr array to hash it (its store path and metadata):
+        # 1-2 ms a tensor, seconds over a detector's ~600; records are only appended,
+        # so these say which data the rows below ``committed`` hold
+        where = (self.path, str(self.arr.store_path), self.created, self.committed)
+        return (type(self).__name__, *where, repr(self.arr.metadata))
 
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
@@ -154,16 +163,24 @@ class _Var:
 
 
 def _tensor_var(
-    reader: StoreReader, mode: str, name: str, rank: int, n: int, batch_size: np.ndarray
+    reader: StoreReader,
+    mode: str,
+    name: str,
+    rank: int,
+    n: int,
+    batch_size: np.ndarray,
+    arr: zarr.Array,
+    created: str,
 ) -> _Var:
-    arr = reader.array(mode, name, rank)
     meta = arr.attrs.get("tdump")
     meta = dict(meta) if isinstance(meta, Mapping) else {}
     dims = tuple(str(d) for d in (arr.metadata.dimension_names or ())[1:])  # type: ignore[union-attr]
     if len(dims) != arr.ndim - 1:
         dims = tuple(f"dim_{i}" for i in range(arr.ndim - 1))
-    checked = _CheckedArray(arr, reader.path, n)
-    data = da.from_array(checked, chunks=arr.chunks, asarray=True)[:n]
+    checked = _CheckedArray(arr, reader.path, n, created)
+    # meta given: dask would otherwise read an empty selection through zarr to find it
+    empty = np.empty((0,) * arr.ndim, dtype=arr.dtype)
+    data = da.from_array(checked, chunks=arr.chunks, asarray=True, meta=empty)[:n]
     if data.shape[0] < n:  # saved only in early records: rows past its capacity are not data
         pad = da.full((n - data.shape[0], *data.shape[1:]), arr.fill_value, dtype=data.dtype)
         data = da.concatenate([data, pad])
@@ -234,9 +251,11 @@ def _mode_vars(
     # one snapshot of the records for coordinates and data: a live writer may commit more
     n = len(rec["step"])
     batch_size = rec["batch_size"].astype("i8")
+    arrays = reader.arrays(mode, reader.tensor_names(mode, rank), rank)
+    created = str(reader.meta(rank).get("created") or "")
     return [
-        _tensor_var(reader, mode, name, rank, n, batch_size)
-        for name in reader.tensor_names(mode, rank)
+        _tensor_var(reader, mode, name, rank, n, batch_size, arr, created)
+        for name, arr in arrays.items()
     ]
 
 

@@ -79,8 +79,13 @@ class Settings:
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for inconsistent settings (done when one is made)."""
-        if (self.count is None) == (self.ratio is None):
-            raise ConfigError("give exactly one of count (--count) and ratio (--ratio)")
+        if self.count is None and self.ratio is None:
+            raise ConfigError(
+                "say how much to prune: a fraction of the channels (--ratio 0.2) or a number "
+                "of channels (--count 200)"
+            )
+        if self.count is not None and self.ratio is not None:
+            raise ConfigError("give only one of count (--count) and ratio (--ratio), not both")
         if self.count is not None and (not isinstance(self.count, int) or self.count < 0):
             raise ConfigError(f"count must be a non-negative integer, got {self.count!r}")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import dask
 import dask.array as da
 import numpy as np
@@ -175,3 +178,53 @@ def test_store_without_records_yet(tmp_path: object) -> None:
     w.commit("train", 0, step=7, batch_size=1)
     # no "module" attribute: the tensor sits on the mode node under its full name
     assert tdump.open_dump(path)["train"]["fc.bias"].sel(step=7).values.tolist() == [0.0, 0.0]
+
+
+def test_arrays_opens_many_at_once_as_array_does(small_dump: SmallDump, tmp_path: Path) -> None:
+    from tdump._format import StoreReader
+
+    names = StoreReader(small_dump.path).tensor_names("train")
+    snap = StoreReader(small_dump.path, snapshot=True)
+    got = snap.arrays("train", names)
+    assert list(got) == names
+    for name in names:
+        one = StoreReader(small_dump.path).array("train", name)
+        assert got[name].path == one.path and got[name].shape == one.shape
+        assert got[name].metadata.to_dict().keys() == one.metadata.to_dict().keys()
+        assert dict(got[name].attrs) == dict(one.attrs)
+        np.testing.assert_array_equal(got[name][:], one[:])
+        assert snap.array("train", name) is got[name]  # a snapshot keeps what it opened
+    with pytest.raises(MissingTensorError, match=r"^no tensor 'conv9.weight' in mode 'train'"):
+        snap.arrays("train", [names[0], "conv9.weight"])
+    with pytest.raises(MissingTensorError, match="has no data for rank 3"):
+        StoreReader(small_dump.path).arrays("train", names, rank=3)
+    Path(small_dump.path, got["conv1.weight"].path, "zarr.json").write_text("{")
+    with pytest.raises(
+        NotADumpError, match=r"rank0/train/tensors/conv1.weight/zarr.json cannot be read"
+    ):
+        StoreReader(small_dump.path).arrays("train", names)
+
+
+def test_dask_names_follow_the_records(tmp_path: Path) -> None:
+    # names are computed without pickling each zarr array: still the same for the same
+    # data, and new for new records or a dump written again at the same path
+    dump = write_small_dump(str(tmp_path / "live.zarr"), train_steps=(0, 10))
+
+    def names() -> dict[str, str]:
+        ds = xr.open_dataset(dump.path, engine="tdump", mode="train")
+        return {k: v.data.name for k, v in ds.data_vars.items()}
+
+    first = names()
+    assert names() == first
+    append_train(dump, 20)
+    grown = names()
+    assert all(grown[k] != first[k] for k in first)
+    shutil.rmtree(dump.path)
+    again = write_small_dump(dump.path, train_steps=(0, 10, 20), seed=1)
+    assert again.writer is not None
+    ds = xr.open_dataset(dump.path, engine="tdump", mode="train")
+    renamed = {k: v.data.name for k, v in ds.data_vars.items()}
+    assert all(renamed[k] != grown[k] for k in grown)
+    np.testing.assert_array_equal(
+        ds["conv1.weight"].sel(step=20).values, again.values[("train", "conv1.weight", 20)]
+    )
