@@ -42,7 +42,7 @@ __all__ = ["L1", "APoZ", "BNGamma", "Taylor", "TaylorSigned", "TaylorWeight"]
 
 
 def _filter_axis(layer: str, ctx: PlanContext) -> int:
-    return 1 if ctx.dataflow.is_transposed(layer) else 0
+    return ctx.dataflow.filter_axis(layer)
 
 
 def _need_grad(ctx: PlanContext, act: str, crit: str) -> None:

@@ -86,15 +86,26 @@ class Dataflow:
         return str((self.modules.get(path) or {}).get("type", ""))
 
     def is_conv(self, path: str) -> bool:
-        """True for a conv whose output channels rank: any conv, or a transposed one of groups 1."""
+        """True for a conv whose output channels rank: any conv, or a transposed one of
+        groups 1 or a depthwise one (``groups == in == out``; the others keep theirs)."""
         typ = self.module_type(path)
         if is_transposed_conv_type(typ):
-            return int((self.modules[path].get("config") or {}).get("groups", 1)) == 1
+            cfg = self.modules[path].get("config") or {}
+            groups = int(cfg.get("groups", 1))
+            return groups == 1 or groups == cfg.get("in_channels") == cfg.get("out_channels")
         return is_conv_type(typ)
 
     def is_transposed(self, path: str) -> bool:
-        """True for a transposed conv: its weight is ``(in, out, *kernel)``, filters on axis 1."""
+        """True for a transposed conv: its weight is ``(in, out / groups, *kernel)``."""
         return is_transposed_conv_type(self.module_type(path))
+
+    def filter_axis(self, path: str) -> int:
+        """The weight axis of ``path``'s output channels: 1 for a transposed conv of
+        groups 1, else 0 (a depthwise transposed conv's weight is ``(C, 1, ...)``)."""
+        if not self.is_transposed(path):
+            return 0
+        cfg = (self.modules.get(path) or {}).get("config") or {}
+        return 1 if int(cfg.get("groups", 1)) == 1 else 0
 
     def convs(self) -> list[str]:
         """Conv module paths in execution order (first call), then any never called."""

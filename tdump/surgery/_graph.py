@@ -190,12 +190,7 @@ class ChannelGraph(FunctionRules):
                 block, x = x.factor, x.layout
             layout = self._conv_input(name, mod, x, "a flattened tensor", unit, block)
             if is_depthwise(mod) and layout is not None:
-                self.uses[name] = ModuleUse(
-                    name, "depthwise", mod, layout, layout, out_value=layout
-                )
-                if len(layout) == 1:
-                    self._conv_space[name] = layout[0][0]
-                return layout
+                return self._follows_input(name, mod, layout)
             if (
                 mod.groups != 1
                 and layout is not None
@@ -221,6 +216,8 @@ class ChannelGraph(FunctionRules):
             return out
         if isinstance(mod, nn.modules.conv._ConvTransposeNd) and mod.groups == 1:
             return self._transposed(name, mod, x)
+        if isinstance(mod, nn.modules.conv._ConvTransposeNd) and is_depthwise(mod):
+            return self._depthwise_transposed(name, mod, x)
         if isinstance(
             mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
         ):
@@ -306,6 +303,25 @@ class ChannelGraph(FunctionRules):
         out: Layout = ((space, int(mod.out_channels)),)  # type: ignore[arg-type]
         self.uses[name] = ModuleUse(name, "transposed", mod, out, layout, out_value=out)
         return out
+
+    def _depthwise_transposed(self, name: str, mod: nn.Module, x: Any) -> Layout:
+        """A depthwise transposed conv (``groups == in == out``: a learned per-channel
+        upsampling, as in CenterNet's IDA-up): like a depthwise conv, its channels follow
+        its input's; its weight ``(C, 1, ...)`` loses the same rows."""
+        layout = self._conv_input(name, mod, x, "a tensor of unknown channels")
+        if layout is None:
+            space = self._spaces.new(int(mod.out_channels))  # type: ignore[arg-type]
+            self._spaces.freeze(space, f"depthwise conv {name} over channels that cannot change")
+            self._conv_space[name] = space
+            return ((space, int(mod.out_channels)),)  # type: ignore[arg-type]
+        return self._follows_input(name, mod, layout)
+
+    def _follows_input(self, name: str, mod: nn.Module, layout: Layout) -> Layout:
+        """A depthwise conv (or transposed conv): its channels are its input's."""
+        self.uses[name] = ModuleUse(name, "depthwise", mod, layout, layout, out_value=layout)
+        if len(layout) == 1:
+            self._conv_space[name] = layout[0][0]
+        return layout
 
     def _group_norm(self, name: str, mod: nn.GroupNorm, x: Any) -> Any:
         """A GroupNorm normalises runs of ``num_channels / num_groups`` channels together:

@@ -44,8 +44,13 @@ class _NoRule(Exception):
 def _conv(m: nn.Module, shp: Shapes) -> None:
     conv: nn.modules.conv._ConvNd = m  # type: ignore[assignment]
     w = shp.get("weight")
-    if w is None or (conv.transposed and conv.groups != 1):
+    if w is None:
         raise _NoRule
+    if conv.transposed and conv.groups != 1:  # weight (in, out / groups, *kernel)
+        if not (conv.groups == conv.in_channels == conv.out_channels and int(w[1]) == 1):
+            raise _NoRule  # only a depthwise one is pruned: its channels follow its input's
+        conv.in_channels = conv.out_channels = conv.groups = int(w[0])
+        return
     if conv.transposed:  # weight (in, out, *kernel)
         conv.in_channels, conv.out_channels = int(w[0]), int(w[1])
         return

@@ -20,15 +20,21 @@ from tdump._format import StoreReader
 
 
 class Decoder(nn.Module):
-    def __init__(self) -> None:
+    """``depthwise``: the upsampling is a learned per-channel one (CenterNet's IDA-up),
+    ``groups == channels``."""
+
+    def __init__(self, depthwise: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.relu = nn.ReLU()
-        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
-        self.up_bn = nn.BatchNorm2d(6)
+        if depthwise:
+            self.up = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, groups=8)
+        else:
+            self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(self.up.out_channels)
         self.up_relu = nn.ReLU()
-        self.head = nn.Conv2d(6, 2, 1)
+        self.head = nn.Conv2d(self.up.out_channels, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn(self.conv(x)))
@@ -111,6 +117,48 @@ def test_transposed_ranks_prune_it(dump: tuple[Path, Decoder]) -> None:
     with torch.no_grad():
         mask = torch.zeros(1, 6, 1, 1)
         mask[0, kept] = 1
+        y = model.relu(model.bn(model.conv(x)))
+        expected = model.head(model.up_relu(model.up_bn(model.up(y))) * mask)
+        torch.testing.assert_close(pruned(x), expected)
+
+
+def test_a_depthwise_transposed_conv_ranks_on_axis_0_and_prunes_with_its_input(
+    tmp_path: Path,
+) -> None:
+    from tdump.capture import Hook
+
+    path = tmp_path / "dw.zarr"
+    torch.manual_seed(0)
+    model = Decoder(depthwise=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with Hook(str(path), include_regex=r".*relu|.*weight", include_activations=True) as hook:
+        hook.register_module(model)
+        for _ in range(3):
+            x = torch.randn(4, 3, 5, 5, generator=g)
+            loss = (model(x) - torch.randn(4, 2, 10, 10, generator=g)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    w = _read(path, "up.weight")[-1]
+    assert w.shape == (8, 1, 4, 4)  # (in, out / groups, ...): channel c is row c
+    l1 = tdump.rank(path, criterion="l1", normalize=False)
+    np.testing.assert_allclose(_scores(l1, "up"), np.abs(w).sum(axis=(1, 2, 3)), rtol=1e-12)
+    ranks = tdump.rank(path, normalize=False)
+    assert sorted(set(ranks.layer)) == ["conv", "up"]
+    a, gr = _read(path, "up_relu.output_0"), _read(path, "up_relu.output_0.grad")
+    terms = np.concatenate([(x * y).mean(axis=(2, 3)) for x, y in zip(a, gr, strict=True)])
+    np.testing.assert_allclose(_scores(ranks, "up"), np.abs(terms).mean(axis=0), rtol=1e-6)
+    pruned, plan = tdump.prune(model, ranks, count=3)
+    kept = list(plan.layers["conv"].keep)
+    assert len(kept) == 5 and list(plan.layers["up"].keep) == kept  # one group
+    assert (pruned.up.in_channels, pruned.up.out_channels, pruned.up.groups) == (5, 5, 5)
+    model.eval()
+    pruned.eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        mask = torch.zeros(1, 8, 1, 1)
+        mask[0, kept] = 1  # depthwise: channel c of the upsampling reads only channel c
         y = model.relu(model.bn(model.conv(x)))
         expected = model.head(model.up_relu(model.up_bn(model.up(y))) * mask)
         torch.testing.assert_close(pruned(x), expected)

@@ -372,3 +372,33 @@ class TimeConditioned(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.b(self.act(self.a(x))) + self.emb(t)[:, :, None, None]
+
+
+def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
+
+
+class IdaUp(nn.Module):
+    """CenterNet's IDA-up in small: a depthwise transposed conv upsamples the deeper
+    level (``groups == channels``), whose sum with the shallower one a conv reads.
+
+    ``groups`` other than the channel count makes the upsampling a grouped one.
+    """
+
+    def __init__(self, groups: int = 16) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.down = _cbr(16, 32, stride=2)
+        self.proj = _cbr(32, 16)
+        self.up = nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1, groups=groups, bias=False)
+        self.node = _cbr(16, 16)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.stem(x)
+        u = self.up(self.proj(self.down(a)))
+        return self.head(self.node(u + a))

@@ -18,7 +18,7 @@ from torch import nn
 
 import tdump.surgery as surgery
 from tests.surgery import zoo
-from tests.surgery.nets import Crops, PadsChannels, StyleNet, UNet
+from tests.surgery.nets import Crops, IdaUp, PadsChannels, StyleNet, UNet
 
 
 @pytest.mark.parametrize("bilinear", [False, True])
@@ -138,3 +138,44 @@ def test_instance_norm_nets_prune_save_load_and_prune_again(affine: bool, tmp_pa
     again, plan2 = zoo.l1_prune(back)
     assert again.in2.num_features < back.in2.num_features
     zoo.assert_equivalent(back, again, plan2, x)
+
+
+def test_depthwise_transposed_conv_follows_its_input(tmp_path: Path) -> None:
+    """CenterNet's upsampling: a depthwise ConvTranspose2d loses the channels its input
+    loses (its weight rows, groups following), exactly, and loads back by shapes."""
+    torch.manual_seed(0)
+    model = IdaUp().double().eval()
+    graph = surgery.build_graph(model)
+    frozen = {m: g.reason for g in graph.groups if g.frozen for m in g.members}
+    assert frozen == {"head": "reaches the model output"}
+    (group,) = [g for g in graph.groups if "proj.0" in g.members]
+    assert set(group.members) == {"stem.0", "proj.0", "up"}  # summed after the upsampling
+    pruned, plan = zoo.l1_prune(model)
+    assert "proj.0" in plan.layers and "down.0" in plan.layers
+    up = pruned.up
+    assert up.in_channels == up.out_channels == up.groups == pruned.proj[0].out_channels < 16
+    assert up.weight.shape == (up.groups, 1, 4, 4)
+    x = torch.randn(2, 3, 14, 18, dtype=torch.float64)
+    zoo.assert_equivalent(model, pruned, plan, x)
+    zoo._train_step(pruned, x)
+    path = tmp_path / "ida.pt"
+    surgery.save(path, pruned.float(), arch="tests.surgery.nets.IdaUp")
+    back = surgery.load(path, arch=IdaUp).eval()  # shapes from the state_dict, no trace
+    assert (back.up.groups, back.up.in_channels) == (up.groups, up.in_channels)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x.float()), pruned.float()(x.float()), rtol=0, atol=0)
+    again, plan2 = zoo.l1_prune(back.double())  # round 2
+    assert again.up.groups < back.up.groups
+    zoo.assert_equivalent(back.double(), again, plan2, x)
+
+
+def test_grouped_transposed_conv_keeps_the_channels_it_reads() -> None:
+    torch.manual_seed(0)
+    model = IdaUp(groups=4).double().eval()
+    graph = surgery.build_graph(model)
+    frozen = {m: g.reason for g in graph.groups if g.frozen for m in g.members}
+    assert set(frozen) == {"head", "stem.0", "proj.0"}
+    assert "up" in frozen["proj.0"]
+    pruned, plan = zoo.l1_prune(model)
+    assert pruned.up.weight.shape == model.up.weight.shape and "down.0" in plan.layers
+    zoo.assert_equivalent(model, pruned, plan, torch.randn(2, 3, 14, 18, dtype=torch.float64))

@@ -91,11 +91,20 @@ def build(name: str) -> nn.Module:
 
 
 def l1_scores(model: nn.Module) -> dict[str, np.ndarray]:
-    """L1 norm of every conv filter and every Linear output row (higher = more important)."""
+    """L1 norm of every conv filter and every Linear output row (higher = more important).
+
+    A grouped transposed conv other than a depthwise one gets none, as from ``tdump
+    rank`` (it keeps the channels it reads and makes).
+    """
     return {
         n: _filters_first(m).abs().flatten(1).sum(1).double().numpy()
         for n, m in model.named_modules()
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+        and not (
+            isinstance(m, nn.modules.conv._ConvTransposeNd)
+            and m.groups > 1
+            and not m.groups == m.in_channels == m.out_channels
+        )
     }
 
 
@@ -109,8 +118,9 @@ def l1_prune(model: nn.Module, ratio: float = RATIO) -> tuple[nn.Module, surgery
 
 
 def _filters_first(m: nn.Module) -> torch.Tensor:
-    w = m.weight.detach()
-    return w.transpose(0, 1) if isinstance(m, nn.modules.conv._ConvTransposeNd) else w
+    w = m.weight.detach()  # a transposed conv's is (in, out / groups, ...): depthwise, (C, 1, ...)
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups == 1
+    return w.transpose(0, 1) if transposed else w
 
 
 def _removed(plan: surgery.Plan) -> dict[str, torch.Tensor]:
