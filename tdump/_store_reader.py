@@ -384,10 +384,10 @@ async def _open_nodes(root: zarr.Group, nodes: list[str]) -> list[Any]:
     exception in place of each node that failed to open."""
     import asyncio
 
-    from zarr.core.group import AsyncArray
+    from zarr import AsyncArray
 
     async def one(node: str) -> Any:
-        got = await root._async_group.getitem(node)
+        got = await root._async_group.getitem(node)  # zarr 3 keeps it private; pinned <4
         return zarr.Array(got) if isinstance(got, AsyncArray) else zarr.Group(got)
 
     return list(await asyncio.gather(*(one(n) for n in nodes), return_exceptions=True))

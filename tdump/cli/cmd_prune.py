@@ -213,10 +213,13 @@ def register(app: typer.Typer) -> None:
             None,
             "--count",
             metavar="N",
-            help="Channels to remove (a coupled group's channel counts once).",
+            help="Channels to remove (a coupled group's channel counts once); this or --ratio.",
         ),
         ratio: float | None = typer.Option(
-            None, "--ratio", metavar="R", help="Fraction of channels to remove."
+            None,
+            "--ratio",
+            metavar="R",
+            help="Fraction of channels to remove, e.g. 0.2; this or --count.",
         ),
         scope: str = typer.Option(
             "global",
