@@ -9,6 +9,7 @@ imports neither zarr nor torch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "check_mode",
     "committed_count",
     "decode_name",
+    "dump_path",
     "encode_name",
     "grad_name",
     "input_name",
@@ -185,3 +187,20 @@ def check_format(path: str, meta: Any) -> int:
             "upgrade tdump (pip install -U tdump)"
         )
     return version
+
+
+def dump_path(path: object, what: str = "the dump") -> str:
+    """``path`` as a string if it is a ``str`` or ``os.PathLike``, else a one-line :class:`ConfigError`.
+
+    >>> dump_path(42)
+    Traceback (most recent call last):
+    ...
+    tdump.errors.ConfigError: the dump must be a path or URL (str or os.PathLike), got int 42
+    """
+    if isinstance(path, str | os.PathLike):
+        fs = os.fspath(path)
+        if isinstance(fs, str):
+            return fs
+    raise ConfigError(
+        f"{what} must be a path or URL (str or os.PathLike), got {type(path).__name__} {path!r}"
+    )

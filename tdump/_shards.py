@@ -39,6 +39,7 @@ import itertools
 import os
 import shutil
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "all_fill",
     "forget_after",
     "record_sizes",
+    "record_sizes_many",
     "shard_files",
     "shard_records",
 ]
@@ -173,10 +175,29 @@ def record_sizes(arr: zarr.Array, committed: int, *, strict: bool = False) -> di
     that the store says must exist raises :class:`~tdump.errors.CorruptStoreError`
     (see :func:`_missing_shard`). The writer (growth) passes ``strict=False``.
     """
-    from zarr.abc.store import RangeByteRequest
-    from zarr.core.buffer import default_buffer_prototype
+    return record_sizes_many([arr], committed, strict=strict)[0]
+
+
+def record_sizes_many(
+    arrs: Sequence[zarr.Array], committed: int, *, strict: bool = False
+) -> list[dict[int, int]]:
+    """:func:`record_sizes` of each of ``arrs`` (all of one store), their shard indexes
+    read concurrently: one round trip to an object store instead of one per array."""
     from zarr.core.sync import sync
 
+    plans = [_index_keys(arr, committed) for arr in arrs]
+    bufs = iter(sync(_read_indexes(arrs, plans)))
+    return [
+        _sizes(arr, per, committed, shards, keys, [next(bufs) for _ in keys], strict)
+        for arr, (per, shards, keys) in zip(arrs, plans, strict=True)
+    ]
+
+
+_Plan = tuple[int, list[tuple[int, tuple[int, ...]]], list[str]]
+
+
+def _index_keys(arr: zarr.Array, committed: int) -> _Plan:
+    """Records per shard, the shards (record block, column) and their store keys."""
     per = shard_records(arr)
     if per is None:
         raise ValueError(f"{arr.path} does not keep its records in shard files")
@@ -189,17 +210,37 @@ def record_sizes(arr: zarr.Array, committed: int, *, strict: bool = False) -> di
     )
     shards = [(k, col) for k in range((committed + per - 1) // per) for col in columns]
     keys = [f"{arr.path}/{arr.metadata.encode_chunk_key((k, *col))}" for k, col in shards]
+    return per, shards, keys
 
-    async def indexes() -> list[Any]:
-        import asyncio
 
-        want = RangeByteRequest(0, 16 * per)
-        proto = default_buffer_prototype()
-        return await asyncio.gather(*(arr.store.get(k, proto, byte_range=want) for k in keys))
+async def _read_indexes(arrs: Sequence[zarr.Array], plans: Sequence[_Plan]) -> list[Any]:
+    import asyncio
 
+    from zarr.abc.store import RangeByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+
+    proto = default_buffer_prototype()
+    return await asyncio.gather(
+        *(
+            arr.store.get(key, proto, byte_range=RangeByteRequest(0, 16 * per))
+            for arr, (per, _, keys) in zip(arrs, plans, strict=True)
+            for key in keys
+        )
+    )
+
+
+def _sizes(
+    arr: zarr.Array,
+    per: int,
+    committed: int,
+    shards: list[tuple[int, tuple[int, ...]]],
+    keys: list[str],
+    bufs: list[Any],
+    strict: bool,
+) -> dict[int, int]:
     out: dict[int, int] = {}
     held: dict[int, np.ndarray] = {}  # shard -> which of its records hold data
-    for (shard, _), key, buf in zip(shards, keys, sync(indexes()), strict=True):
+    for (shard, _), key, buf in zip(shards, keys, bufs, strict=True):
         if buf is None:
             continue  # no record of this shard written (or the file is missing: below)
         raw = buf.to_bytes()

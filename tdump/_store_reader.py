@@ -34,7 +34,7 @@ from tdump._names import (
     rank_group,
 )
 from tdump._protocols import require_protocol
-from tdump._shards import all_fill, record_sizes, shard_records
+from tdump._shards import all_fill, record_sizes, record_sizes_many, shard_records
 from tdump._validate import (
     DAMAGE,
     META_TYPES,
@@ -326,6 +326,27 @@ class StoreReader:
         keys = {row: key for row, key in self._chunk_rows(arr).items() if row < n}
         sizes = self.sizes(list(keys.values()))
         return {row: sizes[key] for row, key in keys.items() if key in sizes}
+
+    def record_sizes_many(
+        self, mode: str, names: Sequence[str], rank: int = 0, *, committed: int | None = None
+    ) -> dict[str, dict[int, int]]:
+        """:meth:`record_sizes` of each of ``names``; the shard indexes of all of them are
+        read concurrently (one round trip to an object store). Errors are its errors."""
+        n = self.num_records(mode, rank) if committed is None else committed
+        arrays = self.arrays(mode, names, rank)
+        sharded = [name for name in names if shard_records(arrays[name]) is not None]
+        out: dict[str, dict[int, int]] = {}
+        if sharded:
+            try:
+                found = record_sizes_many([arrays[x] for x in sharded], n, strict=True)
+            except CorruptStoreError:
+                raise  # one line naming the shard file, the first in order as one by one
+            except DAMAGE:  # one by one, to name the array
+                found = [self._shard_sizes(arrays[x], n) for x in sharded]
+            out.update(zip(sharded, found, strict=True))
+        return {
+            x: out[x] if x in out else self.record_sizes(mode, x, rank, committed=n) for x in names
+        }
 
     def _shard_sizes(self, arr: zarr.Array, committed: int) -> dict[int, int]:
         try:

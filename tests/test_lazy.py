@@ -44,3 +44,20 @@ def test_the_stages_are_attributes_of_a_plain_import() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["False", "True", "Trial", "True", "tdump.loop", "Hook"]
+
+
+def test_listing_a_dump_imports_neither_xarray_nor_torch() -> None:
+    """``tdump ls`` (and the summary ``tdump record`` prints) reads metadata only: the
+    xarray/pandas stack and torch, seconds of imports, stay unloaded."""
+    from pathlib import Path
+
+    dump = str(Path(__file__).resolve().parents[1] / "sample_dumps" / "tiny.zarr")
+    code = (
+        "import sys; from tdump.analyze._info import summarize; info = summarize(sys.argv[1]); "
+        "print(info['totals']['tensors'] > 0, "
+        "sorted(m for m in ('xarray', 'pandas', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, dump], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "True []"

@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 
 from tdump._format import FORMAT_NAME, StoreReader
-from tdump._names import no_mode_steps
+from tdump._names import dump_path, no_mode_steps
 from tdump._version import __version__
-from tdump.analyze._open import dump_path
 from tdump.errors import MissingTensorError, SelectionError, compile_regex
 
 __all__ = ["SCHEMA_VERSION", "summarize"]
@@ -118,8 +117,11 @@ def summarize(
             names = reader.tensor_names(m, r)
             all_names.update(names)
             chosen = [n for n in names if pattern is None or pattern.search(n)]
-            reader.arrays(m, chosen, r)  # their metadata read at once
-            tensors.extend(_tensor_info(reader, m, name, r, rec["step"]) for name in chosen)
+            # their metadata, then their shard indexes, read at once
+            sizes = reader.record_sizes_many(m, chosen, r, committed=len(steps))
+            tensors.extend(
+                _tensor_info(reader, m, name, r, rec["step"], sizes[name]) for name in chosen
+            )
     if pattern is not None and not tensors:
         raise SelectionError(
             f"regex {regex!r} matches none of the {len(all_names)} tensors in {reader.path}"
@@ -154,14 +156,18 @@ def summarize(
 
 
 def _tensor_info(
-    reader: StoreReader, mode: str, name: str, rank: int, committed_steps: np.ndarray
+    reader: StoreReader,
+    mode: str,
+    name: str,
+    rank: int,
+    committed_steps: np.ndarray,
+    sizes: dict[int, int],
 ) -> dict[str, Any]:
     """One tensor's row, counting only the records in ``committed_steps`` (a live writer
-    may have committed more, or renamed files, since they were read)."""
+    may have committed more, or renamed files, since they were read); ``sizes`` are its
+    records' stored bytes (:meth:`StoreReader.record_sizes`) below that count."""
     arr = reader.array(mode, name, rank)
     attrs = reader.tensor_attrs(mode, name, rank)
-    n = len(committed_steps)
-    sizes = reader.record_sizes(mode, name, rank, committed=n)
     saved = np.array(sorted(sizes), dtype=np.int64)
     steps = committed_steps[saved]
     shape = [int(s) for s in arr.shape[1:]]

@@ -43,11 +43,11 @@ import xarray as xr
 import zarr
 
 from tdump._format import FORMAT_NAME, StoreReader
-from tdump._names import MODES, no_mode_steps
+from tdump._names import MODES, dump_path, no_mode_steps
 from tdump._shards import all_fill, record_sizes, shard_records
 from tdump._validate import DAMAGE
 from tdump.analyze._tasks import corrupt_chunk
-from tdump.errors import ConfigError, MissingTensorError, check_choice, did_you_mean
+from tdump.errors import MissingTensorError, check_choice, did_you_mean
 
 __all__ = [
     "STEP_DIM",
@@ -75,23 +75,6 @@ def open_reader(
     if isinstance(path, StoreReader):
         return path
     return StoreReader(dump_path(path), storage_options)
-
-
-def dump_path(path: object, what: str = "the dump") -> str:
-    """``path`` as a string if it is a ``str`` or ``os.PathLike``, else a one-line :class:`ConfigError`.
-
-    >>> dump_path(42)
-    Traceback (most recent call last):
-    ...
-    tdump.errors.ConfigError: the dump must be a path or URL (str or os.PathLike), got int 42
-    """
-    if isinstance(path, str | os.PathLike):
-        fs = os.fspath(path)
-        if isinstance(fs, str):
-            return fs
-    raise ConfigError(
-        f"{what} must be a path or URL (str or os.PathLike), got {type(path).__name__} {path!r}"
-    )
 
 
 def check_mode_name(mode: object) -> str:

@@ -143,6 +143,23 @@ def test_intact_dump_and_records_not_saved_read_as_before(small_shards: str) -> 
     assert rank(small_shards, progress=False)["score"].notna().all()
 
 
+def test_sizes_read_at_once_equal_sizes_read_one_by_one(
+    small_shards: str, tiny_dump_v1: str
+) -> None:
+    """``tdump ls`` reads every tensor's shard indexes in one go: the same answer as
+    one tensor at a time, for several shards with records not saved, and for format 1."""
+    for dump in (small_shards, tiny_dump_v1):
+        reader = StoreReader(dump)
+        names = reader.tensor_names("train")
+        many = reader.record_sizes_many("train", names)
+        assert list(many) == names
+        assert many == {n: StoreReader(dump).record_sizes("train", n) for n in names}
+        assert all(v > 0 for sizes in many.values() for v in sizes.values())
+    reader = StoreReader(small_shards)
+    assert sorted(reader.record_sizes_many("train", ["0.weight"])["0.weight"]) == [0, 5]
+    assert sorted(reader.record_sizes_many("train", [ACT], committed=3)[ACT]) == [0, 1, 2]
+
+
 def test_deleted_middle_shard_is_damage(small_shards: str, tmp_path: Path, run_cli: Any) -> None:
     """A shard missing between two that hold the records either side of it."""
     dump = copy_dump(small_shards, tmp_path / "d.zarr")
