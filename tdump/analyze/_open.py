@@ -229,13 +229,14 @@ def _mode_coords(rec: Mapping[str, np.ndarray], mode: str) -> dict[str, Any]:
 
 
 def _mode_vars(
-    reader: StoreReader, mode: str, rank: int, rec: Mapping[str, np.ndarray]
+    reader: StoreReader, mode: str, rank: int, rec: Mapping[str, np.ndarray], created: Any
 ) -> list[_Var]:
+    """``created``: the rank's creation time (its metadata, read once by the caller)."""
     # one snapshot of the records for coordinates and data: a live writer may commit more
     n = len(rec["step"])
     batch_size = rec["batch_size"].astype("i8")
     arrays = reader.arrays(mode, reader.tensor_names(mode, rank), rank)
-    created = str(reader.meta(rank).get("created") or "")
+    created = str(created or "")
     return [
         _tensor_var(reader, mode, name, rank, n, batch_size, arr, created)
         for name, arr in arrays.items()
@@ -253,13 +254,14 @@ def mode_datasets(
     rec = reader.records(mode, rank)
     coords = _mode_coords(rec, mode)
     dropped = set(drop)
+    meta = reader.meta(rank)
     by_node: dict[str, list[tuple[str, _Var]]] = {}
-    for v in _mode_vars(reader, mode, rank, rec):
+    for v in _mode_vars(reader, mode, rank, rec, meta.get("created")):
         if v.name not in dropped:
             by_node.setdefault(v.node, []).append((v.local, v))
     out: dict[str, xr.Dataset] = {"": xr.Dataset(coords=coords, attrs={"mode": mode})}
     # module nodes in the model's order (named_modules), unknown ones after, by name
-    order = {path: i for i, path in enumerate(reader.meta(rank).get("modules") or {})}
+    order = {path: i for i, path in enumerate(meta.get("modules") or {})}
     for node in sorted(by_node, key=lambda p: (order.get(p, len(order)), p)):
         items = by_node[node]
         dims = _dedupe_dims(items)
@@ -283,10 +285,11 @@ def flat_dataset(
     rec = reader.records(mode, rank)
     coords = _mode_coords(rec, mode)
     dropped = set(drop)
-    items = [(v.name, v) for v in _mode_vars(reader, mode, rank, rec) if v.name not in dropped]
+    attrs = {**root_attrs(reader, rank), "mode": mode}
+    found = _mode_vars(reader, mode, rank, rec, attrs.get("created"))
+    items = [(v.name, v) for v in found if v.name not in dropped]
     dims = _dedupe_dims(items)
     data_vars = {key: _variable(dims[key], v) for key, v in items}
-    attrs = {**root_attrs(reader, rank), "mode": mode}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from tdump._format import StoreReader
-from tdump._names import no_mode_steps
+from tdump._names import dump_path, no_mode_steps
 from tdump._validate import DAMAGE
-from tdump.analyze._open import check_mode_name, did_you_mean, dump_path, open_reader
+from tdump.analyze._open import check_mode_name, did_you_mean, open_reader
 from tdump.analyze._tasks import corrupt_chunk
 from tdump.errors import ConfigError, MissingTensorError, check_choice, compile_regex
 

@@ -32,11 +32,10 @@ import xarray as xr
 from xarray.backends import BackendEntrypoint
 
 from tdump._format import FORMAT_NAME
-from tdump._names import MODES, no_mode_steps
+from tdump._names import MODES, dump_path, no_mode_steps
 from tdump.analyze._open import (
     check_mode_name,
     did_you_mean,
-    dump_path,
     flat_dataset,
     mode_datasets,
     open_dump,
