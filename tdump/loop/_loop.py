@@ -236,9 +236,10 @@ class _Loop:
         # rest on one saved step, the untrained model"): say each on the console once
         log = self.paths(r)["dir"] / f"{stage}.log"
         # this round prunes the last round's model: what its surgery leaves alone
-        left = self.rows[r - 1].get("left_alone") if 0 < r <= len(self.rows) else None
+        last = self.rows[r - 1] if 0 < r <= len(self.rows) else {}
+        left, shared = last.get("left_alone"), last.get("pruned_with")
         for said in stage_notes(log, own_only=stage == "train"):
-            line = for_the_loop(said, left) if stage == "rank" else said
+            line = for_the_loop(said, left, shared) if stage == "rank" else said
             if (stage, line) not in self.relayed:
                 self.relayed.add((stage, line))
                 self.events.stage_note(r, stage, line)
@@ -252,6 +253,7 @@ class _Loop:
             model_stats,
             no_accuracy_note,
             prunable_counts,
+            pruned_with,
             rankable_layers,
         )
         from tdump.surgery._input_shape import recorded_input_shape, recorded_more_inputs
@@ -301,12 +303,14 @@ class _Loop:
             # asks of each), given the layers that ranking will score (None: the ranking
             # or the prune would fail, and that stage says why)
             ranked = rankable_layers(p["dump"], s.criterion) if r + 1 < s.rounds else None
-            graph = frozen = None
+            graph = frozen = shared = None
             if r + 1 < s.rounds:  # one trace serves both: the next round prunes this model
                 with contextlib.suppress(TdumpError):  # untraceable: the next prune says why
                     graph = surgery.build_graph(model)
-                # what it never prunes, for the next round's rank notes (see _relay)
+                # what it never prunes, and what it prunes with scored layers without
+                # scores of its own, for the next round's rank notes (see _relay)
                 frozen = left_alone(graph) if graph is not None else {}
+                shared = pruned_with(graph, ranked) if graph is not None and ranked else {}
             if ranked is not None and graph is not None:
                 try:
                     prunable, one_group = prunable_counts(
@@ -337,6 +341,7 @@ class _Loop:
             prunable=prunable,
             prunable_per_group=one_group,
             left_alone=frozen,
+            pruned_with=shared,
         )
 
     def stop_reason(self, row: dict[str, Any]) -> str | None:

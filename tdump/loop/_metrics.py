@@ -36,6 +36,7 @@ __all__ = [
     "model_stats",
     "no_accuracy_note",
     "prunable_counts",
+    "pruned_with",
     "rankable_layers",
 ]
 
@@ -309,6 +310,55 @@ def left_alone(graph: Any) -> dict[str, str]:
     {'fc': 'reaches the model output'}
     """
     return {m: g.reason for g in graph.groups if g.frozen for m in g.members}
+
+
+def pruned_with(graph: Any, ranked: Sequence[str]) -> dict[str, list[str]]:
+    """``{layer: [scored members]}`` for each layer without a score that the surgery prunes
+    anyway, with the ``ranked`` layers whose output channels it shares.
+
+    A ResNet's downsample conv gets no Taylor score (its BatchNorm output goes into the
+    residual ``+``, no activation module receives it alone), but its channels are summed
+    with the block's last conv's, which is scored: ``tdump prune`` removes the same
+    channels from both. Recording more would only add its scores to the group's, so the
+    loop says so instead of relaying rank's advice to record it. ``ranked``: the layers
+    the next rank stage scores (:func:`rankable_layers`); frozen groups are
+    :func:`left_alone`'s.
+
+    Examples
+    --------
+    >>> import torch, torchvision
+    >>> from tdump.surgery import build_graph
+    >>> net = torchvision.models.resnet18(num_classes=4)
+    >>> convs = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    >>> shared = pruned_with(build_graph(net), [c for c in convs if "downsample" not in c])
+    >>> shared["layer2.0.downsample.0"]
+    ['layer2.0.conv2', 'layer2.1.conv2']
+    >>> sorted(shared)
+    ['layer2.0.downsample.0', 'layer3.0.downsample.0', 'layer4.0.downsample.0']
+    """
+    scored = _Names(ranked)
+    out: dict[str, list[str]] = {}
+    for group in graph.groups:
+        if group.frozen:
+            continue
+        hits = [m for m in group.members if scored.has(m)]
+        if not hits:
+            continue
+        for member in group.members:
+            if not scored.has(member):
+                out[member] = hits
+    return out
+
+
+class _Names:
+    """Membership of a model's layer names in names read from its dump, which may carry
+    a wrapper's prefix (``module.`` of DDP) that the model's own names lack."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._names = frozenset(names)
+
+    def has(self, layer: str) -> bool:
+        return layer in self._names or any(n.endswith("." + layer) for n in self._names)
 
 
 def _width(module: Any) -> int:

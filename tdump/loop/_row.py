@@ -35,7 +35,8 @@ def round_row(
 
     ``stats`` is the model's size (:func:`tdump.loop._metrics.model_stats`), ``metrics``
     what its dump holds (:func:`tdump.loop._metrics.dump_metrics`); ``measured`` gives
-    ``removed``, ``wall``, ``prunable``, ``prunable_per_group`` and ``left_alone``.
+    ``removed``, ``wall``, ``prunable``, ``prunable_per_group``, ``left_alone`` and
+    ``pruned_with``.
     """
     accuracy = metrics["accuracy"]
     base_acc = base["accuracy"] if base else accuracy
@@ -74,4 +75,5 @@ def round_row(
         "prunable": measured.get("prunable"),
         "prunable_per_group": measured.get("prunable_per_group"),
         "left_alone": measured.get("left_alone"),
+        "pruned_with": measured.get("pruned_with"),
     }

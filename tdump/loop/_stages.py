@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "StageResult",
@@ -243,24 +244,37 @@ _UNSCORED = re.compile(
 )
 
 
-def _frozen_reason(layer: str, left_alone: Mapping[str, str]) -> str | None:
-    """Why the surgery leaves ``layer`` alone; a wrapper's prefix (``module.``) is skipped."""
+def _by_layer(layer: str, found: Mapping[str, Any]) -> Any:
+    """``found``'s entry for ``layer``; a wrapper's prefix (``module.``) is skipped."""
     parts = layer.split(".")
     for i in range(len(parts)):
-        why = left_alone.get(".".join(parts[i:]))
-        if why is not None:
-            return why
+        hit = found.get(".".join(parts[i:]))
+        if hit is not None:
+            return hit
     return None
 
 
-def for_the_loop(line: str, left_alone: Mapping[str, str] | None = None) -> str:
+def _listed(names: Sequence[str], most: int = 3) -> str:
+    """``a, b, c and 2 more``: the first ``most`` of ``names``."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:most])} and {len(names) - most} more"
+
+
+def for_the_loop(
+    line: str,
+    left_alone: Mapping[str, str] | None = None,
+    pruned_with: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     """A rank note's ``tdump record --include ...`` hint, said as the loop's own option.
 
     The loop records through ``tdump record`` itself, so the user's remedy is the
     same ``--include`` (and ``--config``) given to ``tdump loop``. When every layer
-    the note names is one the surgery leaves alone (``left_alone``: the model's
-    :func:`~tdump.loop._metrics.left_alone`, the round's ``left_alone``), recording
-    more would not prune it: the note says so and why instead.
+    the note names needs no score, the note says why instead: the surgery leaves it
+    alone (``left_alone``: the model's :func:`~tdump.loop._metrics.left_alone`, the
+    round's ``left_alone``), so recording more would not prune it; or it prunes it
+    with scored layers whose channels it shares (``pruned_with``: the round's
+    ``pruned_with``, :func:`~tdump.loop._metrics.pruned_with`; a ResNet's downsample).
 
     Examples
     --------
@@ -273,19 +287,50 @@ def for_the_loop(line: str, left_alone: Mapping[str, str] | None = None) -> str:
     ...     "these channels alone; to score them, record X: tdump record --include 'a'",
     ...     {"conv_proj": "torch.cat (dim 1) with a class token"}))
     note: no taylor scores for 1 conv layer (conv_proj): no activation module receives these channels alone; tdump prune leaves it alone (torch.cat (dim 1) with a class token), so recording more would not prune it
+    >>> print(for_the_loop(
+    ...     "note: no taylor scores for 1 conv layer (down.0): no activation module receives "
+    ...     "these channels alone; to score them, record X: tdump record --include 'a'",
+    ...     {}, {"down.0": ["conv2"]}))
+    note: no taylor scores for 1 conv layer (down.0): no activation module receives these channels alone; tdump prune prunes it with the scored layer whose channels it shares (conv2), so it needs no score of its own
     """
     found = _UNSCORED.match(line)
-    if found and left_alone and " more" not in found["layers"]:
+    if found and (left_alone or pruned_with) and " more" not in found["layers"]:
         layers = found["layers"].split(", ")
-        reasons = [_frozen_reason(layer, left_alone) for layer in layers]
-        if all(reasons):
-            it = "it" if len(layers) == 1 else "them"
-            why = "; ".join(dict.fromkeys(str(r) for r in reasons))
-            return (
-                f"{line[: found.end('why')]}; tdump prune leaves {it} alone ({why}), "
-                f"so recording more would not prune {it}"
-            )
+        alone = {x: _by_layer(x, left_alone or {}) for x in layers}
+        shared = {x: _by_layer(x, pruned_with or {}) for x in layers if alone[x] is None}
+        if all(alone[x] is not None or shared.get(x) for x in layers):
+            return f"{line[: found.end('why')]}; {_no_score_needed(layers, alone, shared)}"
     head, sep, tail = line.partition(": tdump record --include ")
     if not sep:
         return line
     return f"{head}: tdump loop SCRIPT --include {tail} (a new experiment)"
+
+
+def _no_score_needed(
+    layers: Sequence[str], alone: Mapping[str, Any], shared: Mapping[str, Any]
+) -> str:
+    """Why the ``layers`` of a rank note need no score: ``alone`` (why the surgery never
+    prunes each) and ``shared`` (the scored layers each is pruned with) cover them all."""
+    frozen = [x for x in layers if alone[x] is not None]
+    coupled = [x for x in layers if alone[x] is None]
+    parts = []
+    if frozen:
+        whom = "it" if len(frozen) == 1 else "them"
+        if coupled:
+            whom = ", ".join(frozen)
+        why = "; ".join(dict.fromkeys(str(alone[x]) for x in frozen))
+        parts.append(f"leaves {whom} alone ({why})")
+    if coupled:
+        one = len(coupled) == 1
+        whom = ("it" if one else "them") if not frozen else ", ".join(coupled)
+        scored = list(dict.fromkeys(m for x in coupled for m in shared[x]))
+        noun = "layer" if len(scored) == 1 else "layers"
+        share = "it shares" if one else "they share"
+        parts.append(
+            f"prunes {whom} with the scored {noun} whose channels {share} ({_listed(scored)})"
+        )
+    if not coupled:
+        whom = "it" if len(frozen) == 1 else "them"
+        return f"tdump prune {parts[0]}, so recording more would not prune {whom}"
+    need = "it needs no score of its own" if len(layers) == 1 else "they need no score of their own"
+    return f"tdump prune {' and '.join(parts)}, so {need}"

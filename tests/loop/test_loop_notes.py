@@ -66,29 +66,54 @@ def test_a_rank_hint_to_record_more_is_said_as_the_loops_option(tmp_path: Path) 
     assert ": tdump record --include '.*relu1|" in (exp / "round_001/rank.log").read_text()
 
 
+def _unscored_note(exp: Path, net: str, flag: str, layer: str) -> str:
+    """Two rounds of the loop on tinynet's ``net`` (the script's ``flag`` trains it) into
+    ``exp``: round 1's one rank note on a layer without scores, which must be ``layer``."""
+    base = [a if a != "tinynet.TinyNet" else f"tinynet.{net}" for a in BASE]
+    proc = run_tdump("loop", TRAIN, "--rounds", "2", *base, "--experiment", str(exp), "--", flag)
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("round 1 rank: note: no ")]
+    assert len(notes) == 1 and f"scores for 1 conv layer ({layer})" in notes[0], proc.stderr
+    return notes[0]
+
+
 def test_no_advice_to_record_a_layer_the_surgery_never_prunes(tmp_path: Path) -> None:
     """TokenNet's patch embedding, like a ViT's conv_proj, feeds a torch.cat with a class
     token: rank cannot score it and would advise recording it, but pruning leaves it
     alone whatever its scores, so the loop says that instead of suggesting a new run."""
     exp = tmp_path / "exp"
-    base = [a if a != "tinynet.TinyNet" else "tinynet.TokenNet" for a in BASE]
-    proc = run_tdump(
-        "loop", TRAIN, "--rounds", "2", *base, "--experiment", str(exp), "--", "--tokens"
-    )
-    assert proc.returncode == 0, proc.stderr
-    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("round 1 rank: note: no ")]
-    assert len(notes) == 1 and "scores for 1 conv layer (embed)" in notes[0], proc.stderr
-    assert notes[0].endswith(
+    note = _unscored_note(exp, "TokenNet", "--tokens", "embed")
+    assert note.endswith(
         "tdump prune leaves it alone (consumed by unsupported operation 'transpose'), "
         "so recording more would not prune it"
-    ), notes[0]
-    assert "--include" not in notes[0] and "new experiment" not in notes[0]
+    ), note
+    assert "--include" not in note and "new experiment" not in note
     # rank's own advice stays in its log; the rows say what the surgery leaves alone
     assert "(?:^|\\.)embed\\.output_0" in (exp / "round_001/rank.log").read_text()
     rows = rows_of(exp)
     assert set(rows[0]["left_alone"]) == {"embed", "fc"} and rows[1]["left_alone"] is None
     # and it did prune what it could: conv1 lost channels, embed kept its 16
     assert rows[1]["channels"]["conv1"] < 16 == rows[1]["channels"]["embed"]
+
+
+def test_no_advice_to_record_a_layer_pruned_with_scored_ones(tmp_path: Path) -> None:
+    """SkipNet's shortcut conv, like a ResNet's downsample, has no Taylor score (its
+    BatchNorm output goes into the residual +), so rank advises recording it; but the
+    surgery prunes its channels with conv2's, which are scored, so the loop says that
+    instead of suggesting a new experiment, and prunes both alike."""
+    exp = tmp_path / "exp"
+    note = _unscored_note(exp, "SkipNet", "--skip", "proj")
+    assert note.endswith(
+        "tdump prune prunes it with the scored layer whose channels it shares (conv2), "
+        "so it needs no score of its own"
+    ), note
+    assert "--include" not in note and "new experiment" not in note
+    # rank's own advice stays in its log; the rows say what prunes with what
+    assert "(?:^|\\.)bnp\\.output_0" in (exp / "round_001/rank.log").read_text()
+    rows = rows_of(exp)
+    assert rows[0]["pruned_with"] == {"proj": ["conv2"]} and rows[1]["pruned_with"] is None
+    channels = rows[1]["channels"]
+    assert channels["proj"] == channels["conv2"] < 16, channels
 
 
 def test_advice_stays_unless_every_named_layer_is_left_alone() -> None:
@@ -106,6 +131,33 @@ def test_advice_stays_unless_every_named_layer_is_left_alone() -> None:
     )
     many = note.replace("module.conv_proj, module.c2", "a, b, c, d, e, f and 1 more")
     assert for_the_loop(many, dict.fromkeys("abcdefg", "x")).endswith("(a new experiment)")
+
+
+def test_a_note_on_layers_pruned_alone_and_with_others_says_both() -> None:
+    """Layers the surgery leaves alone and layers it prunes with scored ones, in one note:
+    each named with its reason; one layer neither keeps the advice."""
+    note = (
+        "note: no taylor scores for 3 conv layers (module.conv_proj, module.l2.down, module.l3.down): "
+        "no activation module receives these channels alone; to score them, record X: "
+        "tdump record --include 'a'"
+    )
+    frozen = {"conv_proj": "torch.cat"}
+    shared = {"l2.down": ["l2.0.conv2", "l2.1.conv2"], "l3.down": ["l3.0.conv2", "l3.1.conv2"]}
+    said = for_the_loop(note, frozen, shared)
+    assert said.endswith(
+        "; tdump prune leaves module.conv_proj alone (torch.cat) and prunes module.l2.down, "
+        "module.l3.down with the scored layers whose channels they share (l2.0.conv2, "
+        "l2.1.conv2, l3.0.conv2 and 1 more), so they need no score of their own"
+    ), said
+    # without the frozen one, the layers are "them"
+    two = note.replace("3 conv layers (module.conv_proj, ", "2 conv layers (")
+    assert for_the_loop(two, {}, shared).endswith(
+        "tdump prune prunes them with the scored layers whose channels they share "
+        "(l2.0.conv2, l2.1.conv2, l3.0.conv2 and 1 more), so they need no score of their own"
+    )
+    # a named layer that is neither: the advice stays
+    del shared["l3.down"]
+    assert for_the_loop(note, frozen, shared).endswith("(a new experiment)")
 
 
 def test_a_round_0_without_accuracy_says_how_to_get_one(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import torchvision
 
 import tdump.surgery as surgery
 from tdump.errors import RanksError
-from tdump.loop._metrics import left_alone, prunable_counts, rankable_layers
+from tdump.loop._metrics import left_alone, prunable_counts, pruned_with, rankable_layers
 from tdump.loop._settings import LoopSettings, record_options
 from tests.loop.conftest import SCRIPTS, TRAIN, run_tdump
 from tests.surgery.helpers import random_scores, write_ranks
@@ -173,3 +173,27 @@ def test_left_alone_is_what_pruning_never_touches_even_with_scores() -> None:
     assert "conv_proj" not in plan.layers and len(plan.layers[mlp].keep) == 24
     with pytest.raises(RanksError, match="no ranked layer can be pruned"):
         surgery.plan(vit, {"conv_proj": np.arange(16.0)}, count=8)
+
+
+def test_pruned_with_names_what_the_surgery_prunes_alike() -> None:
+    """A ResNet's downsample convs have no Taylor score; pruned_with maps each to the
+    scored convs it shares channels with. Checked against the surgery itself: with
+    ranks for every other conv, each listed layer keeps exactly its partners' channels,
+    and fewer than it had. The frozen fc is left_alone's, not listed here."""
+    net = torchvision.models.resnet18(num_classes=4)
+    convs = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    scored = [c for c in convs if "downsample" not in c]
+    shared = pruned_with(surgery.build_graph(net), scored)
+    assert sorted(shared) == [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]
+    rng = np.random.default_rng(0)
+    widths = {n: m.out_channels for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    ranks = {c: rng.random(widths[c]) for c in scored}
+    plan = surgery.plan(net, ranks, ratio=0.3)
+    for layer, partners in shared.items():
+        keep = plan.layers[layer].keep
+        assert len(keep) < widths[layer]
+        for partner in partners:
+            assert list(plan.layers[partner].keep) == list(keep), (layer, partner)
+    # a DDP-style prefix on the ranked names still matches the model's own
+    prefixed = pruned_with(surgery.build_graph(net), [f"module.{c}" for c in scored])
+    assert prefixed == shared

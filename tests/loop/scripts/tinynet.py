@@ -46,3 +46,23 @@ class TokenNet(nn.Module):
         tokens = self.embed(out).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         return self.fc(self.norm(tokens)[:, 0])
+
+
+class SkipNet(TinyNet):
+    """TinyNet with a projection shortcut, as a ResNet's downsample conv.
+
+    ``proj``'s BatchNorm output goes into the residual ``+``, so no activation module
+    receives its channels alone and Taylor cannot score it; but they are summed with
+    ``conv2``'s, which is scored (its ``bn2`` output is the tensor ``+=`` adds into, as
+    in torchvision's ResNet), and the surgery prunes both together.
+    """
+
+    def __init__(self, width: int = 16, classes: int = 4) -> None:
+        super().__init__(width, classes)
+        self.proj = nn.Conv2d(3, width, 1, bias=False)
+        self.bnp = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        out += self.bnp(self.proj(x))
+        return self.fc(torch.flatten(self.pool(self.relu2(out)), 1))

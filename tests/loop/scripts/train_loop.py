@@ -7,7 +7,8 @@ the eval loss is computed without the loss module, so capture sees no eval logit
 the round has no accuracy at all); saves ``model.state_dict()`` to
 ``TDUMP_OUT`` (unless ``--no-save``; ``--ignore-init`` builds a fresh TinyNet in
 every round, as a script that forgets ``TDUMP_INIT`` does; ``--tokens`` trains
-``TokenNet``, whose patch-embedding conv the surgery never prunes). With
+``TokenNet``, whose patch-embedding conv the surgery never prunes; ``--skip``
+``SkipNet``, whose shortcut conv has no Taylor score but prunes with ``conv2``). With
 ``LOOP_TEST_CRASH_ROUND=R`` in the environment it exits with status 3 in round R
 (the crash test).
 """
@@ -19,7 +20,7 @@ import os
 import sys
 
 import torch
-from tinynet import TinyNet, TokenNet
+from tinynet import SkipNet, TinyNet, TokenNet
 from torch import nn
 
 import tdump
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--functional-eval", action="store_true", help="eval loss not by the module")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--tokens", action="store_true", help="train TokenNet instead of TinyNet")
+    p.add_argument("--skip", action="store_true", help="train SkipNet instead of TinyNet")
     p.add_argument("--ignore-init", action="store_true", help="a script that forgets TDUMP_INIT")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -49,7 +51,7 @@ def main() -> None:
         print(f"injected failure in round {rnd}", file=sys.stderr)
         sys.exit(3)
     init = None if args.ignore_init else os.environ.get("TDUMP_INIT")
-    net = TokenNet if args.tokens else TinyNet
+    net = TokenNet if args.tokens else SkipNet if args.skip else TinyNet
     model = tdump.load(init, arch=net) if init else net()  # our own class: named here
     x, y = data(256, seed=1)
     xt, yt = data(128, seed=2)
