@@ -102,10 +102,50 @@ def fit_columns(rows: list[dict[str, str]], width: int | None, skip: set[str]) -
     return cols
 
 
+def table_lines(rows: list[dict[str, str]], cols: list[str], width: int | None) -> list[str]:
+    """The table of ``rows`` as text lines: a header, then one line per row.
+
+    Cells are padded to their column's width and joined by one space. The tensor column
+    takes what ``width`` leaves (at least :data:`_MIN_NAME`); a longer name folds onto
+    continuation lines. Written by hand rather than by rich's ``Table``, which took a
+    second to lay out the 576 rows of a detector's dump.
+
+    >>> rows = [{"tensor": "layer1.0.conv1.weight", "records": "3"},
+    ...         {"tensor": "fc.bias", "records": "12"}]
+    >>> print("\\n".join(table_lines(rows, ["tensor", "records"], None)))
+    tensor                records
+    layer1.0.conv1.weight       3
+    fc.bias                    12
+    >>> table_lines([{"tensor": "a" * 30, "records": "3"}], ["tensor", "records"], 32)[1:]
+    ['aaaaaaaaaaaaaaaaaaaaaaaa       3', 'aaaaaa']
+    """
+    justify = {name: j for name, j, _ in _COLUMNS}
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in cols}
+    if width is not None and "tensor" in widths:
+        others = sum(w for c, w in widths.items() if c != "tensor") + len(cols) - 1
+        widths["tensor"] = max(
+            min(_MIN_NAME, widths["tensor"]), min(widths["tensor"], width - others)
+        )
+
+    def line(cells: dict[str, str]) -> str:
+        parts = [
+            cells[c].rjust(widths[c]) if justify[c] == "right" else cells[c].ljust(widths[c])
+            for c in cols
+        ]
+        return " ".join(parts).rstrip()
+
+    lines = [line({c: c for c in cols})]
+    for r in rows:
+        name = r.get("tensor", "")
+        step = widths.get("tensor", len(name)) or 1
+        lines.append(line({**r, "tensor": name[:step]}))
+        for i in range(step, len(name), step):  # a name longer than its column folds
+            lines.append(name[i : i + step].rstrip())
+    return lines
+
+
 def _render(info: dict[str, Any]) -> None:
     import os
-
-    from rich.table import Table
 
     from tdump.cli._console import console
 
@@ -134,22 +174,11 @@ def _render(info: dict[str, Any]) -> None:
     if len({r["mode"] for r in rows}) <= 1 and width is not None and width < 120:
         skip.add("mode")  # one mode: the header line says which
     cols = fit_columns(rows, width, skip)
-    table = Table(box=None, pad_edge=False, header_style="bold", collapse_padding=True)
-    justify = {name: j for name, j, _ in _COLUMNS}
-    for col in cols:
-        table.add_column(
-            col,
-            justify=justify[col],  # type: ignore[arg-type]
-            no_wrap=col != "tensor",
-            overflow="fold" if col == "tensor" else "ellipsis",
-            min_width=min(_MIN_NAME, max([len(r["tensor"]) for r in rows] + [6]))
-            if col == "tensor"
-            else None,
-        )
-    for r in rows:
-        table.add_row(*(r[c] for c in cols))
     if rows:
-        out.print(table)
+        header, *body = table_lines(rows, cols, width)
+        out.print(header, style="bold", markup=False, highlight=False, soft_wrap=True)
+        # one print: rich lays out a string once, not once per line
+        out.print("\n".join(body), markup=False, highlight=False, soft_wrap=True)
     tot = info["totals"]
     ratio = f", ratio {tot['ratio']:.2f}" if tot["ratio"] else ""
     out.print(
