@@ -309,8 +309,9 @@ class _Loop:
                     graph = surgery.build_graph(model)
                 # what it never prunes, and what it prunes with scored layers without
                 # scores of its own, for the next round's rank notes (see _relay)
-                frozen = left_alone(graph) if graph is not None else {}
-                shared = pruned_with(graph, ranked) if graph is not None and ranked else {}
+                only = s.conv_only_groups
+                frozen = left_alone(graph, only) if graph is not None else {}
+                shared = pruned_with(graph, ranked, only) if graph is not None and ranked else {}
             if ranked is not None and graph is not None:
                 try:
                     prunable, one_group = prunable_counts(

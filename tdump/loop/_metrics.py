@@ -294,13 +294,14 @@ def prunable_counts(
     return int(plan.removed), max(plan.removed_per_group, default=0)
 
 
-def left_alone(graph: Any) -> dict[str, str]:
+def left_alone(graph: Any, conv_only_groups: bool = False) -> dict[str, str]:
     """``{layer: why}`` for the convs and Linears whose output channels the surgery never removes.
 
     Their groups are frozen in the model's channel ``graph`` (:func:`tdump.surgery.build_graph`):
     a ViT's ``conv_proj``, whose channels meet the class token in a ``torch.cat``, or the
-    classifier, whose outputs are the model's. Scoring them cannot prune them, so the loop
-    says so instead of relaying rank's advice to record what would score them.
+    classifier, whose outputs are the model's; with ``conv_only_groups`` (the loop's
+    ``--conv-only-groups``) also the residual groups. Scoring them cannot prune them, so
+    the loop says so instead of relaying rank's advice to record what would score them.
 
     Examples
     --------
@@ -309,10 +310,18 @@ def left_alone(graph: Any) -> dict[str, str]:
     >>> left_alone(build_graph(torchvision.models.resnet18(num_classes=4)))
     {'fc': 'reaches the model output'}
     """
-    return {m: g.reason for g in graph.groups if g.frozen for m in g.members}
+    found = {m: g.reason for g in graph.groups if g.frozen for m in g.members}
+    if conv_only_groups:
+        why = "a residual group, which --conv-only-groups leaves alone"
+        found.update(
+            {m: why for g in graph.groups if g.residual and not g.frozen for m in g.members}
+        )
+    return found
 
 
-def pruned_with(graph: Any, ranked: Sequence[str]) -> dict[str, list[str]]:
+def pruned_with(
+    graph: Any, ranked: Sequence[str], conv_only_groups: bool = False
+) -> dict[str, list[str]]:
     """``{layer: [scored members]}`` for each layer without a score that the surgery prunes
     anyway, with the ``ranked`` layers whose output channels it shares.
 
@@ -321,8 +330,8 @@ def pruned_with(graph: Any, ranked: Sequence[str]) -> dict[str, list[str]]:
     with the block's last conv's, which is scored: ``tdump prune`` removes the same
     channels from both. Recording more would only add its scores to the group's, so the
     loop says so instead of relaying rank's advice to record it. ``ranked``: the layers
-    the next rank stage scores (:func:`rankable_layers`); frozen groups are
-    :func:`left_alone`'s.
+    the next rank stage scores (:func:`rankable_layers`); frozen groups, and residual
+    ones with ``conv_only_groups``, are :func:`left_alone`'s.
 
     Examples
     --------
@@ -339,7 +348,7 @@ def pruned_with(graph: Any, ranked: Sequence[str]) -> dict[str, list[str]]:
     scored = _Names(ranked)
     out: dict[str, list[str]] = {}
     for group in graph.groups:
-        if group.frozen:
+        if group.frozen or (conv_only_groups and group.residual):
             continue
         hits = [m for m in group.members if scored.has(m)]
         if not hits:

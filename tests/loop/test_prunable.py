@@ -197,3 +197,24 @@ def test_pruned_with_names_what_the_surgery_prunes_alike() -> None:
     # a DDP-style prefix on the ranked names still matches the model's own
     prefixed = pruned_with(surgery.build_graph(net), [f"module.{c}" for c in scored])
     assert prefixed == shared
+
+
+def test_with_conv_only_groups_residual_groups_are_left_alone() -> None:
+    """--conv-only-groups keeps residual groups whole: their downsample convs are not
+    pruned with anything then, so left_alone lists them (why: that option) and
+    pruned_with does not. Checked against the surgery with the same setting."""
+    net = torchvision.models.resnet18(num_classes=4)
+    graph = surgery.build_graph(net)
+    widths = {n: m.out_channels for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    scored = [c for c in widths if "downsample" not in c]
+    assert pruned_with(graph, scored, conv_only_groups=True) == {}
+    frozen = left_alone(graph, conv_only_groups=True)
+    assert "--conv-only-groups" in frozen["layer2.0.downsample.0"] and "layer1.0.conv1" not in frozen
+    assert "layer2.0.downsample.0" not in left_alone(graph)
+    rng = np.random.default_rng(0)
+    plan = surgery.plan(
+        net, {c: rng.random(widths[c]) for c in scored}, ratio=0.3, conv_only_groups=True
+    )
+    for layer in frozen:
+        assert layer not in plan.layers, layer  # nothing left_alone names loses a channel
+    assert any(layer in plan.layers for layer in scored if layer not in frozen)
