@@ -36,9 +36,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# The slow tests (torchvision models over 50 M parameters, three long loop runs) run in CI after `make test`.
+# Test processes (pytest-xdist); one test file stays on one worker, so its module fixtures run once.
+# Most tests wait on subprocesses that import torch: two workers on 2 cores take 0.6x the time.
+TEST_WORKERS ?= 2
+
+# The slow tests (torchvision models over 50 M parameters, three long loop runs) run in CI after
+# `make test`, in one process: two of the largest models at once would need twice the memory.
 pytest: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test: lint typecheck pytest
 
