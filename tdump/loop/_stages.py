@@ -313,24 +313,21 @@ def _no_score_needed(
     prunes each) and ``shared`` (the scored layers each is pruned with) cover them all."""
     frozen = [x for x in layers if alone[x] is not None]
     coupled = [x for x in layers if alone[x] is None]
+
+    def whom(names: list[str]) -> str:  # named when the note's layers are of both kinds
+        return ", ".join(names) if frozen and coupled else "it" if len(names) == 1 else "them"
+
     parts = []
     if frozen:
-        whom = "it" if len(frozen) == 1 else "them"
-        if coupled:
-            whom = ", ".join(frozen)
         why = "; ".join(dict.fromkeys(str(alone[x]) for x in frozen))
-        parts.append(f"leaves {whom} alone ({why})")
-    if coupled:
-        one = len(coupled) == 1
-        whom = ("it" if one else "them") if not frozen else ", ".join(coupled)
-        scored = list(dict.fromkeys(m for x in coupled for m in shared[x]))
-        noun = "layer" if len(scored) == 1 else "layers"
-        share = "it shares" if one else "they share"
-        parts.append(
-            f"prunes {whom} with the scored {noun} whose channels {share} ({_listed(scored)})"
-        )
+        parts.append(f"leaves {whom(frozen)} alone ({why})")
     if not coupled:
-        whom = "it" if len(frozen) == 1 else "them"
-        return f"tdump prune {parts[0]}, so recording more would not prune {whom}"
+        return f"tdump prune {parts[0]}, so recording more would not prune {whom(frozen)}"
+    scored = list(dict.fromkeys(m for x in coupled for m in shared[x]))
+    noun = "layer" if len(scored) == 1 else "layers"
+    share = "it shares" if len(coupled) == 1 else "they share"
+    parts.append(
+        f"prunes {whom(coupled)} with the scored {noun} whose channels {share} ({_listed(scored)})"
+    )
     need = "it needs no score of its own" if len(layers) == 1 else "they need no score of their own"
     return f"tdump prune {' and '.join(parts)}, so {need}"
