@@ -209,7 +209,9 @@ def test_with_conv_only_groups_residual_groups_are_left_alone() -> None:
     scored = [c for c in widths if "downsample" not in c]
     assert pruned_with(graph, scored, conv_only_groups=True) == {}
     frozen = left_alone(graph, conv_only_groups=True)
-    assert "--conv-only-groups" in frozen["layer2.0.downsample.0"] and "layer1.0.conv1" not in frozen
+    assert (
+        "--conv-only-groups" in frozen["layer2.0.downsample.0"] and "layer1.0.conv1" not in frozen
+    )
     assert "layer2.0.downsample.0" not in left_alone(graph)
     rng = np.random.default_rng(0)
     plan = surgery.plan(
