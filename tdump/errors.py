@@ -36,6 +36,7 @@ __all__ = [
     "compile_regex",
     "did_you_mean",
     "first_line",
+    "listed",
 ]
 
 
@@ -143,6 +144,18 @@ def did_you_mean(word: object, candidates: Iterable[str]) -> str:
 
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def listed(names: Sequence[str], most: int) -> str:
+    """The first ``most`` of ``names``, comma-separated, and how many more there are.
+
+    >>> listed(["a", "b", "c", "d", "e"], 3)
+    'a, b, c and 2 more'
+    >>> listed(["a", "b"], 3)
+    'a, b'
+    """
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def check_choice(value: object, choices: Sequence[str], what: str) -> str:

@@ -37,7 +37,7 @@ from tdump._format import grad_name
 from tdump.analyze._criteria import TAYLOR_SUFFIX, Criterion, PlanContext, is_output_gradient
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._tasks import NonFinite
-from tdump.errors import MissingTensorError, NonFiniteWarning
+from tdump.errors import MissingTensorError, NonFiniteWarning, listed
 
 __all__ = [
     "bn_scale_note",
@@ -221,7 +221,7 @@ def bn_scale_note(crit: Criterion, flow: Dataflow, layers: Sequence[str]) -> str
     with_bn = [layer for layer in layers if flow.following_bn(layer) is not None]
     if not with_bn:
         return None
-    shown = ", ".join(with_bn[:6]) + (f" and {len(with_bn) - 6} more" if len(with_bn) > 6 else "")
+    shown = listed(with_bn, 6)
     n = len(with_bn)
     return (
         f"{crit.name} scores of {n} conv layer{'s' if n > 1 else ''} followed by BatchNorm "
@@ -281,7 +281,7 @@ def skipped_notes(
     notes = []
     for key, layers in groups.items():
         why = key.rsplit("|", 1)[0]
-        shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+        shown = listed(layers, 6)
         want = wanted[key]
         if want and why != _NO_ACTIVATION:  # name what is missing ("their weight gradients ...")
             why += " (" + ", ".join(map(repr, want[:3])) + (", ..." if len(want) > 3 else "") + ")"

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tdump.errors import listed
+
 __all__ = [
     "StageResult",
     "for_the_loop",
@@ -254,13 +256,6 @@ def _by_layer(layer: str, found: Mapping[str, Any]) -> Any:
     return None
 
 
-def _listed(names: Sequence[str], most: int = 3) -> str:
-    """``a, b, c and 2 more``: the first ``most`` of ``names``."""
-    if len(names) <= most:
-        return ", ".join(names)
-    return f"{', '.join(names[:most])} and {len(names) - most} more"
-
-
 def for_the_loop(
     line: str,
     left_alone: Mapping[str, str] | None = None,
@@ -327,7 +322,7 @@ def _no_score_needed(
     noun = "layer" if len(scored) == 1 else "layers"
     share = "it shares" if len(coupled) == 1 else "they share"
     parts.append(
-        f"prunes {whom(coupled)} with the scored {noun} whose channels {share} ({_listed(scored)})"
+        f"prunes {whom(coupled)} with the scored {noun} whose channels {share} ({listed(scored, 3)})"
     )
     need = "it needs no score of its own" if len(layers) == 1 else "they need no score of their own"
     return f"tdump prune {' and '.join(parts)}, so {need}"

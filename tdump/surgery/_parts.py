@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from tdump._modtypes import layer_base
-from tdump.errors import UntraceableModelError
+from tdump.errors import UntraceableModelError, listed
 from tdump.surgery._trace import trace
 
 __all__ = ["trace_modes", "trace_parts"]
@@ -93,8 +93,7 @@ def trace_parts(
         if notes is not None:
             note = (
                 f"{type(model).__name__}.forward cannot be traced ({_why(err)}); its parts "
-                f"were traced, each alone: {', '.join(p.rstrip('.') for p, _ in parts[:8])}"
-                + (f" and {len(parts) - 8} more" if len(parts) > 8 else "")
+                f"were traced, each alone: {listed([p.rstrip('.') for p, _ in parts], 8)}"
                 + " (their inputs and outputs, and the rest of the model, are left alone)"
                 + (
                     "; a forward that branches only on shapes traces whole at its input "
