@@ -21,7 +21,7 @@ Examples
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -264,12 +264,10 @@ def prunable_counts(
     from tdump.surgery._ranks import scores_for
 
     if isinstance(ranks, (list, tuple, set, frozenset)):
-        import pandas as pd
-
-        layers = strip_ranks_prefix(pd.DataFrame({"layer": sorted(map(str, ranks))}), model)[0]
         modules = dict(model.named_modules())
         ranks = {
-            name: np.zeros(_width(modules.get(name)), dtype=np.float64) for name in layers["layer"]
+            name: np.zeros(_width(modules.get(name)), dtype=np.float64)
+            for name in _model_names(ranks, model)
         }
     elif not isinstance(ranks, Mapping):
         if isinstance(ranks, (str, os.PathLike)):
@@ -345,29 +343,27 @@ def pruned_with(
     >>> sorted(shared)
     ['layer2.0.downsample.0', 'layer3.0.downsample.0', 'layer4.0.downsample.0']
     """
-    scored = _Names(ranked)
+    scored = frozenset(_model_names(ranked, graph.model))
     out: dict[str, list[str]] = {}
     for group in graph.groups:
         if group.frozen or (conv_only_groups and group.residual):
             continue
-        hits = [m for m in group.members if scored.has(m)]
+        hits = [m for m in group.members if m in scored]
         if not hits:
             continue
-        for member in group.members:
-            if not scored.has(member):
-                out[member] = hits
+        out.update({m: hits for m in group.members if m not in scored})
     return out
 
 
-class _Names:
-    """Membership of a model's layer names in names read from its dump, which may carry
-    a wrapper's prefix (``module.`` of DDP) that the model's own names lack."""
+def _model_names(ranked: Iterable[str], model: Any) -> list[str]:
+    """Ranked layer names as ``model`` names them: a wrapper's prefix (``model.`` of a
+    LightningModule) dropped as ``tdump prune`` drops it from a ranks file."""
+    import pandas as pd
 
-    def __init__(self, names: Sequence[str]) -> None:
-        self._names = frozenset(names)
+    from tdump.surgery._prefix import strip_ranks_prefix
 
-    def has(self, layer: str) -> bool:
-        return layer in self._names or any(n.endswith("." + layer) for n in self._names)
+    names = pd.DataFrame({"layer": sorted(map(str, ranked))})
+    return [str(n) for n in strip_ranks_prefix(names, model)[0]["layer"]]
 
 
 def _width(module: Any) -> int:
