@@ -81,7 +81,10 @@ def call_ok(call: Any) -> bool:
     if not isinstance(call.get("name"), str) or not isinstance(call.get("module"), str):
         return False
     inputs = call.get("inputs", [])
-    return isinstance(inputs, list) and all(i is None or isinstance(i, str) for i in inputs)
+    if not isinstance(inputs, list) or not all(i is None or isinstance(i, str) for i in inputs):
+        return False
+    summed = call.get("sum_of", [])
+    return isinstance(summed, list) and all(isinstance(n, str) for n in summed)
 
 
 def check_steps(path: str, steps: np.ndarray, where: str) -> None:

@@ -61,6 +61,7 @@ _NO_GRADIENT = (
 _NO_GRADIENT_TODO = "they keep all their channels; l1 or bn-gamma scores them from their weights"
 _MODEL_OUTPUT = "their channels are the model's outputs"
 _MODEL_OUTPUT_TODO = "tdump prune keeps them, so they need no score"
+_SUMMED = "their outputs are added to other layers' (a residual +) before any activation module"
 
 
 def _candidates(ctx: PlanContext, layer: str) -> list[list[str]]:
@@ -91,7 +92,12 @@ def _plans_with(crit: Criterion, ctx: PlanContext, layer: str, extra: Sequence[s
 
 
 def unscored_reason(
-    crit: Criterion, ctx: PlanContext, layer: str, config: Mapping[str, Any] | None = None
+    crit: Criterion,
+    ctx: PlanContext,
+    layer: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    partners: Sequence[str] = (),
 ) -> tuple[str, list[str]]:
     """``(why, tensors to record)`` for a layer ``crit`` could not plan.
 
@@ -99,10 +105,14 @@ def unscored_reason(
     kind of tensor, so that :func:`skipped_notes` groups them); ``tensors`` is empty
     when no recordable tensor would help (then a weight-based criterion is the way).
     ``config``: the dump's capture settings, which tell a gradient the selection left
-    out from one that never came.
+    out from one that never came. ``partners``: the scored layers whose channels a
+    residual ``+`` adds to ``layer``'s (:meth:`~tdump.analyze._mapping.Dataflow.summed_with`);
+    the surgery prunes ``layer`` with them, so it needs no score.
     """
     if ctx.dataflow.is_model_output(layer):
         return _MODEL_OUTPUT, []
+    if partners:
+        return _SUMMED, []
     if _gradient_never_came(ctx, layer, config or {}):
         return _NO_GRADIENT, []
     flow = ctx.dataflow
@@ -256,6 +266,7 @@ def skipped_notes(
     *,
     by_type: bool = False,
     linears: frozenset[str] = frozenset(),
+    partners: Mapping[str, Sequence[str]] | None = None,
 ) -> list[str]:
     """One note per distinct reason: which layers, why, and what would score them.
 
@@ -264,7 +275,9 @@ def skipped_notes(
     that following it does not drop what was recorded. ``by_type``: the dump also
     selected activation modules by type (``include_activations``), which an explicit
     ``--include`` turns off, so the hint turns it back on. ``linears``: the layers
-    that are hidden Linears, not convs (the note then says "layers").
+    that are hidden Linears, not convs (the note then says "layers"). ``partners``:
+    the scored layers each layer's channels are added to (see :func:`unscored_reason`),
+    which the note names instead of a hint.
 
     >>> from tdump.analyze._criteria import get_criterion
     >>> why = "no activation module receives these channels alone"
@@ -296,6 +309,8 @@ def skipped_notes(
             todo = _NO_GRADIENT_TODO
         elif why == _MODEL_OUTPUT:
             todo = _MODEL_OUTPUT_TODO
+        elif why == _SUMMED:
+            todo = _pruned_with(layers, partners or {})
         else:
             todo = _WEIGHT_BASED.replace("scores it", "scores them")
         kind = "layer" if linears.intersection(layers) else "conv layer"
@@ -304,6 +319,19 @@ def skipped_notes(
             f"({shown}): {why}; {todo}"
         )
     return notes
+
+
+def _pruned_with(layers: Sequence[str], partners: Mapping[str, Sequence[str]]) -> str:
+    """What ``tdump prune`` does with unscored ``layers`` whose channels it shares with
+    scored ``partners`` (the words ``tdump loop`` uses for them, too)."""
+    scored = list(dict.fromkeys(p for layer in layers for p in partners.get(layer, ())))
+    one = len(layers) == 1
+    noun = "layer" if len(scored) == 1 else "layers"
+    return (
+        f"tdump prune prunes {'it' if one else 'them'} with the scored {noun} whose channels "
+        f"{'it shares' if one else 'they share'} ({listed(scored, 3)}), so "
+        f"{'it needs no score of its own' if one else 'they need no score of their own'}"
+    )
 
 
 def _describe(names: Sequence[str], *, pre_activation: bool) -> str:

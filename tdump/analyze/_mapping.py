@@ -240,6 +240,44 @@ class Dataflow:
         """
         return layer in self._output_layers
 
+    def summed_with(self, layer: str) -> list[str]:
+        """The layers whose output channels recorded sums add to ``layer``'s, nearest first.
+
+        A call's ``sum_of`` (capture traces its input back through ``+``) names the
+        outputs a residual addition adds up; the layers those carry (:meth:`chain`) share
+        their channels one to one, and so, through the next sum, with the layers beyond.
+        Empty for dumps without ``sum_of`` (written before it was recorded, or eval).
+
+        >>> calls = [
+        ...     {"name": "a.output_0", "module": "a", "call": 0, "inputs": ["<input>"]},
+        ...     {"name": "b.output_0", "module": "b", "call": 0, "inputs": ["<input>"]},
+        ...     {"name": "c.output_0", "module": "c", "call": 0, "inputs": ["a.output_0"],
+        ...      "sum_of": ["a.output_0", "b.output_0"]},
+        ...     {"name": "e.output_0", "module": "e", "call": 0, "inputs": ["c.output_0"]},
+        ...     {"name": "f.output_0", "module": "f", "call": 0, "inputs": ["c.output_0"],
+        ...      "sum_of": ["c.output_0", "e.output_0"]},
+        ... ]   # relu c carries a's channels (``a += b`` in place), then e's are added to them
+        >>> conv, relu = {"type": "torch.nn.Conv2d"}, {"type": "torch.nn.ReLU"}
+        >>> flow = Dataflow({"a": conv, "b": conv, "c": relu, "e": conv, "f": relu}, calls)
+        >>> flow.summed_with("b"), flow.summed_with("e")
+        (['a', 'e'], ['a', 'b'])
+        """
+        groups = [
+            {c for c in map(self.producing_conv, call["sum_of"]) if c is not None}
+            for call in self.calls
+            if call.get("sum_of")
+        ]
+        found: dict[str, None] = {}
+        todo = [layer]
+        while todo:
+            cur = todo.pop(0)
+            for group in groups:
+                if cur in group:
+                    new = sorted(group - found.keys() - {layer})
+                    found.update(dict.fromkeys(new))
+                    todo += new
+        return list(found)
+
     def producing_conv(self, output: str) -> str | None:
         """Layer (conv, or hidden Linear) whose output channels ``output`` (``<module>.output_<k>``)
         carries, or ``None``."""

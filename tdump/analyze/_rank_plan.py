@@ -174,7 +174,14 @@ def plan_jobs(
         else:
             unplanned.append(layer)
     config = (reader.meta(rank0).get("config") or {}) if unplanned else {}
-    reasons = {layer: unscored_reason(crit, ctx, layer, config) for layer in unplanned}
+    scored = {layer for layer, _ in planned}
+    partners = {
+        layer: [p for p in ctx.dataflow.summed_with(layer) if p in scored] for layer in unplanned
+    }
+    reasons = {
+        layer: unscored_reason(crit, ctx, layer, config, partners=partners[layer])
+        for layer in unplanned
+    }
     recorded, by_type = config.get("include_regex"), bool(config.get("include_activations"))
     linears = frozenset(layer for layer in unplanned if ctx.dataflow.is_linear(layer))
     if not planned:
@@ -185,7 +192,9 @@ def plan_jobs(
                 skipped_notes(crit, reasons, recorded, by_type=by_type, linears=linears)[0]
             )
         raise MissingTensorError(crit.missing(ctx))
-    notes.extend(skipped_notes(crit, reasons, recorded, by_type=by_type, linears=linears))
+    notes.extend(
+        skipped_notes(crit, reasons, recorded, by_type=by_type, linears=linears, partners=partners)
+    )
     skipped.update({layer: why for layer, (why, _) in reasons.items()})
     bn_note = bn_scale_note(crit, ctx.dataflow, [layer for layer, _ in planned])
     if bn_note is not None:

@@ -196,6 +196,7 @@ class StepLifecycle:
         cur.handles.clear()
         cur.watch_recomputes(cur.hooked)
         cur.hooked = {}
+        cur.grad_nodes.clear()  # only the forward's sums need them: let the graph go
         outs = _tensors(output)
         for out in outs:
             if out.requires_grad:

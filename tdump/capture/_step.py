@@ -28,7 +28,7 @@ from tdump.capture._model import (
 )
 from tdump.capture._writer import HostBuffers, PendingRecord
 
-__all__ = ["SavedStep"]
+__all__ = ["SavedStep", "summands"]
 
 
 class SavedStep:
@@ -95,6 +95,9 @@ class SavedStep:
         #: Their dtypes (``"float32"``, ``"int64"``): a second input may be timesteps.
         self.input_dtypes: list[str] = []
         self.producers: dict[int, tuple[str, torch.Tensor | None]] = {}
+        #: The autograd node of each traced call's output, by its output's name: a
+        #: later call's input traced back through additions ends at these (``sum_of``).
+        self.grad_nodes: dict[Any, str] = {}
         self.handles: list[Any] = []
         self.grad_handles: list[Any] = []
         #: Module calls of a train step that ran without grad (reentrant activation
@@ -114,6 +117,7 @@ class SavedStep:
         self.handles.clear()
         self.grad_handles.clear()
         self.producers.clear()
+        self.grad_nodes.clear()
         self.awaiting.clear()
         with self.lock:
             # recorded after every copy queued on its stream: the writer waits on these
@@ -212,27 +216,45 @@ class SavedStep:
             out = first_tensor(output)
             if self.trace:
                 inputs = []
-                for a in args:
-                    if isinstance(a, torch.Tensor):
-                        prod = self.producers.get(id(a))
-                        inputs.append(prod[0] if prod is not None and prod[1] is a else None)
-                self.calls.append(
-                    {
-                        "name": name,
-                        "module": path,
-                        "call": k,
-                        "inputs": inputs,
-                        "shape": list(out.shape) if out is not None else None,
-                    }
-                )
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                for a in tensors:
+                    prod = self.producers.get(id(a))
+                    inputs.append(prod[0] if prod is not None and prod[1] is a else None)
+                call: dict[str, Any] = {
+                    "name": name,
+                    "module": path,
+                    "call": k,
+                    "inputs": inputs,
+                    "shape": list(out.shape) if out is not None else None,
+                }
+                summed = self._summands(tensors[0], out) if tensors else None
+                if summed:
+                    call["sum_of"] = summed
+                self.calls.append(call)
                 if out is not None:
                     self.producers[id(out)] = (name, out)
+                    if out.grad_fn is not None:
+                        self.grad_nodes[out.grad_fn] = name
                     self._note_layout(module, name, out, inputs)
             if out is None or not out.is_floating_point():
                 return
             self._save_output(path, k, name, out)
 
         return fwd
+
+    def _summands(self, first: torch.Tensor, out: torch.Tensor | None) -> list[str] | None:
+        """:func:`summands` of a call's first tensor argument, as the call received it.
+
+        An in-place module (``ReLU(inplace=True)``) has already overwritten it: its
+        node is then the module's own, and the argument's is the one before it (an
+        ``Identity`` returns its argument as it came).
+        """
+        node = first.grad_fn
+        found = summands(node, self.grad_nodes)
+        if found is None and first is out and node is not None:
+            before = [fn for fn, _ in node.next_functions if fn is not None]
+            found = summands(before[0], self.grad_nodes) if len(before) == 1 else None
+        return found
 
     def _note_layout(
         self, module: nn.Module, name: str, out: torch.Tensor, inputs: list[str | None]
@@ -399,6 +421,50 @@ class SavedStep:
             else torch.tensor(float(value))
         )
         self.add(sname, t, (), "scalars", "scalar", "")
+
+
+#: Autograd nodes a sum's operands pass through to it channel for channel (a dtype
+#: cast included: autocast and mixed-dtype additions put one between them).
+_SUMS = frozenset({"AddBackward0", "ToCopyBackward0"})
+
+
+def summands(node: Any, named: Mapping[Any, str], most: int = 64) -> list[str] | None:
+    """Names of the module calls whose outputs a tensor adds up, or ``None``.
+
+    The tensor's autograd graph, from its ``grad_fn`` ``node``, is followed back
+    through additions (``+``, ``+=``, ``torch.add``) to the nodes ``named`` knows (the
+    traced calls' outputs, by their ``grad_fn``); operands without a node of their own (constants, inputs
+    without grad) or leaves (a learned bias) add no channels of a call. Any other
+    operation on the way (a multiplication, a concatenation) or more than ``most``
+    nodes gives ``None``, as does a sum of fewer than two calls' outputs: only a sum
+    ties the channels of two calls together one to one.
+
+    >>> a = torch.ones(1, 2, requires_grad=True) * 2
+    >>> b = torch.ones(1, 2, requires_grad=True) * 3
+    >>> named = {a.grad_fn: "conv2.output_0", b.grad_fn: "down.output_0"}
+    >>> summands((a + b + 1.0).grad_fn, named)
+    ['conv2.output_0', 'down.output_0']
+    >>> print(summands((a * b).grad_fn, named), summands(torch.cat([a, b], 1).grad_fn, named))
+    None None
+    """
+    found: list[str] = []
+    todo, seen = [node], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > most:
+            return None
+        name = named.get(node)
+        if name is not None:
+            found.append(name)
+        elif node.name() in _SUMS:
+            todo.extend(fn for fn, _ in reversed(node.next_functions))
+        elif not hasattr(node, "variable"):  # AccumulateGrad (a leaf) has one
+            return None
+    names = list(dict.fromkeys(found))
+    return names if len(names) > 1 else None
 
 
 Fingerprint = tuple[tuple[int, ...], torch.Tensor]

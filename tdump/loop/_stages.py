@@ -239,10 +239,11 @@ def stage_notes(log: Path, *, own_only: bool = False) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-#: Rank's note on layers it could not score, up to its advice (``tdump.analyze._diagnose``).
+#: Rank's note on layers it could not score, up to its advice (``tdump.analyze._diagnose``):
+#: what to record, or that the surgery prunes them with the scored layers they are added to.
 _UNSCORED = re.compile(
     r"note: no (?P<crit>\S+) scores for \d+ (?P<kind>conv layers?|layers?) "
-    r"\((?P<layers>[^()]*)\): (?P<why>.*?); to score them, record "
+    r"\((?P<layers>[^()]*)\): (?P<why>.*?); (?:to score them, record |tdump prune prunes )"
 )
 
 

@@ -158,6 +158,15 @@ def test_module_tree_and_calls(seed_run: dict) -> None:
     assert calls["layer1.1.conv1.output_0"]["inputs"] == ["layer1.0.relu.output_1"]
     assert calls["layer2.0.downsample.0.output_0"]["inputs"] == ["layer1.1.relu.output_1"]
     assert calls["layer1.0.relu.output_1"]["shape"] == [2, 64, 8, 8]
+    # the sums `out += identity` made, traced back through autograd to the calls added up
+    sums = {name: c["sum_of"] for name, c in calls.items() if "sum_of" in c}
+    assert sums["layer1.0.relu.output_1"] == ["layer1.0.bn2.output_0", "maxpool.output_0"]
+    assert sums["layer1.1.relu.output_1"] == ["layer1.1.bn2.output_0", "layer1.0.relu.output_1"]
+    assert sums["layer2.0.relu.output_1"] == [
+        "layer2.0.bn2.output_0",
+        "layer2.0.downsample.1.output_0",
+    ]
+    assert set(sums) == {f"layer{i}.{b}.relu.output_1" for i in range(1, 5) for b in (0, 1)}
     order = [c["name"] for c in meta["calls"]["train"]]
     assert order.index("layer1.0.relu.output_0") < order.index("layer1.0.relu.output_1")
     assert meta["config"]["save_interval"] == 2

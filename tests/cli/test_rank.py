@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,21 +131,46 @@ def test_rank_missing_gradients_and_dump(tmp_path: Path) -> None:
 
 def test_rank_layer_filter_skips_downsample_with_a_true_note(dump: str, tmp_path: Path) -> None:
     """The docs' `--layers '^layer[34]'` on a ResNet: downsample convs have no activation
-    of their own; they are skipped with a note that names what would score them."""
+    of their own, but the residual + adds their channels to the blocks' conv2, which are
+    scored: the note says the surgery prunes them together, and asks to record nothing."""
     out = tmp_path / "r.parquet"
     proc = _tdump("rank", dump, "--layers", "^layer[34]", "--output", str(out), "-q")
     assert proc.returncode == 0, proc.stderr
-    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note: ")]
-    assert any(
-        "layer3.0.downsample.0, layer4.0.downsample.0" in n
-        and r"|(?:^|\.)downsample\.1\.output_0'" in n  # the recorded selection, plus this
-        and "tdump record --include '" in n
-        for n in notes
-    ), proc.stderr
-    assert "--include '.*relu'" not in proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if "downsample" in ln]
+    assert notes == [
+        "note: no taylor scores for 2 conv layers (layer3.0.downsample.0, "
+        "layer4.0.downsample.0): their outputs are added to other layers' (a residual +) "
+        "before any activation module; tdump prune prunes them with the scored layers whose "
+        "channels they share (layer3.0.conv2, layer3.1.conv2, layer4.0.conv2 and 1 more), "
+        "so they need no score of their own"
+    ], proc.stderr
     df = read_ranks(out)
     assert df["layer"].nunique() == 8 and not df["layer"].str.contains("downsample").any()
     assert set(df.attrs["tdump"]["skipped"]) == {"layer3.0.downsample.0", "layer4.0.downsample.0"}
+
+
+def test_rank_downsample_alone_still_says_what_to_record(dump: str, tmp_path: Path) -> None:
+    """With the conv2 they are added to out of `--layers`, nothing scores the downsample
+    convs' channels, so the note names what would (the recorded selection, plus this);
+    so does a dump written before capture recorded the sums (no ``sum_of``)."""
+    proc = _tdump("rank", dump, "--layers", "downsample|^layer4", "-o", str(tmp_path / "a.pq"))
+    assert proc.returncode == 0, proc.stderr
+    assert "(layer4.0.downsample.0): their outputs are added" in proc.stderr, proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "layer2.0.downsample.0" in ln)
+    assert "layer4.0" not in line and "tdump record --include '" in line, line
+    assert r"|(?:^|\.)downsample\.1\.output_0'" in line and "residual +" not in line, line
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(dump, old)
+    meta_file = old / "rank0" / "zarr.json"
+    doc = json.loads(meta_file.read_text())
+    calls = doc["attributes"]["tdump"]["calls"]["train"]
+    assert sum(bool(c.pop("sum_of", None)) for c in calls) == 8  # two per ResNet stage
+    meta_file.write_text(json.dumps(doc))
+    proc = _tdump("rank", str(old), "--layers", "^layer4", "-o", str(tmp_path / "b.pq"))
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "layer4.0.downsample.0" in ln)
+    assert "tdump record --include '" in line and "residual +" not in line, line
 
 
 def test_rank_out_with_another_suffix_says_it_is_parquet(dump: str, tmp_path: Path) -> None:

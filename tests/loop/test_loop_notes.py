@@ -108,8 +108,12 @@ def test_no_advice_to_record_a_layer_pruned_with_scored_ones(tmp_path: Path) -> 
         "so it needs no score of its own"
     ), note
     assert "--include" not in note and "new experiment" not in note
-    # rank's own advice stays in its log; the rows say what prunes with what
-    assert "(?:^|\\.)bnp\\.output_0" in (exp / "round_001/rank.log").read_text()
+    # rank says so itself (capture recorded the + that adds proj's channels to conv2's);
+    # the rows say what prunes with what
+    assert (
+        "prunes it with the scored layer whose channels it shares (conv2)"
+        in (exp / "round_001/rank.log").read_text()
+    )
     rows = rows_of(exp)
     assert rows[0]["pruned_with"] == {"proj": ["conv2"]} and rows[1]["pruned_with"] is None
     channels = rows[1]["channels"]
@@ -158,6 +162,24 @@ def test_a_note_on_layers_pruned_alone_and_with_others_says_both() -> None:
     # a named layer that is neither: the advice stays
     del shared["l3.down"]
     assert for_the_loop(note, frozen, shared).endswith("(a new experiment)")
+
+
+def test_with_conv_only_groups_rank_s_pruned_with_note_says_left_alone() -> None:
+    """Rank's note on layers a residual + adds to scored ones says the surgery prunes them
+    together; under --conv-only-groups the loop knows it leaves them alone, and says that."""
+    note = (
+        "note: no taylor scores for 1 conv layer (proj): their outputs are added to other "
+        "layers' (a residual +) before any activation module; tdump prune prunes it with the "
+        "scored layer whose channels it shares (conv2), so it needs no score of its own"
+    )
+    alone = {"proj": "a residual group, which --conv-only-groups leaves alone"}
+    assert for_the_loop(note, alone) == (
+        "note: no taylor scores for 1 conv layer (proj): their outputs are added to other "
+        "layers' (a residual +) before any activation module; tdump prune leaves it alone "
+        "(a residual group, which --conv-only-groups leaves alone), so recording more would "
+        "not prune it"
+    )
+    assert for_the_loop(note) == note
 
 
 def test_a_round_0_without_accuracy_says_how_to_get_one(tmp_path: Path) -> None:

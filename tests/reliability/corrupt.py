@@ -139,6 +139,13 @@ def escaping_separator(root: str) -> None:
     _edit_json(Path(root, ACT, "zarr.json"), edit)
 
 
+def sum_of_ints(root: str) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["attributes"]["tdump"]["calls"]["train"][0]["sum_of"] = [5, 6]
+
+    _edit_json(Path(root, "rank0/zarr.json"), edit)
+
+
 CORRUPTIONS: dict[str, Callable[[str], None]] = {
     "garbage_chunk": garbage_chunk,
     "truncated_chunk": truncated_chunk,
@@ -152,6 +159,7 @@ CORRUPTIONS: dict[str, Callable[[str], None]] = {
     "calls_int": _rank_attr("calls", 3),
     "calls_list_of_ints": _rank_attr("calls", {"train": [1, 2, 3]}),
     "calls_top_list": _rank_attr("calls", [1, 2]),
+    "sum_of_ints": sum_of_ints,
     "model_outputs_list": _rank_attr("model_outputs", ["5.output_0"]),
     "model_outputs_ints": _rank_attr("model_outputs", {"train": [5]}),
     "data_type": _array_meta("data_type", "int8"),
