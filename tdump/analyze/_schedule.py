@@ -450,6 +450,10 @@ def _run_distributed(
                 processes=True,
                 memory_limit=memory_limit or "auto",
                 dashboard_address=None,
+                # the scheduler's HTTP server (health, metrics) starts even without a
+                # dashboard, at 8787 by default: a free port instead, so that a Dask
+                # dashboard already open (Jupyter's) costs no "Port 8787 is already in use"
+                scheduler_kwargs={"dashboard_address": ":0"},
                 silence_logs=40,
             )
             owned.append(cluster)

@@ -35,7 +35,11 @@ def acts_only(tmp_path_factory: pytest.TempPathFactory) -> str:
 def client():  # type: ignore[no-untyped-def]
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+        n_workers=2,
+        processes=True,
+        threads_per_worker=1,
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": ":0"},  # not 8787: another worker's
     )
     cl = distributed.Client(cluster, set_as_default=False)
     yield cl

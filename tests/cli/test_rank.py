@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,12 +88,21 @@ def test_rank_never_imports_pandas(dump: str, tmp_path: Path) -> None:
 
 def test_rank_json_options(dump: str, tmp_path: Path) -> None:
     out = tmp_path / "l1.parquet"
-    proc = _tdump(
-        "rank", dump, "-o", str(out), "--criterion", "l1", "--layers", r"^layer1\.",
-        "--no-normalize", "--scheduler", "processes", "--workers", "1", "--memory-limit", "700MB",
-        "--json",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    # a Dask dashboard already open at its default port: the local cluster does not
+    # fight for it (no "Port 8787 is already in use" warning in the output)
+    busy = socket.socket()
+    try:
+        busy.bind(("127.0.0.1", 8787))
+        busy.listen()
+    except OSError:
+        pass  # in use already, as it should be for this test
+    with busy:
+        proc = _tdump(
+            "rank", dump, "-o", str(out), "--criterion", "l1", "--layers", r"^layer1\.",
+            "--no-normalize", "--scheduler", "processes", "--workers", "1",
+            "--memory-limit", "700MB", "--json",
+        )  # fmt: skip
+    assert proc.returncode == 0 and "8787" not in proc.stderr, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["ranks"] == str(out) and summary["criterion"] == "l1"
     assert summary["layers"] == 4 and summary["filters"] == 256 and len(summary["weakest"]) == 10

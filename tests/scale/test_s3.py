@@ -119,6 +119,7 @@ def test_rank_on_a_local_cluster_reads_s3_from_its_workers(
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": ":0"},  # not 8787: another worker's
             silence_logs=40,
         ) as cluster,
         Client(cluster) as client,
