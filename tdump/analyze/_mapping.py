@@ -183,7 +183,9 @@ class Dataflow:
         The producing layer is a conv, or a hidden Linear (:meth:`is_hidden_linear`).
         ``None`` when the chain leaves channel-preserving modules before one (the
         model's last Linear, a concatenation, the model input, a non-module operation,
-        a BatchNorm or pooling after a channels-last Linear).
+        a BatchNorm or pooling after a channels-last Linear). A residual ``+`` (a call's
+        ``sum_of``) is followed into its :meth:`_fresh_summand`, as an in-place
+        ``out += identity`` is: ``act(bn2(x) + shortcut(x))`` carries ``conv2``'s channels.
         """
         path: list[str] = []
         name: str | None = output
@@ -203,7 +205,22 @@ class Dataflow:
             if not (_channel_preserving(typ) or self._shuffle_factor(mod) > 1):
                 return None
             inputs = call.get("inputs") or []
-            name = str(inputs[0]) if inputs and inputs[0] is not None else None
+            name = str(inputs[0]) if inputs and inputs[0] is not None else self._fresh_summand(call)
+        return None
+
+    def _fresh_summand(self, call: Mapping[str, Any]) -> str | None:
+        """The first output a call's residual ``+`` adds (``sum_of``) whose chain reaches a
+        layer through no activation module, else ``None``.
+
+        In ``act(bn2(x) + x)`` that is ``bn2``'s: ``x``, another block's activation,
+        already scores the layer its chain reaches, so ``act``'s output scores ``conv2``,
+        exactly as after torchvision's ``out += identity``. The other layers of the sum
+        share these channels and are pruned with it (:meth:`summed_with`).
+        """
+        for summand in call.get("sum_of") or ():
+            path = self.chain(str(summand))
+            if path and not any(is_activation_type(self.module_type(m)) for m in path):
+                return str(summand)
         return None
 
     def _shuffle_factor(self, path: str) -> int:

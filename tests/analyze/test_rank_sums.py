@@ -1,0 +1,109 @@
+"""Residual blocks written ``act(branch + shortcut)``: the activation after the ``+``
+scores the branch's conv (as after an in-place ``+=``), and the shortcut conv is
+named as pruned with it, from the ``sum_of`` capture records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import tdump.surgery as surgery
+from tdump._format import StoreReader
+from tdump.analyze import rank
+from tdump.capture import Hook
+from tdump.loop._metrics import pruned_with
+from tests.analyze.rank_helpers import RECORD_INCLUDE, reference
+
+
+class UserResNet(nn.Module):
+    """Two blocks as tutorials write them: ``relu(bn2(conv2(h)) + bns(short(x)))`` with a
+    projection shortcut, then ``relu(x + bn4(conv4(...)))``, the identity first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = (
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+        )
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.short, self.bns = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.relu2 = nn.ReLU()
+        self.conv3, self.bn3, self.relu3 = (
+            nn.Conv2d(8, 5, 3, padding=1),
+            nn.BatchNorm2d(5),
+            nn.ReLU(),
+        )
+        self.conv4, self.bn4 = nn.Conv2d(5, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu4 = nn.ReLU()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(h)) + self.bns(self.short(x)))
+        h = self.relu3(self.bn3(self.conv3(x)))
+        x = self.relu4(x + self.bn4(self.conv4(h)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _record(path: Path) -> str:
+    torch.manual_seed(0)
+    model, loss_fn = UserResNet(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with Hook(str(path), include_regex=RECORD_INCLUDE, include_activations=True) as hook:
+        hook.register_module(model)
+        hook.register_loss(loss_fn)
+        for _ in range(3):
+            x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+    return str(path)
+
+
+def test_the_activation_after_a_sum_scores_the_branch_conv(tmp_path: Path) -> None:
+    dump = _record(tmp_path / "d.zarr")
+    df = rank(dump, progress=False, normalize=False)
+    sources = df.groupby("layer")["sources"].first().to_dict()
+    # relu2 after `bn2 + bns` scores conv2; relu4 after `x + bn4` scores conv4, not the
+    # conv behind x (conv2, which relu2 scores already)
+    assert sources["conv2"] == "relu2.output_0,relu2.output_0.grad"
+    assert sources["conv4"] == "relu4.output_0,relu4.output_0.grad"
+    assert set(sources) == {"conv1", "conv2", "conv3", "conv4"}
+    reader = StoreReader(dump)
+    for layer in ("conv2", "conv4"):
+        want = reference(reader, "taylor", sources[layer])
+        got = df[df["layer"] == layer].sort_values("channel")["score"].to_numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+    meta = df.attrs["tdump"]
+    assert set(meta["skipped"]) == {"short"}
+    (note,) = [n for n in meta["notes"] if "short" in n]
+    assert note.endswith(
+        "tdump prune prunes it with the scored layers whose channels it shares "
+        "(conv2, conv4), so it needs no score of its own"
+    ), note
+    # ... which is what the surgery does: its channel graph puts short with them
+    graph = surgery.build_graph(UserResNet())
+    assert pruned_with(graph, ["conv1", "conv2", "conv3", "conv4"]) == {"short": ["conv2", "conv4"]}
+
+
+def test_without_sums_the_old_dump_asks_for_the_pre_activations(tmp_path: Path) -> None:
+    """A dump written before ``sum_of`` (or by an eval pass): neither conv2 nor conv4
+    has an activation of its own, and the note says what to record."""
+    import json
+
+    dump = _record(tmp_path / "d.zarr")
+    meta_file = Path(dump, "rank0", "zarr.json")
+    doc = json.loads(meta_file.read_text())
+    for call in doc["attributes"]["tdump"]["calls"]["train"]:
+        call.pop("sum_of", None)
+    meta_file.write_text(json.dumps(doc))
+    df = rank(dump, progress=False)
+    assert set(df["layer"]) == {"conv1", "conv3"}
+    assert set(df.attrs["tdump"]["skipped"]) == {"conv2", "conv4", "short"}
+    assert any("tdump record --include" in n for n in df.attrs["tdump"]["notes"])
