@@ -4,6 +4,7 @@ named as pruned with it, from the ``sum_of`` capture records."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,30 @@ def test_without_sums_the_old_dump_asks_for_the_pre_activations(tmp_path: Path) 
     assert set(df["layer"]) == {"conv1", "conv3"}
     assert set(df.attrs["tdump"]["skipped"]) == {"conv2", "conv4", "short"}
     assert any("tdump record --include" in n for n in df.attrs["tdump"]["notes"])
+
+
+def test_on_regnet_rank_s_pruned_with_notes_are_the_surgery_s(tmp_path: Path) -> None:
+    """torchvision's RegNet blocks add ``proj(x) + f(x)`` and then apply the activation
+    module: rank scores one conv of each sum and names the other as pruned with it,
+    and the surgery's channel graph (built from the model, not the dump) agrees."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model, loss_fn = torchvision.models.regnet_x_400mf(num_classes=4), nn.CrossEntropyLoss()
+    dump = str(tmp_path / "r.zarr")
+    with Hook(dump, include_regex=RECORD_INCLUDE, include_activations=True) as hook:
+        hook.register_module(model)
+        hook.register_loss(loss_fn)
+        loss_fn(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    df = rank(dump, progress=False)
+    skipped = df.attrs["tdump"]["skipped"]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    ranked = sorted(set(df["layer"]))
+    assert len(ranked) == 67 and len(convs) == 71 and len(skipped) == 4
+    truth = pruned_with(surgery.build_graph(model), ranked)
+    assert set(truth) == set(skipped) and all("residual +" in why for why in skipped.values())
+    (note,) = [n for n in df.attrs["tdump"]["notes"] if "residual +" in n]
+    inside = note.split("whose channels they share (")[1].split(")")[0]
+    named = [n for n in re.split(", | and ", inside) if not n.endswith(" more")]
+    assert len(named) == 3, note
+    assert set(named) <= {m for members in truth.values() for m in members}, note
