@@ -433,11 +433,11 @@ def summands(node: Any, named: Mapping[Any, str], most: int = 64) -> list[str] |
 
     The tensor's autograd graph, from its ``grad_fn`` ``node``, is followed back
     through additions (``+``, ``+=``, ``torch.add``) to the nodes ``named`` knows (the
-    traced calls' outputs, by their ``grad_fn``); operands without a node of their own (constants, inputs
-    without grad) or leaves (a learned bias) add no channels of a call. Any other
-    operation on the way (a multiplication, a concatenation) or more than ``most``
-    nodes gives ``None``, as does a sum of fewer than two calls' outputs: only a sum
-    ties the channels of two calls together one to one.
+    traced calls' outputs, by their ``grad_fn``); operands without a node of their own
+    (constants, inputs without grad) or leaves (a learned bias) add no channels of a
+    call. Any other operation on the way (a multiplication, a concatenation) or more
+    than ``most`` nodes gives ``None``, as does a sum of fewer than two calls' outputs:
+    only a sum ties the channels of two calls together one to one.
 
     >>> a = torch.ones(1, 2, requires_grad=True) * 2
     >>> b = torch.ones(1, 2, requires_grad=True) * 3
