@@ -70,8 +70,16 @@ class Dataflow:
     _by_name: dict[str, Mapping[str, Any]] = field(init=False, repr=False)
     _consumers: dict[str, list[Mapping[str, Any]]] = field(init=False, repr=False)
     _output_layers: frozenset[str] = field(init=False, repr=False)
+    _empty: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # an empty nn.Sequential (a tutorial ResNet's identity shortcut) returns its input
+        parents = {p.rsplit(".", 1)[0] if "." in p else "" for p in self.modules if p}
+        self._empty = frozenset(
+            p
+            for p, info in self.modules.items()
+            if p not in parents and str(info.get("type", "")).endswith(".Sequential")
+        )
         self._by_name = {str(c["name"]): c for c in self.calls}
         self._consumers = {}
         for c in self.calls:
@@ -202,7 +210,9 @@ class Dataflow:
                 if last and not all(is_elementwise_type(self.module_type(m)) for m in path[:-1]):
                     return None
                 return path
-            if not (_channel_preserving(typ) or self._shuffle_factor(mod) > 1):
+            if not (
+                _channel_preserving(typ) or self._shuffle_factor(mod) > 1 or mod in self._empty
+            ):
                 return None
             inputs = call.get("inputs") or []
             name = str(inputs[0]) if inputs and inputs[0] is not None else self._fresh_summand(call)

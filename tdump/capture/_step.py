@@ -246,12 +246,13 @@ class SavedStep:
         """:func:`summands` of a call's first tensor argument, as the call received it.
 
         An in-place module (``ReLU(inplace=True)``) has already overwritten it: its
-        node is then the module's own, and the argument's is the one before it (an
-        ``Identity`` returns its argument as it came).
+        node is then the module's own, and the argument's is the one before it. A
+        module that returns its argument as it came (``Identity``, an empty
+        ``Sequential``) leaves a node that is a traced call's own, or a sum's.
         """
         node = first.grad_fn
         found = summands(node, self.grad_nodes)
-        if found is None and first is out and node is not None:
+        if found is None and first is out and node is not None and node not in self.grad_nodes:
             before = [fn for fn, _ in node.next_functions if fn is not None]
             found = summands(before[0], self.grad_nodes) if len(before) == 1 else None
         return found

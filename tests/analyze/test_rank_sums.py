@@ -135,3 +135,40 @@ def test_on_regnet_rank_s_pruned_with_notes_are_the_surgery_s(tmp_path: Path) ->
     named = [n for n in re.split(", | and ", inside) if not n.endswith(" more")]
     assert len(named) == 3, note
     assert set(named) <= {m for members in truth.values() for m in members}, note
+
+
+class TutorialBlock(nn.Module):
+    """A CIFAR-tutorial block: ``relu(bn2(conv2(...)) + shortcut(x))``, its identity
+    shortcut an empty ``nn.Sequential``."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout)
+        self.act = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def test_an_empty_sequential_shortcut_passes_the_channels_on(tmp_path: Path) -> None:
+    """The projection shortcut's channels reach the next block's sum through an empty
+    ``nn.Sequential``: the note names both conv2 it is pruned with, as the surgery does."""
+    torch.manual_seed(0)
+    blocks = [TutorialBlock(3, 6), TutorialBlock(6, 6)]
+    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    dump = str(tmp_path / "t.zarr")
+    with Hook(dump, include_regex=RECORD_INCLUDE, include_activations=True) as hook:
+        hook.register_module(model)
+        model(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    df = rank(dump, progress=False)
+    (note,) = [n for n in df.attrs["tdump"]["notes"] if "residual +" in n]
+    assert note.endswith("(0.conv2, 1.conv2), so it needs no score of its own"), note
+    ranked = sorted(set(df["layer"]))
+    assert ranked == ["0.conv1", "0.conv2", "1.conv1", "1.conv2"]
+    truth = pruned_with(surgery.build_graph(model), ranked)
+    assert {k: sorted(v) for k, v in truth.items()} == {"0.shortcut.0": ["0.conv2", "1.conv2"]}

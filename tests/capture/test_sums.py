@@ -70,11 +70,13 @@ def test_inplace_activation_sees_the_sum_it_overwrote(tmp_path: Path) -> None:
             self.conv, self.skip = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
             self.bn = nn.BatchNorm2d(4)
             self.relu = nn.ReLU(inplace=True)
+            self.keep = nn.Identity()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = self.bn(self.conv(x))
             out += self.skip(x)
-            return self.relu(self.relu(out) + 0.0)  # the second call sums one call's output
+            kept = self.keep(self.relu(out))  # returns the ReLU's output as it came
+            return self.relu(kept + 0.0)  # the second call sums one call's output
 
     out = tmp_path / "d.zarr"
     block = Block()
@@ -88,6 +90,9 @@ def test_inplace_activation_sees_the_sum_it_overwrote(tmp_path: Path) -> None:
         "skip.output_0",
     ]
     assert "sum_of" not in calls["relu.output_1"]
+    # the Identity's argument is the ReLU's output, not the sum the ReLU read
+    assert calls["keep.output_0"]["inputs"] == ["relu.output_0"]
+    assert "sum_of" not in calls["keep.output_0"]
 
 
 def test_no_grad_records_no_sums(tmp_path: Path) -> None:
