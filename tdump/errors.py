@@ -37,6 +37,8 @@ __all__ = [
     "did_you_mean",
     "first_line",
     "listed",
+    "needs_no_score",
+    "pruned_with_clause",
 ]
 
 
@@ -193,3 +195,22 @@ def first_line(exc: BaseException, limit: int | None = 200) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0].strip() if text else type(exc).__name__
     return line if limit is None else line[:limit]
+
+
+def pruned_with_clause(whom: str, count: int, scored: Sequence[str]) -> str:
+    """How ``tdump prune`` treats ``count`` unscored layers (``whom``) whose channels it
+    shares with ``scored`` layers: rank's notes and the loop's say it in these words.
+
+    >>> pruned_with_clause("it", 1, ["conv2"])
+    'prunes it with the scored layer whose channels it shares (conv2)'
+    >>> pruned_with_clause("them", 2, ["a", "b", "c", "d"])
+    'prunes them with the scored layers whose channels they share (a, b, c and 1 more)'
+    """
+    noun = "layer" if len(scored) == 1 else "layers"
+    share = "it shares" if count == 1 else "they share"
+    return f"prunes {whom} with the scored {noun} whose channels {share} ({listed(scored, 3)})"
+
+
+def needs_no_score(count: int) -> str:
+    """``it needs no score of its own`` (``count`` 1), else the plural."""
+    return "it needs no score of its own" if count == 1 else "they need no score of their own"

@@ -37,7 +37,13 @@ from tdump._format import grad_name
 from tdump.analyze._criteria import TAYLOR_SUFFIX, Criterion, PlanContext, is_output_gradient
 from tdump.analyze._mapping import Dataflow
 from tdump.analyze._tasks import NonFinite
-from tdump.errors import MissingTensorError, NonFiniteWarning, listed
+from tdump.errors import (
+    MissingTensorError,
+    NonFiniteWarning,
+    listed,
+    needs_no_score,
+    pruned_with_clause,
+)
 
 __all__ = [
     "bn_scale_note",
@@ -325,13 +331,9 @@ def _pruned_with(layers: Sequence[str], partners: Mapping[str, Sequence[str]]) -
     """What ``tdump prune`` does with unscored ``layers`` whose channels it shares with
     scored ``partners`` (the words ``tdump loop`` uses for them, too)."""
     scored = list(dict.fromkeys(p for layer in layers for p in partners.get(layer, ())))
-    one = len(layers) == 1
-    noun = "layer" if len(scored) == 1 else "layers"
-    return (
-        f"tdump prune prunes {'it' if one else 'them'} with the scored {noun} whose channels "
-        f"{'it shares' if one else 'they share'} ({listed(scored, 3)}), so "
-        f"{'it needs no score of its own' if one else 'they need no score of their own'}"
-    )
+    whom = "it" if len(layers) == 1 else "them"
+    clause = pruned_with_clause(whom, len(layers), scored)
+    return f"tdump prune {clause}, so {needs_no_score(len(layers))}"
 
 
 def _describe(names: Sequence[str], *, pre_activation: bool) -> str:

@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,21 +290,25 @@ class Dataflow:
         >>> flow.summed_with("b"), flow.summed_with("e")
         (['a', 'e'], ['a', 'b'])
         """
-        groups = [
-            {c for c in map(self.producing_conv, call["sum_of"]) if c is not None}
-            for call in self.calls
-            if call.get("sum_of")
-        ]
         found: dict[str, None] = {}
         todo = [layer]
         while todo:
             cur = todo.pop(0)
-            for group in groups:
+            for group in self._sum_groups:
                 if cur in group:
                     new = sorted(group - found.keys() - {layer})
                     found.update(dict.fromkeys(new))
                     todo += new
         return list(found)
+
+    @functools.cached_property
+    def _sum_groups(self) -> list[frozenset[str]]:
+        """The layers each recorded sum adds up (built once: rank asks per unscored layer)."""
+        return [
+            frozenset(c for c in map(self.producing_conv, call["sum_of"]) if c is not None)
+            for call in self.calls
+            if call.get("sum_of")
+        ]
 
     def producing_conv(self, output: str) -> str | None:
         """Layer (conv, or hidden Linear) whose output channels ``output`` (``<module>.output_<k>``)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tdump.errors import listed
+from tdump.errors import needs_no_score, pruned_with_clause
 
 __all__ = [
     "StageResult",
@@ -320,10 +320,5 @@ def _no_score_needed(
     if not coupled:
         return f"tdump prune {parts[0]}, so recording more would not prune {whom(frozen)}"
     scored = list(dict.fromkeys(m for x in coupled for m in shared[x]))
-    noun = "layer" if len(scored) == 1 else "layers"
-    share = "it shares" if len(coupled) == 1 else "they share"
-    parts.append(
-        f"prunes {whom(coupled)} with the scored {noun} whose channels {share} ({listed(scored, 3)})"
-    )
-    need = "it needs no score of its own" if len(layers) == 1 else "they need no score of their own"
-    return f"tdump prune {' and '.join(parts)}, so {need}"
+    parts.append(pruned_with_clause(whom(coupled), len(coupled), scored))
+    return f"tdump prune {' and '.join(parts)}, so {needs_no_score(len(layers))}"
