@@ -50,24 +50,33 @@ class UserResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def _record(path: Path) -> str:
-    torch.manual_seed(0)
-    model, loss_fn = UserResNet(), nn.CrossEntropyLoss()
+def _record(
+    path: Path, model: nn.Module, shape: tuple[int, ...], classes: int, steps: int = 1
+) -> str:
+    """Train ``model`` ``steps`` SGD steps on random ``shape`` batches of ``classes``
+    classes under `tdump record`'s selection, every step saved; the dump's path."""
+    loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     with Hook(str(path), include_regex=RECORD_INCLUDE, include_activations=True) as hook:
         hook.register_module(model)
         hook.register_loss(loss_fn)
-        for _ in range(3):
-            x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+        for _ in range(steps):
+            x = torch.randn(*shape, generator=g)
+            y = torch.randint(0, classes, (shape[0],), generator=g)
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             opt.step()
     return str(path)
 
 
+def _record_user_resnet(path: Path) -> str:
+    torch.manual_seed(0)
+    return _record(path, UserResNet(), (4, 3, 8, 8), 3, steps=3)
+
+
 def test_the_activation_after_a_sum_scores_the_branch_conv(tmp_path: Path) -> None:
-    dump = _record(tmp_path / "d.zarr")
+    dump = _record_user_resnet(tmp_path / "d.zarr")
     df = rank(dump, progress=False, normalize=False)
     sources = df.groupby("layer")["sources"].first().to_dict()
     # relu2 after `bn2 + bns` scores conv2; relu4 after `x + bn4` scores conv4, not the
@@ -98,7 +107,7 @@ def test_without_sums_the_old_dump_asks_for_the_pre_activations(tmp_path: Path) 
     has an activation of its own, and the note says what to record."""
     import json
 
-    dump = _record(tmp_path / "d.zarr")
+    dump = _record_user_resnet(tmp_path / "d.zarr")
     meta_file = Path(dump, "rank0", "zarr.json")
     doc = json.loads(meta_file.read_text())
     for call in doc["attributes"]["tdump"]["calls"]["train"]:
@@ -117,13 +126,8 @@ def test_on_regnet_rank_s_pruned_with_notes_are_the_surgery_s(tmp_path: Path) ->
     import torchvision
 
     torch.manual_seed(0)
-    model, loss_fn = torchvision.models.regnet_x_400mf(num_classes=4), nn.CrossEntropyLoss()
-    dump = str(tmp_path / "r.zarr")
-    with Hook(dump, include_regex=RECORD_INCLUDE, include_activations=True) as hook:
-        hook.register_module(model)
-        hook.register_loss(loss_fn)
-        loss_fn(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
-    df = rank(dump, progress=False)
+    model = torchvision.models.regnet_x_400mf(num_classes=4)
+    df = rank(_record(tmp_path / "r.zarr", model, (2, 3, 32, 32), 4), progress=False)
     skipped = df.attrs["tdump"]["skipped"]
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     ranked = sorted(set(df["layer"]))
@@ -161,11 +165,7 @@ def test_an_empty_sequential_shortcut_passes_the_channels_on(tmp_path: Path) -> 
     torch.manual_seed(0)
     blocks = [TutorialBlock(3, 6), TutorialBlock(6, 6)]
     model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
-    dump = str(tmp_path / "t.zarr")
-    with Hook(dump, include_regex=RECORD_INCLUDE, include_activations=True) as hook:
-        hook.register_module(model)
-        model(torch.randn(2, 3, 6, 6)).square().sum().backward()
-    df = rank(dump, progress=False)
+    df = rank(_record(tmp_path / "t.zarr", model, (2, 3, 6, 6), 3), progress=False)
     (note,) = [n for n in df.attrs["tdump"]["notes"] if "residual +" in n]
     assert note.endswith("(0.conv2, 1.conv2), so it needs no score of its own"), note
     ranked = sorted(set(df["layer"]))
