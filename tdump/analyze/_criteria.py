@@ -38,7 +38,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from tdump.analyze._mapping import Dataflow
+from tdump._dataflow import Dataflow
 from tdump.errors import ConfigError
 
 __all__ = [

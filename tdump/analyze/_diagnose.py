@@ -15,7 +15,7 @@ Examples
 ... ]   # F.relu after bn: no activation module in the dataflow
 >>> modules = {"conv": {"type": "torch.nn.Conv2d"}, "bn": {"type": "torch.nn.BatchNorm2d"}}
 >>> from tdump.analyze._criteria import PlanContext, get_criterion
->>> from tdump.analyze._mapping import Dataflow
+>>> from tdump._dataflow import Dataflow
 >>> ctx = PlanContext(Dataflow(modules, calls), frozenset(), "train", lambda name: {})
 >>> why, want = unscored_reason(get_criterion("taylor"), ctx, "conv")
 >>> why
@@ -33,9 +33,9 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from tdump._dataflow import Dataflow
 from tdump._format import grad_name
 from tdump.analyze._criteria import TAYLOR_SUFFIX, Criterion, PlanContext, is_output_gradient
-from tdump.analyze._mapping import Dataflow
 from tdump.analyze._tasks import NonFinite
 from tdump.errors import (
     MissingTensorError,
@@ -112,7 +112,7 @@ def unscored_reason(
     when no recordable tensor would help (then a weight-based criterion is the way).
     ``config``: the dump's capture settings, which tell a gradient the selection left
     out from one that never came. ``partners``: the scored layers whose channels a
-    residual ``+`` adds to ``layer``'s (:meth:`~tdump.analyze._mapping.Dataflow.summed_with`);
+    residual ``+`` adds to ``layer``'s (:meth:`~tdump._dataflow.Dataflow.summed_with`);
     the surgery prunes ``layer`` with them, so it needs no score.
     """
     if ctx.dataflow.is_model_output(layer):

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tdump._dataflow import Dataflow
 from tdump._format import StoreReader
 from tdump._names import MODES, no_mode_steps
 from tdump.analyze._args import StepsArg, describe_steps, parse_steps
@@ -23,7 +24,6 @@ from tdump.analyze._diagnose import (
     skipped_notes,
     unscored_reason,
 )
-from tdump.analyze._mapping import Dataflow
 from tdump.errors import (
     MissingTensorError,
     SelectionError,

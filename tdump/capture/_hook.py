@@ -172,6 +172,9 @@ class Hook(StepLifecycle):
         #: True when the model has convs but no activation module (``F.relu`` instead), so
         #: ``include_activations`` selects the conv and norm outputs (pre-activations).
         self.preactivations = False
+        #: The modules whose outputs ``include_activations`` added at a traced step: the
+        #: pre-activations of layers no selected activation carries (docs/capture.md).
+        self.added: list[str] = []
         self._uniform = not config.collections and config.save_steps is None
         self._all = config.saved_collections(config.start_step or 0) if self._uniform else None
         self._writer = BackgroundWriter(

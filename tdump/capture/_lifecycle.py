@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from tdump._control import POLL_SECONDS, StopRequest, read_stop_request
+from tdump._dataflow import Dataflow
 from tdump.capture._amp import cover_scaler_classes, scale_of
+from tdump.capture._autograd import tail_calls
 from tdump.capture._config import HookConfig
 from tdump.capture._exit import TrainingStopped
 from tdump.capture._model import first_tensor, fx_tracing
@@ -52,6 +54,8 @@ class StepLifecycle:
     _all: frozenset[str] | None
     _candidates: list[tuple[str, nn.Module]]
     _sel: Selection
+    _root: nn.Module | None
+    added: list[str]
     _dtype: torch.dtype | None
     _writer: BackgroundWriter
     _next_poll: float
@@ -196,8 +200,13 @@ class StepLifecycle:
         cur.handles.clear()
         cur.watch_recomputes(cur.hooked)
         cur.hooked = {}
-        cur.grad_nodes.clear()  # only the forward's sums need them: let the graph go
         outs = _tensors(output)
+        # a pass without autograd records no sums, so a ResNet's downsample would look
+        # unreached; and ranking reads train steps' gradients
+        picking = cur.trace and self.config.include_activations and cur.mode == "train"
+        picking = picking and torch.is_grad_enabled()
+        tail = tail_calls([o.grad_fn for o in outs], cur.grad_nodes) if picking else []
+        cur.grad_nodes.clear()  # only the forward's sums need them: let the graph go
         for out in outs:
             if out.requires_grad:
                 cur.grad_handles.append(out.register_hook(self._guard(cur.saw_backward)))
@@ -209,12 +218,37 @@ class StepLifecycle:
             # the model's (the classes of a segmentation head), so no pruning changes them
             self._model_outputs[cur.mode] = cur.returned(outs)
             self._meta["model_outputs"] = dict(self._model_outputs)
+            if picking:
+                self._select_unreached(cur, tail)
             if cur.input_shapes:
                 self._input_shapes[cur.mode] = cur.input_shapes
                 self._input_dtypes[cur.mode] = cur.input_dtypes
                 self._meta["input_shapes"] = dict(self._input_shapes)
                 self._meta["input_dtypes"] = dict(self._input_dtypes)
             cur.producers.clear()
+
+    def _select_unreached(self, cur: SavedStep, tail: list[str]) -> None:
+        """Select the pre-activations of the layers no selected output carries.
+
+        ``include_activations`` takes the activation modules' outputs; a layer none of
+        them carries (a U-Net's up-conv, concatenated with a skip first) would have no
+        Taylor score, so the output that carries it furthest is taken too
+        (:meth:`~tdump._dataflow.Dataflow.unreached`), from this (train) step on.
+        """
+        # a functional tail's calls (``interpolate(self.cls(x))``) end the model too
+        returned = frozenset(self._model_outputs.get(cur.mode, ())) | frozenset(tail)
+        flow = Dataflow(self._meta.get("modules") or {}, cur.calls, returned)
+        recorded = [str(c["name"]) for c in cur.calls if self._sel.records(str(c["name"]))]
+        paths = frozenset(flow.unreached(recorded).values())
+        if not paths or self._root is None:
+            return
+        self._sel.add_modules(paths)
+        self.added += sorted(paths - set(self.added))
+        known = {p for p, _ in self._candidates}
+        self._candidates += [
+            (p, m) for p, m in self._root.named_modules() if p in paths and p not in known
+        ]
+        cur.save_late(paths)
 
     def _finish(self) -> None:
         """End the saved step in progress: drop its hooks and hand its record to the writer."""

@@ -183,6 +183,13 @@ class AutoCapture:
                 "are functions), so the conv and norm outputs are recorded instead: "
                 "ranking scores those pre-activations"
             )
+        added = self.hook.added
+        if added:
+            more = f" and {len(added) - 3} more" if len(added) > 3 else ""
+            line += (
+                f"\ntdump: {len(added)} layer(s) reach no activation module alone, so ranking "
+                f"scores their pre-activations, recorded too: {', '.join(added[:3])}{more}"
+            )
         return line
 
     # -- global hooks

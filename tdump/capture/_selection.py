@@ -61,16 +61,24 @@ class Selection:
             )
         return hit
 
+    def add_modules(self, paths: frozenset[str]) -> None:
+        """Select the outputs of the modules at ``paths`` as :attr:`by_type_paths`' are."""
+        self.by_type_paths |= paths
+        self._known.clear()
+
+    def records(self, name: str) -> bool:
+        """Whether module output ``name``, its gradient or its Taylor term is saved."""
+        return (
+            self(name, "activations")
+            or self(grad_name(name), "activation_gradients")
+            or (
+                self.config.reduction == "taylor" and self(name + ".taylor", "activation_gradients")
+            )
+        )
+
     def module(self, path: str) -> bool:
         """Whether any output of the module at ``path`` (or its gradient) is saved."""
-        taylor = self.config.reduction == "taylor"
-        for k in range(4):
-            name = output_name(path, k)
-            if self(name, "activations") or self(grad_name(name), "activation_gradients"):
-                return True
-            if taylor and self(name + ".taylor", "activation_gradients"):
-                return True
-        return False
+        return any(self.records(output_name(path, k)) for k in range(4))
 
 
 def by_type(root: nn.Module) -> tuple[frozenset[str], bool]:

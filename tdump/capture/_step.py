@@ -17,6 +17,7 @@ from torch import nn
 from tdump._format import grad_name, input_name, output_name, scalar_name
 from tdump._modtypes import is_elementwise_type, is_linear_type, type_name
 from tdump.capture._amp import unscale
+from tdump.capture._autograd import summands
 from tdump.capture._model import (
     channels_first,
     first_tensor,
@@ -28,7 +29,7 @@ from tdump.capture._model import (
 )
 from tdump.capture._writer import HostBuffers, PendingRecord
 
-__all__ = ["SavedStep", "summands"]
+__all__ = ["SavedStep"]
 
 
 class SavedStep:
@@ -95,6 +96,8 @@ class SavedStep:
         #: Their dtypes (``"float32"``, ``"int64"``): a second input may be timesteps.
         self.input_dtypes: list[str] = []
         self.producers: dict[int, tuple[str, torch.Tensor | None]] = {}
+        #: Each traced call's output's in-place version when the call returned, by name.
+        self.versions: dict[str, int] = {}
         #: The autograd node of each traced call's output, by its output's name: a
         #: later call's input traced back through additions ends at these (``sum_of``).
         self.grad_nodes: dict[Any, str] = {}
@@ -117,6 +120,7 @@ class SavedStep:
         self.handles.clear()
         self.grad_handles.clear()
         self.producers.clear()
+        self.versions.clear()
         self.grad_nodes.clear()
         self.awaiting.clear()
         with self.lock:
@@ -233,6 +237,8 @@ class SavedStep:
                 self.calls.append(call)
                 if out is not None:
                     self.producers[id(out)] = (name, out)
+                    if not out.is_inference():  # inference tensors count no in-place changes
+                        self.versions[name] = out._version
                     if out.grad_fn is not None:
                         self.grad_nodes[out.grad_fn] = name
                     self._note_layout(module, name, out, inputs)
@@ -271,6 +277,19 @@ class SavedStep:
             self.channels_last.add(name)
         else:
             self.channels_last.discard(name)
+
+    def save_late(self, paths: frozenset[str]) -> None:
+        """After the traced forward: save the outputs of the modules at ``paths`` that the
+        selection has just taken, as their calls would have, where no in-place operation
+        has changed them since (those, and inference tensors, which count no changes, are
+        saved from the next step on)."""
+        outputs = {name: out for name, out in self.producers.values() if out is not None}
+        for call in self.calls:
+            name, out = str(call["name"]), outputs.get(str(call["name"]))
+            if str(call["module"]) not in paths or out is None or not out.is_floating_point():
+                continue
+            if name in self.versions and out._version == self.versions[name]:
+                self._save_output(str(call["module"]), int(call["call"]), name, out)
 
     def _save_output(self, path: str, k: int, name: str, out: torch.Tensor) -> None:
         red = self.reduction
@@ -422,50 +441,6 @@ class SavedStep:
             else torch.tensor(float(value))
         )
         self.add(sname, t, (), "scalars", "scalar", "")
-
-
-#: Autograd nodes a sum's operands pass through to it channel for channel (a dtype
-#: cast included: autocast and mixed-dtype additions put one between them).
-_SUMS = frozenset({"AddBackward0", "ToCopyBackward0"})
-
-
-def summands(node: Any, named: Mapping[Any, str], most: int = 64) -> list[str] | None:
-    """Names of the module calls whose outputs a tensor adds up, or ``None``.
-
-    The tensor's autograd graph, from its ``grad_fn`` ``node``, is followed back
-    through additions (``+``, ``+=``, ``torch.add``) to the nodes ``named`` knows (the
-    traced calls' outputs, by their ``grad_fn``); operands without a node of their own
-    (constants, inputs without grad) or leaves (a learned bias) add no channels of a
-    call. Any other operation on the way (a multiplication, a concatenation) or more
-    than ``most`` nodes gives ``None``, as does a sum of fewer than two calls' outputs:
-    only a sum ties the channels of two calls together one to one.
-
-    >>> a = torch.ones(1, 2, requires_grad=True) * 2
-    >>> b = torch.ones(1, 2, requires_grad=True) * 3
-    >>> named = {a.grad_fn: "conv2.output_0", b.grad_fn: "down.output_0"}
-    >>> summands((a + b + 1.0).grad_fn, named)
-    ['conv2.output_0', 'down.output_0']
-    >>> print(summands((a * b).grad_fn, named), summands(torch.cat([a, b], 1).grad_fn, named))
-    None None
-    """
-    found: list[str] = []
-    todo, seen = [node], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if len(seen) > most:
-            return None
-        name = named.get(node)
-        if name is not None:
-            found.append(name)
-        elif node.name() in _SUMS:
-            todo.extend(fn for fn, _ in reversed(node.next_functions))
-        elif not hasattr(node, "variable"):  # AccumulateGrad (a leaf) has one
-            return None
-    names = list(dict.fromkeys(found))
-    return names if len(names) > 1 else None
 
 
 Fingerprint = tuple[tuple[int, ...], torch.Tensor]

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
+from tdump._dataflow import Dataflow
 from tdump._format import StoreWriter
 from tdump.analyze import Criterion, Plan, criteria, get_criterion, rank, register_criterion
 from tdump.analyze._arith import _spatial_mean
 from tdump.analyze._criteria import _REGISTRY, PlanContext
-from tdump.analyze._mapping import Dataflow
 from tdump.errors import ConfigError
 
 CONV = "torch.nn.modules.conv.Conv2d"

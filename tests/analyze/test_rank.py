@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tdump._dataflow import Dataflow
 from tdump._format import StoreReader
 from tdump.analyze import criteria, rank, rank_table, read_ranks, write_ranks
-from tdump.analyze._mapping import Dataflow
 from tdump.errors import ConfigError, MissingTensorError, SelectionError
 from tests.analyze.rank_helpers import magnitude, make_resnet18_dump, reference
 

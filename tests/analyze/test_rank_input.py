@@ -18,13 +18,13 @@ import pytest
 
 import tdump
 from tdump._chunks import chunk_files
+from tdump._dataflow import Dataflow
 from tdump._format import StoreReader
 from tdump._shards import ShardFiles
 from tdump.analyze import Criterion, Plan, Trial, rank_table, register_criterion
 from tdump.analyze._builtin_criteria import Taylor
 from tdump.analyze._criteria import _REGISTRY, PlanContext, get_criterion
 from tdump.analyze._diagnose import bn_scale_note
-from tdump.analyze._mapping import Dataflow
 from tdump.analyze._rank import parse_steps
 from tdump.errors import (
     ConfigError,

@@ -154,7 +154,7 @@ def _call(name: str, inputs: list[str | None], shape: list[int]) -> dict[str, ob
 
 
 def test_which_linears_are_hidden() -> None:
-    from tdump.analyze._mapping import Dataflow
+    from tdump._dataflow import Dataflow
 
     types = {
         "fc1": "torch.nn.modules.linear.Linear",

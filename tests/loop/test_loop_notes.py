@@ -66,11 +66,13 @@ def test_a_rank_hint_to_record_more_is_said_as_the_loops_option(tmp_path: Path) 
     assert ": tdump record --include '.*relu1|" in (exp / "round_001/rank.log").read_text()
 
 
-def _unscored_note(exp: Path, net: str, flag: str, layer: str) -> str:
+def _unscored_note(exp: Path, net: str, flag: str, layer: str, *options: str) -> str:
     """Two rounds of the loop on tinynet's ``net`` (the script's ``flag`` trains it) into
     ``exp``: round 1's one rank note on a layer without scores, which must be ``layer``."""
     base = [a if a != "tinynet.TinyNet" else f"tinynet.{net}" for a in BASE]
-    proc = run_tdump("loop", TRAIN, "--rounds", "2", *base, "--experiment", str(exp), "--", flag)
+    proc = run_tdump(
+        "loop", TRAIN, "--rounds", "2", *base, *options, "--experiment", str(exp), "--", flag
+    )
     assert proc.returncode == 0, proc.stderr
     notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("round 1 rank: note: no ")]
     assert len(notes) == 1 and f"scores for 1 conv layer ({layer})" in notes[0], proc.stderr
@@ -79,10 +81,11 @@ def _unscored_note(exp: Path, net: str, flag: str, layer: str) -> str:
 
 def test_no_advice_to_record_a_layer_the_surgery_never_prunes(tmp_path: Path) -> None:
     """TokenNet's patch embedding, like a ViT's conv_proj, feeds a torch.cat with a class
-    token: rank cannot score it and would advise recording it, but pruning leaves it
-    alone whatever its scores, so the loop says that instead of suggesting a new run."""
+    token: recorded with an explicit --include (no pre-activations added), rank cannot
+    score it and would advise recording it, but pruning leaves it alone whatever its
+    scores, so the loop says that instead of suggesting a new run."""
     exp = tmp_path / "exp"
-    note = _unscored_note(exp, "TokenNet", "--tokens", "embed")
+    note = _unscored_note(exp, "TokenNet", "--tokens", "embed", "--include", ".*relu1")
     assert note.endswith(
         "tdump prune leaves it alone (consumed by unsupported operation 'transpose'), "
         "so recording more would not prune it"

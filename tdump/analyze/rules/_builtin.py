@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from tdump._dataflow import Dataflow
 from tdump._modtypes import is_mean_cancelling_norm_type
-from tdump.analyze._mapping import Dataflow
 from tdump.analyze._trial import Trial
 from tdump.analyze.rules._base import NotEnoughSteps, Rule, RuleSkip, register_rule
 from tdump.capture._config import COLLECTIONS

@@ -32,7 +32,7 @@ Examples
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,6 +352,41 @@ class Dataflow:
     def is_activation_output(self, output: str) -> bool:
         """True if ``output`` is the output of an element-wise activation module call."""
         return is_activation_type(self.output_type(output))
+
+    def unreached(self, recorded: Collection[str]) -> dict[str, str]:
+        """``{layer: module}``: the layers no ``recorded`` output carries, and the module
+        whose output carries each of them furthest (its pre-activation).
+
+        Left out: the layers whose channels are the model's outputs
+        (:meth:`is_model_output`), and those a recorded sum adds to a carried layer's
+        (:meth:`summed_with`): the surgery prunes them with it. What is left, a U-Net's
+        up-convs (concatenated with a skip before any activation) or a MobileNet's
+        projection convs, has no score unless its own output is recorded.
+
+        >>> calls = [
+        ...     {"name": "up.output_0", "module": "up", "call": 0, "inputs": ["<input>"]},
+        ...     {"name": "bn.output_0", "module": "bn", "call": 0, "inputs": ["up.output_0"]},
+        ...     {"name": "c.output_0", "module": "c", "call": 0, "inputs": [None]},
+        ...     {"name": "r.output_0", "module": "r", "call": 0, "inputs": ["c.output_0"]},
+        ...     {"name": "h.output_0", "module": "h", "call": 0, "inputs": ["r.output_0"]},
+        ... ]   # up -> bn -> torch.cat -> conv c -> relu r -> head h
+        >>> mods = {"up": {"type": "torch.nn.ConvTranspose2d"}, "bn": {"type": "torch.nn.BatchNorm2d"},
+        ...         "c": {"type": "torch.nn.Conv2d"}, "r": {"type": "torch.nn.ReLU"},
+        ...         "h": {"type": "torch.nn.Conv2d"}}
+        >>> Dataflow(mods, calls, frozenset({"h.output_0"})).unreached({"r.output_0"})
+        {'up': 'bn'}
+        """
+        carried = {self.producing_conv(name) for name in recorded}
+        best: dict[str, tuple[int, str]] = {}
+        for call in self.calls:
+            chain = self.chain(str(call["name"]))
+            if chain and chain[-1] not in carried and len(chain) > best.get(chain[-1], (0, ""))[0]:
+                best[chain[-1]] = (len(chain), str(call["module"]))
+        return {
+            layer: module
+            for layer, (_, module) in best.items()
+            if not self.is_model_output(layer) and not carried.intersection(self.summed_with(layer))
+        }
 
     def outputs_by_conv(self, names: Sequence[str]) -> dict[str, list[str]]:
         """Group module-output tensor ``names`` by producing conv.
