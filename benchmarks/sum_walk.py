@@ -41,10 +41,10 @@ def measure(name: str, out: Path) -> tuple[int, float, int, float, float]:
     walk = step_mod.SavedStep._summands
     pick = StepLifecycle._select_unreached
 
-    def timed_pick(self: Any, cur: Any) -> None:
+    def timed_pick(self: Any, cur: Any, tail: list[str]) -> None:
         t0 = time.perf_counter()
         try:
-            pick(self, cur)
+            pick(self, cur, tail)
         finally:
             picked[0] += time.perf_counter() - t0
 

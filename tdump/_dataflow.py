@@ -72,6 +72,8 @@ class Dataflow:
     _consumers: dict[str, list[Mapping[str, Any]]] = field(init=False, repr=False)
     _output_layers: frozenset[str] = field(init=False, repr=False)
     _empty: frozenset[str] = field(init=False, repr=False)
+    _chains: dict[str, tuple[str, ...] | None] = field(init=False, repr=False)
+    _conv: dict[str, bool] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # an empty nn.Sequential (a tutorial ResNet's identity shortcut) returns its input
@@ -81,6 +83,7 @@ class Dataflow:
             for p, info in self.modules.items()
             if p not in parents and str(info.get("type", "")).endswith(".Sequential")
         )
+        self._chains, self._conv = {}, {}
         self._by_name = {str(c["name"]): c for c in self.calls}
         self._consumers = {}
         for c in self.calls:
@@ -97,6 +100,12 @@ class Dataflow:
     def is_conv(self, path: str) -> bool:
         """True for a conv whose output channels rank: any conv, or a transposed one of
         groups 1 or a depthwise one (``groups == in == out``; the others keep theirs)."""
+        known = self._conv.get(path)
+        if known is None:
+            known = self._conv[path] = self._is_conv(path)
+        return known
+
+    def _is_conv(self, path: str) -> bool:
         typ = self.module_type(path)
         if is_transposed_conv_type(typ):
             cfg = self.modules[path].get("config") or {}
@@ -196,6 +205,14 @@ class Dataflow:
         ``sum_of``) is followed into its :meth:`_fresh_summand`, as an in-place
         ``out += identity`` is: ``act(bn2(x) + shortcut(x))`` carries ``conv2``'s channels.
         """
+        if output not in self._chains:  # asked per call, and again through every sum
+            found = self._walk(output)
+            self._chains[output] = tuple(found) if found is not None else None
+        cached = self._chains[output]
+        return list(cached) if cached is not None else None
+
+    def _walk(self, output: str) -> list[str] | None:
+        """:meth:`chain`, computed."""
         path: list[str] = []
         name: str | None = output
         for _ in range(len(self._by_name) + 1):
