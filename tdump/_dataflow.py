@@ -8,7 +8,9 @@ a convolution, or a hidden Linear, is reached: one whose output feeds another la
 either 2-D (an MLP head, whose features are channels on axis 1 like a conv's) or
 **channels-last** (``(batch, tokens, features)``: ViT's, Swin's and ConvNeXt's MLPs,
 whose features are the last axis; only element-wise modules keep those one-to-one).
-Names are never parsed for structure.
+Names are never parsed for structure. Ranking reads a store's dataflow; capture
+builds one from its first traced train step, to pick the pre-activations no
+activation module carries (:meth:`Dataflow.unreached`).
 
 Examples
 --------
