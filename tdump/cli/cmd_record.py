@@ -134,8 +134,9 @@ def register(app: typer.Typer) -> None:
             "--include",
             "-i",
             metavar="REGEX",
-            help=f"Regex of tensor names to save [default: {SEED_INCLUDE}, and the outputs "
-            "of activation modules (ReLU, GELU, ...) whatever their names].",
+            help=f"Regex of tensor names to save [default: {SEED_INCLUDE}, the outputs "
+            "of activation modules (ReLU, GELU, ...) whatever their names, and the "
+            "pre-activations of layers none of them carries].",
         ),
         interval: int = typer.Option(
             None, "--interval", "-n", metavar="N", help="Save every N steps [default: 100]."
